@@ -1,0 +1,22 @@
+"""The rewrites, one module each, grouped by format, with a registry of named passes.
+
+Names are what ``--only``-style options and reports use; registering a name twice is an error
+so two passes can never shadow each other.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+PASS_REGISTRY: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def decorate(factory):
+        if name in PASS_REGISTRY:
+            raise ValueError(f"pass {name!r} is registered twice")
+        PASS_REGISTRY[name] = factory
+        factory.pass_name = name
+        return factory
+
+    return decorate

@@ -1,0 +1,177 @@
+"""Small readers over an onnx-ir graph shared by the ONNX passes: constants, Conv attributes,
+and which channel range of which tensor a Split or Slice output holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+# Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
+OPEN_END = 2**31 - 1
+
+
+def opset_of(node: ir.Node, model: ir.Model) -> int:
+    if node.version is not None:
+        return node.version
+    return model.opset_imports.get(node.domain or "", model.opset_imports.get("ai.onnx", 1))
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind a value (initializer or Constant node), or None."""
+    if value is None:
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    array = const_array(value)
+    if array is None or array.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def attr_ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return None
+    return [int(v) for v in attr.as_ints()]
+
+
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def attr_str(node: ir.Node, name: str, default: str) -> str:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_string()
+
+
+def static_dim(value: ir.Value, axis: int) -> int | None:
+    shape = value.shape
+    if shape is None or axis >= len(shape):
+        return None
+    dim = shape[axis]
+    return dim if isinstance(dim, int) else None
+
+
+def conv_shape_attributes(node: ir.Node, spatial_rank: int) -> dict:
+    """The attributes that decide a Conv's output, with ONNX defaults filled in, so that a
+    missing ``strides`` and an explicit ``strides=[1,1]`` compare equal."""
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
+    attributes = {
+        "auto_pad": auto_pad,
+        "strides": tuple(attr_ints(node, "strides") or [1] * spatial_rank),
+        "dilations": tuple(attr_ints(node, "dilations") or [1] * spatial_rank),
+    }
+    if auto_pad == "NOTSET":  # pads mean nothing under SAME_*/VALID
+        attributes["pads"] = tuple(attr_ints(node, "pads") or [0] * (2 * spatial_rank))
+    if node.op_type == "ConvTranspose":
+        attributes["output_padding"] = tuple(attr_ints(node, "output_padding") or [0] * spatial_rank)
+        output_shape = attr_ints(node, "output_shape")
+        if output_shape:
+            attributes["output_shape"] = tuple(output_shape)
+    return attributes
+
+
+@dataclass
+class ChannelRead:
+    """A value that holds channels [start, stop) of ``source`` along ``axis``."""
+
+    source: ir.Value
+    reader: ir.Node  # the Split or Slice
+    axis: int  # as written (may be negative)
+    start: int | None  # None when it depends on the source's unknown channel count
+    stop: int | None
+    open_end: bool = False  # Slice to "the end": its stop is the source's channel count
+
+
+def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[int] | None:
+    """Output sizes of a Split along its axis, from the attribute (opset < 13), the input
+    (>= 13), or an even split / ``num_outputs`` (18) of a known channel count."""
+    opset = opset_of(split, model)
+    if opset < 13:
+        sizes = attr_ints(split, "split")
+    else:
+        sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
+            return None  # sizes computed at run time
+    if sizes:
+        return sizes
+    if channels is None:
+        return None
+    n = len(split.outputs)
+    if opset >= 18 and "num_outputs" in split.attributes:
+        chunk = -(-channels // n)  # ceil: the last chunk may be smaller
+        return [chunk] * (n - 1) + [channels - chunk * (n - 1)]
+    if channels % n:
+        return None
+    return [channels // n] * n
+
+
+def read_channels(value: ir.Value, model: ir.Model, channels: int | None) -> ChannelRead | None:
+    """Which channel range of which tensor ``value`` is, if a Split or Slice produced it."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Split":
+        axis = attr_int(node, "axis", 0)
+        sizes = split_sizes(node, model, channels)
+        if sizes is None:
+            return ChannelRead(node.inputs[0], node, axis, None, None)
+        index = value.index()
+        start = sum(sizes[:index])
+        return ChannelRead(node.inputs[0], node, axis, start, start + sizes[index])
+    if node.op_type == "Slice":
+        return _read_slice(node, model, channels)
+    return None
+
+
+def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> ChannelRead | None:
+    if opset_of(node, model) < 10:
+        starts, ends, axes, steps = (attr_ints(node, "starts"), attr_ints(node, "ends"),
+                                     attr_ints(node, "axes"), None)
+    else:
+        inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+        starts, ends = const_ints(inputs[1]), const_ints(inputs[2])
+        axes = const_ints(inputs[3]) if inputs[3] is not None else None
+        steps = const_ints(inputs[4]) if inputs[4] is not None else None
+        if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
+            return None
+    if starts is None or ends is None:
+        return None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    source = node.inputs[0]
+    rank = len(source.shape) if source.shape is not None else None
+    # One axis must carry the range; every other listed axis must take everything.
+    sliced = []
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        if step != 1:
+            return None
+        whole = start == 0 and end >= OPEN_END
+        if not whole:
+            sliced.append((axis, start, end))
+    if len(sliced) != 1:
+        return None
+    axis, start, end = sliced[0]
+    if rank is not None and axis < 0:
+        axis += rank
+    open_end = end >= OPEN_END
+    if start < 0 or end < 0:
+        if channels is None:
+            return None
+        start = start + channels if start < 0 else start
+        end = end + channels if end < 0 else end
+    if channels is not None:
+        start, end = min(max(start, 0), channels), min(max(end, 0), channels)
+        open_end = False
+    return ChannelRead(source, node, axis, start, None if open_end else end, open_end=open_end)

@@ -1,0 +1,204 @@
+"""The Python API, mirroring the CLI: ``fuse``, ``expand``, ``check``, ``verify``.
+
+    >>> from rewriter import fuse
+    >>> result = fuse("model.onnx", output="model.fused.onnx")
+    >>> result.report.rewrites[0].groups
+    32
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from rewriter import formats
+from rewriter.errors import BadInput, OutputError, VerificationFailed
+from rewriter.report import ModelStats, Report, Verification, count_ops
+from rewriter.verify import load_inputs_file, verify_onnx
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Settings shared by every entry point (keyword-only, no globals)."""
+
+    verify: bool = True
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    seed: int = 0
+    shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    inputs: Path | str | Mapping[str, np.ndarray] | None = None  # .npz path or arrays
+    force: bool = False
+
+
+@dataclass
+class Result:
+    model: ir.Model
+    report: Report
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.report.rewrites)
+
+
+def _options(options: Options | None, overrides: dict) -> Options:
+    base = options or Options()
+    return Options(**{**base.__dict__, **overrides}) if overrides else base
+
+
+def model_stats(model: ir.Model) -> ModelStats:
+    op_types, parameters = [], 0
+    for graph in model.graphs():
+        op_types.extend(n.op_type for n in graph)
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                parameters += int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
+    return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
+
+
+def _passes(mode: str, rewrite: bool):
+    if mode == "fuse":
+        from passes.onnx import FuseSplitConvPass
+
+        return [FuseSplitConvPass(rewrite=rewrite)]
+    from passes.onnx import ExpandGroupedConvPass
+
+    return [ExpandGroupedConvPass(rewrite=rewrite)]
+
+
+def _resolve_inputs(options: Options):
+    if options.inputs is None or isinstance(options.inputs, Mapping):
+        return options.inputs
+    return load_inputs_file(Path(options.inputs))
+
+
+class _Source:
+    """The model to rewrite and a file of its original form, for onnxruntime to read."""
+
+    def __init__(self, model: str | Path | ir.Model, scratch: Path):
+        if isinstance(model, ir.Model):
+            # Work on a copy, so the caller's object is never changed.
+            self.path = scratch / "original.onnx"
+            formats.save_onnx(model, self.path)
+            self.label = model.graph.name or "<model>"
+        else:
+            self.path = Path(model)
+            self.label = str(model)
+            fmt = formats.detect_format(self.path)
+            if fmt != "onnx":
+                raise BadInput(f"{self.path}: {fmt} models are not supported yet; this version rewrites ONNX files")
+        self.model = formats.load_onnx(self.path)
+
+
+def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | Path | None = None,
+            apply: bool = True, options: Options | None = None, **overrides) -> Result:
+    """Find, plan and (with ``apply``) rewrite; verify; write ``output`` atomically if given.
+
+    Raises ``VerificationFailed`` (nothing written) when the rewritten model differs.
+    """
+    options = _options(options, overrides)
+    with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
+        output_path = Path(output) if output is not None else None
+        if output_path is not None:
+            formats.check_output_path(output_path, [Path(model)] if not isinstance(model, ir.Model) else [],
+                                      options.force)
+        given_inputs = _resolve_inputs(options) if options.verify else None
+        with report.timed("load"):
+            source = _Source(model, scratch)
+            working = source.model
+            threshold = formats.external_layout(working)
+            report.before = model_stats(working)
+        with report.timed("rewrite"):
+            for rewrite_pass in _passes(mode, apply):
+                rewrite_pass(working)
+                report.rewrites.extend(rewrite_pass.rewrites)
+                report.skipped.extend(rewrite_pass.skipped)
+            report.after = model_stats(working) if apply else report.before
+
+        if not apply:
+            return Result(working, report)
+
+        def write_and_verify(folder: Path, name: str) -> Path:
+            path = folder / name
+            external = f"{name}.data" if threshold is not None else None
+            if external and output_path is not None and (output_path.parent / external).exists() and not options.force:
+                raise OutputError(f"{output_path.parent / external}: already exists (use --force to overwrite)")
+            with report.timed("save"):
+                formats.save_onnx(working, path, external_data=external, threshold=threshold or 0)
+            with report.timed("verify"):
+                try:
+                    onnx.checker.check_model(str(path))
+                except Exception as exc:
+                    raise VerificationFailed(f"the rewritten model fails onnx.checker: "
+                                             f"{str(exc).strip().splitlines()[0][:200]}") from exc
+                report.verification = _verify(source.path, path, report, options, given_inputs)
+            return path
+
+        if output_path is not None:
+            with formats.atomic_output(output_path) as staging:
+                write_and_verify(staging, output_path.name)
+            report.output, report.written = str(output_path), True
+        elif options.verify and report.rewrites:
+            write_and_verify(scratch, "rewritten.onnx")
+        else:
+            report.verification = _skipped_verification(report, options)
+        return Result(working, report)
+
+
+def _skipped_verification(report: Report, options: Options) -> Verification:
+    note = "--no-verify" if not options.verify else "no rewrite: the model is unchanged"
+    return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
+
+
+def _verify(original: Path, rewritten: Path, report: Report, options: Options, given_inputs) -> Verification:
+    if not options.verify or not report.rewrites:
+        return _skipped_verification(report, options)
+    verification = verify_onnx(original, rewritten, atol=options.atol, rtol=options.rtol, seed=options.seed,
+                               shapes=options.shapes, inputs=given_inputs)
+    if not verification.passed:
+        report.verification = verification
+        failing = [o.name for o in verification.outputs if not o.passed]
+        detail = verification.note or f"outputs {', '.join(failing)} differ beyond atol/rtol"
+        raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
+    return verification
+
+
+def fuse(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+         **overrides) -> Result:
+    """Fuse every hand-made grouped convolution into a native one. See ``rewrite``."""
+    return rewrite(model, mode="fuse", output=output, options=options, **overrides)
+
+
+def expand(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+           **overrides) -> Result:
+    """Expand native grouped convolutions into Split → N Conv → Concat. See ``rewrite``."""
+    return rewrite(model, mode="expand", output=output, options=options, **overrides)
+
+
+def check(model: str | Path | ir.Model, *, mode: str = "fuse") -> Report:
+    """Find what ``fuse`` would rewrite, without changing or writing anything."""
+    return rewrite(model, mode=mode, apply=False).report
+
+
+def verify(original: str | Path | ir.Model, rewritten: str | Path | ir.Model, *,
+           options: Options | None = None, **overrides) -> Verification:
+    """Run both models in onnxruntime on the same inputs and compare every output."""
+    options = _options(options, overrides)
+    with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
+        paths = []
+        for i, model in enumerate((original, rewritten)):
+            if isinstance(model, ir.Model):
+                path = Path(scratch_dir) / f"model{i}.onnx"
+                formats.save_onnx(model, path)
+                paths.append(path)
+            else:
+                paths.append(formats.load_onnx(Path(model)) and Path(model))
+        return verify_onnx(paths[0], paths[1], atol=options.atol, rtol=options.rtol, seed=options.seed,
+                           shapes=options.shapes, inputs=_resolve_inputs(options))

@@ -1,0 +1,167 @@
+"""The fusability rules and the weight arithmetic, once, for every format.
+
+A *group candidate* is one source tensor whose channels are read in ranges by N branches, each a
+convolution, joined by one concat on the channel axis. ``plan_fusion`` decides, in plain numpy,
+whether the branches can become one grouped convolution and computes its weights; when they
+cannot it returns a ``Refusal`` whose reason is a sentence a user understands.
+``plan_expansion`` is the same arithmetic read backwards.
+
+Weight layouts differ per format and op, so the caller says along which axis the branch kernels
+stack (``stack_axis``): ONNX Conv ``[O, I/g, k...]`` stacks on 0, ONNX ConvTranspose
+``[I, O/g, k...]`` on 0 (the input axis), TF/Keras ``[k..., I/g, O]`` on the last axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Branch:
+    """One convolution of a candidate, as the format's matcher read it."""
+
+    name: str
+    channel_start: int  # first channel of the source this branch reads
+    channel_stop: int  # one past its last channel
+    weight: np.ndarray  # in the format's layout
+    bias: np.ndarray | None
+    groups: int  # the branch's own group count (1 for a plain conv)
+    out_channels: int
+    # Everything else that decides the output shape and values (strides, pads, dilations,
+    # auto_pad...): branches must agree on all of it.
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.channel_stop - self.channel_start
+
+
+@dataclass
+class FusionPlan:
+    groups: int
+    in_channels: int
+    out_channels: int
+    weight: np.ndarray
+    bias: np.ndarray | None
+    attributes: dict[str, Any]
+
+
+@dataclass
+class Refusal:
+    reason: str
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+def check_channel_ranges(ranges: Sequence[tuple[int, int]], source_channels: int | None) -> str | None:
+    """Why the ranges, in concat order, do not tile the source's channels exactly once, or None."""
+    starts = [start for start, _ in ranges]
+    for (start, stop) in ranges:
+        if stop <= start:
+            return f"empty channel range {start}:{stop}"
+    ordered = sorted(ranges)
+    for (a_start, a_stop), (b_start, b_stop) in zip(ordered, ordered[1:]):
+        if b_start < a_stop:
+            return f"channel ranges overlap: {a_start}:{a_stop} and {b_start}:{b_stop}"
+        if b_start > a_stop:
+            return f"channel ranges leave a gap: channels {a_stop}:{b_start} are read by no branch"
+    if starts != sorted(starts):
+        order = ",".join(f"{s}:{e}" for s, e in ranges)
+        return f"branches are concatenated out of channel order ({order})"
+    if ordered[0][0] != 0:
+        return f"channels 0:{ordered[0][0]} are read by no branch"
+    if source_channels is None:
+        return "cannot prove the branches cover every channel of the source (its channel count is unknown)"
+    if ordered[-1][1] != source_channels:
+        return (f"branches read channels 0:{ordered[-1][1]} of {source_channels}; "
+                "a grouped convolution needs them all")
+    return None
+
+
+def plan_fusion(branches: Sequence[Branch], source_channels: int | None, *, stack_axis: int) -> FusionPlan | Refusal:
+    """Fuse N branch convolutions into one grouped convolution, or say why not."""
+    if len(branches) < 2:
+        return Refusal("fewer than two branches")
+    reason = check_channel_ranges([(b.channel_start, b.channel_stop) for b in branches], source_channels)
+    if reason:
+        return Refusal(reason)
+
+    widths = [b.width for b in branches]
+    if len(set(widths)) > 1:
+        return Refusal("uneven split: " + ",".join(map(str, widths)) + " channels")
+    outs = [b.out_channels for b in branches]
+    if len(set(outs)) > 1:
+        return Refusal("branches have different output channel counts: " + ",".join(map(str, outs)))
+    inner_groups = [b.groups for b in branches]
+    if len(set(inner_groups)) > 1:
+        return Refusal("branches have different group counts: " + ",".join(map(str, inner_groups)))
+    kernels = [tuple(np.delete(b.weight.shape, [stack_axis % b.weight.ndim])) for b in branches]
+    if len(set(kernels)) > 1:
+        return Refusal("different kernel shapes between branches: "
+                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
+    dtypes = [b.weight.dtype for b in branches]
+    if len(set(dtypes)) > 1:
+        return Refusal("branches have weights of different dtypes")
+    for key in sorted(set().union(*(b.attributes for b in branches))):
+        values = [b.attributes.get(key) for b in branches]
+        distinct = list(dict.fromkeys(_describe(v) for v in values))
+        if len(distinct) > 1:
+            return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
+
+    n = len(branches)
+    weight = np.concatenate([b.weight for b in branches], axis=stack_axis)
+    bias = None
+    if any(b.bias is not None for b in branches):
+        # A branch without bias adds zeros: the fused bias must say so explicitly.
+        dtype = next(b.bias.dtype for b in branches if b.bias is not None)
+        bias = np.concatenate([
+            b.bias if b.bias is not None else np.zeros(b.out_channels, dtype=dtype) for b in branches
+        ])
+    return FusionPlan(
+        groups=n * inner_groups[0],
+        in_channels=sum(widths),
+        out_channels=sum(outs),
+        weight=weight,
+        bias=bias,
+        attributes=dict(branches[0].attributes),
+    )
+
+
+@dataclass
+class ExpansionPlan:
+    """One grouped convolution as N plain (or less grouped) branch convolutions."""
+
+    branches: int
+    groups_per_branch: int
+    channel_ranges: list[tuple[int, int]]
+    weights: list[np.ndarray]
+    biases: list[np.ndarray | None]
+
+
+def plan_expansion(weight: np.ndarray, bias: np.ndarray | None, groups: int, in_channels: int,
+                   *, stack_axis: int, branches: int | None = None) -> ExpansionPlan | Refusal:
+    """Split a grouped convolution into ``branches`` convolutions (default: one per group)."""
+    branches = groups if branches is None else branches
+    if groups < 2:
+        return Refusal("not a grouped convolution (group=1)")
+    if groups % branches:
+        return Refusal(f"group={groups} cannot be split into {branches} branches")
+    if in_channels % branches or weight.shape[stack_axis] % branches:
+        return Refusal(f"channels do not divide into {branches} branches")
+    width = in_channels // branches
+    weights = np.split(weight, branches, axis=stack_axis)
+    biases = list(np.split(bias, branches)) if bias is not None else [None] * branches
+    return ExpansionPlan(
+        branches=branches,
+        groups_per_branch=groups // branches,
+        channel_ranges=[(i * width, (i + 1) * width) for i in range(branches)],
+        weights=weights,
+        biases=biases,
+    )

@@ -1,0 +1,132 @@
+"""What a run did, as data: rewrites, skips, counts, verification, timings; JSON and text forms."""
+
+from __future__ import annotations
+
+import collections
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Rewrite:
+    kind: str  # e.g. "fuse-split-conv"
+    location: str  # the node that now stands for the pattern
+    groups: int
+    channels: dict[str, int]  # {"in": C, "out": O}
+    nodes: list[str]  # the nodes replaced
+    graph: str = ""
+
+
+@dataclass
+class Skip:
+    location: str
+    reason: str
+    nodes: list[str] = field(default_factory=list)
+    graph: str = ""
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    shape: list[int]
+    dtype: str
+    max_abs_error: float
+    max_rel_error: float
+    mean_abs_error: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class Verification:
+    ran: bool
+    passed: bool | None
+    atol: float
+    rtol: float
+    outputs: list[OutputComparison] = field(default_factory=list)
+    note: str = ""
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    parameters: int
+    op_counts: dict[str, int]
+
+
+@dataclass
+class Report:
+    input: str
+    mode: str
+    output: str | None = None
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    verification: Verification | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    written: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = round(self.timings.get(phase, 0.0) + time.perf_counter() - start, 4)
+
+
+def count_ops(op_types) -> dict[str, int]:
+    return dict(sorted(collections.Counter(op_types).items()))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def format_verification(verification: Verification) -> list[str]:
+    if not verification.ran:
+        return [f"verification: skipped ({verification.note})"]
+    verdict = "passed" if verification.passed else "FAILED"
+    lines = [f"verification: {verdict} (atol={verification.atol:g}, rtol={verification.rtol:g}"
+             + (f"; {verification.note}" if verification.note else "") + ")"]
+    rows = [[o.name, "x".join(map(str, o.shape)) or "scalar", o.dtype, f"{o.max_abs_error:.3g}",
+             f"{o.max_rel_error:.3g}", "ok" if o.passed else ("MISMATCH" + (f": {o.note}" if o.note else ""))]
+            for o in verification.outputs]
+    return lines + _table(["output", "shape", "dtype", "max abs err", "max rel err", ""], rows)
+
+
+def format_summary(report: Report) -> str:
+    lines = [f"{report.input}: {report.mode}"]
+    if report.rewrites:
+        lines.append(f"rewrites ({len(report.rewrites)}):")
+        for r in report.rewrites:
+            lines.append(f"  {r.location}: {r.kind}, {len(r.nodes)} nodes -> group={r.groups}, "
+                         f"channels {r.channels['in']}->{r.channels['out']}")
+    else:
+        lines.append("rewrites: none")
+    if report.skipped:
+        lines.append(f"left alone ({len(report.skipped)}):")
+        for s in report.skipped:
+            lines.append(f"  {s.location}: {s.reason}")
+    if report.before and report.after:
+        b, a = report.before, report.after
+        lines.append(f"nodes: {b.nodes} -> {a.nodes}   parameters: {b.parameters:,} -> {a.parameters:,}")
+        changed = sorted(k for k in set(b.op_counts) | set(a.op_counts) if b.op_counts.get(k) != a.op_counts.get(k))
+        if changed:
+            lines.append("ops: " + ", ".join(f"{k} {b.op_counts.get(k, 0)}->{a.op_counts.get(k, 0)}" for k in changed))
+    if report.verification is not None:
+        lines.extend(format_verification(report.verification))
+    if report.output and report.written:
+        lines.append(f"wrote {report.output}")
+    if report.timings:
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+    return "\n".join(lines)
