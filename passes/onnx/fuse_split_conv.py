@@ -179,8 +179,8 @@ def _conv_inputs(concat: ir.Node) -> list[ir.Node | None]:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    # Type and shape come from the tensor; setting them on the value would add value_info entries.
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
 
