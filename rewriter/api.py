@@ -34,6 +34,15 @@ class Options:
     shapes: Mapping[str, list[int]] = field(default_factory=dict)
     inputs: Path | str | Mapping[str, np.ndarray] | None = None  # .npz path or arrays
     force: bool = False
+    # Expansion (--expand): which grouped convolutions to expand.
+    keep_depthwise: bool = False
+    min_groups: int = 2
+    max_groups: int | None = None
+    # TensorFlow / Keras inputs.
+    to: str | None = None  # output format: "onnx", "savedmodel", "keras"; None = same as input
+    signature: str = "serving_default"
+    trust_lambdas: bool = False  # allow running Lambda bytecode found in a Keras file
+    repair_late_binding: bool = False
 
 
 @dataclass
@@ -61,14 +70,15 @@ def model_stats(model: ir.Model) -> ModelStats:
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 
 
-def _passes(mode: str, rewrite: bool):
+def _passes(mode: str, rewrite: bool, options: Options):
     if mode == "fuse":
         from passes.onnx import FuseSplitConvPass
 
         return [FuseSplitConvPass(rewrite=rewrite)]
     from passes.onnx import ExpandGroupedConvPass
 
-    return [ExpandGroupedConvPass(rewrite=rewrite)]
+    return [ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
+                                  min_groups=options.min_groups, max_groups=options.max_groups)]
 
 
 def _resolve_inputs(options: Options):
@@ -89,9 +99,6 @@ class _Source:
         else:
             self.path = Path(model)
             self.label = str(model)
-            fmt = formats.detect_format(self.path)
-            if fmt != "onnx":
-                raise BadInput(f"{self.path}: {fmt} models are not supported yet; this version rewrites ONNX files")
         self.model = formats.load_onnx(self.path)
 
 
@@ -102,6 +109,9 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     Raises ``VerificationFailed`` (nothing written) when the rewritten model differs.
     """
     options = _options(options, overrides)
+    fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    if fmt != "onnx" or (options.to not in (None, "onnx")):
+        return _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
     with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
         scratch = Path(scratch_dir)
         report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
@@ -116,7 +126,7 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
             threshold = formats.external_layout(working)
             report.before = model_stats(working)
         with report.timed("rewrite"):
-            for rewrite_pass in _passes(mode, apply):
+            for rewrite_pass in _passes(mode, apply, options):
                 rewrite_pass(working)
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)
@@ -150,6 +160,27 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
         else:
             report.verification = _skipped_verification(report, options)
         return Result(working, report)
+
+
+def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool, options: Options) -> Result:
+    """SavedModel and Keras inputs: their own load/match/emit/verify, same report and errors."""
+    if fmt == "onnx":
+        raise BadInput(f"{path}: --to {options.to} needs a SavedModel or Keras input; ONNX stays ONNX")
+    try:
+        if fmt == "savedmodel":
+            from passes.tf.savedmodel import rewrite_savedmodel as backend
+        else:
+            from passes.keras.model import rewrite_keras as backend
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise BadInput(f"{path}: {fmt} models need the TensorFlow extra "
+                       f"(pip install 'gconv-rewrite[tensorflow]'); missing: {missing}") from exc
+    report = Report(input=str(path), mode=mode)
+    output_path = Path(output) if output is not None else None
+    if output_path is not None:
+        formats.check_output_path(output_path, [path], options.force)
+    model = backend(path, mode=mode, output=output_path, apply=apply, options=options, report=report)
+    return Result(model, report)
 
 
 def _skipped_verification(report: Report, options: Options) -> Verification:

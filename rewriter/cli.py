@@ -52,11 +52,25 @@ def _write_report(path: Path, report: Report) -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random verification inputs.")
+@click.option("--keep-depthwise", is_flag=True,
+              help="With --expand: leave depthwise convolutions (group == channels) alone.")
+@click.option("--min-groups", type=click.IntRange(min=2), default=2, show_default=True,
+              help="With --expand: expand only convolutions with at least this many groups.")
+@click.option("--max-groups", type=click.IntRange(min=2), default=None,
+              help="With --expand: expand only convolutions with at most this many groups.")
+@click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras"]), default=None,
+              help="Output format for SavedModel/Keras inputs (default: same as the input).")
+@click.option("--signature", default="serving_default", show_default=True,
+              help="SavedModel signature to rewrite.")
+@click.option("--trust-lambdas", is_flag=True,
+              help="Allow running the Python code of Keras Lambda layers in the model file (only for files you trust).")
+@click.option("--repair-late-binding", is_flag=True,
+              help="Rebuild late-bound Lambda slices with each branch's intended channels.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
 def main(model, mode, output, force, check, dry_run, report_path, verify, inputs, shapes, atol, rtol, seed,
-         quiet, verbose):
+         keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
@@ -70,9 +84,13 @@ def main(model, mode, output, force, check, dry_run, report_path, verify, inputs
         find_only = check or dry_run
         out = None
         if not find_only:
-            out = output or formats.default_output(model, mode)
+            out = output or formats.default_output(model, mode, to)
+        if max_groups is not None and max_groups < min_groups:
+            raise click.UsageError("--max-groups must be at least --min-groups")
         options = Options(verify=verify, atol=atol, rtol=rtol, seed=seed, shapes=parse_shapes(shapes),
-                          inputs=inputs, force=force)
+                          inputs=inputs, force=force, keep_depthwise=keep_depthwise, min_groups=min_groups,
+                          max_groups=max_groups, to=to, signature=signature, trust_lambdas=trust_lambdas,
+                          repair_late_binding=repair_late_binding)
         if mode == "expand":
             _require_expand()
         try:

@@ -55,7 +55,11 @@ def load_onnx(path: Path) -> ir.Model:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file")
     try:
-        model = ir.load(path)
+        proto = onnx.load(str(path), load_external_data=False)  # external tensors: memory-mapped by onnx-ir
+        model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, str(path.parent))
+        model.meta[_VALUE_INFO_NAMES] = _value_info_names(proto.graph)
+        del proto
     except Exception as exc:  # protobuf and onnx raise many kinds; all mean "not a readable ONNX file"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"{path}: not a valid ONNX model ({detail[:200]})") from exc
@@ -74,16 +78,43 @@ def load_onnx(path: Path) -> ir.Model:
     return model
 
 
+def _value_info_names(graph: onnx.GraphProto) -> frozenset[str]:
+    names = {info.name for info in graph.value_info}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _value_info_names(sub)
+    return frozenset(names)
+
+
+_VALUE_INFO_NAMES = "gconv_rewrite.value_info_names"
+
+
 def save_onnx(model: ir.Model, path: Path, *, external_data: str | None = None, threshold: int = 1024) -> None:
     """Save; with ``external_data`` the weights go to that file beside ``path``.
 
     Always pass a *new* external data name: writing over the file that lazily-loaded tensors
     still read from would corrupt them.
     """
-    if external_data is None:
-        ir.save(model, path)
-    else:
-        ir.save(model, path, external_data=external_data, size_threshold_bytes=threshold)
+    # onnx-ir writes a value_info entry for every initializer; keep the file's own list instead,
+    # so a model the rewrite did not touch saves as it was.
+    recorded = model.meta.get(_VALUE_INFO_NAMES)
+    hidden = []
+    if recorded is not None:
+        for graph in model.graphs():
+            inputs = {v.name for v in graph.inputs}
+            for value in graph.initializers.values():
+                if value.name not in recorded and value.name not in inputs and value.type is not None:
+                    hidden.append((value, value.type, value.shape))
+                    value.type, value.shape = None, None
+    try:
+        if external_data is None:
+            ir.save(model, path)
+        else:
+            ir.save(model, path, external_data=external_data, size_threshold_bytes=threshold)
+    finally:
+        for value, type_, shape in hidden:
+            value.type, value.shape = type_, shape
 
 
 def external_layout(model: ir.Model) -> int | None:
@@ -93,11 +124,15 @@ def external_layout(model: ir.Model) -> int | None:
     return min(sizes) if sizes else None
 
 
-def default_output(path: Path, mode: str) -> Path:
+def default_output(path: Path, mode: str, to: str | None = None) -> Path:
+    """NAME.fused.onnx, NAME.expanded.keras, NAME.fused/ (SavedModel), NAME.fused.onnx (--to onnx)."""
     suffix = ".fused" if mode == "fuse" else ".expanded"
+    extension = {"onnx": ".onnx", "savedmodel": "", "keras": ".keras"}.get(to or "")
     if path.is_dir():
-        return path.with_name(path.name + suffix)
-    return path.with_name(path.stem + suffix + path.suffix)
+        return path.with_name(path.name + suffix + (extension or ""))
+    if extension is None:
+        extension = path.suffix if path.suffix.lower() != ".h5" else ".keras"
+    return path.with_name(path.stem + suffix + extension)
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
@@ -123,16 +158,23 @@ def atomic_output(output: Path) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
         raise OutputError(f"{output}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    moved: list[Path] = []
     try:
         yield staging
         main = staging / output.name
-        companions = sorted(p for p in staging.iterdir() if p != main)
-        for item in companions:
+        if not main.exists():
+            raise OutputError(f"{output}: nothing was staged to write")
+        # Companions (external data) first, so the main file never points at missing data.
+        for item in sorted(p for p in staging.iterdir() if p != main):
             os.replace(item, folder / item.name)
+            moved.append(folder / item.name)
         if main.is_dir() and output.exists():
             shutil.rmtree(output)
         os.replace(main, output)
+        moved.clear()
     except OSError as exc:
         raise OutputError(f"{output}: write failed ({exc.strerror or exc}); nothing was written") from exc
     finally:
+        for item in moved:  # the main file did not land: its companions must not stay either
+            item.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
