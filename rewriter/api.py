@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ def model_stats(model: ir.Model) -> ModelStats:
         op_types.extend(n.op_type for n in graph)
         for value in graph.initializers.values():
             if value.const_value is not None:
-                parameters += int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
+                parameters += math.prod(value.const_value.shape.dims)
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 
 

@@ -1,8 +1,9 @@
-"""The command line: ``gconv-rewrite MODEL [--fuse | --expand] ...``.
+"""The command line: ``gconv-rewrite MODEL... [--fuse | --expand] ...``.
 
 Only this module prints. Errors are one line on stderr with the exit code their type carries
 (0 ok, 1 verification failed or --check found work, 2 bad input or usage); ``-v`` shows the
-traceback as well.
+traceback as well. With ``--format json`` stdout holds one JSON document and nothing else;
+progress and logs go to stderr, progress only on a terminal.
 """
 
 from __future__ import annotations
@@ -11,40 +12,76 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow, when a format needs it, logs noisily
 
 import click
 
-from rewriter import __version__, formats
-from rewriter.api import Options, rewrite
-from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
-from rewriter.report import Report, format_summary, format_verification
+from rewriter import __version__, batch, formats
+from rewriter.api import Options
+from rewriter.errors import EXIT_BAD_INPUT, RewriteError
 from rewriter.verify import parse_shapes
 
+CONFIG_SECTION = "gconv-rewrite"
 
-def _write_report(path: Path, report: Report) -> None:
-    with formats.atomic_output(path) as staging:
-        (staging / path.name).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+def _load_config(ctx: click.Context, _param, value: Path | None):
+    """Defaults from ``--config FILE`` or ./pyproject.toml's [tool.gconv-rewrite]; flags win."""
+    path = value
+    if path is None and Path("pyproject.toml").is_file():
+        path = Path("pyproject.toml")
+    if path is None:
+        return None
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: cannot read it as TOML ({exc})") from None
+    section = data.get("tool", {}).get(CONFIG_SECTION, {}) if Path(path).name == "pyproject.toml" else \
+        data.get("tool", {}).get(CONFIG_SECTION, data)
+    # Settings are named like the long flags: "atol", "shape", "keep-depthwise", "format"...
+    known = {}
+    for param in ctx.command.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--") and param.name not in ("models", "config", "version"):
+                known[opt[2:]] = param.name
+    defaults = {}
+    for key, setting in section.items():
+        if key not in known:
+            raise click.BadParameter(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        name = known[key]
+        if name == "shapes" and isinstance(setting, dict):
+            setting = [f"{k}={','.join(map(str, v))}" for k, v in setting.items()]
+        defaults[name] = setting
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_config,
+              help="TOML file of defaults (default: ./pyproject.toml [tool.gconv-rewrite]); flags win.")
 @click.option("--fuse", "mode", flag_value="fuse", default=True,
               help="Fuse Split/Slice → N Conv → Concat into Conv(group=N) (default).")
 @click.option("--expand", "mode", flag_value="expand",
               help="Expand Conv(group=N) into Split → N Conv → Concat.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output path (default: NAME.fused.onnx / NAME.expanded.onnx beside the input).")
+              help="Output path (default: NAME.fused.onnx / NAME.expanded.onnx beside the input); "
+                   "with several models or a folder: the folder to mirror outputs into.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--check", is_flag=True,
               help="Write nothing; exit 1 if fusable patterns remain, 0 if none (for CI).")
 @click.option("--dry-run", is_flag=True, help="List what would change; write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the run's report as JSON to this file.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="stdout: human summary, or one JSON document (logs and progress go to stderr).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Process several models in this many worker processes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Run original and rewritten in onnxruntime and compare outputs.")
+              help="Run original and rewritten and compare outputs.")
 @click.option("--inputs", type=click.Path(path_type=Path),
               help="Verification inputs: a .npz with one array per model input.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,...",
@@ -69,73 +106,105 @@ def _write_report(path: Path, report: Report) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
-def main(model, mode, output, force, check, dry_run, report_path, verify, inputs, shapes, atol, rtol, seed,
-         keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding, quiet, verbose):
-    """Fuse hand-made grouped convolutions in MODEL into native grouped convolutions (or expand
-    them), verify that the outputs did not change, and write the result."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
-    echo = (lambda *a, **k: None) if quiet else click.echo
-    report = None
+def main(models, mode, output, force, check, dry_run, report_path, output_format, jobs, verify, inputs, shapes,
+         atol, rtol, seed, keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding,
+         quiet, verbose):
+    """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
+    them), verify that the outputs did not change, and write the result. A folder is walked for
+    .onnx, .keras, .h5 files and SavedModel directories."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    if check and dry_run:
+        raise click.UsageError("--check and --dry-run are exclusive")
+    if atol < 0 or rtol < 0:
+        raise click.UsageError("--atol and --rtol must be non-negative")
+    if max_groups is not None and max_groups < min_groups:
+        raise click.UsageError("--max-groups must be at least --min-groups")
+    as_json = output_format == "json"
+    say = (lambda *a, **k: None) if quiet or as_json else click.echo
     try:
-        if check and dry_run:
-            raise click.UsageError("--check and --dry-run are exclusive")
-        if atol < 0 or rtol < 0:
-            raise click.UsageError("--atol and --rtol must be non-negative")
-        find_only = check or dry_run
-        out = None
-        if not find_only:
-            out = output or formats.default_output(model, mode, to)
-        if max_groups is not None and max_groups < min_groups:
-            raise click.UsageError("--max-groups must be at least --min-groups")
         options = Options(verify=verify, atol=atol, rtol=rtol, seed=seed, shapes=parse_shapes(shapes),
                           inputs=inputs, force=force, keep_depthwise=keep_depthwise, min_groups=min_groups,
                           max_groups=max_groups, to=to, signature=signature, trust_lambdas=trust_lambdas,
                           repair_late_binding=repair_late_binding)
-        if mode == "expand":
-            _require_expand()
-        try:
-            result = rewrite(model, mode=mode, output=out, apply=not find_only, options=options)
-        except VerificationFailed as failure:
-            if failure.verification is not None and not quiet:
-                click.echo("\n".join(format_verification(failure.verification)))
-            raise
-        report = result.report
-        if check:
-            echo(format_summary(report))
-            found = len(report.rewrites)
-            echo(f"check: {found} fusable pattern{'s' if found != 1 else ''} found" if mode == "fuse"
-                 else f"check: {found} expandable convolution{'s' if found != 1 else ''} found")
-            code = EXIT_FAILED if found else EXIT_OK
-        elif dry_run:
-            echo(format_summary(report))
-            echo("dry run: nothing written")
-            code = EXIT_OK
-        else:
-            echo(format_summary(report))
-            code = EXIT_OK
-        if report_path is not None:
-            _write_report(report_path, report)
-        sys.exit(code)
-    except click.UsageError:
-        raise
+        many = batch.is_batch(models)
+        if many and output is not None and output.exists() and not output.is_dir():
+            raise RewriteError(f"{output}: with several models, -o names a folder")
+        job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to,
+                                   write=not (check or dry_run))
+        if not many and output is not None and not (check or dry_run):
+            job_list[0].output = output
+        if not job_list:
+            raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
+                               "models in it (.onnx, .keras, .h5, SavedModel directories)")
     except RewriteError as error:
-        if verbose:
-            raise
-        click.echo(f"gconv-rewrite: error: {error.message}", err=True)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("gconv-rewrite: interrupted; nothing was written", err=True)
-        sys.exit(130)
-    except Exception as error:  # a bug: one line unless the user asked for the traceback
-        if verbose:
-            raise
-        click.echo(f"gconv-rewrite: internal error: {type(error).__name__}: {error} (run with -v for the traceback)",
-                   err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        _fail(error, verbose)
 
+    progress = sys.stderr.isatty() and not quiet
 
-def _require_expand() -> None:
+    def on_done(index: int, result: batch.JobResult) -> None:
+        if progress and many:
+            click.echo(f"[{index + 1}/{len(job_list)}] {result.input}: {result.status} ({result.seconds:.1f} s)",
+                       err=True)
+
     try:
-        from passes.onnx import ExpandGroupedConvPass  # noqa: F401
-    except ImportError:
-        raise RewriteError("--expand is not available yet in this version") from None
+        results = batch.run_all(job_list, processes=jobs, on_done=on_done, mode=mode, check=check,
+                                dry_run=dry_run, options=options, verbose=verbose)
+    except KeyboardInterrupt:
+        click.echo("gconv-rewrite: interrupted; outputs not yet complete were not written", err=True)
+        sys.exit(130)
+    code = batch.worst([r.exit_code for r in results])
+
+    if report_path is not None:
+        document = _document(results, code, single=not many)
+        try:
+            with formats.atomic_output(report_path) as staging:
+                (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
+        except RewriteError as error:
+            _fail(error, verbose)
+    if as_json:
+        click.echo(json.dumps(_document(results, code, single=False), indent=2))
+    elif many:
+        for r in results:
+            if r.details and not quiet:
+                click.echo("\n".join([f"{r.input}:"] + r.details), err=True)
+        say(batch.table(results))
+        say(f"{len(results)} models: " + ", ".join(
+            f"{n} {s}" for s, n in sorted(_count(r.status for r in results).items())) + f"; exit {code}")
+    else:
+        (result,) = results
+        if result.error is not None:
+            if result.details and not quiet:  # the verification table, or the traceback with -v
+                click.echo("\n".join(result.details), err=result.status != "verification-failed")
+            click.echo(f"gconv-rewrite: error: {result.error}", err=True)
+        else:
+            say(result.summary)
+            found = len((result.report or {}).get("rewrites", []))
+            if check:
+                noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
+                say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
+            elif dry_run:
+                say("dry run: nothing written")
+    sys.exit(code)
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _document(results: list[batch.JobResult], code: int, single: bool) -> dict:
+    if single:  # --report for one model: that model's report, as the API returns it
+        (result,) = results
+        return result.report or {"input": result.input, "error": result.error, "exit_code": result.exit_code}
+    return {"tool": "gconv-rewrite", "version": __version__, "exit_code": code,
+            "models": [r.to_dict() for r in results]}
+
+
+def _fail(error: RewriteError, verbose: bool):
+    if verbose:
+        raise error
+    click.echo(f"gconv-rewrite: error: {error.message}", err=True)
+    sys.exit(error.exit_code if error.exit_code else EXIT_BAD_INPUT)

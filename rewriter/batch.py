@@ -1,0 +1,173 @@
+"""Many models per run: find them, run each (optionally in N processes), collect the verdicts.
+
+One bad model never stops the others: each job turns its failure into a result row carrying the
+exit code and the one-line error. The run's exit code is the worst of its models' codes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rewriter import formats
+from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
+from rewriter.report import format_summary, format_verification
+
+MODEL_SUFFIXES = (".onnx", ".keras", ".h5")
+# Our own outputs, when a folder is walked again: rewriting them would rewrite the rewrite.
+OUTPUT_MARKERS = (".fused.", ".expanded.")
+
+
+@dataclass
+class Job:
+    input: Path
+    output: Path | None  # None: --check / --dry-run
+    mirrored: bool = False  # the output mirrors the input under an output folder: create its parents
+
+
+@dataclass
+class JobResult:
+    input: str
+    output: str | None
+    status: str  # rewritten, unchanged, would-rewrite, clean, dry-run, verification-failed, error
+    exit_code: int
+    error: str | None = None
+    report: dict[str, Any] | None = None
+    summary: str = ""
+    seconds: float = 0.0
+    details: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": self.input, "output": self.output, "status": self.status, "exit_code": self.exit_code,
+                "error": self.error, "seconds": round(self.seconds, 3), "report": self.report}
+
+
+def _is_savedmodel(path: Path) -> bool:
+    return path.is_dir() and (path / "saved_model.pb").is_file()
+
+
+def walk(folder: Path) -> Iterator[Path]:
+    """Models under ``folder``, sorted: files by suffix, SavedModel directories (not entered)."""
+    for root, dirs, files in os.walk(folder):
+        root_path = Path(root)
+        dirs.sort()
+        for d in list(dirs):
+            if _is_savedmodel(root_path / d):
+                dirs.remove(d)
+                if not any(m in d for m in OUTPUT_MARKERS):
+                    yield root_path / d
+        for name in sorted(files):
+            if name.lower().endswith(MODEL_SUFFIXES) and not any(m in name for m in OUTPUT_MARKERS):
+                yield root_path / name
+
+
+def is_batch(models: tuple[Path, ...]) -> bool:
+    return len(models) > 1 or any(m.is_dir() and not _is_savedmodel(m) for m in models)
+
+
+def plan_jobs(models: tuple[Path, ...], output: Path | None, *, mode: str, to: str | None,
+              write: bool) -> list[Job]:
+    """Expand folders and decide each output: mirrored under ``output`` (a folder) when given,
+    else beside each input with the default name."""
+    jobs: list[Job] = []
+    for model in models:
+        if model.is_dir() and not _is_savedmodel(model):
+            found = list(walk(model))
+            jobs.extend(Job(p, _mirror(p, p.relative_to(model), output, mode, to) if write else None,
+                            mirrored=output is not None) for p in found)
+        else:
+            jobs.append(Job(model, _mirror(model, Path(model.name), output, mode, to) if write else None,
+                            mirrored=output is not None))
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        if job.output is not None and job.output in seen:
+            raise RewriteError(f"{job.input} and {seen[job.output]} would both be written to {job.output}")
+        if job.output is not None:
+            seen[job.output] = job.input
+    return jobs
+
+
+def _mirror(path: Path, relative: Path, output: Path | None, mode: str, to: str | None) -> Path:
+    if output is None:
+        return formats.default_output(path, mode, to)
+    named = formats.default_output(Path(relative.name), mode, to).name if to else relative.name
+    return output / relative.parent / named
+
+
+def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose: bool = False) -> JobResult:
+    """Run one model; never raises (a failure becomes the row's error)."""
+    from rewriter.api import rewrite
+
+    start = time.perf_counter()
+    find_only = check or dry_run
+    try:
+        if job.output is not None and job.mirrored:
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+        result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
+        report = result.report
+        found = len(report.rewrites)
+        if check:
+            status, code = ("would-rewrite", EXIT_FAILED) if found else ("clean", EXIT_OK)
+        elif dry_run:
+            status, code = "dry-run", EXIT_OK
+        else:
+            status, code = ("rewritten" if found else "unchanged"), EXIT_OK
+        return JobResult(str(job.input), report.output, status, code, report=report.to_dict(),
+                         summary=format_summary(report), seconds=time.perf_counter() - start)
+    except VerificationFailed as failure:
+        details = format_verification(failure.verification) if failure.verification is not None else []
+        return JobResult(str(job.input), None, "verification-failed", failure.exit_code, error=failure.message,
+                         seconds=time.perf_counter() - start, details=details)
+    except RewriteError as error:
+        return JobResult(str(job.input), None, "error", error.exit_code, error=error.message,
+                         seconds=time.perf_counter() - start,
+                         details=traceback.format_exc().splitlines() if verbose else [])
+    except Exception as error:  # a bug in one model's run must not stop the others
+        return JobResult(str(job.input), None, "error", EXIT_BAD_INPUT,
+                         error=f"internal error: {type(error).__name__}: {error}",
+                         seconds=time.perf_counter() - start,
+                         details=traceback.format_exc().splitlines() if verbose else [])
+
+
+def run_all(jobs: list[Job], *, processes: int, on_done: Callable[[int, JobResult], None], **kwargs) -> list[JobResult]:
+    """Run every job, in ``processes`` worker processes when more than one; results in job order."""
+    results: list[JobResult | None] = [None] * len(jobs)
+    if processes <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = run_job(job, **kwargs)
+            on_done(i, results[i])
+    else:
+        import multiprocessing
+
+        # spawn: TensorFlow and onnxruntime thread pools do not survive fork.
+        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job, **kwargs): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                on_done(i, results[i])
+    return [r for r in results if r is not None]
+
+
+def worst(codes: list[int]) -> int:
+    return max(codes, default=EXIT_OK)
+
+
+def table(results: list[JobResult]) -> str:
+    rows = []
+    for r in results:
+        report = r.report or {}
+        rewrites = len(report.get("rewrites", [])) if report else 0
+        verification = (report.get("verification") or {}) if report else {}
+        verified = ("passed" if verification.get("passed") else "skipped" if verification and not verification.get("ran")
+                    else "FAILED" if r.status == "verification-failed" else "-")
+        rows.append([r.input, r.status, str(rewrites), verified, str(r.exit_code), r.error or (r.output or "")])
+    headers = ["model", "status", "rewrites", "verified", "exit", "output / error"]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
