@@ -143,12 +143,13 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
                 raise OutputError(f"{output_path.parent / external}: already exists (use --force to overwrite)")
             with report.timed("save"):
                 formats.save_onnx(working, path, external_data=external, threshold=threshold or 0)
-            with report.timed("verify"):
+            with report.timed("checker"):
                 try:
                     onnx.checker.check_model(str(path))
                 except Exception as exc:
                     raise VerificationFailed(f"the rewritten model fails onnx.checker: "
                                              f"{str(exc).strip().splitlines()[0][:200]}") from exc
+            with report.timed("verify"):
                 report.verification = _verify(source.path, path, report, options, given_inputs)
             return path
 
