@@ -114,6 +114,8 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     .onnx, .keras, .h5 files and SavedModel directories."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
+    if not verbose:  # onnx-ir warns about every oddity of a broken file; our error says it once
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     if check and dry_run:
         raise click.UsageError("--check and --dry-run are exclusive")
     if atol < 0 or rtol < 0:

@@ -71,6 +71,9 @@ def load_onnx(path: Path) -> ir.Model:
     newest = onnx.defs.onnx_opset_version()
     if default_opset is not None and not 1 <= default_opset <= newest:
         raise BadInput(f"{path}: opset {default_opset} is not supported (this onnx knows opsets 1..{newest})")
+    problem = _structural_problem(model)
+    if problem:
+        raise BadInput(f"{path}: not a valid ONNX model ({problem})")
     for location in sorted(_external_files(model)):
         data = path.parent / location
         if not data.is_file():
@@ -88,6 +91,22 @@ def _value_info_names(graph: onnx.GraphProto) -> frozenset[str]:
 
 
 _VALUE_INFO_NAMES = "gconv_rewrite.value_info_names"
+
+
+def _structural_problem(model: ir.Model) -> str | None:
+    """What makes the graph unusable, or None: onnx-ir loads dangling references with only a
+    warning, and a corrupt file often decodes into exactly that."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype == ir.DataType.UNDEFINED:
+                return f"initializer {value.name!r} has no data type"
+        for node in graph:
+            for value in node.inputs:
+                if value is not None and value.producer() is None and not value.is_graph_input() \
+                        and not value.is_initializer():
+                    return f"node {node.name or node.op_type!r} reads {value.name!r}, which nothing produces"
+    return None
 
 
 def save_onnx(model: ir.Model, path: Path, *, external_data: str | None = None, threshold: int = 1024) -> None:
@@ -121,7 +140,9 @@ def external_layout(model: ir.Model) -> int | None:
     """The size threshold that keeps external what was external, or None if nothing was."""
     sizes = [value.const_value.nbytes for graph in model.graphs() for value in graph.initializers.values()
              if isinstance(value.const_value, ir.ExternalTensor)]
-    return min(sizes) if sizes else None
+    # Tiny tensors stay inline whatever the input did: onnxruntime reads shape-like constants
+    # (Split sizes, Slice bounds) at session creation and refuses them external.
+    return max(min(sizes), 1024) if sizes else None
 
 
 def default_output(path: Path, mode: str, to: str | None = None) -> Path:
