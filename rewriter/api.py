@@ -66,7 +66,8 @@ def model_stats(model: ir.Model) -> ModelStats:
     for graph in model.graphs():
         op_types.extend(n.op_type for n in graph)
         for value in graph.initializers.values():
-            if value.const_value is not None:
+            # Parameters are the float tensors; int64 Split sizes and Slice bounds are not.
+            if value.const_value is not None and value.const_value.dtype.is_floating_point():
                 parameters += math.prod(value.const_value.shape.dims)
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 

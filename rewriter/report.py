@@ -109,8 +109,12 @@ def format_summary(report: Report) -> str:
     if report.rewrites:
         lines.append(f"rewrites ({len(report.rewrites)}):")
         for r in report.rewrites:
-            lines.append(f"  {r.location}: {r.kind}, {len(r.nodes)} nodes -> group={r.groups}, "
-                         f"channels {r.channels['in']}->{r.channels['out']}")
+            if r.kind.startswith("expand"):
+                lines.append(f"  {r.location}: {r.kind}, group={r.groups} -> {len(r.nodes)} nodes, "
+                             f"channels {r.channels['in']}->{r.channels['out']}")
+            else:
+                lines.append(f"  {r.location}: {r.kind}, {len(r.nodes)} nodes -> group={r.groups}, "
+                             f"channels {r.channels['in']}->{r.channels['out']}")
     else:
         lines.append("rewrites: none")
     if report.skipped:

@@ -1,0 +1,203 @@
+"""Expand native grouped convolutions into one plain convolution per group.
+
+    x → Conv(group=N)  ⇒  x → Split(axis=1) → N Conv → Concat(axis=1)
+
+The reverse of ``onnx.fuse-split-conv``, for runtimes and tools that lack grouped convolutions.
+Grouped ``ConvTranspose`` expands the same way. Matching is one node, so there is no matcher to
+speak of: the pass reads each grouped convolution's weight, hands it to
+``rewriter.plan.plan_expansion`` (which owns the weight arithmetic), and emits the branches.
+
+Weight layouts (both split on axis 0):
+
+- ``Conv``          ``[O, C/g, k...]``: C = ``W.shape[1]·g``, O = ``W.shape[0]``
+- ``ConvTranspose`` ``[C, O/g, k...]``: C = ``W.shape[0]``,   O = ``W.shape[1]·g``
+
+The Split is written for the model's opset: sizes as the ``split`` attribute before opset 13, as
+an int64 initializer input from 13 on (still valid at 18+, where ``num_outputs`` is the
+alternative). The Concat's output takes the original output's place: its name, type, shape and
+graph-output role, so nothing downstream changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from passes import register
+from passes.onnx import _graph as g
+from passes.onnx.fuse_split_conv import _initializer, _Names, _remove_dead_constants
+from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
+from rewriter.report import Rewrite, Skip
+
+EXPANDABLE_OPS = ("Conv", "ConvTranspose")
+
+DEPTHWISE_KEPT = "depthwise (group == channels) kept: --keep-depthwise"
+
+
+@register("onnx.expand-grouped-conv")
+class ExpandGroupedConvPass(ir.passes.InPlacePass):
+    """Rewrite every grouped Conv/ConvTranspose (within the group range) into Split → N Conv →
+    Concat; record rewrites and skips."""
+
+    def __init__(self, *, rewrite: bool = True, keep_depthwise: bool = False, min_groups: int = 2,
+                 max_groups: int | None = None):
+        super().__init__()
+        self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
+        self.keep_depthwise = keep_depthwise
+        self.min_groups = min_groups
+        self.max_groups = max_groups
+        self.rewrites: list[Rewrite] = []
+        self.skipped: list[Skip] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in model.graphs():
+            modified |= self._expand_graph(model, graph)
+        return ir.passes.PassResult(model, modified)
+
+    def _expand_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
+        names = _Names(graph)
+        modified = False
+        graph_label = "" if graph is model.graph else (graph.name or "subgraph")
+        # The default-domain opset the new Split and Concat run under (they carry no version).
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        convs = [n for n in graph if n.op_type in EXPANDABLE_OPS and n.domain in ("", "ai.onnx")]
+        for conv in convs:
+            groups = g.attr_int(conv, "group", 1)
+            if groups < 2:
+                continue  # not grouped: nothing to expand, nothing to report
+            # An unnamed conv is reported, and its new nodes named, after its output.
+            location = conv.name or conv.outputs[0].name or conv.op_type
+            reason, plan, channels = self._plan(conv, groups)
+            if reason is not None:
+                self.skipped.append(Skip(location, reason, [conv.name] if conv.name else [], graph_label))
+                continue
+            split_name = names.node(f"{location}_split")
+            branch_names = [names.node(f"{location}_g{i}") for i in range(plan.branches)]
+            concat_name = names.node(f"{location}_concat")
+            if self.rewrite:
+                self._emit(graph, names, opset, conv, plan, split_name, branch_names, concat_name)
+                modified = True
+            self.rewrites.append(Rewrite(
+                kind="expand-grouped-conv", location=location, groups=groups, channels=channels,
+                nodes=[split_name, *branch_names, concat_name], graph=graph_label))
+        return modified
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _plan(self, conv: ir.Node, groups: int) -> tuple[str | None, ExpansionPlan | None, dict | None]:
+        """(reason to skip, None, None) or (None, plan, {"in": C, "out": O})."""
+        if groups < self.min_groups:
+            return f"group={groups} is below --min-groups {self.min_groups}", None, None
+        if self.max_groups is not None and groups > self.max_groups:
+            return f"group={groups} is above --max-groups {self.max_groups}", None, None
+        if len(conv.inputs) < 2 or conv.inputs[1] is None:
+            return "has no weight input", None, None
+        weight_value = conv.inputs[1]
+        transpose = conv.op_type == "ConvTranspose"
+
+        # The weight's shape decides depthwise-ness without reading its data.
+        shape = _static_shape(weight_value)
+        if shape is not None and self.keep_depthwise and _in_channels(shape, groups, transpose) == groups:
+            return DEPTHWISE_KEPT, None, None
+
+        weight = g.const_array(weight_value)
+        if weight is None:
+            return "weights are not constants (initializer or Constant node); cannot split them ahead of time", \
+                None, None
+        if weight_value.is_graph_input():
+            return ("weights are an initializer that is also a graph input (replaceable at run time); "
+                    "cannot split them ahead of time"), None, None
+        if weight.ndim < 3:
+            return f"weight of rank {weight.ndim}; a convolution weight has rank 3 or more", None, None
+        in_channels = _in_channels(weight.shape, groups, transpose)
+        if self.keep_depthwise and in_channels == groups:
+            return DEPTHWISE_KEPT, None, None
+        bias = None
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            bias_value = conv.inputs[2]
+            bias = g.const_array(bias_value)
+            if bias is None:
+                return "bias is not a constant (initializer or Constant node); cannot split it ahead of time", \
+                    None, None
+            if bias_value.is_graph_input():
+                return ("bias is an initializer that is also a graph input (replaceable at run time); "
+                        "cannot split it ahead of time"), None, None
+        out_channels = weight.shape[1] * groups if transpose else weight.shape[0]
+        if bias is not None and bias.shape != (out_channels,):
+            return f"bias of shape {tuple(bias.shape)} does not match {out_channels} output channels", None, None
+        plan = plan_expansion(weight, bias, groups, in_channels, stack_axis=0)
+        if isinstance(plan, Refusal):
+            return plan.reason, None, None
+        return None, plan, {"in": int(in_channels), "out": int(out_channels)}
+
+    # -- emitting ----------------------------------------------------------------------------
+
+    def _emit(self, graph: ir.Graph, names: _Names, opset: int, conv: ir.Node, plan: ExpansionPlan,
+              split_name: str, branch_names: list[str], concat_name: str) -> None:
+        source = conv.inputs[0]
+        widths = [stop - start for start, stop in plan.channel_ranges]
+        split_inputs = [source]
+        split_attributes = [ir.AttrInt64("axis", 1)]
+        if opset < 13:
+            split_attributes.append(ir.AttrInt64s("split", widths))
+        else:
+            split_inputs.append(_initializer(graph, names.value(f"{split_name}.split"),
+                                             np.array(widths, dtype=np.int64)))
+        split = ir.Node("", "Split", split_inputs, split_attributes, num_outputs=plan.branches, name=split_name)
+        for i, output in enumerate(split.outputs):
+            output.name = names.value(f"{split_name}_out{i}")
+
+        # Every attribute but group is the same per branch (kernel_shape, strides, pads, dilations,
+        # auto_pad, and ConvTranspose's output_padding / spatial output_shape).
+        shared = [a for key, a in conv.attributes.items() if key != "group"]
+        branches = []
+        for name, weight, bias in zip(branch_names, plan.weights, plan.biases):
+            inputs = [split.outputs[len(branches)],
+                      _initializer(graph, names.value(f"{name}.weight"), np.ascontiguousarray(weight))]
+            if bias is not None:
+                inputs.append(_initializer(graph, names.value(f"{name}.bias"), np.ascontiguousarray(bias)))
+            attributes = list(shared)
+            if plan.groups_per_branch != 1:
+                attributes.append(ir.AttrInt64("group", plan.groups_per_branch))
+            branch = ir.Node("", conv.op_type, inputs, attributes, name=name, doc_string=conv.doc_string,
+                             metadata_props=dict(conv.metadata_props))
+            branch.outputs[0].name = names.value(f"{name}_out")
+            branches.append(branch)
+        concat = ir.Node("", "Concat", [b.outputs[0] for b in branches], [ir.AttrInt64("axis", 1)],
+                         name=concat_name)
+
+        old_inputs = [v for v in conv.inputs[1:] if v is not None]
+        # The Concat output takes the conv output's place: its name, type, shape and graph-output role.
+        ir.convenience.replace_nodes_and_values(
+            graph, conv, [conv], [split, *branches, concat], [conv.outputs[0]], [concat.outputs[0]])
+        _remove_dead_values(graph, old_inputs)
+
+
+def _in_channels(weight_shape, groups: int, transpose: bool) -> int:
+    return int(weight_shape[0]) if transpose else int(weight_shape[1]) * groups
+
+
+def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The weight's shape from its tensor or its recorded shape, without reading its data."""
+    shape = value.const_value.shape if value.const_value is not None else value.shape
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def _remove_dead_values(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Drop the grouped weight and bias once nothing reads them, also when they are initializers
+    of an enclosing graph (a Conv in an If/Loop body reading an outer weight)."""
+    by_graph: dict[int, tuple[ir.Graph, list[ir.Value]]] = {}
+    for value in values:
+        producer = value.producer()
+        if value.is_initializer() and value.graph is not None:
+            owner = value.graph
+        elif producer is not None and producer.graph is not None:
+            owner = producer.graph  # a Constant node
+        else:
+            owner = graph
+        by_graph.setdefault(id(owner), (owner, []))[1].append(value)
+    for owner, owned in by_graph.values():
+        _remove_dead_constants(owner, owned)
