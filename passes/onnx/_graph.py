@@ -117,8 +117,15 @@ def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[i
     return [channels // n] * n
 
 
+class UnreadableRange(ValueError):
+    """A Split or Slice output that is not one constant, contiguous channel range; says why."""
+
+
 def read_channels(value: ir.Value, model: ir.Model, channels: int | None) -> ChannelRead | None:
-    """Which channel range of which tensor ``value`` is, if a Split or Slice produced it."""
+    """Which channel range of which tensor ``value`` is, if a Split or Slice produced it.
+
+    None when no Split/Slice produced it; ``UnreadableRange`` when one did but what it reads is
+    not a constant, contiguous range, so that a near miss can be reported with its reason."""
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
@@ -135,7 +142,8 @@ def read_channels(value: ir.Value, model: ir.Model, channels: int | None) -> Cha
     return None
 
 
-def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> ChannelRead | None:
+def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> ChannelRead:
+    label = node.name or "a Slice"
     if opset_of(node, model) < 10:
         starts, ends, axes, steps = (attr_ints(node, "starts"), attr_ints(node, "ends"),
                                      attr_ints(node, "axes"), None)
@@ -145,9 +153,9 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> Channel
         axes = const_ints(inputs[3]) if inputs[3] is not None else None
         steps = const_ints(inputs[4]) if inputs[4] is not None else None
         if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
-            return None
+            raise UnreadableRange(f"{label} has axes or steps computed at run time")
     if starts is None or ends is None:
-        return None
+        raise UnreadableRange(f"{label} has starts or ends computed at run time")
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     source = node.inputs[0]
@@ -156,19 +164,19 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> Channel
     sliced = []
     for axis, start, end, step in zip(axes, starts, ends, steps):
         if step != 1:
-            return None
+            raise UnreadableRange(f"{label} has step {step} on axis {axis}: not a contiguous channel range")
         whole = start == 0 and end >= OPEN_END
         if not whole:
             sliced.append((axis, start, end))
     if len(sliced) != 1:
-        return None
+        raise UnreadableRange(f"{label} slices {len(sliced)} axes, not one channel range")
     axis, start, end = sliced[0]
     if rank is not None and axis < 0:
         axis += rank
     open_end = end >= OPEN_END
     if start < 0 or end < 0:
         if channels is None:
-            return None
+            raise UnreadableRange(f"{label} counts from the end of a tensor whose channel count is unknown")
         start = start + channels if start < 0 else start
         end = end + channels if end < 0 else end
     if channels is not None:

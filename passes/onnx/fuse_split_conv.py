@@ -60,7 +60,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             except _NotACandidate:
                 continue
             except _Refused as refusal:
-                self.skipped.append(Skip(location, str(refusal), [c.name for c in _conv_inputs(concat)], graph_label))
+                # The Concat may join other inputs besides convolutions: list the convolutions.
+                convs = [c.name for c in _conv_inputs(concat) if c is not None]
+                self.skipped.append(Skip(location, str(refusal), convs, graph_label))
                 continue
             replaced = [r.name for r in readers] + [c.name for c in convs] + [concat.name]
             fused_name = names.node(f"{convs[0].name or 'Conv'}_group{plan.groups}")
@@ -75,8 +77,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _match(self, model: ir.Model, concat: ir.Node):
         convs = _conv_inputs(concat)
-        # A candidate has at least two Conv inputs that read a Split/Slice output.
-        fed = [c for c in convs if c is not None and g.read_channels(c.inputs[0], model, None) is not None]
+        # A candidate has at least two Conv inputs that read a Split/Slice output. Whether those
+        # reads are usable channel ranges is decided below, so that a near miss gets its reason.
+        fed = [c for c in convs if c is not None and _reads_split_or_slice(c)]
         if len(fed) < 2:
             raise _NotACandidate
         if any(c is None for c in convs):
@@ -100,16 +103,20 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         # Where each branch reads from. Channel counts from the weights resolve Split sizes and
         # open-ended Slices when the source's shape is not recorded.
         widths_from_weights = [w.shape[1] * g.attr_int(c, "group", 1) for c, w in zip(convs, weights)]
-        first_read = g.read_channels(convs[0].inputs[0], model, None)
-        source = first_read.source if first_read else None
+        first_reader = fed[0].inputs[0].producer()
+        source = first_reader.inputs[0]
         channels = g.static_dim(source, 1) if source is not None else None
-        if channels is None and first_read is not None and first_read.reader.op_type == "Split":
+        if channels is None and first_reader.op_type == "Split":
             channels = sum(widths_from_weights)  # a Split hands out all its channels
-        reads = [g.read_channels(c.inputs[0], model, channels) for c in convs]
-        for conv, read in zip(convs, reads):
+        reads = []
+        for conv in convs:
+            try:
+                read = g.read_channels(conv.inputs[0], model, channels)
+            except g.UnreadableRange as exc:
+                raise _Refused(str(exc)) from None
             if read is None:
-                raise _Refused(f"{conv.name or 'a branch Conv'} does not read a constant channel range "
-                               "(Split/Slice with constant bounds)")
+                raise _Refused(f"{conv.name or 'a branch Conv'} does not read a Split or Slice output")
+            reads.append(read)
         if len({id(r.source) for r in reads}) != 1:
             raise _Refused("branches read from different tensors")
         kinds = {r.reader.op_type for r in reads}
@@ -167,6 +174,11 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(
             graph, concat, old_nodes, [fused], [concat.outputs[0]], [fused.outputs[0]])
         _remove_dead_constants(graph, old_inputs)
+
+
+def _reads_split_or_slice(conv: ir.Node) -> bool:
+    producer = conv.inputs[0].producer() if conv.inputs and conv.inputs[0] is not None else None
+    return producer is not None and producer.op_type in ("Split", "Slice") and producer.domain in ("", "ai.onnx")
 
 
 def _conv_inputs(concat: ir.Node) -> list[ir.Node | None]:
