@@ -151,7 +151,8 @@ def plan_expansion(weight: np.ndarray, bias: np.ndarray | None, groups: int, in_
     branches = groups if branches is None else branches
     if groups < 2:
         return Refusal("not a grouped convolution (group=1)")
-    if groups % branches:
+    # One "branch" would rewrite the conv as itself, and zero would divide by zero.
+    if branches < 2 or groups % branches:
         return Refusal(f"group={groups} cannot be split into {branches} branches")
     if in_channels % branches or weight.shape[stack_axis] % branches:
         return Refusal(f"channels do not divide into {branches} branches")
@@ -165,3 +166,32 @@ def plan_expansion(weight: np.ndarray, bias: np.ndarray | None, groups: int, in_
         weights=weights,
         biases=biases,
     )
+
+
+def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Sequence[np.ndarray]],
+              concat_axes: Sequence[int | None]) -> list[np.ndarray] | Refusal:
+    """One channel-wise op that follows every branch conv (BatchNorm, an activation...), applied
+    once after the fused conv instead: its settings must agree between branches, its per-channel
+    parameters are concatenated in branch order.
+
+    ``configs`` are the branches' settings without their names; ``weights`` each branch's
+    parameter arrays; ``concat_axes[i]`` is the axis along which parameter ``i`` is per-channel,
+    or None when it must be equal in every branch.
+    """
+    for key in sorted(set().union(*(c.keys() for c in configs))):
+        distinct = list(dict.fromkeys(repr(c.get(key)) for c in configs))
+        if len(distinct) > 1:
+            return Refusal(f"tails disagree between branches: {kind} {key} " + " vs ".join(distinct[:3]))
+    counts = {len(w) for w in weights}
+    if len(counts) > 1:
+        return Refusal(f"tails disagree between branches: {kind} parameter counts differ")
+    fused: list[np.ndarray] = []
+    for i, axis in enumerate(concat_axes[:next(iter(counts), 0)]):
+        arrays = [np.asarray(w[i]) for w in weights]
+        if axis is None:
+            if any(a.shape != arrays[0].shape or not np.array_equal(a, arrays[0]) for a in arrays[1:]):
+                return Refusal(f"tails disagree between branches: {kind} parameter {i} differs")
+            fused.append(arrays[0])
+        else:
+            fused.append(np.concatenate(arrays, axis=axis))
+    return fused
