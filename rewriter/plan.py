@@ -195,3 +195,30 @@ def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Se
         else:
             fused.append(np.concatenate(arrays, axis=axis))
     return fused
+
+
+def plan_shared_input(branches: Sequence[Branch], *, stack_axis: int) -> FusionPlan | Refusal:
+    """N convolutions that all read the *same* whole tensor (ResNeXt fig. 3 a/b, Inception-like
+    1×1s) are one wide convolution: kernels stacked on the output axis, group unchanged (1)."""
+    if len(branches) < 2:
+        return Refusal("fewer than two branches")
+    if any(b.groups != 1 for b in branches):
+        return Refusal("branches that read the whole input must be plain convolutions (group=1)")
+    kernels = [tuple(np.delete(b.weight.shape, [stack_axis % b.weight.ndim])) for b in branches]
+    if len(set(kernels)) > 1:
+        return Refusal("different kernel shapes between branches: "
+                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
+    if len({b.weight.dtype for b in branches}) > 1:
+        return Refusal("branches have weights of different dtypes")
+    for key in sorted(set().union(*(b.attributes for b in branches))):
+        distinct = list(dict.fromkeys(_describe(b.attributes.get(key)) for b in branches))
+        if len(distinct) > 1:
+            return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
+    weight = np.concatenate([b.weight for b in branches], axis=stack_axis)
+    bias = None
+    if any(b.bias is not None for b in branches):
+        dtype = next(b.bias.dtype for b in branches if b.bias is not None)
+        bias = np.concatenate([b.bias if b.bias is not None else np.zeros(b.out_channels, dtype=dtype)
+                               for b in branches])
+    return FusionPlan(groups=1, in_channels=branches[0].width, out_channels=sum(b.out_channels for b in branches),
+                      weight=weight, bias=bias, attributes=dict(branches[0].attributes))

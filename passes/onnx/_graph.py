@@ -38,6 +38,12 @@ def const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
+def _ints(array: np.ndarray | None) -> list[int] | None:
+    if array is None or array.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
 def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     attr = node.attributes.get(name)
     if attr is None:
@@ -121,7 +127,7 @@ class UnreadableRange(ValueError):
     """A Split or Slice output that is not one constant, contiguous channel range; says why."""
 
 
-def read_channels(value: ir.Value, model: ir.Model, channels: int | None) -> ChannelRead | None:
+def read_channels(value: ir.Value, model: ir.Model, channels: int | None, fold=None) -> ChannelRead | None:
     """Which channel range of which tensor ``value`` is, if a Split or Slice produced it.
 
     None when no Split/Slice produced it; ``UnreadableRange`` when one did but what it reads is
@@ -138,24 +144,26 @@ def read_channels(value: ir.Value, model: ir.Model, channels: int | None) -> Cha
         start = sum(sizes[:index])
         return ChannelRead(node.inputs[0], node, axis, start, start + sizes[index])
     if node.op_type == "Slice":
-        return _read_slice(node, model, channels)
+        return _read_slice(node, model, channels, fold)
     return None
 
 
-def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> ChannelRead:
+def _read_slice(node: ir.Node, model: ir.Model, channels: int | None, fold=None) -> ChannelRead:
     label = node.name or "a Slice"
     if opset_of(node, model) < 10:
         starts, ends, axes, steps = (attr_ints(node, "starts"), attr_ints(node, "ends"),
                                      attr_ints(node, "axes"), None)
     else:
         inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-        starts, ends = const_ints(inputs[1]), const_ints(inputs[2])
-        axes = const_ints(inputs[3]) if inputs[3] is not None else None
-        steps = const_ints(inputs[4]) if inputs[4] is not None else None
+        # ``fold`` evaluates bounds computed from Shape (PyTorch's torch.chunk) when it can prove them.
+        ints = (lambda v: const_ints(v) if const_ints(v) is not None or fold is None else _ints(fold(v)))
+        starts, ends = ints(inputs[1]), ints(inputs[2])
+        axes = ints(inputs[3]) if inputs[3] is not None else None
+        steps = ints(inputs[4]) if inputs[4] is not None else None
         if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
             raise UnreadableRange(f"{label} has axes or steps computed at run time")
     if starts is None or ends is None:
-        raise UnreadableRange(f"{label} has starts or ends computed at run time")
+        raise UnreadableRange(f"{label} has starts or ends computed at run time, not provably constant")
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     source = node.inputs[0]
@@ -183,3 +191,57 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None) -> Channel
         start, end = min(max(start, 0), channels), min(max(end, 0), channels)
         open_end = False
     return ChannelRead(source, node, axis, start, None if open_end else end, open_end=open_end)
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    # Type and shape come from the tensor; setting them on the value would add value_info entries.
+    value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def remove_dead_producers(graph: ir.Graph, values) -> None:
+    """Drop what only the replaced nodes used: weights, biases, Slice bounds, and the small
+    computations behind them (PyTorch's Shape → Gather → Div → Mul), transitively. Nothing that
+    something else still uses is touched."""
+    pending = list(dict.fromkeys(v for v in values if v is not None))
+    while pending:
+        value = pending.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer() and graph.initializers.get(value.name) is value:
+            del graph.initializers[value.name]
+            continue
+        producer = value.producer()
+        if producer is None or producer.graph is not graph:
+            continue
+        if any(o.uses() or o.is_graph_output() for o in producer.outputs):
+            continue
+        inputs = [v for v in producer.inputs if v is not None]
+        graph.remove(producer, safe=True)
+        pending.extend(inputs)
+
+
+class Names:
+    """Fresh, deterministic node and value names, indexed once per graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self._nodes = {n.name for n in graph if n.name}
+        self._values = set(graph.initializers)
+        self._values.update(v.name for v in graph.inputs if v.name)
+        for node in graph:
+            self._values.update(o.name for o in node.outputs if o.name)
+
+    @staticmethod
+    def _fresh(base: str, taken: set[str]) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    def node(self, base: str) -> str:
+        return self._fresh(base, self._nodes)
+
+    def value(self, base: str) -> str:
+        return self._fresh(base, self._values)

@@ -25,7 +25,6 @@ import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
-from passes.onnx.fuse_split_conv import _initializer, _Names, _remove_dead_constants
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 
@@ -56,7 +55,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def _expand_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
-        names = _Names(graph)
+        names = g.Names(graph)
         modified = False
         graph_label = "" if graph is model.graph else (graph.name or "subgraph")
         # The default-domain opset the new Split and Concat run under (they carry no version).
@@ -133,7 +132,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
 
     # -- emitting ----------------------------------------------------------------------------
 
-    def _emit(self, graph: ir.Graph, names: _Names, opset: int, conv: ir.Node, plan: ExpansionPlan,
+    def _emit(self, graph: ir.Graph, names: g.Names, opset: int, conv: ir.Node, plan: ExpansionPlan,
               split_name: str, branch_names: list[str], concat_name: str) -> None:
         source = conv.inputs[0]
         widths = [stop - start for start, stop in plan.channel_ranges]
@@ -142,7 +141,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         if opset < 13:
             split_attributes.append(ir.AttrInt64s("split", widths))
         else:
-            split_inputs.append(_initializer(graph, names.value(f"{split_name}.split"),
+            split_inputs.append(g.new_initializer(graph, names.value(f"{split_name}.split"),
                                              np.array(widths, dtype=np.int64)))
         split = ir.Node("", "Split", split_inputs, split_attributes, num_outputs=plan.branches, name=split_name)
         for i, output in enumerate(split.outputs):
@@ -154,9 +153,9 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         branches = []
         for name, weight, bias in zip(branch_names, plan.weights, plan.biases):
             inputs = [split.outputs[len(branches)],
-                      _initializer(graph, names.value(f"{name}.weight"), np.ascontiguousarray(weight))]
+                      g.new_initializer(graph, names.value(f"{name}.weight"), np.ascontiguousarray(weight))]
             if bias is not None:
-                inputs.append(_initializer(graph, names.value(f"{name}.bias"), np.ascontiguousarray(bias)))
+                inputs.append(g.new_initializer(graph, names.value(f"{name}.bias"), np.ascontiguousarray(bias)))
             attributes = list(shared)
             if plan.groups_per_branch != 1:
                 attributes.append(ir.AttrInt64("group", plan.groups_per_branch))
@@ -200,4 +199,4 @@ def _remove_dead_values(graph: ir.Graph, values: list[ir.Value]) -> None:
             owner = graph
         by_graph.setdefault(id(owner), (owner, []))[1].append(value)
     for owner, owned in by_graph.values():
-        _remove_dead_constants(owner, owned)
+        g.remove_dead_producers(owner, owned)

@@ -1,23 +1,41 @@
-"""Fuse hand-made grouped convolutions into one native grouped Conv.
+"""Fuse hand-made grouped convolutions into native grouped ones.
 
-    x → Split(axis=1) | Slice_i(axis=1) → Conv_i → Concat(axis=1)  ⇒  x → Conv(group=N)
+    x → Split|Slice_i(axis=1) → Conv_i → tails_i → Concat(axis=1)  ⇒  x → Conv(group=N) → tails
+
+The same pass fuses what real exporters write around that core:
+
+- Slice bounds computed from ``Shape`` (PyTorch's ``torch.chunk``): folded, just for the match;
+- tf2onnx's NHWC layout: ``Slice(axis=3) → Transpose(0,3,1,2) → Conv`` per branch, the Concat
+  before or after the Transpose back: one Transpose in front of the fused Conv, never more;
+- per-branch channel-wise tails (BatchNormalization, Relu, Clip, Add/Mul of a per-channel
+  constant...): applied once, their parameters concatenated; where branches stop agreeing, the
+  fused part is split back and the rest stays per branch;
+- chains of several convolutions per branch (ResNeXt, fig. 3): each layer becomes one grouped
+  Conv; branches that all read the *same* tensor start with one wide Conv (forms a/b → c);
+- ConvTranspose branches (weights ``[I, O/g, k...]``), depthwise (C branches of one channel).
 
 The matcher starts at each Concat (onnxscript's pattern rules cannot match a variable number of
-branches), walks each input back to its Conv and on to the Split/Slice that feeds it, and hands
-the branches to ``rewriter.plan``, which owns the rules and the weight arithmetic.
+branches), walks each input back to where the branch starts, and hands every layer to
+``rewriter.plan``, which owns the rules and the weight arithmetic.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
-from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion
+from passes.onnx._fold import channels_of, fold
+from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
+from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion, plan_shared_input, plan_tail
 from rewriter.report import Rewrite, Skip
 
-CONV_OPS = ("Conv",)
+CONV_OPS = ("Conv", "ConvTranspose")
+CHAIN_OPS = set(CONV_OPS) | UNARY_OPS | BINARY_OPS | {"BatchNormalization", "Clip", "Transpose"}
+READERS = ("Split", "Slice")
 
 
 class _NotACandidate(Exception):
@@ -28,9 +46,42 @@ class _Refused(Exception):
     """A candidate that cannot fuse; the message is the reason."""
 
 
+@dataclass
+class _Chain:
+    """One branch: the value it starts from and its ops, in order, up to the Concat."""
+
+    entry: ir.Value
+    ops: list[ir.Node]
+    read: g.ChannelRead | None = None  # None: the branch reads ``entry`` whole (shared input)
+
+
+@dataclass
+class _Fused:
+    """What the fused part of a candidate becomes: new nodes, and where the branches stop."""
+
+    nodes: list[ir.Node] = field(default_factory=list)
+    output: ir.Value | None = None
+    channel_axis: int = 1
+    groups: int = 0
+    in_channels: int = 0
+    out_channels: int = 0
+    length: int = 0  # how many ops of each chain are fused
+    branch_channels: list[int] = field(default_factory=list)
+    stopped_because: str | None = None  # where and why the branches stop agreeing
+    complete: bool = False  # every op of every branch fused: the result replaces the Concat
+    location: str = ""  # the fused node that stands for the pattern in reports
+    initializers: list[ir.Value] = field(default_factory=list)  # registered only when emitted
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        # Type and shape come from the tensor; setting them on the value would add value_info.
+        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+        self.initializers.append(value)
+        return value
+
+
 @register("onnx.fuse-split-conv")
 class FuseSplitConvPass(ir.passes.InPlacePass):
-    """Rewrite every fusable Split/Slice → Conv → Concat subgraph; record rewrites and skips."""
+    """Rewrite every fusable branch structure joined by a Concat; record rewrites and skips."""
 
     def __init__(self, *, rewrite: bool = True):
         super().__init__()
@@ -44,191 +95,372 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             modified |= self._fuse_graph(model, graph)
         return ir.passes.PassResult(model, modified)
 
-    # -- matching ----------------------------------------------------------------------------
-
     def _fuse_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
-        names = _Names(graph)
+        names = g.Names(graph)
+        position = {id(node): i for i, node in enumerate(graph)}
         modified = False
-        graph_label = "" if graph is model.graph else (graph.name or "subgraph")
+        label = "" if graph is model.graph else (graph.name or "subgraph")
         for concat in [n for n in graph if n.op_type == "Concat" and n.domain in ("", "ai.onnx")]:
             location = concat.name or concat.outputs[0].name or "Concat"
             try:
-                source, channels, branches, convs, readers = self._match(model, concat)
-                plan = plan_fusion(branches, channels, stack_axis=0)
-                if isinstance(plan, Refusal):
-                    raise _Refused(plan.reason)
+                chains = self._match(model, concat)
+                fused = self._plan_and_build(model, graph, names, concat, chains)
             except _NotACandidate:
                 continue
             except _Refused as refusal:
-                # The Concat may join other inputs besides convolutions: list the convolutions.
-                convs = [c.name for c in _conv_inputs(concat) if c is not None]
-                self.skipped.append(Skip(location, str(refusal), convs, graph_label))
+                convs = [n.name for v in concat.inputs if v is not None
+                         for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
+                self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
-            replaced = [r.name for r in readers] + [c.name for c in convs] + [concat.name]
-            fused_name = names.node(f"{convs[0].name or 'Conv'}_group{plan.groups}")
-            if self.rewrite:
-                self._emit(graph, names, concat, source, convs, readers, plan, fused_name)
-                modified = True
+            readers = list(dict.fromkeys(c.read.reader for c in chains if c.read is not None))
+            replaced = readers + [op for c in chains for op in c.ops[:fused.length]]
+            if fused.complete:
+                replaced.append(concat)
+            kind = "fuse-split-conv" if chains[0].read is not None else "fuse-parallel-branches"
             self.rewrites.append(Rewrite(
-                kind="fuse-split-conv", location=fused_name, groups=plan.groups,
-                channels={"in": plan.in_channels, "out": plan.out_channels},
-                nodes=[n for n in replaced if n], graph=graph_label))
+                kind=kind, location=fused.location, groups=fused.groups,
+                channels={"in": fused.in_channels, "out": fused.out_channels},
+                nodes=[n.name for n in replaced if n.name], graph=label))
+            if not fused.complete:
+                self.skipped.append(Skip(location, f"fused up to {fused.stopped_because}; "
+                                     "the rest stays per branch", [], label))
+            if self.rewrite:
+                self._emit(graph, position, concat, chains, readers, fused)
+                modified = True
         return modified
 
-    def _match(self, model: ir.Model, concat: ir.Node):
-        convs = _conv_inputs(concat)
-        # A candidate has at least two Conv inputs that read a Split/Slice output. Whether those
-        # reads are usable channel ranges is decided below, so that a near miss gets its reason.
-        fed = [c for c in convs if c is not None and _reads_split_or_slice(c)]
-        if len(fed) < 2:
+    # -- matching ----------------------------------------------------------------------------
+
+    def _match(self, model: ir.Model, concat: ir.Node) -> list[_Chain]:
+        chains = [_walk_back(v) if v is not None else None for v in concat.inputs]
+        with_conv = [c for c in chains if c is not None and any(op.op_type in CONV_OPS for op in c.ops)]
+        read = [c for c in with_conv if _is_reader_output(c.entry)]
+        shared = {}
+        for c in with_conv:
+            shared.setdefault(id(c.entry), []).append(c)
+        if len(read) < 2 and max((len(v) for v in shared.values()), default=0) < 2:
             raise _NotACandidate
-        if any(c is None for c in convs):
+        if len(with_conv) != len(chains):
             raise _Refused("the Concat also joins inputs that are not branch convolutions")
-
-        weights = [g.const_array(c.inputs[1]) for c in convs]
-        for conv, weight in zip(convs, weights):
-            if weight is None:
-                raise _Refused(f"weights of {conv.name or 'a branch Conv'} are not constants")
-        rank = weights[0].ndim
-        axis = g.attr_int(concat, "axis", 1)
-        if axis % rank != 1:
-            raise _Refused(f"Concat on axis {axis}, not the channel axis")
-
-        for conv in convs:
-            if conv.outputs[0].is_graph_output() or len(conv.outputs[0].uses()) != 1:
-                raise _Refused(f"branch output {conv.outputs[0].name} is used outside the Concat")
-        if len({id(c) for c in convs}) != len(convs):
+        for value in concat.inputs:
+            if value.is_graph_output() or len(value.uses()) != 1:
+                raise _Refused(f"branch output {value.name} is used outside the Concat")
+        if len({id(v) for v in concat.inputs}) != len(concat.inputs):
             raise _Refused("a branch is concatenated twice")
+        reading = [_is_reader_output(c.entry) for c in chains]
+        shared = not any(reading) and len({id(c.entry) for c in chains}) == 1
+        for chain, reads in zip(chains, reading):
+            # The walk stops early where a branch value has other users than the next op.
+            start = chain.entry.producer()
+            if not reads and not shared and start is not None and start.op_type in CHAIN_OPS:
+                raise _Refused(f"branch value {chain.entry.name} is used outside the Concat")
+            first = next(i for i, op in enumerate(chain.ops) if op.op_type in CONV_OPS)
+            if any(op.op_type != "Transpose" for op in chain.ops[:first]):
+                before = next(op.op_type for op in chain.ops[:first] if op.op_type != "Transpose")
+                raise _Refused(f"a branch applies {before} before its convolution")
+        if any(reading) and not all(reading):
+            raise _Refused("some branches read a Split/Slice, others do not")
+        if not any(reading) and not shared:
+            raise _Refused("branches read from different tensors")
+        if all(reading):
+            self._read_ranges(model, chains)
+        return chains
 
-        # Where each branch reads from. Channel counts from the weights resolve Split sizes and
-        # open-ended Slices when the source's shape is not recorded.
-        widths_from_weights = [w.shape[1] * g.attr_int(c, "group", 1) for c, w in zip(convs, weights)]
-        first_reader = fed[0].inputs[0].producer()
+    def _read_ranges(self, model: ir.Model, chains: list[_Chain]) -> None:
+        for chain in chains:
+            if chain.entry.is_graph_output() or len(chain.entry.uses()) != 1:
+                raise _Refused(f"branch input {chain.entry.name} is used outside its branch")
+        first_reader = chains[0].entry.producer()
         source = first_reader.inputs[0]
-        channels = g.static_dim(source, 1) if source is not None else None
+        convs = [next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains]
+        weights = [_weight(conv) for conv in convs]
+        widths = [_in_channels(conv, w) for conv, w in zip(convs, weights)]
+        pre_perms = [[g.attr_ints(op, "perm") for op in c.ops if op.op_type == "Transpose"][:1] for c in chains]
+        # The channel axis as the reader sees it: 1, or moved by a per-branch layout Transpose.
+        reader_axis = pre_perms[0][0][1] if pre_perms[0] and pre_perms[0][0] else 1
+        channels = g.static_dim(source, reader_axis)
+        if channels is None and reader_axis == 1:
+            channels = channels_of(source)
         if channels is None and first_reader.op_type == "Split":
-            channels = sum(widths_from_weights)  # a Split hands out all its channels
-        reads = []
-        for conv in convs:
+            channels = sum(widths)  # a Split hands out all its channels
+        for chain in chains:
             try:
-                read = g.read_channels(conv.inputs[0], model, channels)
+                chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: fold(v, model))
             except g.UnreadableRange as exc:
                 raise _Refused(str(exc)) from None
-            if read is None:
-                raise _Refused(f"{conv.name or 'a branch Conv'} does not read a Split or Slice output")
-            reads.append(read)
+        reads = [c.read for c in chains]
         if len({id(r.source) for r in reads}) != 1:
             raise _Refused("branches read from different tensors")
-        kinds = {r.reader.op_type for r in reads}
-        if len(kinds) > 1:
+        if len({r.reader.op_type for r in reads}) > 1:
             raise _Refused("branches mix Split and Slice")
-        if len({id(r.reader) for r in reads}) != 1 and "Split" in kinds:
-            raise _Refused("branches read from different Split nodes")
-        for read in reads:
-            if read.axis % rank != 1:
-                raise _Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
-        readers = list(dict.fromkeys(r.reader for r in reads))
-        for conv in convs:
-            data = conv.inputs[0]
-            if data.is_graph_output() or len(data.uses()) != 1:
-                raise _Refused(f"branch input {data.name} is used outside its convolution")
-        if "Split" in kinds and len(readers[0].outputs) != len(convs):
-            raise _Refused(f"Split has {len(readers[0].outputs)} outputs but only {len(convs)} feed the Concat")
-
-        branches = []
-        for conv, read, weight, width in zip(convs, reads, weights, widths_from_weights):
+        if reads[0].reader.op_type == "Split":
+            if len({id(r.reader) for r in reads}) != 1:
+                raise _Refused("branches read from different Split nodes")
+            if len(reads[0].reader.outputs) != len(chains):
+                raise _Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
+                               "feed the Concat")
+        rank = weights[0].ndim if weights[0] is not None else None
+        for read, width, chain in zip(reads, widths, chains):
             if read.start is None:
                 raise _Refused("cannot tell the Split sizes (computed at run time)")
-            stop = read.start + width if read.open_end else read.stop
-            if stop - read.start != width:
-                raise _Refused(f"{conv.name} reads {stop - read.start} channels but its weight expects {width}")
+            if rank is not None and read.axis % rank != reader_axis:
+                raise _Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
+            if rank is not None:
+                read.axis %= rank
+            if read.open_end and width is not None:
+                read.stop = read.start + width
+            if channels is None and read.open_end:
+                channels = read.stop
+        self._source_channels = channels
+
+    # -- planning and building ---------------------------------------------------------------
+
+    def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
+        """Walk the chains in step, planning each op across the branches; build the fused nodes
+        as far as the branches agree. Raises _Refused if not even the first conv fuses."""
+        n = len(chains)
+        reading = chains[0].read is not None
+        fused = _Fused(length=0)
+        current = chains[0].read.source if reading else chains[0].entry
+        axis = chains[0].read.axis if reading else 1
+        rank = None
+        conv_layers = 0
+        branch_channels = [r.stop - r.start for r in (c.read for c in chains)] if reading else None
+        shortest = min(len(c.ops) for c in chains)
+        for step in range(shortest):
+            ops = [c.ops[step] for c in chains]
+            kinds = {op.op_type for op in ops}
+            if len(kinds) > 1:
+                reason = "branches differ here: " + " vs ".join(sorted(kinds))
+                if conv_layers == 0:
+                    raise _Refused(reason)
+                fused.stopped_because = f"{ops[0].op_type}-less point ({reason})"
+                break
+            kind = ops[0].op_type
+            if kind in CONV_OPS:
+                outcome = self._plan_conv(ops, chains, conv_layers, branch_channels, axis)
+                if isinstance(outcome, Refusal):
+                    if conv_layers == 0:
+                        raise _Refused(outcome.reason)
+                    fused.stopped_because = f"the convolution after ({outcome.reason})"
+                    break
+                plan = outcome
+                if conv_layers == 0:
+                    fused.in_channels = plan.in_channels
+                    if reading:
+                        fused.groups = plan.groups
+                elif fused.groups <= 1:
+                    fused.groups = plan.groups
+                fused.out_channels = plan.out_channels
+                rank = plan.weight.ndim
+                base = ops[0].name or kind
+                name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
+                inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
+                if plan.bias is not None:
+                    inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
+                node = _clone_with(ops[0], inputs, name, group=plan.groups)
+                if not fused.location or (plan.groups > 1 and fused.groups == plan.groups and conv_layers == 0) \
+                        or (plan.groups > 1 and "_group" not in fused.location):
+                    fused.location = name
+                branch_channels = [_out_channels(op) for op in ops]
+                axis = 1
+                conv_layers += 1
+            else:
+                if rank is None and kind == "Transpose":
+                    rank = len(g.attr_ints(ops[0], "perm") or [])
+                tails = []
+                for op, chain, channels in zip(ops, chains, branch_channels or [None] * n):
+                    data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
+                    tail = read_tail(op, data, axis, rank or 4, channels or 0, model)
+                    if isinstance(tail, str):
+                        tails = tail
+                        break
+                    tails.append(tail)
+                if isinstance(tails, str):
+                    if conv_layers == 0:
+                        raise _Refused(tails)
+                    fused.stopped_because = f"{kind} ({tails})"
+                    break
+                params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails],
+                                   tails[0].param_axes)
+                if isinstance(params, Refusal):
+                    if conv_layers == 0:
+                        raise _Refused(params.reason)
+                    fused.stopped_because = f"{kind} ({params.reason})"
+                    break
+                node = self._build_tail(fused, names, tails[0], current, params)
+                axis = moved_axis(tails[0], axis)
+            fused.nodes.append(node)
+            current = node.outputs[0]
+            fused.length = step + 1
+        fused.output = current
+        fused.channel_axis = axis
+        fused.branch_channels = branch_channels or []
+        fused.complete = all(len(c.ops) == fused.length for c in chains)
+        if fused.complete:
+            concat_axis = g.attr_int(concat, "axis", 1)
+            if rank is not None and concat_axis % rank != axis:
+                raise _Refused(f"Concat on axis {concat_axis}, not the channel axis")
+        else:
+            fused.stopped_because = fused.stopped_because or "the end of the shortest branch"
+            fused.nodes.append(self._split_back(model, graph, names, fused))
+        return fused
+
+    def _plan_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
+                   branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:
+        if len({c.op_type for c in convs}) > 1:
+            return Refusal("branches mix Conv and ConvTranspose")
+        branches = []
+        start = 0
+        for i, (conv, chain) in enumerate(zip(convs, chains)):
+            weight = _weight(conv)
+            if weight is None:
+                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are not constants")
+            if conv.inputs[1].is_graph_input():
+                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are graph inputs "
+                               "(replaceable at run time)")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2])
-                if bias is None:
-                    raise _Refused(f"bias of {conv.name or 'a branch Conv'} is not a constant")
+                if bias is None or conv.inputs[2].is_graph_input():
+                    return Refusal(f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
+            width = _in_channels(conv, weight)
+            if layer == 0 and chain.read is not None:
+                if axis != 1:
+                    return Refusal(f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
+                channel_start, channel_stop = chain.read.start, chain.read.stop
+                if channel_stop - channel_start != width:
+                    return Refusal(f"{conv.name} reads {channel_stop - channel_start} channels but its weight "
+                                   f"expects {width}")
+            elif layer == 0:
+                channel_start, channel_stop = 0, width
+            else:
+                if branch_channels[i] != width:
+                    return Refusal(f"{conv.name} expects {width} channels, its branch has {branch_channels[i]}")
+                channel_start, channel_stop = start, start + width
+                start += width
             branches.append(Branch(
-                name=conv.name or "", channel_start=read.start, channel_stop=stop, weight=weight, bias=bias,
-                groups=g.attr_int(conv, "group", 1), out_channels=weight.shape[0],
-                attributes=g.conv_shape_attributes(conv, rank - 2)))
-        if channels is None:
-            # An open-ended Slice reads up to the source's last channel: that fixes the count.
-            channels = next((b.channel_stop for b, r in zip(branches, reads) if r.open_end), None)
-        return source, channels, branches, convs, readers
+                name=conv.name or "", channel_start=channel_start, channel_stop=channel_stop, weight=weight,
+                bias=bias, groups=g.attr_int(conv, "group", 1), out_channels=_out_channels(conv),
+                attributes=g.conv_shape_attributes(conv, weight.ndim - 2)))
+        if layer == 0 and chains[0].read is None:
+            if convs[0].op_type != "Conv":
+                return Refusal("branches that read the whole input must be Conv, not ConvTranspose")
+            return plan_shared_input(branches, stack_axis=0)
+        source_channels = self._source_channels if layer == 0 else start
+        return plan_fusion(branches, source_channels, stack_axis=0)
+
+    def _build_tail(self, fused: _Fused, names: g.Names, tail: TailOp, current: ir.Value, params) -> ir.Node:
+        inputs = list(tail.node.inputs)
+        inputs[tail.data_index] = current
+        for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
+            if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
+                inputs[index] = fused.constant(names.value(f"{tail.node.name or tail.kind}_fused.param{index}"), array)
+        name = names.node(f"{tail.node.name or tail.kind}_fused")
+        return _clone_with(tail.node, inputs, name)
+
+    def _split_back(self, model, graph, names: g.Names, fused: _Fused) -> ir.Node:
+        """Where branches stop agreeing: split the fused tensor back into the branches' parts
+        (sizes as an attribute before opset 13, as an input from 13)."""
+        name = names.node(f"{fused.location}_split_back")
+        attributes = [ir.AttrInt64("axis", fused.channel_axis)]
+        inputs = [fused.output]
+        if model.opset_imports.get("", 13) < 13:
+            attributes.append(ir.AttrInt64s("split", fused.branch_channels))
+        else:
+            inputs.append(fused.constant(names.value(f"{name}.split"), np.array(fused.branch_channels, np.int64)))
+        return ir.Node("", "Split", inputs, attributes, num_outputs=len(fused.branch_channels), name=name)
 
     # -- emitting ----------------------------------------------------------------------------
 
-    def _emit(self, graph, names, concat, source, convs, readers, plan: FusionPlan, fused_name):
-        first = convs[0]
-        weight_value = _initializer(graph, names.value(f"{fused_name}.weight"), plan.weight)
-        inputs = [source, weight_value]
-        if plan.bias is not None:
-            inputs.append(_initializer(graph, names.value(f"{fused_name}.bias"), plan.bias))
-        attributes = [a for key, a in first.attributes.items() if key != "group"]
-        attributes.append(ir.AttrInt64("group", plan.groups))
-        fused = ir.Node("", first.op_type, inputs, attributes, name=fused_name,
-                        doc_string=first.doc_string, metadata_props=dict(first.metadata_props))
-        old_nodes = [*readers, *convs, concat]
-        old_inputs = [v for n in old_nodes for v in n.inputs if v is not None and v is not source]
-        # The fused output takes the Concat output's place: its name, type, shape and graph-output role.
-        ir.convenience.replace_nodes_and_values(
-            graph, concat, old_nodes, [fused], [concat.outputs[0]], [fused.outputs[0]])
-        _remove_dead_constants(graph, old_inputs)
+    def _emit(self, graph: ir.Graph, position: dict[int, int], concat: ir.Node, chains: list[_Chain],
+              readers: list[ir.Node], fused: _Fused) -> None:
+        old_nodes = readers + [op for c in chains for op in c.ops[:fused.length]]
+        # In front of the first node of the structure: the source is ready there, and every
+        # node that reads the fused result comes later.
+        first = min(old_nodes, key=lambda node: position.get(id(node), len(position)))
+        for value in fused.initializers:
+            graph.register_initializer(value)
+        graph.insert_before(first, fused.nodes)
+        old_inputs = [v for node in old_nodes for v in node.inputs]
+        if fused.complete:
+            old_output = concat.outputs[0]
+            new_output = fused.output
+            # The fused output takes the Concat output's place: name, type, shape, graph-output role.
+            name = old_output.name
+            old_output.name = None
+            new_output.name, new_output.type, new_output.shape = name, old_output.type, old_output.shape
+            ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
+            old_nodes.append(concat)
+            old_inputs.extend(concat.inputs)
+        else:
+            split = fused.nodes[-1]
+            for chain, part in zip(chains, split.outputs):
+                cut = chain.ops[fused.length - 1].outputs[0]  # what each branch's rest reads
+                for use in list(cut.uses()):
+                    use.node.replace_input_with(use.idx, part)
+        graph.remove(old_nodes, safe=True)
+        g.remove_dead_producers(graph, old_inputs)
 
 
-def _reads_split_or_slice(conv: ir.Node) -> bool:
-    producer = conv.inputs[0].producer() if conv.inputs and conv.inputs[0] is not None else None
-    return producer is not None and producer.op_type in ("Split", "Slice") and producer.domain in ("", "ai.onnx")
+def _walk_back(value: ir.Value) -> _Chain:
+    """Follow a Concat input back through convs, channel-wise ops and Transposes, each used only
+    by the next, to where its branch starts."""
+    ops = []
+    current = value
+    while True:
+        node = current.producer()
+        if node is None or node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx"):
+            break
+        if current is not value and (len(current.uses()) != 1 or current.is_graph_output()):
+            break
+        data = _data_input(node)
+        if data is None:
+            break
+        ops.append(node)
+        current = data
+    ops.reverse()
+    return _Chain(entry=current, ops=ops)
 
 
-def _conv_inputs(concat: ir.Node) -> list[ir.Node | None]:
-    convs = []
-    for value in concat.inputs:
-        producer = value.producer() if value is not None else None
-        ok = producer is not None and producer.op_type in CONV_OPS and producer.domain in ("", "ai.onnx")
-        convs.append(producer if ok else None)
-    return convs
+def _data_input(node: ir.Node) -> ir.Value | None:
+    """The input that carries the branch's tensor: the only non-constant one."""
+    if node.op_type in CONV_OPS or node.op_type in ("BatchNormalization", "Clip", "Transpose") \
+            or node.op_type in UNARY_OPS:
+        return node.inputs[0] if node.inputs else None
+    variable = [v for v in node.inputs if v is not None and g.const_array(v) is None]
+    return variable[0] if len(variable) == 1 else None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    # Type and shape come from the tensor; setting them on the value would add value_info entries.
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
+def _is_reader_output(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type in READERS and producer.domain in ("", "ai.onnx")
 
 
-def _remove_dead_constants(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Drop the weights, biases and Slice bounds that only the replaced nodes used."""
-    for value in dict.fromkeys(values):
-        if value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and not any(o.uses() for o in producer.outputs):
-            graph.remove(producer, safe=True)
+def _weight(conv: ir.Node) -> np.ndarray | None:
+    return g.const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
 
 
-class _Names:
-    """Fresh, deterministic node and value names, indexed once per graph."""
+def _in_channels(conv: ir.Node, weight: np.ndarray | None) -> int | None:
+    if weight is None:
+        return None
+    if conv.op_type == "ConvTranspose":
+        return int(weight.shape[0])
+    return int(weight.shape[1]) * g.attr_int(conv, "group", 1)
 
-    def __init__(self, graph: ir.Graph):
-        self._nodes = {n.name for n in graph if n.name}
-        self._values = set(graph.initializers)
-        self._values.update(v.name for v in graph.inputs if v.name)
-        for node in graph:
-            self._values.update(o.name for o in node.outputs if o.name)
 
-    @staticmethod
-    def _fresh(base: str, taken: set[str]) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
+def _out_channels(conv: ir.Node) -> int:
+    weight = _weight(conv)
+    if conv.op_type == "ConvTranspose":
+        return int(weight.shape[1]) * g.attr_int(conv, "group", 1)
+    return int(weight.shape[0])
 
-    def node(self, base: str) -> str:
-        return self._fresh(base, self._nodes)
 
-    def value(self, base: str) -> str:
-        return self._fresh(base, self._values)
+def _clone_with(node: ir.Node, inputs: list, name: str, group: int | None = None) -> ir.Node:
+    attributes = [a for key, a in node.attributes.items() if not (group is not None and key == "group")]
+    if group is not None and group != 1:
+        attributes.append(ir.AttrInt64("group", group))
+    elif group == 1 and "group" in node.attributes:
+        attributes.append(ir.AttrInt64("group", 1))
+    return ir.Node(node.domain, node.op_type, inputs, attributes, name=name, version=node.version,
+                   doc_string=node.doc_string, metadata_props=dict(node.metadata_props))

@@ -1,0 +1,326 @@
+"""Rebuild a Keras 3 functional model from a ``KerasGraph``, call by call.
+
+Keras itself cannot load every file we must read (TFOpLambda nodes, Lambdas with list defaults),
+and the rewrite must replace some calls; so the model is rebuilt here, with the same layers,
+names and configs, and hooks for what differs:
+
+- ``lambda_functions``: the rebuilt (trusted) function of each Lambda layer;
+- ``lambda_as_slice``: Lambda calls proven to be channel slices, written as ``GetItem`` (no code);
+- ``replacements``: fused patterns, each anchored at its Concatenate call.
+
+Layer configs go through Keras's own deserialisation in safe mode (Keras 3 configs) or its legacy
+converter (Keras 2 / tf-keras configs); a Lambda config never does: its function comes from
+``lambda_functions`` or the build stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from passes.keras._config import Call, KerasGraph, LayerSpec, TensorRef, WeightStore, legacy_leaves
+from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
+from rewriter.errors import BadInput
+
+
+class Replacement(Protocol):
+    anchor: tuple[str, int]  # the call whose output the replacement produces (a Concatenate)
+    source: TensorRef  # the tensor it reads
+    removed: set[tuple[str, int]]  # the calls it replaces
+
+    def emit(self, source_tensor) -> Any: ...
+
+
+@dataclass
+class Built:
+    model: Any  # keras.Model
+    tensors: dict[TensorRef, Any]
+    layers: dict[str, Any]  # layer name → Keras layer or operation object
+
+
+@dataclass
+class BuildOptions:
+    lambda_functions: dict[str, Callable] = field(default_factory=dict)
+    lambda_as_slice: dict[tuple[str, int], tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)
+    replacements: list = field(default_factory=list)
+    # Called before each Lambda layer is made (with its call's input tensor, or None when it
+    # reads several), e.g. to probe it; may return the output shape (without the batch dim).
+    on_lambda: Callable[[Call, Any], Any] | None = None
+    trusted: bool = False  # the user trusts the file's code (nested models' Lambdas may load)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
+    """A Keras 3 layer from its config entry, in Keras's safe mode unless the file is trusted
+    (a nested model may hold Lambdas). A top-level Lambda never comes here: it is built from
+    its rebuilt function (see _lambdas)."""
+    import keras
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    if layer.class_name == "Lambda":
+        raise AssertionError("Lambda layers are built from their rebuilt function, not their config")
+    try:
+        if legacy:
+            from keras.src.legacy.saving import saving_utils
+
+            entry = copy.deepcopy({"class_name": layer.class_name, "config": layer.config})
+            with SafeModeScope(not trusted):
+                return saving_utils.model_from_config(entry)
+        entry = {k: copy.deepcopy(v) for k, v in layer.raw.items() if k not in ("inbound_nodes", "name")}
+        return keras.saving.deserialize_keras_object(entry, safe_mode=not trusted)
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"layer {layer.name!r} ({layer.class_name}): Keras cannot rebuild it "
+                       f"({_one_line(exc)})") from exc
+
+
+def build(graph: KerasGraph, options: BuildOptions) -> Built:
+    """Call every layer in dependency order; return the model and every tensor by reference."""
+    import keras
+
+    tensors: dict[TensorRef, Any] = {}
+    objects: dict[str, Any] = {}
+    anchors = {r.anchor: r for r in options.replacements}
+    removed = set().union(*(r.removed for r in options.replacements)) if options.replacements else set()
+    pending = [c for c in graph.calls() if c.key not in removed or c.key in anchors]
+
+    def needs(call: Call) -> list[TensorRef]:
+        replacement = anchors.get(call.key)
+        return [replacement.source] if replacement is not None else call.inputs
+
+    while pending:
+        waiting = []
+        for call in pending:
+            if all(ref in tensors for ref in needs(call)):
+                _run_call(graph, call, tensors, objects, anchors, options)
+            else:
+                waiting.append(call)
+        if len(waiting) == len(pending):
+            names = ", ".join(sorted({c.layer.name for c in waiting})[:5])
+            raise BadInput(f"the model config cannot be ordered: layers {names} read tensors no layer makes")
+        pending = waiting
+
+    inputs = [tensors[r] for r in graph.inputs]
+    outputs = [tensors[r] for r in graph.outputs]
+    try:
+        model = keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0],
+                            outputs=outputs if len(outputs) > 1 else outputs[0], name=graph.name)
+    except Exception as exc:
+        raise BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})") from exc
+    return Built(model, tensors, objects)
+
+
+def _run_call(graph: KerasGraph, call: Call, tensors, objects, anchors, options: BuildOptions) -> None:
+    import keras
+    from keras import tree
+
+    layer = call.layer
+    replacement = anchors.get(call.key)
+    if replacement is not None:
+        tensors[TensorRef(layer.name, call.index, 0)] = replacement.emit(tensors[replacement.source])
+        return
+    if layer.class_name == "InputLayer":
+        obj = objects.get(layer.name) or layer_object(layer, graph.legacy)
+        objects[layer.name] = obj
+        tensors[TensorRef(layer.name, 0, 0)] = obj.output
+        return
+
+    if call.key in options.lambda_as_slice:
+        axis, ranges = options.lambda_as_slice[call.key]
+        outputs = _slice_ops(layer.name, tensors[call.inputs[0]], axis, ranges)
+    elif layer.class_name in ("SlicingOpLambda", "TFOpLambda"):
+        outputs = _tf_op(graph, call, tensors)
+    else:
+        obj = objects.get(layer.name)
+        if obj is None:
+            if layer.class_name == "Lambda":
+                function = options.lambda_functions.get(layer.name)
+                if function is None:
+                    raise BadInput(f"Lambda layer {layer.name!r} has no trusted function to run")
+                arguments = layer.config.get("arguments") or {}
+                output_shape = None
+                if options.on_lambda is not None:
+                    # Probe first: a proven slice's shape spares Keras tracing the code for it.
+                    inputs = [tensors[ref] for ref in call.inputs]
+                    output_shape = options.on_lambda(call, inputs[0] if len(inputs) == 1 else None)
+                    if len(layer.calls) != 1:
+                        output_shape = None
+                obj = keras.layers.Lambda(function, output_shape=output_shape, arguments=arguments or None,
+                                          name=layer.name)
+            else:
+                obj = layer_object(layer, graph.legacy, options.trusted)
+            objects[layer.name] = obj
+        args, kwargs = _call_arguments(graph, call, tensors)
+        try:
+            result = obj(*args, **kwargs)
+        except Exception as exc:
+            if layer.class_name == "Lambda":
+                raise BadInput(_lambda_failure(layer.name, options.lambda_functions[layer.name],
+                                               layer.config.get("arguments") or {}, args)) from exc
+            raise BadInput(f"layer {layer.name!r} ({layer.class_name}) fails when rebuilt "
+                           f"({type(exc).__name__}: {_one_line(exc)})") from exc
+        outputs = tree.flatten(result)
+    for i, tensor in enumerate(outputs):
+        tensors[TensorRef(layer.name, call.index, i)] = tensor
+
+
+def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) -> str:
+    """Why a Lambda cannot run: Keras hides the cause behind "could not infer the output shape"."""
+    import tensorflow as tf
+
+    from passes.keras._lambdas import probe_shape
+
+    try:
+        shape = probe_shape(list(args[0].shape))
+        function(tf.zeros(shape), **arguments)
+        cause = "Keras cannot infer its output shape"
+    except NameError as exc:
+        cause = (f"NameError: {exc} (a Lambda made in a loop at module level reads its loop variable as a "
+                 "global, which the file does not hold)")
+    except Exception as exc:
+        cause = f"{type(exc).__name__}: {_one_line(exc)}"
+    return f"Lambda layer {name!r} fails when run: {cause}"
+
+
+def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]:
+    """The args/kwargs of a call with the file's tensor references replaced by built tensors."""
+    import keras
+    from keras import tree
+
+    if call.data is None:  # Sequential: one input
+        return [tensors[call.inputs[0]]], {}
+    if isinstance(call.data, dict):
+        data = call.data
+
+        def revive(x):
+            if isinstance(x, keras.KerasTensor):
+                history = getattr(x, "_pre_serialization_keras_history", None)
+                if history is not None:
+                    return tensors[TensorRef(history[0], int(history[1]), int(history[2]))]
+            return x
+
+        try:
+            args = keras.saving.deserialize_keras_object(copy.deepcopy(data.get("args", [])), safe_mode=True)
+            kwargs = keras.saving.deserialize_keras_object(copy.deepcopy(data.get("kwargs", {})), safe_mode=True)
+        except Exception as exc:
+            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
+        return tree.map_structure(revive, args), tree.map_structure(revive, kwargs or {})
+    leaves = legacy_leaves(call.data)
+    kwargs = dict(leaves[-1][3]) if leaves and len(leaves[-1]) == 4 and isinstance(leaves[-1][3], dict) else {}
+    built = [tensors[ref] for ref in call.inputs]  # the parsed refs: node indexes already corrected
+    return [built[0] if len(built) == 1 else built], kwargs
+
+
+def _slice_ops(name: str, source, axis: int, ranges: list[tuple[int, int]]) -> list:
+    """source[..., a:b] per range, as Keras 3 GetItem operations named after the replaced layer."""
+    from keras.src.ops.numpy import GetItem
+
+    outputs = []
+    rank = len(source.shape)
+    for i, (start, stop) in enumerate(ranges):
+        key = (Ellipsis, slice(start, stop)) if axis == rank - 1 else \
+            tuple([slice(None)] * axis + [slice(start, stop)])
+        op = GetItem(name=name if len(ranges) == 1 else f"{name}_{i}")
+        outputs.append(op(source, key))
+    return outputs
+
+
+def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
+    """tf-keras TFOpLambda / SlicingOpLambda nodes, as the Keras 3 operations they are."""
+    from keras.src.ops.numpy import GetItem, Split
+
+    layer = call.layer
+    function = str(layer.config.get("function", ""))
+    leaves = legacy_leaves(call.data) if not isinstance(call.data, dict) else []
+    kwargs = dict(leaves[-1][3]) if leaves and len(leaves[-1]) == 4 else {}
+    if len(call.inputs) != 1:
+        raise BadInput(f"layer {layer.name!r} (tf.{function}): only single-tensor TF ops can be rebuilt")
+    source = tensors[call.inputs[0]]
+    if function in GETITEM_FUNCTIONS:
+        key = tuple(_slice_item(item) for item in (kwargs.get("slice_spec") or []))
+        return [GetItem(name=layer.name)(source, key)]
+    if function in SPLIT_FUNCTIONS:
+        sections = kwargs.get("num_or_size_splits")
+        axis = kwargs.get("axis", 0)
+        if isinstance(sections, list):
+            size = source.shape[axis]
+            sizes = list(sections)
+            if -1 in sizes and size is not None:
+                sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
+            sections = list(np.cumsum(sizes)[:-1].astype(int).tolist())
+        return list(Split(sections, axis=axis, name=layer.name)(source))
+    raise BadInput(f"layer {layer.name!r} is a tf-keras TFOpLambda (tf.{function}), which Keras 3 cannot load; "
+                   "only tf.__operators__.getitem and tf.split are rebuilt")
+
+
+def _slice_item(item):
+    if isinstance(item, dict):
+        if item.get("class_name") == "__ellipsis__":
+            return Ellipsis
+        if {"start", "stop", "step"} & set(item):
+            return slice(item.get("start"), item.get("stop"), item.get("step"))
+    if item is None or isinstance(item, int):
+        return item
+    raise BadInput(f"unsupported slice item {json.dumps(item)[:60]}")
+
+
+def load_weights(built: Built, graph: KerasGraph, weights: WeightStore) -> None:
+    """Give every rebuilt layer the arrays the file holds for it."""
+    for name, obj in built.layers.items():
+        if not hasattr(obj, "weights"):
+            continue  # an operation (GetItem, Split): nothing to hold
+        try:
+            if weights.keras3:
+                _assign_keras3(obj, weights.tree(name), name)
+            else:
+                _assign_legacy(obj, weights.get(name), name)
+        except BadInput:
+            raise
+        except Exception as exc:
+            raise BadInput(f"layer {name!r}: its weights do not fit ({_one_line(exc)})") from exc
+
+
+def _assign_keras3(obj, tree: dict, name: str) -> None:
+    """As Keras 3 loads them: own variables by index; a nested model's layers by saved key."""
+    import keras
+
+    from passes.keras._config import saved_keys
+
+    if isinstance(obj, keras.Model):
+        sublayers = list(obj.layers)
+        saved = tree.get("layers", {})
+        for sub, key in zip(sublayers, saved_keys([type(s).__name__ for s in sublayers])):
+            _assign_keras3(sub, saved.get(key, {}), f"{name}/{sub.name}")
+        return
+    if tree.get("other") and any(t.get("vars") or t.get("layers") or t.get("other")
+                                 for t in tree["other"].values()):
+        raise BadInput(f"layer {name!r} holds sublayers of its own; rebuilding those is not supported yet")
+    arrays = tree.get("vars", [])
+    own = list(obj._trainable_variables) + list(obj._non_trainable_variables) \
+        if hasattr(obj, "_trainable_variables") else list(obj.weights)
+    if len(arrays) != len(own):
+        raise BadInput(f"layer {name!r}: the file holds {len(arrays)} weight arrays, the layer expects {len(own)}")
+    if arrays:
+        obj.load_own_variables({str(i): a for i, a in enumerate(arrays)})
+
+
+def _assign_legacy(obj, arrays: list[np.ndarray], name: str) -> None:
+    """As Keras loads legacy .h5 files: trainable weights, then non-trainable, in order."""
+    symbolic = list(obj.trainable_weights) + list(obj.non_trainable_weights)
+    if len(arrays) != len(symbolic):
+        raise BadInput(f"layer {name!r}: the file holds {len(arrays)} weight arrays, the layer expects "
+                       f"{len(symbolic)}")
+    for variable, array in zip(symbolic, arrays):
+        if tuple(variable.shape) != tuple(array.shape):
+            raise BadInput(f"layer {name!r}: weight of shape {tuple(array.shape)} does not fit "
+                           f"{tuple(variable.shape)}")
+        variable.assign(array)

@@ -1,0 +1,316 @@
+"""Keras files in, Keras 3 ``.keras`` out: read the config without running it, fuse, rebuild,
+write, and prove the result by running both models in Keras.
+
+    .keras | .h5 ─ config as data ─ (trust?) ─ rebuild + probe Lambdas ─ fuse ─ rebuild fused ─ write ─ verify
+
+A file with Lambda layers is refused unless the user trusts it (``--trust-lambdas``): a Lambda is
+Python bytecode, and running it is running the file's code. Everything else of the model —
+layers, names, configs, weights — is rebuilt as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from passes.keras import _build, _config, _lambdas, _slices
+from passes.keras.fuse_grouped_conv import FuseGroupedConv
+from rewriter import formats
+from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
+from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
+from rewriter.verify import compare, load_inputs_file
+
+log = logging.getLogger(__name__)
+
+
+def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, options, report: Report):
+    """Fuse the hand-made grouped convolutions of a Keras model; returns the rewritten
+    ``keras.Model`` (None when nothing could be rebuilt, e.g. a subclassed model)."""
+    if mode != "fuse":
+        raise BadInput(f"{path}: --{mode} is not supported for Keras models yet")
+    if options.to not in (None, "keras"):
+        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet "
+                       "(convert the fused .keras model with tf2onnx or keras' own export)")
+    if output is not None and output.suffix.lower() != ".keras":
+        raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
+
+    with report.timed("load"):
+        kfile = _config.read_file(path)
+        model_class = _config.model_class(kfile.config)
+        if model_class not in _config.FUNCTIONAL + _config.SEQUENTIAL:
+            report.skipped.append(Skip(model_class or "<model>", f"subclassed model ({model_class or 'unknown class'}): "
+                                       "its computation is Python code, not a graph of layers in the file; left as it is"))
+            report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
+                                               note="subclassed model: nothing to rewrite")
+            return None
+        graph = _config.parse_graph(kfile.config, legacy=kfile.kind == "h5" or _is_legacy(kfile.config), path=path)
+        report.before = _graph_stats(graph, kfile.weights)
+        lambda_layers = _config.lambda_names(kfile.config)  # nested models' too
+        if lambda_layers and not options.trust_lambdas:
+            names = ", ".join(lambda_layers[:3]) + (" …" if len(lambda_layers) > 3 else "")
+            raise BadInput(f"{path}: refusing to run code: {_lambdas.TRUST_HINT} (Lambda layers: {names})")
+
+    with report.timed("rewrite"):
+        analysis = _analyse(path, graph, kfile, options)
+        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
+                                lambda_sources=analysis.lambda_sources,
+                                repair_late_binding=options.repair_late_binding).run()
+        report.rewrites.extend(fuser.rewrites)
+        report.skipped.extend(fuser.skipped)
+        report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
+        if not apply:
+            report.after = report.before
+            return None
+        lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
+                           if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
+        rewritten = _build.build(graph, _build.BuildOptions(
+            lambda_functions=analysis.functions, lambda_as_slice=lambda_as_slice, replacements=fuser.groups,
+            trusted=options.trust_lambdas))
+        _build.load_weights(rewritten, graph, kfile.weights)
+        report.after = _model_stats(rewritten.model)
+        lambdas_left = _has_lambda(rewritten.model)
+
+    def write_and_verify(target: Path) -> None:
+        with report.timed("save"):
+            try:
+                rewritten.model.save(target)
+            except Exception as exc:
+                raise OutputError(f"{target}: cannot write the rewritten model ({_one_line(exc)})") from exc
+        if not options.verify:
+            report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
+                                               note="--no-verify")
+            return
+        with report.timed("verify"):
+            reference, note = _reference(path, graph, kfile, analysis, fuser, options, bool(lambda_layers))
+            candidate = _load_written(target, trusted=lambdas_left)
+            verification = _verify(reference, candidate, graph, options, note)
+        report.verification = verification
+        if not verification.passed:
+            failing = [o.name for o in verification.outputs if not o.passed]
+            detail = f"outputs {', '.join(failing)} differ beyond atol/rtol" if failing else \
+                (verification.note or "the models differ")
+            raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
+
+    if output is not None:
+        with formats.atomic_output(output) as staging:
+            write_and_verify(staging / output.name)
+        report.output, report.written = str(output), True
+    else:
+        with tempfile.TemporaryDirectory(prefix="gconv-keras-") as scratch:
+            write_and_verify(Path(scratch) / "rewritten.keras")
+    return rewritten.model
+
+
+def _has_lambda(model) -> bool:
+    """Any Lambda left, nested models included (the written file then needs trust to load)."""
+    return any(type(layer).__name__ == "Lambda" or (hasattr(layer, "layers") and _has_lambda(layer))
+               for layer in model.layers)
+
+
+def _is_legacy(config: dict) -> bool:
+    """A Keras 2 config inside a .keras file? Its nodes are lists, not {args, kwargs}."""
+    for layer in (config.get("config") or {}).get("layers", []):
+        for node in layer.get("inbound_nodes", []) or []:
+            return isinstance(node, list)
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+# -- analysis: shapes, Lambdas, slices ---------------------------------------------------------
+
+class _Analysis:
+    def __init__(self):
+        self.built: _build.Built | None = None
+        self.functions: dict[str, Any] = {}
+        self.lambda_sources: dict[str, _lambdas.LambdaSource] = {}
+        self.lambda_results: dict[tuple[str, int], Any] = {}
+        self.lambda_skips: list[tuple[str, str]] = []
+        self.slices: dict[tuple[str, int], _slices.SliceCall | str] = {}
+
+    def shape_of(self, ref: _config.TensorRef) -> list[int | None] | None:
+        tensor = self.built.tensors.get(ref) if self.built else None
+        return list(tensor.shape) if tensor is not None else None
+
+
+def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, options) -> _Analysis:
+    """Rebuild the model as it is (Lambdas from their trusted code) to know every tensor's shape,
+    and probe every Lambda call on its input's shape."""
+    analysis = _Analysis()
+    for layer in graph.layers.values():
+        if _lambdas.is_lambda(layer):
+            source = _lambdas.lambda_source(layer)
+            analysis.lambda_sources[layer.name] = source
+            analysis.functions[layer.name] = _lambdas.make_function(source)
+
+    def on_lambda(call: _config.Call, input_tensor):
+        source = analysis.lambda_sources[call.layer.name]
+        if input_tensor is None:
+            analysis.lambda_results[call.key] = "the Lambda reads several tensors"
+            return None
+        shape = list(input_tensor.shape)
+        probed = _lambdas.probe_slice(analysis.functions[call.layer.name], source.arguments, shape)
+        analysis.lambda_results[call.key] = probed
+        if isinstance(probed, str):
+            return None
+        shapes = [tuple(shape[1:probed.axis] + [stop - start] + shape[probed.axis + 1:]) for start, stop in probed.ranges]
+        return shapes[0] if len(shapes) == 1 else None
+
+    try:
+        analysis.built = _build.build(graph, _build.BuildOptions(lambda_functions=analysis.functions,
+                                                                 on_lambda=on_lambda, trusted=options.trust_lambdas))
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc.message}") from exc
+    # Keras 3 files key weights by the model's layer order, which the rebuilt model now knows.
+    kfile.weights.resolve([(layer.name, type(layer).__name__) for layer in analysis.built.model.layers])
+    for call in graph.calls():
+        result = _slices.read_slice(call, analysis.shape_of, analysis.lambda_results)
+        if result is not None:
+            analysis.slices[call.key] = result
+        if call.layer.class_name == "Lambda" and isinstance(result, str):
+            analysis.lambda_skips.append((call.layer.name, f"Lambda left as it is: not a channel slice ({result})"))
+    return analysis
+
+
+# -- verification ------------------------------------------------------------------------------
+
+def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser: FuseGroupedConv, options,
+               has_lambdas: bool) -> tuple[Any, str]:
+    """The model to compare against: Keras's own load of the file where it can; else the model
+    rebuilt from the file's config (layer by layer through Keras's deserialisers, Lambdas from
+    the file's code); with a late-binding repair, the Lambdas re-bound to their branch positions."""
+    if fuser.rebound:
+        functions = {**analysis.functions, **fuser.rebound}
+        built = _build.build(graph, _build.BuildOptions(lambda_functions=functions, trusted=True))
+        _build.load_weights(built, graph, kfile.weights)
+        return built.model, "reference: the late-bound Lambdas re-bound to their branch positions"
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=not has_lambdas), ""
+    except Exception as exc:
+        reason = _one_line(exc)
+    # Keras cannot load it (tf-keras TFOpLambda nodes, Lambdas with list defaults...): compare with
+    # the model rebuilt from the file's own config and trusted code. (tf-keras could load legacy
+    # files, but takes minutes on big ones; the rebuild uses Keras's own legacy converter.)
+    _build.load_weights(analysis.built, graph, kfile.weights)
+    return analysis.built.model, f"reference: rebuilt from the file's config, as Keras cannot load it ({reason[:80]})"
+
+
+def _load_written(target: Path, *, trusted: bool):
+    import keras
+
+    try:
+        return keras.models.load_model(target, compile=False, safe_mode=not trusted)
+    except Exception as exc:
+        raise VerificationFailed(f"the written model does not load in Keras ({_one_line(exc)}); nothing was written")
+
+
+def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None], str]]:
+    specs = []
+    for ref in graph.inputs:
+        config = graph.layers[ref.layer].config
+        shape = config.get("batch_shape") or config.get("batch_input_shape")
+        if shape is None and config.get("shape") is not None:
+            shape = [None, *config["shape"]]
+        dtype = config.get("dtype") or "float32"
+        if isinstance(dtype, dict):
+            dtype = (dtype.get("config") or {}).get("name", "float32")
+        specs.append((ref.layer, list(shape or []), str(dtype)))
+    return specs
+
+
+def _make_inputs(graph, options) -> dict[str, np.ndarray]:
+    specs = _input_specs(graph)
+    given = options.inputs
+    if given is not None and not isinstance(given, dict):
+        given = load_inputs_file(Path(given))
+    names = [name for name, _, _ in specs]
+    if given is not None:
+        missing = sorted(set(names) - set(given))
+        unknown = sorted(set(given) - set(names))
+        if missing or unknown:
+            raise BadInput("--inputs: " + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                                     + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
+        return {name: np.asarray(given[name]) for name in names}
+    unknown = sorted(set(options.shapes) - set(names))
+    if unknown:
+        raise BadInput(f"--shape names {', '.join(unknown)}, but the model's inputs are {', '.join(names)}")
+    rng = np.random.default_rng(options.seed)
+    feeds = {}
+    for name, shape, dtype in specs:
+        if name in options.shapes:
+            dims = list(options.shapes[name])
+            if len(dims) != len(shape):
+                raise BadInput(f"--shape {name}: {len(dims)} dims given, the input has {len(shape)}")
+        else:
+            dynamic = [i for i, d in enumerate(shape) if d is None and i > 0]
+            if dynamic:
+                example = ",".join("1" if i == 0 else (str(d) if d is not None else "N") for i, d in enumerate(shape))
+                raise VerificationImpossible(f"input {name!r} has dynamic dims ({', '.join(f'dim {i}' for i in dynamic)}): "
+                                             f"set them with --shape {name}={example}")
+            dims = [2 if d is None else d for d in shape]  # the batch: 2, so batch-mixing bugs show
+        np_dtype = np.dtype(dtype) if dtype not in ("bfloat16",) else np.dtype("float32")
+        if np_dtype.kind == "f":
+            feeds[name] = rng.standard_normal(dims).astype(np_dtype)
+        elif np_dtype.kind == "b":
+            feeds[name] = rng.random(dims) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 8, size=dims).astype(np_dtype)
+    return feeds
+
+
+def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import warnings
+
+    from keras import tree
+
+    arrays = list(feeds.values())
+    with warnings.catch_warnings():  # Keras warns about list-vs-tensor input structure; harmless here
+        warnings.simplefilter("ignore")
+        result = model(arrays if len(arrays) > 1 else arrays[0], training=False)
+    return [np.asarray(r) for r in tree.flatten(result)]
+
+
+def _verify(reference, candidate, graph: _config.KerasGraph, options, note: str) -> Verification:
+    feeds = _make_inputs(graph, options)
+    try:
+        expected = _run(reference, feeds)
+    except Exception as exc:
+        raise VerificationImpossible(f"the original model cannot run on the verification inputs "
+                                     f"({_one_line(exc)}); pass --no-verify to write it without proof") from exc
+    try:
+        actual = _run(candidate, feeds)
+    except Exception as exc:
+        return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
+                            note=f"the rewritten model fails to run ({_one_line(exc)})")
+    names = [ref.layer for ref in graph.outputs]
+    if len(expected) != len(actual):
+        return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
+                            note=f"outputs changed: {len(expected)} -> {len(actual)}")
+    outputs = [compare(n, e, a, options.atol, options.rtol) for n, e, a in zip(names, expected, actual)]
+    return Verification(ran=True, passed=all(o.passed for o in outputs), atol=options.atol, rtol=options.rtol,
+                        outputs=outputs, note=note, inputs={k: list(v.shape) for k, v in feeds.items()})
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+def _graph_stats(graph: _config.KerasGraph, weights: _config.WeightStore) -> ModelStats:
+    classes = [layer.class_name for layer in graph.layers.values()]
+    return ModelStats(nodes=len(classes), parameters=weights.total_parameters(), op_counts=count_ops(classes))
+
+
+def _model_stats(model) -> ModelStats:
+    operations = list(getattr(model, "operations", model.layers))
+    classes = [type(op).__name__ for op in operations]
+    return ModelStats(nodes=len(classes), parameters=int(model.count_params()), op_counts=count_ops(classes))

@@ -1,0 +1,148 @@
+"""Fold just what a match needs: the value of a small integer computation (PyTorch's exporter
+writes ``torch.chunk`` bounds as ``Shape → Gather → Add → Div → Mul → Slice``).
+
+The cone of nodes behind the value is copied into a tiny model, its ``Shape`` nodes replaced by
+the static shape of their input, and run with onnx's reference evaluator. Dims that are not
+static (a dynamic batch) are tried with two different stand-ins: a result that does not depend
+on them is a constant; one that does cannot be proven and is not folded. Nothing in the user's
+graph changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from passes.onnx import _graph as g
+
+# Ops that integer bound computations are made of; anything else is not folded.
+FOLDABLE_OPS = {"Shape", "Gather", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast",
+                "Constant", "Slice", "Identity", "Reshape", "Floor", "Ceil", "Min", "Max", "Neg",
+                "ConstantOfShape", "Range", "ReduceProd", "Mod"}
+MAX_CONE_NODES = 64
+_STAND_INS = (7, 11)  # two different values for dims that are not static
+
+
+def channels_of(value: ir.Value, depth: int = 0) -> int | None:
+    """The channel count (axis 1) of an NCHW value: its recorded shape, or read off the op
+    that produced it (a Conv's weight, through channel-preserving ops)."""
+    known = g.static_dim(value, 1)
+    if known is not None or depth > 32:
+        return known
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Conv":
+        weight = g.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        return int(weight.shape[0]) if weight is not None else None
+    if node.op_type in ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "BatchNormalization", "Identity",
+                        "HardSwish", "HardSigmoid", "Elu", "Selu", "Gelu", "MaxPool", "AveragePool",
+                        "Add", "Mul", "Sub", "Div", "Dropout"):
+        return channels_of(node.inputs[0], depth + 1)
+    return None
+
+
+def _static_shape(value: ir.Value, stand_in: int) -> list[int] | None:
+    shape = value.shape
+    if shape is None:
+        return None
+    dims = []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif axis == 1 and channels_of(value) is not None:
+            dims.append(channels_of(value))
+        else:
+            dims.append(stand_in)
+    return dims
+
+
+def _cone(value: ir.Value) -> list[ir.Node] | None:
+    """The nodes computing ``value`` back to constants and Shape nodes, in topological order."""
+    order: list[ir.Node] = []
+    seen: set[int] = set()
+
+    def visit(v: ir.Value) -> bool:
+        if v.const_value is not None:
+            return True
+        node = v.producer()
+        if node is None:
+            return False  # a graph input: not constant
+        if id(node) in seen:
+            return True
+        if node.op_type not in FOLDABLE_OPS or node.domain not in ("", "ai.onnx") or len(order) >= MAX_CONE_NODES:
+            return False
+        seen.add(id(node))
+        if node.op_type != "Shape" and not all(i is None or visit(i) for i in node.inputs):
+            return False
+        order.append(node)
+        return True
+
+    return order if visit(value) else None
+
+
+def fold(value: ir.Value | None, model: ir.Model) -> np.ndarray | None:
+    """The constant value of ``value``, if it can be proven; None otherwise."""
+    if value is None:
+        return None
+    direct = g.const_array(value)
+    if direct is not None:
+        return direct
+    cone = _cone(value)
+    if cone is None:
+        return None
+    results = []
+    for stand_in in _STAND_INS:
+        result = _evaluate(cone, value, model, stand_in)
+        if result is None:
+            return None
+        results.append(result)
+    if results[0].shape != results[1].shape or not np.array_equal(results[0], results[1]):
+        return None  # depends on a dim that is not static
+    return results[0]
+
+
+def _evaluate(cone: list[ir.Node], value: ir.Value, model: ir.Model, stand_in: int) -> np.ndarray | None:
+    from onnx.reference import ReferenceEvaluator
+
+    names: dict[int, str] = {}
+
+    def name(v: ir.Value) -> str:
+        return names.setdefault(id(v), f"v{len(names)}")
+
+    nodes, initializers = [], []
+    for node in cone:
+        outputs = [name(o) for o in node.outputs]
+        if node.op_type == "Shape":
+            shape = _static_shape(node.inputs[0], stand_in)
+            if shape is None:
+                return None
+            start = g.attr_int(node, "start", 0)
+            end = node.attributes.get("end")
+            dims = shape[start:end.as_int()] if end is not None else shape[start:]
+            initializers.append(onnx.numpy_helper.from_array(np.array(dims, np.int64), outputs[0]))
+            continue
+        inputs = []
+        for v in node.inputs:
+            if v is None:
+                inputs.append("")
+                continue
+            if v.const_value is not None and id(v) not in names:
+                initializers.append(onnx.numpy_helper.from_array(v.const_value.numpy(), name(v)))
+            inputs.append(name(v))
+        proto = ir.serde.serialize_node(node)
+        del proto.input[:], proto.output[:]
+        proto.input.extend(inputs)
+        proto.output.extend(outputs)
+        nodes.append(proto)
+    target = name(value)
+    opset = g.opset_of(cone[-1], model) if cone else 17
+    graph = onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(target, 0, None)],
+                                   initializer=initializers)
+    tiny = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        (result,) = ReferenceEvaluator(tiny).run(None, {})
+    except Exception:  # an op or input the evaluator rejects: simply not foldable
+        return None
+    return np.asarray(result)

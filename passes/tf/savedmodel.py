@@ -1,0 +1,460 @@
+"""SavedModel in, SavedModel (or ONNX) out: load a signature as one frozen, inlined GraphDef,
+run the TF passes on it, write it back, and prove the result by running both in TensorFlow.
+
+    SavedModel ─ signature ─ freeze + inline calls ─ fuse | expand ─ write ─ verify in TF
+
+Keras 3 and tf-keras wrap every grouped ``Conv2D`` on CPU in an XLA-compiled function marked
+``_noinline``; TF's own inliner (grappler's function optimizer) then leaves the call in place.
+We drop those two markers and let grappler inline everything, so the passes (and tf2onnx) see
+plain ops.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.grappler import tf_optimizer
+
+from passes.tf import _graph as g
+from rewriter import formats
+from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
+from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
+from rewriter.verify import compare, load_inputs_file, make_inputs
+
+CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+_NO_INLINE_MARKS = ("_noinline", "_XlaMustCompile", "_XlaCompile")
+
+
+@dataclass
+class TensorSpec:
+    key: str  # the signature's name for it
+    tensor: str  # "node:index" in the frozen graph
+    dtype: tf.dtypes.DType
+    shape: list[int | None]
+
+
+@dataclass
+class FrozenSignature:
+    """One signature as a self-contained GraphDef: constants for variables, no function calls."""
+
+    name: str
+    graph_def: graph_pb2.GraphDef
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    function: object = None  # the loaded signature, to run the original
+    aliases: list[str] = field(default_factory=list)  # other signatures that compute the same
+    others: list[str] = field(default_factory=list)  # signatures that are not rewritten (not written)
+
+    @property
+    def protected(self) -> set[str]:
+        """Tensors the signature reads or returns: passes never remove or bypass them."""
+        return {t.tensor for t in self.inputs + self.outputs}
+
+    @property
+    def output_nodes(self) -> list[str]:
+        return [g.split_input(o.tensor)[0] for o in self.outputs]
+
+
+def _one_line(exc: BaseException) -> str:
+    """The line of an error that says what went wrong (TF puts it after "Graph execution error")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("[[", "<stack", "Detected at"))
+             and line != "Graph execution error:"]
+    return (lines[0] if lines else type(exc).__name__)[:240]
+
+
+def load_signature(path: Path, signature: str = "serving_default") -> FrozenSignature:
+    """Load ``signature`` of the SavedModel at ``path``; freeze variables; inline every call."""
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:
+        raise BadInput(f"{path}: not a loadable SavedModel ({_one_line(exc)})") from exc
+    signatures = dict(getattr(loaded, "signatures", {}) or {})
+    if signature not in signatures:
+        known = ", ".join(sorted(signatures)) or "none"
+        raise BadInput(f"{path}: no signature {signature!r} (signatures: {known}); choose one with --signature")
+    function = signatures[signature]
+    try:
+        graph_def, input_names, output_names = _freeze(function)
+    except Exception as exc:
+        raise BadInput(f"{path}: cannot freeze signature {signature!r} ({_one_line(exc)})") from exc
+
+    input_specs = function.structured_input_signature[1]
+    if len(input_names) != len(input_specs):
+        raise BadInput(f"{path}: signature {signature!r} takes inputs that are not plain tensors")
+    # Placeholders are named after the specs; TF orders them by key, the fallback if names differ.
+    by_name = {f"{spec.name}:0": key for key, spec in input_specs.items() if spec.name}
+    keys = ([by_name[name] for name in input_names] if set(by_name) == set(input_names)
+            else sorted(input_specs))
+    inputs = [TensorSpec(key, name, input_specs[key].dtype,
+                         list(input_specs[key].shape) if input_specs[key].shape.rank is not None else None)
+              for key, name in zip(keys, input_names)]
+    output_specs = function.structured_outputs
+    outputs = [TensorSpec(key, name, output_specs[key].dtype, None)
+               for key, name in zip(sorted(output_specs), output_names)]
+    graph_def = inline_calls(graph_def, [i.tensor for i in inputs], [o.tensor for o in outputs])
+    aliases = [name for name, other in sorted(signatures.items())
+               if name != signature and _same_computation(other, function)]
+    others = sorted(set(signatures) - {signature, *aliases})
+    return FrozenSignature(signature, graph_def, inputs, outputs, function, aliases, others)
+
+
+def _freeze(function):
+    """(GraphDef with variables as constants, its input tensor names, its output tensor names).
+
+    What ``convert_variables_to_constants_v2`` computes, without building a ConcreteFunction of
+    the result (half of its time on a large model, and we only need the GraphDef)."""
+    try:
+        from tensorflow.python.framework.convert_to_constants import (_FunctionConverterDataInEager,
+                                                                      _replace_variables_by_constants)
+        from tensorflow.python.util.object_identity import ObjectIdentitySet
+    except ImportError:  # another TF version: the public, slower way
+        frozen = convert_variables_to_constants_v2(function, aggressive_inlining=True)
+        return (frozen.graph.as_graph_def(), [t.name for t in frozen.inputs],
+                [t.name for t in frozen.outputs])
+    data = _FunctionConverterDataInEager(func=function, lower_control_flow=True, aggressive_inlining=True)
+    graph_def, converted = _replace_variables_by_constants(converter_data=data)
+    captures = function.graph.internal_captures
+    frozen_inputs = ObjectIdentitySet([captures[i] for i in converted])
+    inputs = [t.name for t in function.inputs if t not in frozen_inputs]
+    return graph_def, inputs, [t.name for t in function.outputs]
+
+
+def _same_computation(a, b) -> bool:
+    """Two signatures that call the same traced function with the same inputs and outputs
+    (``keras.Model.export`` writes ``serve`` and ``serving_default`` so)."""
+    def callees(function):
+        return sorted(n.attr["f"].func.name for n in function.graph.as_graph_def().node if n.op in CALL_OPS)
+
+    return (a.structured_input_signature == b.structured_input_signature
+            and a.structured_outputs == b.structured_outputs and callees(a) and callees(a) == callees(b))
+
+
+def inline_calls(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str]) -> graph_pb2.GraphDef:
+    """Inline every (Stateful)PartitionedCall, XLA-compiled ones included, with grappler."""
+    for _ in range(8):  # nested calls inline level by level; real models need one or two rounds
+        graph_def = _unmark_no_inline(graph_def)
+        graph_def = _grappler(graph_def, inputs + outputs, ["function", "dependency", "constfold"])
+        if not any(n.op in CALL_OPS for n in graph_def.node):
+            break
+    left = sorted({n.op for n in graph_def.node if n.op in CALL_OPS})
+    if left:
+        raise BadInput(f"cannot inline the graph's {', '.join(left)} nodes")
+    # The library is dead weight once every call is inlined.
+    del graph_def.library.function[:]
+    return graph_def
+
+
+def _unmark_no_inline(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    graph_def = graph_pb2.GraphDef.FromString(graph_def.SerializeToString())
+    for function in graph_def.library.function:
+        for key in _NO_INLINE_MARKS:
+            function.attr.pop(key, None)
+        for node in function.node_def:
+            for key in _NO_INLINE_MARKS:
+                node.attr.pop(key, None)
+    for node in graph_def.node:
+        for key in _NO_INLINE_MARKS:
+            node.attr.pop(key, None)
+    return graph_def
+
+
+def _grappler(graph_def: graph_pb2.GraphDef, fetches: list[str], optimizers: list[str]) -> graph_pb2.GraphDef:
+    config = config_pb2.ConfigProto()
+    rewrite = config.graph_options.rewrite_options
+    rewrite.optimizers[:] = optimizers
+    rewrite.min_graph_nodes = -1  # small graphs too
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def, graph=graph)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(fetches)
+    meta_graph.collection_def["train_op"].CopyFrom(fetch)
+    return tf_optimizer.OptimizeGraph(config, meta_graph)
+
+
+def graph_stats(graph_def: graph_pb2.GraphDef) -> ModelStats:
+    """Ops (without constants and NoOp/Identity plumbing, as ONNX counts nodes) and parameters
+    (elements of floating constants, as ONNX counts floating initializers)."""
+    op_types, parameters = [], 0
+    for node in graph_def.node:
+        if node.op not in ("NoOp", "Identity", "Placeholder", "Const"):
+            op_types.append(node.op)
+        if node.op == "Const" and tf.as_dtype(node.attr["dtype"].type).is_floating:
+            dims = node.attr["value"].tensor.tensor_shape.dim
+            size = int(np.prod([d.size for d in dims], dtype=np.int64)) if dims else 1
+            parameters += size
+    return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+# Floating constants at least this large go back into variables (the variables/ folder), as the
+# original had them; this also keeps saved_model.pb under protobuf's 2 GB limit.
+_VARIABLE_MIN_ELEMENTS = 16
+
+
+def write_savedmodel(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, folder: Path, *,
+                     keep_tf_runnable: bool = True) -> None:
+    """Write ``graph_def`` as a SavedModel with the same signature name, input and output keys,
+    dtypes and shapes; large constants become variables again. ``keep_tf_runnable``: write a
+    grouped conv's bias as an AddV2 (see ``bias_after_grouped_conv_as_add``)."""
+    if keep_tf_runnable:
+        graph_def = bias_after_grouped_conv_as_add(graph_def)
+    stripped = graph_pb2.GraphDef()
+    stripped.versions.CopyFrom(graph_def.versions)
+    weights: dict[str, tf.Variable] = {}
+    for node in graph_def.node:
+        if node.op == "Const" and _is_weight(node):
+            array = tf.make_ndarray(node.attr["value"].tensor)
+            weights[node.name] = tf.Variable(array, trainable=False, name=_variable_name(node.name))
+            # A placeholder of the same name, mapped to the variable on import.
+            placeholder = stripped.node.add(name=node.name, op="Placeholder")
+            placeholder.attr["dtype"].type = node.attr["dtype"].type
+            placeholder.attr["shape"].shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
+        else:
+            stripped.node.add().CopyFrom(node)
+
+    specs = [tf.TensorSpec(i.shape, i.dtype, name=i.key) for i in frozen.inputs]
+
+    def body(*args):
+        input_map = {i.tensor: arg for i, arg in zip(frozen.inputs, args)}
+        input_map.update({f"{name}:0": tf.identity(v) for name, v in weights.items()})
+        results = tf.graph_util.import_graph_def(stripped, input_map=input_map, name="model",
+                                                 return_elements=[o.tensor for o in frozen.outputs])
+        return {o.key: tf.identity(t, name=o.key) for o, t in zip(frozen.outputs, results)}
+
+    wrapped = tf.compat.v1.wrap_function(body, specs)
+
+    @tf.function(input_signature=specs)
+    def serve(*args):
+        return wrapped(*args)
+
+    module = tf.Module()
+    module.weights = list(weights.values())  # tracked: saved under variables/
+    module.serve = serve
+    concrete = serve.get_concrete_function()
+    tf.saved_model.save(module, str(folder), signatures={name: concrete for name in [frozen.name, *frozen.aliases]})
+
+
+def bias_after_grouped_conv_as_add(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """``grouped Conv2D → BiasAdd`` ⇒ ``grouped Conv2D → AddV2``, so that TF can run it.
+
+    Grappler's remapper fuses Conv2D + BiasAdd into ``_FusedConv2D``, whose CPU kernel refuses
+    grouped filters ("Fused conv implementation does not support grouped convolutions for now")
+    unless oneDNN is on; Keras avoids it by compiling each grouped conv with XLA. An AddV2 of the
+    same vector is not fused and computes the same.
+    """
+    index = g.GraphIndex(graph_def)
+    targets = []
+    for node in graph_def.node:
+        if node.op != "BiasAdd":
+            continue
+        conv, _ = index.producer(index.skip_identity(node.input[0]))
+        if conv is not None and conv.op == "Squeeze":  # Conv1D: Conv2D → Squeeze → BiasAdd fuses too
+            conv, _ = index.producer(index.skip_identity(conv.input[0]))
+        if conv is None or conv.op != "Conv2D":
+            continue
+        channel_axis = 3 if g.attr_str(conv, "data_format", "NHWC") == "NHWC" else 1
+        data, kernel = index.shape(conv.input[0]), index.shape(conv.input[1])
+        if data and kernel and len(data) == 4 and len(kernel) == 4 and data[channel_axis] not in (None, kernel[2]):
+            bias_rank = len(index.shape(node.input[0]) or data)
+            targets.append((node, g.attr_str(node, "data_format", "NHWC") != "NHWC", bias_rank))
+    if not targets:
+        return graph_def
+    graph_def = graph_pb2.GraphDef.FromString(graph_def.SerializeToString())
+    nodes = {n.name: n for n in graph_def.node}
+    names = g.Names(graph_def)
+    for original, channels_first, rank in targets:
+        node = nodes[original.name]
+        node.op = "AddV2"
+        node.attr.pop("data_format", None)
+        if channels_first:  # NCHW: the vector must broadcast over [C, H, W]
+            shape = g.make_const(names.fresh(f"{node.name}/bias_shape"), np.array([-1] + [1] * (rank - 2), np.int32))
+            reshape = g.make_node("Reshape", names.fresh(f"{node.name}/bias"), [node.input[1], shape.name],
+                                  T=node.attr["T"], Tshape=tf.int32)
+            node.input[1] = reshape.name
+            graph_def.node.extend([shape, reshape])
+    return graph_def
+
+
+def _is_weight(node) -> bool:
+    dtype = tf.as_dtype(node.attr["dtype"].type)
+    if not dtype.is_floating:
+        return False
+    dims = node.attr["value"].tensor.tensor_shape.dim
+    return bool(dims) and int(np.prod([d.size for d in dims])) >= _VARIABLE_MIN_ELEMENTS
+
+
+def _variable_name(node_name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_." else "_" for c in node_name)[-120:] or "w"
+
+
+# -- verifying -------------------------------------------------------------------------------
+
+_ORT_TYPE_NAMES = {
+    tf.float32: "tensor(float)", tf.float64: "tensor(double)", tf.float16: "tensor(float16)",
+    tf.int8: "tensor(int8)", tf.int16: "tensor(int16)", tf.int32: "tensor(int32)", tf.int64: "tensor(int64)",
+    tf.uint8: "tensor(uint8)", tf.uint16: "tensor(uint16)", tf.uint32: "tensor(uint32)",
+    tf.uint64: "tensor(uint64)", tf.bool: "tensor(bool)",
+}
+
+
+class _InputSpec:
+    """A signature input dressed as an onnxruntime input, so ``make_inputs`` serves TF too."""
+
+    def __init__(self, spec: TensorSpec):
+        self.name = spec.key
+        self.shape = [d if d is not None else None for d in (spec.shape or [])]
+        self.type = _ORT_TYPE_NAMES.get(spec.dtype, f"tensor({spec.dtype.name})")
+
+
+class _Signature:
+    def __init__(self, inputs: list[TensorSpec]):
+        self._inputs = [_InputSpec(i) for i in inputs]
+
+    def get_inputs(self):
+        return self._inputs
+
+
+def verification_inputs(frozen: FrozenSignature, options) -> dict[str, np.ndarray]:
+    """Seeded random inputs per signature input (or the user's ``--inputs``), as for ONNX."""
+    given = options.inputs
+    if given is not None and not isinstance(given, Mapping):
+        given = load_inputs_file(Path(given))
+    return make_inputs(_Signature(frozen.inputs), shapes=options.shapes, seed=options.seed, given=given)
+
+
+def run_function(function, feeds: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
+    try:
+        results = function(**{k: tf.constant(v) for k, v in feeds.items()})
+    except Exception as exc:
+        raise VerificationImpossible(f"TensorFlow cannot run the {role} model, so verification is impossible "
+                                     f"({_one_line(exc)}); pass --no-verify to write it without proof") from exc
+    return {k: v.numpy() for k, v in results.items()}
+
+
+def verify_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], feeds, options) -> Verification:
+    """The same per-output table as ONNX verification; raise VerificationFailed on a mismatch."""
+    atol, rtol = options.atol, options.rtol
+    inputs = {k: list(v.shape) for k, v in feeds.items()}
+    if sorted(expected) != sorted(actual):
+        verification = Verification(ran=True, passed=False, atol=atol, rtol=rtol, inputs=inputs,
+                                    note=f"outputs changed: {sorted(expected)} -> {sorted(actual)}")
+    else:
+        outputs = [compare(k, expected[k], actual[k], atol, rtol) for k in sorted(expected)]
+        verification = Verification(ran=True, passed=all(o.passed for o in outputs), atol=atol, rtol=rtol,
+                                    outputs=outputs, inputs=inputs)
+    if not verification.passed:
+        failing = [o.name for o in verification.outputs if not o.passed]
+        detail = verification.note or f"outputs {', '.join(failing)} differ beyond atol/rtol"
+        raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
+    return verification
+
+
+def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Verification:
+    """Run the original signature and the written SavedModel's on the same inputs; compare."""
+    feeds = verification_inputs(frozen, options)
+    expected = run_function(frozen.function, feeds, "original")
+    try:
+        candidate = tf.saved_model.load(str(rewritten)).signatures[frozen.name]
+    except Exception as exc:
+        verification = Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
+                                    note=f"the rewritten SavedModel does not load: {_one_line(exc)}")
+        raise VerificationFailed(f"verification failed: {verification.note}; nothing was written", verification)
+    actual = run_function(candidate, feeds, "rewritten")
+    return verify_outputs(expected, actual, feeds, options)
+
+
+# -- the entry point -------------------------------------------------------------------------
+
+
+def _skipped(options, note: str | None = None) -> Verification:
+    return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
+                        note=note or "--no-verify")
+
+
+def run_passes(frozen: FrozenSignature, mode: str, apply: bool, options, report: Report) -> graph_pb2.GraphDef:
+    """Fuse or expand in the frozen graph; record rewrites, skips and the after-stats."""
+    if mode == "fuse":
+        from passes.tf.fuse_split_conv import FuseSplitConvPass
+
+        rewrite_pass = FuseSplitConvPass(rewrite=apply)
+    else:
+        from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
+
+        rewrite_pass = ExpandGroupedConvPass(rewrite=apply, keep_depthwise=options.keep_depthwise,
+                                             min_groups=options.min_groups, max_groups=options.max_groups)
+    with report.timed("rewrite"):
+        graph_def = rewrite_pass(frozen.graph_def, frozen.protected)
+        report.rewrites.extend(rewrite_pass.rewrites)
+        report.skipped.extend(rewrite_pass.skipped)
+        report.after = graph_stats(graph_def) if apply else report.before
+    return graph_def
+
+
+def rewrite_savedmodel(path: Path, *, mode: str, output: Path | None, apply: bool, options, report: Report):
+    """Load ``options.signature`` of the SavedModel at ``path``, fuse or expand, write
+    ``output`` (a SavedModel, or ONNX with ``options.to == "onnx"``) after proving it in TF.
+
+    Returns the rewritten GraphDef (an ``onnx_ir.Model`` for ONNX output). Raises
+    ``VerificationFailed`` with nothing written when the outputs differ.
+    """
+    to = options.to or "savedmodel"
+    if to not in ("savedmodel", "onnx"):
+        raise BadInput(f"{path}: a SavedModel converts to a SavedModel or ONNX, not {to}")
+    with report.timed("load"):
+        frozen = load_signature(path, options.signature)
+        report.before = graph_stats(frozen.graph_def)
+    for name in frozen.others:
+        report.skipped.append(Skip(f"signature {name}", f"not rewritten, and not in the output: only "
+                                   f"{', '.join([frozen.name, *frozen.aliases])} (choose with --signature)"))
+    graph_def = run_passes(frozen, mode, apply, options, report)
+    if to == "onnx":
+        from passes.tf.to_onnx import write_onnx
+
+        return write_onnx(frozen, graph_def, mode=mode, output=output, apply=apply, options=options, report=report)
+    if not apply:
+        return graph_def
+    if output is None:
+        # The API without an output: prove the rewrite all the same, in a scratch folder.
+        if options.verify:
+            with tempfile.TemporaryDirectory(prefix="gconv-") as scratch:
+                _write_and_verify(frozen, graph_def, Path(scratch) / "rewritten", options, report)
+        else:
+            report.verification = _skipped(options)
+        return graph_def
+    with formats.atomic_output(output) as staging:
+        _write_and_verify(frozen, graph_def, staging / output.name, options, report)
+    report.output, report.written = str(output), True
+    return graph_def
+
+
+def _write_and_verify(frozen: FrozenSignature, graph_def, folder: Path, options, report: Report) -> None:
+    with report.timed("save"):
+        try:
+            write_savedmodel(frozen, graph_def, folder)
+        except Exception as exc:
+            raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({_one_line(exc)}); "
+                                     "nothing was written") from exc
+    if not options.verify:
+        report.verification = _skipped(options)
+        return
+    with report.timed("verify"):
+        try:
+            report.verification = verify_savedmodel(frozen, folder, options)
+        except VerificationFailed as failure:
+            report.verification = failure.verification
+            raise
