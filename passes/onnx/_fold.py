@@ -24,35 +24,61 @@ MAX_CONE_NODES = 64
 _STAND_INS = (7, 11)  # two different values for dims that are not static
 
 
-def channels_of(value: ir.Value, depth: int = 0) -> int | None:
-    """The channel count (axis 1) of an NCHW value: its recorded shape, or read off the op
-    that produced it (a Conv's weight, through channel-preserving ops)."""
-    known = g.static_dim(value, 1)
-    if known is not None or depth > 32:
-        return known
-    node = value.producer()
-    if node is None:
-        return None
-    if node.op_type == "Conv":
-        weight = g.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        return int(weight.shape[0]) if weight is not None else None
-    if node.op_type in ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "BatchNormalization", "Identity",
-                        "HardSwish", "HardSigmoid", "Elu", "Selu", "Gelu", "MaxPool", "AveragePool",
-                        "Add", "Mul", "Sub", "Div", "Dropout"):
-        return channels_of(node.inputs[0], depth + 1)
+_CHANNEL_PRESERVING = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "BatchNormalization", "Identity",
+                       "HardSwish", "HardSigmoid", "Elu", "Selu", "Gelu", "MaxPool", "AveragePool",
+                       "Add", "Mul", "Sub", "Div", "Dropout")
+
+
+def _conv_behind(value: ir.Value) -> ir.Node | None:
+    """The Conv that produced ``value``, through ops that keep rank and channels."""
+    for _ in range(32):
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Conv":
+            return node
+        if node.op_type not in _CHANNEL_PRESERVING:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def channels_of(value: ir.Value) -> int | None:
+    """The channel count (axis 1) of an NCHW value: its recorded shape, or read off what
+    produced it (a Conv's weight, a shaped input) through channel-preserving ops."""
+    for _ in range(32):
+        known = g.static_dim(value, 1)
+        if known is not None:
+            return known
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Conv":
+            weight = g.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            return int(weight.shape[0]) if weight is not None else None
+        if node.op_type not in _CHANNEL_PRESERVING:
+            return None
+        value = node.inputs[0]
     return None
 
 
 def _static_shape(value: ir.Value, stand_in: int) -> list[int] | None:
+    """The shape, with ``stand_in`` for dims that are not static; the rank and channels read off
+    the producing Conv when the value has no recorded shape."""
     shape = value.shape
     if shape is None:
-        return None
+        conv = _conv_behind(value)
+        weight = g.const_array(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
+        if weight is None:
+            return None
+        shape = [None] * weight.ndim
+    channels = channels_of(value)
     dims = []
     for axis, dim in enumerate(shape):
         if isinstance(dim, int):
             dims.append(dim)
-        elif axis == 1 and channels_of(value) is not None:
-            dims.append(channels_of(value))
+        elif axis == 1 and channels is not None:
+            dims.append(channels)
         else:
             dims.append(stand_in)
     return dims
@@ -84,26 +110,35 @@ def _cone(value: ir.Value) -> list[ir.Node] | None:
 
 def fold(value: ir.Value | None, model: ir.Model) -> np.ndarray | None:
     """The constant value of ``value``, if it can be proven; None otherwise."""
-    if value is None:
-        return None
-    direct = g.const_array(value)
-    if direct is not None:
-        return direct
-    cone = _cone(value)
-    if cone is None:
-        return None
-    results = []
-    for stand_in in _STAND_INS:
-        result = _evaluate(cone, value, model, stand_in)
-        if result is None:
-            return None
-        results.append(result)
-    if results[0].shape != results[1].shape or not np.array_equal(results[0], results[1]):
-        return None  # depends on a dim that is not static
-    return results[0]
+    return fold_many([value], model)[0] if value is not None else None
 
 
-def _evaluate(cone: list[ir.Node], value: ir.Value, model: ir.Model, stand_in: int) -> np.ndarray | None:
+def fold_many(values: list[ir.Value], model: ir.Model) -> list[np.ndarray | None]:
+    """``fold`` for several values at once: one evaluation of the union of their cones (a
+    ResNeXt block has 64 Slice bounds sharing one Shape → Gather → Div)."""
+    results: list[np.ndarray | None] = [g.const_array(v) for v in values]
+    first_index: dict[int, int] = {}
+    for i, v in enumerate(values):
+        first_index.setdefault(id(v), i)
+    cones = {i: _cone(v) for i, v in enumerate(values) if results[i] is None and first_index[id(v)] == i}
+    wanted = [i for i, cone in cones.items() if cone is not None]
+    if not wanted:
+        return results
+    nodes = list(dict.fromkeys(node for i in wanted for node in cones[i]))
+    order = {id(node): k for k, node in enumerate(model.graph)} if len(wanted) > 1 else {}
+    nodes.sort(key=lambda node: order.get(id(node), 0))  # the union keeps topological order
+    runs = [_evaluate(nodes, [values[i] for i in wanted], model, stand_in) for stand_in in _STAND_INS]
+    if any(run is None for run in runs):
+        return results
+    for k, i in enumerate(wanted):
+        first, second = runs[0][k], runs[1][k]
+        if first.shape == second.shape and np.array_equal(first, second):  # else: depends on a dynamic dim
+            results[i] = first
+    return [results[first_index[id(v)]] for v in values]
+
+
+def _evaluate(cone: list[ir.Node], targets: list[ir.Value], model: ir.Model,
+              stand_in: int) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
     names: dict[int, str] = {}
@@ -136,13 +171,11 @@ def _evaluate(cone: list[ir.Node], value: ir.Value, model: ir.Model, stand_in: i
         proto.input.extend(inputs)
         proto.output.extend(outputs)
         nodes.append(proto)
-    target = name(value)
+    outputs = [onnx.helper.make_tensor_value_info(name(v), 0, None) for v in targets]
     opset = g.opset_of(cone[-1], model) if cone else 17
-    graph = onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(target, 0, None)],
-                                   initializer=initializers)
+    graph = onnx.helper.make_graph(nodes, "fold", [], outputs, initializer=initializers)
     tiny = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     try:
-        (result,) = ReferenceEvaluator(tiny).run(None, {})
+        return [np.asarray(r) for r in ReferenceEvaluator(tiny).run(None, {})]
     except Exception:  # an op or input the evaluator rejects: simply not foldable
         return None
-    return np.asarray(result)

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
-from passes.onnx._fold import channels_of, fold
+from passes.onnx._fold import channels_of, fold_many
 from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
 from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion, plan_shared_input, plan_tail
 from rewriter.report import Rewrite, Skip
@@ -183,9 +183,12 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             channels = channels_of(source)
         if channels is None and first_reader.op_type == "Split":
             channels = sum(widths)  # a Split hands out all its channels
+        # Slice bounds computed at run time (PyTorch's torch.chunk): fold them all in one go.
+        bounds = [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None]
+        folded = {id(v): array for v, array in zip(bounds, fold_many(bounds, model))}
         for chain in chains:
             try:
-                chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: fold(v, model))
+                chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
             except g.UnreadableRange as exc:
                 raise _Refused(str(exc)) from None
         reads = [c.read for c in chains]
