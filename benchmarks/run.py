@@ -65,13 +65,60 @@ def interleaved_latency(paths: dict[str, Path], feeds: dict, rounds: int, warmup
     return {name: summary(t) for name, t in times.items()}
 
 
+def interleaved_latency_feeds(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int,
+                              warmup: int = 3) -> dict[str, dict]:
+    """As ``interleaved_latency``, with each model's own input (name and layout)."""
+    sessions = {name: session(p) for name, p in paths.items()}
+    inputs = {name: {s.get_inputs()[0].name: feeds[name]} for name, s in sessions.items()}
+    for name, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, inputs[name])
+    times = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, inputs[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: summary(t) for name, t in times.items()}
+
+
 def node_count(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 # -- 1. inference ------------------------------------------------------------------------------
 
-def bench_onnx_inference(work: Path, quick: bool) -> dict:
+def _python_with(module: str, explicit: str | None) -> str | None:
+    """An interpreter that can import ``module``: the one given, or this one."""
+    candidates = [explicit] if explicit else [sys.executable]
+    for python in candidates:
+        if python and subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def export_real(work: Path, torch_python: str | None, tf_python: str | None) -> dict[str, Path]:
+    """ResNeXt-50 32x4d written by the real exporters (samples/exporters/), when their
+    frameworks are installed: PyTorch's torch.chunk form and its groups=32 twin, and tf2onnx's
+    conversion of a legacy Lambda-style Keras model."""
+    found = {}
+    python = _python_with("torch", torch_python)
+    if python:
+        out = work / "torch"
+        subprocess.run([python, str(REPO / "samples/exporters/export_torch.py"), "--no-fixtures", "--resnext",
+                        "--resnext-out", str(out)], check=True, capture_output=True)
+        found["torch groups=32"] = out / "resnext50_32x4d_grouped.onnx"
+        found["torch chunk"] = out / "resnext50_32x4d_chunk.onnx"
+    python = _python_with("tf2onnx", tf_python)
+    if python:
+        out = work / "tf2onnx"
+        subprocess.run([python, str(REPO / "samples/exporters/export_tf2onnx.py"), "--no-fixtures", "--resnext",
+                        str(out)], check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        found["tf2onnx Lambda"] = out / "resnext50_lambda_tf2onnx.onnx"
+    return found
+
+
+def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None = None) -> dict:
     image = 64 if quick else 224
     rounds = 5 if quick else 30
     paths, rows = {}, []
@@ -87,6 +134,22 @@ def bench_onnx_inference(work: Path, quick: bool) -> dict:
         paths[form], paths[f"{form} → fused"] = src, out
     feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, image, image)).astype(np.float32)}
     latency = interleaved_latency(paths, feeds, rounds)
+    real_rows = {}
+    if real and not quick:  # the exporters write 224x224 models with input "x"
+        real_paths = {}
+        for name, src in real.items():
+            real_paths[name] = src
+            if name != "torch groups=32":
+                out = work / f"{src.stem}.fused.onnx"
+                result = rewriter.fuse(src, output=out, force=True, verify=False)
+                real_rows[name] = len(result.report.rewrites)
+                real_paths[f"{name} → fused"] = out
+        x = {name: np.random.default_rng(0).standard_normal(
+            [1, 224, 224, 3] if name.startswith("tf2onnx") else [1, 3, 224, 224]).astype(np.float32)
+            for name in real_paths}
+        real_latency = interleaved_latency_feeds(real_paths, x, rounds)
+        latency.update(real_latency)
+        paths.update(real_paths)
     creation = {}
     for name, p in paths.items():
         samples = []
@@ -98,18 +161,29 @@ def bench_onnx_inference(work: Path, quick: bool) -> dict:
     for name, p in paths.items():
         rows.append({"model": name, "latency": latency[name], "session_creation": creation[name],
                      "nodes": node_count(p)})
-    ratios = {
+    ratios = {}
+    if "torch chunk → fused" in latency:
+        ratios["torch chunk→fused / torch groups=32"] = (latency["torch chunk → fused"]["median"]
+                                                          / latency["torch groups=32"]["median"])
+        ratios["torch chunk / torch chunk→fused"] = (latency["torch chunk"]["median"]
+                                                      / latency["torch chunk → fused"]["median"])
+    if "tf2onnx Lambda → fused" in latency:
+        ratios["tf2onnx / tf2onnx→fused"] = (latency["tf2onnx Lambda"]["median"]
+                                             / latency["tf2onnx Lambda → fused"]["median"])
+    ratios.update({
         "split→fused / native": latency["split → fused"]["median"] / latency["native"]["median"],
         "slice→fused / native": latency["slice → fused"]["median"] / latency["native"]["median"],
         "split / split→fused": latency["split"]["median"] / latency["split → fused"]["median"],
         "slice / slice→fused": latency["slice"]["median"] / latency["slice → fused"]["median"],
-    }
+    })
     return {"input": [1, 3, image, image], "rounds": rounds, "rows": rows, "ratios": ratios}
 
 
 # -- 3. rewrite cost ---------------------------------------------------------------------------
 
 _BARE = "import sys, onnx_ir as ir; ir.save(ir.load(sys.argv[1]), sys.argv[2])"
+_BARE_EXTERNAL = ("import sys, os, onnx_ir as ir; "
+                  "ir.save(ir.load(sys.argv[1]), sys.argv[2], external_data=os.path.basename(sys.argv[2]) + '.data')")
 _FUSE = ("import sys, rewriter; rewriter.fuse(sys.argv[1], output=sys.argv[2], force=True, verify=False)")
 _SLIM = "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])"
 _SIM = ("import sys, onnx, onnxsim; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); onnx.save(m, sys.argv[2])")
@@ -182,6 +256,63 @@ def bench_scale(work: Path, quick: bool) -> dict:
     return {"rows": rows}
 
 
+def large_model(path: Path, blocks: int = 17, channels: int = 4096, groups: int = 4) -> int:
+    """A chain of Split(4) → 4 Conv 3×3 → Concat blocks whose weights (2.5 GB with the defaults,
+    over protobuf's 2 GB limit) are streamed to one external data file. Returns their bytes."""
+    from onnx import external_data_helper, helper, numpy_helper
+
+    width = channels // groups
+    rng = np.random.default_rng(0)
+    data_name = path.name + ".data"
+    nodes, initializers, offset = [], [], 0
+    x = "x"
+    with open(path.parent / data_name, "wb") as data:
+        for block in range(blocks):
+            parts = [f"b{block}_part{i}" for i in range(groups)]
+            sizes = numpy_helper.from_array(np.full(groups, width, np.int64), f"b{block}_sizes")
+            initializers.append(sizes)
+            nodes.append(helper.make_node("Split", [x, sizes.name], parts, axis=1, name=f"b{block}_split"))
+            outs = []
+            for i, part in enumerate(parts):
+                weight = (rng.random((width, width, 3, 3), dtype=np.float32) - 0.5) * (1 / (3 * width ** 0.5))
+                tensor = numpy_helper.from_array(weight, f"b{block}_w{i}")
+                raw = tensor.raw_data
+                external_data_helper.set_external_data(tensor, data_name, offset=offset, length=len(raw))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                data.write(raw)
+                offset += len(raw)
+                initializers.append(tensor)
+                outs.append(f"b{block}_conv{i}")
+                nodes.append(helper.make_node("Conv", [part, tensor.name], [outs[-1]], pads=[1, 1, 1, 1],
+                                              name=f"b{block}_conv{i}"))
+            x = f"b{block}_out"
+            nodes.append(helper.make_node("Concat", outs, [x], axis=1, name=f"b{block}_concat"))
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                             [1, channels, 1, 1])],
+                              [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, channels, 1, 1])],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return offset
+
+
+def bench_large_model(work: Path, quick: bool) -> dict:
+    """Peak RSS of fusing a model whose external weights exceed protobuf's 2 GB limit."""
+    blocks = 2 if quick else 17
+    src = work / "large.onnx"
+    weights = large_model(src, blocks=blocks)
+    bare = measure_process(_BARE_EXTERNAL, str(src), str(work / "large_bare.onnx"))
+    (work / "large_bare.onnx.data").unlink(missing_ok=True)
+    fuse = measure_process(_FUSE, str(src), str(work / "large_fused.onnx"))
+    for leftover in ("large.onnx.data", "large_fused.onnx.data"):
+        (work / leftover).unlink(missing_ok=True)
+    return {"weights_gb": weights / 1e9, "bare_load_save": bare, "fuse_no_verify": fuse,
+            "fuse_rss_over_weights": fuse["peak_rss_mb"] * 2**20 / weights}
+
+
 # -- 5. verification cost ----------------------------------------------------------------------
 
 def bench_verification(work: Path, quick: bool) -> dict:
@@ -203,7 +334,7 @@ def bench_verification(work: Path, quick: bool) -> dict:
 
 
 SECTIONS = {"onnx_inference": bench_onnx_inference, "rewrite_cost": bench_rewrite_cost,
-            "scale": bench_scale, "verification": bench_verification}
+            "scale": bench_scale, "large_model": bench_large_model, "verification": bench_verification}
 
 
 def markdown(results: dict) -> str:
@@ -231,6 +362,12 @@ def markdown(results: dict) -> str:
             out.append(f"| {row['nodes']:,} | {row['rewrites']:,} | {t['load'] + t['rewrite'] + t['save']:.2f} s | "
                        f"{row['per_node_us']:.1f} µs | {row['rewrite_per_node_us']:.1f} µs |")
         out.append("")
+    if "large_model" in results:
+        r = results["large_model"]
+        out += [f"**Large model** ({r['weights_gb']:.2f} GB of external weights, `--no-verify`): fuse peak RSS "
+                f"{r['fuse_no_verify']['peak_rss_mb']:.0f} MB = **{r['fuse_rss_over_weights']:.2f} × the weights** "
+                f"in {r['fuse_no_verify']['wall_s']:.1f} s; bare onnx_ir load+save: "
+                f"{r['bare_load_save']['peak_rss_mb']:.0f} MB in {r['bare_load_save']['wall_s']:.1f} s", ""]
     if "verification" in results:
         r = results["verification"]
         out += [f"**Verification cost**: {r['verify_s']:.2f} s = {r['verify_over_inference']:.1f} × one "
@@ -243,6 +380,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: small inputs, few rounds (< 1 min)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--torch-python", default=os.environ.get("GCONV_TORCH_PYTHON"),
+                        help="an interpreter with torch==2.13.0, to export the PyTorch ResNeXt (default: this one)")
+    parser.add_argument("--tf-python", default=os.environ.get("GCONV_TF_PYTHON"),
+                        help="an interpreter with tensorflow + tf2onnx, for the tf2onnx ResNeXt (default: this one)")
     args = parser.parse_args()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                           f"onnxruntime {ort.__version__}",
@@ -252,7 +393,11 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             start = time.perf_counter()
-            results[name] = bench(Path(tmp), args.quick)
+            if name == "onnx_inference" and not args.quick:
+                real = export_real(Path(tmp), args.torch_python, args.tf_python)
+                results[name] = bench(Path(tmp), args.quick, real)
+            else:
+                results[name] = bench(Path(tmp), args.quick)
             results[name]["section_seconds"] = time.perf_counter() - start
             print(f"[{name}: {results[name]['section_seconds']:.1f} s]", file=sys.stderr)
     args.json.parent.mkdir(parents=True, exist_ok=True)
