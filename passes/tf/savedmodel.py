@@ -66,7 +66,7 @@ class FrozenSignature:
         return [g.split_input(o.tensor)[0] for o in self.outputs]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The line of an error that says what went wrong (TF puts it after "Graph execution error")."""
     lines = [line.strip() for line in str(exc).strip().splitlines()]
     lines = [line for line in lines if line and not line.startswith(("[[", "<stack", "Detected at"))
@@ -79,7 +79,7 @@ def load_signature(path: Path, signature: str = "serving_default") -> FrozenSign
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:
-        raise BadInput(f"{path}: not a loadable SavedModel ({_one_line(exc)})") from exc
+        raise BadInput(f"{path}: not a loadable SavedModel ({one_line(exc)})") from exc
     signatures = dict(getattr(loaded, "signatures", {}) or {})
     if signature not in signatures:
         known = ", ".join(sorted(signatures)) or "none"
@@ -88,7 +88,7 @@ def load_signature(path: Path, signature: str = "serving_default") -> FrozenSign
     try:
         graph_def, input_names, output_names = _freeze(function)
     except Exception as exc:
-        raise BadInput(f"{path}: cannot freeze signature {signature!r} ({_one_line(exc)})") from exc
+        raise BadInput(f"{path}: cannot freeze signature {signature!r} ({one_line(exc)})") from exc
 
     input_specs = function.structured_input_signature[1]
     if len(input_names) != len(input_specs):
@@ -342,7 +342,7 @@ def run_function(function, feeds: dict[str, np.ndarray], role: str) -> dict[str,
         results = function(**{k: tf.constant(v) for k, v in feeds.items()})
     except Exception as exc:
         raise VerificationImpossible(f"TensorFlow cannot run the {role} model, so verification is impossible "
-                                     f"({_one_line(exc)}); pass --no-verify to write it without proof") from exc
+                                     f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
     return {k: v.numpy() for k, v in results.items()}
 
 
@@ -372,7 +372,7 @@ def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Veri
         candidate = tf.saved_model.load(str(rewritten)).signatures[frozen.name]
     except Exception as exc:
         verification = Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
-                                    note=f"the rewritten SavedModel does not load: {_one_line(exc)}")
+                                    note=f"the rewritten SavedModel does not load: {one_line(exc)}")
         raise VerificationFailed(f"verification failed: {verification.note}; nothing was written", verification)
     actual = run_function(candidate, feeds, "rewritten")
     return verify_outputs(expected, actual, feeds, options)
@@ -381,7 +381,7 @@ def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Veri
 # -- the entry point -------------------------------------------------------------------------
 
 
-def _skipped(options, note: str | None = None) -> Verification:
+def skipped_verification(options, note: str | None = None) -> Verification:
     return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
                         note=note or "--no-verify")
 
@@ -434,7 +434,7 @@ def rewrite_savedmodel(path: Path, *, mode: str, output: Path | None, apply: boo
             with tempfile.TemporaryDirectory(prefix="gconv-") as scratch:
                 _write_and_verify(frozen, graph_def, Path(scratch) / "rewritten", options, report)
         else:
-            report.verification = _skipped(options)
+            report.verification = skipped_verification(options)
         return graph_def
     with formats.atomic_output(output) as staging:
         _write_and_verify(frozen, graph_def, staging / output.name, options, report)
@@ -447,10 +447,10 @@ def _write_and_verify(frozen: FrozenSignature, graph_def, folder: Path, options,
         try:
             write_savedmodel(frozen, graph_def, folder)
         except Exception as exc:
-            raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({_one_line(exc)}); "
+            raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({one_line(exc)}); "
                                      "nothing was written") from exc
     if not options.verify:
-        report.verification = _skipped(options)
+        report.verification = skipped_verification(options)
         return
     with report.timed("verify"):
         try:

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from passes.tf import _graph as g
-from passes.tf.savedmodel import (FrozenSignature, _one_line, _skipped, run_function, verification_inputs,
-                                  verify_outputs)
+from passes.tf.savedmodel import (FrozenSignature, one_line, run_function, skipped_verification,
+                                  verification_inputs, verify_outputs)
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed
 from rewriter.report import Report
@@ -38,24 +39,18 @@ def replace_unsupported_ops(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef
         return graph_def
     graph_def = graph_pb2.GraphDef.FromString(graph_def.SerializeToString())
     names = g.Names(graph_def)
-    for node in graph_def.node:
-        if node.op != "Erfc":
-            continue
+    added = []
+    for node in [n for n in graph_def.node if n.op == "Erfc"]:
         dtype = node.attr["T"]
         erf = g.make_node("Erf", names.fresh(f"{node.name}/erf"), [node.input[0]], T=dtype)
-        one = g.make_const(names.fresh(f"{node.name}/one"), np.array(1, dtype=_numpy_dtype(dtype.type)))
+        one = g.make_const(names.fresh(f"{node.name}/one"), np.array(1, dtype=tf.as_dtype(dtype.type).as_numpy_dtype))
         # The Sub keeps the Erfc's name: its readers need no change.
         node.op = "Sub"
         del node.input[:]
         node.input.extend([one.name, erf.name])
-        graph_def.node.extend([erf, one])
+        added.extend([erf, one])
+    graph_def.node.extend(added)
     return graph_def
-
-
-def _numpy_dtype(enum: int):
-    import tensorflow as tf
-
-    return tf.as_dtype(enum).as_numpy_dtype
 
 
 def convert(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, opset: int = OPSET) -> onnx.ModelProto:
@@ -78,7 +73,7 @@ def convert(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, opset: in
             input_names=[i.tensor for i in frozen.inputs], output_names=[o.tensor for o in frozen.outputs],
             opset=opset, tensors_to_rename=rename)
     except Exception as exc:
-        raise BadInput(f"tf2onnx cannot convert the graph ({_one_line(exc)})") from exc
+        raise BadInput(f"tf2onnx cannot convert the graph ({one_line(exc)})") from exc
     onnx_ops = onnx.defs.get_all_schemas_with_history()
     known = {s.name for s in onnx_ops if s.domain in ("", "ai.onnx")}
     unconverted = sorted({n.op_type for n in model_proto.graph.node if n.domain in ("", "ai.onnx")
@@ -115,7 +110,7 @@ def write_onnx(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, mode: 
             try:
                 onnx.checker.check_model(str(path), full_check=True)
             except Exception as exc:
-                raise VerificationFailed(f"the converted model fails onnx.checker: {_one_line(exc)}") from exc
+                raise VerificationFailed(f"the converted model fails onnx.checker: {one_line(exc)}") from exc
             if options.verify:
                 try:
                     report.verification = _verify_against_tf(frozen, path, options)
@@ -123,7 +118,7 @@ def write_onnx(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, mode: 
                     report.verification = failure.verification
                     raise
             else:
-                report.verification = _skipped(options)
+                report.verification = skipped_verification(options)
 
     if output is not None:
         with formats.atomic_output(output) as staging:
@@ -148,7 +143,7 @@ def _verify_against_tf(frozen: FrozenSignature, path: Path, options):
         session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise VerificationFailed(f"verification failed: onnxruntime refuses the converted model "
-                                 f"({_one_line(exc)}); nothing was written") from exc
+                                 f"({one_line(exc)}); nothing was written") from exc
     names = [o.name for o in session.get_outputs()]
     actual = dict(zip(names, session.run(None, feeds)))
     return verify_outputs(expected, actual, feeds, options)
