@@ -96,6 +96,8 @@ def _mirror(path: Path, relative: Path, output: Path | None, mode: str, to: str 
     if output is None:
         return formats.default_output(path, mode, to)
     named = formats.default_output(Path(relative.name), mode, to).name if to else relative.name
+    if to is None and relative.suffix.lower() in (".h5", ".hdf5"):
+        named = Path(relative.name).with_suffix(".keras").name  # Keras models are written as .keras
     return output / relative.parent / named
 
 

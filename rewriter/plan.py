@@ -60,6 +60,15 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
+def _describe_setting(value: Any) -> str:
+    """Floats as a user wrote them (float32 attributes read back as 0.10000000149011612)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_describe_setting(v) for v in value) + ")"
+    return repr(value)
+
+
 def check_channel_ranges(ranges: Sequence[tuple[int, int]], source_channels: int | None) -> str | None:
     """Why the ranges, in concat order, do not tile the source's channels exactly once, or None."""
     starts = [start for start, _ in ranges]
@@ -179,7 +188,7 @@ def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Se
     or None when it must be equal in every branch.
     """
     for key in sorted(set().union(*(c.keys() for c in configs))):
-        distinct = list(dict.fromkeys(repr(c.get(key)) for c in configs))
+        distinct = list(dict.fromkeys(_describe_setting(c.get(key)) for c in configs))
         if len(distinct) > 1:
             return Refusal(f"tails disagree between branches: {kind} {key} " + " vs ".join(distinct[:3]))
     counts = {len(w) for w in weights}

@@ -6,7 +6,9 @@ names and configs, and hooks for what differs:
 
 - ``lambda_functions``: the rebuilt (trusted) function of each Lambda layer;
 - ``lambda_as_slice``: Lambda calls proven to be channel slices, written as ``GetItem`` (no code);
-- ``replacements``: fused patterns, each anchored at its Concatenate call.
+- ``replacements``: rewritten patterns; each removes some calls and, once its source tensor
+  exists, emits the tensors that stand for their outputs (the Concatenate's, or each branch's
+  where a fusion splits back).
 
 Layer configs go through Keras's own deserialisation in safe mode (Keras 3 configs) or its legacy
 converter (Keras 2 / tf-keras configs); a Lambda config never does: its function comes from
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -28,11 +31,10 @@ from rewriter.errors import BadInput
 
 
 class Replacement(Protocol):
-    anchor: tuple[str, int]  # the call whose output the replacement produces (a Concatenate)
     source: TensorRef  # the tensor it reads
     removed: set[tuple[str, int]]  # the calls it replaces
 
-    def emit(self, source_tensor) -> Any: ...
+    def emit(self, source_tensor) -> dict[TensorRef, Any]: ...  # tensors for the removed calls' outputs
 
 
 @dataclass
@@ -68,14 +70,16 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
     if layer.class_name == "Lambda":
         raise AssertionError("Lambda layers are built from their rebuilt function, not their config")
     try:
-        if legacy:
-            from keras.src.legacy.saving import saving_utils
+        with warnings.catch_warnings():  # Keras's advice on how the file's author should have written it
+            warnings.simplefilter("ignore")
+            if legacy:
+                from keras.src.legacy.saving import saving_utils
 
-            entry = copy.deepcopy({"class_name": layer.class_name, "config": layer.config})
-            with SafeModeScope(not trusted):
-                return saving_utils.model_from_config(entry)
-        entry = {k: copy.deepcopy(v) for k, v in layer.raw.items() if k not in ("inbound_nodes", "name")}
-        return keras.saving.deserialize_keras_object(entry, safe_mode=not trusted)
+                entry = copy.deepcopy({"class_name": layer.class_name, "config": layer.config})
+                with SafeModeScope(not trusted):
+                    return saving_utils.model_from_config(entry)
+            entry = {k: copy.deepcopy(v) for k, v in layer.raw.items() if k not in ("inbound_nodes", "name")}
+            return keras.saving.deserialize_keras_object(entry, safe_mode=not trusted)
     except BadInput:
         raise
     except Exception as exc:
@@ -89,22 +93,24 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
 
     tensors: dict[TensorRef, Any] = {}
     objects: dict[str, Any] = {}
-    anchors = {r.anchor: r for r in options.replacements}
     removed = set().union(*(r.removed for r in options.replacements)) if options.replacements else set()
-    pending = [c for c in graph.calls() if c.key not in removed or c.key in anchors]
+    pending = [c for c in graph.calls() if c.key not in removed]
+    replacements = list(options.replacements)
 
-    def needs(call: Call) -> list[TensorRef]:
-        replacement = anchors.get(call.key)
-        return [replacement.source] if replacement is not None else call.inputs
-
-    while pending:
+    while pending or replacements:
+        progress = False
+        for replacement in [r for r in replacements if r.source in tensors]:
+            tensors.update(replacement.emit(tensors[replacement.source]))
+            replacements.remove(replacement)
+            progress = True
         waiting = []
         for call in pending:
-            if all(ref in tensors for ref in needs(call)):
-                _run_call(graph, call, tensors, objects, anchors, options)
+            if all(ref in tensors for ref in call.inputs):
+                _run_call(graph, call, tensors, objects, options)
+                progress = True
             else:
                 waiting.append(call)
-        if len(waiting) == len(pending):
+        if not progress:
             names = ", ".join(sorted({c.layer.name for c in waiting})[:5])
             raise BadInput(f"the model config cannot be ordered: layers {names} read tensors no layer makes")
         pending = waiting
@@ -119,15 +125,11 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
     return Built(model, tensors, objects)
 
 
-def _run_call(graph: KerasGraph, call: Call, tensors, objects, anchors, options: BuildOptions) -> None:
+def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOptions) -> None:
     import keras
     from keras import tree
 
     layer = call.layer
-    replacement = anchors.get(call.key)
-    if replacement is not None:
-        tensors[TensorRef(layer.name, call.index, 0)] = replacement.emit(tensors[replacement.source])
-        return
     if layer.class_name == "InputLayer":
         obj = objects.get(layer.name) or layer_object(layer, graph.legacy)
         objects[layer.name] = obj
@@ -185,7 +187,7 @@ def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) 
         cause = "Keras cannot infer its output shape"
     except NameError as exc:
         cause = (f"NameError: {exc} (a Lambda made in a loop at module level reads its loop variable as a "
-                 "global, which the file does not hold)")
+                 "global, which the file does not hold; --repair-late-binding re-binds it per branch)")
     except Exception as exc:
         cause = f"{type(exc).__name__}: {_one_line(exc)}"
     return f"Lambda layer {name!r} fails when run: {cause}"

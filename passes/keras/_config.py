@@ -91,6 +91,7 @@ class KerasFile:
     config: dict  # the top-level model config
     keras_version: str
     weights: "WeightStore"
+    compile_config: dict | None = None  # Keras 3 compile_config / legacy training_config
 
 
 # -- reading the file -------------------------------------------------------------------------
@@ -122,7 +123,8 @@ def _read_keras_zip(path: Path) -> KerasFile:
     if weights_bytes is None:
         raise BadInput(f"{path}: the .keras archive holds no model.weights.h5 (sharded weights are not supported)")
     return KerasFile(path, "keras", config, str(metadata.get("keras_version", "")),
-                     WeightStore.from_keras3(io.BytesIO(weights_bytes), path))
+                     WeightStore.from_keras3(io.BytesIO(weights_bytes), path),
+                     compile_config=config.get("compile_config") or None)
 
 
 def _read_h5(path: Path) -> KerasFile:
@@ -140,6 +142,8 @@ def _read_h5(path: Path) -> KerasFile:
         version = handle.attrs.get("keras_version", b"")
         version = version.decode() if isinstance(version, bytes) else str(version)
         weights = WeightStore.from_legacy(handle, path)
+        training = handle.attrs.get("training_config")
+        training = json.loads(training.decode() if isinstance(training, bytes) else training) if training else None
     except BadInput:
         handle.close()
         raise
@@ -147,7 +151,7 @@ def _read_h5(path: Path) -> KerasFile:
         handle.close()
         raise BadInput(f"{path}: not a readable Keras .h5 file ({_one_line(exc)})") from exc
     handle.close()
-    return KerasFile(path, "h5", config, version, weights)
+    return KerasFile(path, "h5", config, version, weights, compile_config=training)
 
 
 class WeightStore:

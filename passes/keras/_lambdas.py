@@ -139,6 +139,13 @@ def bindable_names(source: LambdaSource) -> list[tuple[str, Any]]:
     return names
 
 
+def unresolved_globals(source: LambdaSource) -> list[str]:
+    """Globals the code reads that neither the file nor the Lambda environment holds."""
+    code = code_object(source)
+    known = lambda_globals()
+    return [n for n in _global_loads(code) if n not in known and not hasattr(builtins, n)]
+
+
 def _global_loads(code: types.CodeType) -> list[str]:
     import dis
 

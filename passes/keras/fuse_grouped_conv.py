@@ -6,7 +6,8 @@ The matcher starts at each ``Concatenate`` on the channel axis, walks every inpu
 channel-wise tail layers (BatchNormalization, Activation, ReLU…) to its convolution and on to the
 slice that feeds it; the branches must read one source tensor. ``rewriter.plan`` owns the rules
 and the weight arithmetic (kernels ``[k…, I/g, O]`` stack on the last axis); tails are fused by
-concatenating their per-channel parameters. Late-bound Lambda slices (one code, one closure
+concatenating their per-channel parameters, as far as the branches agree — past that point the
+fused tensor is split back into the branches' channels and the rest stays per branch. Late-bound Lambda slices (one code, one closure
 value, several branches) are reported, and with repair re-bound to each branch's position.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from passes import register
 from passes.keras import _lambdas
 from passes.keras._build import layer_object
-from passes.keras._config import Call, KerasGraph, LayerSpec, TensorRef, WeightStore
+from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
 from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_tail
 from rewriter.report import Rewrite, Skip
@@ -39,6 +40,8 @@ TAIL_CLASSES: dict[str, list[int | None]] = {
     "GaussianNoise": [], "GaussianDropout": [], "ActivityRegularization": [],
     "PReLU": [-1],
 }
+# Activations that mix channels: per branch they normalise over that branch's channels only.
+CHANNEL_MIXING = ("softmax", "log_softmax")
 # Conv settings that decide the numbers; branches must agree on all of them.
 CONV_SETTINGS = ("strides", "padding", "dilation_rate", "data_format", "activation", "dtype")
 KIND = "keras-fuse-grouped-conv"
@@ -66,7 +69,11 @@ class BranchMatch:
 
 @dataclass
 class FusedGroup:
-    """One planned fusion; as a ``_build.Replacement`` it emits the fused layers."""
+    """One planned fusion; as a ``_build.Replacement`` it emits the fused layers.
+
+    ``tail_weights`` holds one entry per fused tail level. Where the branches' tails stop
+    agreeing (``complete`` is False) the fused tensor is split back into the branches' channel
+    ranges, and their remaining tails and the Concatenate stay as they were."""
 
     concat: Call
     source: TensorRef
@@ -76,15 +83,15 @@ class FusedGroup:
     conv_name: str
     tail_names: list[str]
     legacy: bool
+    channel_axis: int
+    complete: bool = True
+    split_names: list[str] = field(default_factory=list)
     repaired: bool = False
     removed: set[tuple[str, int]] = field(default_factory=set)
-    created: list[Any] = field(default_factory=list)
 
-    @property
-    def anchor(self) -> tuple[str, int]:
-        return self.concat.key
+    def emit(self, source_tensor) -> dict[TensorRef, Any]:
+        from keras.src.ops.numpy import GetItem
 
-    def emit(self, source_tensor):
         first = self.branches[0]
         conv = layer_object(first.conv.layer, self.legacy)
         config = conv.get_config()
@@ -93,17 +100,25 @@ class FusedGroup:
         fused = type(conv).from_config(config)
         tensor = fused(source_tensor)
         fused.set_weights([self.plan.weight] + ([self.plan.bias] if self.plan.bias is not None else []))
-        self.created.append(fused)
         for tail_call, name, weights in zip(first.tails, self.tail_names, self.tail_weights):
             tail = layer_object(tail_call.layer, self.legacy)
-            tail_config = tail.get_config()
-            tail_config["name"] = name
-            layer = type(tail).from_config(tail_config)
+            layer = type(tail).from_config({**tail.get_config(), "name": name})
             tensor = layer(tensor)
             if weights:
                 layer.set_weights(weights)
-            self.created.append(layer)
-        return tensor
+        if self.complete:
+            return {TensorRef(self.concat.layer.name, self.concat.index, 0): tensor}
+        # Split back: each branch's channels, where its own tails (or the Concatenate) read them.
+        width = self.plan.out_channels // len(self.branches)
+        rank = len(tensor.shape)
+        produced = {}
+        for i, (branch, name) in enumerate(zip(self.branches, self.split_names)):
+            bounds = slice(i * width, (i + 1) * width)
+            key = (Ellipsis, bounds) if self.channel_axis == rank - 1 else \
+                tuple([slice(None)] * self.channel_axis + [bounds])
+            cut = branch.tails[len(self.tail_weights) - 1] if self.tail_weights else branch.conv
+            produced[TensorRef(cut.layer.name, cut.index, 0)] = GetItem(name=name)(tensor, key)
+        return produced
 
 
 @register("keras.fuse-grouped-conv")
@@ -126,7 +141,7 @@ class FuseGroupedConv:
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
         self.rebound: dict[str, Callable] = {}  # repaired Lambda layer → its re-bound function
-        self.late_bound: list[str] = []  # the loud messages
+        self.order = {name: i for i, name in enumerate(graph.layers)}  # file order, for reports
 
     def run(self) -> "FuseGroupedConv":
         for call in self.graph.calls():
@@ -141,7 +156,7 @@ class FuseGroupedConv:
                 self.skipped.append(Skip(location, str(refusal), self._branch_names(call)))
                 continue
             self.groups.append(group)
-            replaced = sorted({k[0] for k in group.removed}, key=list(self.graph.layers).index)
+            replaced = sorted({k[0] for k in group.removed}, key=self.order.__getitem__)
             kind = KIND + (" (late binding repaired)" if group.repaired else "")
             self.rewrites.append(Rewrite(kind=kind, location=group.conv_name, groups=group.plan.groups,
                                          channels={"in": group.plan.in_channels, "out": group.plan.out_channels},
@@ -215,20 +230,31 @@ class FuseGroupedConv:
             if CONV_CLASSES[b.conv.layer.class_name] != rank - 2:
                 raise _Refused(f"{b.conv.layer.name} does not match the input's rank")
         self._check_slices_consumed(branches)
+        for b in branches:
+            mixing = _activation_name(b.conv.layer.config.get("activation"))
+            if mixing in CHANNEL_MIXING:
+                raise _Refused(f"{b.conv.layer.name} applies {mixing} over each branch's channels; "
+                               "one grouped conv would mix them all")
         rebound = self._late_binding(concat, branches, shape[channel_axis])
 
         plan = plan_fusion([self._branch(b) for b in branches], shape[channel_axis], stack_axis=-1)
         if isinstance(plan, Refusal):
             raise _Refused(plan.reason)
-        tail_weights = self._plan_tails(branches, channel_axis, rank)
-        removed = {concat.key}
+        tail_weights, stopped = self._plan_tails(branches, channel_axis, rank)
+        depth = len(tail_weights)
+        removed = set() if stopped else {concat.key}
         for b in branches:
-            removed.update({b.slice.call.key, b.conv.key, *(t.key for t in b.tails)})
+            removed.update({b.slice.call.key, b.conv.key, *(t.key for t in b.tails[:depth])})
         conv_name = self._fresh(f"{convs[0].name}_group{plan.groups}")
-        tail_names = [self._fresh(f"{t.layer.name}_group{plan.groups}") for t in branches[0].tails]
+        tail_names = [self._fresh(f"{t.layer.name}_group{plan.groups}") for t in branches[0].tails[:depth]]
+        split_names = [self._fresh(f"{conv_name}_split{i}") for i in range(len(branches))] if stopped else []
+        if stopped:
+            self.skipped.append(Skip(concat.layer.name, f"fused up to {stopped}; the rest stays per branch",
+                                     self._branch_names(concat)))
         self.rebound.update(rebound)  # only now: a refused candidate keeps its Lambdas as they were
         return FusedGroup(concat, source, branches, plan, tail_weights, conv_name, tail_names,
-                          self.graph.legacy, repaired=bool(rebound), removed=removed)
+                          self.graph.legacy, channel_axis, complete=not stopped, split_names=split_names,
+                          repaired=bool(rebound), removed=removed)
 
     def _check_slices_consumed(self, branches: list[BranchMatch]) -> None:
         """Every output of every slice call must feed this pattern (else the slice must stay)."""
@@ -260,31 +286,35 @@ class FuseGroupedConv:
         return Branch(name=layer.name, channel_start=start, channel_stop=stop, weight=kernel, bias=bias,
                       groups=groups, out_channels=int(kernel.shape[-1]), attributes=settings)
 
-    def _plan_tails(self, branches: list[BranchMatch], channel_axis: int, rank: int) -> list[list[np.ndarray]]:
-        depth = {len(b.tails) for b in branches}
-        if len(depth) > 1:
-            raise _Refused("tails disagree between branches: " + " vs ".join(
-                dict.fromkeys("→".join(t.layer.class_name for t in b.tails) or "none" for b in branches)))
-        fused = []
-        for level in range(depth.pop()):
+    def _plan_tails(self, branches: list[BranchMatch], channel_axis: int,
+                    rank: int) -> tuple[list[list[np.ndarray]], str | None]:
+        """Fuse the tails level by level as far as the branches agree: the fused parameters per
+        level, and where and why the branches stop agreeing (None: all the way to the Concatenate)."""
+        depths = [len(b.tails) for b in branches]
+        fused: list[list[np.ndarray]] = []
+        for level in range(min(depths)):
             calls = [b.tails[level] for b in branches]
-            kinds = {c.layer.class_name for c in calls}
+            kinds = sorted({c.layer.class_name for c in calls})
             if len(kinds) > 1:
-                raise _Refused("tails disagree between branches: " + " vs ".join(sorted(kinds)))
-            kind = kinds.pop()
-            if kind == "BatchNormalization":
-                axis = _axis(calls[0].layer.config.get("axis", -1), rank)
-                if axis != channel_axis:
-                    raise _Refused(f"{calls[0].layer.name} normalises axis {axis}, not the channels")
-            if kind == "PReLU" and channel_axis != rank - 1:
-                raise _Refused("PReLU tails are fused only for channels_last")
-            configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
-                       for c in calls]
-            plan = plan_tail(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
-            if isinstance(plan, Refusal):
-                raise _Refused(plan.reason)
+                return fused, "where the branches differ (" + " vs ".join(kinds) + ")"
+            kind = kinds[0]
+            reason = None
+            if kind == "BatchNormalization" and _axis(calls[0].layer.config.get("axis", -1), rank) != channel_axis:
+                reason = "it normalises another axis than the channels"
+            elif kind == "PReLU" and channel_axis != rank - 1:
+                reason = "PReLU tails are fused only for channels_last"
+            elif _activation_name(calls[0].layer.config.get("activation")) in CHANNEL_MIXING:
+                reason = f"{_activation_name(calls[0].layer.config['activation'])} mixes the channels"
+            if reason is None:
+                configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
+                           for c in calls]
+                plan = plan_tail(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
+                if isinstance(plan, Refusal):
+                    reason = plan.reason
+            if reason is not None:
+                return fused, f"{kind} ({reason})"
             fused.append(plan)
-        return fused
+        return fused, (None if len(set(depths)) == 1 else "the end of the shortest branch")
 
     # -- late binding -----------------------------------------------------------------------
 
@@ -306,11 +336,15 @@ class FuseGroupedConv:
         names = ", ".join(shared[0][:4]) + (" …" if len(shared[0]) > 4 else "")
         cells = _lambdas.bindable_names(sources[0])
         bound = ", ".join(f"{n}={v}" for n, v in cells if v is not None)
-        message = (f"LATE BINDING: Lambdas {names} share one code and closure value ({bound or 'no closure'}), "
-                   f"so every branch reads channels {seen}: the model does not compute what its author meant")
+        missing = [n for n, v in cells if v is None]
+        if missing:  # made at module level: the loop variable was a global, not saved in the file
+            message = (f"LATE BINDING: Lambdas {names} share one code reading {', '.join(missing)}, a global "
+                       "the file does not hold (a loop at module level): as saved, the model cannot run")
+        else:
+            message = (f"LATE BINDING: Lambdas {names} share one code and closure value ({bound or 'no closure'}), "
+                       f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            self.late_bound.append(f"{concat.layer.name}: {message}")
             raise _Refused(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
             raise _Refused(message + "; cannot repair: the channel count is unknown")
@@ -333,10 +367,15 @@ class FuseGroupedConv:
                         b.tensor = 0
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to i)",
                                 concat.layer.name, message, name)
-                    self.late_bound.append(f"{concat.layer.name}: {message}; repaired ({name} re-bound per branch)")
                     return rebound
         raise _Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
+
+
+def _activation_name(value) -> str | None:
+    if isinstance(value, dict):  # Keras 3 may serialise an activation as an object
+        value = value.get("config", value.get("class_name"))
+    return value if isinstance(value, str) else None
 
 
 def _axis(axis, rank: int | None) -> int | None:

@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from passes.keras import _build, _config, _lambdas, _slices
+from passes.keras.expand_grouped_conv import ExpandGroupedConv
 from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter import formats
 from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
@@ -31,37 +32,25 @@ log = logging.getLogger(__name__)
 
 
 def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, options, report: Report):
-    """Fuse the hand-made grouped convolutions of a Keras model; returns the rewritten
-    ``keras.Model`` (None when nothing could be rebuilt, e.g. a subclassed model)."""
-    if mode != "fuse":
-        raise BadInput(f"{path}: --{mode} is not supported for Keras models yet")
-    if options.to not in (None, "keras"):
-        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet "
-                       "(convert the fused .keras model with tf2onnx or keras' own export)")
-    if output is not None and output.suffix.lower() != ".keras":
+    """Fuse the hand-made grouped convolutions of a Keras model (``mode="expand"``: expand the
+    native ones); returns the rewritten ``keras.Model`` (None when not applied, or for a
+    subclassed model)."""
+    if options.to not in (None, "keras", "onnx"):
+        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet (.keras or ONNX)")
+    to_onnx = options.to == "onnx"
+    if output is not None and not to_onnx and output.suffix.lower() != ".keras":
         raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
 
     with report.timed("load"):
         kfile = _config.read_file(path)
-        model_class = _config.model_class(kfile.config)
-        if model_class not in _config.FUNCTIONAL + _config.SEQUENTIAL:
-            report.skipped.append(Skip(model_class or "<model>", f"subclassed model ({model_class or 'unknown class'}): "
-                                       "its computation is Python code, not a graph of layers in the file; left as it is"))
-            report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
-                                               note="subclassed model: nothing to rewrite")
+        graph = _read_graph(path, kfile, options, report)
+        if graph is None:
             return None
-        graph = _config.parse_graph(kfile.config, legacy=kfile.kind == "h5" or _is_legacy(kfile.config), path=path)
-        report.before = _graph_stats(graph, kfile.weights)
-        lambda_layers = _config.lambda_names(kfile.config)  # nested models' too
-        if lambda_layers and not options.trust_lambdas:
-            names = ", ".join(lambda_layers[:3]) + (" …" if len(lambda_layers) > 3 else "")
-            raise BadInput(f"{path}: refusing to run code: {_lambdas.TRUST_HINT} (Lambda layers: {names})")
+        has_lambdas = bool(_config.lambda_names(kfile.config))
 
     with report.timed("rewrite"):
         analysis = _analyse(path, graph, kfile, options)
-        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
-                                lambda_sources=analysis.lambda_sources,
-                                repair_late_binding=options.repair_late_binding).run()
+        fuser = _run_pass(path, mode, graph, kfile, analysis, options)
         report.rewrites.extend(fuser.rewrites)
         report.skipped.extend(fuser.skipped)
         report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
@@ -75,6 +64,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             trusted=options.trust_lambdas))
         _build.load_weights(rewritten, graph, kfile.weights)
         report.after = _model_stats(rewritten.model)
+        _carry_compile_settings(rewritten.model, kfile, report)
         lambdas_left = _has_lambda(rewritten.model)
 
     def write_and_verify(target: Path) -> None:
@@ -88,7 +78,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
                                                note="--no-verify")
             return
         with report.timed("verify"):
-            reference, note = _reference(path, graph, kfile, analysis, fuser, options, bool(lambda_layers))
+            reference, note = _reference(path, graph, kfile, analysis, fuser, options, has_lambdas)
             candidate = _load_written(target, trusted=lambdas_left)
             verification = _verify(reference, candidate, graph, options, note)
         report.verification = verification
@@ -98,14 +88,117 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
                 (verification.note or "the models differ")
             raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
 
-    if output is not None:
+    if output is not None and not to_onnx:
         with formats.atomic_output(output) as staging:
             write_and_verify(staging / output.name)
         report.output, report.written = str(output), True
     else:
         with tempfile.TemporaryDirectory(prefix="gconv-keras-") as scratch:
             write_and_verify(Path(scratch) / "rewritten.keras")
+    if to_onnx:
+        return _write_onnx(rewritten.model, graph, output, options, report)
     return rewritten.model
+
+
+def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -> _config.KerasGraph | None:
+    """The model's graph of layers; None (reported) for a subclassed model; refused when the file
+    holds Lambda code and the user does not trust it."""
+    model_class = _config.model_class(kfile.config)
+    if model_class not in _config.FUNCTIONAL + _config.SEQUENTIAL:
+        report.skipped.append(Skip(model_class or "<model>", f"subclassed model ({model_class or 'unknown class'}): "
+                                   "its computation is Python code, not a graph of layers in the file; left as it is"))
+        report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
+                                           note="subclassed model: nothing to rewrite")
+        return None
+    graph = _config.parse_graph(kfile.config, legacy=kfile.kind == "h5" or _is_legacy(kfile.config), path=path)
+    report.before = _graph_stats(graph, kfile.weights)
+    lambda_layers = _config.lambda_names(kfile.config)  # nested models' too
+    if lambda_layers and not options.trust_lambdas:
+        names = ", ".join(lambda_layers[:3]) + (" …" if len(lambda_layers) > 3 else "")
+        raise BadInput(f"{path}: refusing to run code: {_lambdas.TRUST_HINT} (Lambda layers: {names})")
+    return graph
+
+
+def _run_pass(path: Path, mode: str, graph, kfile, analysis: "_Analysis", options):
+    """The rewrite for ``mode``, run: its rewrites, skips and replacements."""
+    if mode == "fuse":
+        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
+                                lambda_sources=analysis.lambda_sources,
+                                repair_late_binding=options.repair_late_binding).run()
+    else:
+        fuser = ExpandGroupedConv(graph, kfile.weights, analysis.shape_of, keep_depthwise=options.keep_depthwise,
+                                  min_groups=options.min_groups, max_groups=options.max_groups).run()
+    unrepaired = [name for name in analysis.placeholders if name not in getattr(fuser, "rebound", {})]
+    if unrepaired:
+        names = ", ".join(analysis.placeholders[unrepaired[0]])
+        raise BadInput(f"{path}: Lambda layer {unrepaired[0]!r} reads {names}, a global the file does not hold, "
+                       "and is no late-bound branch slice that can be re-bound to its position; it cannot run")
+    return fuser
+
+
+def _write_onnx(model, graph: _config.KerasGraph, output: Path | None, options, report: Report):
+    """--to onnx: the fused (and verified) Keras model → SavedModel → the TF backend's verified
+    ONNX conversion (passes.tf.to_onnx), whose proof is added to this report's table."""
+    from dataclasses import replace
+
+    try:
+        from passes.tf.to_onnx import savedmodel_to_onnx
+    except ImportError as exc:
+        raise BadInput(f"--to onnx for Keras inputs needs the TensorFlow backend's ONNX writer ({exc})") from exc
+    shapes = dict(options.shapes)
+    for name, shape, _ in _input_specs(graph):  # a dynamic batch only: verify at batch 2, as above
+        if name not in shapes and shape and shape[0] is None and None not in shape[1:]:
+            shapes[name] = [2, *shape[1:]]
+    onnx_report = Report(input=report.input, mode=report.mode)
+    with tempfile.TemporaryDirectory(prefix="gconv-keras-sm-") as scratch:
+        folder = Path(scratch) / "savedmodel"
+        with report.timed("export"):
+            try:
+                model.export(str(folder), format="tf_saved_model", verbose=False)
+            except Exception as exc:
+                raise BadInput(f"the fused Keras model cannot be exported as a SavedModel ({_one_line(exc)})") from exc
+        converted = savedmodel_to_onnx(folder, output, options=replace(options, shapes=shapes,
+                                                                       signature="serving_default"),
+                                       report=onnx_report)
+    report.rewrites.extend(onnx_report.rewrites)
+    report.skipped.extend(onnx_report.skipped)
+    for phase, seconds in onnx_report.timings.items():
+        report.timings[f"onnx {phase}"] = seconds
+    report.output, report.written = onnx_report.output, onnx_report.written
+    keras_check, onnx_check = report.verification, onnx_report.verification
+    if onnx_check is not None and onnx_check.ran:
+        rows = [replace(o, name=f"onnx:{o.name}") for o in onnx_check.outputs]
+        if keras_check is not None and keras_check.ran:
+            keras_check.outputs.extend(rows)
+            keras_check.passed = bool(keras_check.passed and onnx_check.passed)
+            keras_check.note = "; ".join(n for n in (keras_check.note, "onnx: onnxruntime vs the fused model in TF")
+                                         if n)
+        else:
+            report.verification = onnx_check
+    return converted
+
+
+def _carry_compile_settings(model, kfile: _config.KerasFile, report: Report) -> None:
+    """The file's optimizer, loss and metrics settings, compiled into the rewritten model
+    (optimizer *state* is not carried: the output is for inference, or training anew)."""
+    if not kfile.compile_config:
+        return
+    import warnings
+
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    try:
+        with warnings.catch_warnings(), SafeModeScope(True):
+            warnings.simplefilter("ignore")
+            if kfile.kind == "h5":
+                from keras.src.legacy.saving import saving_utils
+
+                model.compile(**saving_utils.compile_args_from_training_config(kfile.compile_config))
+            else:
+                model.compile_from_config(kfile.compile_config)
+    except Exception as exc:
+        report.skipped.append(Skip("<compile settings>", "optimizer/loss/metrics settings not carried over "
+                                   f"({_one_line(exc)}); the model is written uncompiled"))
 
 
 def _has_lambda(model) -> bool:
@@ -136,6 +229,7 @@ class _Analysis:
         self.lambda_sources: dict[str, _lambdas.LambdaSource] = {}
         self.lambda_results: dict[tuple[str, int], Any] = {}
         self.lambda_skips: list[tuple[str, str]] = []
+        self.placeholders: dict[str, list[str]] = {}  # Lambda → globals bound to 0 only for shapes
         self.slices: dict[tuple[str, int], _slices.SliceCall | str] = {}
 
     def shape_of(self, ref: _config.TensorRef) -> list[int | None] | None:
@@ -151,7 +245,14 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
         if _lambdas.is_lambda(layer):
             source = _lambdas.lambda_source(layer)
             analysis.lambda_sources[layer.name] = source
-            analysis.functions[layer.name] = _lambdas.make_function(source)
+            missing = _lambdas.unresolved_globals(source)
+            if missing and options.repair_late_binding:
+                # A module-level loop variable the file does not hold: bind it to 0 for the shapes;
+                # the late-binding repair must then re-bind it per branch, or the run stops.
+                analysis.placeholders[layer.name] = missing
+                analysis.functions[layer.name] = _lambdas.make_function(source, bind={n: 0 for n in missing})
+            else:
+                analysis.functions[layer.name] = _lambdas.make_function(source)
 
     def on_lambda(call: _config.Call, input_tensor):
         source = analysis.lambda_sources[call.layer.name]
@@ -184,12 +285,12 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
 
 # -- verification ------------------------------------------------------------------------------
 
-def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser: FuseGroupedConv, options,
+def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
                has_lambdas: bool) -> tuple[Any, str]:
     """The model to compare against: Keras's own load of the file where it can; else the model
     rebuilt from the file's config (layer by layer through Keras's deserialisers, Lambdas from
     the file's code); with a late-binding repair, the Lambdas re-bound to their branch positions."""
-    if fuser.rebound:
+    if getattr(fuser, "rebound", None):
         functions = {**analysis.functions, **fuser.rebound}
         built = _build.build(graph, _build.BuildOptions(lambda_functions=functions, trusted=True))
         _build.load_weights(built, graph, kfile.weights)

@@ -21,7 +21,7 @@ FOLDABLE_OPS = {"Shape", "Gather", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squ
                 "Constant", "Slice", "Identity", "Reshape", "Floor", "Ceil", "Min", "Max", "Neg",
                 "ConstantOfShape", "Range", "ReduceProd", "Mod"}
 MAX_CONE_NODES = 64
-_STAND_INS = (7, 11)  # two different values for dims that are not static
+_STAND_INS = (1, 11)  # two different values for dims that are not static (1 catches Min(dim, k))
 
 
 _CHANNEL_PRESERVING = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "BatchNormalization", "Identity",

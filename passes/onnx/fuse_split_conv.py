@@ -53,6 +53,7 @@ class _Chain:
     entry: ir.Value
     ops: list[ir.Node]
     read: g.ChannelRead | None = None  # None: the branch reads ``entry`` whole (shared input)
+    used_outside: ir.Value | None = None  # a value after the last conv that something else reads too
 
 
 @dataclass
@@ -134,6 +135,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
     def _match(self, model: ir.Model, concat: ir.Node) -> list[_Chain]:
         chains = [_walk_back(v) if v is not None else None for v in concat.inputs]
         with_conv = [c for c in chains if c is not None and any(op.op_type in CONV_OPS for op in c.ops)]
+        reached = [id(op) for c in with_conv if c.used_outside is not None for op in c.ops if op.op_type in CONV_OPS]
+        others = {id(op) for c in with_conv if c.used_outside is None for op in c.ops}
+        if len(set(reached)) != len(reached) or others.intersection(reached):
+            raise _NotACandidate  # one conv read twice (Relu(y), Sigmoid(y)): not parallel branches
         read = [c for c in with_conv if _is_reader_output(c.entry)]
         shared = {}
         for c in with_conv:
@@ -145,6 +150,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for value in concat.inputs:
             if value.is_graph_output() or len(value.uses()) != 1:
                 raise _Refused(f"branch output {value.name} is used outside the Concat")
+        for chain in chains:
+            if chain.used_outside is not None:
+                raise _Refused(f"branch value {chain.used_outside.name} is used outside the Concat")
         if len({id(v) for v in concat.inputs}) != len(concat.inputs):
             raise _Refused("a branch is concatenated twice")
         reading = [_is_reader_output(c.entry) for c in chains]
@@ -175,7 +183,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         convs = [next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains]
         weights = [_weight(conv) for conv in convs]
         widths = [_in_channels(conv, w) for conv, w in zip(convs, weights)]
-        pre_perms = [[g.attr_ints(op, "perm") for op in c.ops if op.op_type == "Transpose"][:1] for c in chains]
+        # Only a Transpose *before* the conv moves the axis the reader slices; one after it
+        # (Conv → Transpose(0,2,3,1) → Concat(axis=3)) says nothing about the reader.
+        pre_perms = [[g.attr_ints(op, "perm") for op in _before_conv(c.ops) if op.op_type == "Transpose"][:1]
+                     for c in chains]
         # The channel axis as the reader sees it: 1, or moved by a per-branch layout Transpose.
         reader_axis = pre_perms[0][0][1] if pre_perms[0] and pre_perms[0][0] else 1
         channels = g.static_dim(source, reader_axis)
@@ -237,7 +248,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 reason = "branches differ here: " + " vs ".join(sorted(kinds))
                 if conv_layers == 0:
                     raise _Refused(reason)
-                fused.stopped_because = f"{ops[0].op_type}-less point ({reason})"
+                # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
+                fused.stopped_because = "where the branches differ (" + " vs ".join(sorted(kinds)) + ")"
                 break
             kind = ops[0].op_type
             if kind in CONV_OPS:
@@ -250,8 +262,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 plan = outcome
                 if conv_layers == 0:
                     fused.in_channels = plan.in_channels
-                    if reading:
-                        fused.groups = plan.groups
+                    # Shared input: the wide conv (group 1) until a grouped layer follows; the
+                    # report must not say "groups=0" when the wide conv is all that fuses.
+                    fused.groups = plan.groups
                 elif fused.groups <= 1:
                     fused.groups = plan.groups
                 fused.out_channels = plan.out_channels
@@ -359,6 +372,13 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
             if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
                 inputs[index] = fused.constant(names.value(f"{tail.node.name or tail.kind}_fused.param{index}"), array)
+        for index, value in enumerate(inputs):
+            # A shared constant kept as is (Clip bounds, a scalar) may come from a Constant node
+            # that exporters place inside branch 0, after where the fused nodes go: the fused
+            # node would read it before it exists. Copy it into an initializer instead.
+            if index != tail.data_index and value is not None and value.producer() is not None:
+                array = g.const_array(value)
+                inputs[index] = fused.constant(names.value(f"{tail.node.name or tail.kind}_fused.input{index}"), array)
         name = names.node(f"{tail.node.name or tail.kind}_fused")
         return _clone_with(tail.node, inputs, name)
 
@@ -411,19 +431,29 @@ def _walk_back(value: ir.Value) -> _Chain:
     by the next, to where its branch starts."""
     ops = []
     current = value
+    used_outside = None
     while True:
         node = current.producer()
         if node is None or node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx"):
             break
         if current is not value and (len(current.uses()) != 1 or current.is_graph_output()):
-            break
+            if any(op.op_type in CONV_OPS for op in ops):
+                break  # behind a conv: where the branch starts (or a use _match reports)
+            # Between the last conv and the Concat (Conv → BN ⇉ graph output → Relu): walk on, so
+            # that the branch is still seen as one and refused with this reason, not skipped silently.
+            if used_outside is None:
+                used_outside = current
         data = _data_input(node)
         if data is None:
             break
         ops.append(node)
         current = data
     ops.reverse()
-    return _Chain(entry=current, ops=ops)
+    return _Chain(entry=current, ops=ops, used_outside=used_outside)
+
+
+def _before_conv(ops: list[ir.Node]) -> list[ir.Node]:
+    return ops[:next((i for i, op in enumerate(ops) if op.op_type in CONV_OPS), len(ops))]
 
 
 def _data_input(node: ir.Node) -> ir.Value | None:

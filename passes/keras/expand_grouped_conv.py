@@ -1,0 +1,132 @@
+"""Expand native grouped convolutions of a Keras functional model into N plain ones.
+
+    x → ConvND(groups=N)  ⇒  x → x[..., slice_i] (GetItem) → ConvND_i → Concatenate
+
+For runtimes without grouped convolutions. ``rewriter.plan.plan_expansion`` owns the rules and
+the weight arithmetic (Keras kernels ``[k…, I/g, O]`` split on the last axis). The Concatenate
+takes the grouped conv's name, so its consumers and the model's output names stay as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from passes import register
+from passes.keras._build import layer_object
+from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
+from passes.keras.fuse_grouped_conv import CONV_CLASSES
+from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
+from rewriter.report import Rewrite, Skip
+
+KIND = "keras-expand-grouped-conv"
+
+
+@dataclass
+class ExpandedConv:
+    """One planned expansion; as a ``_build.Replacement`` it emits the branches."""
+
+    conv: Call
+    plan: ExpansionPlan
+    channel_axis: int
+    legacy: bool
+    names: list[str]  # per branch: slice name, conv name
+    removed: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def source(self) -> TensorRef:
+        return self.conv.inputs[0]
+
+    def emit(self, source_tensor) -> dict[TensorRef, Any]:
+        import keras
+        from keras.src.ops.numpy import GetItem
+
+        conv = layer_object(self.conv.layer, self.legacy)
+        config = conv.get_config()
+        rank = len(source_tensor.shape)
+        outputs = []
+        for i, ((start, stop), weight, bias) in enumerate(zip(self.plan.channel_ranges, self.plan.weights,
+                                                             self.plan.biases)):
+            key = (Ellipsis, slice(start, stop)) if self.channel_axis == rank - 1 else \
+                tuple([slice(None)] * self.channel_axis + [slice(start, stop)])
+            piece = GetItem(name=self.names[2 * i])(source_tensor, key)
+            branch = type(conv).from_config({**config, "name": self.names[2 * i + 1], "groups": self.plan.groups_per_branch,
+                                            "filters": int(weight.shape[-1])})
+            out = branch(piece)
+            branch.set_weights([weight] + ([bias] if bias is not None else []))
+            outputs.append(out)
+        joined = keras.layers.Concatenate(axis=self.channel_axis - rank, name=self.conv.layer.name)(outputs)
+        return {TensorRef(self.conv.layer.name, self.conv.index, 0): joined}
+
+
+@register("keras.expand-grouped-conv")
+class ExpandGroupedConv:
+    """Plan the expansion of every grouped ConvND layer call, or say why not."""
+
+    def __init__(self, graph: KerasGraph, weights: WeightStore, shape_of, *, keep_depthwise: bool = False,
+                 min_groups: int = 2, max_groups: int | None = None):
+        self.graph = graph
+        self.weights = weights
+        self.shape_of = shape_of
+        self.keep_depthwise = keep_depthwise
+        self.min_groups = min_groups
+        self.max_groups = max_groups
+        self.names = set(graph.layers)
+        self.groups: list[ExpandedConv] = []
+        self.rewrites: list[Rewrite] = []
+        self.skipped: list[Skip] = []
+
+    def run(self) -> "ExpandGroupedConv":
+        for call in self.graph.calls():
+            layer = call.layer
+            groups = int(layer.config.get("groups", 1) or 1)
+            if layer.class_name not in CONV_CLASSES or groups < 2:
+                continue
+            reason = self._refuse(call, groups)
+            if reason:
+                self.skipped.append(Skip(layer.name, reason, [layer.name]))
+                continue
+            arrays = self.weights.get(layer.name)
+            kernel = arrays[0]
+            bias = arrays[1] if len(arrays) > 1 and layer.config.get("use_bias", True) else None
+            shape = self.shape_of(call.inputs[0])
+            data_format = layer.config.get("data_format") or "channels_last"
+            axis = len(shape) - 1 if data_format == "channels_last" else 1
+            plan = plan_expansion(kernel, bias, groups, shape[axis], stack_axis=-1)
+            if isinstance(plan, Refusal):
+                self.skipped.append(Skip(layer.name, plan.reason, [layer.name]))
+                continue
+            names = []
+            for i in range(plan.branches):
+                names += [self._fresh(f"{layer.name}_slice{i}"), self._fresh(f"{layer.name}_branch{i}")]
+            self.groups.append(ExpandedConv(call, plan, axis, self.graph.legacy, names, {call.key}))
+            self.rewrites.append(Rewrite(kind=KIND, location=layer.name, groups=groups,
+                                         channels={"in": int(shape[axis]), "out": int(kernel.shape[-1])},
+                                         nodes=[layer.name]))
+        return self
+
+    def _refuse(self, call: Call, groups: int) -> str | None:
+        if len(call.inputs) != 1:
+            return "the convolution reads several tensors"
+        if len(call.layer.calls) != 1:
+            return "the layer is shared by several calls"
+        shape = self.shape_of(call.inputs[0])
+        if not shape:
+            return "the shape of its input is unknown"
+        channels_last = (call.layer.config.get("data_format") or "channels_last") == "channels_last"
+        if self.keep_depthwise and groups == shape[-1 if channels_last else 1]:
+            return "depthwise (kept: --keep-depthwise)"
+        if groups < self.min_groups:
+            return f"group={groups} is below --min-groups {self.min_groups}"
+        if self.max_groups is not None and groups > self.max_groups:
+            return f"group={groups} is above --max-groups {self.max_groups}"
+        if not self.weights.get(call.layer.name):
+            return "the file holds no weights for it"
+        return None
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
