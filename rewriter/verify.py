@@ -77,10 +77,9 @@ def make_inputs(session, *, shapes: Mapping[str, list[int]], seed: int,
                 ([f"missing {', '.join(missing)}"] if missing else [])
                 + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
         return {s.name: given[s.name] for s in specs}
+    # --shape names of other models' inputs are fine (one flag set for a folder of models); a
+    # typo shows up as the dynamic input it failed to fill, with the names this model has.
     unknown_shapes = sorted(set(shapes) - {s.name for s in specs})
-    if unknown_shapes:
-        raise BadInput(f"--shape names {', '.join(unknown_shapes)}, but the model's inputs are "
-                       + ", ".join(s.name for s in specs))
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -92,9 +91,11 @@ def make_inputs(session, *, shapes: Mapping[str, list[int]], seed: int,
             dynamic = [str(d) if d else f"dim {i}" for i, d in enumerate(spec.shape) if not isinstance(d, int)]
             if dynamic:
                 example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
+                hint = (f" (--shape named {', '.join(unknown_shapes)}, but the model's inputs are "
+                        f"{', '.join(s.name for s in specs)})" if unknown_shapes else "")
                 raise VerificationImpossible(
                     f"input {spec.name!r} has dynamic dims ({', '.join(dynamic)}): set them with "
-                    f"--shape {spec.name}={example}")
+                    f"--shape {spec.name}={example}{hint}")
             shape = list(spec.shape)
         dtype = _ORT_TYPES.get(spec.type)
         if dtype is None:
