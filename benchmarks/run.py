@@ -301,7 +301,7 @@ def large_model(path: Path, blocks: int = 17, channels: int = 4096, groups: int 
 
 def bench_large_model(work: Path, quick: bool) -> dict:
     """Peak RSS of fusing a model whose external weights exceed protobuf's 2 GB limit."""
-    blocks = 2 if quick else 17
+    blocks = 1 if quick else 17
     src = work / "large.onnx"
     weights = large_model(src, blocks=blocks)
     bare = measure_process(_BARE_EXTERNAL, str(src), str(work / "large_bare.onnx"))
@@ -333,8 +333,30 @@ def bench_verification(work: Path, quick: bool) -> dict:
             "verify_over_inference": result.report.timings["verify"] / one}
 
 
+def bench_tensorflow(work: Path, quick: bool, tf_python: str | None = None) -> dict:
+    """The TF paths, each in its own interpreter (oneDNN must be set before TF is imported):
+    benchmarks/tf_expand.py (grouped vs expanded SavedModel, oneDNN off and on) and
+    benchmarks/keras_resnext.py (a legacy Lambda ResNeXt before/after conversion)."""
+    if quick:
+        return {"skipped": "--quick (TF start-up alone takes most of a minute); the test suite covers these paths"}
+    python = _python_with("tensorflow", tf_python)
+    if python is None:
+        return {"skipped": "no interpreter with tensorflow (pass --tf-python)"}
+    runs = {"tf_expand": [str(REPO / "benchmarks/tf_expand.py")] + (["--quick"] if quick else []),
+            "keras_resnext": [str(REPO / "benchmarks/keras_resnext.py")] + (["--size", "64", "--runs", "3"]
+                                                                             if quick else [])}
+    results = {}
+    for name, command in runs.items():
+        proc = subprocess.run([python, *command], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)})
+        results[name] = {"ok": proc.returncode == 0, "output": proc.stdout.strip()[-4000:],
+                         **({} if proc.returncode == 0 else {"error": proc.stderr.strip()[-600:]})}
+    return results
+
+
 SECTIONS = {"onnx_inference": bench_onnx_inference, "rewrite_cost": bench_rewrite_cost,
-            "scale": bench_scale, "large_model": bench_large_model, "verification": bench_verification}
+            "scale": bench_scale, "large_model": bench_large_model, "verification": bench_verification,
+            "tensorflow": bench_tensorflow}
 
 
 def markdown(results: dict) -> str:
@@ -368,6 +390,15 @@ def markdown(results: dict) -> str:
                 f"{r['fuse_no_verify']['peak_rss_mb']:.0f} MB = **{r['fuse_rss_over_weights']:.2f} × the weights** "
                 f"in {r['fuse_no_verify']['wall_s']:.1f} s; bare onnx_ir load+save: "
                 f"{r['bare_load_save']['peak_rss_mb']:.0f} MB in {r['bare_load_save']['wall_s']:.1f} s", ""]
+    if "tensorflow" in results:
+        r = results["tensorflow"]
+        out += ["**TensorFlow / Keras**", ""]
+        if "skipped" in r:
+            out += [f"skipped: {r['skipped']}", ""]
+        for name, run in r.items():
+            if isinstance(run, dict):
+                out += [f"`benchmarks/{name}.py`" + ("" if run["ok"] else " FAILED: " + run.get("error", "")), "",
+                        "```", run["output"], "```", ""]
     if "verification" in results:
         r = results["verification"]
         out += [f"**Verification cost**: {r['verify_s']:.2f} s = {r['verify_over_inference']:.1f} × one "
@@ -393,7 +424,9 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             start = time.perf_counter()
-            if name == "onnx_inference" and not args.quick:
+            if name == "tensorflow":
+                results[name] = bench(Path(tmp), args.quick, args.tf_python)
+            elif name == "onnx_inference" and not args.quick:
                 real = export_real(Path(tmp), args.torch_python, args.tf_python)
                 results[name] = bench(Path(tmp), args.quick, real)
             else:
