@@ -71,6 +71,7 @@ class _Fused:
     stopped_because: str | None = None  # where and why the branches stop agreeing
     complete: bool = False  # every op of every branch fused: the result replaces the Concat
     location: str = ""  # the fused node that stands for the pattern in reports
+    location_is_grouped: bool = False
     initializers: list[ir.Value] = field(default_factory=list)  # registered only when emitted
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
@@ -275,9 +276,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 if plan.bias is not None:
                     inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
                 node = _clone_with(ops[0], inputs, name, group=plan.groups)
-                if not fused.location or (plan.groups > 1 and fused.groups == plan.groups and conv_layers == 0) \
-                        or (plan.groups > 1 and "_group" not in fused.location):
-                    fused.location = name
+                # Reports point at the first grouped conv (the wide one if none is grouped).
+                if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
+                    fused.location, fused.location_is_grouped = name, plan.groups > 1
                 branch_channels = [_out_channels(op) for op in ops]
                 axis = 1
                 conv_layers += 1
