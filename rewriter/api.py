@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -114,6 +116,25 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
     if fmt != "onnx" or (options.to not in (None, "onnx")):
         return _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
+    with _collector_paused():
+        return _rewrite_onnx(model, mode=mode, output=output, apply=apply, options=options)
+
+
+@contextmanager
+def _collector_paused():
+    """A graph is a web of cycles (values know their users, nodes their graph): Python's cycle
+    collector would rescan all of it again and again while it grows, making big models cost
+    more per node. Nothing here needs it until the rewrite is done."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) -> Result:
     with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
         scratch = Path(scratch_dir)
         report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
