@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -46,6 +46,8 @@ class Options:
     signature: str = "serving_default"
     trust_lambdas: bool = False  # allow running Lambda bytecode found in a Keras file
     repair_late_binding: bool = False
+    # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
+    progress: Callable[[str, float], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -138,6 +140,7 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
     with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
         scratch = Path(scratch_dir)
         report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
+        report.on_phase = options.progress
         output_path = Path(output) if output is not None else None
         if output_path is not None:
             formats.check_output_path(output_path, [Path(model)] if not isinstance(model, ir.Model) else [],
@@ -200,6 +203,7 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
         raise BadInput(f"{path}: {fmt} models need the TensorFlow extra "
                        f"(pip install 'gconv-rewrite[tensorflow]'); missing: {missing}") from exc
     report = Report(input=str(path), mode=mode)
+    report.on_phase = options.progress
     output_path = Path(output) if output is not None else None
     if output_path is not None:
         formats.check_output_path(output_path, [path], options.force)

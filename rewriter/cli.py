@@ -8,6 +8,7 @@ progress and logs go to stderr, progress only on a terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,6 +144,13 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         _fail(error, verbose)
 
     progress = sys.stderr.isatty() and not quiet
+    if progress and jobs == 1:
+        # Per phase, for models that take more than a second (worker processes report per model).
+        def show_phase(phase: str, seconds: float) -> None:
+            if seconds > 1.0:
+                click.echo(f"  … {phase} done ({seconds:.1f} s)", err=True)
+
+        options = dataclasses.replace(options, progress=show_phase)
 
     def on_done(index: int, result: batch.JobResult) -> None:
         if progress and many:

@@ -80,6 +80,10 @@ class Report:
             yield
         finally:
             self.timings[phase] = round(self.timings.get(phase, 0.0) + time.perf_counter() - start, 4)
+            # A plain attribute, not a field: progress display is not part of the report's data.
+            listener = getattr(self, "on_phase", None)
+            if listener is not None:
+                listener(phase, sum(self.timings.values()))
 
 
 def count_ops(op_types) -> dict[str, int]:

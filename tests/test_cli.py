@@ -270,3 +270,11 @@ def test_version_and_module_entry_point(split_model):
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 1, proc.stderr
     assert "check: 1 fusable pattern found" in proc.stdout
+
+
+def test_progress_callback_gets_every_phase(split_model, tmp_path):
+    import rewriter
+
+    seen = []
+    rewriter.fuse(split_model, output=tmp_path / "p.onnx", progress=lambda phase, seconds: seen.append(phase))
+    assert seen == ["load", "rewrite", "save", "checker", "verify"]
