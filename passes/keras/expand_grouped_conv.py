@@ -16,6 +16,7 @@ from passes import register
 from passes.keras._build import layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras.fuse_grouped_conv import CONV_CLASSES
+from rewriter.names import fresh_name
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 
@@ -125,8 +126,4 @@ class ExpandGroupedConv:
         return None
 
     def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)

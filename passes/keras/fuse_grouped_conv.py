@@ -25,6 +25,7 @@ from passes.keras import _lambdas
 from passes.keras._build import layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
+from rewriter.names import fresh_name
 from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_tail
 from rewriter.report import Rewrite, Skip
 
@@ -266,11 +267,7 @@ class FuseGroupedConv:
                     raise _Refused(f"{call.layer.name} has outputs that feed no branch of this Concatenate")
 
     def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     def _branch(self, b: BranchMatch) -> Branch:
         layer = b.conv.layer

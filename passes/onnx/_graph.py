@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from rewriter.names import fresh_name
+
 # Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
 OPEN_END = 2**31 - 1
 
@@ -243,16 +245,8 @@ class Names:
         for node in graph:
             self._values.update(o.name for o in node.outputs if o.name)
 
-    @staticmethod
-    def _fresh(base: str, taken: set[str]) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
-
     def node(self, base: str) -> str:
-        return self._fresh(base, self._nodes)
+        return fresh_name(base, self._nodes)
 
     def value(self, base: str) -> str:
-        return self._fresh(base, self._values)
+        return fresh_name(base, self._values)

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
+from rewriter.names import fresh_name
+
 
 def split_input(ref: str) -> tuple[str, int]:
     """``"a/b:2"`` → ``("a/b", 2)``; ``"a/b"`` → ``("a/b", 0)``. Control inputs are not tensors."""
@@ -128,11 +130,7 @@ class Names:
         self._taken = {n.name for n in graph_def.node}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
+        return fresh_name(base, self._taken)
 
 
 def prune(graph_def: graph_pb2.GraphDef, keep: list[str]) -> graph_pb2.GraphDef:
