@@ -46,6 +46,8 @@ class Options:
     signature: str = "serving_default"
     trust_lambdas: bool = False  # allow running Lambda bytecode found in a Keras file
     repair_late_binding: bool = False
+    # Fusion: fold a BatchNormalization (or per-channel Mul/Add) that reads only a fused conv.
+    fold_bn: bool = True
     # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
     progress: Callable[[str, float], None] | None = field(default=None, compare=False)
 
@@ -78,9 +80,13 @@ def model_stats(model: ir.Model) -> ModelStats:
 
 def _passes(mode: str, rewrite: bool, options: Options):
     if mode == "fuse":
-        from passes.onnx import FuseSplitConvPass
+        from passes.onnx import FoldBatchNormPass, FuseSplitConvPass
 
-        return [FuseSplitConvPass(rewrite=rewrite)]
+        fuse_pass = FuseSplitConvPass(rewrite=rewrite)
+        if not (rewrite and options.fold_bn):
+            return [fuse_pass]
+        # Built when it runs: it folds into the convolutions the fusion wrote.
+        return [fuse_pass, lambda: FoldBatchNormPass(fuse_pass.fused_convs)]
     from passes.onnx import ExpandGroupedConvPass
 
     return [ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
@@ -153,6 +159,8 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
             report.before = model_stats(working)
         with report.timed("rewrite"):
             for rewrite_pass in _passes(mode, apply, options):
+                if not isinstance(rewrite_pass, ir.passes.PassBase):
+                    rewrite_pass = rewrite_pass()
                 rewrite_pass(working)
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)

@@ -90,6 +90,9 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random verification inputs.")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="With --fuse: fold a BatchNormalization (or per-channel Mul/Add) that reads only a fused "
+                   "conv into its weights, as a native export would.")
 @click.option("--keep-depthwise", is_flag=True,
               help="With --expand: leave depthwise convolutions (group == channels) alone.")
 @click.option("--min-groups", type=click.IntRange(min=2), default=2, show_default=True,
@@ -108,7 +111,7 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
 def main(models, mode, output, force, check, dry_run, report_path, output_format, jobs, verify, inputs, shapes,
-         atol, rtol, seed, keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding,
+         atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding,
          quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
@@ -129,7 +132,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         options = Options(verify=verify, atol=atol, rtol=rtol, seed=seed, shapes=parse_shapes(shapes),
                           inputs=inputs, force=force, keep_depthwise=keep_depthwise, min_groups=min_groups,
                           max_groups=max_groups, to=to, signature=signature, trust_lambdas=trust_lambdas,
-                          repair_late_binding=repair_late_binding)
+                          repair_late_binding=repair_late_binding, fold_bn=fold_bn)
         many = batch.is_batch(models)
         if many and output is not None and output.exists() and not output.is_dir():
             raise RewriteError(f"{output}: with several models, -o names a folder")

@@ -94,7 +94,8 @@ def test_every_fixture_has_a_pattern():
 
 
 def _fuse(path: Path, out: Path, shapes: dict) -> rewriter.api.Result:
-    return rewriter.fuse(path, output=out, verify=True, shapes=shapes)
+    # The fusion alone: what follows a Concat is kept here (folding it is test_onnx_constants').
+    return rewriter.fuse(path, output=out, verify=True, shapes=shapes, fold_bn=False)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f"{f.parent.name}/{f.stem}" for f in FILES])

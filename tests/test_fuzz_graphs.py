@@ -77,7 +77,8 @@ def test_fusion_never_changes_outputs_and_is_stable(segments, channels, opset):
         source = tmp / "m.onnx"
         onnx.save(model, source)
         result = rewriter.fuse(source, output=tmp / "a.onnx")  # raises VerificationFailed on any change
-        assert len(result.report.rewrites) == fusable
+        # (A per-channel constant op right after a fused group folds into it: its own record.)
+        assert len([r for r in result.report.rewrites if r.kind != "fold-batchnorm"]) == fusable
         near_misses = sum(1 for s in segments if s[0] == "candidate" and s[5] is not None)
         assert len(result.report.skipped) == near_misses
         if fusable:

@@ -20,17 +20,110 @@ def opset_of(node: ir.Node, model: ir.Model) -> int:
     return model.opset_imports.get(node.domain or "", model.opset_imports.get("ai.onnx", 1))
 
 
+# Ops a constant may pass through on its way to where a pass reads it: the PyTorch exporter feeds
+# deduplicated initializers (equal BN-folded biases, BN parameters) through Identity, and
+# exporters write small constant expressions (Cast, Reshape, Unsqueeze...) over weights.
+CONSTANT_EXPRESSION_OPS = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze",
+                                     "Transpose", "Concat", "Flatten", "Neg", "Expand"})
+_MAX_CONSTANT_DEPTH = 16  # a deeper chain is not "a small constant expression"
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind a value (initializer or Constant node), or None."""
+    """The constant behind a value, or None: an initializer, a ``Constant`` node, or a small
+    constant expression over them (``Identity`` chains, Cast, Reshape, Squeeze/Unsqueeze,
+    Transpose, Concat...), evaluated with onnx's reference implementation of each op. Nothing in
+    the graph changes: a constant read elsewhere stays where it is."""
+    return _resolve(value, _MAX_CONSTANT_DEPTH)
+
+
+def _resolve(value: ir.Value | None, depth: int) -> np.ndarray | None:
     if value is None:
         return None
     try:
         tensor = ir.convenience.get_const_tensor(value)
     except ValueError:
         return None
-    if tensor is None:
+    if tensor is not None:
+        return tensor.numpy()
+    node = value.producer()
+    if (node is None or depth <= 0 or node.op_type not in CONSTANT_EXPRESSION_OPS
+            or node.domain not in ("", "ai.onnx") or value.is_graph_input()):
         return None
-    return tensor.numpy()
+    if node.op_type == "Identity":
+        return _resolve(node.inputs[0], depth - 1)
+    arrays = [None if v is None else _resolve(v, depth - 1) for v in node.inputs]
+    if any(a is None for v, a in zip(node.inputs, arrays) if v is not None):
+        return None
+    return _evaluate(node, arrays)
+
+
+def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    """One node of a constant expression, run by ``onnx.reference`` on its constant inputs."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if a is not None else "" for i, a in enumerate(arrays)]
+    proto = ir.serde.serialize_node(node)
+    del proto.input[:]
+    proto.input.extend(names)
+    del proto.output[1:]
+    proto.output[0] = "out"
+    initializers = [onnx.numpy_helper.from_array(a, n) for a, n in zip(arrays, names) if a is not None]
+    graph = onnx.helper.make_graph([proto], "constant", [], [onnx.helper.make_tensor_value_info("out", 0, None)],
+                                   initializer=initializers)
+    opset = _opset_of_graph(node)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception:  # an expression the reference cannot run is simply not a constant
+        return None
+
+
+def _opset_of_graph(node: ir.Node) -> int:
+    """The opset to run one constant-expression node under. A subgraph does not know its model's
+    opset; of the ops folded here only Squeeze/Unsqueeze changed form (axes moved from attribute
+    to input at 13), so the node's own form tells."""
+    if node.version is not None:
+        return node.version
+    opsets = node.graph.opset_imports if node.graph is not None else {}
+    if "" in opsets or "ai.onnx" in opsets:
+        return opsets.get("", opsets.get("ai.onnx"))
+    return 11 if "axes" in node.attributes else 18
+
+
+def is_replaceable(value: ir.Value | None) -> bool:
+    """Whether a constant can be replaced at run time: it is (or is computed from) an initializer
+    that is also a graph input."""
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.is_graph_input():
+            return True
+        node = current.producer()
+        if node is not None and node.op_type in CONSTANT_EXPRESSION_OPS and len(seen) < 256:
+            pending.extend(node.inputs)
+    return False
+
+
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """A constant's shape without reading its data where possible (its tensor or recorded
+    shape, through Identity), else from its value."""
+    current = value
+    for _ in range(_MAX_CONSTANT_DEPTH):
+        if current is None:
+            return None
+        shape = current.const_value.shape if current.const_value is not None else current.shape
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            return tuple(int(d) for d in shape)
+        node = current.producer()
+        if node is None or node.op_type != "Identity":
+            break
+        current = node.inputs[0]
+    array = const_array(value)
+    return None if array is None else tuple(array.shape)
 
 
 def const_ints(value: ir.Value | None) -> list[int] | None:

@@ -96,7 +96,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         transpose = conv.op_type == "ConvTranspose"
 
         # The weight's shape decides depthwise-ness without reading its data.
-        shape = _static_shape(weight_value)
+        shape = g.const_shape(weight_value)
         if shape is not None and self.keep_depthwise and _in_channels(shape, groups, transpose) == groups:
             return DEPTHWISE_KEPT, None, None
 
@@ -104,7 +104,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         if weight is None:
             return "weights are not constants (initializer or Constant node); cannot split them ahead of time", \
                 None, None
-        if weight_value.is_graph_input():
+        if g.is_replaceable(weight_value):
             return ("weights are an initializer that is also a graph input (replaceable at run time); "
                     "cannot split them ahead of time"), None, None
         if weight.ndim < 3:
@@ -119,7 +119,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             if bias is None:
                 return "bias is not a constant (initializer or Constant node); cannot split it ahead of time", \
                     None, None
-            if bias_value.is_graph_input():
+            if g.is_replaceable(bias_value):
                 return ("bias is an initializer that is also a graph input (replaceable at run time); "
                         "cannot split it ahead of time"), None, None
         out_channels = weight.shape[1] * groups if transpose else weight.shape[0]
@@ -175,14 +175,6 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
 
 def _in_channels(weight_shape, groups: int, transpose: bool) -> int:
     return int(weight_shape[0]) if transpose else int(weight_shape[1]) * groups
-
-
-def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The weight's shape from its tensor or its recorded shape, without reading its data."""
-    shape = value.const_value.shape if value.const_value is not None else value.shape
-    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
 
 
 def _remove_dead_values(graph: ir.Graph, values: list[ir.Value]) -> None:

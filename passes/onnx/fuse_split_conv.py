@@ -30,7 +30,8 @@ from passes import register
 from passes.onnx import _graph as g
 from passes.onnx._fold import channels_of, fold_many
 from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
-from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion, plan_shared_input, plan_tail
+from rewriter.plan import (Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input,
+                           plan_tail)
 from rewriter.report import Rewrite, Skip
 
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -73,6 +74,7 @@ class _Fused:
     location: str = ""  # the fused node that stands for the pattern in reports
     location_is_grouped: bool = False
     initializers: list[ir.Value] = field(default_factory=list)  # registered only when emitted
+    convs: list[ir.Node] = field(default_factory=list)  # the fused convolutions among ``nodes``
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         # Type and shape come from the tensor; setting them on the value would add value_info.
@@ -90,6 +92,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
+        self.fused_convs: list[ir.Node] = []  # what onnx.fold-batchnorm may fold into
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -128,6 +131,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                                      "the rest stays per branch", [], label))
             if self.rewrite:
                 self._emit(graph, position, concat, chains, readers, fused)
+                # What followed the Concat (a legacy export's BatchNormalization) may fold into the
+                # fused conv; tails the branches applied themselves stay as the user wrote them.
+                if fused.complete and fused.convs and fused.convs[-1] is fused.nodes[-1]:
+                    self.fused_convs.append(fused.convs[-1])
                 modified = True
         return modified
 
@@ -276,6 +283,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 if plan.bias is not None:
                     inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
                 node = _clone_with(ops[0], inputs, name, group=plan.groups)
+                fused.convs.append(node)
                 # Reports point at the first grouped conv (the wide one if none is grouped).
                 if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
                     fused.location, fused.location_is_grouped = name, plan.groups > 1
@@ -327,19 +335,24 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                    branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:
         if len({c.op_type for c in convs}) > 1:
             return Refusal("branches mix Conv and ConvTranspose")
+        # Why a near miss is one: what the branches do differently comes before whether their
+        # values are constants, so that the reason names the real cause.
+        structural = _structural_refusal(convs, chains if layer == 0 else None)
+        if structural is not None:
+            return structural
         branches = []
         start = 0
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
                 return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are not constants")
-            if conv.inputs[1].is_graph_input():
+            if g.is_replaceable(conv.inputs[1]):
                 return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are graph inputs "
                                "(replaceable at run time)")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2])
-                if bias is None or conv.inputs[2].is_graph_input():
+                if bias is None or g.is_replaceable(conv.inputs[2]):
                     return Refusal(f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
             width = _in_channels(conv, weight)
             if layer == 0 and chain.read is not None:
@@ -425,6 +438,41 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, part)
         graph.remove(old_nodes, safe=True)
         g.remove_dead_producers(graph, old_inputs)
+
+
+def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Refusal | None:
+    """What the branch convolutions do differently, read from their attributes and weight shapes
+    only (no weight data): group, kernel, strides, pads, dilations; and, for the first layer, the
+    channel ranges they read (order, gaps, overlaps)."""
+    if chains is not None and all(c.read is not None and c.read.start is not None and c.read.stop is not None
+                                  for c in chains):
+        ranges = [(c.read.start, c.read.stop) for c in chains]
+        if sorted(ranges) != ranges or any(b[0] < a[1] for a, b in zip(sorted(ranges), sorted(ranges)[1:])):
+            reason = check_channel_ranges(ranges, None)
+            if reason is not None:
+                return Refusal(reason)
+    groups = [g.attr_int(conv, "group", 1) for conv in convs]
+    if len(set(groups)) > 1:
+        return Refusal("branches have different group counts: " + ",".join(map(str, groups)))
+    shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
+    if all(shape is not None for shape in shapes):
+        if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
+            kernels = [shape[1:] for shape in shapes]
+            return Refusal("different kernel shapes between branches: "
+                           + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
+        rank = len(shapes[0]) - 2
+        attributes = [g.conv_shape_attributes(conv, rank) for conv in convs]
+        for key in sorted(set().union(*attributes)):
+            distinct = list(dict.fromkeys(_describe(a.get(key)) for a in attributes))
+            if len(distinct) > 1:
+                return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
+    return None
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
 
 
 def _walk_back(value: ir.Value) -> _Chain:
