@@ -217,3 +217,43 @@ def test_mul_and_add_of_per_channel_constants_fold_too(tmp_path):
     assert op_counts(fused) == {"Conv": 1}
     assert fused.graph.output[0].name == "add_out" and nodes(fused, "Conv")[0].output[0] == "add_out"
     assert_same_outputs(source, output)
+
+
+def function_model() -> onnx.ModelProto:
+    """A model whose grouped block lives in a local function (weights as Constant nodes, as
+    functions cannot hold initializers), called twice from the main graph."""
+    rng = np.random.default_rng(0)
+    body = [helper.make_node("Split", ["x"], ["a", "b"], axis=1)]
+    outs = []
+    for i, part in enumerate(["a", "b"]):
+        weight = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"w{i}")
+        body.append(helper.make_node("Constant", [], [f"w{i}"], value=weight))
+        body.append(helper.make_node("Conv", [part, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4))
+        outs.append(f"c{i}")
+    body.append(helper.make_node("Concat", outs, ["y"], name="cat", axis=1))
+    function = helper.make_function("local", "GroupedBlock", ["x"], ["y"], body,
+                                    [helper.make_opsetid("", 17)])
+    calls = [helper.make_node("GroupedBlock", ["x"], ["h"], domain="local", name="call0"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("GroupedBlock", ["r"], ["out"], domain="local", name="call1")]
+    graph = helper.make_graph(calls, "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_patterns_inside_local_functions_are_fused_and_verified(tmp_path):
+    source, output = tmp_path / "f.onnx", tmp_path / "f.fused.onnx"
+    onnx.save(function_model(), source)
+    assert [(r.groups, r.graph) for r in rewriter.check(source).rewrites] == [(2, "function GroupedBlock")]
+    result = rewriter.fuse(source, output=output)
+    assert result.report.verification.passed
+    fused = onnx.load(output)
+    onnx.checker.check_model(fused, full_check=True)
+    body = fused.functions[0].node
+    assert [n.op_type for n in body] == ["Constant", "Conv"]
+    assert attribute(body[1], "group") == 2
+    assert_same_outputs(source, output)

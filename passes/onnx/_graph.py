@@ -290,9 +290,27 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None, fold=None)
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     # Type and shape come from the tensor; setting them on the value would add value_info entries.
-    value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array, order="C"), name=name))
     graph.register_initializer(value)
     return value
+
+
+def add_constants(graph: ir.Graph, values: list[ir.Value], *, as_nodes: bool) -> None:
+    """Make ``values`` (each holding a tensor) part of ``graph``: initializers, or, in a function
+    body (which cannot hold initializers), Constant nodes at its start."""
+    if not as_nodes:
+        for value in values:
+            graph.register_initializer(value)
+        return
+    first = next(iter(graph), None)
+    for value in values:
+        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", value.const_value)], name=f"{value.name}_constant")
+        ir.convenience.replace_all_uses_with(value, node.outputs[0])
+        node.outputs[0].name = value.name
+        if first is None:
+            graph.append(node)
+        else:
+            graph.insert_before(first, node)
 
 
 def remove_dead_producers(graph: ir.Graph, values) -> None:

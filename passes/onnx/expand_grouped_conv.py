@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
+from passes.onnx import _qdq
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 
@@ -101,6 +102,9 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             return DEPTHWISE_KEPT, None, None
 
         weight = g.const_array(weight_value)
+        if weight is None and _is_quantized(weight_value):
+            return ("weights are quantized (DequantizeLinear); expanding quantized weights is not supported",
+                    None, None)
         if weight is None:
             return "weights are not constants (initializer or Constant node); cannot split them ahead of time", \
                 None, None
@@ -171,6 +175,13 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(
             graph, conv, [conv], [split, *branches, concat], [conv.outputs[0]], [concat.outputs[0]])
         _remove_dead_values(graph, old_inputs)
+
+
+def _is_quantized(value: ir.Value) -> bool:
+    try:
+        return _qdq.read_quantized(value) is not None
+    except _qdq.NotExact:
+        return True
 
 
 def _in_channels(weight_shape, groups: int, transpose: bool) -> int:

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
+from passes.onnx import _qdq
 from passes.onnx._fold import channels_of, fold_many
 from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
 from rewriter.plan import (Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input,
@@ -78,7 +79,7 @@ class _Fused:
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         # Type and shape come from the tensor; setting them on the value would add value_info.
-        value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+        value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array, order="C"), name=name))
         self.initializers.append(value)
         return value
 
@@ -98,13 +99,20 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         modified = False
         for graph in model.graphs():
             modified |= self._fuse_graph(model, graph)
+        # Local functions too: their bodies run wherever the model calls them.
+        for function in model.functions.values():
+            for graph in function.graph.subgraphs():
+                modified |= self._fuse_graph(model, graph, f"function {function.name}")
+            modified |= self._fuse_graph(model, function.graph, f"function {function.name}")
         return ir.passes.PassResult(model, modified)
 
-    def _fuse_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
+    def _fuse_graph(self, model: ir.Model, graph: ir.Graph, label: str | None = None) -> bool:
         names = g.Names(graph)
         position = {id(node): i for i, node in enumerate(graph)}
         modified = False
-        label = "" if graph is model.graph else (graph.name or "subgraph")
+        self._in_function = label is not None
+        if label is None:
+            label = "" if graph is model.graph else (graph.name or "subgraph")
         for concat in [n for n in graph if n.op_type == "Concat" and n.domain in ("", "ai.onnx")]:
             location = concat.name or concat.outputs[0].name or "Concat"
             try:
@@ -200,7 +208,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         channels = g.static_dim(source, reader_axis)
         if channels is None and reader_axis == 1:
             channels = channels_of(source)
-        if channels is None and first_reader.op_type == "Split":
+        if channels is None and first_reader.op_type == "Split" and None not in widths:
             channels = sum(widths)  # a Split hands out all its channels
         # Slice bounds computed at run time (PyTorch's torch.chunk): fold them all in one go.
         bounds = [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None]
@@ -282,6 +290,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
                 if plan.bias is not None:
                     inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
+                for index, role in ((1, "weight"), (2, "bias")):
+                    parts = self._quantization[role]
+                    if parts is not None:  # QDQ: the stacked integers, dequantized as the branches were
+                        inputs[index] = _dequantize(fused, names, f"{name}.{role}", inputs[index], parts)
                 node = _clone_with(ops[0], inputs, name, group=plan.groups)
                 fused.convs.append(node)
                 # Reports point at the first grouped conv (the wide one if none is grouped).
@@ -342,6 +354,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             return structural
         branches = []
         start = 0
+        quantized = _read_quantization(convs)
+        if isinstance(quantized, Refusal):
+            return quantized
+        self._quantization = quantized
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
@@ -351,7 +367,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                                "(replaceable at run time)")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-                bias = g.const_array(conv.inputs[2])
+                bias = g.const_array(conv.inputs[2]) if quantized["bias"] is None else quantized["bias"][i].data
                 if bias is None or g.is_replaceable(conv.inputs[2]):
                     return Refusal(f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
             width = _in_channels(conv, weight)
@@ -416,9 +432,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         # In front of the first node of the structure: the source is ready there, and every
         # node that reads the fused result comes later.
         first = min(old_nodes, key=lambda node: position.get(id(node), len(position)))
-        for value in fused.initializers:
-            graph.register_initializer(value)
         graph.insert_before(first, fused.nodes)
+        g.add_constants(graph, fused.initializers, as_nodes=self._in_function)
         old_inputs = [v for node in old_nodes for v in node.inputs]
         if fused.complete:
             old_output = concat.outputs[0]
@@ -438,6 +453,49 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, part)
         graph.remove(old_nodes, safe=True)
         g.remove_dead_producers(graph, old_inputs)
+
+
+def _read_quantization(convs: list[ir.Node]) -> dict | Refusal:
+    """Which of weight and bias every branch reads through a DequantizeLinear (QDQ models):
+    {"weight": [Quantized...] | None, "bias": ...}; a refusal when branches differ in that or use
+    a form that does not stack exactly."""
+    found = {}
+    for index, role in ((1, "weight"), (2, "bias")):
+        try:
+            parts = [_qdq.read_quantized(conv.inputs[index]) if len(conv.inputs) > index else None
+                     for conv in convs]
+        except _qdq.NotExact as exc:
+            return Refusal(str(exc))
+        if all(p is None for p in parts):
+            found[role] = None
+            continue
+        if any(p is None for p in parts):
+            return Refusal(f"some branches have a quantized {role} (DequantizeLinear), others not")
+        if convs[0].op_type != "Conv":
+            return Refusal(f"quantized {convs[0].op_type} {role}s are not fused")
+        try:
+            _qdq.stack(parts)
+        except _qdq.NotExact as exc:
+            return Refusal(str(exc))
+        found[role] = parts
+    return found
+
+
+def _dequantize(fused: _Fused, names: g.Names, name: str, data: ir.Value, parts: list) -> ir.Value:
+    """A DequantizeLinear of the stacked integer ``data`` with the branches' scales and zero
+    points (per tensor where they all agree, else per output channel)."""
+    scale, zero_point = _qdq.stack(parts)
+    inputs = [data, fused.constant(names.value(f"{name}.scale"), scale)]
+    if zero_point is not None:
+        inputs.append(fused.constant(names.value(f"{name}.zero_point"), zero_point))
+    template = parts[0].node
+    attributes = [a for key, a in template.attributes.items() if key != "axis"]
+    if scale.ndim == 1:
+        attributes.append(ir.AttrInt64("axis", 0))
+    node = ir.Node(template.domain, "DequantizeLinear", inputs, attributes, name=names.node(f"{name}_dequantize"),
+                   version=template.version)
+    fused.nodes.append(node)
+    return node.outputs[0]
 
 
 def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Refusal | None:
@@ -520,7 +578,18 @@ def _is_reader_output(value: ir.Value) -> bool:
 
 
 def _weight(conv: ir.Node) -> np.ndarray | None:
-    return g.const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    """The weight as stored: a constant, or the integer data a DequantizeLinear reads (its shape
+    is the weight's)."""
+    if len(conv.inputs) < 2 or conv.inputs[1] is None:
+        return None
+    array = g.const_array(conv.inputs[1])
+    if array is None:
+        try:
+            quantized = _qdq.read_quantized(conv.inputs[1])
+        except _qdq.NotExact:
+            return None
+        array = quantized.data if quantized is not None else None
+    return array
 
 
 def _in_channels(conv: ir.Node, weight: np.ndarray | None) -> int | None:
