@@ -25,7 +25,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from passes.keras._config import Call, KerasGraph, LayerSpec, TensorRef, WeightStore, legacy_leaves
+from passes.keras._config import (Call, KerasGraph, LayerSpec, TensorRef, WeightStore, first_arg_count,
+                                  is_constant_leaf, kwarg_refs, legacy_kwargs, legacy_leaves)
 from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
 from rewriter.errors import BadInput
 
@@ -39,9 +40,15 @@ class Replacement(Protocol):
 
 @dataclass
 class Built:
-    model: Any  # keras.Model
+    model: Any  # keras.Model; None when a lenient build could not reach every output
     tensors: dict[TensorRef, Any]
     layers: dict[str, Any]  # layer name → Keras layer or operation object
+    # Lenient builds: call key → why it was not built (its own failure, or the one upstream of it).
+    unbuilt: dict[tuple[str, int], BadInput] = field(default_factory=dict)
+
+    def first_failure(self) -> BadInput | None:
+        """The failure the others follow from (the first layer that could not be rebuilt)."""
+        return next(iter(self.unbuilt.values()), None)
 
 
 @dataclass
@@ -53,6 +60,10 @@ class BuildOptions:
     # reads several), e.g. to probe it; may return the output shape (without the batch dim).
     on_lambda: Callable[[Call, Any], Any] | None = None
     trusted: bool = False  # the user trusts the file's code (nested models' Lambdas may load)
+    # Build what can be built: a layer Keras 3 cannot rebuild (a TFOpLambda without a rebuild, an
+    # unknown class) is recorded in ``Built.unbuilt`` with everything downstream of it, instead of
+    # stopping the build (analysis only needs the shapes it can get; Lambdas still stop it).
+    lenient: bool = False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,6 +104,7 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
 
     tensors: dict[TensorRef, Any] = {}
     objects: dict[str, Any] = {}
+    unbuilt: dict[tuple[str, int], BadInput] = {}
     removed = set().union(*(r.removed for r in options.replacements)) if options.replacements else set()
     pending = [c for c in graph.calls() if c.key not in removed]
     replacements = list(options.replacements)
@@ -105,8 +117,17 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
             progress = True
         waiting = []
         for call in pending:
-            if all(ref in tensors for ref in call.inputs):
-                _run_call(graph, call, tensors, objects, options)
+            upstream = next((unbuilt[(r.layer, r.node)] for r in call.inputs if (r.layer, r.node) in unbuilt), None)
+            if upstream is not None:
+                unbuilt[call.key] = upstream
+                progress = True
+            elif all(ref in tensors for ref in call.inputs):
+                try:
+                    _run_call(graph, call, tensors, objects, options)
+                except BadInput as exc:
+                    if not options.lenient or call.layer.class_name in ("Lambda", "InputLayer"):
+                        raise
+                    unbuilt[call.key] = exc
                 progress = True
             else:
                 waiting.append(call)
@@ -115,6 +136,8 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
             raise BadInput(f"the model config cannot be ordered: layers {names} read tensors no layer makes")
         pending = waiting
 
+    if any((r.layer, r.node) in unbuilt for r in graph.outputs):
+        return Built(None, tensors, objects, unbuilt)
     inputs = [tensors[r] for r in graph.inputs]
     outputs = [tensors[r] for r in graph.outputs]
     try:
@@ -122,7 +145,7 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
                             outputs=outputs if len(outputs) > 1 else outputs[0], name=graph.name)
     except Exception as exc:
         raise BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})") from exc
-    return Built(model, tensors, objects)
+    return Built(model, tensors, objects, unbuilt)
 
 
 def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOptions) -> None:
@@ -216,10 +239,28 @@ def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]
         except Exception as exc:
             raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
         return tree.map_structure(revive, args), tree.map_structure(revive, kwargs or {})
-    leaves = legacy_leaves(call.data)
-    kwargs = dict(leaves[-1][3]) if leaves and len(leaves[-1]) == 4 and isinstance(leaves[-1][3], dict) else {}
-    built = [tensors[ref] for ref in call.inputs]  # the parsed refs: node indexes already corrected
+    # The parsed refs (node indexes already corrected): the first argument's, then the kwargs'.
+    count = first_arg_count(call.data)
+    built = [tensors[ref] for ref in call.inputs[:count]]
+    kwargs = _revive_kwargs(legacy_kwargs(call.data), call.inputs[count:], tensors)
     return [built[0] if len(built) == 1 else built], kwargs
+
+
+def _revive_kwargs(kwargs: dict, refs: list[TensorRef], tensors) -> dict:
+    """Legacy kwargs with each ``[layer, node, tensor]`` replaced by its built tensor; ``refs``
+    are the parsed (corrected) references of those lists, in the order ``kwarg_refs`` finds them."""
+    pending = iter(refs)
+
+    def revive(value):
+        if kwarg_refs(value) == [value]:
+            return tensors[next(pending)]
+        if isinstance(value, dict):
+            return {k: revive(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [revive(v) for v in value]
+        return value
+
+    return {k: revive(v) for k, v in kwargs.items()}
 
 
 def _slice_ops(name: str, source, axis: int, ranges: list[tuple[int, int]]) -> list:
@@ -240,17 +281,24 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
     """tf-keras TFOpLambda / SlicingOpLambda nodes, as the Keras 3 operations they are."""
     from keras.src.ops.numpy import GetItem, Split
 
+    from passes.keras import _tf_ops
+
     layer = call.layer
     function = str(layer.config.get("function", ""))
-    leaves = legacy_leaves(call.data) if not isinstance(call.data, dict) else []
-    kwargs = dict(leaves[-1][3]) if leaves and len(leaves[-1]) == 4 else {}
-    if len(call.inputs) != 1:
-        raise BadInput(f"layer {layer.name!r} (tf.{function}): only single-tensor TF ops can be rebuilt")
-    source = tensors[call.inputs[0]]
-    if function in GETITEM_FUNCTIONS:
-        key = tuple(_slice_item(item) for item in (kwargs.get("slice_spec") or []))
-        return [GetItem(name=layer.name)(source, key)]
-    if function in SPLIT_FUNCTIONS:
+    if isinstance(call.data, dict):
+        raise _tf_ops.NotRebuilt(f"layer {layer.name!r} (tf.{function}): a TFOpLambda node in Keras 3 form "
+                                 "cannot be rebuilt", function=function, layer=layer.name)
+    count = first_arg_count(call.data)
+    kwargs = _revive_kwargs(legacy_kwargs(call.data), call.inputs[count:], tensors)
+    kwargs.pop("name", None)
+    if function in GETITEM_FUNCTIONS or function in SPLIT_FUNCTIONS:
+        if count != 1 or len(call.inputs) != 1:
+            raise _tf_ops.NotRebuilt(f"layer {layer.name!r} (tf.{function}): only slices and splits of one "
+                                     "tensor by constants can be rebuilt", function=function, layer=layer.name)
+        source = tensors[call.inputs[0]]
+        if function in GETITEM_FUNCTIONS:
+            key = tuple(_slice_item(item) for item in (kwargs.get("slice_spec") or []))
+            return [GetItem(name=layer.name)(source, key)]
         sections = kwargs.get("num_or_size_splits")
         axis = kwargs.get("axis", 0)
         if isinstance(sections, list):
@@ -260,8 +308,22 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
                 sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
             sections = list(np.cumsum(sizes)[:-1].astype(int).tolist())
         return list(Split(sections, axis=axis, name=layer.name)(source))
-    raise BadInput(f"layer {layer.name!r} is a tf-keras TFOpLambda (tf.{function}), which Keras 3 cannot load; "
-                   "only tf.__operators__.getitem and tf.split are rebuilt")
+    first = _first_argument(call, tensors)
+    return _tf_ops.rebuild(function, layer.name, first, kwargs)
+
+
+def _first_argument(call: Call, tensors):
+    """The node's first-argument structure with each leaf a built tensor (or its constant)."""
+    pending = iter(call.inputs[:first_arg_count(call.data)])
+
+    def revive(node):
+        if is_constant_leaf(node):
+            return node[2]
+        if legacy_leaves(node) == [node]:
+            return tensors[next(pending)]
+        return [revive(item) for item in node]
+
+    return revive(call.data)
 
 
 def _slice_item(item):

@@ -10,7 +10,6 @@ is read as JSON, so a file whose Lambdas must not run can still be inspected and
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -92,6 +91,13 @@ class KerasFile:
     keras_version: str
     weights: "WeightStore"
     compile_config: dict | None = None  # Keras 3 compile_config / legacy training_config
+    accepted: Any = None  # .keras: the archive's members as accepted within the limits (_Accepted)
+
+    def write_accepted(self, target: Path) -> None:
+        """The .keras archive exactly as accepted (Keras's loader sees nothing else of the input)."""
+        if self.accepted is None:
+            raise ValueError("only a .keras archive can be written back as accepted")
+        self.accepted.write(target)
 
 
 # -- reading the file -------------------------------------------------------------------------
@@ -107,24 +113,165 @@ def read_file(path: Path) -> KerasFile:
     return _read_h5(path)
 
 
+# -- archive limits ----------------------------------------------------------------------------
+# A .keras file is a zip, and a zip (or the HDF5 inside it, or an .h5 file) can declare far more
+# data than it holds: a 1 MB file can inflate to 1 GiB or more. Every size is checked before
+# anything is read, as declared (zip headers, HDF5 dataset shapes) and as actually read.
+#   - ratio: bytes inside ≤ MAX_EXPANSION_RATIO × the file's size. Real weights barely compress
+#     (float32 deflates ~1.1×; a config.json ~10×), so 50× leaves wide room for any real model
+#     and stops a bomb (100×–1000×+);
+#   - floor: whatever its ratio, a file may hold EXPANSION_FLOOR bytes (tiny models whose
+#     config dominates compress well; 64 MiB is harmless to read);
+#   - absolute: MAX_TOTAL_BYTES whatever the file's size (ConvNeXtXLarge, the largest
+#     keras.applications model, holds 1.4 GB; a single-file model over 8 GiB is not read);
+#   - config.json/metadata.json at most MAX_CONFIG_BYTES (big configs are a few MB), at most
+#     MAX_MEMBERS members.
+# GCONV_KERAS_MAX_RATIO and GCONV_KERAS_MAX_BYTES (bytes) override the ratio and the absolute
+# cap for files the user trusts to be real.
+MAX_EXPANSION_RATIO = 50
+EXPANSION_FLOOR = 64 << 20
+MAX_TOTAL_BYTES = 8 << 30
+MAX_CONFIG_BYTES = 64 << 20
+MAX_MEMBERS = 10_000
+_CHUNK = 1 << 20
+
+
+def expansion_limit(file_size: int) -> int:
+    """How many bytes a file of ``file_size`` may hold inside (see the limits above)."""
+    import os
+
+    ratio = float(os.environ.get("GCONV_KERAS_MAX_RATIO") or MAX_EXPANSION_RATIO)
+    cap = int(float(os.environ.get("GCONV_KERAS_MAX_BYTES") or MAX_TOTAL_BYTES))
+    return min(max(int(ratio * file_size), EXPANSION_FLOOR), cap)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _too_big(path: Path, what: str, size: int, file_size: int) -> BadInput:
+    return BadInput(f"{path}: {what} {_size(size)} inside a {_size(file_size)} file, over the limit of "
+                    f"{_size(expansion_limit(file_size))} (a decompression bomb? the limits: "
+                    f"{MAX_EXPANSION_RATIO}x the file size, at least {_size(EXPANSION_FLOOR)}, at most "
+                    f"{_size(MAX_TOTAL_BYTES)}; GCONV_KERAS_MAX_RATIO/GCONV_KERAS_MAX_BYTES raise them)")
+
+
+def _plain_member(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and ":" not in parts[0] and ".." not in parts
+
+
+class _Accepted:
+    """The members of an accepted .keras archive, each extracted (within the limits) into a
+    private folder that lives as long as the KerasFile: what Keras's own loader may see."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+        import weakref
+
+        self.folder = Path(tempfile.mkdtemp(prefix="gconv-keras-in-"))
+        self.members: list[tuple[zipfile.ZipInfo, Path]] = []
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+
+    def path(self, name: str) -> Path | None:
+        return next((p for info, p in self.members if info.filename == name), None)
+
+    def write(self, target: Path) -> None:
+        """The accepted archive again: same member names, dates and compression, same bytes."""
+        import shutil
+
+        with zipfile.ZipFile(target, "w") as out:
+            for info, stored in self.members:
+                copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                copy.compress_type = info.compress_type
+                copy.external_attr = info.external_attr
+                with stored.open("rb") as src, out.open(copy, "w") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+
+
 def _read_keras_zip(path: Path) -> KerasFile:
+    file_size = path.stat().st_size
+    limit = expansion_limit(file_size)
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
+            infos = archive.infolist()
+            names = {info.filename for info in infos}
             if "config.json" not in names:
                 raise BadInput(f"{path}: not a Keras 3 file (no config.json in the archive)")
-            config = json.loads(archive.read("config.json"))
-            metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
-            weights_bytes = archive.read("model.weights.h5") if "model.weights.h5" in names else None
+            if "model.weights.h5" not in names:
+                raise BadInput(f"{path}: the .keras archive holds no model.weights.h5 "
+                               "(sharded weights are not supported)")
+            if len(infos) > MAX_MEMBERS:
+                raise BadInput(f"{path}: the archive holds {len(infos)} members, over the limit of {MAX_MEMBERS}")
+            if len(names) != len(infos):
+                raise BadInput(f"{path}: the archive holds two members of one name")
+            escaping = next((info.filename for info in infos if not _plain_member(info.filename)), None)
+            if escaping is not None:
+                raise BadInput(f"{path}: the archive holds a member named {escaping[:60]!r}, outside the archive")
+            declared = sum(info.file_size for info in infos)
+            if declared > limit:
+                raise _too_big(path, "the archive declares", declared, file_size)
+            for name in ("config.json", "metadata.json"):
+                info = archive.getinfo(name) if name in names else None
+                if info is not None and info.file_size > MAX_CONFIG_BYTES:
+                    raise BadInput(f"{path}: its {name} declares {_size(info.file_size)}, over the limit of "
+                                   f"{_size(MAX_CONFIG_BYTES)}")
+            accepted = _Accepted()
+            total = 0
+            for index, info in enumerate(infos):
+                if info.is_dir():
+                    continue
+                stored = accepted.folder / f"member{index}"
+                with archive.open(info) as src, stored.open("wb") as dst:
+                    read = 0
+                    while chunk := src.read(_CHUNK):
+                        read += len(chunk)
+                        total += len(chunk)
+                        if read > info.file_size or total > limit:  # zipfile stops at the declared size; belt and braces
+                            raise _too_big(path, "the archive inflates to over", total, file_size)
+                        dst.write(chunk)
+                accepted.members.append((info, stored))
+            config = json.loads(accepted.path("config.json").read_bytes())
+            metadata_path = accepted.path("metadata.json")
+            metadata = json.loads(metadata_path.read_bytes()) if metadata_path is not None else {}
     except BadInput:
         raise
-    except (zipfile.BadZipFile, json.JSONDecodeError, OSError, KeyError) as exc:
+    except (zipfile.BadZipFile, json.JSONDecodeError, OSError, KeyError, EOFError, ValueError,
+            NotImplementedError, RuntimeError) as exc:
         raise BadInput(f"{path}: not a readable .keras file ({_one_line(exc)})") from exc
-    if weights_bytes is None:
-        raise BadInput(f"{path}: the .keras archive holds no model.weights.h5 (sharded weights are not supported)")
-    return KerasFile(path, "keras", config, str(metadata.get("keras_version", "")),
-                     WeightStore.from_keras3(io.BytesIO(weights_bytes), path),
-                     compile_config=config.get("compile_config") or None)
+    if not isinstance(config, dict) or not isinstance(metadata, dict):
+        raise BadInput(f"{path}: not a readable .keras file (its config is not a JSON object)")
+    weights = WeightStore.from_keras3(accepted.path("model.weights.h5"), path)
+    kfile = KerasFile(path, "keras", config, str(metadata.get("keras_version", "")), weights,
+                      compile_config=config.get("compile_config") or None)
+    kfile.accepted = accepted
+    return kfile
+
+
+def check_h5_sizes(handle, path: Path, file_size: int, what: str = "its HDF5 datasets declare") -> None:
+    """Refuse an HDF5 file whose datasets declare more data than the limits allow: a dataset's
+    shape is only a promise (chunked + compressed, or never allocated, it reads as zeros)."""
+    import h5py
+
+    total = 0
+    limit = expansion_limit(file_size)
+
+    def visit(_name, item):
+        nonlocal total
+        if isinstance(item, h5py.Dataset):
+            total += int(item.size or 0) * int(item.dtype.itemsize or 1)
+            if total > limit:
+                return True  # stop walking
+        return None
+
+    handle.visititems(visit)
+    if total > limit:
+        raise _too_big(path, what + " over", total, file_size)
 
 
 def _read_h5(path: Path) -> KerasFile:
@@ -139,6 +286,7 @@ def _read_h5(path: Path) -> KerasFile:
         if raw is None:
             raise BadInput(f"{path}: an HDF5 file without a model config (a weights-only file?)")
         config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        check_h5_sizes(handle, path, path.stat().st_size)
         version = handle.attrs.get("keras_version", b"")
         version = version.decode() if isinstance(version, bytes) else str(version)
         weights = WeightStore.from_legacy(handle, path)
@@ -194,11 +342,13 @@ class WeightStore:
             self._arrays[name] = tree.get("vars", [])
 
     @classmethod
-    def from_keras3(cls, stream, path: Path) -> "WeightStore":
+    def from_keras3(cls, weights_path: Path, path: Path) -> "WeightStore":
         import h5py
 
         try:
-            with h5py.File(stream, "r") as handle:
+            with h5py.File(weights_path, "r") as handle:
+                # Its size was checked as a zip member; its datasets' declared sizes are checked here.
+                check_h5_sizes(handle, path, path.stat().st_size, "its model.weights.h5 datasets declare")
                 layers = handle.get("layers")
                 paths = {name: _read_tree(layers[name]) for name in (layers.keys() if layers is not None else [])}
         except OSError as exc:
@@ -369,9 +519,18 @@ def _is_legacy_leaf(item) -> bool:
         and isinstance(item[1], int) and isinstance(item[2], int)
 
 
+# tf-keras writes a first call argument that is no Keras tensor (``1.0 - x``) as this leaf.
+CONSTANT_VALUE = "_CONSTANT_VALUE"
+
+
+def is_constant_leaf(item) -> bool:
+    return isinstance(item, list) and len(item) in (3, 4) and item[0] == CONSTANT_VALUE and item[1] == -1
+
+
 def legacy_leaves(node) -> list[list]:
-    """The [layer, node, tensor, kwargs] entries of a legacy node, flattened."""
-    if _is_legacy_leaf(node):
+    """The [layer, node, tensor, kwargs] entries of a legacy node, flattened (tf-keras's
+    [_CONSTANT_VALUE, -1, value, kwargs] entries too: they carry the call's kwargs)."""
+    if _is_legacy_leaf(node) or is_constant_leaf(node):
         return [node]
     leaves = []
     for item in node if isinstance(node, list) else []:
@@ -379,8 +538,37 @@ def legacy_leaves(node) -> list[list]:
     return leaves
 
 
+def legacy_kwargs(node) -> dict:
+    """The kwargs of a legacy node (tf-keras repeats them on every leaf; the last one is read)."""
+    leaves = legacy_leaves(node)
+    kwargs = leaves[-1][3] if leaves and len(leaves[-1]) == 4 else {}
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def kwarg_refs(value) -> list[list]:
+    """Tensor references inside legacy kwargs: ``[layer, node, tensor]`` lists, as tf-keras's
+    own reader finds them (a list of 3 or 4 whose first item is a string)."""
+    if isinstance(value, list) and len(value) in (3, 4) and isinstance(value[0], str) \
+            and isinstance(value[1], int) and isinstance(value[2], int) and value[0] != CONSTANT_VALUE:
+        return [value]
+    found: list[list] = []
+    for item in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else []):
+        found.extend(kwarg_refs(item))
+    return found
+
+
 def _legacy_refs(node, offsets: dict[str, int] | None = None) -> list[TensorRef]:
-    return _shift([TensorRef(leaf[0], leaf[1], leaf[2]) for leaf in legacy_leaves(node)], offsets or {})
+    """Every tensor a legacy node reads: the first argument's, then those passed by keyword
+    (tf-keras's ``x + y`` is ``tf.__operators__.add(x, y=[layer, node, tensor])``)."""
+    leaves = [leaf for leaf in legacy_leaves(node) if not is_constant_leaf(leaf)]
+    refs = [TensorRef(leaf[0], leaf[1], leaf[2]) for leaf in leaves]
+    refs += [TensorRef(r[0], r[1], r[2]) for r in kwarg_refs(legacy_kwargs(node))]
+    return _shift(refs, offsets or {})
+
+
+def first_arg_count(node) -> int:
+    """How many of a legacy node's refs are its first argument's tensors (the rest are kwargs')."""
+    return sum(1 for leaf in legacy_leaves(node) if not is_constant_leaf(leaf))
 
 
 def _shift(refs: list[TensorRef], offsets: dict[str, int]) -> list[TensorRef]:

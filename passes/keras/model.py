@@ -57,6 +57,13 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
         if not apply:
             report.after = report.before
             return None
+        failure = analysis.built.first_failure()
+        if failure is not None:
+            if fuser.groups or to_onnx:
+                what = f"the {'fused' if mode == 'fuse' else 'expanded'} model" if fuser.groups else "the ONNX model"
+                raise BadInput(f"{path}: cannot write {what}, which needs the model rebuilt in Keras 3: "
+                               f"{failure.message}") from failure
+            return _unchanged(path, kfile, output, options, report, failure)
         lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
                            if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
         rewritten = _build.build(graph, _build.BuildOptions(
@@ -98,6 +105,24 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
     if to_onnx:
         return _write_onnx(rewritten.model, graph, output, options, report)
     return rewritten.model
+
+
+def _unchanged(path: Path, kfile: _config.KerasFile, output: Path | None, options, report: Report,
+               failure: BadInput) -> None:
+    """Nothing to rewrite, and Keras 3 cannot rebuild the model (a tf-keras TFOpLambda without a
+    rebuild, say): as the ONNX path writes an unchanged model, write the accepted .keras archive
+    as it was read; an .h5 cannot become a .keras without the rebuild, so nothing is written."""
+    report.after = report.before
+    note = "no rewrite: the model is unchanged"
+    if output is not None and kfile.kind == "keras":
+        with report.timed("save"):
+            with formats.atomic_output(output) as staging:
+                kfile.write_accepted(staging / output.name)
+        report.output, report.written = str(output), True
+    elif output is not None:
+        note += f"; not written: an .h5 becomes a .keras only when rebuilt in Keras 3 ({failure.message})"
+    report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
+    return None
 
 
 def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -> _config.KerasGraph | None:
@@ -269,11 +294,17 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
 
     try:
         analysis.built = _build.build(graph, _build.BuildOptions(lambda_functions=analysis.functions,
-                                                                 on_lambda=on_lambda, trusted=options.trust_lambdas))
+                                                                 on_lambda=on_lambda, trusted=options.trust_lambdas,
+                                                                 lenient=True))
     except BadInput as exc:
         raise BadInput(f"{path}: {exc.message}") from exc
-    # Keras 3 files key weights by the model's layer order, which the rebuilt model now knows.
-    kfile.weights.resolve([(layer.name, type(layer).__name__) for layer in analysis.built.model.layers])
+    # Keras 3 files key weights by the model's layer order, which the rebuilt model now knows;
+    # where part of it could not be rebuilt, the config's order of its layers (not its operations).
+    if analysis.built.model is not None:
+        kfile.weights.resolve([(layer.name, type(layer).__name__) for layer in analysis.built.model.layers])
+    else:
+        kfile.weights.resolve([(layer.name, layer.class_name) for layer in graph.layers.values()
+                               if not str(layer.raw.get("module") or "").startswith("keras.src.ops")])
     for call in graph.calls():
         result = _slices.read_slice(call, analysis.shape_of, analysis.lambda_results)
         if result is not None:
@@ -298,6 +329,13 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
     import keras
 
     try:
+        if kfile.kind == "keras":
+            # Keras's loader extracts every member: it reads the archive as accepted within the
+            # limits (passes.keras._config), written anew, never the input file itself.
+            with tempfile.TemporaryDirectory(prefix="gconv-keras-ref-") as scratch:
+                accepted = Path(scratch) / "accepted.keras"
+                kfile.write_accepted(accepted)
+                return keras.models.load_model(accepted, compile=False, safe_mode=not has_lambdas), ""
         return keras.models.load_model(path, compile=False, safe_mode=not has_lambdas), ""
     except Exception as exc:
         reason = _one_line(exc)
