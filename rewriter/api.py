@@ -23,7 +23,7 @@ import onnx_ir as ir
 from rewriter import formats
 from rewriter.errors import BadInput, OutputError, VerificationFailed
 from rewriter.report import ModelStats, Report, Verification, count_ops
-from rewriter.verify import load_inputs_file, verify_onnx
+from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +216,10 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
     if output_path is not None:
         formats.check_output_path(output_path, [path], options.force)
     model = backend(path, mode=mode, output=output_path, apply=apply, options=options, report=report)
+    if report.verification is not None and report.verification.ran and report.verification.passed:
+        for r in report.rewrites:  # one graph, no branches: the verification run ran every rewrite
+            if r.exercised is None:
+                r.exercised, r.exercised_by = True, "model run"
     return Result(model, report)
 
 
@@ -229,6 +233,11 @@ def _verify(original: Path, rewritten: Path, report: Report, options: Options, g
         return _skipped_verification(report, options)
     verification = verify_onnx(original, rewritten, atol=options.atol, rtol=options.rtol, seed=options.seed,
                                shapes=options.shapes, inputs=given_inputs)
+    if verification.passed:
+        # One run takes one branch of each If: rewrites in subgraphs are run on their own too.
+        with tempfile.TemporaryDirectory(prefix="gconv-subgraphs-") as scratch:
+            verify_subgraphs(original, rewritten, report.rewrites, verification, seed=options.seed,
+                             scratch=Path(scratch))
     if not verification.passed:
         report.verification = verification
         failing = [o.name for o in verification.outputs if not o.passed]

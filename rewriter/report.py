@@ -17,6 +17,10 @@ class Rewrite:
     channels: dict[str, int]  # {"in": C, "out": O}
     nodes: list[str]  # the nodes replaced
     graph: str = ""
+    # Did verification run the rewritten nodes? None: not verified (--no-verify, --check, failed
+    # early); False for a rewrite in an If/Loop branch that no verification run reached.
+    exercised: bool | None = None
+    exercised_by: str = ""  # how ("model run", "subgraph ... as its own model"), or why not
 
 
 @dataclass
@@ -47,7 +51,8 @@ class Verification:
     rtol: float
     outputs: list[OutputComparison] = field(default_factory=list)
     note: str = ""
-    inputs: dict[str, list[int]] = field(default_factory=dict)
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
+    defaulted: dict[str, list[int]] = field(default_factory=dict)  # name -> unknown batch dims set to 1
 
 
 @dataclass
@@ -100,12 +105,26 @@ def format_verification(verification: Verification) -> list[str]:
     if not verification.ran:
         return [f"verification: skipped ({verification.note})"]
     verdict = "passed" if verification.passed else "FAILED"
+    if verification.defaulted:  # say at what shapes, where the batch was our choice
+        shapes = ", ".join(f"{name}={'x'.join(map(str, dims)) or 'scalar'}"
+                           for name, dims in verification.inputs.items())
+        verdict += f" at {shapes} (batch set to 1)"
     lines = [f"verification: {verdict} (atol={verification.atol:g}, rtol={verification.rtol:g}"
              + (f"; {verification.note}" if verification.note else "") + ")"]
     rows = [[o.name, "x".join(map(str, o.shape)) or "scalar", o.dtype, f"{o.max_abs_error:.3g}",
              f"{o.max_rel_error:.3g}", "ok" if o.passed else ("MISMATCH" + (f": {o.note}" if o.note else ""))]
             for o in verification.outputs]
     return lines + _table(["output", "shape", "dtype", "max abs err", "max rel err", ""], rows)
+
+
+def format_coverage(report: Report) -> list[str]:
+    """"N of M rewrites exercised" when verification did not run every rewritten node."""
+    judged = [r for r in report.rewrites if r.exercised is not None]
+    missed = [r for r in judged if not r.exercised]
+    if not missed:
+        return []
+    return [f"  {len(judged) - len(missed)} of {len(judged)} rewrites exercised by verification; not exercised:"] + \
+        [f"    {r.location}" + (f" ({r.exercised_by})" if r.exercised_by else "") for r in missed]
 
 
 def format_summary(report: Report) -> str:
@@ -133,6 +152,7 @@ def format_summary(report: Report) -> str:
             lines.append("ops: " + ", ".join(f"{k} {b.op_counts.get(k, 0)}->{a.op_counts.get(k, 0)}" for k in changed))
     if report.verification is not None:
         lines.extend(format_verification(report.verification))
+        lines.extend(format_coverage(report))
     if report.output and report.written:
         lines.append(f"wrote {report.output}")
     if report.timings:

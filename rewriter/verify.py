@@ -7,20 +7,19 @@ exceeds both atol and rtol; NaN/Inf, dtype and shape changes are failures.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from rewriter.errors import BadInput, VerificationImpossible
 from rewriter.report import OutputComparison, Verification
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
+# Verification inputs and outputs together may take at most this much memory (both models' outputs
+# are held at once): 4 GiB, or half the memory available now where that is less.
+MEMORY_LIMIT_BYTES = 4 << 30
 
 
 def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -64,10 +63,174 @@ def _session(path: Path, role: str):
             "pass --no-verify to write it without proof") from exc
 
 
-def make_inputs(session, *, shapes: Mapping[str, list[int]], seed: int,
-                given: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    """Seeded random inputs per input dtype, or the user's arrays."""
-    specs = session.get_inputs()
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input (or output) as verification sees it, whatever the format.
+
+    ``shape``: per dim an int (fixed), a str (a named dynamic dim, ONNX ``dim_param``) or None
+    (unknown); the whole shape None when even the rank is unknown. ``dtype``: the type as
+    onnxruntime spells it (``tensor(float)``), or a numpy / TensorFlow / Keras dtype name.
+    """
+
+    name: str
+    shape: Sequence[int | str | None] | None
+    dtype: str
+
+
+class Feeds(dict):
+    """The verification inputs, name → array in the model's input order; ``defaulted``: name →
+    the dims that were unknown batch dims and were set to 1."""
+
+    def __init__(self, arrays=(), defaulted: Mapping[str, list[int]] | None = None):
+        super().__init__(arrays)
+        self.defaulted = dict(defaulted or {})
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(np.shape(array)) for name, array in self.items()}
+
+
+# ONNX element types random inputs are made for (onnxruntime takes the others from no array).
+_GENERATED = {
+    "FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
+    "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "STRING",
+}
+_TYPE_ALIASES = {"float32": "FLOAT", "float64": "DOUBLE", "half": "FLOAT16", "bool_": "BOOL", "str": "STRING",
+                 "object": "STRING", "bytes": "STRING"}
+
+
+def element_type(dtype) -> tuple[str, int | None]:
+    """(the ONNX name of a dtype, its TensorProto code or None if ONNX has no such type)."""
+    from onnx import TensorProto
+
+    name = str(getattr(dtype, "name", dtype))
+    if name.startswith("tensor(") and name.endswith(")"):
+        name = name[len("tensor("):-1]
+    key = _TYPE_ALIASES.get(name.lower(), name.upper().replace("_", ""))
+    return key, TensorProto.DataType.Value(key) if key in TensorProto.DataType.keys() else None
+
+
+def _numpy_dtype(spec: InputSpec) -> np.dtype:
+    from onnx import helper
+
+    key, code = element_type(spec.dtype)
+    if code is None or key not in _GENERATED:
+        raise VerificationImpossible(
+            f"input {spec.name!r} has type {spec.dtype}, for which verification cannot make inputs; "
+            f"pass --inputs FILE.npz, or --no-verify")
+    return np.dtype(helper.tensor_dtype_to_np_dtype(code))
+
+
+def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """Seeded values valid for the dtype; always an ndarray, rank 0 included."""
+    if dtype.kind == "b":
+        return np.asarray(rng.random(shape) < 0.5)
+    if dtype.kind in "iu":
+        return np.asarray(rng.integers(0, 8, size=shape), dtype=dtype)
+    if dtype.kind == "O":  # strings: short words
+        letters = np.array(list("abcdefgh"), dtype=object)
+        return np.asarray(letters[rng.integers(0, len(letters), size=shape)], dtype=object)
+    # float16/32/64, and bfloat16 / float8 (ml_dtypes, kind "V"): through float32
+    return np.asarray(np.asarray(rng.standard_normal(shape), dtype=np.float32).astype(dtype))
+
+
+def _itemsize(dtype: np.dtype) -> int:
+    return 16 if dtype.kind == "O" else dtype.itemsize
+
+
+def memory_limit() -> int:
+    """Bytes the verification arrays may take: MEMORY_LIMIT_BYTES, or half the memory available
+    now where that is less."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return min(MEMORY_LIMIT_BYTES, int(line.split()[1]) * 1024 // 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    return MEMORY_LIMIT_BYTES
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _dims_text(dims) -> str:
+    return "x".join(map(str, dims)) or "scalar"
+
+
+def _shape_hint(name: str, dims: list[int]) -> str:
+    example = [str(d) for d in dims]
+    if dims:
+        example[max(range(len(dims)), key=lambda i: dims[i])] = "N"
+    return f"--shape {name}={','.join(example)}"
+
+
+def _check_memory(specs, shapes_used: dict[str, list[int]], dtypes: dict[str, np.dtype],
+                  outputs: Sequence[InputSpec] | None) -> None:
+    """Refuse before allocating what would not fit (a declared dim of 10^9 is no reason to crash)."""
+    limit = memory_limit()
+    sizes = {name: math.prod(dims) * _itemsize(dtypes[name]) for name, dims in shapes_used.items()}
+    total = sum(sizes.values())
+    if total > limit:
+        name = max(sizes, key=sizes.get)
+        raise VerificationImpossible(
+            f"verification inputs would take {_size(total)} (input {name!r}: {_dims_text(shapes_used[name])} "
+            f"{dtypes[name].name}), over the {_size(limit)} limit: set a smaller shape with "
+            f"{_shape_hint(name, shapes_used[name])}, or pass --inputs FILE.npz or --no-verify")
+    # Outputs whose shapes are known once the inputs' named dims are: held twice (both models).
+    bound: dict[str, int] = {}
+    for spec in specs:
+        if spec.shape is not None and spec.name in shapes_used:
+            for declared, used in zip(spec.shape, shapes_used[spec.name]):
+                if isinstance(declared, str) and declared:
+                    bound.setdefault(declared, used)
+    largest, output_total = None, 0
+    for out in outputs or ():
+        if out.shape is None:
+            continue
+        dims = [d if isinstance(d, int) and d >= 0 else bound.get(d) if isinstance(d, str) else None
+                for d in out.shape]
+        if any(d is None for d in dims):
+            continue
+        try:
+            itemsize = _itemsize(_numpy_dtype(out))
+        except VerificationImpossible:
+            itemsize = 4
+        nbytes = 2 * math.prod(dims) * itemsize
+        output_total += nbytes
+        if largest is None or nbytes > largest[1]:
+            largest = (out.name, nbytes, dims)
+    if largest is not None and total + output_total > limit:
+        hints = " ".join(_shape_hint(n, d) for n, d in shapes_used.items())
+        raise VerificationImpossible(
+            f"verification outputs would take {_size(output_total)} (output {largest[0]!r}: "
+            f"{_dims_text(largest[2])}, held for both models), over the {_size(limit)} limit: set smaller "
+            f"input shapes with {hints}, or pass --no-verify")
+
+
+def _input_specs(source) -> list[InputSpec]:
+    items = source.get_inputs() if hasattr(source, "get_inputs") else source
+    return [item if isinstance(item, InputSpec)
+            else InputSpec(item.name, None if item.shape is None else list(item.shape), item.type)
+            for item in items]
+
+
+def make_inputs(source, *, shapes: Mapping[str, list[int]], seed: int,
+                given: Mapping[str, np.ndarray] | None,
+                outputs: Sequence[InputSpec] | None = None) -> Feeds:
+    """Seeded random inputs per input dtype, or the user's arrays: the one input maker of the
+    ONNX, SavedModel and Keras backends.
+
+    ``source``: a list of ``InputSpec`` (or an onnxruntime session). An unknown leading dim
+    (ONNX ``dim_param`` or unknown dim at position 0 that names no other dim, TF/Keras ``None``
+    batch) is set to 1 and recorded in ``Feeds.defaulted``; any other unknown dim needs
+    ``--shape``, which always wins. ``outputs``: output specs, to refuse early what would not
+    fit in memory.
+    """
+    specs = _input_specs(source)
     if given is not None:
         names = {s.name for s in specs}
         missing = sorted(names - set(given))
@@ -76,38 +239,81 @@ def make_inputs(session, *, shapes: Mapping[str, list[int]], seed: int,
             raise BadInput("--inputs: " + "; ".join(
                 ([f"missing {', '.join(missing)}"] if missing else [])
                 + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
-        return {s.name: given[s.name] for s in specs}
+        return Feeds((s.name, np.asarray(given[s.name])) for s in specs)
     # --shape names of other models' inputs are fine (one flag set for a folder of models); a
     # typo shows up as the dynamic input it failed to fill, with the names this model has.
     unknown_shapes = sorted(set(shapes) - {s.name for s in specs})
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    # A named dim that also stands at another position (a sequence length, say) is no batch.
+    named_elsewhere = {d for s in specs if s.shape is not None for d in list(s.shape)[1:] if isinstance(d, str)}
+    shapes_used: dict[str, list[int]] = {}
+    defaulted: dict[str, list[int]] = {}
+    dtypes: dict[str, np.dtype] = {}
     for spec in specs:
+        dtypes[spec.name] = _numpy_dtype(spec)
+        hint = (f" (--shape named {', '.join(unknown_shapes)}, but the model's inputs are "
+                f"{', '.join(s.name for s in specs)})" if unknown_shapes else "")
         if spec.name in shapes:
-            shape = shapes[spec.name]
-            if len(shape) != len(spec.shape):
+            shape = list(shapes[spec.name])
+            if spec.shape is not None and len(shape) != len(spec.shape):
                 raise BadInput(f"--shape {spec.name}: {len(shape)} dims given, the input has {len(spec.shape)}")
-        else:
-            dynamic = [str(d) if d else f"dim {i}" for i, d in enumerate(spec.shape) if not isinstance(d, int)]
-            if dynamic:
-                example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
-                hint = (f" (--shape named {', '.join(unknown_shapes)}, but the model's inputs are "
-                        f"{', '.join(s.name for s in specs)})" if unknown_shapes else "")
-                raise VerificationImpossible(
-                    f"input {spec.name!r} has dynamic dims ({', '.join(dynamic)}): set them with "
-                    f"--shape {spec.name}={example}{hint}")
-            shape = list(spec.shape)
-        dtype = _ORT_TYPES.get(spec.type)
-        if dtype is None:
-            raise VerificationImpossible(f"input {spec.name!r} has type {spec.type}, which verification "
-                                         "cannot generate; pass --inputs FILE.npz")
-        if np.issubdtype(dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[spec.name] = rng.random(shape) < 0.5
-        else:
-            feeds[spec.name] = rng.integers(0, 8, size=shape).astype(dtype)
-    return feeds
+            shapes_used[spec.name] = shape
+            continue
+        if spec.shape is None:
+            raise VerificationImpossible(f"input {spec.name!r} has an unknown rank: set its shape with "
+                                         f"--shape {spec.name}=D0,D1,...{hint}")
+        declared = list(spec.shape)
+        known = lambda d: isinstance(d, int) and d >= 0
+        batch = bool(declared) and not known(declared[0]) and declared[0] not in named_elsewhere
+        dynamic = [str(d) if d else f"dim {i}" for i, d in enumerate(declared)
+                   if not known(d) and not (i == 0 and batch)]
+        if dynamic:
+            example = ",".join(str(d) if known(d) else ("1" if i == 0 and batch else "N")
+                               for i, d in enumerate(declared))
+            raise VerificationImpossible(
+                f"input {spec.name!r} has dynamic dims ({', '.join(dynamic)}): set them with "
+                f"--shape {spec.name}={example}{hint}")
+        if batch:
+            declared[0] = 1
+            defaulted[spec.name] = [0]
+        shapes_used[spec.name] = declared
+    _check_memory(specs, shapes_used, dtypes, outputs)
+    rng = np.random.default_rng(seed)
+    return Feeds(((name, _random_array(rng, dims, dtypes[name])) for name, dims in shapes_used.items()), defaulted)
+
+
+def _needs_ort_value(array: np.ndarray) -> bool:
+    """bfloat16 / float8 (ml_dtypes): no numpy type onnxruntime knows."""
+    return array.dtype.kind == "V" or (array.dtype.kind == "f" and array.dtype.type.__module__.startswith("ml_dtypes"))
+
+
+def run_session(session, feeds: Mapping[str, np.ndarray], role: str) -> list[np.ndarray]:
+    """``session.run`` on the feeds; bfloat16 / float8 arrays go in as OrtValues of their ONNX type."""
+    import onnxruntime as ort
+
+    try:
+        if not any(_needs_ort_value(a) for a in feeds.values()):
+            return session.run(None, dict(feeds))
+        values = {}
+        for name, array in feeds.items():
+            array = np.ascontiguousarray(array)
+            if _needs_ort_value(array):
+                raw = array.view(np.uint8 if array.dtype.itemsize == 1 else np.uint16)
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, element_type(array.dtype)[1])
+            else:
+                values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        results = session.run_with_ort_values(None, values)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        raise VerificationImpossible(f"onnxruntime cannot run the {role} model on the verification inputs "
+                                     f"({detail}); pass --inputs FILE.npz, or --no-verify") from exc
+    arrays = []
+    for spec, value in zip(session.get_outputs(), results):
+        try:
+            arrays.append(value.numpy())
+        except Exception as exc:
+            raise VerificationImpossible(f"output {spec.name!r} has type {spec.type}, which onnxruntime cannot "
+                                         "hand back as an array; pass --no-verify") from exc
+    return arrays
 
 
 def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> OutputComparison:
@@ -119,12 +325,16 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rt
                                 note=f"changed to {actual.dtype}{list(actual.shape)}")
     if expected.size == 0:
         return OutputComparison(**base, max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, passed=True)
-    if expected.dtype.kind not in "fc":
+    if expected.dtype.kind in "OSU":  # strings: equal or not
+        diff = np.asarray(expected != actual)
+        return OutputComparison(**base, max_abs_error=float(diff.any()), max_rel_error=float(diff.any()),
+                                mean_abs_error=float(diff.mean()), passed=not diff.any())
+    if expected.dtype.kind not in "fcV":  # bool, ints: exact
         diff = expected != actual
         errors = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
         return OutputComparison(**base, max_abs_error=float(errors.max()), max_rel_error=float(diff.any()),
                                 mean_abs_error=float(errors.mean()), passed=not diff.any())
-    e, a = expected.astype(np.float64), actual.astype(np.float64)
+    e, a = np.atleast_1d(expected.astype(np.float64)), np.atleast_1d(actual.astype(np.float64))  # rank 0 too
     nan_mismatch = np.isnan(e) != np.isnan(a)
     inf_mismatch = np.isinf(e) != np.isinf(a)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -149,19 +359,241 @@ def verify_onnx(original: Path, rewritten: Path, *, atol: float = 1e-4, rtol: fl
                 inputs: Mapping[str, np.ndarray] | None = None) -> Verification:
     """Run both files in onnxruntime on the same inputs; compare every output."""
     reference = _session(original, "original")
-    feeds = make_inputs(reference, shapes=shapes or {}, seed=seed, given=inputs)
-    expected = reference.run(None, feeds)
+    feeds = make_inputs(reference, shapes=shapes or {}, seed=seed, given=inputs,
+                        outputs=_input_specs(reference.get_outputs()))
+    expected = run_session(reference, feeds, "original")
     output_names = [o.name for o in reference.get_outputs()]
     del reference  # free its memory before the second session
+    used = dict(inputs=feeds.shapes(), defaulted=feeds.defaulted)
     try:
         candidate = _session(rewritten, "rewritten")
     except VerificationImpossible as exc:
-        return Verification(ran=True, passed=False, atol=atol, rtol=rtol, note=exc.message)
+        return Verification(ran=True, passed=False, atol=atol, rtol=rtol, note=exc.message, **used)
     new_names = [o.name for o in candidate.get_outputs()]
     if new_names != output_names:
         return Verification(ran=True, passed=False, atol=atol, rtol=rtol,
-                            note=f"outputs changed: {output_names} -> {new_names}")
-    actual = candidate.run(None, feeds)
+                            note=f"outputs changed: {output_names} -> {new_names}", **used)
+    try:
+        actual = run_session(candidate, feeds, "rewritten")
+    except VerificationImpossible as exc:
+        return Verification(ran=True, passed=False, atol=atol, rtol=rtol, note=exc.message, **used)
     outputs = [compare(n, e, a, atol, rtol) for n, e, a in zip(output_names, expected, actual)]
     return Verification(ran=True, passed=all(o.passed for o in outputs), atol=atol, rtol=rtol, outputs=outputs,
-                        inputs={k: list(v.shape) for k, v in feeds.items()})
+                        **used)
+
+
+# -- rewrites inside If / Loop / Scan bodies ------------------------------------------------------
+#
+# A run of the whole model takes one branch of each If (and maybe no Loop iteration): the rewrites
+# in the branch not taken would go unproven. So each subgraph that holds a rewrite is also run as
+# a model of its own, original against rewritten, on seeded random values for what it reads from
+# the enclosing graphs (typed by ONNX shape inference at the shapes the main run used).
+
+
+def _subgraph_index(graph, path=(), index=None) -> dict[tuple, object]:
+    """path → GraphProto for every graph of a model; a path step is (owner node, attribute),
+    the owner named by its name, or by op type and rank among unnamed ones (stable across the
+    rewrite, which never adds or removes nodes that hold subgraphs)."""
+    from onnx import AttributeProto
+
+    index = {} if index is None else index
+    index[path] = graph
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        holders = [a for a in node.attribute if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)]
+        if not holders:
+            continue
+        if node.name:
+            owner = node.name
+        else:
+            seen[node.op_type] = seen.get(node.op_type, 0) + 1
+            owner = f"{node.op_type}#{seen[node.op_type]}"
+        for attr in holders:
+            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for k, sub in enumerate(subs):
+                step = (owner, attr.name if attr.type == AttributeProto.GRAPH else f"{attr.name}[{k}]")
+                _subgraph_index(sub, path + (step,), index)
+    return index
+
+
+def _path_label(path: tuple) -> str:
+    return "/".join(f"{owner}.{attr}" for owner, attr in path)
+
+
+def _node_paths(index: dict[tuple, object]) -> dict[str, tuple]:
+    return {node.name: path for path, graph in index.items() for node in graph.node if node.name}
+
+
+def _outer_reads(graph) -> list[str]:
+    """Names a graph (its nested graphs included) reads but neither defines nor takes as input."""
+    from onnx import AttributeProto
+
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    defined |= {i.name for i in graph.sparse_initializer}
+    reads: list[str] = []
+    for node in graph.node:
+        reads.extend(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == AttributeProto.GRAPH else
+                        list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []):
+                reads.extend(_outer_reads(sub))
+        defined |= set(node.output)
+    reads.extend(o.name for o in graph.output)
+    return [name for name in dict.fromkeys(reads) if name not in defined]
+
+
+def _owner_node(parent, step):
+    from onnx import AttributeProto
+
+    owner, _ = step
+    seen: dict[str, int] = {}
+    for node in parent.node:
+        if node.name and node.name == owner:
+            return node
+        if not node.name and any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            seen[node.op_type] = seen.get(node.op_type, 0) + 1
+            if f"{node.op_type}#{seen[node.op_type]}" == owner:
+                return node
+    return None
+
+
+class _Unrunnable(Exception):
+    """Why a subgraph cannot be run on its own (the rewrites in it then count as not exercised)."""
+
+
+def _standalone(model, index: dict[tuple, object], typed_index: dict[tuple, object], path: tuple,
+                reads: list[str]):
+    """The subgraph at ``path`` as a model of its own: its formal inputs and ``reads`` (values of
+    the enclosing graphs) as inputs, constants of the enclosing graphs copied in."""
+    import onnx
+    from onnx import helper
+
+    graph = index[path]
+    enclosing = [index[path[:i]] for i in range(len(path))]
+    typed = [typed_index.get(path[:i]) for i in range(len(path) + 1)]
+    types: dict[str, object] = {}
+    for g in [g for g in typed if g is not None]:
+        for info in list(g.input) + list(g.value_info) + list(g.output):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                types.setdefault(info.name, info)
+    constants, constant_nodes = {}, {}
+    for g in enclosing:
+        constants.update({i.name: i for i in g.initializer})
+        constant_nodes.update({n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output})
+    inputs = []
+    owner = _owner_node(enclosing[-1], path[-1])
+    for position, info in enumerate(graph.input):  # Loop/Scan bodies: formal inputs
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(info)
+        loop = owner is not None and owner.op_type == "Loop"
+        if loop and 2 <= position < len(owner.input) and owner.input[position] in types:
+            copy.type.CopyFrom(types[owner.input[position]].type)  # carried: typed like the initial value
+        elif loop and position < 2 and copy.type.HasField("tensor_type"):
+            copy.type.tensor_type.shape.SetInParent()  # iteration number and condition: scalars
+        inputs.append(copy)
+    initializers, nodes = [], []
+    for name in reads:
+        if name in constants:
+            initializers.append(constants[name])
+        elif name in constant_nodes:
+            nodes.append(constant_nodes[name])
+        elif name in types:
+            inputs.append(types[name])
+        else:
+            raise _Unrunnable(f"the type of {name!r}, read from the enclosing graph, is unknown")
+    outputs = []
+    for info in graph.output:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            outputs.append(info)
+        elif info.name in types:
+            outputs.append(types[info.name])
+        else:
+            raise _Unrunnable(f"the type of its output {info.name!r} is unknown")
+    standalone = helper.make_graph(nodes + list(graph.node), f"{graph.name or 'subgraph'}_alone", inputs, outputs,
+                                   initializer=initializers + list(graph.initializer),
+                                   value_info=list(graph.value_info))
+    standalone.sparse_initializer.extend(graph.sparse_initializer)
+    result = helper.make_model(standalone, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    result.functions.extend(model.functions)
+    return result
+
+
+def _with_input_shapes(model, shapes: Mapping[str, list[int]]):
+    """A copy of ``model`` whose graph inputs have the shapes verification used."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in copy.graph.input:
+        if info.name in shapes and info.type.HasField("tensor_type"):
+            shape = info.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in shapes[info.name]:
+                shape.dim.add().dim_value = d
+    return copy
+
+
+def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Verification, *,
+                     seed: int, scratch: Path) -> None:
+    """Mark each rewrite ``exercised``; run every subgraph that holds one as its own model,
+    original against rewritten, adding its outputs (named ``owner.attribute:output``) to
+    ``verification``'s table and its verdict to ``verification.passed``."""
+    import onnx
+
+    in_subgraphs = [r for r in rewrites if r.graph]
+    for r in rewrites:
+        if not r.graph:
+            r.exercised, r.exercised_by = True, "model run"
+    if not in_subgraphs:
+        return
+    before = onnx.load(str(original))
+    after = onnx.load(str(rewritten))
+    before_index, after_index = _subgraph_index(before.graph), _subgraph_index(after.graph)
+    before_nodes, after_nodes = _node_paths(before_index), _node_paths(after_index)
+    by_path: dict[tuple, list] = {}
+    for r in in_subgraphs:
+        path = next((p for p in [after_nodes.get(r.location)] + [after_nodes.get(n) for n in r.nodes]
+                     + [before_nodes.get(r.location)] + [before_nodes.get(n) for n in r.nodes] if p), None)
+        if not path:
+            r.exercised, r.exercised_by = False, f"its subgraph {r.graph!r} was not found to run on its own"
+            continue
+        by_path.setdefault(path, []).append(r)
+    if not by_path:
+        return
+    try:
+        typed = onnx.shape_inference.infer_shapes(_with_input_shapes(before, verification.inputs))
+        typed_after = onnx.shape_inference.infer_shapes(_with_input_shapes(after, verification.inputs))
+    except Exception:  # shape inference is a help, not a requirement
+        typed, typed_after = before, after
+    typed_index, typed_after_index = _subgraph_index(typed.graph), _subgraph_index(typed_after.graph)
+    for n, (path, group) in enumerate(sorted(by_path.items())):
+        label = _path_label(path)
+        try:
+            if path not in before_index or path not in after_index:
+                raise _Unrunnable("the subgraph is not in both models")
+            reads = list(dict.fromkeys(_outer_reads(before_index[path]) + _outer_reads(after_index[path])))
+            merged = {**typed_after_index, **typed_index}
+            pair = [_standalone(before, before_index, merged, path, reads),
+                    _standalone(after, after_index, {**typed_index, **typed_after_index}, path, reads)]
+            paths = [scratch / f"subgraph{n}_{i}.onnx" for i in range(2)]
+            for model, where in zip(pair, paths):
+                onnx.save(model, str(where))
+            result = verify_onnx(paths[0], paths[1], atol=verification.atol, rtol=verification.rtol, seed=seed)
+        except (_Unrunnable, VerificationImpossible, BadInput) as exc:
+            reason = exc.message if hasattr(exc, "message") else str(exc)
+            for r in group:
+                r.exercised, r.exercised_by = False, f"in {label}, not run on its own: {reason}"
+            continue
+        except Exception as exc:  # an odd subgraph is no reason to stop: say it was not exercised
+            for r in group:
+                r.exercised, r.exercised_by = False, f"in {label}, not run on its own: {type(exc).__name__}: {exc}"
+            continue
+        for output in result.outputs:
+            output.name = f"{label}:{output.name}"
+        verification.outputs.extend(result.outputs)
+        if not result.passed:
+            verification.passed = False
+            verification.note = "; ".join(x for x in (verification.note, f"{label}: {result.note}")
+                                          if x and not x.endswith(": "))
+        for r in group:
+            r.exercised, r.exercised_by = True, f"{label} run as its own model"

@@ -313,10 +313,11 @@ def test_bad_input_is_one_line_exit_2(models, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dynamic_batch_needs_shape(models, tmp_path):
-    with pytest.raises(VerificationImpossible, match=r"--shape img=N,8,8,16"):
-        rewriter.expand(models["keras"], output=tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+def test_dynamic_batch_is_set_to_1(models, tmp_path):
+    # A None batch needs no --shape: verification runs at batch 1 and says so (tests/test_verify_inputs.py).
+    verification = rewriter.expand(models["keras"], output=tmp_path / "out").report.verification
+    assert verification.passed and verification.inputs == {"img": [1, 8, 8, 16]}
+    assert verification.defaulted == {"img": [0]}
 
 
 def test_not_a_savedmodel(tmp_path):

@@ -26,7 +26,7 @@ from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter import formats
 from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
-from rewriter.verify import compare, load_inputs_file
+from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -369,44 +369,14 @@ def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None],
     return specs
 
 
-def _make_inputs(graph, options) -> dict[str, np.ndarray]:
-    specs = _input_specs(graph)
+def _make_inputs(graph, options) -> Feeds:
+    """The verification inputs, made as for ONNX and SavedModels (rewriter.verify.make_inputs):
+    a ``None`` batch is set to 1 and recorded; other ``None`` dims need ``--shape``."""
     given = options.inputs
     if given is not None and not isinstance(given, dict):
         given = load_inputs_file(Path(given))
-    names = [name for name, _, _ in specs]
-    if given is not None:
-        missing = sorted(set(names) - set(given))
-        unknown = sorted(set(given) - set(names))
-        if missing or unknown:
-            raise BadInput("--inputs: " + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
-                                                     + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
-        return {name: np.asarray(given[name]) for name in names}
-    unknown = sorted(set(options.shapes) - set(names))
-    if unknown:
-        raise BadInput(f"--shape names {', '.join(unknown)}, but the model's inputs are {', '.join(names)}")
-    rng = np.random.default_rng(options.seed)
-    feeds = {}
-    for name, shape, dtype in specs:
-        if name in options.shapes:
-            dims = list(options.shapes[name])
-            if len(dims) != len(shape):
-                raise BadInput(f"--shape {name}: {len(dims)} dims given, the input has {len(shape)}")
-        else:
-            dynamic = [i for i, d in enumerate(shape) if d is None and i > 0]
-            if dynamic:
-                example = ",".join("1" if i == 0 else (str(d) if d is not None else "N") for i, d in enumerate(shape))
-                raise VerificationImpossible(f"input {name!r} has dynamic dims ({', '.join(f'dim {i}' for i in dynamic)}): "
-                                             f"set them with --shape {name}={example}")
-            dims = [2 if d is None else d for d in shape]  # the batch: 2, so batch-mixing bugs show
-        np_dtype = np.dtype(dtype) if dtype not in ("bfloat16",) else np.dtype("float32")
-        if np_dtype.kind == "f":
-            feeds[name] = rng.standard_normal(dims).astype(np_dtype)
-        elif np_dtype.kind == "b":
-            feeds[name] = rng.random(dims) < 0.5
-        else:
-            feeds[name] = rng.integers(0, 8, size=dims).astype(np_dtype)
-    return feeds
+    specs = [InputSpec(name, shape, dtype) for name, shape, dtype in _input_specs(graph)]
+    return make_inputs(specs, shapes=options.shapes, seed=options.seed, given=given)
 
 
 def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -439,7 +409,7 @@ def _verify(reference, candidate, graph: _config.KerasGraph, options, note: str)
                             note=f"outputs changed: {len(expected)} -> {len(actual)}")
     outputs = [compare(n, e, a, options.atol, options.rtol) for n, e, a in zip(names, expected, actual)]
     return Verification(ran=True, passed=all(o.passed for o in outputs), atol=options.atol, rtol=options.rtol,
-                        outputs=outputs, note=note, inputs={k: list(v.shape) for k, v in feeds.items()})
+                        outputs=outputs, note=note, inputs=feeds.shapes(), defaulted=feeds.defaulted)
 
 
 # -- statistics --------------------------------------------------------------------------------

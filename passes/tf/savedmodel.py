@@ -30,7 +30,7 @@ from passes.tf import _graph as g
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
-from rewriter.verify import compare, load_inputs_file, make_inputs
+from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 _NO_INLINE_MARKS = ("_noinline", "_XlaMustCompile", "_XlaCompile")
@@ -304,37 +304,19 @@ def _variable_name(node_name: str) -> str:
 
 # -- verifying -------------------------------------------------------------------------------
 
-_ORT_TYPE_NAMES = {
-    tf.float32: "tensor(float)", tf.float64: "tensor(double)", tf.float16: "tensor(float16)",
-    tf.int8: "tensor(int8)", tf.int16: "tensor(int16)", tf.int32: "tensor(int32)", tf.int64: "tensor(int64)",
-    tf.uint8: "tensor(uint8)", tf.uint16: "tensor(uint16)", tf.uint32: "tensor(uint32)",
-    tf.uint64: "tensor(uint64)", tf.bool: "tensor(bool)",
-}
-
-
-class _InputSpec:
-    """A signature input dressed as an onnxruntime input, so ``make_inputs`` serves TF too."""
-
-    def __init__(self, spec: TensorSpec):
-        self.name = spec.key
-        self.shape = [d if d is not None else None for d in (spec.shape or [])]
-        self.type = _ORT_TYPE_NAMES.get(spec.dtype, f"tensor({spec.dtype.name})")
-
-
-class _Signature:
-    def __init__(self, inputs: list[TensorSpec]):
-        self._inputs = [_InputSpec(i) for i in inputs]
-
-    def get_inputs(self):
-        return self._inputs
-
-
-def verification_inputs(frozen: FrozenSignature, options) -> dict[str, np.ndarray]:
-    """Seeded random inputs per signature input (or the user's ``--inputs``), as for ONNX."""
+def verification_inputs(frozen: FrozenSignature, options) -> Feeds:
+    """Seeded random inputs per signature input (or the user's ``--inputs``), made as for ONNX
+    (a ``None`` batch set to 1 and recorded in ``Feeds.defaulted``)."""
     given = options.inputs
     if given is not None and not isinstance(given, Mapping):
         given = load_inputs_file(Path(given))
-    return make_inputs(_Signature(frozen.inputs), shapes=options.shapes, seed=options.seed, given=given)
+    specs = [InputSpec(i.key, i.shape, i.dtype.name) for i in frozen.inputs]
+    outputs = []
+    for key, spec in sorted((getattr(frozen.function, "structured_outputs", None) or {}).items()):
+        shape = getattr(spec, "shape", None)
+        if shape is not None and shape.rank is not None and hasattr(spec, "dtype"):
+            outputs.append(InputSpec(key, list(shape), spec.dtype.name))
+    return make_inputs(specs, shapes=options.shapes, seed=options.seed, given=given, outputs=outputs)
 
 
 def run_function(function, feeds: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
@@ -349,14 +331,16 @@ def run_function(function, feeds: dict[str, np.ndarray], role: str) -> dict[str,
 def verify_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], feeds, options) -> Verification:
     """The same per-output table as ONNX verification; raise VerificationFailed on a mismatch."""
     atol, rtol = options.atol, options.rtol
-    inputs = {k: list(v.shape) for k, v in feeds.items()}
+    inputs = {k: list(np.shape(v)) for k, v in feeds.items()}
+    defaulted = dict(getattr(feeds, "defaulted", {}))
     if sorted(expected) != sorted(actual):
         verification = Verification(ran=True, passed=False, atol=atol, rtol=rtol, inputs=inputs,
+                                    defaulted=defaulted,
                                     note=f"outputs changed: {sorted(expected)} -> {sorted(actual)}")
     else:
         outputs = [compare(k, expected[k], actual[k], atol, rtol) for k in sorted(expected)]
         verification = Verification(ran=True, passed=all(o.passed for o in outputs), atol=atol, rtol=rtol,
-                                    outputs=outputs, inputs=inputs)
+                                    outputs=outputs, inputs=inputs, defaulted=defaulted)
     if not verification.passed:
         failing = [o.name for o in verification.outputs if not o.passed]
         detail = verification.note or f"outputs {', '.join(failing)} differ beyond atol/rtol"
