@@ -420,8 +420,39 @@ def _path_label(path: tuple) -> str:
     return "/".join(f"{owner}.{attr}" for owner, attr in path)
 
 
-def _node_paths(index: dict[tuple, object]) -> dict[str, tuple]:
-    return {node.name: path for path, graph in index.items() for node in graph.node if node.name}
+def _node_paths(index: dict[tuple, object]) -> dict[str, list[tuple]]:
+    """node name → the paths of the graphs holding a node of that name (exporters repeat names
+    across branches)."""
+    paths: dict[str, list[tuple]] = {}
+    for path, graph in index.items():
+        for node in graph.node:
+            if node.name and path not in paths.setdefault(node.name, []):
+                paths[node.name].append(path)
+    return paths
+
+
+def _rewrite_paths(rewrite, index: dict[tuple, object], node_paths: dict[str, list[tuple]]) -> list[tuple]:
+    """The subgraphs a rewrite may sit in: found by its node names, narrowed by its graph label."""
+    found: list[tuple] = []
+    for name in [rewrite.location, *rewrite.nodes]:
+        found.extend(p for p in node_paths.get(name, []) if p not in found)
+    labelled = [p for p in found if (index[p].name or "subgraph") == rewrite.graph]
+    return labelled or found
+
+
+def _call_paths(model, index: dict[tuple, object], function: str) -> list[tuple]:
+    """Paths of the graphs that call local function ``function``, directly or through other
+    local functions."""
+    callers, todo, seen = [], [function], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        callers.extend(p for p, graph in index.items() if p not in callers
+                       and any(n.op_type == name for n in graph.node))
+        todo.extend(f.name for f in model.functions if any(n.op_type == name for n in f.node))
+    return callers
 
 
 def _outer_reads(graph) -> list[str]:
@@ -550,15 +581,24 @@ def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Ve
     after = onnx.load(str(rewritten))
     before_index, after_index = _subgraph_index(before.graph), _subgraph_index(after.graph)
     before_nodes, after_nodes = _node_paths(before_index), _node_paths(after_index)
-    by_path: dict[tuple, list] = {}
+    paths_of = {}
     for r in in_subgraphs:
-        path = next((p for p in [after_nodes.get(r.location)] + [after_nodes.get(n) for n in r.nodes]
-                     + [before_nodes.get(r.location)] + [before_nodes.get(n) for n in r.nodes] if p), None)
-        if not path:
+        if r.graph.startswith("function "):  # a local function runs wherever it is called
+            paths = _call_paths(after, after_index, r.graph[len("function "):])
+            if () in paths:
+                r.exercised, r.exercised_by = True, f"model run (the main graph calls {r.graph})"
+                continue
+            if not paths:
+                r.exercised, r.exercised_by = False, f"no graph of the model calls {r.graph}"
+                continue
+        else:
+            paths = [p for p in _rewrite_paths(r, after_index, after_nodes) if p] or \
+                [p for p in _rewrite_paths(r, before_index, before_nodes) if p]
+        if paths:
+            paths_of[id(r)] = paths
+        else:
             r.exercised, r.exercised_by = False, f"its subgraph {r.graph!r} was not found to run on its own"
-            continue
-        by_path.setdefault(path, []).append(r)
-    if not by_path:
+    if not paths_of:
         return
     try:
         typed = onnx.shape_inference.infer_shapes(_with_input_shapes(before, verification.inputs))
@@ -566,34 +606,38 @@ def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Ve
     except Exception:  # shape inference is a help, not a requirement
         typed, typed_after = before, after
     typed_index, typed_after_index = _subgraph_index(typed.graph), _subgraph_index(typed_after.graph)
-    for n, (path, group) in enumerate(sorted(by_path.items())):
+    outcome: dict[tuple, str] = {}  # path → "" when it ran, else why not
+    for n, path in enumerate(sorted({p for paths in paths_of.values() for p in paths})):
         label = _path_label(path)
         try:
             if path not in before_index or path not in after_index:
                 raise _Unrunnable("the subgraph is not in both models")
             reads = list(dict.fromkeys(_outer_reads(before_index[path]) + _outer_reads(after_index[path])))
-            merged = {**typed_after_index, **typed_index}
-            pair = [_standalone(before, before_index, merged, path, reads),
+            pair = [_standalone(before, before_index, {**typed_after_index, **typed_index}, path, reads),
                     _standalone(after, after_index, {**typed_index, **typed_after_index}, path, reads)]
-            paths = [scratch / f"subgraph{n}_{i}.onnx" for i in range(2)]
-            for model, where in zip(pair, paths):
+            files = [scratch / f"subgraph{n}_{i}.onnx" for i in range(2)]
+            for model, where in zip(pair, files):
                 onnx.save(model, str(where))
-            result = verify_onnx(paths[0], paths[1], atol=verification.atol, rtol=verification.rtol, seed=seed)
+            result = verify_onnx(files[0], files[1], atol=verification.atol, rtol=verification.rtol, seed=seed)
         except (_Unrunnable, VerificationImpossible, BadInput) as exc:
-            reason = exc.message if hasattr(exc, "message") else str(exc)
-            for r in group:
-                r.exercised, r.exercised_by = False, f"in {label}, not run on its own: {reason}"
+            outcome[path] = f"in {label}, not run on its own: {getattr(exc, 'message', None) or exc}"
             continue
         except Exception as exc:  # an odd subgraph is no reason to stop: say it was not exercised
-            for r in group:
-                r.exercised, r.exercised_by = False, f"in {label}, not run on its own: {type(exc).__name__}: {exc}"
+            outcome[path] = f"in {label}, not run on its own: {type(exc).__name__}: {exc}"
             continue
+        outcome[path] = ""
         for output in result.outputs:
             output.name = f"{label}:{output.name}"
         verification.outputs.extend(result.outputs)
         if not result.passed:
             verification.passed = False
-            verification.note = "; ".join(x for x in (verification.note, f"{label}: {result.note}")
-                                          if x and not x.endswith(": "))
-        for r in group:
-            r.exercised, r.exercised_by = True, f"{label} run as its own model"
+            if result.note:
+                verification.note = "; ".join(x for x in (verification.note, f"{label}: {result.note}") if x)
+    for r in in_subgraphs:
+        paths = paths_of.get(id(r))
+        if paths is None:
+            continue
+        missed = [outcome[p] for p in paths if outcome[p]]
+        r.exercised = not missed
+        r.exercised_by = missed[0] if missed else \
+            " and ".join(_path_label(p) for p in paths) + " run as its own model"

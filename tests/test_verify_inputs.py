@@ -356,3 +356,63 @@ def test_nothing_counts_as_exercised_without_a_run(tmp_path):
     verification = Verification(ran=True, passed=True, atol=1e-4, rtol=1e-3)
     assert "exercised" not in "\n".join(format_summary(report).splitlines())
     assert verification.defaulted == {}
+
+
+def test_nested_ifs_and_repeated_node_names_are_each_verified(tmp_path):
+    # The inner If's branches are one builder's output twice: the same node names in both.
+    inner = helper.make_node("If", ["cond"], ["inner_y"], name="inner_if",
+                             then_branch=_branch(1, "then", "t", reads="xr"),
+                             else_branch=_branch(1, "else", "t", reads="xr"))
+    outer_then = helper.make_graph([helper.make_node("Relu", ["x"], ["xr"], name="relu_x"), inner], "outer_then",
+                                   [], [helper.make_tensor_value_info("inner_y", TensorProto.FLOAT, [None] * 4)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="outer_if", then_branch=outer_then,
+                          else_branch=_branch(3, "outer_else", "oe"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", 8, 5, 5]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = rewriter.fuse(_save(model, tmp_path / "nested.onnx"), output=tmp_path / "out.onnx").report
+    assert len(report.rewrites) == 3 and all(r.exercised for r in report.rewrites)
+    assert {o.name for o in report.verification.outputs} == {
+        "y", "outer_if.else_branch:oe", "outer_if.then_branch/inner_if.then_branch:t",
+        "outer_if.then_branch/inner_if.else_branch:t"}
+    by_graph = {r.graph: r.exercised_by for r in report.rewrites}
+    assert by_graph["else"] == "outer_if.then_branch/inner_if.else_branch run as its own model"
+
+
+def _function_model(called_from_branch: bool) -> onnx.ModelProto:
+    """A local function holding a hand-made grouped conv (weights as Constant nodes), called from
+    the main graph or from one branch of an If."""
+    body = _branch(4, "body", "out")
+    constants = [helper.make_node("Constant", [], [i.name], value=i) for i in body.initializer]
+    function = helper.make_function("local", "gblock", ["x"], ["out"], constants + list(body.node),
+                                    [helper.make_opsetid("", 17)])
+    call = helper.make_node("gblock", ["x"], ["y" if not called_from_branch else "called"], domain="local",
+                            name="call")
+    if called_from_branch:
+        branch = lambda nodes, name, out: helper.make_graph(
+            nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None] * 4)])
+        nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch(
+            [helper.make_node("Identity", ["x"], ["same"])], "then", "same"),
+            else_branch=branch([call], "else", "called"))]
+    else:
+        nodes = [call]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[function])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("from_branch", [False, True], ids=["main-graph", "if-branch"])
+def test_rewrites_in_local_functions_count_where_they_are_called(tmp_path, from_branch):
+    report = rewriter.fuse(_save(_function_model(from_branch), tmp_path / "f.onnx"),
+                           output=tmp_path / "out.onnx").report
+    (rewrite,) = report.rewrites
+    assert rewrite.graph == "function gblock" and rewrite.exercised is True
+    assert rewrite.exercised_by == ("if.else_branch run as its own model" if from_branch
+                                    else "model run (the main graph calls function gblock)")
