@@ -48,6 +48,8 @@ class Options:
     repair_late_binding: bool = False
     # Fusion: fold a BatchNormalization (or per-channel Mul/Add) that reads only a fused conv.
     fold_bn: bool = True
+    # A deployment target (rewriter.targets): fuse what it runs natively, expand what it does not.
+    target: str | None = None
     # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
     progress: Callable[[str, float], None] | None = field(default=None, compare=False)
 
@@ -79,6 +81,8 @@ def model_stats(model: ir.Model) -> ModelStats:
 
 
 def _passes(mode: str, rewrite: bool, options: Options):
+    if options.target is not None:
+        return _target_passes(rewrite, options)
     if mode == "fuse":
         from passes.onnx import FoldBatchNormPass, FuseSplitConvPass
 
@@ -91,6 +95,30 @@ def _passes(mode: str, rewrite: bool, options: Options):
 
     return [ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
                                   min_groups=options.min_groups, max_groups=options.max_groups)]
+
+
+def _target_passes(rewrite: bool, options: Options):
+    """--target: one run, both directions. Fuse the hand-made groups the target runs natively,
+    then expand the native grouped convs it wants split (leaving the ones just fused alone)."""
+    from passes.onnx import ExpandGroupedConvPass, FoldBatchNormPass, FuseSplitConvPass
+    from rewriter import targets
+
+    target = targets.get(options.target)
+
+    def wants(form: str):
+        def accept(props: targets.ConvProps) -> tuple[bool, str]:
+            chosen, rule = target.decide(props)
+            return chosen == form, f"{chosen} for {target.name}: {rule}"
+        return accept
+
+    fuse_pass = FuseSplitConvPass(rewrite=rewrite, accept=wants(targets.NATIVE))
+    passes = [fuse_pass]
+    if rewrite and options.fold_bn:
+        passes.append(lambda: FoldBatchNormPass(fuse_pass.fused_convs))
+    passes.append(lambda: ExpandGroupedConvPass(
+        rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
+        max_groups=options.max_groups, accept=wants(targets.SPLIT), exclude=fuse_pass.created))
+    return passes
 
 
 def _resolve_inputs(options: Options):
@@ -122,6 +150,13 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     """
     options = _options(options, overrides)
     fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    if options.target is not None:
+        from rewriter import targets
+
+        targets.get(options.target)  # an unknown name: one line listing the known ones
+        if fmt != "onnx" or options.to not in (None, "onnx"):
+            raise BadInput(f"{model}: --target works on ONNX models only for now; convert this {fmt} model "
+                           "with --to onnx first, or use --fuse / --expand")
     if fmt != "onnx" or (options.to not in (None, "onnx")):
         return _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
     with _collector_paused():
@@ -157,6 +192,8 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
             working = source.model
             threshold = formats.external_layout(working)
             report.before = model_stats(working)
+        if options.target is not None:
+            report.target = {"name": options.target, "nodes": []}
         with report.timed("rewrite"):
             for rewrite_pass in _passes(mode, apply, options):
                 if not isinstance(rewrite_pass, ir.passes.PassBase):
@@ -164,6 +201,11 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
                 rewrite_pass(working)
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)
+                if report.target is not None:  # per node: the form the target wants, and why
+                    for decision in getattr(rewrite_pass, "decisions", []):
+                        # The rule without the "native for NAME: " the skip reasons carry.
+                        prefix = f"{decision['form']} for {options.target}: "
+                        report.target["nodes"].append({**decision, "rule": decision["rule"].removeprefix(prefix)})
             report.after = model_stats(working) if apply else report.before
 
         if not apply:

@@ -23,6 +23,7 @@ import click
 from rewriter import __version__, batch, formats
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
+from rewriter import targets
 from rewriter.verify import parse_shapes
 
 CONFIG_SECTION = "gconv-rewrite"
@@ -57,6 +58,13 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
         defaults[name] = setting
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
+
+
+def _list_targets(ctx: click.Context, param, value: bool):
+    """--list-targets: print the table and exit, with no model needed (eager, like --version)."""
+    if value and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+        click.echo(targets.format_table())
+        ctx.exit(0)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,6 +107,11 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
               help="With --expand: expand only convolutions with at least this many groups.")
 @click.option("--max-groups", type=click.IntRange(min=2), default=None,
               help="With --expand: expand only convolutions with at most this many groups.")
+@click.option("--target", metavar="NAME", default=None,
+              help="Deployment target (ONNX models): fuse the grouped convs it runs natively, expand those it "
+                   f"does not. One of: {', '.join(targets.names())}.")
+@click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
+              help="Print the targets and what each wants per grouped conv, then exit.")
 @click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras"]), default=None,
               help="Output format for SavedModel/Keras inputs (default: same as the input).")
 @click.option("--signature", default="serving_default", show_default=True,
@@ -111,8 +124,8 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
 def main(models, mode, output, force, check, dry_run, report_path, output_format, jobs, verify, inputs, shapes,
-         atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, to, signature, trust_lambdas, repair_late_binding,
-         quiet, verbose):
+         atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, target, to, signature, trust_lambdas,
+         repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
     .onnx, .keras, .h5 files and SavedModel directories."""
@@ -126,18 +139,27 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         raise click.UsageError("--atol and --rtol must be non-negative")
     if max_groups is not None and max_groups < min_groups:
         raise click.UsageError("--max-groups must be at least --min-groups")
+    if target is not None and click.get_current_context().get_parameter_source("mode") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--target chooses fuse or expand per node; drop --fuse / --expand")
     as_json = output_format == "json"
     say = (lambda *a, **k: None) if quiet or as_json else click.echo
     try:
+        if target is not None:
+            targets.get(target)  # an unknown name: one line listing the known ones
         options = Options(verify=verify, atol=atol, rtol=rtol, seed=seed, shapes=parse_shapes(shapes),
                           inputs=inputs, force=force, keep_depthwise=keep_depthwise, min_groups=min_groups,
                           max_groups=max_groups, to=to, signature=signature, trust_lambdas=trust_lambdas,
-                          repair_late_binding=repair_late_binding, fold_bn=fold_bn)
+                          repair_late_binding=repair_late_binding, fold_bn=fold_bn, target=target)
         many = batch.is_batch(models)
         if many and output is not None and output.exists() and not output.is_dir():
             raise RewriteError(f"{output}: with several models, -o names a folder")
         job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to,
                                    write=not (check or dry_run))
+        if target is not None:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
+            for job in job_list:
+                if job.output is not None and not job.mirrored:
+                    job.output = job.input.with_name(f"{job.input.stem}.{target}{job.input.suffix}")
         if not many and output is not None and not (check or dry_run):
             job_list[0].output = output
         if not job_list:
@@ -195,6 +217,8 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
             found = len((result.report or {}).get("rewrites", []))
             if check:
                 noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
+                if target is not None:  # "check: 2 changes found": convs not yet in the target's form
+                    noun = "change"
                 say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
             elif dry_run:
                 say("dry run: nothing written")

@@ -74,6 +74,9 @@ class Report:
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
     written: bool = False
+    # --target: {"name": NAME, "nodes": [{"location", "graph", "form", "action", "rule"}]}, one
+    # entry per grouped conv the target's rule judged (form: native|split; action: fuse|expand|keep).
+    target: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,8 +130,25 @@ def format_coverage(report: Report) -> list[str]:
         [f"    {r.location}" + (f" ({r.exercised_by})" if r.exercised_by else "") for r in missed]
 
 
+def format_target(target: dict[str, Any]) -> list[str]:
+    """Each grouped conv under the form the target chose for it, grouped by rule."""
+    nodes = target["nodes"]
+    lines = [f"target {target['name']}: {len(nodes)} grouped conv{'s' if len(nodes) != 1 else ''} judged"]
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for n in nodes:
+        where = f"{n['graph']}: " if n["graph"] else ""
+        groups.setdefault((n["action"], n["form"], n["rule"]), []).append(where + n["location"])
+    verbs = {"fuse": "fused to native", "expand": "expanded to split", "keep": "kept"}
+    for (action, form, rule), locations in groups.items():
+        state = verbs.get(action, action) + (f" {form}" if action == "keep" else "")
+        lines.append(f"  {state} ({len(locations)}): {', '.join(locations)}")
+        lines.append(f"    because {rule}")
+    return lines
+
+
 def format_summary(report: Report) -> str:
-    lines = [f"{report.input}: {report.mode}"]
+    heading = report.mode if report.target is None else f"target {report.target['name']}"
+    lines = [f"{report.input}: {heading}"]
     if report.rewrites:
         lines.append(f"rewrites ({len(report.rewrites)}):")
         for r in report.rewrites:
@@ -140,10 +160,15 @@ def format_summary(report: Report) -> str:
                              f"channels {r.channels['in']}->{r.channels['out']}")
     else:
         lines.append("rewrites: none")
-    if report.skipped:
-        lines.append(f"left alone ({len(report.skipped)}):")
-        for s in report.skipped:
+    # A node the target keeps as it is is listed once, under the target, with its rule.
+    kept = {n["location"]: n["rule"] for n in (report.target or {}).get("nodes", []) if n["action"] == "keep"}
+    skipped = [s for s in report.skipped if not (s.location in kept and s.reason.endswith(kept[s.location]))]
+    if skipped:
+        lines.append(f"left alone ({len(skipped)}):")
+        for s in skipped:
             lines.append(f"  {s.location}: {s.reason}")
+    if report.target is not None:
+        lines.extend(format_target(report.target))
     if report.before and report.after:
         b, a = report.before, report.after
         lines.append(f"nodes: {b.nodes} -> {a.nodes}   parameters: {b.parameters:,} -> {a.parameters:,}")

@@ -20,6 +20,8 @@ graph-output role, so nothing downstream changes.
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -28,6 +30,7 @@ from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 EXPANDABLE_OPS = ("Conv", "ConvTranspose")
 
@@ -37,15 +40,25 @@ DEPTHWISE_KEPT = "depthwise (group == channels) kept: --keep-depthwise"
 @register("onnx.expand-grouped-conv")
 class ExpandGroupedConvPass(ir.passes.InPlacePass):
     """Rewrite every grouped Conv/ConvTranspose (within the group range) into Split → N Conv →
-    Concat; record rewrites and skips."""
+    Concat; record rewrites and skips.
+
+    ``accept(props) -> (ok, rule)``, when given, is asked about each grouped conv (``--target``):
+    a refused one is kept, reported as a skip with the rule as its reason; each judged conv is
+    also listed in ``decisions``. Nodes in ``exclude`` (what a fuse pass just wrote) are left
+    alone unreported."""
 
     def __init__(self, *, rewrite: bool = True, keep_depthwise: bool = False, min_groups: int = 2,
-                 max_groups: int | None = None):
+                 max_groups: int | None = None, accept: Callable[[ConvProps], tuple[bool, str]] | None = None,
+                 exclude: Iterable[ir.Node] = ()):
         super().__init__()
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
         self.keep_depthwise = keep_depthwise
         self.min_groups = min_groups
         self.max_groups = max_groups
+        self.accept = accept
+        self.exclude = {id(node) for node in exclude}
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
+        self._verdict: tuple[bool, str] | None = None
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
 
@@ -64,11 +77,20 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         convs = [n for n in graph if n.op_type in EXPANDABLE_OPS and n.domain in ("", "ai.onnx")]
         for conv in convs:
             groups = g.attr_int(conv, "group", 1)
-            if groups < 2:
+            if groups < 2 or id(conv) in self.exclude:
                 continue  # not grouped: nothing to expand, nothing to report
             # An unnamed conv is reported, and its new nodes named, after its output.
             location = conv.name or conv.outputs[0].name or conv.op_type
+            self._verdict = None
             reason, plan, channels = self._plan(conv, groups)
+            if self._verdict is not None:
+                accepted, rule = self._verdict
+                expands = accepted and reason is None
+                if accepted and reason is not None:  # the target wants it split, but it cannot be
+                    rule = f"{rule}; but {reason}"
+                self.decisions.append({"location": location, "graph": graph_label,
+                                       "form": "split" if expands else "native",
+                                       "action": "expand" if expands else "keep", "rule": rule})
             if reason is not None:
                 self.skipped.append(Skip(location, reason, [conv.name] if conv.name else [], graph_label))
                 continue
@@ -100,6 +122,13 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         shape = g.const_shape(weight_value)
         if shape is not None and self.keep_depthwise and _in_channels(shape, groups, transpose) == groups:
             return DEPTHWISE_KEPT, None, None
+        if shape is not None and self.accept is not None and len(shape) >= 3:
+            out_channels = int(shape[1]) * groups if transpose else int(shape[0])
+            self._verdict = self.accept(ConvProps(groups=groups, in_channels=_in_channels(shape, groups, transpose),
+                                                  out_channels=out_channels, kernel_rank=len(shape) - 2,
+                                                  transposed=transpose))
+            if not self._verdict[0]:
+                return self._verdict[1], None, None
 
         weight = g.const_array(weight_value)
         if weight is None and _is_quantized(weight_value):

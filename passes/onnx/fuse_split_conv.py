@@ -22,6 +22,7 @@ branches), walks each input back to where the branch starts, and hands every lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +35,7 @@ from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_t
 from rewriter.plan import (Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input,
                            plan_tail)
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 CONV_OPS = ("Conv", "ConvTranspose")
 CHAIN_OPS = set(CONV_OPS) | UNARY_OPS | BINARY_OPS | {"BatchNormalization", "Clip", "Transpose"}
@@ -76,6 +78,7 @@ class _Fused:
     location_is_grouped: bool = False
     initializers: list[ir.Value] = field(default_factory=list)  # registered only when emitted
     convs: list[ir.Node] = field(default_factory=list)  # the fused convolutions among ``nodes``
+    layers: list[ConvProps] = field(default_factory=list)  # each fused conv layer, for an ``accept`` hook
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         # Type and shape come from the tensor; setting them on the value would add value_info.
@@ -86,11 +89,18 @@ class _Fused:
 
 @register("onnx.fuse-split-conv")
 class FuseSplitConvPass(ir.passes.InPlacePass):
-    """Rewrite every fusable branch structure joined by a Concat; record rewrites and skips."""
+    """Rewrite every fusable branch structure joined by a Concat; record rewrites and skips.
 
-    def __init__(self, *, rewrite: bool = True):
+    ``accept(props) -> (ok, rule)``, when given, is asked about every grouped conv a candidate
+    would become (``--target``): a candidate with one refused layer stays as it is, reported as a
+    skip with the rule as its reason; each judged candidate is also listed in ``decisions``."""
+
+    def __init__(self, *, rewrite: bool = True, accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
         super().__init__()
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
+        self.accept = accept
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self.created: list[ir.Node] = []  # every conv this pass wrote (a later expand pass leaves them)
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
         self.fused_convs: list[ir.Node] = []  # what onnx.fold-batchnorm may fold into
@@ -125,6 +135,16 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
+            verdict = self._judge(fused)
+            if verdict is not None and not verdict[0]:
+                convs = [op.name for c in chains for op in c.ops if op.op_type in CONV_OPS and op.name]
+                self.skipped.append(Skip(location, verdict[1], convs, label))
+                self.decisions.append({"location": location, "graph": label, "form": "split", "action": "keep",
+                                       "rule": verdict[1]})
+                continue
+            if verdict is not None:
+                self.decisions.append({"location": fused.location, "graph": label, "form": "native",
+                                       "action": "fuse", "rule": verdict[1]})
             readers = list(dict.fromkeys(c.read.reader for c in chains if c.read is not None))
             replaced = readers + [op for c in chains for op in c.ops[:fused.length]]
             if fused.complete:
@@ -139,12 +159,24 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                                      "the rest stays per branch", [], label))
             if self.rewrite:
                 self._emit(graph, position, concat, chains, readers, fused)
+                self.created.extend(fused.convs)
                 # What followed the Concat (a legacy export's BatchNormalization) may fold into the
                 # fused conv; tails the branches applied themselves stay as the user wrote them.
                 if fused.complete and fused.convs and fused.convs[-1] is fused.nodes[-1]:
                     self.fused_convs.append(fused.convs[-1])
                 modified = True
         return modified
+
+    def _judge(self, fused: _Fused) -> tuple[bool, str] | None:
+        """The ``accept`` hook's verdict on the grouped layers of a candidate: the first refusal,
+        or acceptance with the rules that accepted; None without a hook or a grouped layer."""
+        if self.accept is None:
+            return None
+        verdicts = [self.accept(layer) for layer in fused.layers if layer.groups > 1]
+        if not verdicts:
+            return None
+        refused = next((v for v in verdicts if not v[0]), None)
+        return refused or (True, "; ".join(dict.fromkeys(rule for _, rule in verdicts)))
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -285,6 +317,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     fused.groups = plan.groups
                 fused.out_channels = plan.out_channels
                 rank = plan.weight.ndim
+                fused.layers.append(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
+                                              out_channels=plan.out_channels, kernel_rank=rank - 2,
+                                              transposed=kind == "ConvTranspose"))
                 base = ops[0].name or kind
                 name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
                 inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
