@@ -136,12 +136,21 @@ MAX_MEMBERS = 10_000
 _CHUNK = 1 << 20
 
 
-def expansion_limit(file_size: int) -> int:
-    """How many bytes a file of ``file_size`` may hold inside (see the limits above)."""
+def _limits() -> tuple[float, int]:
+    """The ratio and the absolute cap in force (the environment may raise or lower them)."""
     import os
 
-    ratio = float(os.environ.get("GCONV_KERAS_MAX_RATIO") or MAX_EXPANSION_RATIO)
-    cap = int(float(os.environ.get("GCONV_KERAS_MAX_BYTES") or MAX_TOTAL_BYTES))
+    try:
+        ratio = float(os.environ.get("GCONV_KERAS_MAX_RATIO") or MAX_EXPANSION_RATIO)
+        cap = int(float(os.environ.get("GCONV_KERAS_MAX_BYTES") or MAX_TOTAL_BYTES))
+    except ValueError as exc:
+        raise BadInput(f"GCONV_KERAS_MAX_RATIO/GCONV_KERAS_MAX_BYTES must be numbers ({exc})") from exc
+    return ratio, cap
+
+
+def expansion_limit(file_size: int) -> int:
+    """How many bytes a file of ``file_size`` may hold inside (see the limits above)."""
+    ratio, cap = _limits()
     return min(max(int(ratio * file_size), EXPANSION_FLOOR), cap)
 
 
@@ -154,10 +163,11 @@ def _size(n: int) -> str:
 
 
 def _too_big(path: Path, what: str, size: int, file_size: int) -> BadInput:
+    ratio, cap = _limits()
     return BadInput(f"{path}: {what} {_size(size)} inside a {_size(file_size)} file, over the limit of "
                     f"{_size(expansion_limit(file_size))} (a decompression bomb? the limits: "
-                    f"{MAX_EXPANSION_RATIO}x the file size, at least {_size(EXPANSION_FLOOR)}, at most "
-                    f"{_size(MAX_TOTAL_BYTES)}; GCONV_KERAS_MAX_RATIO/GCONV_KERAS_MAX_BYTES raise them)")
+                    f"{ratio:g}x the file size, at least {_size(EXPANSION_FLOOR)}, at most "
+                    f"{_size(cap)}; GCONV_KERAS_MAX_RATIO/GCONV_KERAS_MAX_BYTES raise them)")
 
 
 def _plain_member(name: str) -> bool:
