@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter import formats
+from rewriter import formats, quiet
 from rewriter.errors import BadInput, OutputError, VerificationFailed
 from rewriter.report import ModelStats, Report, Verification, count_ops
 from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
@@ -178,20 +178,23 @@ def _collector_paused():
 
 
 def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) -> Result:
-    with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    with formats.scratch_dir() as scratch:
         report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
         report.on_phase = options.progress
         output_path = Path(output) if output is not None else None
         if output_path is not None:
             formats.check_output_path(output_path, [Path(model)] if not isinstance(model, ir.Model) else [],
-                                      options.force)
+                                      options.force, deep=False)
         given_inputs = _resolve_inputs(options) if options.verify else None
         with report.timed("load"):
             source = _Source(model, scratch)
             working = source.model
             threshold = formats.external_layout(working)
             report.before = model_stats(working)
+        # Everything the input reads (its external data too) is never written over or removed.
+        read = _files_read(model, working, options)
+        if output_path is not None:
+            formats.check_not_read(output_path, read)
         if options.target is not None:
             report.target = {"name": options.target, "nodes": []}
         with report.timed("rewrite"):
@@ -214,10 +217,11 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
         def write_and_verify(folder: Path, name: str) -> Path:
             path = folder / name
             external = f"{name}.data" if threshold is not None else None
-            if external and output_path is not None and (output_path.parent / external).exists() and not options.force:
-                raise OutputError(f"{output_path.parent / external}: already exists (use --force to overwrite)")
             with report.timed("save"):
                 formats.save_onnx(working, path, external_data=external, threshold=threshold or 0)
+                if external and (folder / external).exists():
+                    # Named after its content: never the name of data another model reads.
+                    formats.name_external_data_by_content(path, external)
             with report.timed("checker"):
                 try:
                     onnx.checker.check_model(str(path))
@@ -229,7 +233,7 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
             return path
 
         if output_path is not None:
-            with formats.atomic_output(output_path) as staging:
+            with formats.atomic_output(output_path, protected=read) as staging:
                 write_and_verify(staging, output_path.name)
             report.output, report.written = str(output_path), True
         elif options.verify and report.rewrites:
@@ -239,11 +243,19 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
         return Result(working, report)
 
 
+def _files_read(model, loaded: ir.Model, options: Options) -> list[Path]:
+    read = formats.input_files(Path(model), loaded) if not isinstance(model, ir.Model) else []
+    if isinstance(options.inputs, (str, Path)) and Path(options.inputs).exists():
+        read.append(Path(options.inputs))
+    return read
+
+
 def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool, options: Options) -> Result:
     """SavedModel and Keras inputs: their own load/match/emit/verify, same report and errors."""
     if fmt == "onnx":
         raise BadInput(f"{path}: --to {options.to} needs a SavedModel or Keras input; ONNX stays ONNX")
     try:
+        quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
         if fmt == "savedmodel":
             from passes.tf.savedmodel import rewrite_savedmodel as backend
         else:
@@ -256,7 +268,8 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
     report.on_phase = options.progress
     output_path = Path(output) if output is not None else None
     if output_path is not None:
-        formats.check_output_path(output_path, [path], options.force)
+        inputs = [path, *([Path(options.inputs)] if isinstance(options.inputs, (str, Path)) else [])]
+        formats.check_output_path(output_path, inputs, options.force)
     model = backend(path, mode=mode, output=output_path, apply=apply, options=options, report=report)
     if report.verification is not None and report.verification.ran and report.verification.passed:
         for r in report.rewrites:  # one graph, no branches: the verification run ran every rewrite
@@ -309,7 +322,7 @@ def verify(original: str | Path | ir.Model, rewritten: str | Path | ir.Model, *,
            options: Options | None = None, **overrides) -> Verification:
     """Run both models in onnxruntime on the same inputs and compare every output."""
     options = _options(options, overrides)
-    with tempfile.TemporaryDirectory(prefix="gconv-") as scratch_dir:
+    with formats.scratch_dir() as scratch_dir:
         paths = []
         for i, model in enumerate((original, rewritten)):
             if isinstance(model, ir.Model):

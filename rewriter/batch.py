@@ -7,9 +7,11 @@ exit code and the one-line error. The run's exit code is the worst of its models
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -147,13 +149,64 @@ def run_all(jobs: list[Job], *, processes: int, on_done: Callable[[int, JobResul
         import multiprocessing
 
         # spawn: TensorFlow and onnxruntime thread pools do not survive fork.
-        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
             futures = {pool.submit(run_job, job, **kwargs): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 i = futures[future]
-                results[i] = future.result()
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    continue  # a worker died (OOM killer, kill -9): which model killed it is found below
                 on_done(i, results[i])
+        # Once a worker dies the pool fails every model it had not finished, without saying whose
+        # worker it was: run each of those again alone in its own process, so a death is that
+        # model's row and the others get their results.
+        unfinished = [i for i, r in enumerate(results) if r is None]
+        if unfinished:
+            with ThreadPoolExecutor(max_workers=processes) as threads:
+                futures = {threads.submit(_run_alone, context, jobs[i], kwargs): i for i in unfinished}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    on_done(i, results[i])
     return [r for r in results if r is not None]
+
+
+def _child(connection, job: Job, kwargs: dict) -> None:
+    connection.send(run_job(job, **kwargs))
+    connection.close()
+
+
+def _run_alone(context, job: Job, kwargs: dict) -> JobResult:
+    """``run_job`` in a process of its own; its death becomes the model's error row (exit 2)."""
+    start = time.perf_counter()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, job, kwargs), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except (EOFError, OSError):
+        result = None
+    finally:
+        receiver.close()
+        process.join()
+    if result is not None:
+        return result
+    return JobResult(str(job.input), None, "error", EXIT_BAD_INPUT, error=_death(process.exitcode),
+                     seconds=time.perf_counter() - start)
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? the OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"the worker process running this model was killed by {name}{hint}; nothing was written"
+    return f"the worker process running this model exited with code {exitcode} without a result; nothing was written"
 
 
 def worst(codes: list[int]) -> int:

@@ -16,17 +16,22 @@ import sys
 import tomllib
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow, when a format needs it, logs noisily
 
 import click
 
-from rewriter import __version__, batch, formats
+from rewriter import __version__, batch, formats, quiet
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
 from rewriter import targets
 from rewriter.verify import parse_shapes
 
+quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
+
 CONFIG_SECTION = "gconv-rewrite"
+# Settings that let the model's own code run (or change what it computes) are a decision about
+# trusting one file, made on the command line or in the Python API: a config file travels with
+# a repository, and the pre-commit hook reads ./pyproject.toml of whatever repository it runs in.
+TRUST_SETTINGS = ("trust-lambdas", "repair-late-binding")
 
 
 def _load_config(ctx: click.Context, _param, value: Path | None):
@@ -50,6 +55,10 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
                 known[opt[2:]] = param.name
     defaults = {}
     for key, setting in section.items():
+        if key in TRUST_SETTINGS:
+            click.echo(f"gconv-rewrite: error: {path}: {key!r} may not be set in a config file (it lets the model's "
+                       f"code run); give --{key} on the command line for the files you trust", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
         if key not in known:
             raise click.BadParameter(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
         name = known[key]
@@ -165,6 +174,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         if not job_list:
             raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
                                "models in it (.onnx, .keras, .h5, SavedModel directories)")
+        report_protected = _check_report_path(report_path, job_list, inputs)
     except RewriteError as error:
         _fail(error, verbose)
 
@@ -193,7 +203,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     if report_path is not None:
         document = _document(results, code, single=not many)
         try:
-            with formats.atomic_output(report_path) as staging:
+            with formats.atomic_output(report_path, protected=report_protected) as staging:
                 (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
         except RewriteError as error:
             _fail(error, verbose)
@@ -238,6 +248,22 @@ def _document(results: list[batch.JobResult], code: int, single: bool) -> dict:
         return result.report or {"input": result.input, "error": result.error, "exit_code": result.exit_code}
     return {"tool": "gconv-rewrite", "version": __version__, "exit_code": code,
             "models": [r.to_dict() for r in results]}
+
+
+def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: Path | None) -> list[Path]:
+    """--report may name nothing a model reads (the model, its external data, its SavedModel
+    folder, the --inputs file) nor a model's output; returns what it must never replace."""
+    if report_path is None:
+        return []
+    read = [f for job in jobs for f in formats.input_files(job.input)]
+    if inputs is not None and inputs.exists():
+        read.append(inputs)
+    formats.check_not_read(report_path, read, "--report")
+    for job in jobs:
+        if job.output is not None and (report_path.absolute() == job.output.absolute()
+                                       or formats.same_file(report_path, job.output)):
+            raise RewriteError(f"{report_path}: it is also the output of {job.input}; choose another --report")
+    return read
 
 
 def _fail(error: RewriteError, verbose: bool):

@@ -7,15 +7,27 @@ imports, value_info, functions and names through unchanged.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import onnx
+import onnx.external_data_helper
 import onnx_ir as ir
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, the pid alone tells a dead run's leftovers
+    fcntl = None
 
 from rewriter.errors import BadInput, OutputError
 
@@ -156,10 +168,65 @@ def default_output(path: Path, mode: str, to: str | None = None) -> Path:
     return path.with_name(path.stem + suffix + extension)
 
 
-def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
+def input_files(path: Path, model: ir.Model | None = None, *, deep: bool = True) -> list[Path]:
+    """Every file (and folder) reading ``path`` depends on: an ONNX file and its external data
+    (from ``model`` when it is already loaded), a SavedModel folder and everything in it, a Keras
+    file. Missing files are left out: they cannot be written over."""
+    files = [path]
+    if path.is_dir():
+        for root, dirs, names in os.walk(path):
+            files.extend(Path(root) / n for n in dirs + names)
+    elif deep and path.is_file() and detect_format(path) == "onnx":
+        if model is not None:
+            locations = _external_files(model)
+        else:
+            try:
+                proto = onnx.load(str(path), load_external_data=False)
+            except Exception:  # not ONNX at all: the loader will say so
+                return files
+            locations = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(proto)
+                         if tensor.data_location == onnx.TensorProto.EXTERNAL
+                         for entry in tensor.external_data if entry.key == "location"}
+        files.extend(path.parent / location for location in sorted(locations))
+    return [f for f in files if f.exists()]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """The same file on disk: symlinks followed, hard links and case-insensitive names included
+    (``samefile`` compares st_dev and st_ino)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_read(written: Path, read: list[Path], what: str = "-o") -> None:
+    """Refuse to write ``written`` (a file to replace, or a folder to replace or write into) when
+    anything the input reads is that file, inside that folder, or the folder it would go in."""
+    if written.exists() or written.is_symlink():
+        for item in read:
+            if same_file(written, item):
+                raise OutputError(f"{written}: the input reads this file ({item}); choose another {what}")
+        if written.is_dir():
+            for item in read:
+                if any(same_file(written, parent) for parent in item.parents):
+                    raise OutputError(f"{written}: the input reads {item} inside this folder, which the output "
+                                      f"would replace; choose another {what}")
+    existing_parents = [p for p in written.absolute().parents if p.exists()]
+    for item in read:
+        if item.is_dir() and any(same_file(item, parent) for parent in existing_parents[:8]):
+            raise OutputError(f"{written}: inside the input {item}, which the input reads; choose another {what}")
+
+
+def check_output_path(output: Path, inputs: list[Path], force: bool, *, deep: bool = True) -> None:
+    """Refuse an output that would write over the input or anything it reads (its external data,
+    its SavedModel folder, ...), exists without ``force``, or cannot be written. ``deep=False``
+    leaves out an ONNX file's external data (checked once the model is loaded)."""
+    read = [f for p in inputs for f in input_files(p, deep=deep)]
     resolved = output.resolve()
     if any(resolved == p.resolve() for p in inputs):
         raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
+    check_not_read(output, read)
     if output.exists() and not force:
         raise OutputError(f"{output}: already exists (use --force to overwrite)")
     folder = output.parent if str(output.parent) else Path(".")
@@ -169,33 +236,335 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
         raise OutputError(f"{output}: folder {folder} is not writable")
 
 
-@contextmanager
-def atomic_output(output: Path) -> Iterator[Path]:
-    """Yield a staging folder beside ``output``; on success move what was written there into
-    place (the main file last), on any failure or interrupt remove it all. A reader sees the
-    output complete or not at all."""
-    folder = output.parent if str(output.parent) else Path(".")
+# -- committing outputs ---------------------------------------------------------------------------
+#
+# A run stages everything in ``.OUT.gconv-<pid>-<random>.tmp`` beside the output (one filesystem,
+# so the final renames are atomic) and scratch work in ``$TMPDIR/gconv-<pid>-<random>``; it holds
+# a shared flock on each while it lives. A later run removes such folders when their owner is gone
+# (no process with that pid, and nobody holding the flock), so a kill -9 leaves nothing for good.
+#
+# ONNX external data is named after its content (``OUT.<sha256[:16]>.data``): a file of that name
+# always holds those bytes, so writing it never changes what an existing model reads. Under an
+# exclusive flock on ``.OUT.gconv.lock`` the data is renamed into place, then the model, and only
+# then the data the previous model read is removed: at every instant the model on disk reads
+# complete data of its own. Concurrent runs on the same output commit one after the other.
+
+_TOKEN = re.compile(r"(\d+)-[0-9a-f]+")
+
+
+def _token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0 and not isinstance(pid, bool)
+    return True
+
+
+def _hold(folder: Path) -> int | None:
+    """A shared flock on ``folder`` for as long as the returned descriptor stays open: the sign
+    that its owner lives, even where the pid is not visible (another pid namespace)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        pass
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _owner_gone(path: Path, pid: int) -> bool:
+    if pid == os.getpid() or _pid_alive(pid):
+        return False
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False  # someone holds it: alive after all
+    except OSError:
+        return True  # no flock here (some network filesystems): the pid is all we know
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_staging(output: Path) -> list[Path]:
+    """Remove what dead runs left beside ``output``: their staging folders, and the old copy of a
+    folder output they had set aside (put back if the output is missing). Returns what went."""
+    folder = output.parent if str(output.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.gconv-{_TOKEN.pattern}\.(tmp|old)")
+    swept = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return swept
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or not _owner_gone(Path(entry.path), int(match.group(1))):
+            continue
+        path = Path(entry.path)
+        if match.group(2) == "old" and not (output.exists() or output.is_symlink()):
+            try:
+                os.replace(path, output)  # died between setting the old output aside and the new in
+                continue
+            except OSError:
+                pass
+        _remove(path)
+        swept.append(path)
+    if _drop_stale_lock(folder / f".{output.name}.gconv.lock"):
+        swept.append(folder / f".{output.name}.gconv.lock")
+    return swept
+
+
+def _drop_stale_lock(lock_path: Path) -> bool:
+    """Unlink a lock file a killed run left, the way a holder does: only while holding it."""
+    if fcntl is None or not lock_path.exists():
+        return False
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, current = os.fstat(fd), os.stat(lock_path)
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            os.unlink(lock_path)
+            return True
+    except OSError:  # held by a live run, or gone meanwhile
+        pass
+    finally:
+        os.close(fd)
+    return False
+
+
+def sweep_scratch(root: Path | None = None) -> list[Path]:
+    """Remove ``gconv-<pid>-<random>`` scratch folders in $TMPDIR whose owner is gone."""
+    root = Path(root or tempfile.gettempdir())
+    pattern = re.compile(rf"gconv-{_TOKEN.pattern}")
+    swept = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return swept
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and _owner_gone(Path(entry.path), int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            swept.append(Path(entry.path))
+    return swept
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A private scratch folder ``$TMPDIR/gconv-<pid>-<random>``, removed afterwards (and by a
+    later run if this one is killed)."""
+    sweep_scratch()
+    path = Path(tempfile.gettempdir()) / f"gconv-{_token()}"
+    try:
+        path.mkdir(mode=0o700)
+    except OSError as exc:
+        raise OutputError(f"cannot make a scratch folder in {path.parent} ({exc.strerror or exc}); "
+                          "set TMPDIR to a writable folder") from exc
+    held = _hold(path)
+    try:
+        yield path
+    finally:
+        _release(held)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``.OUT.gconv.lock`` beside ``output``. The holder unlinks the
+    lock file before releasing it; a waiter that then gets a lock on an unlinked file retries, so
+    no lock file stays behind and two holders never overlap."""
+    if fcntl is None:
+        yield
+        return
+    folder = output.parent if str(output.parent) else Path(".")
+    lock_path = folder / f".{output.name}.gconv.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _data_name(output_name: str, digest: str) -> str:
+    return f"{output_name}.{digest[:16]}.data"
+
+
+def name_external_data_by_content(model_path: Path, data_name: str) -> str:
+    """Rename ``data_name`` (beside ``model_path``) to ``MODEL.<sha256[:16]>.data`` and point the
+    model at it; returns the new name."""
+    data_path = model_path.parent / data_name
+    digest = hashlib.sha256()
+    with open(data_path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    new_name = _data_name(model_path.name, digest.hexdigest())
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_name:
+                entry.value = new_name
+    os.replace(data_path, model_path.parent / new_name)
+    model_path.write_bytes(proto.SerializeToString())
+    return new_name
+
+
+def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
+    """(data files the current ``output`` reads that are named after it, every ``OUT.<hash>.data``
+    in its folder): what a new commit supersedes."""
+    folder = output.parent if str(output.parent) else Path(".")
+    referenced: set[str] = set()
+    if output.is_file() and output.suffix.lower() not in (".keras", ".h5", ".hdf5", ".json"):
+        try:
+            proto = onnx.load(str(output), load_external_data=False)
+            referenced = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(proto)
+                          for entry in tensor.external_data if entry.key == "location"}
+        except Exception:  # not an ONNX file (a .keras, a report): it reads no data
+            referenced = set()
+    prefix = output.name + "."
+    referenced = {name for name in referenced if name.startswith(prefix) and name.endswith(".data")
+                  and "/" not in name and "\\" not in name}
+    hashed = re.compile(rf"{re.escape(output.name)}\.[0-9a-f]{{16}}\.data")
+    try:
+        ours = {e.name for e in os.scandir(folder) if hashed.fullmatch(e.name)}
+    except OSError:
+        ours = set()
+    return referenced, ours
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def _put_in_place(main: Path, output: Path, staging: Path, token: str) -> None:
+    """Move ``main`` to ``output``, replacing whatever is there (a folder too) in one step where
+    the system can swap two paths; else the old one is set aside first, under a name the next
+    run recognises and puts back if this one dies before the new one is in."""
+    if not (output.is_dir() and not output.is_symlink()) and not main.is_dir():
+        os.replace(main, output)
+        return
+    if not (output.exists() or output.is_symlink()):
+        os.replace(main, output)
+        return
+    if _exchange(main, output):
+        _remove(main)  # now the old output, inside staging
+        return
+    aside = output.parent / f".{output.name}.gconv-{token}.old"
+    os.replace(output, aside)
+    try:
+        os.replace(main, output)
+    except BaseException:
+        os.replace(aside, output)
+        raise
+    _remove(aside)
+
+
+@contextmanager
+def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]:
+    """Yield a staging folder beside ``output``; on success move what was written there into
+    place (companions, then the main file or folder, then the superseded data), on any failure
+    or interrupt remove it all. A reader sees the old output or the new one, each complete.
+
+    ``protected``: files the input reads, never removed even when the old output read them."""
+    folder = output.parent if str(output.parent) else Path(".")
+    sweep_staging(output)
+    token = _token()
+    staging = folder / f".{output.name}.gconv-{token}.tmp"
+    try:
+        staging.mkdir(mode=0o700)
     except OSError as exc:
         raise OutputError(f"{output}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    held = _hold(staging)
     moved: list[Path] = []
     try:
         yield staging
         main = staging / output.name
-        if not main.exists():
+        if not (main.exists() or main.is_symlink()):
             raise OutputError(f"{output}: nothing was staged to write")
-        # Companions (external data) first, so the main file never points at missing data.
-        for item in sorted(p for p in staging.iterdir() if p != main):
-            os.replace(item, folder / item.name)
-            moved.append(folder / item.name)
-        if main.is_dir() and output.exists():
-            shutil.rmtree(output)
-        os.replace(main, output)
-        moved.clear()
+        companions = sorted(p for p in staging.iterdir() if p != main)
+        with output_lock(output):
+            superseded, ours = _own_data_files(output)
+            # Companions (content-named external data) first, so the model never reads missing
+            # data; a name that exists already holds these very bytes, and must stay on rollback.
+            for item in companions:
+                target = folder / item.name
+                existed = target.exists()
+                os.replace(item, target)
+                if not existed:
+                    moved.append(target)
+            _put_in_place(main, output, staging, token)
+            moved.clear()
+            keep = {p.name for p in companions}
+            for name in (superseded | ours) - keep:
+                path = folder / name
+                if not any(same_file(path, p) for p in protected):
+                    path.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"{output}: write failed ({exc.strerror or exc}); nothing was written") from exc
     finally:
         for item in moved:  # the main file did not land: its companions must not stay either
             item.unlink(missing_ok=True)
+        _release(held)
         shutil.rmtree(staging, ignore_errors=True)

@@ -81,12 +81,16 @@ def test_interrupt_during_rename_of_external_data_rolls_back(tmp_path, monkeypat
 
 
 def test_unwritable_output_folder(model_path, monkeypatch):
-    import tempfile
+    import os
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    real_mkdir = os.mkdir
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    def refuse(path, *args, **kwargs):  # the staging folder beside the output cannot be made
+        if Path(path).parent == model_path.parent:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
     result = invoke(model_path)
     assert result.exit_code == 2 and "Permission denied" in result.output
     assert leftovers(model_path.parent) == ["m.onnx"]

@@ -100,7 +100,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             write_and_verify(staging / output.name)
         report.output, report.written = str(output), True
     else:
-        with tempfile.TemporaryDirectory(prefix="gconv-keras-") as scratch:
+        with formats.scratch_dir() as scratch:
             write_and_verify(Path(scratch) / "rewritten.keras")
     if to_onnx:
         return _write_onnx(rewritten.model, graph, output, options, report)
@@ -175,7 +175,7 @@ def _write_onnx(model, graph: _config.KerasGraph, output: Path | None, options, 
         if name not in shapes and shape and shape[0] is None and None not in shape[1:]:
             shapes[name] = [2, *shape[1:]]
     onnx_report = Report(input=report.input, mode=report.mode)
-    with tempfile.TemporaryDirectory(prefix="gconv-keras-sm-") as scratch:
+    with formats.scratch_dir() as scratch:
         folder = Path(scratch) / "savedmodel"
         with report.timed("export"):
             try:
@@ -332,7 +332,7 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
         if kfile.kind == "keras":
             # Keras's loader extracts every member: it reads the archive as accepted within the
             # limits (passes.keras._config), written anew, never the input file itself.
-            with tempfile.TemporaryDirectory(prefix="gconv-keras-ref-") as scratch:
+            with formats.scratch_dir() as scratch:
                 accepted = Path(scratch) / "accepted.keras"
                 kfile.write_accepted(accepted)
                 return keras.models.load_model(accepted, compile=False, safe_mode=not has_lambdas), ""

@@ -415,7 +415,7 @@ def rewrite_savedmodel(path: Path, *, mode: str, output: Path | None, apply: boo
     if output is None:
         # The API without an output: prove the rewrite all the same, in a scratch folder.
         if options.verify:
-            with tempfile.TemporaryDirectory(prefix="gconv-") as scratch:
+            with formats.scratch_dir() as scratch:
                 _write_and_verify(frozen, graph_def, Path(scratch) / "rewritten", options, report)
         else:
             report.verification = skipped_verification(options)

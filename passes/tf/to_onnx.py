@@ -125,7 +125,7 @@ def write_onnx(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, mode: 
             write_and_verify(staging, output.name)
         report.output, report.written = str(output), True
     else:
-        with tempfile.TemporaryDirectory(prefix="gconv-") as scratch:
+        with formats.scratch_dir() as scratch:
             write_and_verify(Path(scratch), "converted.onnx")
     return model
 
