@@ -551,6 +551,8 @@ def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]
             for item in companions:
                 target = folder / item.name
                 existed = target.exists()
+                if existed and any(same_file(target, p) for p in protected):
+                    continue  # the input reads these very bytes under this name: leave its file be
                 os.replace(item, target)
                 if not existed:
                     moved.append(target)

@@ -443,3 +443,20 @@ def test_folder_output_set_aside_by_a_dead_run_is_put_back(tmp_path):
     formats.sweep_staging(out)  # what the next run on that output does first
     assert sorted(p.name for p in out.iterdir()) == ["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fused"]
+
+
+def test_content_named_data_the_input_reads_is_not_replaced(tmp_path):
+    """Fusing a model whose data is already named like the output's data (the same bytes) leaves
+    the input's file as it is, not a new file in its place."""
+    first = save_external(tmp_path / "m.onnx", seed=1)
+    out = tmp_path / "out.onnx"
+    assert invoke(first, "-o", out).exit_code == 0
+    (data_name,) = referenced(out)
+    source = tmp_path / "again.onnx"
+    model = onnx.load(str(first), load_external_data=True)
+    onnx.save(model, source, save_as_external_data=True, location=data_name, size_threshold=512)
+    if referenced(source) != {data_name}:
+        pytest.skip("the saved layout differs")
+    inode = (tmp_path / data_name).stat().st_ino
+    invoke(source, "-o", out, "--force")
+    assert (tmp_path / data_name).stat().st_ino == inode
