@@ -302,3 +302,20 @@ def test_target_on_a_model_without_grouped_convs(tmp_path):
     result = invoke(path, "--target", "tfjs")
     assert result.exit_code == 0, result.output
     assert "target tfjs: 0 grouped convs judged" in result.output
+
+
+def test_tflite_splits_a_grouped_conv_transpose_and_keeps_the_conv(tmp_path):
+    # TFLite has no grouped TRANSPOSE_CONV: the ConvTranspose is expanded, the Conv stays native.
+    b = GraphBuilder(17, 0)
+    y = b.grouped_conv("x", 16, 16, 4, form="native", kernel=(3, 3), pads=[1, 1, 1, 1], name="conv")
+    weight = b.const("Wt", b.weight((16, 4, 2, 2), 16))
+    y = b.node("ConvTranspose", [y, weight], name="up", group=4, kernel_shape=[2, 2], strides=[2, 2])[0]
+    b.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
+    path = tmp_path / "up.onnx"
+    onnx.save(b.model([("x", [1, 16, 8, 8])], [("y", [1, 16, 16, 16])]), path)
+    result = rewriter.rewrite(path, options=rewriter.Options(target="tflite"))
+    assert [r.location for r in result.report.rewrites] == ["up"]
+    assert result.report.verification.passed
+    rules = {n["location"]: n["rule"] for n in result.report.target["nodes"]}
+    assert "TRANSPOSE_CONV" in rules["up"] and "XNNPACK" in rules["conv"]
+    assert [n.op_type for n in result.model.graph].count("ConvTranspose") == 4
