@@ -319,3 +319,38 @@ def test_tflite_splits_a_grouped_conv_transpose_and_keeps_the_conv(tmp_path):
     rules = {n["location"]: n["rule"] for n in result.report.target["nodes"]}
     assert "TRANSPOSE_CONV" in rules["up"] and "XNNPACK" in rules["conv"]
     assert [n.op_type for n in result.model.graph].count("ConvTranspose") == 4
+
+
+def mixed_model() -> onnx.ModelProto:
+    """Hand-made and native grouped convs with 2, 4, 8 channels per group, and a depthwise one."""
+    b = GraphBuilder(17, 0)
+    y = b.grouped_conv("x", 16, 16, 4, form="split", kernel=(3, 3), pads=[1, 1, 1, 1])
+    y = b.node("Relu", [y])[0]
+    y = b.grouped_conv(y, 16, 16, 8, form="native", kernel=(3, 3), pads=[1, 1, 1, 1], name="native8")
+    y = b.grouped_conv(y, 16, 16, 16, form="native", kernel=(3, 3), pads=[1, 1, 1, 1], name="depthwise")
+    y = b.grouped_conv(y, 16, 16, 2, form="slice", kernel=(1, 1))
+    y = b.grouped_conv(y, 16, 16, 8, form="split", kernel=(3, 3), pads=[1, 1, 1, 1])
+    b.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
+    return b.model([("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])], name="mixed")
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_target_leaves_every_grouped_conv_in_its_form(tmp_path, name):
+    path = tmp_path / "mixed.onnx"
+    onnx.save(mixed_model(), path)
+    result = rewriter.rewrite(path, output=tmp_path / "out.onnx", options=rewriter.Options(target=name))
+    assert result.report.rewrites and result.report.verification.passed  # every target changes something here
+    target = targets.get(name)
+    # Every grouped conv left native is one the target wants native...
+    written = onnx.load(str(tmp_path / "out.onnx")).graph
+    shapes = {i.name: list(i.dims) for i in written.initializer}
+    for node in written.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1:
+            weight = shapes[node.input[1]]
+            props = ConvProps(groups=group, in_channels=weight[1] * group, out_channels=weight[0])
+            assert target.decide(props)[0] == NATIVE, (node.name, props)
+    # ...and nothing is left to change: a second run is a no-op (hand-made groups it wants split stay).
+    again = rewriter.rewrite(tmp_path / "out.onnx", apply=False, options=rewriter.Options(target=name))
+    assert again.report.rewrites == []
+    assert all(n["action"] == "keep" for n in again.report.target["nodes"])
