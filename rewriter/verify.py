@@ -89,7 +89,8 @@ class Feeds(dict):
         return {name: list(np.shape(array)) for name, array in self.items()}
 
 
-# ONNX element types random inputs are made for (onnxruntime takes the others from no array).
+# ONNX element types random inputs are made for (onnxruntime takes no array of the others:
+# complex, 4-bit and the newer float types; sequences and maps are no tensors at all).
 _GENERATED = {
     "FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
     "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "STRING",
@@ -540,6 +541,11 @@ def _standalone(model, index: dict[tuple, object], typed_index: dict[tuple, obje
             outputs.append(types[info.name])
         else:
             raise _Unrunnable(f"the type of its output {info.name!r} is unknown")
+    for info in inputs:  # values of the enclosing graphs: their shapes must be known (a batch aside)
+        tensor = info.type.tensor_type
+        dims = list(tensor.shape.dim) if tensor.HasField("shape") else None
+        if dims is None or any(not d.HasField("dim_value") for d in dims[1:]):
+            raise _Unrunnable(f"the shape of {info.name!r} is not known before running")
     standalone = helper.make_graph(nodes + list(graph.node), f"{graph.name or 'subgraph'}_alone", inputs, outputs,
                                    initializer=initializers + list(graph.initializer),
                                    value_info=list(graph.value_info))
