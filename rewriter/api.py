@@ -50,6 +50,11 @@ class Options:
     fold_bn: bool = True
     # A deployment target (rewriter.targets): fuse what it runs natively, expand what it does not.
     target: str | None = None
+    # --auto: a measured target (rewriter.auto): each grouped conv timed in both forms on onnxruntime.
+    auto: bool = False
+    # --benchmark: time the original and the written model on the output format's runtime.
+    benchmark: bool = False
+    threads: int | None = None  # intra-op threads of the timed runtime (--threads); None: its default
     # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
     progress: Callable[[str, float], None] | None = field(default=None, compare=False)
 
@@ -80,9 +85,9 @@ def model_stats(model: ir.Model) -> ModelStats:
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 
 
-def _passes(mode: str, rewrite: bool, options: Options):
-    if options.target is not None:
-        return _target_passes(rewrite, options)
+def _passes(mode: str, rewrite: bool, options: Options, target=None):
+    if options.target is not None or target is not None:
+        return _target_passes(rewrite, options, target)
     if mode == "fuse":
         from passes.onnx import FoldBatchNormPass, FuseSplitConvPass
 
@@ -97,13 +102,14 @@ def _passes(mode: str, rewrite: bool, options: Options):
                                   min_groups=options.min_groups, max_groups=options.max_groups)]
 
 
-def _target_passes(rewrite: bool, options: Options):
+def _target_passes(rewrite: bool, options: Options, target=None):
     """--target: one run, both directions. Fuse the hand-made groups the target runs natively,
-    then expand the native grouped convs it wants split (leaving the ones just fused alone)."""
+    then expand the native grouped convs it wants split (leaving the ones just fused alone).
+    ``target``: any object with ``name`` and ``decide(props)`` (--auto's measured target)."""
     from passes.onnx import ExpandGroupedConvPass, FoldBatchNormPass, FuseSplitConvPass
     from rewriter import targets
 
-    target = targets.get(options.target)
+    target = target or targets.get(options.target)
 
     def wants(form: str):
         def accept(props: targets.ConvProps) -> tuple[bool, str]:
@@ -150,6 +156,8 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     """
     options = _options(options, overrides)
     fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    if options.auto:
+        _check_auto(model, fmt, options)
     if options.target is not None:
         from rewriter import targets
 
@@ -158,9 +166,47 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
             raise BadInput(f"{model}: --target works on ONNX models only for now; convert this {fmt} model "
                            "with --to onnx first, or use --fuse / --expand")
     if fmt != "onnx" or (options.to not in (None, "onnx")):
-        return _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
-    with _collector_paused():
-        return _rewrite_onnx(model, mode=mode, output=output, apply=apply, options=options)
+        result = _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
+    else:
+        with _collector_paused():
+            result = _rewrite_onnx(model, mode=mode, output=output, apply=apply, options=options)
+    if options.benchmark and apply:
+        _benchmark(model, fmt, result, options)
+    return result
+
+
+def _check_auto(model, fmt: str, options: Options) -> None:
+    """--auto measures, then must prove what it chose: ONNX only, never without verification."""
+    if options.target is not None:
+        raise BadInput("--auto is a measured target; drop --target")
+    if fmt != "onnx" or options.to not in (None, "onnx"):
+        raise BadInput(f"{model}: --auto measures on onnxruntime and works on ONNX models only for now; convert "
+                       f"this {fmt} model with --to onnx first")
+    if not options.verify:
+        raise BadInput("--auto needs verification (it applies forms chosen by timing, then proves the model): "
+                       "drop --no-verify")
+
+
+def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
+    """--benchmark: the original against the written model on the output format's runtime."""
+    from rewriter import benchmark
+
+    report = result.report
+    out_fmt = benchmark.output_format(fmt, options.to)
+    with report.timed("benchmark"), formats.scratch_dir() as scratch:
+        before = model if not isinstance(model, ir.Model) else scratch / "before.onnx"
+        if isinstance(model, ir.Model):
+            formats.save_onnx(model, before)
+        after = Path(report.output) if report.written and report.output else None
+        if after is None and out_fmt == "onnx" and isinstance(result.model, ir.Model):
+            after = scratch / "after.onnx"  # not written (the API without an output): time it from scratch
+            formats.save_onnx(result.model, after)
+        if after is None:
+            report.benchmark = {"runtime": benchmark.RUNTIMES[out_fmt].name if out_fmt in benchmark.RUNTIMES
+                                else out_fmt, "threads": options.threads, "runs": 0, "before_ms": None,
+                                "after_ms": None, "ratio": None, "note": "nothing was written to time"}
+            return
+        report.benchmark = benchmark.benchmark(Path(before), after, out_fmt, options, input_format=fmt)
 
 
 @contextmanager
@@ -195,20 +241,30 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
         read = _files_read(model, working, options)
         if output_path is not None:
             formats.check_not_read(output_path, read)
-        if options.target is not None:
-            report.target = {"name": options.target, "nodes": []}
+        measured = None
+        if options.auto:  # time both forms of every grouped conv first; the rewrite applies the winners
+            from rewriter import auto
+
+            with report.timed("measure"):
+                measured = auto.measure(source.path, options, given_inputs)
+        if options.target is not None or measured is not None:
+            report.target = {"name": options.target or measured.name, "nodes": []}
         with report.timed("rewrite"):
-            for rewrite_pass in _passes(mode, apply, options):
+            for rewrite_pass in _passes(mode, apply, options, measured):
                 if not isinstance(rewrite_pass, ir.passes.PassBase):
                     rewrite_pass = rewrite_pass()
                 rewrite_pass(working)
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)
                 if report.target is not None:  # per node: the form the target wants, and why
+                    judged = []
                     for decision in getattr(rewrite_pass, "decisions", []):
                         # The rule without the "native for NAME: " the skip reasons carry.
-                        prefix = f"{decision['form']} for {options.target}: "
-                        report.target["nodes"].append({**decision, "rule": decision["rule"].removeprefix(prefix)})
+                        prefix = f"{decision['form']} for {report.target['name']}: "
+                        judged.append({**decision, "rule": decision["rule"].removeprefix(prefix)})
+                    if measured is not None:  # --auto: both timings per node
+                        measured.annotate(judged)
+                    report.target["nodes"].extend(judged)
             report.after = model_stats(working) if apply else report.before
 
         if not apply:
@@ -256,6 +312,10 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
         raise BadInput(f"{path}: --to {options.to} needs a SavedModel or Keras input; ONNX stays ONNX")
     try:
         quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
+        if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
+            from rewriter.benchmark import set_tensorflow_threads
+
+            set_tensorflow_threads(options.threads)
         if fmt == "savedmodel":
             from passes.tf.savedmodel import rewrite_savedmodel as backend
         else:

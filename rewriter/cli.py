@@ -119,6 +119,14 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("--target", metavar="NAME", default=None,
               help="Deployment target (ONNX models): fuse the grouped convs it runs natively, expand those it "
                    f"does not. One of: {', '.join(targets.names())}.")
+@click.option("--auto", is_flag=True,
+              help="ONNX: time both forms of every grouped conv on onnxruntime (its real shapes, --threads) and "
+                   "keep each in the faster one (native on a tie); verified; not with --target.")
+@click.option("--benchmark", is_flag=True,
+              help="Time the original and the written model on the output format's runtime (interleaved runs; "
+                   "median, spread, before/after ratio) into the summary and report.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of the runtime --benchmark and --auto time on (default: the runtime's).")
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
               help="Print the targets and what each wants per grouped conv, then exit.")
 @click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras"]), default=None,
@@ -133,8 +141,8 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
 def main(models, mode, output, force, check, dry_run, report_path, output_format, jobs, verify, inputs, shapes,
-         atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, target, to, signature, trust_lambdas,
-         repair_late_binding, quiet, verbose):
+         atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, target, auto, benchmark, threads, to,
+         signature, trust_lambdas, repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
     .onnx, .keras, .h5 files and SavedModel directories."""
@@ -151,6 +159,12 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     if target is not None and click.get_current_context().get_parameter_source("mode") == \
             click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--target chooses fuse or expand per node; drop --fuse / --expand")
+    if auto and target is not None:
+        raise click.UsageError("--auto is a measured target: give --auto or --target, not both")
+    if auto and click.get_current_context().get_parameter_source("mode") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--auto chooses fuse or expand per node; drop --fuse / --expand")
+    if benchmark and (check or dry_run):
+        raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
     as_json = output_format == "json"
     say = (lambda *a, **k: None) if quiet or as_json else click.echo
     try:
@@ -159,16 +173,20 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         options = Options(verify=verify, atol=atol, rtol=rtol, seed=seed, shapes=parse_shapes(shapes),
                           inputs=inputs, force=force, keep_depthwise=keep_depthwise, min_groups=min_groups,
                           max_groups=max_groups, to=to, signature=signature, trust_lambdas=trust_lambdas,
-                          repair_late_binding=repair_late_binding, fold_bn=fold_bn, target=target)
+                          repair_late_binding=repair_late_binding, fold_bn=fold_bn, target=target, auto=auto,
+                          benchmark=benchmark, threads=threads)
+        if auto and not verify:  # before any model is read: one line, exit 2
+            raise RewriteError("--auto needs verification (it applies forms chosen by timing, then proves the "
+                               "model): drop --no-verify")
         many = batch.is_batch(models)
         if many and output is not None and output.exists() and not output.is_dir():
             raise RewriteError(f"{output}: with several models, -o names a folder")
         job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to,
                                    write=not (check or dry_run))
-        if target is not None:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
+        if target is not None or auto:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
             for job in job_list:
                 if job.output is not None and not job.mirrored:
-                    job.output = job.input.with_name(f"{job.input.stem}.{target}{job.input.suffix}")
+                    job.output = job.input.with_name(f"{job.input.stem}.{target or 'auto'}{job.input.suffix}")
         if not many and output is not None and not (check or dry_run):
             job_list[0].output = output
         if not job_list:
@@ -227,7 +245,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
             found = len((result.report or {}).get("rewrites", []))
             if check:
                 noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
-                if target is not None:  # "check: 2 changes found": convs not yet in the target's form
+                if target is not None or auto:  # "check: 2 changes found": convs not yet in the target's form
                     noun = "change"
                 say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
             elif dry_run:

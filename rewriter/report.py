@@ -77,6 +77,9 @@ class Report:
     # --target: {"name": NAME, "nodes": [{"location", "graph", "form", "action", "rule"}]}, one
     # entry per grouped conv the target's rule judged (form: native|split; action: fuse|expand|keep).
     target: dict[str, Any] | None = None
+    # --benchmark: {"runtime", "threads", "runs", "before_ms", "after_ms", "ratio" (before/after),
+    # "before_spread_ms", "after_spread_ms", "ratio_spread"} (rewriter.benchmark).
+    benchmark: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +183,10 @@ def format_summary(report: Report) -> str:
         lines.extend(format_coverage(report))
     if report.output and report.written:
         lines.append(f"wrote {report.output}")
+    if report.benchmark is not None:
+        from rewriter.benchmark import format_benchmark
+
+        lines.append(format_benchmark(report.benchmark))
     if report.timings:
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     return "\n".join(lines)

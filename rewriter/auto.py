@@ -1,0 +1,372 @@
+"""--auto: a measured target. Each grouped conv gets the form that runs faster *here*.
+
+For every hand-made group (each grouped layer it would fuse into) and every native grouped
+convolution of an ONNX model, both forms are built as isolated one-layer models with the node's
+real shapes — ``x → Conv(group=N)`` and the ``Split → N Conv → Concat`` that ``--expand`` writes
+for it — and timed on onnxruntime with the providers and threads of ``--benchmark``:
+
+1. **discover**: on a copy of the model, fuse every candidate (an ``accept`` hook that records
+   each grouped layer it is asked about), then list the native grouped convs the expand pass
+   would be asked about; run that copy once on the verification inputs with each of those convs'
+   inputs as an extra output, which gives every conv its real input shape;
+2. **measure**: interleaved batches (A B A B …, a few runs each) until the 95 % confidence
+   interval of split/native excludes 1 — or a batch or time cap is hit, and then it is a tie;
+   convs with equal shapes and attributes are measured once;
+3. **apply**: the ordinary ``--target`` run, with a target whose rule answers from those
+   measurements (``MeasuredTarget.decide``): native when the native form is clearly faster or
+   on a tie, split only when the split form is clearly (and by ``MIN_GAIN``) faster. The whole
+   model is then verified as always; ``--auto`` refuses to run without verification.
+
+The report's ``target`` section carries, per node, both timings and the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter import benchmark, formats
+from rewriter.errors import VerificationImpossible
+from rewriter.targets import NATIVE, SPLIT, ConvProps
+from rewriter.verify import InputSpec, make_inputs, run_session
+
+NAME = "auto"
+BATCH_SECONDS = 0.02  # one batch runs each form about this long
+MIN_BATCHES = 5
+MAX_BATCHES = 40
+NODE_SECONDS = 3.0  # per distinct conv: past this, what is not yet clear is a tie
+MIN_GAIN = 0.02  # the split form must be at least 2 % faster to be chosen over the native one
+
+# Two-sided 95 % t quantiles by degrees of freedom (1..30); 1.96 beyond.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def _t95(df: int) -> float:
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
+
+
+@dataclass
+class Measurement:
+    """One grouped conv layer: the form it should take here, and why."""
+
+    kind: str  # "fuse": a layer of a hand-made group; "expand": a native grouped conv
+    location: str
+    props: ConvProps
+    candidate: int = 0  # fuse: which candidate (a candidate may have several grouped layers)
+    input_shape: list[int] | None = None
+    native_ms: float | None = None
+    split_ms: float | None = None
+    ratio: float | None = None  # split / native (> 1: native faster)
+    ci95: tuple[float, float] | None = None
+    batches: int = 0
+    runs: int = 0  # per form
+    verdict: str = "not measured"  # native | split | tie | not measured
+    note: str = ""
+    same_as: str = ""  # measured once for an earlier node with the same shapes
+    key: tuple | None = field(default=None, repr=False)
+    dtype: Any = field(default=None, repr=False)
+
+    @property
+    def form(self) -> str:
+        return SPLIT if self.verdict == SPLIT else NATIVE
+
+    def rule(self, runtime: str) -> str:
+        if self.verdict == "not measured":
+            return f"not measured ({self.note}): the native form is kept"
+        lo, hi = self.ci95
+        timing = (f"measured on {runtime}: native {self.native_ms:.3f} ms, split {self.split_ms:.3f} ms "
+                  f"(split/native {self.ratio:.3f}, 95% CI {lo:.3f}-{hi:.3f}, {self.batches} batches "
+                  f"x {self.runs // max(self.batches, 1)} runs" + (f", same shapes as {self.same_as}" if self.same_as
+                                                                   else "") + ")")
+        if self.verdict == NATIVE:
+            return f"{timing}: native is faster"
+        if self.verdict == SPLIT:
+            return f"{timing}: split is faster"
+        return f"{timing}: a tie ({self.note}), the native form is kept"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"location": self.location, "input_shape": self.input_shape, "native_ms": self.native_ms,
+                "split_ms": self.split_ms, "ratio": self.ratio, "ci95": list(self.ci95) if self.ci95 else None,
+                "batches": self.batches, "runs": self.runs, "verdict": self.verdict,
+                **({"note": self.note} if self.note else {}), **({"same_as": self.same_as} if self.same_as else {})}
+
+
+class MeasuredTarget:
+    """A target whose rule is the measurements: ``decide(props)`` answers, in the order the fuse
+    and expand passes ask, with the next measurement of equal properties."""
+
+    name = NAME
+
+    def __init__(self, measurements: list[Measurement], runtime: str, threads: int | None):
+        self.measurements = measurements
+        self.runtime = runtime
+        self.threads = threads
+        self._cursor = 0
+        self._served: list[Measurement] = []
+
+    def decide(self, props: ConvProps) -> tuple[str, str]:
+        for i in range(self._cursor, len(self.measurements)):
+            if self.measurements[i].props == props:
+                self._cursor = i + 1
+                chosen = self.measurements[i]
+                break
+        else:  # asked about a conv discovery did not see (the graph changed in between)
+            chosen = Measurement("expand", "", props, candidate=-1 - len(self._served),
+                                 note="not seen while measuring")
+        self._served.append(chosen)
+        return chosen.form, chosen.rule(self.runtime)
+
+    def annotate(self, nodes: list[dict]) -> None:
+        """Add the timings to the report's target entries one pass just judged (in order)."""
+        served, self._served = self._served, []
+        position = 0
+        for node in nodes:
+            if position >= len(served):
+                break
+            first = served[position]
+            group = [first]
+            position += 1
+            if first.kind == "fuse":  # every grouped layer of one candidate was asked in a row
+                while position < len(served) and served[position].kind == "fuse" and \
+                        served[position].candidate == first.candidate:
+                    group.append(served[position])
+                    position += 1
+            known = [m for m in group if m.native_ms is not None]
+            node["native_ms"] = round(sum(m.native_ms for m in known), 4) if known else None
+            node["split_ms"] = round(sum(m.split_ms for m in known), 4) if known else None
+            node["verdict"] = SPLIT if any(m.verdict == SPLIT for m in group) else \
+                ("tie" if all(m.verdict in ("tie", "not measured") for m in group) else NATIVE)
+            node["measurements"] = [m.to_dict() for m in group]
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+
+def _location(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name or node.op_type
+
+
+def _discover(path: Path, options) -> tuple[ir.Model, list[tuple[Measurement, ir.Node | None]]]:
+    from passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass
+
+    model = formats.load_onnx(path)
+    found: list[tuple[Measurement, ir.Node | None]] = []
+    asked: list[tuple[int, ConvProps]] = []
+
+    def record_fuse(props: ConvProps) -> tuple[bool, str]:
+        asked.append((len(fuse.decisions), props))
+        return True, "measuring"
+
+    fuse = FuseSplitConvPass(rewrite=True, accept=record_fuse)
+    fuse(model)
+    grouped = [c for c in fuse.created if c.attributes.get("group") is not None and c.attributes["group"].as_int() > 1]
+    for i, (candidate, props) in enumerate(asked):
+        node = grouped[i] if i < len(grouped) and grouped[i].attributes["group"].as_int() == props.groups else None
+        found.append((Measurement("fuse", _location(node) if node is not None else "?", props, candidate), node))
+
+    native: list[ConvProps] = []
+
+    def record_expand(props: ConvProps) -> tuple[bool, str]:
+        native.append(props)
+        return False, "measuring"
+
+    expand = ExpandGroupedConvPass(rewrite=False, keep_depthwise=options.keep_depthwise,
+                                   min_groups=options.min_groups, max_groups=options.max_groups,
+                                   accept=record_expand, exclude=fuse.created)
+    expand(model)
+    by_location = {}
+    for node in model.graph:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            by_location.setdefault(_location(node), node)
+    for decision, props in zip(expand.decisions, native):
+        node = by_location.get(decision["location"]) if not decision["graph"] else None
+        found.append((Measurement("expand", decision["location"], props), node))
+    return model, found
+
+
+def _input_shapes(model: ir.Model, found, options, given_inputs, scratch: Path) -> None:
+    """Run the (fused) copy once with each measured conv's input as an extra output."""
+    wanted = {}
+    for measurement, node in found:
+        if node is None:
+            measurement.note = "inside a subgraph or function" if measurement.location != "?" else \
+                "its fused node was not found"
+            continue
+        if node.graph is not model.graph:
+            measurement.note = "inside a subgraph or function"
+            continue
+        wanted[id(node.inputs[0])] = node.inputs[0]
+    outputs = {id(v) for v in model.graph.outputs}
+    for value in wanted.values():
+        if id(value) not in outputs:
+            if value.type is None:
+                value.type = ir.TensorType(ir.DataType.FLOAT)
+            model.graph.outputs.append(value)
+    if not wanted:
+        return
+    path = scratch / "shapes.onnx"
+    formats.save_onnx(model, path)
+    try:
+        session = benchmark.ort_session(path, None, optimized=False)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise VerificationImpossible(f"--auto: onnxruntime cannot run the model to learn its convs' input shapes "
+                                     f"({detail})") from exc
+    feeds = make_inputs(session, shapes=options.shapes, seed=options.seed, given=given_inputs)
+    arrays = dict(zip([o.name for o in session.get_outputs()], run_session(session, feeds, "original")))
+    del session
+    for measurement, node in found:
+        if node is not None and not measurement.note:
+            array = arrays.get(node.inputs[0].name)
+            if array is None:
+                measurement.note = "its input shape is unknown"
+            else:
+                measurement.input_shape = list(array.shape)
+                measurement.key = (_signature(node), tuple(array.shape), str(array.dtype))
+                measurement.dtype = array.dtype
+
+
+# -- one-layer models -------------------------------------------------------------------------
+
+
+def _signature(node: ir.Node) -> tuple:
+    from passes.onnx import _graph as g
+
+    weight = g.const_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].shape is not None:
+        weight = tuple(node.inputs[1].shape.dims)
+    bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    attributes = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    return node.op_type, tuple(weight) if weight is not None else None, bias, attributes
+
+
+def _layer_models(node: ir.Node, shape: list[int], dtype: np.dtype, opset: int, scratch: Path,
+                  tag: str) -> tuple[Path, Path]:
+    """Write ``x → Conv(group=N)`` and its expansion (``--expand``'s own output) for one node."""
+    from passes.onnx import ExpandGroupedConvPass
+
+    op_type, weight_shape, has_bias, _ = _signature(node)
+    if weight_shape is None or any(not isinstance(d, int) for d in weight_shape):
+        raise ValueError("its weight shape is unknown")
+    rng = np.random.default_rng(0)
+    elem = ir.DataType.from_numpy(np.dtype(dtype))
+    x = ir.Value(name="x", type=ir.TensorType(elem), shape=ir.Shape(shape))
+    weight = ir.Value(name="w", const_value=ir.tensor((rng.standard_normal(weight_shape) * 0.1).astype(dtype),
+                                                      name="w"))
+    inputs = [x, weight]
+    initializers = [weight]
+    if has_bias:
+        channels = weight_shape[1] * node.attributes["group"].as_int() if op_type == "ConvTranspose" else \
+            weight_shape[0]
+        bias = ir.Value(name="b", const_value=ir.tensor(np.zeros(channels, dtype), name="b"))
+        inputs.append(bias)
+        initializers.append(bias)
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    conv = ir.Node("", op_type, inputs, attributes, name="conv")
+    conv.outputs[0].name = "y"
+    conv.outputs[0].type = ir.TensorType(elem)
+    graph = ir.Graph([x], [conv.outputs[0]], nodes=[conv], initializers=initializers, name="layer",
+                     opset_imports={"": opset})
+    native = scratch / f"{tag}.native.onnx"
+    split = scratch / f"{tag}.split.onnx"
+    ir.save(ir.Model(graph, ir_version=8 if opset <= 17 else 9), native)
+    expanded = ir.load(native)
+    ExpandGroupedConvPass(rewrite=True)(expanded)
+    ir.save(expanded, split)
+    return native, split
+
+
+def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, options) -> dict[str, Any]:
+    """Interleaved batches until the 95 % CI of split/native excludes 1 (or the caps): timings."""
+    a = benchmark.ort_session(native, options.threads)
+    b = benchmark.ort_session(split, options.threads)
+    feeds = make_inputs([InputSpec("x", shape, np.dtype(dtype).name)], shapes={}, seed=options.seed, given=None)
+    run_a = lambda: a.run(None, feeds)
+    run_b = lambda: b.run(None, feeds)
+    for _ in range(2):  # warm-up
+        run_a()
+        run_b()
+    probe = min(benchmark._timed(lambda f: run_a(), None), benchmark._timed(lambda f: run_b(), None))
+    per_batch = max(1, min(50, int(BATCH_SECONDS / max(probe, 1e-6))))
+    logs, times_a, times_b = [], [], []
+    start = time.perf_counter()
+    verdict, note, lo, hi = "tie", "", 1.0, 1.0
+    while True:
+        batch_a, batch_b = [], []
+        for i in range(per_batch):
+            first, second = (run_a, run_b) if i % 2 == 0 else (run_b, run_a)
+            t_first = benchmark._timed(lambda f: first(), None)
+            t_second = benchmark._timed(lambda f: second(), None)
+            ta, tb = (t_first, t_second) if first is run_a else (t_second, t_first)
+            batch_a.append(ta)
+            batch_b.append(tb)
+        ma, mb = statistics.median(batch_a), statistics.median(batch_b)
+        times_a.append(ma)
+        times_b.append(mb)
+        logs.append(math.log(mb / ma))
+        n = len(logs)
+        if n >= MIN_BATCHES:
+            mean = statistics.fmean(logs)
+            half = _t95(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+            lo, hi = math.exp(mean - half), math.exp(mean + half)
+            if lo > 1:
+                verdict = NATIVE
+                break
+            if hi < 1:
+                verdict = SPLIT if math.exp(mean) <= 1 - MIN_GAIN else "tie"
+                note = "" if verdict == SPLIT else f"split faster by less than {MIN_GAIN:.0%}"
+                break
+            if lo >= 1 - MIN_GAIN and hi <= 1 + MIN_GAIN:
+                note = f"within {MIN_GAIN:.0%} of each other"
+                break
+            if n >= MAX_BATCHES or time.perf_counter() - start > NODE_SECONDS:
+                note = "the 95% CI still includes 1 " + (f"after {n} batches" if n >= MAX_BATCHES
+                                                         else f"after {NODE_SECONDS:g} s")
+                break
+    ratio = math.exp(statistics.fmean(logs))
+    return {"native_ms": round(statistics.median(times_a) * 1e3, 4),
+            "split_ms": round(statistics.median(times_b) * 1e3, 4), "ratio": round(ratio, 4),
+            "ci95": (round(lo, 4), round(hi, 4)), "batches": len(logs), "runs": len(logs) * per_batch,
+            "verdict": verdict, "note": note}
+
+
+def measure(path: Path, options, given_inputs) -> MeasuredTarget:
+    """Discover every grouped conv of the ONNX model at ``path``, measure both forms of each on
+    onnxruntime, and return the target that applies the winners."""
+    model, found = _discover(path, options)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 17))
+    measured: dict[tuple, Measurement] = {}
+    with formats.scratch_dir() as scratch:
+        _input_shapes(model, found, options, given_inputs, scratch)
+        for i, (m, node) in enumerate(found):
+            if m.key is None:
+                m.note = m.note or "its input shape is unknown"
+                continue
+            earlier = measured.get(m.key)
+            if earlier is not None:
+                for attribute in ("native_ms", "split_ms", "ratio", "ci95", "batches", "runs", "verdict", "note"):
+                    setattr(m, attribute, getattr(earlier, attribute))
+                m.same_as = earlier.location
+                continue
+            try:
+                native, split = _layer_models(node, m.input_shape, m.dtype, opset, scratch, f"layer{i}")
+                timings = _measure_pair(native, split, m.input_shape, m.dtype, options)
+            except Exception as exc:  # a layer that cannot be built or run alone: judged not measured
+                m.note = f"cannot be timed alone: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}"
+                continue
+            for attribute, value in timings.items():
+                setattr(m, attribute, value)
+            measured[m.key] = m
+    threads = options.threads
+    runtime = f"onnxruntime CPU, {threads} thread{'s' if threads != 1 else ''}" if threads else \
+        "onnxruntime CPU, default threads"
+    return MeasuredTarget([m for m, _ in found], runtime, threads)
