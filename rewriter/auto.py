@@ -9,8 +9,9 @@ for it — and timed on onnxruntime with the providers and threads of ``--benchm
    each grouped layer it is asked about), then list the native grouped convs the expand pass
    would be asked about; run that copy once on the verification inputs with each of those convs'
    inputs as an extra output, which gives every conv its real input shape;
-2. **measure**: interleaved batches (A B A B …, a few runs each) until the 95 % confidence
-   interval of split/native excludes 1 — or a batch or time cap is hit, and then it is a tie;
+2. **measure**: interleaved batches (A B A B …, a few runs each; per batch the fastest run of
+   each form) until the 95 % confidence interval of split/native (a t interval over the
+   batches' log ratios) excludes 1 — or a batch or time cap is hit, and then it is a tie;
    convs with equal shapes and attributes are measured once;
 3. **apply**: the ordinary ``--target`` run, with a target whose rule answers from those
    measurements (``MeasuredTarget.decide``): native when the native form is clearly faster or
@@ -39,7 +40,7 @@ from rewriter.verify import InputSpec, make_inputs, run_session
 
 NAME = "auto"
 BATCH_SECONDS = 0.02  # one batch runs each form about this long
-MIN_BATCHES = 5
+MIN_BATCHES = 6
 MAX_BATCHES = 40
 NODE_SECONDS = 3.0  # per distinct conv: past this, what is not yet clear is a tie
 MIN_GAIN = 0.02  # the split form must be at least 2 % faster to be chosen over the native one
@@ -295,7 +296,9 @@ def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, 
     for _ in range(2):  # warm-up
         run_a()
         run_b()
-    probe = min(benchmark._timed(lambda f: run_a(), None), benchmark._timed(lambda f: run_b(), None))
+    # Runs per batch from the fastest of a few probes (one slow run must not make batches of one).
+    probe = max(min(benchmark._timed(lambda f: run_a(), None) for _ in range(3)),
+                min(benchmark._timed(lambda f: run_b(), None) for _ in range(3)))
     per_batch = max(1, min(50, int(BATCH_SECONDS / max(probe, 1e-6))))
     logs, times_a, times_b = [], [], []
     start = time.perf_counter()
@@ -309,7 +312,9 @@ def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, 
             ta, tb = (t_first, t_second) if first is run_a else (t_second, t_first)
             batch_a.append(ta)
             batch_b.append(tb)
-        ma, mb = statistics.median(batch_a), statistics.median(batch_b)
+        # The fastest run of each form per batch: other processes only ever add time, and they
+        # hit a whole batch of one form less often than single runs.
+        ma, mb = min(batch_a), min(batch_b)
         times_a.append(ma)
         times_b.append(mb)
         logs.append(math.log(mb / ma))

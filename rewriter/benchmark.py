@@ -159,10 +159,13 @@ def _timed(run, feeds) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(run_a, run_b, feeds_a, feeds_b=None, *, budget: float = BUDGET_SECONDS,
-                min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> tuple[list[float], list[float]]:
+def interleaved(run_a, run_b, feeds_a, feeds_b=None, *, budget: float | None = None,
+                min_rounds: int | None = None, max_rounds: int | None = None) -> tuple[list[float], list[float]]:
     """Warm both up, then time rounds of one run each, alternating which goes first; seconds."""
     feeds_b = feeds_a if feeds_b is None else feeds_b
+    budget = BUDGET_SECONDS if budget is None else budget
+    min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
+    max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     start = time.perf_counter()
     runs = 0
     while runs < 3 or time.perf_counter() - start < WARMUP_SECONDS:
@@ -223,7 +226,8 @@ def benchmark(before: Path, after: Path, fmt: str, options, *, input_format: str
 
 def format_benchmark(result: Mapping[str, Any]) -> str:
     """One line for the summary."""
-    threads = f"{result['threads']} threads" if result.get("threads") else "default threads"
+    count = result.get("threads")
+    threads = f"{count} thread{'s' if count != 1 else ''}" if count else "default threads"
     head = f"benchmark ({result['runtime']}, {threads}"
     if result.get("before_ms") is None:
         return f"{head}): not timed ({result.get('note', 'no result')})"
