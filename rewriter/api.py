@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter import formats, quiet
-from rewriter.errors import BadInput, OutputError, VerificationFailed
+from rewriter.errors import BadInput, OutputError, RewriteError, VerificationFailed
 from rewriter.report import ModelStats, Report, Verification, count_ops
 from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
 
@@ -206,7 +206,11 @@ def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
                                 else out_fmt, "threads": options.threads, "runs": 0, "before_ms": None,
                                 "after_ms": None, "ratio": None, "note": "nothing was written to time"}
             return
-        report.benchmark = benchmark.benchmark(Path(before), after, out_fmt, options, input_format=fmt)
+        try:
+            report.benchmark = benchmark.benchmark(Path(before), after, out_fmt, options, input_format=fmt)
+        except RewriteError as error:  # the output is written and verified: say why it was not timed
+            report.benchmark = {"runtime": benchmark.RUNTIMES[out_fmt].name, "threads": options.threads, "runs": 0,
+                                "before_ms": None, "after_ms": None, "ratio": None, "note": error.message}
 
 
 @contextmanager

@@ -311,3 +311,30 @@ def test_auto_refuses_keras_and_savedmodel_inputs_in_one_line(tmp_path):
         assert result.exit_code == 2
         lines = error_lines(result)
         assert len(lines) == 1 and "--auto measures on onnxruntime and works on ONNX models only" in lines[0]
+
+
+def test_a_model_that_cannot_be_timed_is_reported_and_stays_written(small_split, monkeypatch):
+    def refuse(path, threads, options):
+        raise RuntimeError("no kernel for this op on this provider")
+
+    monkeypatch.setitem(benchmark.RUNTIMES, "onnx", benchmark.Runtime("onnxruntime", refuse))
+    result = invoke(small_split, "--benchmark")
+    assert result.exit_code == 0, result.output
+    assert small_split.with_name("small.fused.onnx").exists()
+    (line,) = [line for line in result.output.splitlines() if line.startswith("benchmark")]
+    assert "not timed" in line and "no kernel for this op" in line
+
+
+def test_benchmark_times_a_keras_model_in_keras(tmp_path):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    from samples.keras_models import getitem_model
+
+    path = getitem_model(tmp_path / "g.keras")
+    report = tmp_path / "r.json"
+    result = invoke(path, "--benchmark", "--threads", "1", "--report", report)
+    assert result.exit_code == 0, result.output
+    bench = json.loads(report.read_text())["benchmark"]
+    assert bench["runtime"] == "keras" and isinstance(bench["before_ms"], float) and isinstance(bench["ratio"], float)
+    # TensorFlow's threads are fixed once it ran in this process: what is in force is reported.
+    assert bench["threads"] is None or isinstance(bench["threads"], int)
