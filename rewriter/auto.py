@@ -207,11 +207,14 @@ def _input_shapes(model: ir.Model, found, options, given_inputs, scratch: Path) 
             continue
         wanted[id(node.inputs[0])] = node.inputs[0]
     outputs = {id(v) for v in model.graph.outputs}
-    for value in wanted.values():
-        if id(value) not in outputs:
-            if value.type is None:
-                value.type = ir.TensorType(ir.DataType.FLOAT)
+    for measurement, node in found:
+        value = node.inputs[0] if node is not None and not measurement.note else None
+        if value is not None and id(value) not in outputs:
+            if value.type is None:  # a value the fusion made: a conv's input has its weight's type
+                weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+                value.type = ir.TensorType(weight.dtype if weight is not None else ir.DataType.FLOAT)
             model.graph.outputs.append(value)
+            outputs.add(id(value))
     if not wanted:
         return
     path = scratch / "shapes.onnx"

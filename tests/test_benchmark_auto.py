@@ -338,3 +338,25 @@ def test_benchmark_times_a_keras_model_in_keras(tmp_path):
     assert bench["runtime"] == "keras" and isinstance(bench["before_ms"], float) and isinstance(bench["ratio"], float)
     # TensorFlow's threads are fixed once it ran in this process: what is in force is reported.
     assert bench["threads"] is None or isinstance(bench["threads"], int)
+
+
+@pytest.mark.parametrize("verdict", [NATIVE, SPLIT])
+def test_auto_measures_every_grouped_layer_of_a_chain(tmp_path, monkeypatch, verdict):
+    """ResNeXt fig. 3 of depth three: a wide 1x1 (not grouped, not asked) then two grouped
+    layers; the candidate fuses only if both are native here, and its entry lists both."""
+    from test_fuse_chains import branches, conv, per_channel, unary
+
+    monkeypatch.setattr(auto, "_measure_pair", _fixed(verdict))
+    step = [conv(4, 1, pads=[0] * 4), unary("Relu"), conv(4, 3), unary("Relu"), conv(6, 1, pads=[0] * 4),
+            per_channel("Add", "C11")]
+    path = tmp_path / "chain.onnx"
+    onnx.save(branches(step, reader="shared"), path)
+    report = tmp_path / "r.json"
+    result = invoke(path, "--auto", "--report", report)
+    assert result.exit_code == 0, result.output
+    (node,) = json.loads(report.read_text())["target"]["nodes"]
+    assert [m["input_shape"] for m in node["measurements"]] == [[1, 16, 6, 6], [1, 16, 6, 6]]
+    if verdict == NATIVE:
+        assert node["action"] == "fuse" and sorted(convs(path.with_name("chain.auto.onnx"))) == [1, 4, 4]
+    else:
+        assert node["action"] == "keep" and convs(path.with_name("chain.auto.onnx")).count(1) == 12
