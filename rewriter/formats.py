@@ -544,6 +544,9 @@ def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]
         if not (main.exists() or main.is_symlink()):
             raise OutputError(f"{output}: nothing was staged to write")
         companions = sorted(p for p in staging.iterdir() if p != main)
+        if (output.exists() or output.is_symlink()) and output.is_dir() != main.is_dir():
+            kinds = ("a folder", "a file") if output.is_dir() else ("a file", "a folder")
+            raise OutputError(f"{output}: is {kinds[0]} and the output is {kinds[1]}; remove it or choose another -o")
         with output_lock(output):
             superseded, ours = _own_data_files(output)
             # Companions (content-named external data) first, so the model never reads missing
@@ -562,7 +565,10 @@ def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]
             for name in (superseded | ours) - keep:
                 path = folder / name
                 if not any(same_file(path, p) for p in protected):
-                    path.unlink(missing_ok=True)
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError:  # the new pair is in; an unremovable old file is swept next time
+                        pass
     except OSError as exc:
         raise OutputError(f"{output}: write failed ({exc.strerror or exc}); nothing was written") from exc
     finally:

@@ -460,3 +460,14 @@ def test_content_named_data_the_input_reads_is_not_replaced(tmp_path):
     inode = (tmp_path / data_name).stat().st_ino
     invoke(source, "-o", out, "--force")
     assert (tmp_path / data_name).stat().st_ino == inode
+
+
+def test_a_file_output_never_replaces_a_folder(tmp_path):
+    source = tmp_path / "m.onnx"
+    onnx.save(grouped_block("split"), source)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    result = invoke(source, "-o", folder, "--force")
+    assert result.exit_code == 2 and "is a folder" in result.output
+    assert (folder / "keep.txt").read_text() == "mine"
