@@ -24,8 +24,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Small input sizes where an architecture allows them (fewer FLOPs, same layers).
-SMALL_INPUT = {"default": (96, 96, 3)}
 NEEDS_FIXED_INPUT = ("NASNetLarge", "NASNetMobile")  # NASNet requires its native size without weights
 
 
@@ -60,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--save", type=Path, help="write models holding TFOpLambdas as DIR/NAME.h5 and .keras")
     parser.add_argument("--json", type=Path, help="write the result as JSON")
+    parser.add_argument("--input-size", type=int, default=96,
+                        help="input height/width where the architecture allows it (default 96; 0: its own default)")
     args = parser.parse_args(argv)
 
     import tf_keras
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     for name, builder in builders.items():
         start = time.perf_counter()
         kwargs = {"weights": None}
-        if name not in NEEDS_FIXED_INPUT:
-            kwargs["input_shape"] = SMALL_INPUT["default"]
+        if name not in NEEDS_FIXED_INPUT and args.input_size:
+            kwargs["input_shape"] = (args.input_size, args.input_size, 3)
         try:
             model = builder(**kwargs)
         except Exception:

@@ -71,6 +71,27 @@ def _one_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+# Settings tf-keras writes that Keras 3 refuses as unknown arguments; dropped only where they hold
+# the one value Keras 3 implies (anything else stays, and Keras says why it cannot rebuild it).
+TF_KERAS_ONLY: dict[str, dict[str, Any]] = {"DepthwiseConv2D": {"groups": 1}}
+
+
+def keras_name(name: str) -> str:
+    """A layer name Keras 3 accepts: it refuses ``/`` (tf-keras's MobileNetV3 names layers
+    ``expanded_conv/depthwise``). Weights stay keyed by the file's names; only the rebuilt layer
+    is renamed."""
+    return name.replace("/", "_")
+
+
+def known_classes() -> dict[str, Any]:
+    """tf-keras application layers that are no Keras built-in, by class name, as the Keras 3
+    classes of the same config and computation (ConvNeXt's ``LayerScale`` is ``x * gamma``;
+    ``StochasticDepth`` is the identity at inference). Library code, never the file's."""
+    from keras.src.applications import convnext
+
+    return {"LayerScale": convnext.LayerScale, "StochasticDepth": convnext.StochasticDepth}
+
+
 def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
     """A Keras 3 layer from its config entry, in Keras's safe mode unless the file is trusted
     (a nested model may hold Lambdas). A top-level Lambda never comes here: it is built from
@@ -87,10 +108,17 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
                 from keras.src.legacy.saving import saving_utils
 
                 entry = copy.deepcopy({"class_name": layer.class_name, "config": layer.config})
+                if isinstance(entry["config"].get("name"), str):
+                    entry["config"]["name"] = keras_name(entry["config"]["name"])
+                for key, default in TF_KERAS_ONLY.get(layer.class_name, {}).items():
+                    if entry["config"].get(key, default) == default:
+                        entry["config"].pop(key, None)
                 with SafeModeScope(not trusted):
-                    return saving_utils.model_from_config(entry)
+                    return saving_utils.model_from_config(entry, custom_objects=known_classes())
             entry = {k: copy.deepcopy(v) for k, v in layer.raw.items() if k not in ("inbound_nodes", "name")}
-            return keras.saving.deserialize_keras_object(entry, safe_mode=not trusted)
+            if isinstance(entry.get("config"), dict) and isinstance(entry["config"].get("name"), str):
+                entry["config"]["name"] = keras_name(entry["config"]["name"])
+            return keras.saving.deserialize_keras_object(entry, safe_mode=not trusted, custom_objects=known_classes())
     except BadInput:
         raise
     except Exception as exc:
@@ -142,7 +170,7 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
     outputs = [tensors[r] for r in graph.outputs]
     try:
         model = keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0],
-                            outputs=outputs if len(outputs) > 1 else outputs[0], name=graph.name)
+                            outputs=outputs if len(outputs) > 1 else outputs[0], name=keras_name(graph.name))
     except Exception as exc:
         raise BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})") from exc
     return Built(model, tensors, objects, unbuilt)
@@ -180,7 +208,7 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
                     if len(layer.calls) != 1:
                         output_shape = None
                 obj = keras.layers.Lambda(function, output_shape=output_shape, arguments=arguments or None,
-                                          name=layer.name)
+                                          name=keras_name(layer.name))
             else:
                 obj = layer_object(layer, graph.legacy, options.trusted)
             objects[layer.name] = obj
@@ -272,7 +300,7 @@ def _slice_ops(name: str, source, axis: int, ranges: list[tuple[int, int]]) -> l
     for i, (start, stop) in enumerate(ranges):
         key = (Ellipsis, slice(start, stop)) if axis == rank - 1 else \
             tuple([slice(None)] * axis + [slice(start, stop)])
-        op = GetItem(name=name if len(ranges) == 1 else f"{name}_{i}")
+        op = GetItem(name=keras_name(name if len(ranges) == 1 else f"{name}_{i}"))
         outputs.append(op(source, key))
     return outputs
 
@@ -298,7 +326,7 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
         source = tensors[call.inputs[0]]
         if function in GETITEM_FUNCTIONS:
             key = tuple(_slice_item(item) for item in (kwargs.get("slice_spec") or []))
-            return [GetItem(name=layer.name)(source, key)]
+            return [GetItem(name=keras_name(layer.name))(source, key)]
         sections = kwargs.get("num_or_size_splits")
         axis = kwargs.get("axis", 0)
         if isinstance(sections, list):
@@ -307,7 +335,7 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
             if -1 in sizes and size is not None:
                 sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
             sections = list(np.cumsum(sizes)[:-1].astype(int).tolist())
-        return list(Split(sections, axis=axis, name=layer.name)(source))
+        return list(Split(sections, axis=axis, name=keras_name(layer.name))(source))
     first = _first_argument(call, tensors)
     return _tf_ops.rebuild(function, layer.name, first, kwargs)
 

@@ -369,8 +369,13 @@ class WeightStore:
     def from_legacy(cls, handle, path: Path) -> "WeightStore":
         arrays: dict[str, list[np.ndarray]] = {}
         root = handle.get("model_weights", handle)
-        for name in root.keys():
-            group = root[name]
+        # tf-keras lists the layers in "layer_names": a name with "/" (MobileNetV3's
+        # "Conv/BatchNorm") is a nested group, not one of the root's keys.
+        listed = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs.get("layer_names", [])]
+        for name in listed or list(root.keys()):
+            group = root.get(name)
+            if group is None or not hasattr(group, "attrs"):
+                continue
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
             arrays[name] = [np.asarray(group[n]) for n in names]
         return cls(arrays)

@@ -333,10 +333,35 @@ def rebuild(function: str, layer: str, first: Any, kwargs: dict) -> list:
     if implementation is None:
         raise NotRebuilt(f"layer {layer!r} is a tf-keras TFOpLambda calling tf.{function}, which has no "
                          "Keras 3 rebuild", function=function, layer=layer)
+    inputs = [t for t in tree.flatten([first, kwargs]) if _is_tensor(t)]
     try:
         result = implementation(first, **kwargs)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise NotRebuilt(f"layer {layer!r} calls tf.{function} with arguments its Keras 3 rebuild does not "
                          f"support ({type(exc).__name__}: {text})", function=function, layer=layer) from exc
-    return list(tree.flatten(result))
+    outputs = list(tree.flatten(result))
+    _name_operations(outputs, inputs, layer.replace("/", "_"))
+    return outputs
+
+
+def _name_operations(outputs: list, inputs: list, base: str) -> None:
+    """Name the operations one rebuild made after its layer (``base``, then ``base_1``…): their
+    automatic names (``multiply``) would clash with the file's own layers of that name."""
+    known = {id(t) for t in inputs}
+    seen: set[int] = set()
+    pending = [t for t in outputs if id(t) not in known]
+    count = 0
+    while pending:
+        tensor = pending.pop(0)
+        history = getattr(tensor, "_keras_history", None)
+        if history is None or id(tensor) in known:
+            continue
+        operation = history.operation
+        if id(operation) in seen:
+            continue
+        seen.add(id(operation))
+        operation.name = base if count == 0 else f"{base}_{count}"
+        count += 1
+        node = operation._inbound_nodes[history.node_index]
+        pending.extend(t for t in node.input_tensors if id(t) not in known)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from passes import register
-from passes.keras._build import layer_object
+from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras.fuse_grouped_conv import CONV_CLASSES
 from rewriter.names import fresh_name
@@ -56,7 +56,7 @@ class ExpandedConv:
             out = branch(piece)
             branch.set_weights([weight] + ([bias] if bias is not None else []))
             outputs.append(out)
-        joined = keras.layers.Concatenate(axis=self.channel_axis - rank, name=self.conv.layer.name)(outputs)
+        joined = keras.layers.Concatenate(axis=self.channel_axis - rank, name=keras_name(self.conv.layer.name))(outputs)
         return {TensorRef(self.conv.layer.name, self.conv.index, 0): joined}
 
 
@@ -126,4 +126,4 @@ class ExpandGroupedConv:
         return None
 
     def _fresh(self, base: str) -> str:
-        return fresh_name(base, self.names)
+        return fresh_name(keras_name(base), self.names)

@@ -22,7 +22,7 @@ import numpy as np
 
 from passes import register
 from passes.keras import _lambdas
-from passes.keras._build import layer_object
+from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
 from rewriter.names import fresh_name
@@ -267,7 +267,7 @@ class FuseGroupedConv:
                     raise _Refused(f"{call.layer.name} has outputs that feed no branch of this Concatenate")
 
     def _fresh(self, base: str) -> str:
-        return fresh_name(base, self.names)
+        return fresh_name(keras_name(base), self.names)
 
     def _branch(self, b: BranchMatch) -> Branch:
         layer = b.conv.layer

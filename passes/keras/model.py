@@ -301,7 +301,9 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
     # Keras 3 files key weights by the model's layer order, which the rebuilt model now knows;
     # where part of it could not be rebuilt, the config's order of its layers (not its operations).
     if analysis.built.model is not None:
-        kfile.weights.resolve([(layer.name, type(layer).__name__) for layer in analysis.built.model.layers])
+        file_names = {id(obj): name for name, obj in analysis.built.layers.items()}  # Keras 3 may rename
+        kfile.weights.resolve([(file_names.get(id(layer), layer.name), type(layer).__name__)
+                               for layer in analysis.built.model.layers])
     else:
         kfile.weights.resolve([(layer.name, layer.class_name) for layer in graph.layers.values()
                                if not str(layer.raw.get("module") or "").startswith("keras.src.ops")])
