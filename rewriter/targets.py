@@ -211,4 +211,6 @@ def format_table() -> str:
     lines = [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
     lines += ["", "sources (details: docs/TARGETS.md):"]
     lines += [f"  {t.name}: {t.evidence}" for t in TARGETS.values()]
+    lines += ["", "--auto (ONNX): no rule; each grouped conv is timed in both forms on onnxruntime here, the faster "
+              "kept (native on a tie)"]
     return "\n".join(lines)
