@@ -180,13 +180,16 @@ class _Accepted:
     private folder that lives as long as the KerasFile: what Keras's own loader may see."""
 
     def __init__(self):
-        import shutil
-        import tempfile
         import weakref
 
-        self.folder = Path(tempfile.mkdtemp(prefix="gconv-keras-in-"))
+        from rewriter import formats
+
+        # The run's kind of scratch folder ($TMPDIR/gconv-<pid>-<random>): removed with this
+        # object, or swept by a later run if this one is killed.
+        scratch = formats.scratch_dir()
+        self.folder = scratch.__enter__()
         self.members: list[tuple[zipfile.ZipInfo, Path]] = []
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self._cleanup = weakref.finalize(self, scratch.__exit__, None, None, None)
 
     def path(self, name: str) -> Path | None:
         return next((p for info, p in self.members if info.filename == name), None)
