@@ -54,6 +54,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
         report.rewrites.extend(fuser.rewrites)
         report.skipped.extend(fuser.skipped)
         report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
+        report.skipped.extend(_unbuilt_skips(analysis.built))
         if not apply:
             report.after = report.before
             return None
@@ -105,6 +106,18 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
     if to_onnx:
         return _write_onnx(rewritten.model, graph, output, options, report)
     return rewritten.model
+
+
+def _unbuilt_skips(built: _build.Built) -> list[Skip]:
+    """Each layer Keras 3 cannot rebuild, with what that hides: the layers after it are not
+    rebuilt either, so their shapes are known only where the file records them."""
+    roots: dict[int, tuple[str, BadInput, int]] = {}
+    for (layer, _), failure in built.unbuilt.items():
+        name, _, count = roots.get(id(failure), (layer, failure, 0))
+        roots[id(failure)] = (name, failure, count + 1)
+    return [Skip(name, f"{failure.message}; {count - 1} layer call(s) after it are not rebuilt: hand-made groups "
+                       "there are checked only where the file records their shapes, and cannot be rewritten")
+            for name, failure, count in roots.values()]
 
 
 def _unchanged(path: Path, kfile: _config.KerasFile, output: Path | None, options, report: Report,
@@ -248,7 +261,9 @@ def _one_line(exc: BaseException) -> str:
 # -- analysis: shapes, Lambdas, slices ---------------------------------------------------------
 
 class _Analysis:
-    def __init__(self):
+    def __init__(self, graph: _config.KerasGraph | None = None):
+        self.graph = graph
+        self._readers: dict[_config.TensorRef, list[_config.Call]] | None = None
         self.built: _build.Built | None = None
         self.functions: dict[str, Any] = {}
         self.lambda_sources: dict[str, _lambdas.LambdaSource] = {}
@@ -259,13 +274,34 @@ class _Analysis:
 
     def shape_of(self, ref: _config.TensorRef) -> list[int | None] | None:
         tensor = self.built.tensors.get(ref) if self.built else None
-        return list(tensor.shape) if tensor is not None else None
+        if tensor is not None:
+            return list(tensor.shape)
+        return self._recorded_shape(ref) if self.built is not None and self.built.unbuilt else None
+
+    def _recorded_shape(self, ref: _config.TensorRef) -> list[int | None] | None:
+        """Past a layer Keras 3 cannot rebuild, the shape the file records where a layer reads
+        ``ref`` first: the Keras 3 node's tensor, or tf-keras's ``build_config`` input shape (of
+        a layer called once; not every file has it)."""
+        if self.graph is None:
+            return None
+        if self._readers is None:
+            self._readers = self.graph.consumers()
+        for call in self._readers.get(ref, []):
+            if not call.inputs or call.inputs[0] != ref or len(call.layer.calls) != 1:
+                continue
+            if isinstance(call.data, dict):
+                shape = _config.keras3_tensor_shape(call.data, 0)
+            else:
+                shape = (call.layer.raw.get("build_config") or {}).get("input_shape")
+            if isinstance(shape, list) and shape and all(d is None or isinstance(d, int) for d in shape):
+                return list(shape)
+        return None
 
 
 def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, options) -> _Analysis:
     """Rebuild the model as it is (Lambdas from their trusted code) to know every tensor's shape,
     and probe every Lambda call on its input's shape."""
-    analysis = _Analysis()
+    analysis = _Analysis(graph)
     for layer in graph.layers.values():
         if _lambdas.is_lambda(layer):
             source = _lambdas.lambda_source(layer)
