@@ -172,7 +172,11 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
         model = keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0],
                             outputs=outputs if len(outputs) > 1 else outputs[0], name=keras_name(graph.name))
     except Exception as exc:
-        raise BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})") from exc
+        failure = BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})")
+        if not options.lenient:
+            raise failure from exc
+        unbuilt[(graph.name, -1)] = failure  # every layer built, the model not: analysis goes on
+        return Built(None, tensors, objects, unbuilt)
     return Built(model, tensors, objects, unbuilt)
 
 

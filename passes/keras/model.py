@@ -115,8 +115,9 @@ def _unbuilt_skips(built: _build.Built) -> list[Skip]:
     for (layer, _), failure in built.unbuilt.items():
         name, _, count = roots.get(id(failure), (layer, failure, 0))
         roots[id(failure)] = (name, failure, count + 1)
-    return [Skip(name, f"{failure.message}; {count - 1} layer call(s) after it are not rebuilt: hand-made groups "
-                       "there are checked only where the file records their shapes, and cannot be rewritten")
+    return [Skip(name, failure.message + (f"; {count - 1} layer call(s) after it are not rebuilt: hand-made groups "
+                                          "there are checked only where the file records their shapes, and cannot "
+                                          "be rewritten" if count > 1 else "; the model cannot be rewritten"))
             for name, failure, count in roots.values()]
 
 
