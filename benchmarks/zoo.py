@@ -1,0 +1,936 @@
+"""Zoo battery: public architectures (random weights) through the gconv-rewrite CLI, and OpenVINO beside it.
+
+    python benchmarks/zoo.py                       # export everything to a tmp dir, run the battery
+    python benchmarks/zoo.py --out /tmp/zoo --only resnext --only regnet   # filters match model names
+    python benchmarks/zoo.py --out /tmp/zoo --skip-export                 # re-run the CLI on files already there
+    python benchmarks/zoo.py --frameworks torch    # only torch (or keras, tfkeras), --no-openvino, --fixtures DIR
+
+Writes benchmarks/zoo_results.md and benchmarks/zoo_results.json (or --results PREFIX). Never commit the
+generated models: they live under --out (default: a fresh tmp dir).
+
+Environment (its own, never the test environment; CI needs none of this):
+
+    python3 -m venv /work/zoo-venv
+    /work/zoo-venv/bin/pip install -e ".[test]" -r benchmarks/zoo-requirements.txt
+    # torch==2.13.0 is the CPU wheel on this machine's disk: pip must not pull a CUDA torch.
+    # torchvision 0.28.0 is the release for torch 2.13.0; PyPI's wheel is built against a torch that
+    # registers its C++ ops, and on import it registers fake kernels for torchvision::nms and ::qnms,
+    # which then "do not exist" beside the CPU torch. The classification models need none of its compiled
+    # ops, so `_import_torchvision` declares those two schemas with torch.library before importing it.
+
+What it exports (no downloads: every model is built with random weights):
+
+* torch (torchvision + timm), exported with the TorchScript exporter (``dynamo=False``, opset 17, "ts") and
+  the dynamo exporter ("dynamo"), static batch and ``dynamic_axes``/``dynamic_shapes`` batch ("-dyn"):
+  - natively grouped: ResNeXt (torchvision layout, one block a stage), RegNetX/Y-400MF, ResNeSt-14d, DPN-68,
+    ShuffleNetV2 x0.5, MobileNetV3-Small, ConvNeXt-atto;
+  - parallel branches that must stay: GoogLeNet, SqueezeNet 1.1, Inception v3, Res2Net-50 14w8s (one block a
+    stage), GhostNet-050, MixNet-S (its MixedConv2d splits with *different* kernels must stay; its pointwise
+    MixedConv2d with equal 1x1 kernels is a genuine hand-made grouped conv and may fuse);
+  - "legacy" variants of the grouped ones: every ``nn.Conv2d`` with ``1 < groups < in_channels`` (grouped,
+    not depthwise) replaced by ``torch.chunk -> N Conv2d -> torch.cat`` ("chunk"), and by ``torch.chunk ->
+    N (Conv2d -> BatchNorm2d) -> torch.cat`` ("chunkbn", fresh BN as in any untrained export). Depthwise
+    convs (groups == in_channels) stay native there: a legacy depthwise conv is C one-channel branches, so
+    it is exercised once, on ShuffleNetV2 ("chunkdw", every grouped conv incl. depthwise, TorchScript only).
+    Each legacy file is compared with its native twin from the same exporter: the original model for
+    "chunk", and for "chunkbn" the model with each grouped conv followed by one BatchNorm2d holding the
+    branches' BN parameters ("nativebn"), which is what a fused + BN-folded legacy export should equal.
+* keras.applications (Keras 3): MobileNetV3Small, ConvNeXtTiny (Conv2D groups=channels), Xception
+  (SeparableConv2D and parallel branches; nothing to do) as .keras, .h5 and SavedModel (``model.export``);
+  tf_keras.applications: RegNetX002/RegNetY002 (Conv2D groups, group width 8; Keras 3 has no RegNet), and the
+  same three, as .keras, .h5 and SavedModel (``model.save(dir, save_format="tf")``). tf-keras writes TFOpLambda
+  layers (tf.__operators__.add, tf.nn.relu6, tf.math.reduce_mean, ...): valuable inputs.
+
+What it runs per file (the CLI in a subprocess, ``--format json --report``, verification on):
+``--check``, ``--fuse``, and for natively grouped files ``--expand`` then ``--fuse`` of the expanded file.
+It records exit codes, the one-line error, rewrites/skips, node and op counts, Conv count and the multiset of
+``group`` attributes of every written ONNX (Keras: Conv layers and their ``groups``) against the native twin,
+and the wall time of each call. Beside it, OpenVINO (``openvino.convert_model`` → compile on CPU →
+``get_runtime_model()``): how many grouped (5-D weights / GroupConvolution) and plain convolutions it ends with
+on the same legacy files, and what its converted (pre-plugin) model holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+os.environ.setdefault("KMP_WARNINGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
+CLI_TIMEOUT = 600
+CLI_ENV: dict[str, str] = {}
+
+# --------------------------------------------------------------------------------------------------------------
+# Model zoo (torch)
+# --------------------------------------------------------------------------------------------------------------
+
+# name: (family, builder key, input size, kind)   kind: grouped | depthwise | branches | mixed
+TORCH_MODELS = {
+    "resnext_tv_32x4d": ("torchvision", 64, "grouped"),
+    "regnet_x_400mf": ("torchvision", 64, "grouped"),
+    "regnet_y_400mf": ("torchvision", 64, "grouped"),
+    "resnest14d": ("timm", 64, "grouped"),
+    "dpn68": ("timm", 64, "grouped"),
+    "shufflenet_v2_x0_5": ("torchvision", 64, "depthwise"),
+    "mobilenet_v3_small": ("torchvision", 64, "depthwise"),
+    "convnext_atto": ("timm", 64, "depthwise"),
+    "googlenet": ("torchvision", 64, "branches"),
+    "squeezenet1_1": ("torchvision", 64, "branches"),
+    "inception_v3": ("torchvision", 96, "branches"),
+    "res2net50_14w_8s": ("timm", 64, "branches"),
+    "ghostnet_050": ("timm", 64, "branches"),
+    "mixnet_s": ("timm", 64, "mixed"),
+}
+
+# Keras saves per model (each Keras CLI call costs TensorFlow's import and a Keras rebuild: keep it lean)
+KERAS_FORMATS = {
+    ("keras", "ConvNeXtTiny"): ("keras", "savedmodel"),
+    ("keras", "MobileNetV3Small"): ("keras", "h5"),
+    ("keras", "Xception"): ("keras",),
+    ("tfkeras", "RegNetX002"): ("h5", "keras", "savedmodel"),
+    ("tfkeras", "RegNetY002"): ("h5",),
+    ("tfkeras", "MobileNetV3Small"): ("h5", "savedmodel"),
+    ("tfkeras", "ConvNeXtTiny"): ("h5",),
+    ("tfkeras", "Xception"): ("h5",),
+}
+
+FULL_MATRIX = {"resnext_tv_32x4d"}  # --full-matrix: every model
+
+KERAS_MODELS = {
+    # name: (input size, kind, flavours); Keras 3 dropped RegNet from keras.applications
+    "RegNetX002": (64, "grouped", ("tfkeras",)),
+    "RegNetY002": (64, "grouped", ("tfkeras",)),
+    "MobileNetV3Small": (64, "depthwise", ("keras", "tfkeras")),
+    "ConvNeXtTiny": (64, "depthwise", ("keras", "tfkeras")),
+    "Xception": (96, "branches", ("keras", "tfkeras")),
+}
+
+
+def _import_torchvision():
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:
+        for mod in [m for m in sys.modules if m.startswith("torchvision")]:
+            del sys.modules[mod]
+        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 - kept alive below
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _import_torchvision.lib = lib
+        import torchvision  # noqa: F401
+    import torchvision
+
+    return torchvision
+
+
+def build_torch(name: str):
+    import torch
+
+    torch.manual_seed(0)
+    family, _, _ = TORCH_MODELS[name]
+    tv = _import_torchvision()
+    if name == "resnext_tv_32x4d":
+        # torchvision's ResNeXt-50 32x4d layout with one Bottleneck per stage (small, same grouped convs).
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        return ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)
+    if name == "inception_v3":
+        return tv.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    if name == "googlenet":
+        return tv.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    if family == "torchvision":
+        return getattr(tv.models, name)(weights=None)
+    import timm
+
+    kwargs = {}
+    if name == "res2net50_14w_8s":
+        kwargs["layers"] = [1, 1, 1, 1]
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _chunk_module(conv, with_bn: bool):
+    import torch
+    import torch.nn as nn
+
+    groups = conv.groups
+    cin, cout = conv.in_channels // groups, conv.out_channels // groups
+
+    class ChunkConv(nn.Module):
+        """torch.chunk(x, N, 1) -> N Conv2d [-> BatchNorm2d] -> torch.cat: a grouped conv written by hand."""
+
+        def __init__(self):
+            super().__init__()
+            self.groups = groups
+            self.convs = nn.ModuleList()
+            for g in range(groups):
+                c = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                              bias=conv.bias is not None, padding_mode=conv.padding_mode)
+                with torch.no_grad():
+                    c.weight.copy_(conv.weight[g * cout:(g + 1) * cout])
+                    if conv.bias is not None:
+                        c.bias.copy_(conv.bias[g * cout:(g + 1) * cout])
+                self.convs.append(c)
+            self.bns = nn.ModuleList(nn.BatchNorm2d(cout) for _ in range(groups)) if with_bn else None
+
+        def forward(self, x):
+            parts = torch.chunk(x, self.groups, 1)
+            if self.bns is None:
+                return torch.cat([c(p) for c, p in zip(self.convs, parts)], 1)
+            return torch.cat([b(c(p)) for c, p, b in zip(self.convs, parts, self.bns)], 1)
+
+    return ChunkConv()
+
+
+def legacy_variant(model, variant: str):
+    """Copy of ``model`` with its grouped convs rewritten by hand; returns (model, native twin, count)."""
+    import copy
+
+    import torch.nn as nn
+
+    legacy, twin = copy.deepcopy(model), copy.deepcopy(model)
+    count = 0
+    for (name, module), (_, twin_module) in zip(list(legacy.named_modules()), list(twin.named_modules())):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Conv2d or child.groups <= 1:
+                continue
+            depthwise = child.groups == child.in_channels
+            if depthwise and variant != "chunkdw":
+                continue
+            count += 1
+            setattr(module, child_name, _chunk_module(child, variant == "chunkbn"))
+            if variant == "chunkbn":
+                twin_child = getattr(twin_module, child_name)
+                setattr(twin_module, child_name, nn.Sequential(twin_child, nn.BatchNorm2d(child.out_channels)))
+    return legacy, twin, count
+
+
+def export_torch(model, path: Path, size: int, exporter: str, dynamic: bool) -> None:
+    import torch
+
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if exporter == "ts":
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None)
+        else:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic else None
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                              dynamic_shapes=shapes, external_data=False, verbose=False)
+
+
+def torch_entries(name: str, out: Path) -> list[dict]:
+    """Export one torch model's variants; one manifest entry per file written (or failed)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    family, size, kind = TORCH_MODELS[name]
+    model = build_torch(name).eval()
+    folder = out / "torch" / name
+    entries = []
+
+    def one(model, variant, exporter, dynamic, twin=None, expected=0, role=None):
+        file = folder / f"{name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
+        entry = {"name": name, "framework": "torch", "family": family, "kind": kind, "variant": variant,
+                 "exporter": exporter, "dynamic": dynamic, "format": "onnx", "path": str(file),
+                 "input": f"x=1,3,{size},{size}", "twin": str(twin) if twin else None,
+                 "legacy_convs": expected, "role": role or ("legacy" if variant.startswith("chunk") else "native")}
+        start = time.perf_counter()
+        try:
+            if not file.exists():
+                export_torch(model, file, size, exporter, dynamic)
+            entry["export_seconds"] = round(time.perf_counter() - start, 2)
+        except Exception as exc:  # noqa: BLE001 - an exporter failure is a result, not a crash
+            entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        entries.append(entry)
+        return file
+
+    def native_file(variant, exporter, dynamic):
+        return folder / f"{name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
+
+    # The dynamo exporter takes minutes for a model with hundreds of branch convs on 2 busy cores: the full
+    # matrix runs on ResNeXt; the other grouped models get the forms that differ (a variant already on disk
+    # from an earlier --full run is kept in the battery all the same).
+    full = name in FULL_MATRIX or os.environ.get("ZOO_FULL_MATRIX") == "1"
+
+    def wanted(variant, exporter, dynamic):
+        if full or native_file(variant, exporter, dynamic).exists():
+            return True
+        return (variant, exporter, dynamic) in {("chunk", "ts", False), ("chunk", "ts", True),
+                                                ("chunk", "dynamo", False), ("chunkbn", "ts", False),
+                                                ("nativebn", "ts", False)}
+
+    one(model, "native", "ts", False)
+    one(model, "native", "dynamo", False)
+    if kind in ("grouped", "depthwise"):
+        one(model, "native", "ts", True)
+    if kind == "grouped":
+        legacy, _, count = legacy_variant(model, "chunk")
+        for exporter, dynamic in (("ts", False), ("ts", True), ("dynamo", False), ("dynamo", True)):
+            if not wanted("chunk", exporter, dynamic):
+                continue
+            twin = native_file("native", exporter, dynamic)
+            if exporter == "dynamo" and dynamic:
+                one(model, "native", "dynamo", True)
+            one(legacy, "chunk", exporter, dynamic, twin, count)
+        legacy, twin_model, count = legacy_variant(model, "chunkbn")
+        for exporter in ("ts", "dynamo"):
+            if not wanted("chunkbn", exporter, False):
+                continue
+            twin = one(twin_model, "nativebn", exporter, False, role="twin")
+            one(legacy, "chunkbn", exporter, False, twin, count)
+    if name == "shufflenet_v2_x0_5":
+        legacy, _, count = legacy_variant(model, "chunkdw")
+        one(legacy, "chunkdw", "ts", False, native_file("native", "ts", False), count)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model zoo (Keras 3 and tf-keras)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
+    if flavour == "keras":
+        import keras
+
+        keras.utils.set_random_seed(0)
+        apps = keras.applications
+    else:
+        import tensorflow as tf
+        import tf_keras as keras
+
+        tf.random.set_seed(0)
+        apps = keras.applications
+    size, kind, _ = KERAS_MODELS[name]
+    folder = out / flavour / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model = getattr(apps, name)(weights=None, input_shape=(size, size, 3))
+    entries = []
+    layers = collections.Counter(type(layer).__name__ for layer in model.layers)
+    for fmt in KERAS_FORMATS[(flavour, name)]:
+        path = folder / (f"{name}.{fmt}" if fmt != "savedmodel" else f"{name}_savedmodel")
+        entry = {"name": name, "framework": flavour, "family": f"{flavour}.applications", "kind": kind,
+                 "variant": "native", "exporter": fmt, "dynamic": True, "format": fmt, "path": str(path),
+                 "twin": None, "legacy_convs": 0, "role": "native", "layers": dict(layers),
+                 "input": f"{size}x{size}x3"}
+        start = time.perf_counter()
+        try:
+            if not path.exists():
+                if fmt == "savedmodel":
+                    if flavour == "keras":
+                        model.export(str(path), verbose=False)
+                    else:
+                        model.save(str(path), save_format="tf")
+                else:
+                    model.save(str(path))
+            entry["export_seconds"] = round(time.perf_counter() - start, 2)
+        except Exception as exc:  # noqa: BLE001
+            entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        entries.append(entry)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Counting what a file holds
+# --------------------------------------------------------------------------------------------------------------
+
+
+def onnx_stats(path: str) -> dict:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    ops = collections.Counter()
+    groups = collections.Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            ops[node.op_type] += 1
+            if node.op_type in ("Conv", "ConvTranspose"):
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                groups[group] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+        return ops
+
+    walk(model.graph)
+    for fn in model.functions:
+        walk(fn)
+    return {"nodes": sum(ops.values()), "ops": dict(sorted(ops.items())), "conv": ops["Conv"] + ops["ConvTranspose"],
+            "groups": {str(k): v for k, v in sorted(groups.items())},
+            "grouped": sum(v for k, v in groups.items() if k > 1)}
+
+
+def keras_stats(path: str) -> dict:
+    """Layer classes and Conv groups from a .keras file's config (no Keras needed)."""
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    ops = collections.Counter()
+    groups = collections.Counter()
+
+    def walk(cfg):
+        for layer in cfg.get("config", {}).get("layers", []):
+            ops[layer["class_name"]] += 1
+            if layer["class_name"] in ("Conv1D", "Conv2D", "Conv3D"):
+                groups[layer["config"].get("groups", 1)] += 1
+            if layer["class_name"] in ("Functional", "Model", "Sequential"):
+                walk(layer)
+
+    walk(config)
+    return {"nodes": sum(ops.values()), "ops": dict(sorted(ops.items())), "conv": sum(groups.values()),
+            "groups": {str(k): v for k, v in sorted(groups.items())},
+            "grouped": sum(v for k, v in groups.items() if k > 1)}
+
+
+def file_stats(path: str | None) -> dict | None:
+    if not path or not Path(path).exists():
+        return None
+    try:
+        if path.endswith(".onnx"):
+            return onnx_stats(path)
+        if path.endswith(".keras"):
+            return keras_stats(path)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cli_executable() -> list[str]:
+    found = shutil.which("gconv-rewrite", path=str(Path(sys.executable).parent))
+    return [found] if found else [sys.executable, "-m", "rewriter"]
+
+
+def _mirror_name(path: str) -> str:
+    """The name the CLI gives a model's output inside an ``-o`` folder (.h5 is written as .keras)."""
+    name = Path(path).name
+    return name[:-3] + ".keras" if name.endswith(".h5") else name
+
+
+def _parse_model(entry: dict) -> dict:
+    report = entry.get("report") or {}
+    result = {"status": entry.get("status"), "exit": entry.get("exit_code"), "error": entry.get("error"),
+              "seconds": round(entry.get("seconds") or 0, 2), "output": entry.get("output")}
+    if result["error"] and str(result["error"]).startswith("internal error"):
+        result["crash"] = True
+    result["rewrites"] = [{"kind": r.get("kind"), "groups": r.get("groups"), "location": r.get("location")}
+                          for r in report.get("rewrites", [])]
+    result["skipped"] = [s if isinstance(s, str) else {k: s.get(k) for k in ("location", "reason", "kind") if k in s}
+                         for s in report.get("skipped", [])]
+    result["before"], result["after"] = report.get("before"), report.get("after")
+    verification = report.get("verification") or {}
+    result["verification"] = {k: verification.get(k) for k in ("ran", "passed", "note", "inputs")}
+    if verification.get("outputs"):
+        result["verification"]["max_abs_error"] = max((o.get("max_abs_error") or 0) for o in verification["outputs"])
+    if entry.get("status") == "verification-failed":
+        result["verification"].update(ran=True, passed=False)
+    result["written"] = bool(report.get("written")) or (entry.get("status") == "rewritten")
+    return result
+
+
+def run_cli(models: list[str], mode: str, out_dir: Path | None) -> dict[str, dict]:
+    """One CLI process over ``models`` (``--format json``); per model: exit, error, report digest, seconds.
+
+    ``seconds`` is the CLI's own time for that model (load → verify → save, interpreter start and imports
+    excluded); ``process_seconds`` is the whole subprocess's wall time. A process that dies without its JSON
+    document is re-run one model at a time, so a crash is pinned on its model."""
+    args = cli_executable() + list(models) + ["--format", "json"]
+    if mode == "check":
+        args.append("--check")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / _mirror_name(models[0]) if len(models) == 1 else out_dir
+        args += [f"--{mode}", "-o", str(target), "--force"]
+    command = " ".join(args)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=CLI_TIMEOUT * len(models), cwd=REPO,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", **CLI_ENV})
+    except subprocess.TimeoutExpired:
+        proc = None
+    wall = round(time.perf_counter() - start, 2)
+    try:
+        doc = json.loads(proc.stdout) if proc else None
+        by_input = {m["input"]: m for m in doc["models"]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        if len(models) > 1:
+            results = {}
+            for model in models:
+                results.update(run_cli([model], mode, out_dir))
+            return results
+        if proc is None:
+            return {models[0]: {"mode": mode, "exit": "timeout", "error": f"timed out after {CLI_TIMEOUT}s",
+                                "seconds": wall, "process_seconds": wall, "command": command}}
+        tail = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {models[0]: {"mode": mode, "exit": proc.returncode, "crash": True, "seconds": wall,
+                            "process_seconds": wall, "command": command,
+                            "error": (tail[-1] if tail else proc.stdout.strip()[-300:])[:500],
+                            "stderr_tail": proc.stderr[-1500:]}}
+    results = {}
+    for model in models:
+        entry = by_input.get(model) or by_input.get(str(Path(model)))
+        if entry is None:
+            results[model] = {"mode": mode, "exit": "missing", "error": "not in the CLI's JSON document"}
+            continue
+        one = _parse_model(entry)
+        output = None if mode == "check" else str(out_dir / _mirror_name(model))
+        one.update(mode=mode, process_seconds=wall, batch=len(models),
+                   command=" ".join(cli_executable() + [model] + (["--check"] if mode == "check" else
+                                                                  [f"--{mode}", "-o", output, "--force"])),
+                   output=output if one.get("written") else None)
+        if "Traceback (most recent call last)" in proc.stderr and len(models) == 1:
+            one["crash"] = True
+            one["stderr_tail"] = proc.stderr[-1500:]
+        results[model] = one
+    return results
+
+
+def expands(entry: dict) -> bool:
+    """Natively grouped files get --expand and the round trip. Depthwise-only Keras models do not: C
+    one-channel Conv2D layers (6,624 for ConvNeXtTiny) take Keras minutes to build, and ONNX covers that."""
+    return entry["role"] == "native" and (entry["kind"] == "grouped" or
+                                          (entry["kind"] == "depthwise" and entry["format"] == "onnx"))
+
+
+def run_battery(entries: list[dict], work: Path) -> None:
+    """--check and --fuse on every file; --expand then --fuse of the expanded file on natively grouped ones.
+
+    One CLI process per model and format (a model's variants share the interpreter start)."""
+    live = [e for e in entries if not e.get("export_error")]
+    for e in live:
+        e["calls"] = {}
+    batches = collections.defaultdict(list)
+    for e in live:
+        batches[(e["framework"], e["name"], e["format"])].append(e)
+    for n, ((framework, name, fmt), group) in enumerate(batches.items(), 1):
+        t0 = time.perf_counter()
+        base = work / "out" / framework / name / fmt
+        paths = [e["path"] for e in group]
+        by_path = {e["path"]: e for e in group}
+        for path, call in run_cli(paths, "check", None).items():
+            by_path[path]["calls"]["check"] = call
+        for path, call in run_cli(paths, "fuse", base / "fused").items():
+            call["stats"] = file_stats(call.get("output"))
+            by_path[path]["calls"]["fuse"] = call
+        expandable = [e["path"] for e in group if expands(e)]
+        if expandable:
+            expanded = {}
+            for path, call in run_cli(expandable, "expand", base / "expanded").items():
+                call["stats"] = file_stats(call.get("output"))
+                by_path[path]["calls"]["expand"] = call
+                if call.get("output"):
+                    expanded[call["output"]] = path
+            if expanded:
+                for path, call in run_cli(list(expanded), "fuse", base / "roundtrip").items():
+                    call["stats"] = file_stats(call.get("output"))
+                    by_path[expanded[path]]["calls"]["roundtrip"] = call
+        print(f"[zoo] {n}/{len(batches)} {framework} {name} {fmt}: {len(group)} files, "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OpenVINO, the peer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def openvino_counts(path: str, shape: list[int] | None) -> dict:
+    import openvino as ov
+
+    start = time.perf_counter()
+    try:
+        core = ov.Core()
+        model = ov.convert_model(path)
+        if shape is not None and model.inputs[0].get_partial_shape().is_dynamic:
+            model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(shape)})
+        converted = collections.Counter(op.get_type_name() for op in model.get_ordered_ops())
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 1})
+        runtime = compiled.get_runtime_model()
+        plain = grouped = 0
+        types = collections.Counter()
+        for op in runtime.get_ordered_ops():
+            info = op.get_rt_info()
+            layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+            types[layer] += 1
+            if layer in ("Convolution", "GroupConvolution"):
+                # the CPU plugin names both "Convolution"; a grouped one has 5-D weights [G, O/G, I/G, kH, kW]
+                is_grouped = layer == "GroupConvolution"
+                if op.get_input_size() > 1:
+                    weights = op.input(1).get_partial_shape()
+                    is_grouped = is_grouped or (weights.rank.is_static and weights.rank.get_length() == 5)
+                grouped += is_grouped
+                plain += not is_grouped
+        return {"convolution": plain, "group_convolution": grouped,
+                "converted": {"Convolution": converted.get("Convolution", 0),
+                              "GroupConvolution": converted.get("GroupConvolution", 0),
+                              "nodes": sum(converted.values())},
+                "runtime_nodes": sum(types.values()), "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                "seconds": round(time.perf_counter() - start, 2)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Judging and tabulating
+# --------------------------------------------------------------------------------------------------------------
+
+
+def judge(entry: dict, twin_stats: dict | None) -> list[str]:
+    """Problems found in one file's results, each a short sentence (empty: as expected)."""
+    calls = entry.get("calls", {})
+    problems = []
+    if entry.get("export_error"):
+        return []
+    for mode, call in calls.items():
+        if call.get("crash"):
+            problems.append(f"{mode}: crash ({call.get('error')})")
+        elif call.get("exit") == "timeout":
+            problems.append(f"{mode}: timeout")
+        elif call.get("exit") == 2:
+            problems.append(f"{mode}: exit 2 ({call.get('error')})")
+        verification = call.get("verification") or {}
+        if verification.get("ran") and verification.get("passed") is False:
+            problems.append(f"{mode}: verification failed")
+        if mode in ("fuse", "roundtrip", "expand") and call.get("exit") == 1:
+            problems.append(f"{mode}: exit 1 ({call.get('error')})")
+    check, fuse = calls.get("check", {}), calls.get("fuse", {})
+    legacy = entry["role"] == "legacy"
+    if legacy:
+        if check.get("exit") == 0:
+            problems.append("check: exit 0 on a legacy file (patterns not seen)")
+        fused = len(fuse.get("rewrites") or [])
+        fused_convs = sum(1 for r in fuse.get("rewrites") or [] if r.get("kind", "").startswith("fuse"))
+        stats = fuse.get("stats")
+        if fuse.get("exit") == 0 and fused_convs < entry["legacy_convs"]:
+            problems.append(f"fuse: {fused_convs} of {entry['legacy_convs']} hand-made groups fused")
+        if stats and twin_stats:
+            if stats["conv"] != twin_stats["conv"] or stats["groups"] != twin_stats["groups"]:
+                problems.append(f"fuse: Conv {stats['conv']} groups {stats['groups']} vs native "
+                                f"{twin_stats['conv']} {twin_stats['groups']}")
+            elif stats["ops"] != twin_stats["ops"]:
+                diff = op_diff(stats["ops"], twin_stats["ops"])
+                only = " (Identity only)" if same_but_identity(stats["ops"], twin_stats["ops"]) else ""
+                problems.append(f"fuse: op counts differ from native{only} ({diff})")
+        entry["fused_groups"] = fused
+    elif entry["role"] in ("native", "twin"):
+        if entry["kind"] != "mixed":
+            if check.get("exit") == 1:
+                problems.append("check: exit 1 on a native file (false positive?)")
+            if fuse.get("rewrites"):
+                problems.append(f"fuse: {len(fuse['rewrites'])} rewrites on a native file (false positive?)")
+        expand, roundtrip = calls.get("expand"), calls.get("roundtrip")
+        source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras") else None
+        if expand and expand.get("exit") == 0 and source:
+            expanded = expand.get("stats") or {}
+            if expanded.get("grouped", 0) and expand.get("written"):
+                problems.append(f"expand: {expanded['grouped']} of {source['grouped']} grouped convs left")
+        if expands(entry) and expand and expand.get("exit") == 0 and not expand.get("written") and source \
+                and source.get("grouped"):
+            problems.append(f"expand: nothing written, {source['grouped']} grouped convs left")
+        if roundtrip and source and roundtrip.get("stats"):
+            stats = roundtrip["stats"]
+            if stats["conv"] != source["conv"] or stats["groups"] != source["groups"]:
+                problems.append(f"roundtrip: Conv {stats['conv']} groups {stats['groups']} vs original "
+                                f"{source['conv']} {source['groups']}")
+            elif stats["ops"] != source["ops"] and entry["format"] != "onnx":
+                # a Keras output is Keras 3: tf-keras TFOpLambda layers come back as Keras layers (Add, ...)
+                entry.setdefault("notes", []).append(f"roundtrip: layers differ ({op_diff(stats['ops'], source['ops'])})")
+            elif stats["ops"] != source["ops"]:
+                only = " (Identity only)" if same_but_identity(stats["ops"], source["ops"]) else ""
+                problems.append(f"roundtrip: op counts differ{only} ({op_diff(stats['ops'], source['ops'])})")
+    return problems
+
+
+def same_but_identity(got: dict, want: dict) -> bool:
+    strip = lambda ops: {k: v for k, v in ops.items() if k != "Identity"}  # noqa: E731
+    return strip(got) == strip(want)
+
+
+def op_diff(got: dict, want: dict) -> str:
+    keys = sorted(set(got) | set(want))
+    return ", ".join(f"{k} {got.get(k, 0)} vs {want.get(k, 0)}" for k in keys if got.get(k, 0) != want.get(k, 0))
+
+
+def cell_exit(call: dict | None) -> str:
+    if not call:
+        return "–"
+    text = str(call.get("exit"))
+    if call.get("crash"):
+        text += " CRASH"
+    return text
+
+
+def summarize_groups(stats: dict | None) -> str:
+    if not stats:
+        return "–"
+    if "error" in stats:
+        return "?"
+    grouped = {k: v for k, v in stats["groups"].items() if k != "1"}
+    return f"{stats['conv']}" + (f" (g>1: {sum(grouped.values())})" if grouped else "")
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Zoo battery",
+        "",
+        f"`python benchmarks/zoo.py` — {meta['date']} · {meta['machine']} · torch {meta.get('torch', '–')}, "
+        f"torchvision {meta.get('torchvision', '–')}, timm {meta.get('timm', '–')}, keras {meta.get('keras', '–')}, "
+        f"tf-keras {meta.get('tf_keras', '–')}, openvino {meta.get('openvino', '–')} · gconv-rewrite at "
+        f"`{meta.get('commit', '?')}` · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
+        "",
+        "Random weights, no downloads. `ts` = `torch.onnx.export(dynamo=False)` opset 17, `dynamo` = the dynamo "
+        "exporter, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
+        "Conv2d → `torch.cat`; `chunkbn`: a BatchNorm2d per branch; `chunkdw`: depthwise ones too. The twin is "
+        "the native export the fused legacy file should equal. Exit codes: check / fuse / expand / fuse of the "
+        "expanded file. Conv = Conv nodes (g>1: how many grouped). OpenVINO: convolutions its CPU runtime model "
+        "ends with, plain / grouped.",
+        "",
+        "| model | variant | exporter | check | fuse | rewrites | Conv after fuse | Conv twin | expand | round trip | "
+        "Conv after round trip | verify | OpenVINO plain/grouped | time check/fuse/expand/rt (s) | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["entries"]:
+        calls = entry.get("calls", {})
+        if entry.get("export_error"):
+            lines.append(f"| {entry['name']} | {entry['variant']} | {entry['exporter']}{'-dyn' if entry['dynamic'] and entry['format'] == 'onnx' else ''} "
+                         f"| export failed: {entry['export_error'][:120]} |" + " |" * 11)
+            continue
+        fuse = calls.get("fuse", {})
+        twin = results["stats"].get(entry.get("twin") or "", None)
+        verify = []
+        for mode in ("fuse", "expand", "roundtrip"):
+            v = (calls.get(mode) or {}).get("verification") or {}
+            if v.get("ran"):
+                verify.append("ok" if v.get("passed") else "FAIL")
+        ov = entry.get("openvino")
+        ov_cell = "–" if not ov else (f"error" if "error" in ov else f"{ov['convolution']}/{ov['group_convolution']}")
+        times = "/".join(f"{calls[m]['seconds']:.1f}" if m in calls else "–"
+                         for m in ("check", "fuse", "expand", "roundtrip"))
+        exporter = entry["exporter"] + ("-dyn" if entry["dynamic"] and entry["format"] == "onnx" else "")
+        problems = "; ".join(entry.get("problems", [])) or "ok"
+        if entry.get("notes"):
+            problems += " (note: " + "; ".join(entry["notes"]) + ")"
+        lines.append(
+            f"| {entry['name']} | {entry['variant']} | {exporter} | {cell_exit(calls.get('check'))} | "
+            f"{cell_exit(fuse)} | {len(fuse.get('rewrites') or [])} | {summarize_groups(fuse.get('stats'))} | "
+            f"{summarize_groups(twin) if twin else '–'} | {cell_exit(calls.get('expand'))} | "
+            f"{cell_exit(calls.get('roundtrip'))} | {summarize_groups((calls.get('roundtrip') or {}).get('stats'))} | "
+            f"{','.join(verify) or '–'} | {ov_cell} | {times} | {problems.replace('|', '/')} |")
+    s = results["summary"]
+    lines += ["", f"**Summary**: {s['files']} files, {s['cli_calls']} CLI calls, {s['crashes']} crashes, "
+              f"{s['exit2']} exit 2, {s['verify_failed']} verification failures, {s['false_positives']} false "
+              f"positives, legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
+              f"op for op: {s['legacy_op_match']}/{s['legacy']} (ignoring Identity: "
+              f"{s['legacy_op_match_but_identity']}/{s['legacy']}); round trips restoring every grouped conv: "
+              f"{s['roundtrip_ok']}/{s['roundtrips']} (op for op: {s['roundtrip_ops']}/{s['roundtrips']}); files with a problem: {s['with_problems']}.", ""]
+    return "\n".join(lines)
+
+
+def summarize(results: dict) -> dict:
+    entries = [e for e in results["entries"] if not e.get("export_error")]
+    calls = [c for e in entries for c in e.get("calls", {}).values()]
+    legacy = [e for e in entries if e["role"] == "legacy"]
+
+    def conv_match(e):
+        s, t = (e.get("calls", {}).get("fuse") or {}).get("stats"), results["stats"].get(e.get("twin") or "")
+        return bool(s and t and s["conv"] == t["conv"] and s["groups"] == t["groups"])
+
+    def op_match(e, identity=True):
+        s, t = (e.get("calls", {}).get("fuse") or {}).get("stats"), results["stats"].get(e.get("twin") or "")
+        return bool(s and t and (s["ops"] == t["ops"] if identity else same_but_identity(s["ops"], t["ops"])))
+
+    roundtrips = [e for e in entries if "expand" in e.get("calls", {})]
+    return {
+        "files": len(entries), "export_failures": len(results["entries"]) - len(entries), "cli_calls": len(calls),
+        "crashes": sum(1 for c in calls if c.get("crash")), "exit2": sum(1 for c in calls if c.get("exit") == 2),
+        "verify_failed": sum(1 for c in calls if (c.get("verification") or {}).get("passed") is False
+                             and (c.get("verification") or {}).get("ran")),
+        "false_positives": sum(1 for e in entries for p in e.get("problems", []) if "false positive" in p),
+        "legacy": len(legacy), "legacy_conv_match": sum(map(conv_match, legacy)),
+        "legacy_op_match": sum(map(op_match, legacy)),
+        "legacy_op_match_but_identity": sum(op_match(e, identity=False) for e in legacy),
+        "roundtrips": len(roundtrips),
+        "roundtrip_ok": sum(1 for e in roundtrips if not any(p.startswith(("roundtrip: Conv", "expand"))
+                                                            for p in e.get("problems", []))
+                            and (e["calls"].get("roundtrip") or {}).get("exit") == 0),
+        "roundtrip_ops": sum(1 for e in roundtrips if not any(p.startswith(("roundtrip", "expand"))
+                                                             for p in e.get("problems", []))
+                             and (e["calls"].get("roundtrip") or {}).get("exit") == 0),
+        "with_problems": sum(1 for e in entries if e.get("problems")),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------
+
+
+def selected(names, only):
+    return [n for n in names if not only or any(o.lower() in n.lower() for o in only)]
+
+
+def export_worker(framework: str, out: Path, only: list[str]) -> None:
+    """Runs in its own interpreter (torch and TF apart); prints one JSON manifest entry a line."""
+    names = selected(TORCH_MODELS if framework == "torch" else
+                     [n for n, spec in KERAS_MODELS.items() if framework in spec[2]], only)
+    for name in names:
+        try:
+            entries = torch_entries(name, out) if framework == "torch" else keras_entries(name, out, framework)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            entries = [{"name": name, "framework": framework, "variant": "native", "exporter": "?", "dynamic": False,
+                        "format": "?", "path": "", "role": "native", "kind": "?",
+                        "export_error": f"build: {type(exc).__name__}: {exc}"[:300]}]
+        for entry in entries:
+            print("ZOO " + json.dumps(entry), flush=True)
+
+
+def run_exports(framework: str, out: Path, only: list[str], full_matrix: bool = False) -> list[dict]:
+    args = [sys.executable, str(HERE), "_export", framework, "--out", str(out)] + sum((["--only", o] for o in only), [])
+    print(f"[zoo] exporting {framework} models …", file=sys.stderr, flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "ZOO_FULL_MATRIX": "1" if full_matrix else "0"})
+    entries = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ZOO ")]
+    if proc.returncode != 0:
+        print(f"[zoo] {framework} export exited {proc.returncode}: {proc.stderr[-2000:]}", file=sys.stderr)
+    return entries
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for dist, key in (("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("keras", "keras"),
+                      ("tf-keras", "tf_keras"), ("tensorflow", "tensorflow"), ("openvino", "openvino"),
+                      ("onnxruntime", "onnxruntime")):
+        try:
+            found[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        found["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=REPO).stdout.strip()
+    except OSError:
+        pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_export":
+        sub = argparse.ArgumentParser()
+        sub.add_argument("framework")
+        sub.add_argument("--out", type=Path, required=True)
+        sub.add_argument("--only", action="append", default=[])
+        a = sub.parse_args(argv[1:])
+        export_worker(a.framework, a.out, a.only)
+        return 0
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="work folder (models and outputs); default a fresh tmp dir")
+    parser.add_argument("--only", action="append", default=[], help="substring of model names to run (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], help="only these variants (native, chunk, ...)")
+    parser.add_argument("--frameworks", default="torch,keras,tfkeras", help="comma list: torch, keras, tfkeras")
+    parser.add_argument("--full-matrix", action="store_true",
+                        help="every exporter/batch/BN variant for every grouped torch model (slow: dynamo)")
+    parser.add_argument("--skip-export", action="store_true", help="reuse the manifest in --out")
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--cli-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the CLI calls, e.g. TF_ENABLE_ONEDNN_OPTS=0 (non-x86 TF default)")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "zoo_results",
+                        help="write PREFIX.md and PREFIX.json")
+    parser.add_argument("--fixtures", type=Path, help="copy the exported ONNX/Keras files here (e.g. /work/zoo)")
+    args = parser.parse_args(argv)
+    CLI_ENV.update(kv.split("=", 1) for kv in args.cli_env)
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="gconv-zoo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    start = time.perf_counter()
+    if args.skip_export and manifest_path.exists():
+        entries = json.loads(manifest_path.read_text())
+        entries = [e for e in entries if e["framework"] in frameworks
+                   and (not args.only or selected([e["name"]], args.only))]
+    else:
+        entries = []
+        for framework in frameworks:
+            entries += run_exports(framework, out / "models", args.only, args.full_matrix)
+        previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else []
+        keep = {e["path"]: e for e in previous}
+        keep.update({e["path"]: e for e in entries})
+        manifest_path.write_text(json.dumps(list(keep.values()), indent=1))
+    entries = [e for e in entries if e["framework"] == "torch" or e.get("export_error")
+               or e["format"] in KERAS_FORMATS.get((e["framework"], e["name"]), ())]
+    if args.variant:
+        entries = [e for e in entries if e["variant"] in args.variant]
+    export_seconds = time.perf_counter() - start
+    if args.fixtures:
+        args.fixtures.mkdir(parents=True, exist_ok=True)
+        for e in entries:
+            src = Path(e["path"])
+            if src.exists():
+                dst = args.fixtures / e["framework"] / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst, **({"dirs_exist_ok": True}
+                                                                              if src.is_dir() else {}))
+
+    start = time.perf_counter()
+    run_battery(entries, out)
+    cli_seconds = time.perf_counter() - start
+    stats = {}
+    for entry in entries:
+        if entry.get("format") == "onnx" and not entry.get("export_error"):
+            stats[entry["path"]] = file_stats(entry["path"])
+            grouped = entry["kind"] in ("grouped", "depthwise")
+            if not args.no_openvino and (entry["role"] == "legacy" or (entry["role"] == "native" and grouped
+                                                                       and not entry.get("dynamic"))):
+                dims = [int(d) for d in entry["input"].split("=")[1].split(",")]
+                entry["openvino"] = openvino_counts(entry["path"], dims)
+        twin = entry.get("twin")
+        if twin and twin not in stats:
+            stats[twin] = file_stats(twin)
+        entry["problems"] = judge(entry, stats.get(twin) if twin else None)
+        label = f"{entry['name']}.{entry['variant']}.{entry['exporter']}{'-dyn' if entry.get('dynamic') else ''}"
+        print(f"[zoo] {label}: {'; '.join(entry['problems']) or 'ok'}", file=sys.stderr, flush=True)
+    battery_seconds = time.perf_counter() - start
+
+    results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                        "battery_seconds": battery_seconds, "cli_seconds": cli_seconds, "export_seconds": export_seconds, "out": str(out),
+                        **versions()},
+               "entries": entries, "stats": stats}
+    results["summary"] = summarize(results)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.results}.json").write_text(json.dumps(results, indent=1, default=str))
+    Path(f"{args.results}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
