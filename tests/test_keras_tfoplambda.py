@@ -238,3 +238,35 @@ def test_rebuilt_functions_compute_what_tf_keras_computes(tmp_path):
         assert expected.shape == actual.shape and expected.dtype == actual.dtype, name
         np.testing.assert_allclose(actual.astype("float64"), expected.astype("float64"), rtol=2e-3 if name == "cast" else 1e-5,
                                    atol=1e-5, err_msg=name)
+
+
+def test_tf_keras_application_idioms_expand_and_fuse_back(tmp_path):
+    """What tf_keras.applications write around their TFOpLambdas: layer names with "/" (MobileNetV3,
+    whose .h5 weights then sit in nested groups), DepthwiseConv2D with groups=1 in its config,
+    ConvNeXt's LayerScale, hard-swish as add/multiply TFOpLambdas, a native grouped conv."""
+    from tf_keras.src.applications.convnext import LayerScale
+
+    inp = tf_keras.Input((8, 8, 8))
+    x = L.Conv2D(8, 1, name="stem/conv")(inp)
+    x = L.BatchNormalization(name="stem/conv/BatchNorm")(x)
+    x = x * L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)                   # hard-swish, as MobileNetV3 writes it
+    x = L.DepthwiseConv2D(3, padding="same", name="block/depthwise")(x)
+    y = L.Conv2D(8, 3, padding="same", groups=4, name="block/grouped")(x)
+    y = LayerScale(1e-6 * 1e5, 8, name="block/layer_scale")(y)  # ConvNeXt's x * gamma
+    model = tf_keras.Model(inp, x + y)
+    h5, keras_file = tmp_path / "app.h5", tmp_path / "app.keras"
+    model.save(h5)
+    model.save(keras_file)
+    x_in = np.random.default_rng(7).standard_normal((2, 8, 8, 8)).astype("float32")
+    for source in (h5, keras_file):
+        reference = tf_keras.models.load_model(source, compile=False, custom_objects={"LayerScale": LayerScale})
+        expanded, fused = tmp_path / f"{source.suffix[1:]}.expanded.keras", tmp_path / f"{source.suffix[1:]}.fused.keras"
+        result = invoke(source, "--expand", "-o", expanded)
+        assert result.exit_code == 0 and "verification: passed" in result.output, result.output
+        assert "rewrites (1)" in result.output
+        result = invoke(expanded, "--fuse", "-o", fused)
+        assert result.exit_code == 0 and "verification: passed" in result.output, result.output
+        for written, groups in ((expanded, []), (fused, [4])):
+            loaded = keras.models.load_model(written, safe_mode=True)
+            assert grouped(loaded) == groups
+            np.testing.assert_allclose(run(loaded, x_in)[0], run(reference, x_in)[0], rtol=1e-5, atol=1e-5)
