@@ -270,3 +270,15 @@ def test_tf_keras_application_idioms_expand_and_fuse_back(tmp_path):
             loaded = keras.models.load_model(written, safe_mode=True)
             assert grouped(loaded) == groups
             np.testing.assert_allclose(run(loaded, x_in)[0], run(reference, x_in)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tfoplambda_model_to_onnx(files, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("tf2onnx")
+    out = tmp_path / "everyday.onnx"
+    result = invoke(files["everyday.h5"], "--to", "onnx", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "verification: passed" in result.output and "onnx:output_0" in result.output
+    groups = sorted(next((a.i for a in node.attribute if a.name == "group"), 1)
+                    for node in onnx.load(str(out)).graph.node if node.op_type == "Conv")
+    assert groups == [2, 4]
