@@ -49,9 +49,14 @@ def _constant(value, like=None):
     tensors) become arrays of the tensor operand's float dtype, so no op is promoted to float64."""
     if isinstance(value, (list, tuple)) and not any(_is_tensor(v) for v in value):
         array = np.asarray(value)
-        if array.dtype.kind == "f" or (like is not None and str(getattr(like, "dtype", "")).startswith("float")):
-            dtype = str(getattr(like, "dtype", "float32")) if like is not None else "float32"
-            array = array.astype(dtype if dtype.startswith("float") else "float32")
+        dtype = str(getattr(like, "dtype", "") or "") if _is_tensor(like) else ""
+        try:
+            if dtype.startswith("float") or (not dtype and array.dtype.kind == "f"):
+                array = array.astype(dtype or "float32")  # TF converts the constant to the tensor's dtype
+            elif dtype.startswith(("int", "uint")) and array.dtype.kind in "iu":
+                array = array.astype(dtype)
+        except TypeError:  # a dtype numpy lacks (bfloat16): float32, Keras casts from there
+            array = array.astype("float32")
         return array
     return value
 
