@@ -257,3 +257,32 @@ def test_patterns_inside_local_functions_are_fused_and_verified(tmp_path):
     assert [n.op_type for n in body] == ["Constant", "Conv"]
     assert attribute(body[1], "group") == 2
     assert_same_outputs(source, output)
+
+
+def test_chunk_of_a_tensor_whose_channels_no_shape_records(tmp_path):
+    """ShuffleNet's channel shuffle ends in a run-time Reshape: nothing records the channel count
+    that torch.chunk's bounds (Shape → Gather(1) → Div) are computed from. The branch convs fix
+    how many channels each slice holds; the bounds are folded with the count that tiles them."""
+    b = GraphBuilder(17)
+    shape = b.node("Shape", ["x"])[0]
+    keep = b.node("Slice", [shape, b.const("s0", np.array([0], np.int64)), b.const("s1", np.array([1], np.int64))])[0]
+    spatial = b.node("Slice", [shape, b.const("s2", np.array([2], np.int64)), b.const("s4", np.array([4], np.int64))])[0]
+    target = b.node("Concat", [keep, b.const("minus1", np.array([-1], np.int64)), spatial], axis=0)[0]
+    shuffled = b.node("Reshape", ["x", target], name="reshape")[0]
+    channels = b.node("Gather", [b.node("Shape", [shuffled])[0], b.const("one", np.array(1, np.int64))], axis=0)[0]
+    half = b.node("Div", [channels, b.const("two", np.array(2, np.int64))])[0]
+    half = b.node("Unsqueeze", [half, b.const("axes", np.array([0], np.int64))])[0]
+    zero, end = b.const("zero", np.array([0], np.int64)), b.const("end", np.array([2**62], np.int64))
+    axis = b.const("axis", np.array([1], np.int64))
+    parts = [b.node("Slice", [shuffled, zero, half, axis])[0], b.node("Slice", [shuffled, half, end, axis])[0]]
+    outs = [b.conv(p, b.weight((4, 4, 3, 3), 36), np.zeros(4, np.float32), name=f"conv{i}", kernel_shape=[3, 3],
+                   pads=[1] * 4) for i, p in enumerate(parts)]
+    b.node("Concat", outs, name="cat", axis=1)
+    model = b.model([("x", [1, 8, 5, 5])], [("cat_out", [1, 8, 5, 5])])
+    source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
+    onnx.save(model, source)
+    result = rewriter.fuse(source, output=output)
+    assert [r.groups for r in result.report.rewrites] == [2], [s.reason for s in result.report.skipped]
+    assert op_counts(onnx.load(output)).get("Slice", 0) == 2  # the Shape slices of the Reshape stay
+    assert result.report.verification.passed
+    assert_same_outputs(source, output)

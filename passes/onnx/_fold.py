@@ -62,17 +62,20 @@ def channels_of(value: ir.Value) -> int | None:
     return None
 
 
-def _static_shape(value: ir.Value, stand_in: int) -> list[int] | None:
+def _static_shape(value: ir.Value, stand_in: int,
+                  known: dict[int, tuple[int, int]] | None = None) -> list[int] | None:
     """The shape, with ``stand_in`` for dims that are not static; the rank and channels read off
-    the producing Conv when the value has no recorded shape."""
+    the producing Conv when the value has no recorded shape, or taken from ``known`` (by value
+    id: rank and channel count)."""
+    rank, channels = (known or {}).get(id(value), (None, None))
     shape = value.shape
     if shape is None:
         conv = _conv_behind(value)
         weight = g.const_array(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
-        if weight is None:
+        if weight is None and rank is None:
             return None
-        shape = [None] * weight.ndim
-    channels = channels_of(value)
+        shape = [None] * (weight.ndim if weight is not None else rank)
+    channels = channels_of(value) or channels
     dims = []
     for axis, dim in enumerate(shape):
         if isinstance(dim, int):
@@ -113,9 +116,11 @@ def fold(value: ir.Value | None, model: ir.Model) -> np.ndarray | None:
     return fold_many([value], model)[0] if value is not None else None
 
 
-def fold_many(values: list[ir.Value], model: ir.Model) -> list[np.ndarray | None]:
+def fold_many(values: list[ir.Value], model: ir.Model,
+              known_shapes: dict[int, tuple[int, int]] | None = None) -> list[np.ndarray | None]:
     """``fold`` for several values at once: one evaluation of the union of their cones (a
-    ResNeXt block has 64 Slice bounds sharing one Shape → Gather → Div)."""
+    ResNeXt block has 64 Slice bounds sharing one Shape → Gather → Div). ``known_shapes``
+    gives the rank and channel count of values (by id) that shapes do not record."""
     results: list[np.ndarray | None] = [g.const_array(v) for v in values]
     first_index: dict[int, int] = {}
     for i, v in enumerate(values):
@@ -127,7 +132,8 @@ def fold_many(values: list[ir.Value], model: ir.Model) -> list[np.ndarray | None
     nodes = list(dict.fromkeys(node for i in wanted for node in cones[i]))
     order = {id(node): k for k, node in enumerate(model.graph)} if len(wanted) > 1 else {}
     nodes.sort(key=lambda node: order.get(id(node), 0))  # the union keeps topological order
-    runs = [_evaluate(nodes, [values[i] for i in wanted], model, stand_in) for stand_in in _STAND_INS]
+    runs = [_evaluate(nodes, [values[i] for i in wanted], model, stand_in, known_shapes)
+            for stand_in in _STAND_INS]
     if any(run is None for run in runs):
         return results
     for k, i in enumerate(wanted):
@@ -138,7 +144,7 @@ def fold_many(values: list[ir.Value], model: ir.Model) -> list[np.ndarray | None
 
 
 def _evaluate(cone: list[ir.Node], targets: list[ir.Value], model: ir.Model,
-              stand_in: int) -> list[np.ndarray] | None:
+              stand_in: int, known_shapes: dict[int, tuple[int, int]] | None = None) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
     names: dict[int, str] = {}
@@ -150,7 +156,7 @@ def _evaluate(cone: list[ir.Node], targets: list[ir.Value], model: ir.Model,
     for node in cone:
         outputs = [name(o) for o in node.outputs]
         if node.op_type == "Shape":
-            shape = _static_shape(node.inputs[0], stand_in)
+            shape = _static_shape(node.inputs[0], stand_in, known_shapes)
             if shape is None:
                 return None
             start = g.attr_int(node, "start", 0)

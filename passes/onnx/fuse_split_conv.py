@@ -244,7 +244,16 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             channels = sum(widths)  # a Split hands out all its channels
         # Slice bounds computed at run time (PyTorch's torch.chunk): fold them all in one go.
         bounds = [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None]
-        folded = {id(v): array for v, array in zip(bounds, fold_many(bounds, model))}
+        values = fold_many(bounds, model)
+        if channels is None and None not in widths and any(v is None for v in values):
+            # The source's channel count is recorded nowhere (it comes through a run-time Reshape,
+            # as after ShuffleNet's channel shuffle), but the branch convs fix how many channels
+            # each slice must hold: try the bounds with the count that would make them tile. The
+            # plan then checks that they do, slice by slice, and verification runs the model.
+            channels = sum(widths)
+            rank = next(w.ndim for w in weights if w is not None)
+            values = fold_many(bounds, model, known_shapes={id(source): (rank, channels)})
+        folded = {id(v): array for v, array in zip(bounds, values)}
         for chain in chains:
             try:
                 chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
