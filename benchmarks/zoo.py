@@ -103,7 +103,7 @@ KERAS_FORMATS = {
     ("keras", "ConvNeXtTiny"): ("keras", "savedmodel"),
     ("keras", "MobileNetV3Small"): ("keras", "h5"),
     ("keras", "Xception"): ("keras",),
-    ("tfkeras", "RegNetX002"): ("h5", "keras", "savedmodel"),
+    ("tfkeras", "RegNetX002"): ("h5", "keras", "savedmodel"),  # + split/splitbn legacy .h5 (tf.split TFOpLambda)
     ("tfkeras", "RegNetY002"): ("h5",),
     ("tfkeras", "MobileNetV3Small"): ("h5", "savedmodel"),
     ("tfkeras", "ConvNeXtTiny"): ("h5",),
@@ -347,7 +347,77 @@ def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
         except Exception as exc:  # noqa: BLE001
             entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         entries.append(entry)
+    if flavour == "tfkeras" and kind == "grouped":
+        native_h5 = folder / f"{name}.h5"
+        for variant, with_bn in (("split", False), ("splitbn", True)):
+            path = folder / f"{name}.{variant}.h5"
+            entry = {"name": name, "framework": flavour, "family": f"{flavour}.applications", "kind": kind,
+                     "variant": variant, "exporter": "h5", "dynamic": True, "format": "h5", "path": str(path),
+                     "twin": str(native_h5), "role": "legacy", "input": f"{size}x{size}x3"}
+            start = time.perf_counter()
+            try:
+                legacy, count = legacy_tfkeras(model, with_bn)
+                entry["legacy_convs"] = count
+                entry["layers"] = dict(collections.Counter(type(layer).__name__ for layer in legacy.layers))
+                if not path.exists():
+                    legacy.save(str(path))
+                entry["export_seconds"] = round(time.perf_counter() - start, 2)
+            except Exception as exc:  # noqa: BLE001
+                entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            entries.append(entry)
     return entries
+
+
+def legacy_tfkeras(model, with_bn=False):
+    """tf-keras: every grouped Conv2D as tf.split (a TFOpLambda) -> N Conv2D [-> BN] -> Concatenate, as code
+    written before Keras had ``groups`` looks; returns (model, count). Other layers are reused (same weights)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from tf_keras.src.engine.keras_tensor import KerasTensor
+    tensor_map = {}
+    new_inputs = []
+    for t in model.inputs:
+        x = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0])
+        tensor_map[id(t)] = x
+        new_inputs.append(x)
+    count = 0
+    def remap(v):
+        return tensor_map[id(v)] if isinstance(v, KerasTensor) else v
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.layer
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            args = tf.nest.map_structure(remap, node.call_args)
+            kwargs = tf.nest.map_structure(remap, node.call_kwargs)
+            if isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D and layer.groups > 1:
+                count += 1
+                x = args[0]
+                g = layer.groups
+                parts = tf.split(x, g, axis=-1)
+                kernel = layer.kernel.numpy()
+                bias = layer.bias.numpy() if layer.use_bias else None
+                fo = layer.filters // g
+                outs = []
+                for i, p in enumerate(parts):
+                    conv = keras.layers.Conv2D(fo, layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                                               dilation_rate=layer.dilation_rate, use_bias=layer.use_bias,
+                                               name=f"{layer.name}_g{i}")
+                    y = conv(p)
+                    conv.set_weights([kernel[..., i * fo:(i + 1) * fo]] + ([bias[i * fo:(i + 1) * fo]] if bias is not None else []))
+                    if with_bn:
+                        y = keras.layers.BatchNormalization(name=f"{layer.name}_g{i}_bn")(y)
+                    outs.append(y)
+                out = keras.layers.Concatenate(axis=-1, name=f"{layer.name}_cat")(outs)
+            else:
+                out = layer(*args, **kwargs)
+            outs_old = tf.nest.flatten(node.outputs)
+            outs_new = tf.nest.flatten(out)
+            for o, n in zip(outs_old, outs_new):
+                tensor_map[id(o)] = n
+    outputs = [tensor_map[id(t)] for t in model.outputs]
+    return keras.Model(new_inputs, outputs, name=model.name + "_legacy"), count
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -382,9 +452,16 @@ def onnx_stats(path: str) -> dict:
 
 
 def keras_stats(path: str) -> dict:
-    """Layer classes and Conv groups from a .keras file's config (no Keras needed)."""
-    with zipfile.ZipFile(path) as archive:
-        config = json.loads(archive.read("config.json"))
+    """Layer classes and Conv groups from a .keras or .h5 file's config (no Keras needed)."""
+    if path.endswith(".h5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs["model_config"]
+        config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    else:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
     ops = collections.Counter()
     groups = collections.Counter()
 
@@ -408,7 +485,7 @@ def file_stats(path: str | None) -> dict | None:
     try:
         if path.endswith(".onnx"):
             return onnx_stats(path)
-        if path.endswith(".keras"):
+        if path.endswith((".keras", ".h5")):
             return keras_stats(path)
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -622,7 +699,7 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
         if check.get("exit") == 0:
             problems.append("check: exit 0 on a legacy file (patterns not seen)")
         fused = len(fuse.get("rewrites") or [])
-        fused_convs = sum(1 for r in fuse.get("rewrites") or [] if r.get("kind", "").startswith("fuse"))
+        fused_convs = sum(1 for r in fuse.get("rewrites") or [] if "fuse" in (r.get("kind") or ""))
         stats = fuse.get("stats")
         if fuse.get("exit") == 0 and fused_convs < entry["legacy_convs"]:
             problems.append(f"fuse: {fused_convs} of {entry['legacy_convs']} hand-made groups fused")
@@ -630,6 +707,8 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
             if stats["conv"] != twin_stats["conv"] or stats["groups"] != twin_stats["groups"]:
                 problems.append(f"fuse: Conv {stats['conv']} groups {stats['groups']} vs native "
                                 f"{twin_stats['conv']} {twin_stats['groups']}")
+            elif stats["ops"] != twin_stats["ops"] and entry["format"] != "onnx":
+                entry.setdefault("notes", []).append(f"layers vs native: {op_diff(stats['ops'], twin_stats['ops'])}")
             elif stats["ops"] != twin_stats["ops"]:
                 diff = op_diff(stats["ops"], twin_stats["ops"])
                 only = " (Identity only)" if same_but_identity(stats["ops"], twin_stats["ops"]) else ""
@@ -642,7 +721,7 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
             if fuse.get("rewrites"):
                 problems.append(f"fuse: {len(fuse['rewrites'])} rewrites on a native file (false positive?)")
         expand, roundtrip = calls.get("expand"), calls.get("roundtrip")
-        source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras") else None
+        source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras", "h5") else None
         if expand and expand.get("exit") == 0 and source:
             expanded = expand.get("stats") or {}
             if expanded.get("grouped", 0) and expand.get("written"):
@@ -741,13 +820,58 @@ def markdown(results: dict) -> str:
             f"{cell_exit(calls.get('roundtrip'))} | {summarize_groups((calls.get('roundtrip') or {}).get('stats'))} | "
             f"{','.join(verify) or '–'} | {ov_cell} | {times} | {problems.replace('|', '/')} |")
     s = results["summary"]
+    lines += ["", "## Per model", ""] + compact(results)
     lines += ["", f"**Summary**: {s['files']} files, {s['cli_calls']} CLI calls, {s['crashes']} crashes, "
               f"{s['exit2']} exit 2, {s['verify_failed']} verification failures, {s['false_positives']} false "
               f"positives, legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
-              f"op for op: {s['legacy_op_match']}/{s['legacy']} (ignoring Identity: "
-              f"{s['legacy_op_match_but_identity']}/{s['legacy']}); round trips restoring every grouped conv: "
+              f"ONNX ones op for op: {s['legacy_op_match']}/{s['legacy_onnx']} (ignoring Identity: "
+              f"{s['legacy_op_match_but_identity']}/{s['legacy_onnx']}); round trips restoring every grouped conv: "
               f"{s['roundtrip_ok']}/{s['roundtrips']} (op for op: {s['roundtrip_ops']}/{s['roundtrips']}); files with a problem: {s['with_problems']}.", ""]
     return "\n".join(lines)
+
+
+def short_problem(problem: str) -> str:
+    head = problem.split(" (")[0].split(" groups {")[0]
+    return head + (" (Identity only)" if "(Identity only)" in problem else "")
+
+
+def compact(results: dict) -> list[str]:
+    """One row a model: the README's table."""
+    rows = ["| model | source | native Conv (grouped) | legacy files fused like native | expand → fuse restores | "
+            "verification | OpenVINO on legacy ts / dynamo (plain/grouped) | problems |",
+            "|---|---|---|---|---|---|---|---|"]
+    models = collections.OrderedDict()
+    for e in results["entries"]:
+        models.setdefault((e["framework"], e["name"]), []).append(e)
+    for (framework, name), group in models.items():
+        live = [e for e in group if not e.get("export_error")]
+        native = next((e for e in live if e["role"] == "native"), None)
+        src = file_stats(native["path"]) if native and native["format"] in ("onnx", "keras", "h5") else None
+        legacy = [e for e in live if e["role"] == "legacy"]
+        matched = sum(1 for e in legacy if (e["calls"].get("fuse") or {}).get("stats")
+                      and results["stats"].get(e.get("twin") or "")
+                      and e["calls"]["fuse"]["stats"]["conv"] == results["stats"][e["twin"]]["conv"]
+                      and e["calls"]["fuse"]["stats"]["groups"] == results["stats"][e["twin"]]["groups"])
+        trips = [e for e in live if "expand" in e.get("calls", {})]
+        restored = sum(1 for e in trips if (e["calls"].get("roundtrip") or {}).get("exit") == 0
+                       and not any(p.startswith(("roundtrip: Conv", "expand")) for p in e.get("problems", [])))
+        verified = [(c.get("verification") or {}) for e in live for c in e.get("calls", {}).values()]
+        ran = [v for v in verified if v.get("ran")]
+        passed = sum(1 for v in ran if v.get("passed"))
+        ov = {}
+        for e in legacy:
+            o = e.get("openvino")
+            if o and "error" not in o:
+                ov.setdefault(e["exporter"], f"{o['convolution']}/{o['group_convolution']}")
+        problems = sorted({short_problem(p) for e in group for p in e.get("problems", [])} |
+                          ({"export failed"} if any(e.get("export_error") for e in group) else set()))
+        native_cell = f"{src['conv']} ({src['grouped']})" if src else "–"
+        legacy_cell = f"{matched}/{len(legacy)}" if legacy else "–"
+        trip_cell = f"{restored}/{len(trips)}" if trips else "–"
+        problem_cell = "; ".join(problems).replace("|", "/") or "ok"
+        rows.append(f"| {name} | {framework} ({len(live)} files) | {native_cell} | {legacy_cell} | {trip_cell} | "
+                    f"{passed}/{len(ran)} | {ov.get('ts', '–')} / {ov.get('dynamo', '–')} | {problem_cell} |")
+    return rows
 
 
 def summarize(results: dict) -> dict:
@@ -771,8 +895,9 @@ def summarize(results: dict) -> dict:
                              and (c.get("verification") or {}).get("ran")),
         "false_positives": sum(1 for e in entries for p in e.get("problems", []) if "false positive" in p),
         "legacy": len(legacy), "legacy_conv_match": sum(map(conv_match, legacy)),
-        "legacy_op_match": sum(map(op_match, legacy)),
-        "legacy_op_match_but_identity": sum(op_match(e, identity=False) for e in legacy),
+        "legacy_onnx": sum(1 for e in legacy if e["format"] == "onnx"),
+        "legacy_op_match": sum(op_match(e) for e in legacy if e["format"] == "onnx"),
+        "legacy_op_match_but_identity": sum(op_match(e, identity=False) for e in legacy if e["format"] == "onnx"),
         "roundtrips": len(roundtrips),
         "roundtrip_ok": sum(1 for e in roundtrips if not any(p.startswith(("roundtrip: Conv", "expand"))
                                                             for p in e.get("problems", []))
