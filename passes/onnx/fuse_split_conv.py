@@ -245,14 +245,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         # Slice bounds computed at run time (PyTorch's torch.chunk): fold them all in one go.
         bounds = [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None]
         values = fold_many(bounds, model)
-        if channels is None and None not in widths and any(v is None for v in values):
-            # The source's channel count is recorded nowhere (it comes through a run-time Reshape,
-            # as after ShuffleNet's channel shuffle), but the branch convs fix how many channels
-            # each slice must hold: try the bounds with the count that would make them tile. The
-            # plan then checks that they do, slice by slice, and verification runs the model.
-            channels = sum(widths)
-            rank = next(w.ndim for w in weights if w is not None)
-            values = fold_many(bounds, model, known_shapes={id(source): (rank, channels)})
+        if (channels is None and None not in widths and any(v is None for v in values)
+                and not source.is_graph_input() and first_reader.op_type == "Slice"):
+            values, channels = self._fold_with_tiling_channels(model, chains, source, bounds, widths, weights)
         folded = {id(v): array for v, array in zip(bounds, values)}
         for chain in chains:
             try:
@@ -283,6 +278,39 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             if channels is None and read.open_end:
                 channels = read.stop
         self._source_channels = channels
+
+    def _fold_with_tiling_channels(self, model, chains, source, bounds, widths, weights):
+        """The source's channel count is recorded nowhere (it comes out of a run-time Reshape, as
+        after ShuffleNet's channel shuffle), but the branch convs fix how many channels each
+        slice must hold. Fold the bounds with the count that makes them tile; it is proven only
+        if no other count would give the convs their widths too (then every run that works at
+        all has this count). The plan checks the tiling; verification runs the model."""
+        rank = next(w.ndim for w in weights if w is not None)
+        hypothesis = sum(widths)
+
+        def fold_at(channels: int):
+            values = fold_many(bounds, model, known_shapes={id(source): (rank, channels)})
+            return values, self._slice_widths(model, chains, values, channels)
+
+        values, fitting = fold_at(hypothesis)
+        if fitting != widths:
+            return values, hypothesis  # the plan will say why these bounds do not fit
+        for other in (hypothesis + 1, hypothesis + widths[0], 2 * hypothesis, max(hypothesis - 1, 1)):
+            if fold_at(other)[1] == widths:
+                return [None] * len(bounds), None  # other counts fit as well: not provable
+        return values, hypothesis
+
+    @staticmethod
+    def _slice_widths(model, chains, values, channels: int) -> list[int] | None:
+        folded = {id(v): array for v, array in zip(
+            [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None], values)}
+        try:
+            reads = [g.read_channels(c.entry, model, channels, fold=lambda v: folded.get(id(v))) for c in chains]
+        except g.UnreadableRange:
+            return None
+        if any(r is None or r.start is None or r.stop is None for r in reads):
+            return None
+        return [r.stop - r.start for r in reads]
 
     # -- planning and building ---------------------------------------------------------------
 
