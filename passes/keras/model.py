@@ -129,14 +129,12 @@ def _unchanged(path: Path, kfile: _config.KerasFile, output: Path | None, option
     report.after = report.before
     note = "no rewrite: the model is unchanged"
     if output is not None and kfile.kind == "keras":
-        with report.timed("save"):
-            with formats.atomic_output(output) as staging:
-                kfile.write_accepted(staging / output.name)
+        with report.timed("save"), formats.atomic_output(output) as staging:
+            kfile.write_accepted(staging / output.name)
         report.output, report.written = str(output), True
     elif output is not None:
         note += f"; not written: an .h5 becomes a .keras only when rebuilt in Keras 3 ({failure.message})"
     report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
-    return None
 
 
 def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -> _config.KerasGraph | None:
