@@ -156,6 +156,11 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     """
     options = _options(options, overrides)
     fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    if fmt == "onnx" and options.to == "tflite":  # one converter already does this well: say how to chain it
+        stem = Path(str(model)).stem if not isinstance(model, ir.Model) else "model"
+        raise BadInput(f"{model}: --to tflite converts SavedModel and Keras inputs; for ONNX, chain onnx2tf: "
+                       f"gconv-rewrite {model} --target tflite, then onnx2tf -i {stem}.tflite.onnx "
+                       "(its .tflite files land in saved_model/)")
     if options.auto:
         _check_auto(model, fmt, options)
     if options.target is not None:
@@ -198,6 +203,17 @@ def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
         if isinstance(model, ir.Model):
             formats.save_onnx(model, before)
         after = Path(report.output) if report.written and report.output else None
+        if out_fmt == "tflite":  # before: the original converted as it is (its hand-made groups and all)
+            before, fmt = _tflite_original(result, scratch), "tflite"
+            if after is None and getattr(result.model, "content", None):  # the API without an output
+                after = scratch / "after.tflite"
+                after.write_bytes(result.model.content)
+            if before is None:
+                report.benchmark = {"runtime": benchmark.RUNTIMES["tflite"].name, "threads": options.threads,
+                                    "runs": 0, "before_ms": None, "after_ms": None, "ratio": None,
+                                    "note": getattr(result.model, "original_note", "") or
+                                    "the original was not converted to TFLite"}
+                return
         if after is None and out_fmt == "onnx" and isinstance(result.model, ir.Model):
             after = scratch / "after.onnx"  # not written (the API without an output): time it from scratch
             formats.save_onnx(result.model, after)
@@ -211,6 +227,16 @@ def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
         except RewriteError as error:  # the output is written and verified: say why it was not timed
             report.benchmark = {"runtime": benchmark.RUNTIMES[out_fmt].name, "threads": options.threads, "runs": 0,
                                 "before_ms": None, "after_ms": None, "ratio": None, "note": error.message}
+
+
+def _tflite_original(result: Result, scratch: Path) -> Path | None:
+    """The original model's own TFLite conversion, which the backend made for --benchmark."""
+    original = getattr(result.model, "original", None)
+    if original is None:
+        return None
+    path = scratch / "before.tflite"
+    path.write_bytes(original)
+    return path
 
 
 @contextmanager
@@ -320,7 +346,9 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
             from rewriter.benchmark import set_tensorflow_threads
 
             set_tensorflow_threads(options.threads)
-        if fmt == "savedmodel":
+        if fmt == "savedmodel" and options.to == "tflite":
+            from passes.tflite.from_savedmodel import rewrite_savedmodel_to_tflite as backend
+        elif fmt == "savedmodel":
             from passes.tf.savedmodel import rewrite_savedmodel as backend
         else:
             from passes.keras.model import rewrite_keras as backend
@@ -331,6 +359,10 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
     report = Report(input=str(path), mode=mode)
     report.on_phase = options.progress
     output_path = Path(output) if output is not None else None
+    if output_path is not None and options.to == "tflite":
+        from passes.tflite.convert import check_output
+
+        check_output(output_path)
     if output_path is not None:
         inputs = [path, *([Path(options.inputs)] if isinstance(options.inputs, (str, Path)) else [])]
         formats.check_output_path(output_path, inputs, options.force)

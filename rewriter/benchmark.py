@@ -133,12 +133,22 @@ def _load_keras(path: Path, threads: int | None, options) -> Loaded:
     return Loaded(run, specs, in_force)
 
 
-# The runtime of each output format. `.tflite` (--to tflite) adds one entry here: the LiteRT /
-# TensorFlow Lite interpreter with num_threads=threads.
+def _load_tflite(path: Path, threads: int | None, options) -> Loaded:
+    """A .tflite in the LiteRT interpreter (TensorFlow's where ai-edge-litert is not installed),
+    as deployed: the default XNNPACK delegate, ``num_threads=threads``."""
+    from passes.tflite import convert
+
+    runner = convert.signature_runner(convert.interpreter(Path(path).read_bytes(), threads), options.signature)
+    return Loaded(lambda feeds: runner(**feeds), convert.input_specs(runner), threads)
+
+
+# The runtime of each output format; for .tflite (--to tflite) "before" is the original model's
+# own TFLite conversion, hand-made groups and all (rewriter.api._benchmark).
 RUNTIMES: dict[str, Runtime] = {
     "onnx": Runtime("onnxruntime", _load_onnx),
     "savedmodel": Runtime("tensorflow", _load_savedmodel),
     "keras": Runtime("keras", _load_keras),
+    "tflite": Runtime("tflite", _load_tflite),
 }
 
 

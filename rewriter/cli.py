@@ -129,8 +129,9 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="Intra-op threads of the runtime --benchmark and --auto time on (default: the runtime's).")
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
               help="Print the targets and what each wants per grouped conv, then exit.")
-@click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras"]), default=None,
-              help="Output format for SavedModel/Keras inputs (default: same as the input).")
+@click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras", "tflite"]), default=None,
+              help="Output format for SavedModel/Keras inputs (default: same as the input); tflite: "
+                   "TensorFlow's converter, verified in the TFLite interpreter, NAME.tflite.")
 @click.option("--signature", default="serving_default", show_default=True,
               help="SavedModel signature to rewrite.")
 @click.option("--trust-lambdas", is_flag=True,

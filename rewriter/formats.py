@@ -158,8 +158,12 @@ def external_layout(model: ir.Model) -> int | None:
 
 
 def default_output(path: Path, mode: str, to: str | None = None) -> Path:
-    """NAME.fused.onnx, NAME.expanded.keras, NAME.fused/ (SavedModel), NAME.fused.onnx (--to onnx)."""
+    """NAME.fused.onnx, NAME.expanded.keras, NAME.fused/ (SavedModel), NAME.fused.onnx (--to onnx),
+    NAME.tflite (--to tflite: a conversion, fused unless said otherwise; NAME.expanded.tflite)."""
     suffix = ".fused" if mode == "fuse" else ".expanded"
+    if to == "tflite":
+        stem = path.name if path.is_dir() else path.stem
+        return path.with_name(stem + ("" if mode == "fuse" else suffix) + ".tflite")
     extension = {"onnx": ".onnx", "savedmodel": "", "keras": ".keras"}.get(to or "")
     if path.is_dir():
         return path.with_name(path.name + suffix + (extension or ""))
@@ -462,7 +466,7 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
     in its folder): what a new commit supersedes."""
     folder = output.parent if str(output.parent) else Path(".")
     referenced: set[str] = set()
-    if output.is_file() and output.suffix.lower() not in (".keras", ".h5", ".hdf5", ".json"):
+    if output.is_file() and output.suffix.lower() not in (".keras", ".h5", ".hdf5", ".json", ".tflite"):
         try:
             proto = onnx.load(str(output), load_external_data=False)
             referenced = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(proto)

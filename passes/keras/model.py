@@ -35,10 +35,11 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
     """Fuse the hand-made grouped convolutions of a Keras model (``mode="expand"``: expand the
     native ones); returns the rewritten ``keras.Model`` (None when not applied, or for a
     subclassed model)."""
-    if options.to not in (None, "keras", "onnx"):
-        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet (.keras or ONNX)")
+    if options.to not in (None, "keras", "onnx", "tflite"):
+        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet (.keras, ONNX or TFLite)")
     to_onnx = options.to == "onnx"
-    if output is not None and not to_onnx and output.suffix.lower() != ".keras":
+    converted = options.to in ("onnx", "tflite")  # written in another format than .keras
+    if output is not None and not converted and output.suffix.lower() != ".keras":
         raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
 
     with report.timed("load"):
@@ -60,8 +61,9 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             return None
         failure = analysis.built.first_failure()
         if failure is not None:
-            if fuser.groups or to_onnx:
-                what = f"the {'fused' if mode == 'fuse' else 'expanded'} model" if fuser.groups else "the ONNX model"
+            if fuser.groups or converted:
+                what = f"the {'fused' if mode == 'fuse' else 'expanded'} model" if fuser.groups else \
+                    f"the {'ONNX' if to_onnx else 'TFLite'} model"
                 raise BadInput(f"{path}: cannot write {what}, which needs the model rebuilt in Keras 3: "
                                f"{failure.message}") from failure
             return _unchanged(path, kfile, output, options, report, failure)
@@ -96,7 +98,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
                 (verification.note or "the models differ")
             raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
 
-    if output is not None and not to_onnx:
+    if output is not None and not converted:
         with formats.atomic_output(output) as staging:
             write_and_verify(staging / output.name)
         report.output, report.written = str(output), True
@@ -105,6 +107,12 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             write_and_verify(Path(scratch) / "rewritten.keras")
     if to_onnx:
         return _write_onnx(rewritten.model, graph, output, options, report)
+    if options.to == "tflite":  # converted and proven against the original in the interpreter
+        from passes.tflite.from_keras import write_tflite
+
+        return write_tflite(rewritten.model, graph, lambda: _reference(path, graph, kfile, analysis, fuser, options,
+                                                                       has_lambdas)[0],
+                            output, mode=mode, options=options, report=report)
     return rewritten.model
 
 

@@ -1,0 +1,283 @@
+"""SavedModel → ``.tflite`` with TensorFlow's converter; the flatbuffer read back and run in the
+TFLite interpreter.
+
+    SavedModel folder ─ TFLiteConverter.from_saved_model (builtin ops only) ─ flatbuffer
+        ─ ops and grouped CONV_2D read back ─ interpreter (XNNPACK, as deployed) vs the original
+
+Keras 3 and tf-keras wrap a grouped ``Conv2D`` in an XLA-compiled function on CPU (the trap that
+makes tf2onnx write files onnxruntime refuses); the TFLite converter inlines it and writes one
+``CONV_2D`` whose filter holds ``in_channels / groups`` input channels, which the interpreter runs
+natively. Each conversion's ops are read back all the same (``describe``), so the report says
+what the file holds, not what we hoped it would.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rewriter import formats, quiet
+from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
+from rewriter.report import ModelStats, OutputComparison, Report, Verification, count_ops
+from rewriter.verify import InputSpec, compare
+
+SUFFIX = ".tflite"
+CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """A convolution of the flatbuffer: ``groups`` = input channels / the filter's input channels
+    (CONV_2D), or the input channels (DEPTHWISE_CONV_2D)."""
+
+    op: str
+    location: str  # its output tensor's name
+    groups: int
+    in_channels: int
+    out_channels: int
+
+
+@dataclass
+class TFLiteModel:
+    """What ``--to tflite`` made: the flatbuffer, its convolutions, and with ``--benchmark`` the
+    original model's own TFLite conversion (hand-made groups and all), to time against."""
+
+    content: bytes
+    signature: str
+    convs: list[ConvOp] = field(default_factory=list)
+    original: bytes | None = None
+    original_note: str = ""  # why there is no ``original`` (its conversion failed)
+
+    @property
+    def grouped(self) -> list[ConvOp]:
+        return [c for c in self.convs if c.op == "CONV_2D" and c.groups > 1]
+
+
+def one_line(exc: BaseException) -> str:
+    """The converter's own error line (``error: 'tf.X' op is neither a custom op nor a flex op``)
+    where it gives one, else the first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    line = errors[0] if errors else (lines[0] if lines else type(exc).__name__)
+    return re.sub(r"^.*?error: ", "", line)[:240]
+
+
+def check_output(output: Path | None) -> None:
+    if output is not None and output.suffix.lower() != SUFFIX:
+        raise BadInput(f"{output}: --to tflite writes a TFLite flatbuffer; name the output NAME.tflite")
+
+
+# -- converting ---------------------------------------------------------------------------------
+
+
+def convert_savedmodel(folder: Path, signature: str, what: str) -> bytes:
+    """The TFLite flatbuffer of ``signature`` of the SavedModel in ``folder``, builtin ops only
+    (a model needing TF's own kernels — SELECT_TF_OPS — would not run in a plain interpreter)."""
+    import tensorflow as tf
+
+    try:
+        with quiet.native_stderr_captured(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=[signature])
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            return converter.convert()
+    except Exception as exc:
+        raise BadInput(f"TensorFlow's TFLite converter cannot convert {what} ({one_line(exc)})") from exc
+
+
+def interpreter_class():
+    """The LiteRT interpreter (``ai-edge-litert``) where installed, else TensorFlow's."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
+def runtime_name() -> str:
+    return "litert" if interpreter_class().__module__.startswith("ai_edge_litert") else "tflite"
+
+
+def interpreter(content: bytes, threads: int | None = None, *, delegates: bool = True):
+    """An interpreter of ``content`` as deployed (the default XNNPACK delegate), tensors allocated;
+    its native log lines (``Created TensorFlow Lite XNNPACK delegate``) kept off stderr.
+    ``delegates=False``: the builtin kernels only, tensors not allocated (to read the ops: once
+    delegated, the op list also holds a DELEGATE node standing for the ops it took)."""
+    Interpreter = interpreter_class()
+    with quiet.native_stderr_captured(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        if delegates:
+            loaded = Interpreter(model_content=content, num_threads=threads)
+            loaded.allocate_tensors()
+        else:
+            resolver = sys.modules[Interpreter.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            loaded = Interpreter(model_content=content, num_threads=threads,
+                                 experimental_op_resolver_type=resolver)
+    return loaded
+
+
+def describe(content: bytes) -> tuple[ModelStats, list[ConvOp]]:
+    """The flatbuffer's ops (as counted for the report: one node per op, parameters = elements of
+    its floating constant tensors) and its convolutions with their group counts."""
+    loaded = interpreter(content, delegates=False)
+    ops = loaded._get_ops_details()
+    convs = []
+    for op in ops:
+        if op["op_name"] not in CONV_OPS or len(op["inputs"]) < 2:
+            continue
+        data = loaded._get_tensor_details(op["inputs"][0], 0)["shape"]
+        kernel = loaded._get_tensor_details(op["inputs"][1], 0)["shape"]
+        output = loaded._get_tensor_details(op["outputs"][0], 0)
+        if len(data) != 4 or len(kernel) != 4:
+            continue
+        channels = int(data[3])
+        groups = channels if op["op_name"] == "DEPTHWISE_CONV_2D" else channels // max(int(kernel[3]), 1)
+        convs.append(ConvOp(op["op_name"], output["name"], groups, channels, int(output["shape"][-1])))
+    names = [op["op_name"] for op in ops]
+    parameters = _parameters(content)
+    return ModelStats(nodes=len(names), parameters=parameters if parameters is not None else 0,
+                      op_counts=count_ops(names)), convs
+
+
+def _parameters(content: bytes) -> int | None:
+    """Elements of the floating tensors that hold data in the flatbuffer (weights, biases)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        try:
+            from tensorflow.lite.python import schema_py_generated as schema
+        except ImportError:
+            return None
+    floating = {schema.TensorType.FLOAT32, schema.TensorType.FLOAT16, schema.TensorType.FLOAT64,
+                getattr(schema.TensorType, "BFLOAT16", -1)}
+    model = schema.Model.GetRootAsModel(content, 0)
+    counted, total = set(), 0
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(t)
+            index = tensor.Buffer()
+            if index == 0 or index in counted or tensor.Type() not in floating:
+                continue
+            buffer = model.Buffers(index)
+            if buffer is None or (buffer.DataLength() == 0 and not buffer.Size()):
+                continue
+            counted.add(index)
+            total += math.prod(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else 1
+    return total
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def signature_runner(loaded, signature: str):
+    keys = list(loaded.get_signature_list())
+    if not keys:
+        raise VerificationImpossible("the .tflite file has no signature to run it by; pass --no-verify")
+    return loaded.get_signature_runner(signature if signature in keys else keys[0])
+
+
+def input_specs(runner) -> list[InputSpec]:
+    """The signature's inputs (a ``-1`` dim, the converter's dynamic batch, as None)."""
+    specs = []
+    for name, detail in runner.get_input_details().items():
+        shape = detail.get("shape_signature", detail["shape"])
+        specs.append(InputSpec(name, [None if int(d) < 0 else int(d) for d in shape], np.dtype(detail["dtype"]).name))
+    return specs
+
+
+def output_order(keys) -> list[str]:
+    """Signature output keys in the model's output order: ``output_0, output_1, …, output_10``
+    (what Keras's export writes) by number, other keys as TensorFlow orders them (sorted)."""
+    numbered = [re.fullmatch(r"output_(\d+)", k) for k in keys]
+    if keys and all(numbered):
+        return [m.group(0) for m in sorted(numbered, key=lambda m: int(m.group(1)))]
+    return sorted(keys)
+
+
+def run(content: bytes, feeds: Mapping[str, np.ndarray], signature: str, role: str = "converted") -> dict[str, np.ndarray]:
+    """Run the flatbuffer's signature on ``feeds`` (keyed by the signature's input names)."""
+    try:
+        runner = signature_runner(interpreter(content), signature)
+        expected = set(runner.get_input_details())
+        if set(feeds) != expected:
+            raise VerificationImpossible(f"the {role} .tflite takes inputs {', '.join(sorted(expected))}, the original "
+                                         f"{', '.join(sorted(feeds))}; pass --no-verify")
+        with quiet.native_stderr_captured():
+            results = runner(**{k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    except VerificationImpossible:
+        raise
+    except Exception as exc:
+        raise VerificationImpossible(f"the TFLite interpreter cannot run the {role} model on the verification "
+                                     f"inputs ({one_line(exc)}); pass --inputs FILE.npz, or --no-verify") from exc
+    return {key: np.asarray(results[key]) for key in output_order(list(results))}
+
+
+# -- proving and writing ------------------------------------------------------------------------
+
+
+def add_rows(report: Report, rows: list[OutputComparison], feeds, options, note: str) -> None:
+    """The TFLite rows (``tflite:OUTPUT``) join the report's verification table, as the ONNX
+    check of ``--to onnx`` does; a mismatch fails the run (exit 1) with nothing written."""
+    rows = [replace(r, name=f"tflite:{r.name}") for r in rows]
+    passed = all(r.passed for r in rows)
+    current = report.verification
+    if current is not None and current.ran:
+        current.outputs.extend(rows)
+        current.passed = bool(current.passed and passed)
+        current.note = "; ".join(n for n in (current.note, note) if n)
+    else:
+        report.verification = current = Verification(
+            ran=True, passed=passed, atol=options.atol, rtol=options.rtol, outputs=rows, note=note,
+            inputs=feeds.shapes(), defaulted=dict(getattr(feeds, "defaulted", {})))
+    if not current.passed:
+        failing = [o.name for o in current.outputs if not o.passed]
+        raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
+                                 "nothing was written", current)
+
+
+def compare_outputs(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],
+                    options) -> list[OutputComparison]:
+    """The original's outputs (in its order, named ``names``) against the interpreter's."""
+    if len(expected) != len(actual):
+        note = f"outputs changed: {len(expected)} -> {len(actual)}"
+        raise VerificationFailed(f"verification failed: the .tflite has {len(actual)} outputs, the original "
+                                 f"{len(expected)}; nothing was written",
+                                 Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol, note=note))
+    return [compare(name, e, a, options.atol, options.rtol) for name, e, a in zip(names, expected, actual)]
+
+
+def inspect(result: TFLiteModel, report: Report) -> None:
+    """Record what the flatbuffer holds: its ops as the report's after-stats, its convolutions."""
+    report.after, result.convs = describe(result.content)
+    if report.after.parameters == 0 and report.before is not None:
+        report.after.parameters = report.before.parameters  # no flatbuffer schema to count them with
+
+
+def write(result: TFLiteModel, report: Report, output: Path | None) -> TFLiteModel:
+    """Write the (verified) flatbuffer atomically: staged beside ``output``, then renamed."""
+    if output is not None:
+        with report.timed("save"):
+            try:
+                with formats.atomic_output(output) as staging:
+                    (staging / output.name).write_bytes(result.content)
+            except OSError as exc:
+                raise OutputError(f"{output}: write failed ({exc.strerror or exc}); nothing was written") from exc
+        report.output, report.written = str(output), True
+    return result
+
+
+def grouped_note(result: TFLiteModel) -> str:
+    grouped = result.grouped
+    convs = sum(c.op == "CONV_2D" for c in result.convs)
+    return (f"tflite: the {runtime_name()} interpreter vs the original; {len(grouped)} of {convs} CONV_2D "
+            "grouped")
