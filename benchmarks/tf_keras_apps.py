@@ -42,7 +42,7 @@ def against_tf_keras(original: Path, written: Path) -> float:
 
     reference = tf_keras.models.load_model(original, compile=False, custom_objects={
         "LayerScale": convnext.LayerScale, "StochasticDepth": convnext.StochasticDepth})
-    shape = [1 if d is None else (224 if i in (1, 2) else d) for i, d in enumerate(reference.inputs[0].shape)]
+    shape = [d if d is not None else (224 if i in (1, 2) else 1) for i, d in enumerate(reference.inputs[0].shape)]
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     expected = np.asarray(reference(x, training=False))
     actual = np.asarray(keras.models.load_model(written, compile=False, safe_mode=True)(x, training=False))
