@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -104,6 +105,7 @@ def load_signature(path: Path, signature: str = "serving_default") -> FrozenSign
     outputs = [TensorSpec(key, name, output_specs[key].dtype, None)
                for key, name in zip(sorted(output_specs), output_names)]
     graph_def = inline_calls(graph_def, [i.tensor for i in inputs], [o.tensor for o in outputs])
+    graph_def = drop_dead_placeholders(graph_def, {g.split_input(i.tensor)[0] for i in inputs})
     aliases = [name for name, other in sorted(signatures.items())
                if name != signature and _same_computation(other, function)]
     others = sorted(set(signatures) - {signature, *aliases})
@@ -153,6 +155,25 @@ def inline_calls(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list
         raise BadInput(f"cannot inline the graph's {', '.join(left)} nodes")
     # The library is dead weight once every call is inlined.
     del graph_def.library.function[:]
+    return graph_def
+
+
+def drop_dead_placeholders(graph_def: graph_pb2.GraphDef, keep: set[str]) -> graph_pb2.GraphDef:
+    """Remove the ``Placeholder`` nodes nothing reads, other than the signature's inputs.
+
+    A SavedModel whose function imports a GraphDef with ``input_map`` (what ``write_savedmodel``
+    writes, so any SavedModel this tool wrote) keeps the mapped placeholders as dead nodes; once
+    frozen and inlined they are placeholders of the graph that no signature input feeds, and TF
+    refuses to run the graph written from it again ("You must feed a value for placeholder
+    tensor ...")."""
+    read = {g.split_input(ref.lstrip("^"))[0] for node in graph_def.node for ref in node.input}
+    dead = {n.name for n in graph_def.node if n.op == "Placeholder" and n.name not in keep and n.name not in read}
+    if not dead:
+        return graph_def
+    graph_def = graph_pb2.GraphDef.FromString(graph_def.SerializeToString())
+    kept = [n for n in graph_def.node if n.name not in dead]
+    del graph_def.node[:]
+    graph_def.node.extend(kept)
     return graph_def
 
 
@@ -212,7 +233,7 @@ def write_savedmodel(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, fol
     dtypes and shapes; large constants become variables again. ``keep_tf_runnable``: write a
     grouped conv's bias as an AddV2 (see ``bias_after_grouped_conv_as_add``)."""
     if keep_tf_runnable:
-        graph_def = bias_after_grouped_conv_as_add(graph_def)
+        graph_def = bias_after_grouped_conv_as_add(batch_norm_after_grouped_conv_as_mul_add(graph_def))
     stripped = graph_pb2.GraphDef()
     stripped.versions.CopyFrom(graph_def.versions)
     weights: dict[str, tf.Variable] = {}
@@ -232,6 +253,9 @@ def write_savedmodel(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, fol
     def body(*args):
         input_map = {i.tensor: arg for i, arg in zip(frozen.inputs, args)}
         input_map.update({f"{name}:0": tf.identity(v) for name, v in weights.items()})
+        # Control inputs on a replaced node (grappler gives the constants it folds inside a
+        # function a "^input" one) follow it too; else they run its placeholder, unfed.
+        input_map.update({f"^{g.split_input(ref)[0]}": t for ref, t in list(input_map.items())})
         results = tf.graph_util.import_graph_def(stripped, input_map=input_map, name="model",
                                                  return_elements=[o.tensor for o in frozen.outputs])
         return {o.key: tf.identity(t, name=o.key) for o, t in zip(frozen.outputs, results)}
@@ -290,6 +314,65 @@ def bias_after_grouped_conv_as_add(graph_def: graph_pb2.GraphDef) -> graph_pb2.G
     return graph_def
 
 
+_BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+
+
+def batch_norm_after_grouped_conv_as_mul_add(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """``grouped Conv2D → FusedBatchNorm`` (inference, constant statistics) ⇒ ``Conv2D → Mul → AddV2``.
+
+    The remapper fuses Conv2D + FusedBatchNorm (+ activation) into ``_FusedConv2D`` just as it
+    does Conv2D + BiasAdd (tf-keras's grouped ``Conv2D`` + ``BatchNormalization``, once frozen
+    and without Keras's XLA wrapper, in RegNet for one): the same vector per channel,
+    ``scale / sqrt(variance + epsilon)``, then ``offset - mean * that``, computes the same.
+    """
+    index = g.GraphIndex(graph_def)
+    targets = []
+    for node in graph_def.node:
+        if node.op not in _BATCH_NORMS or node.attr["is_training"].b or not _reads_grouped_conv(index, node):
+            continue
+        if any(index.readers.get(g.tensor_name(node.name, i)) for i in range(1, 6)):
+            continue  # the statistics outputs are read: leave it
+        params = [index.const(ref) for ref in node.input[1:5]]
+        if any(p is None or p.ndim != 1 for p in params):
+            continue
+        targets.append((node.name, params))
+    if not targets:
+        return graph_def
+    graph_def = graph_pb2.GraphDef.FromString(graph_def.SerializeToString())
+    nodes = {n.name: n for n in graph_def.node}
+    names = g.Names(graph_def)
+    for name, (scale, offset, mean, variance) in targets:
+        node = nodes[name]
+        dtype = tf.as_dtype(node.attr["T"].type).as_numpy_dtype
+        factor = scale.astype(np.float64) / np.sqrt(variance.astype(np.float64) + node.attr["epsilon"].f)
+        shift = offset.astype(np.float64) - mean.astype(np.float64) * factor
+        shape = [-1, 1, 1] if g.attr_str(node, "data_format", "NHWC").startswith("NC") else [-1]
+        factor_node = g.make_const(names.fresh(f"{name}/scale"), factor.astype(dtype).reshape(shape))
+        shift_node = g.make_const(names.fresh(f"{name}/shift"), shift.astype(dtype).reshape(shape))
+        mul = g.make_node("Mul", names.fresh(f"{name}/mul"), [node.input[0], factor_node.name], T=node.attr["T"])
+        # The AddV2 keeps the batch norm's name: its readers need no change.
+        t = node.attr["T"].type
+        node.op = "AddV2"
+        node.ClearField("attr")
+        node.attr["T"].type = t
+        kept = [ref for ref in node.input[5:] if ref.startswith("^")]
+        del node.input[:]
+        node.input.extend([mul.name, shift_node.name, *kept])
+        graph_def.node.extend([factor_node, shift_node, mul])
+    return graph_def
+
+
+def _reads_grouped_conv(index: g.GraphIndex, node) -> bool:
+    """``node``'s first input is a grouped Conv2D's output (filter depth below the input's channels)."""
+    conv, _ = index.producer(index.skip_identity(node.input[0]))
+    if conv is None or conv.op != "Conv2D":
+        return False
+    channel_axis = 3 if g.attr_str(conv, "data_format", "NHWC") == "NHWC" else 1
+    data, kernel = index.shape(conv.input[0]), index.shape(conv.input[1])
+    return bool(data and kernel and len(data) == 4 and len(kernel) == 4
+                and data[channel_axis] not in (None, kernel[2]))
+
+
 def _is_weight(node) -> bool:
     dtype = tf.as_dtype(node.attr["dtype"].type)
     if not dtype.is_floating:
@@ -319,9 +402,27 @@ def verification_inputs(frozen: FrozenSignature, options) -> Feeds:
     return make_inputs(specs, shapes=options.shapes, seed=options.seed, given=given, outputs=outputs)
 
 
+@contextmanager
+def remapper_off():
+    """Grappler's remapper off while TF runs a model for verification.
+
+    The remapper fuses ``Conv2D`` + ``BiasAdd`` / ``FusedBatchNorm`` (+ activation) into
+    ``_FusedConv2D``, whose CPU kernel without oneDNN (``TF_ENABLE_ONEDNN_OPTS=0``, the default
+    on non-x86 builds) refuses grouped filters; a frozen graph with a native grouped conv, or a
+    ``tf.function`` without Keras's XLA wrapper, then cannot run at all. Verification compares
+    what the graphs compute, so it runs both unfused. The previous setting is restored after."""
+    before = tf.config.optimizer.get_experimental_options().get("remapping", True)
+    tf.config.optimizer.set_experimental_options({"remapping": False})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"remapping": before})
+
+
 def run_function(function, feeds: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
     try:
-        results = function(**{k: tf.constant(v) for k, v in feeds.items()})
+        with remapper_off():
+            results = function(**{k: tf.constant(v) for k, v in feeds.items()})
     except Exception as exc:
         raise VerificationImpossible(f"TensorFlow cannot run the {role} model, so verification is impossible "
                                      f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
@@ -363,6 +464,9 @@ def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Veri
 
 
 # -- the entry point -------------------------------------------------------------------------
+
+
+_UNCHANGED = "no rewrite: the model is unchanged"
 
 
 def skipped_verification(options, note: str | None = None) -> Verification:
@@ -414,11 +518,11 @@ def rewrite_savedmodel(path: Path, *, mode: str, output: Path | None, apply: boo
         return graph_def
     if output is None:
         # The API without an output: prove the rewrite all the same, in a scratch folder.
-        if options.verify:
+        if options.verify and report.rewrites:
             with formats.scratch_dir() as scratch:
                 _write_and_verify(frozen, graph_def, Path(scratch) / "rewritten", options, report)
         else:
-            report.verification = skipped_verification(options)
+            report.verification = skipped_verification(options, None if not options.verify else _UNCHANGED)
         return graph_def
     with formats.atomic_output(output) as staging:
         _write_and_verify(frozen, graph_def, staging / output.name, options, report)
@@ -433,8 +537,8 @@ def _write_and_verify(frozen: FrozenSignature, graph_def, folder: Path, options,
         except Exception as exc:
             raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({one_line(exc)}); "
                                      "nothing was written") from exc
-    if not options.verify:
-        report.verification = skipped_verification(options)
+    if not options.verify or not report.rewrites:  # as for ONNX: nothing changed, nothing to prove
+        report.verification = skipped_verification(options, None if not options.verify else _UNCHANGED)
         return
     with report.timed("verify"):
         try:

@@ -134,6 +134,8 @@ def _verify_against_tf(frozen: FrozenSignature, path: Path, options):
     """onnxruntime (graph optimisations off) on the ONNX file vs TensorFlow on the original."""
     import onnxruntime as ort
 
+    from rewriter.verify import run_session
+
     feeds = verification_inputs(frozen, options)
     expected = run_function(frozen.function, feeds, "original")
     session_options = ort.SessionOptions()
@@ -145,7 +147,7 @@ def _verify_against_tf(frozen: FrozenSignature, path: Path, options):
         raise VerificationFailed(f"verification failed: onnxruntime refuses the converted model "
                                  f"({one_line(exc)}); nothing was written") from exc
     names = [o.name for o in session.get_outputs()]
-    actual = dict(zip(names, session.run(None, feeds)))
+    actual = dict(zip(names, run_session(session, feeds, "converted")))  # bfloat16 inputs as OrtValues
     return verify_outputs(expected, actual, feeds, options)
 
 
