@@ -230,3 +230,34 @@ def test_written_graph_with_control_inputs_on_the_signature_input_runs(models, t
     expected, actual = _run(models["native_only"]), _run(tmp_path / "written")
     for key, value in actual.items():
         np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-5)
+
+
+# -- --to onnx: verification inputs go through rewriter.verify.run_session ----------------------
+
+
+def test_to_onnx_bfloat16_input_is_fed_as_ort_value(tmp_path):
+    """A bfloat16 signature input reaches onnxruntime as an OrtValue (numpy's session.run cannot feed
+    it: "Numpy_type 256 can't be converted"). tf2onnx 1.17 declares that input float16, which
+    onnxruntime then refuses: a one-line VerificationImpossible, nothing written."""
+    from rewriter.errors import VerificationImpossible
+
+    class Bfloat16Input(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(3)
+            self.kernels = [_weights(rng, (3, 3, 4, 6)) for _ in range(2)]
+
+        def serve(self, x):
+            parts = tf.split(tf.cast(x, tf.float32), 2, axis=-1)
+            return {"y": tf.concat([tf.nn.conv2d(p, k, 1, "SAME") for p, k in zip(parts, self.kernels)], -1)}
+
+    module = Bfloat16Input()
+    serve = tf.function(module.serve, input_signature=[tf.TensorSpec([1, 8, 8, 8], tf.bfloat16, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "bf16"), signatures={"serving_default": serve.get_concrete_function()})
+    out = tmp_path / "bf16.onnx"
+    try:
+        report = rewriter.fuse(tmp_path / "bf16", output=out, to="onnx").report
+    except VerificationImpossible as error:
+        assert "onnxruntime cannot run the converted model" in error.message and not out.exists()
+    else:  # a tf2onnx that keeps bfloat16
+        assert report.verification.passed
