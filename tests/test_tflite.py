@@ -82,6 +82,21 @@ def test_keras3_getitem_group_becomes_one_grouped_conv_2d(tmp_path):
     assert "1 of 2 CONV_2D grouped" in report["verification"]["note"]
 
 
+def test_tensorflow_interpreter_reads_and_runs_it_too(tmp_path, monkeypatch):
+    """Without ai-edge-litert: TensorFlow's own tf.lite.Interpreter reads the ops and runs the file."""
+    source = km.getitem_model(tmp_path / "getitem.keras")
+    out = fuse(source, output=tmp_path / "getitem.tflite", options=Options(to="tflite")).report.output
+    content = open(out, "rb").read()
+    monkeypatch.setattr(convert, "interpreter_class", lambda: tf.lite.Interpreter)
+    assert convert.runtime_name() == "tflite"
+    stats, found = convert.describe(content)
+    assert stats.op_counts == {"CONV_2D": 2, "FULLY_CONNECTED": 1, "MEAN": 1}
+    assert [c.groups for c in found] == [1, 4]
+    x = image((1, 8, 8, 8))
+    (actual,) = convert.run(content, {"image": x}, "serving_default").values()
+    np.testing.assert_allclose(actual, np.asarray(keras.models.load_model(source)(x)), atol=TOLERANCE, rtol=1e-3)
+
+
 def test_expand_then_tflite_leaves_no_grouped_conv_2d(tmp_path):
     inputs = keras.Input((8, 8, 16), name="img")
     y = keras.layers.Conv2D(16, 3, padding="same", groups=4, activation="relu", name="grouped")(inputs)
