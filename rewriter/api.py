@@ -42,7 +42,7 @@ class Options:
     min_groups: int = 2
     max_groups: int | None = None
     # TensorFlow / Keras inputs.
-    to: str | None = None  # output format: "onnx", "savedmodel", "keras"; None = same as input
+    to: str | None = None  # output format: "onnx", "savedmodel", "keras", "tflite"; None = same as input
     signature: str = "serving_default"
     trust_lambdas: bool = False  # allow running Lambda bytecode found in a Keras file
     repair_late_binding: bool = False

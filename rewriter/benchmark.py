@@ -2,7 +2,7 @@
 
 The runtime is chosen from a small table, one entry per output format (``RUNTIMES``): each entry
 loads a model file for timing with a given number of intra-op threads and says what inputs it
-takes. Adding a runtime (the TFLite interpreter for ``.tflite``) is one entry.
+takes. A runtime is one entry (the TFLite interpreter for ``.tflite`` is the latest).
 
 Method, the same as ``benchmarks/run.py``: both models are loaded once, warmed up, then run in
 interleaved rounds (A B, B A, A B, … so that drift and a neighbour's load hit both alike) on the
