@@ -281,3 +281,17 @@ def test_expand_api_on_keras(tmp_path):
     keras.Model(inputs, keras.layers.Conv2D(8, 3, groups=2, name="g")(inputs)).save(source)
     result = expand(source, output=tmp_path / "n.expanded.tflite", options=Options(to="tflite"))
     assert result.model.grouped == [] and len(result.report.rewrites) == 1
+
+
+def test_folder_of_models_mirrors_tflite_outputs(tmp_path):
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    km.getitem_model(models / "a.keras")
+    km.getitem_model(models / "sub" / "b.keras", groups=2)
+    out = tmp_path / "out"
+    result = invoke(models, "--to", "tflite", "-o", out, "--format", "json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [m["status"] for m in document["models"]] == ["rewritten", "rewritten"]
+    assert [c.groups for c in grouped(out / "a.tflite")] == [4]
+    assert [c.groups for c in grouped(out / "sub" / "b.tflite")] == [2]
