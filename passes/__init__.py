@@ -6,7 +6,7 @@ so two passes can never shadow each other.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 PASS_REGISTRY: dict[str, Callable] = {}
 

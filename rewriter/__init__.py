@@ -1,6 +1,7 @@
 """gconv-rewrite: fuse hand-made grouped convolutions into native ones (and back), proven by execution."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("gconv-rewrite")

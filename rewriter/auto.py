@@ -310,8 +310,8 @@ def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, 
         batch_a, batch_b = [], []
         for i in range(per_batch):
             first, second = (run_a, run_b) if i % 2 == 0 else (run_b, run_a)
-            t_first = benchmark._timed(lambda f: first(), None)
-            t_second = benchmark._timed(lambda f: second(), None)
+            t_first = benchmark._timed(lambda f, run=first: run(), None)
+            t_second = benchmark._timed(lambda f, run=second: run(), None)
             ta, tb = (t_first, t_second) if first is run_a else (t_second, t_first)
             batch_a.append(ta)
             batch_b.append(tb)

@@ -16,9 +16,9 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import onnx.external_data_helper

@@ -13,8 +13,9 @@ stack (``stack_axis``): ONNX Conv ``[O, I/g, k...]`` stacks on 0, ONNX ConvTrans
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -17,8 +17,8 @@ are fused, native grouped convolutions it does not are expanded, everything else
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rewriter.errors import BadInput
 

@@ -8,9 +8,9 @@ exceeds both atol and rtol; NaN/Inf, dtype and shape changes are failures.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -20,7 +20,7 @@ graph-output role, so nothing downstream changes.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir

@@ -21,8 +21,8 @@ branches), walks each input back to where the branch starts, and hands every lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -32,8 +32,7 @@ from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from passes.onnx._fold import channels_of, fold_many
 from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
-from rewriter.plan import (Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input,
-                           plan_tail)
+from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input, plan_tail
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
@@ -266,7 +265,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 raise _Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
                                "feed the Concat")
         rank = weights[0].ndim if weights[0] is not None else None
-        for read, width, chain in zip(reads, widths, chains):
+        for read, width in zip(reads, widths):
             if read.start is None:
                 raise _Refused("cannot tell the Split sizes (computed at run time)")
             if rank is not None and read.axis % rank != reader_axis:

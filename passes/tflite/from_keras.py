@@ -11,11 +11,21 @@ interpreter's run against it join the Keras check's table as ``tflite:OUTPUT``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from passes.tflite.convert import (TFLiteModel, add_rows, check_output, compare_outputs, convert_savedmodel,
-                                   grouped_note, inspect, run, write)
+from passes.tflite.convert import (
+    TFLiteModel,
+    add_rows,
+    check_output,
+    compare_outputs,
+    convert_savedmodel,
+    grouped_note,
+    inspect,
+    run,
+    write,
+)
 from rewriter import formats
 from rewriter.errors import BadInput, RewriteError
 from rewriter.report import Report

@@ -12,8 +12,17 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from passes.tflite.convert import (TFLiteModel, add_rows, check_output, compare_outputs, convert_savedmodel,
-                                   grouped_note, inspect, run, write)
+from passes.tflite.convert import (
+    TFLiteModel,
+    add_rows,
+    check_output,
+    compare_outputs,
+    convert_savedmodel,
+    grouped_note,
+    inspect,
+    run,
+    write,
+)
 from rewriter import formats
 from rewriter.errors import RewriteError, VerificationFailed
 from rewriter.report import Report, Skip

@@ -27,11 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 import tf2onnx  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
