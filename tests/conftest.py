@@ -5,9 +5,9 @@ graph optimisations off so they cannot hide a difference)."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import onnx

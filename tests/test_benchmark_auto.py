@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import helper
 
 import rewriter
 from rewriter import auto, benchmark
-from rewriter.auto import Measurement, MeasuredTarget
+from rewriter.auto import MeasuredTarget, Measurement
 from rewriter.cli import main
 from rewriter.targets import NATIVE, SPLIT, ConvProps
 from samples.models import GraphBuilder, grouped_block

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from passes import PASS_REGISTRY
-from passes.onnx import EXPAND_PASSES, ExpandGroupedConvPass, FuseSplitConvPass
-from passes.onnx import expand_grouped_conv
+from passes.onnx import EXPAND_PASSES, ExpandGroupedConvPass, FuseSplitConvPass, expand_grouped_conv
 from passes.onnx.expand_grouped_conv import DEPTHWISE_KEPT
 from samples.models import GraphBuilder, grouped_block, resnext50
 

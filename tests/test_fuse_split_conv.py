@@ -17,8 +17,16 @@ from onnx import TensorProto, helper
 import rewriter
 from passes.onnx import FuseSplitConvPass
 from samples.models import INT64_MAX, GraphBuilder, grouped_block
-from tests.conftest import (as_constant_nodes, assert_fused_weights, attribute, constants, dead_constants,
-                            nodes, op_counts, without_attribute)
+from tests.conftest import (
+    as_constant_nodes,
+    assert_fused_weights,
+    attribute,
+    constants,
+    dead_constants,
+    nodes,
+    op_counts,
+    without_attribute,
+)
 
 OPSETS = list(range(11, 24))
 

@@ -251,7 +251,7 @@ def test_nested_models_and_two_patterns_in_legacy_h5(tmp_path):
     backbone = tf_keras.Model(inner_in, L.BatchNormalization()(L.Conv2D(8, 1)(inner_in)), name="backbone")
     inp = tf_keras.Input((8, 8, 8))
     x = backbone(inp)
-    for block in range(2):
+    for _block in range(2):
         x = L.Concatenate()([L.Conv2D(4, 3, padding="same")(x[..., 4 * i:4 * i + 4]) for i in range(2)])
     path = tmp_path / "nested.h5"
     tf_keras.Model(inp, x).save(path)

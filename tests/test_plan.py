@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewriter.plan import (Branch, ExpansionPlan, FusionPlan, Refusal, check_channel_ranges,
-                           plan_expansion, plan_fusion)
+from rewriter.plan import Branch, ExpansionPlan, FusionPlan, Refusal, check_channel_ranges, plan_expansion, plan_fusion
 from tests.conftest import TOLERANCE, run_conv
 
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import rewriter
 from rewriter.cli import main
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
+from rewriter.errors import BadInput, VerificationFailed
 from tests.tf_models import SplitConvConcat, save_keras_grouped, save_module
 
 REPO = Path(__file__).resolve().parents[1]
