@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from rewriter import formats, quiet
 from rewriter.errors import BadInput, OutputError, RewriteError, VerificationFailed
-from rewriter.report import ModelStats, Report, Verification, count_ops
+from rewriter.report import Report, Verification, model_stats
 from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
 
 
@@ -72,17 +72,6 @@ class Result:
 def _options(options: Options | None, overrides: dict) -> Options:
     base = options or Options()
     return Options(**{**base.__dict__, **overrides}) if overrides else base
-
-
-def model_stats(model: ir.Model) -> ModelStats:
-    op_types, parameters = [], 0
-    for graph in model.graphs():
-        op_types.extend(n.op_type for n in graph)
-        for value in graph.initializers.values():
-            # Parameters are the float tensors; int64 Split sizes and Slice bounds are not.
-            if value.const_value is not None and value.const_value.dtype.is_floating_point():
-                parameters += math.prod(value.const_value.shape.dims)
-    return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 
 
 def _passes(mode: str, rewrite: bool, options: Options, target=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -190,3 +191,15 @@ def format_summary(report: Report) -> str:
     if report.timings:
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     return "\n".join(lines)
+
+
+def model_stats(model) -> ModelStats:
+    """Node, op and parameter counts of an onnx-ir model (every graph, subgraphs included)."""
+    op_types, parameters = [], 0
+    for graph in model.graphs():
+        op_types.extend(n.op_type for n in graph)
+        for value in graph.initializers.values():
+            # Parameters are the float tensors; int64 Split sizes and Slice bounds are not.
+            if value.const_value is not None and value.const_value.dtype.is_floating_point():
+                parameters += math.prod(value.const_value.shape.dims)
+    return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))

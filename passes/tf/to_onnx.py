@@ -12,7 +12,6 @@ convert (GELU's ``Erfc``) by equivalent ones.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,14 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from passes.tf import _graph as g
-from passes.tf.savedmodel import (FrozenSignature, one_line, run_function, skipped_verification,
-                                  verification_inputs, verify_outputs)
+from passes.tf.savedmodel import (
+    FrozenSignature,
+    one_line,
+    run_function,
+    skipped_verification,
+    verification_inputs,
+    verify_outputs,
+)
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed
 from rewriter.report import Report
@@ -88,7 +93,7 @@ def write_onnx(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, mode: 
     """Convert, (fuse what tf2onnx left,) check, verify against TF, write ``output`` atomically."""
     if not apply:
         return graph_def
-    from rewriter.api import model_stats
+    from rewriter.report import model_stats
 
     with report.timed("convert"):
         model = ir.serde.deserialize_model(convert(frozen, graph_def))
