@@ -18,6 +18,7 @@ converter (Keras 2 / tf-keras configs); a Lambda config never does: its function
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -166,6 +167,14 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
 
     if any((r.layer, r.node) in unbuilt for r in graph.outputs):
         return Built(None, tensors, objects, unbuilt)
+    missing = next((r for r in graph.inputs + graph.outputs if r not in tensors), None)
+    if missing is not None:  # e.g. an output index past what the layer returns
+        failure = BadInput(f"the model config names output {missing.tensor} of {missing.layer!r} call "
+                           f"{missing.node} as a model input or output; the rebuilt layer has no such tensor")
+        if not options.lenient:
+            raise failure
+        unbuilt[(graph.name, -1)] = failure
+        return Built(None, tensors, objects, unbuilt)
     inputs = [tensors[r] for r in graph.inputs]
     outputs = [tensors[r] for r in graph.outputs]
     try:
@@ -214,7 +223,13 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
                 obj = keras.layers.Lambda(function, output_shape=output_shape, arguments=arguments or None,
                                           name=keras_name(layer.name))
             else:
-                obj = layer_object(layer, graph.legacy, options.trusted)
+                try:
+                    obj = layer_object(layer, graph.legacy, options.trusted)
+                except BadInput as exc:
+                    operation = _operation_failure(layer)
+                    if operation is None:
+                        raise
+                    raise operation from exc
             objects[layer.name] = obj
         args, kwargs = _call_arguments(graph, call, tensors)
         try:
@@ -223,11 +238,74 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
             if layer.class_name == "Lambda":
                 raise BadInput(_lambda_failure(layer.name, options.lambda_functions[layer.name],
                                                layer.config.get("arguments") or {}, args)) from exc
-            raise BadInput(f"layer {layer.name!r} ({layer.class_name}) fails when rebuilt "
-                           f"({type(exc).__name__}: {_one_line(exc)})") from exc
+            raise _operation_failure(layer) or BadInput(f"layer {layer.name!r} ({layer.class_name}) fails when "
+                                                        f"rebuilt ({type(exc).__name__}: {_one_line(exc)})") from exc
         outputs = tree.flatten(result)
     for i, tensor in enumerate(outputs):
         tensors[TensorRef(layer.name, call.index, i)] = tensor
+
+
+@functools.lru_cache(maxsize=1)
+def operation_classes() -> dict[str, str]:
+    """``keras.ops`` operation classes (no layers) by class name → module. Library code."""
+    import inspect
+
+    from keras.src.layers.layer import Layer
+    from keras.src.ops import core, image, linalg, math, nn, numpy
+    from keras.src.ops.operation import Operation
+
+    found: dict[str, str] = {}
+    for module in (numpy, nn, math, core, image, linalg):
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Operation) and not issubclass(obj, Layer):
+                found.setdefault(name, obj.__module__)
+    return found
+
+
+def keras_operation(layer: LayerSpec) -> str | None:
+    """The module of a ``keras.ops`` operation that Keras 3 wrote into an .h5 config as if it
+    were a layer, or None. Keras 3's legacy .h5 writer drops an operation's module: ``x + 3.0``
+    on a Keras tensor is ``{"class_name": "Add", "config": {"name": "add"}}`` with the call
+    ``{"args": [tensor, 3.0]}``, and ``keras.layers.Add`` (always called with one list) has the
+    same class name. Every Keras 3 layer writes ``trainable`` in its config; no operation does."""
+    if layer.raw.get("module") or "trainable" in layer.config or layer.class_name == "InputLayer":
+        return None
+    if not layer.calls or not all(isinstance(c.data, dict) for c in layer.calls):
+        return None  # tf-keras / Keras 2 nodes: no keras.ops there
+    return operation_classes().get(layer.class_name)
+
+
+def _operation_failure(layer: LayerSpec) -> BadInput | None:
+    """For a keras.ops entry of an .h5 that Keras 3's own loader cannot rebuild either (it resolves
+    the class name among layers only: ``Add(tensor, 3.0)`` fails as ``keras.layers.Add``,
+    ``GetItem`` is unknown), the reason, said once; None for any other layer. (Where Keras's
+    reading works, ``Concatenate``/``Softmax`` operations as the layers of the same effect, the
+    model is rebuilt as Keras loads it, and this is never asked.)"""
+    module = keras_operation(layer)
+    return BadInput(_operation_refusal(layer, module)) if module is not None else None
+
+
+def _operation_refusal(layer: LayerSpec, module: str) -> str:
+    """Why an .h5's keras.ops entry is not rebuilt: Keras 3 cannot load the file itself."""
+    import keras
+
+    def show(item):
+        if isinstance(item, dict) and item.get("class_name") == "__keras_tensor__":
+            return "tensor"
+        if isinstance(item, list):
+            return "[" + ", ".join(show(i) for i in item) + "]"
+        if isinstance(item, dict):
+            return str(item.get("class_name") or "{...}")
+        return repr(item)[:20]
+
+    data = layer.calls[0].data if layer.calls else {}
+    form = ", ".join([show(a) for a in data.get("args", [])] +
+                     [f"{k}={show(v)}" for k, v in (data.get("kwargs") or {}).items()])[:80]
+    reads = f"keras.layers.{layer.class_name}, which does not fit it" \
+        if isinstance(getattr(keras.layers, layer.class_name, None), type) else "an unknown layer"
+    return (f"layer {layer.name!r} ({layer.class_name}) is the keras.ops operation {module}.{layer.class_name}"
+            f"({form}), which Keras 3's .h5 writer records without its module; Keras 3 reads it back as "
+            f"{reads}: Keras 3 cannot load this file either (save the model as .keras)")
 
 
 def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) -> str:
@@ -262,7 +340,11 @@ def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]
             if isinstance(x, keras.KerasTensor):
                 history = getattr(x, "_pre_serialization_keras_history", None)
                 if history is not None:
-                    return tensors[TensorRef(history[0], int(history[1]), int(history[2]))]
+                    ref = TensorRef(history[0], int(history[1]), int(history[2]))
+                    if ref not in tensors:  # the parsed refs and the node disagree, or no such output
+                        raise BadInput(f"layer {call.layer.name!r} reads {ref.layer!r} call {ref.node} output "
+                                       f"{ref.tensor}, which the rebuilt model does not hold")
+                    return tensors[ref]
             return x
 
         try:
@@ -270,7 +352,10 @@ def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]
             kwargs = keras.saving.deserialize_keras_object(copy.deepcopy(data.get("kwargs", {})), safe_mode=True)
         except Exception as exc:
             raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
-        return tree.map_structure(revive, args), tree.map_structure(revive, kwargs or {})
+        try:
+            return tree.map_structure(revive, args), tree.map_structure(revive, kwargs or {})
+        except (TypeError, ValueError, IndexError) as exc:  # a malformed keras_history
+            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
     # The parsed refs (node indexes already corrected): the first argument's, then the kwargs'.
     count = first_arg_count(call.data)
     built = [tensors[ref] for ref in call.inputs[:count]]

@@ -441,28 +441,52 @@ def model_class(config: dict) -> str:
 
 
 def parse_graph(config: dict, *, legacy: bool, path: Path) -> KerasGraph:
-    """The model config as a graph of layer calls (functional or Sequential)."""
+    """The model config as a graph of layer calls (functional or Sequential). A config that is
+    not the structure Keras writes (a list where a dict belongs, a short tensor reference...) is
+    a one-line BadInput, never a KeyError/TypeError from deep inside."""
+    try:
+        return _parse_graph(config, legacy=legacy, path=path)
+    except BadInput:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise BadInput(f"{path}: the model config is not a Keras model config Keras could read "
+                       f"({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _parse_graph(config: dict, *, legacy: bool, path: Path) -> KerasGraph:
+    if not isinstance(config, dict):
+        raise BadInput(f"{path}: the model config is not a JSON object")
     body = config.get("config", {}) or {}
     if model_class(config) in SEQUENTIAL:
         return _parse_sequential(body, legacy=legacy, path=path)
+    entries = body.get("layers", []) or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BadInput(f"{path}: the model config's layers are not a list of layer entries")
     layers: dict[str, LayerSpec] = {}
     # tf-keras counts a nested model's own construction as its node 0: references to it in a
-    # legacy config are one higher than the position of the call in its inbound_nodes.
-    offsets = {(entry.get("name") or ""): int(_skips_first_node(entry)) for entry in body.get("layers", [])} \
-        if legacy else {}
-    for entry in body.get("layers", []):
+    # legacy config are one higher than the position of the call in its inbound_nodes. Keras 3
+    # writes its own node form ({args, kwargs}) and indexes into .h5 files too: no offsets there.
+    offsets = {(entry.get("name") or ""): int(_skips_first_node(entry)) for entry in entries} \
+        if legacy and not keras3_nodes(config) else {}
+    for entry in entries:
         name = entry.get("name") or (entry.get("config") or {}).get("name")
-        if not name or name in layers:
+        if not name or not isinstance(name, str) or name in layers:
             raise BadInput(f"{path}: the model config has a layer without a unique name")
         layer = LayerSpec(name=name, class_name=str(entry.get("class_name", "")), raw=entry)
         for index, node in enumerate(entry.get("inbound_nodes", []) or []):
-            refs = _legacy_refs(node, offsets) if legacy or isinstance(node, list) else _keras3_refs(node)
+            # By the node's own form: Keras 3 writes {args, kwargs} nodes into .h5 files as well.
+            refs = _keras3_refs(node) if isinstance(node, dict) else _legacy_refs(node, offsets)
             layer.calls.append(Call(layer, index, node, refs))
         if layer.class_name == "InputLayer" and not layer.calls:
             layer.calls.append(Call(layer, 0, None, []))
         layers[name] = layer
-    inputs = _shift(_endpoint_refs(body.get("input_layers", [])), offsets)
-    outputs = _shift(_endpoint_refs(body.get("output_layers", [])), offsets)
+    # Keras 3 counts a nested functional model's built-in node in the model's input/output
+    # references only (its functional_from_config get_tensor: ``node_index -= 1``), not in
+    # the keras_history of the nodes that read it.
+    ends = offsets if not keras3_nodes(config) else \
+        {str(entry.get("name") or ""): 1 for entry in entries if entry.get("class_name") in FUNCTIONAL}
+    inputs = _shift(_endpoint_refs(body.get("input_layers", [])), ends)
+    outputs = _shift(_endpoint_refs(body.get("output_layers", [])), ends)
     for ref in inputs + outputs:
         if ref.layer not in layers:
             raise BadInput(f"{path}: the model config names an unknown layer {ref.layer!r}")
@@ -601,6 +625,15 @@ def _skips_first_node(entry: dict) -> bool:
     return bool(inner) and inner[0].get("class_name") == "InputLayer"
 
 
+def keras3_nodes(config: dict) -> bool:
+    """Does this (top-level) config write its nodes in Keras 3 form ({args, kwargs}), as Keras 3
+    does in .keras and .h5 files alike? (tf-keras / Keras 2 nodes are nested lists.)"""
+    for entry in ((config.get("config") or {}).get("layers") or []):
+        for node in (entry.get("inbound_nodes") or []) if isinstance(entry, dict) else []:
+            return isinstance(node, dict)
+    return False
+
+
 def _keras3_refs(node) -> list[TensorRef]:
     refs: list[TensorRef] = []
 
@@ -609,6 +642,9 @@ def _keras3_refs(node) -> list[TensorRef]:
             if item.get("class_name") == "__keras_tensor__":
                 history = (item.get("config") or {}).get("keras_history")
                 if history:
+                    if not (isinstance(history, list) and len(history) == 3 and isinstance(history[0], str)):
+                        raise ValueError(f"a Keras tensor reference is not [layer, node, tensor]: "
+                                         f"{json.dumps(history)[:60]}")
                     refs.append(TensorRef(history[0], int(history[1]), int(history[2])))
                 return
             for value in item.values():
