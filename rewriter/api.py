@@ -101,10 +101,7 @@ def _target_passes(rewrite: bool, options: Options, target=None):
     target = target or targets.get(options.target)
 
     def wants(form: str):
-        def accept(props: targets.ConvProps) -> tuple[bool, str]:
-            chosen, rule = target.decide(props)
-            return chosen == form, f"{chosen} for {target.name}: {rule}"
-        return accept
+        return target_accept(target, form)
 
     fuse_pass = FuseSplitConvPass(rewrite=rewrite, accept=wants(targets.NATIVE))
     passes = [fuse_pass]
@@ -114,6 +111,22 @@ def _target_passes(rewrite: bool, options: Options, target=None):
         rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
         max_groups=options.max_groups, accept=wants(targets.SPLIT), exclude=fuse_pass.created))
     return passes
+
+
+def target_accept(target, form: str):
+    """The passes' ``accept`` hook for one direction of ``--target``: ``(ok, rule)`` with ok when
+    ``target`` wants ``form`` (targets.NATIVE: fuse, targets.SPLIT: expand); the rule is prefixed
+    with the form and target, as a skip's reason says it."""
+    def accept(props) -> tuple[bool, str]:
+        chosen, rule = target.decide(props)
+        return chosen == form, f"{chosen} for {target.name}: {rule}"
+    return accept
+
+
+def target_nodes(decisions: list[dict], name: str) -> list[dict]:
+    """A pass's ``decisions`` as the report's ``target.nodes``: the rule without the
+    "native for NAME: " the skip reasons carry."""
+    return [{**d, "rule": d["rule"].removeprefix(f"{d['form']} for {name}: ")} for d in decisions]
 
 
 def _resolve_inputs(options: Options):
@@ -156,9 +169,9 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
         from rewriter import targets
 
         targets.get(options.target)  # an unknown name: one line listing the known ones
-        if fmt != "onnx" or options.to not in (None, "onnx"):
-            raise BadInput(f"{model}: --target works on ONNX models only for now; convert this {fmt} model "
-                           "with --to onnx first, or use --fuse / --expand")
+        if fmt != "onnx" and options.to == "onnx":  # the ONNX writer fuses what the converter leaves split
+            raise BadInput(f"{model}: --target with --to onnx is not supported; convert this {fmt} model with "
+                           f"--to onnx first, then run --target {options.target} on the ONNX model")
     if fmt != "onnx" or (options.to not in (None, "onnx")):
         result = _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
     else:
@@ -276,11 +289,7 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)
                 if report.target is not None:  # per node: the form the target wants, and why
-                    judged = []
-                    for decision in getattr(rewrite_pass, "decisions", []):
-                        # The rule without the "native for NAME: " the skip reasons carry.
-                        prefix = f"{decision['form']} for {report.target['name']}: "
-                        judged.append({**decision, "rule": decision["rule"].removeprefix(prefix)})
+                    judged = target_nodes(getattr(rewrite_pass, "decisions", []), report.target["name"])
                     if measured is not None:  # --auto: both timings per node
                         measured.annotate(judged)
                     report.target["nodes"].extend(judged)
@@ -347,6 +356,8 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
                        f"(pip install 'gconv-rewrite[tensorflow]'); missing: {missing}") from exc
     report = Report(input=str(path), mode=mode)
     report.on_phase = options.progress
+    if options.target is not None:  # filled per node by the backend's passes
+        report.target = {"name": options.target, "nodes": []}
     output_path = Path(output) if output is not None else None
     if output_path is not None and options.to == "tflite":
         from passes.tflite.convert import check_output

@@ -117,8 +117,8 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("--max-groups", type=click.IntRange(min=2), default=None,
               help="With --expand: expand only convolutions with at most this many groups.")
 @click.option("--target", metavar="NAME", default=None,
-              help="Deployment target (ONNX models): fuse the grouped convs it runs natively, expand those it "
-                   f"does not. One of: {', '.join(targets.names())}.")
+              help="Deployment target (ONNX, SavedModel, Keras): fuse the grouped convs it runs natively, expand "
+                   f"those it does not. One of: {', '.join(targets.names())}.")
 @click.option("--auto", is_flag=True,
               help="ONNX: time both forms of every grouped conv on onnxruntime (its real shapes, --threads) and "
                    "keep each in the faster one (native on a tie); verified; not with --target.")
@@ -187,7 +187,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         if target is not None or auto:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
             for job in job_list:
                 if job.output is not None and not job.mirrored:
-                    job.output = job.input.with_name(f"{job.input.stem}.{target or 'auto'}{job.input.suffix}")
+                    job.output = _target_output(job.input, target or "auto", to)
         if not many and output is not None and not (check or dry_run):
             job_list[0].output = output
         if not job_list:
@@ -252,6 +252,14 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
             elif dry_run:
                 say("dry run: nothing written")
     sys.exit(code)
+
+
+def _target_output(path: Path, name: str, to: str | None) -> Path:
+    """NAME.TARGET with the extension the fused output would have: m.TARGET.onnx, m.TARGET.keras
+    (from .keras or .h5), sm.TARGET/ (a SavedModel), m.TARGET.tflite (--to tflite)."""
+    fused = formats.default_output(path, "fuse", to)  # NAME.fused.EXT, NAME.fused/ or NAME.tflite
+    stem = path.name if path.is_dir() else path.stem
+    return fused.with_name(f"{stem}.{name}{fused.name[len(stem):].removeprefix('.fused')}")
 
 
 def _count(items) -> dict[str, int]:

@@ -276,7 +276,7 @@ def test_unknown_target_is_one_line_exit_2(two_native):
 
 
 @pytest.mark.parametrize("kind", ["keras", "savedmodel"])
-def test_target_refuses_tensorflow_inputs_in_one_line(tmp_path, kind):
+def test_target_with_to_onnx_refuses_tensorflow_inputs_in_one_line(tmp_path, kind):
     if kind == "keras":
         path = tmp_path / "model.keras"
         path.write_bytes(b"not read: refused before loading")
@@ -284,10 +284,10 @@ def test_target_refuses_tensorflow_inputs_in_one_line(tmp_path, kind):
         path = tmp_path / "saved"
         path.mkdir()
         (path / "saved_model.pb").write_bytes(b"")
-    result = invoke(path, "--target", "tflite")
+    result = invoke(path, "--target", "tflite", "--to", "onnx")  # SavedModel/Keras --target: test_targets_tf_keras
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--target works on ONNX models only" in lines[0]
+    assert len(lines) == 1 and "--target with --to onnx is not supported" in lines[0]
 
 
 def test_target_with_fuse_or_expand_is_a_usage_error(two_native):

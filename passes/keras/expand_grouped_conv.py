@@ -10,7 +10,7 @@ takes the grouped conv's name, so its consumers and the model's output names sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from passes import register
 from passes.keras._build import keras_name, layer_object
@@ -19,6 +19,7 @@ from passes.keras.fuse_grouped_conv import CONV_CLASSES
 from rewriter.names import fresh_name
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 KIND = "keras-expand-grouped-conv"
 
@@ -62,10 +63,20 @@ class ExpandedConv:
 
 @register("keras.expand-grouped-conv")
 class ExpandGroupedConv:
-    """Plan the expansion of every grouped ConvND layer call, or say why not."""
+    """Plan the expansion of every grouped ConvND layer call, or say why not.
+
+    ``accept(props) -> (ok, rule)``, when given, is asked about each grouped conv (``--target``):
+    a refused one is kept, reported as a skip with the rule as its reason; each judged conv is
+    also listed in ``decisions``. Calls in ``exclude`` (keys a fuse pass of the same run removes)
+    are left alone unreported."""
 
     def __init__(self, graph: KerasGraph, weights: WeightStore, shape_of, *, keep_depthwise: bool = False,
-                 min_groups: int = 2, max_groups: int | None = None):
+                 min_groups: int = 2, max_groups: int | None = None,
+                 accept: Callable[[ConvProps], tuple[bool, str]] | None = None,
+                 exclude: Iterable[tuple[str, int]] = ()):
+        self.accept = accept
+        self.exclude = set(exclude)
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
         self.graph = graph
         self.weights = weights
         self.shape_of = shape_of
@@ -81,9 +92,14 @@ class ExpandGroupedConv:
         for call in self.graph.calls():
             layer = call.layer
             groups = int(layer.config.get("groups", 1) or 1)
-            if layer.class_name not in CONV_CLASSES or groups < 2:
+            if layer.class_name not in CONV_CLASSES or groups < 2 or call.key in self.exclude:
                 continue
-            reason = self._refuse(call, groups)
+            verdict = self._judge(call, groups)
+            reason = verdict[1] if verdict is not None and not verdict[0] else self._refuse(call, groups)
+            if verdict is not None and (reason or not verdict[0]):
+                rule = verdict[1] if not verdict[0] else f"{verdict[1]}; but {reason}"
+                self.decisions.append({"location": layer.name, "graph": "", "form": "native", "action": "keep",
+                                       "rule": rule})
             if reason:
                 self.skipped.append(Skip(layer.name, reason, [layer.name]))
                 continue
@@ -95,8 +111,14 @@ class ExpandGroupedConv:
             axis = len(shape) - 1 if data_format == "channels_last" else 1
             plan = plan_expansion(kernel, bias, groups, shape[axis], stack_axis=-1)
             if isinstance(plan, Refusal):
+                if verdict is not None:
+                    self.decisions.append({"location": layer.name, "graph": "", "form": "native", "action": "keep",
+                                           "rule": f"{verdict[1]}; but {plan.reason}"})
                 self.skipped.append(Skip(layer.name, plan.reason, [layer.name]))
                 continue
+            if verdict is not None:
+                self.decisions.append({"location": layer.name, "graph": "", "form": "split", "action": "expand",
+                                       "rule": verdict[1]})
             names = []
             for i in range(plan.branches):
                 names += [self._fresh(f"{layer.name}_slice{i}"), self._fresh(f"{layer.name}_branch{i}")]
@@ -124,6 +146,22 @@ class ExpandGroupedConv:
         if not self.weights.get(call.layer.name):
             return "the file holds no weights for it"
         return None
+
+    def _judge(self, call: Call, groups: int) -> tuple[bool, str] | None:
+        """The ``accept`` hook's verdict on one grouped conv; None without a hook, a known input
+        shape or weights (or for a depthwise conv --keep-depthwise keeps)."""
+        if self.accept is None or len(call.inputs) != 1:
+            return None
+        shape = self.shape_of(call.inputs[0])
+        arrays = self.weights.get(call.layer.name)
+        if not shape or not arrays:
+            return None
+        channels_last = (call.layer.config.get("data_format") or "channels_last") == "channels_last"
+        in_channels = shape[-1 if channels_last else 1]
+        if in_channels is None or (self.keep_depthwise and groups == in_channels):
+            return None
+        return self.accept(ConvProps(groups=groups, in_channels=int(in_channels), out_channels=int(arrays[0].shape[-1]),
+                                     kernel_rank=CONV_CLASSES[call.layer.class_name]))
 
     def _fresh(self, base: str) -> str:
         return fresh_name(keras_name(base), self.names)

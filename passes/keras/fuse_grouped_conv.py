@@ -28,6 +28,7 @@ from passes.keras._slices import SliceCall
 from rewriter.names import fresh_name
 from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_tail
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class _NotACandidate(Exception):
 
 class _Refused(Exception):
     """A candidate that cannot fuse; the message is the reason."""
+
+
+class _Kept(_Refused):
+    """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
 
 
 @dataclass
@@ -124,11 +129,19 @@ class FusedGroup:
 
 @register("keras.fuse-grouped-conv")
 class FuseGroupedConv:
-    """Find every fusable slice → Conv → tail → Concatenate pattern; plan it or say why not."""
+    """Find every fusable slice → Conv → tail → Concatenate pattern; plan it or say why not.
+
+    ``accept(props) -> (ok, rule)``, when given, is asked about the grouped conv a candidate would
+    become (``--target``): a refused candidate stays as it is, reported as a skip with the rule as
+    its reason; each judged candidate is also listed in ``decisions``."""
 
     def __init__(self, graph: KerasGraph, weights: WeightStore, slices: dict[tuple[str, int], SliceCall | str],
                  shape_of: Callable[[TensorRef], list | None], *,
-                 lambda_sources: dict[str, _lambdas.LambdaSource] | None = None, repair_late_binding: bool = False):
+                 lambda_sources: dict[str, _lambdas.LambdaSource] | None = None, repair_late_binding: bool = False,
+                 accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
+        self.accept = accept
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self._verdict: tuple[bool, str] | None = None
         self.graph = graph
         self.weights = weights
         self.slices = slices
@@ -149,13 +162,20 @@ class FuseGroupedConv:
             if call.layer.class_name != "Concatenate":
                 continue
             location = call.layer.name
+            self._verdict = None
             try:
                 group = self._match(call)
             except _NotACandidate:
                 continue
             except _Refused as refusal:
                 self.skipped.append(Skip(location, str(refusal), self._branch_names(call)))
+                if isinstance(refusal, _Kept):
+                    self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
+                                           "rule": str(refusal)})
                 continue
+            if self._verdict is not None:
+                self.decisions.append({"location": group.conv_name, "graph": "", "form": "native",
+                                       "action": "fuse", "rule": self._verdict[1]})
             self.groups.append(group)
             replaced = sorted({k[0] for k in group.removed}, key=self.order.__getitem__)
             kind = KIND + (" (late binding repaired)" if group.repaired else "")
@@ -241,6 +261,11 @@ class FuseGroupedConv:
         plan = plan_fusion([self._branch(b) for b in branches], shape[channel_axis], stack_axis=-1)
         if isinstance(plan, Refusal):
             raise _Refused(plan.reason)
+        if self.accept is not None and plan.groups > 1:
+            self._verdict = self.accept(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
+                                                  out_channels=plan.out_channels, kernel_rank=rank - 2))
+            if not self._verdict[0]:
+                raise _Kept(self._verdict[1])
         tail_weights, stopped = self._plan_tails(branches, channel_axis, rank)
         depth = len(tail_weights)
         removed = set() if stopped else {concat.key}

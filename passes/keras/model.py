@@ -54,6 +54,8 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
         fuser = _run_pass(path, mode, graph, kfile, analysis, options)
         report.rewrites.extend(fuser.rewrites)
         report.skipped.extend(fuser.skipped)
+        if report.target is not None:
+            report.target["nodes"].extend(fuser.decisions)
         report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
         report.skipped.extend(_unbuilt_skips(analysis.built))
         if not apply:
@@ -165,8 +167,28 @@ def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -
 
 
 def _run_pass(path: Path, mode: str, graph, kfile, analysis: "_Analysis", options):
-    """The rewrite for ``mode``, run: its rewrites, skips and replacements."""
-    if mode == "fuse":
+    """The rewrite for ``mode``, run: its rewrites, skips and replacements. With ``options.target``,
+    both: the hand-made groups the target runs natively fused, the native ones it wants split
+    expanded (one set of replacements, built at once); each judged conv in ``decisions``."""
+    if options.target is not None:
+        from rewriter import targets
+        from rewriter.api import target_accept, target_nodes
+
+        target = targets.get(options.target)
+        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
+                                lambda_sources=analysis.lambda_sources, repair_late_binding=options.repair_late_binding,
+                                accept=target_accept(target, targets.NATIVE)).run()
+        expander = ExpandGroupedConv(graph, kfile.weights, analysis.shape_of, keep_depthwise=options.keep_depthwise,
+                                     min_groups=options.min_groups, max_groups=options.max_groups,
+                                     accept=target_accept(target, targets.SPLIT),
+                                     exclude=set().union(*(group.removed for group in fuser.groups)))
+        expander.names |= fuser.names  # the fused layers' names are taken too
+        expander.run()
+        fuser.groups += expander.groups
+        fuser.rewrites += expander.rewrites
+        fuser.skipped += expander.skipped
+        fuser.decisions = target_nodes(fuser.decisions + expander.decisions, target.name)
+    elif mode == "fuse":
         fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
                                 lambda_sources=analysis.lambda_sources,
                                 repair_late_binding=options.repair_late_binding).run()

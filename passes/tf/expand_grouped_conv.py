@@ -10,6 +10,8 @@ stays as it is, after the ConcatV2. ``rewriter.plan.plan_expansion`` splits the 
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
@@ -18,18 +20,28 @@ from passes import register
 from passes.tf import _graph as g
 from rewriter.plan import Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 
 @register("tf.expand-grouped-conv")
 class ExpandGroupedConvPass:
-    """Rewrite every grouped Conv2D (filter depth C/N, N ≥ 2) into Split → N Conv2D → ConcatV2."""
+    """Rewrite every grouped Conv2D (filter depth C/N, N ≥ 2) into Split → N Conv2D → ConcatV2.
+
+    ``accept(props) -> (ok, rule)``, when given, is asked about each grouped conv (``--target``):
+    a refused one is kept, reported as a skip with the rule as its reason; each judged conv is
+    also listed in ``decisions``. Convs named in ``exclude`` (what a fuse pass just wrote) are
+    left alone unreported."""
 
     def __init__(self, *, rewrite: bool = True, keep_depthwise: bool = False, min_groups: int = 2,
-                 max_groups: int | None = None):
+                 max_groups: int | None = None, accept: Callable[[ConvProps], tuple[bool, str]] | None = None,
+                 exclude: Iterable[str] = ()):
         self.rewrite = rewrite
         self.keep_depthwise = keep_depthwise
         self.min_groups = min_groups
         self.max_groups = max_groups
+        self.accept = accept
+        self.exclude = set(exclude)
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
 
@@ -51,13 +63,24 @@ class ExpandGroupedConvPass:
                     self.skipped.append(Skip(conv.name, "filter is not a constant", [conv.name]))
                 continue
             depth = weight.shape[2]
-            if in_channels == depth:
-                continue  # a plain convolution
+            if in_channels == depth or conv.name in self.exclude:
+                continue  # a plain convolution, or one a fuse pass of this run just wrote
             groups = in_channels // depth
-            reason = self._refuse(groups, in_channels, weight.shape[3])
+            verdict = None
+            if self.accept is not None and groups > 1 and not (groups == in_channels and self.keep_depthwise):
+                verdict = self.accept(ConvProps(groups=groups, in_channels=in_channels,
+                                                out_channels=int(weight.shape[3]),
+                                                kernel_rank=1 if _is_conv1d(index, conv) else 2))
+            reason = verdict[1] if verdict is not None and not verdict[0] else \
+                self._refuse(groups, in_channels, weight.shape[3])
             plan = plan_expansion(weight, None, groups, in_channels, stack_axis=-1) if reason is None else None
             if isinstance(plan, Refusal):
                 reason = plan.reason
+            if verdict is not None:
+                expands = reason is None
+                rule = verdict[1] if expands or not verdict[0] else f"{verdict[1]}; but {reason}"
+                self.decisions.append({"location": conv.name, "graph": "", "form": "split" if expands else "native",
+                                       "action": "expand" if expands else "keep", "rule": rule})
             if reason is not None:
                 self.skipped.append(Skip(conv.name, reason, [conv.name]))
                 continue
@@ -108,6 +131,12 @@ class ExpandGroupedConvPass:
         concat = g.make_node("ConcatV2", conv.name, outputs + [concat_axis.name], T=dtype, N=plan.branches,
                              Tidx=tf.int32)
         return nodes + [concat_axis, concat]
+
+
+def _is_conv1d(index: g.GraphIndex, conv) -> bool:
+    """TF writes a Conv1D as ExpandDims → Conv2D → Squeeze."""
+    node, _ = index.producer(index.skip_identity(conv.input[0]))
+    return node is not None and node.op == "ExpandDims"
 
 
 def _filter_depth(index: g.GraphIndex, conv) -> int | None:

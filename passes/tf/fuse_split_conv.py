@@ -14,6 +14,7 @@ re-applied once after the fused convolution.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
@@ -22,6 +23,7 @@ from passes import register
 from passes.tf import _graph as g
 from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion
 from rewriter.report import Rewrite, Skip
+from rewriter.targets import ConvProps
 
 CONV_OPS = ("Conv2D",)
 READER_OPS = ("Split", "SplitV", "Slice", "StridedSlice")
@@ -84,10 +86,17 @@ class _Chain:
 
 @register("tf.fuse-split-conv")
 class FuseSplitConvPass:
-    """Rewrite every fusable channel split → Conv2D → ConcatV2 subgraph; record rewrites and skips."""
+    """Rewrite every fusable channel split → Conv2D → ConcatV2 subgraph; record rewrites and skips.
 
-    def __init__(self, *, rewrite: bool = True):
+    ``accept(props) -> (ok, rule)``, when given, is asked about the grouped conv a candidate would
+    become (``--target``): a refused candidate stays as it is, reported as a skip with the rule as
+    its reason; each judged candidate is also listed in ``decisions``."""
+
+    def __init__(self, *, rewrite: bool = True, accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
+        self.accept = accept
+        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self.created: list[str] = []  # the names of the convs this pass wrote (a later expand pass leaves them)
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
 
@@ -109,12 +118,26 @@ class FuseSplitConvPass:
             except _Refused as refusal:
                 self.skipped.append(Skip(concat.name, str(refusal), [c.name for c in _branch_convs(index, concat)]))
                 continue
+            verdict = None
+            if self.accept is not None and plan.groups > 1:
+                verdict = self.accept(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
+                                                out_channels=plan.out_channels,
+                                                kernel_rank=1 if chains[0].expand is not None else 2))
+                if not verdict[0]:
+                    self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for c in chains]))
+                    self.decisions.append({"location": concat.name, "graph": "", "form": "split",
+                                           "action": "keep", "rule": verdict[1]})
+                    continue
             old = [*readers, *(n for c in chains for n in c.nodes), concat]
             simple = plan.bias is None and not chains[0].tail and chains[0].squeeze is None
             conv_name = concat.name if simple else names.fresh(f"{chains[0].conv.name}_group{plan.groups}")
+            if verdict is not None:
+                self.decisions.append({"location": conv_name, "graph": "", "form": "native", "action": "fuse",
+                                       "rule": verdict[1]})
             if self.rewrite:
                 new_nodes.extend(self._emit(names, concat, source, chains[0], plan, conv_name))
                 replaced.update(n.name for n in old)
+                self.created.append(conv_name)
             self.rewrites.append(Rewrite(kind="fuse-split-conv", location=conv_name, groups=plan.groups,
                                          channels={"in": plan.in_channels, "out": plan.out_channels},
                                          nodes=[n.name for n in old]))

@@ -475,7 +475,12 @@ def skipped_verification(options, note: str | None = None) -> Verification:
 
 
 def run_passes(frozen: FrozenSignature, mode: str, apply: bool, options, report: Report) -> graph_pb2.GraphDef:
-    """Fuse or expand in the frozen graph; record rewrites, skips and the after-stats."""
+    """Fuse or expand in the frozen graph; record rewrites, skips and the after-stats.
+
+    With ``options.target``, both in one run: fuse the hand-made groups the target runs natively,
+    then expand the native grouped convs it wants split; each judged conv goes to ``report.target``."""
+    if options.target is not None:
+        return _run_target_passes(frozen, apply, options, report)
     if mode == "fuse":
         from passes.tf.fuse_split_conv import FuseSplitConvPass
 
@@ -489,6 +494,30 @@ def run_passes(frozen: FrozenSignature, mode: str, apply: bool, options, report:
         graph_def = rewrite_pass(frozen.graph_def, frozen.protected)
         report.rewrites.extend(rewrite_pass.rewrites)
         report.skipped.extend(rewrite_pass.skipped)
+        report.after = graph_stats(graph_def) if apply else report.before
+    return graph_def
+
+
+def _run_target_passes(frozen: FrozenSignature, apply: bool, options, report: Report) -> graph_pb2.GraphDef:
+    from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
+    from passes.tf.fuse_split_conv import FuseSplitConvPass
+    from rewriter import targets
+    from rewriter.api import target_accept, target_nodes
+
+    target = targets.get(options.target)
+    if report.target is None:
+        report.target = {"name": target.name, "nodes": []}
+    with report.timed("rewrite"):
+        fuse_pass = FuseSplitConvPass(rewrite=apply, accept=target_accept(target, targets.NATIVE))
+        graph_def = fuse_pass(frozen.graph_def, frozen.protected)
+        expand_pass = ExpandGroupedConvPass(rewrite=apply, keep_depthwise=options.keep_depthwise,
+                                            min_groups=options.min_groups, max_groups=options.max_groups,
+                                            accept=target_accept(target, targets.SPLIT), exclude=fuse_pass.created)
+        graph_def = expand_pass(graph_def, frozen.protected)
+        for rewrite_pass in (fuse_pass, expand_pass):
+            report.rewrites.extend(rewrite_pass.rewrites)
+            report.skipped.extend(rewrite_pass.skipped)
+            report.target["nodes"].extend(target_nodes(rewrite_pass.decisions, target.name))
         report.after = graph_stats(graph_def) if apply else report.before
     return graph_def
 
