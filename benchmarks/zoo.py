@@ -1,9 +1,12 @@
 """Zoo battery: public architectures (random weights) through the gconv-rewrite CLI, and OpenVINO beside it.
 
     python benchmarks/zoo.py                       # export everything to a tmp dir, run the battery
-    python benchmarks/zoo.py --out /tmp/zoo --only resnext --only regnet   # filters match model names
-    python benchmarks/zoo.py --out /tmp/zoo --skip-export                 # re-run the CLI on files already there
-    python benchmarks/zoo.py --frameworks torch    # only torch (or keras, tfkeras), --no-openvino, --fixtures DIR
+    python benchmarks/zoo.py --out /tmp/zoo --only resnext --only regnet   # filters: substrings of model names
+    python benchmarks/zoo.py --out /tmp/zoo --skip-export                 # re-run the CLI on the files there
+    python benchmarks/zoo.py --frameworks torch --variant chunk           # torch,keras,tfkeras; native,chunk,...
+    python benchmarks/zoo.py --cli-env TF_ENABLE_ONEDNN_OPTS=0            # the CLI as on a non-x86 TF build
+    python benchmarks/zoo.py --full-matrix          # every exporter/batch/BN variant of every grouped torch model
+    python benchmarks/zoo.py --fixtures /work/zoo   # also copy the exported models there
 
 Writes benchmarks/zoo_results.md and benchmarks/zoo_results.json (or --results PREFIX). Never commit the
 generated models: they live under --out (default: a fresh tmp dir).
@@ -39,7 +42,11 @@ What it exports (no downloads: every model is built with random weights):
   (SeparableConv2D and parallel branches; nothing to do) as .keras, .h5 and SavedModel (``model.export``);
   tf_keras.applications: RegNetX002/RegNetY002 (Conv2D groups, group width 8; Keras 3 has no RegNet), and the
   same three, as .keras, .h5 and SavedModel (``model.save(dir, save_format="tf")``). tf-keras writes TFOpLambda
-  layers (tf.__operators__.add, tf.nn.relu6, tf.math.reduce_mean, ...): valuable inputs.
+  layers (tf.__operators__.add, tf.nn.relu6, tf.math.reduce_mean, ...): valuable inputs. Legacy tf-keras
+  variants of the RegNets (.h5): each grouped Conv2D as ``tf.split`` (a TFOpLambda) → N Conv2D → Concatenate
+  ("split"), and with a BatchNormalization per branch ("splitbn"); their twin is the native .h5.
+  Which saves each model gets is KERAS_FORMATS (each Keras CLI call pays TensorFlow's import and a rebuild).
+  Depthwise-only Keras models get no --expand (C one-channel Conv2D layers take Keras minutes; ONNX covers it).
 
 What it runs per file (the CLI in a subprocess, ``--format json --report``, verification on):
 ``--check``, ``--fuse``, and for natively grouped files ``--expand`` then ``--fuse`` of the expanded file.
@@ -514,8 +521,10 @@ def _parse_model(entry: dict) -> dict:
               "seconds": round(entry.get("seconds") or 0, 2), "output": entry.get("output")}
     if result["error"] and str(result["error"]).startswith("internal error"):
         result["crash"] = True
-    result["rewrites"] = [{"kind": r.get("kind"), "groups": r.get("groups"), "location": r.get("location")}
-                          for r in report.get("rewrites", [])]
+    # rewrites by (kind, groups): an expand of a depthwise model lists thousands otherwise
+    kinds = collections.Counter((r.get("kind"), r.get("groups")) for r in report.get("rewrites", []))
+    result["rewrites"] = [{"kind": k, "groups": g, "count": n} for (k, g), n in sorted(kinds.items(), key=str)]
+    result["rewrite_count"] = sum(kinds.values())
     result["skipped"] = [s if isinstance(s, str) else {k: s.get(k) for k in ("location", "reason", "kind") if k in s}
                          for s in report.get("skipped", [])]
     result["before"], result["after"] = report.get("before"), report.get("after")
@@ -698,8 +707,8 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
     if legacy:
         if check.get("exit") == 0:
             problems.append("check: exit 0 on a legacy file (patterns not seen)")
-        fused = len(fuse.get("rewrites") or [])
-        fused_convs = sum(1 for r in fuse.get("rewrites") or [] if "fuse" in (r.get("kind") or ""))
+        fused = fuse.get("rewrite_count", 0)
+        fused_convs = sum(r["count"] for r in fuse.get("rewrites") or [] if "fuse" in (r.get("kind") or ""))
         stats = fuse.get("stats")
         if fuse.get("exit") == 0 and fused_convs < entry["legacy_convs"]:
             problems.append(f"fuse: {fused_convs} of {entry['legacy_convs']} hand-made groups fused")
@@ -718,8 +727,8 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
         if entry["kind"] != "mixed":
             if check.get("exit") == 1:
                 problems.append("check: exit 1 on a native file (false positive?)")
-            if fuse.get("rewrites"):
-                problems.append(f"fuse: {len(fuse['rewrites'])} rewrites on a native file (false positive?)")
+            if fuse.get("rewrite_count"):
+                problems.append(f"fuse: {fuse['rewrite_count']} rewrites on a native file (false positive?)")
         expand, roundtrip = calls.get("expand"), calls.get("roundtrip")
         source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras", "h5") else None
         if expand and expand.get("exit") == 0 and source:
@@ -815,7 +824,7 @@ def markdown(results: dict) -> str:
             problems += " (note: " + "; ".join(entry["notes"]) + ")"
         lines.append(
             f"| {entry['name']} | {entry['variant']} | {exporter} | {cell_exit(calls.get('check'))} | "
-            f"{cell_exit(fuse)} | {len(fuse.get('rewrites') or [])} | {summarize_groups(fuse.get('stats'))} | "
+            f"{cell_exit(fuse)} | {fuse.get('rewrite_count', 0)} | {summarize_groups(fuse.get('stats'))} | "
             f"{summarize_groups(twin) if twin else '–'} | {cell_exit(calls.get('expand'))} | "
             f"{cell_exit(calls.get('roundtrip'))} | {summarize_groups((calls.get('roundtrip') or {}).get('stats'))} | "
             f"{','.join(verify) or '–'} | {ov_cell} | {times} | {problems.replace('|', '/')} |")
