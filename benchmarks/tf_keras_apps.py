@@ -37,7 +37,6 @@ def against_tf_keras(original: Path, written: Path) -> float:
     import keras
     import numpy as np
     import tf_keras
-
     from tf_keras.src.applications import convnext
 
     reference = tf_keras.models.load_model(original, compile=False, custom_objects={

@@ -213,7 +213,7 @@ def legacy_variant(model, variant: str):
 
     legacy, twin = copy.deepcopy(model), copy.deepcopy(model)
     count = 0
-    for (name, module), (_, twin_module) in zip(list(legacy.named_modules()), list(twin.named_modules())):
+    for (_name, module), (_, twin_module) in zip(list(legacy.named_modules()), list(twin.named_modules())):
         for child_name, child in list(module.named_children()):
             if type(child) is not nn.Conv2d or child.groups <= 1:
                 continue
@@ -380,7 +380,6 @@ def legacy_tfkeras(model, with_bn=False):
     written before Keras had ``groups`` looks; returns (model, count). Other layers are reused (same weights)."""
     import tensorflow as tf
     import tf_keras as keras
-
     from tf_keras.src.engine.keras_tensor import KerasTensor
     tensor_map = {}
     new_inputs = []
@@ -815,7 +814,7 @@ def markdown(results: dict) -> str:
             if v.get("ran"):
                 verify.append("ok" if v.get("passed") else "FAIL")
         ov = entry.get("openvino")
-        ov_cell = "–" if not ov else (f"error" if "error" in ov else f"{ov['convolution']}/{ov['group_convolution']}")
+        ov_cell = "–" if not ov else ("error" if "error" in ov else f"{ov['convolution']}/{ov['group_convolution']}")
         times = "/".join(f"{calls[m]['seconds']:.1f}" if m in calls else "–"
                          for m in ("check", "fuse", "expand", "roundtrip"))
         exporter = entry["exporter"] + ("-dyn" if entry["dynamic"] and entry["format"] == "onnx" else "")

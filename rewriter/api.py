@@ -9,19 +9,18 @@
 from __future__ import annotations
 
 import gc
-import math
 import tempfile
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from rewriter import formats, quiet
-from rewriter.errors import BadInput, OutputError, RewriteError, VerificationFailed
+from rewriter.errors import BadInput, RewriteError, VerificationFailed
 from rewriter.report import Report, Verification, model_stats
 from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
 

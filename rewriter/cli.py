@@ -11,18 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import tomllib
 from pathlib import Path
 
-
 import click
 
-from rewriter import __version__, batch, formats, quiet
+from rewriter import __version__, batch, formats, quiet, targets
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
-from rewriter import targets
 from rewriter.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned

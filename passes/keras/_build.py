@@ -21,13 +21,24 @@ import copy
 import functools
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from passes.keras._config import (Call, KerasGraph, LayerSpec, TensorRef, WeightStore, first_arg_count,
-                                  is_constant_leaf, kwarg_refs, legacy_kwargs, legacy_leaves)
+from passes.keras._config import (
+    Call,
+    KerasGraph,
+    LayerSpec,
+    TensorRef,
+    WeightStore,
+    first_arg_count,
+    is_constant_leaf,
+    kwarg_refs,
+    legacy_kwargs,
+    legacy_leaves,
+)
 from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
 from rewriter.errors import BadInput
 

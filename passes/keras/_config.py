@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class TensorRef:
 class Call:
     """One call of a layer (a Keras "node"): the raw node data and the tensors it reads."""
 
-    layer: "LayerSpec"
+    layer: LayerSpec
     index: int
     data: Any  # the file's node data (Keras 3 dict of args/kwargs, or the legacy nested list)
     inputs: list[TensorRef]  # every tensor it reads, flattened, in order
@@ -89,7 +90,7 @@ class KerasFile:
     kind: str  # "keras" (Keras 3 zip) or "h5" (legacy)
     config: dict  # the top-level model config
     keras_version: str
-    weights: "WeightStore"
+    weights: WeightStore
     compile_config: dict | None = None  # Keras 3 compile_config / legacy training_config
     accepted: Any = None  # .keras: the archive's members as accepted within the limits (_Accepted)
 
@@ -355,7 +356,7 @@ class WeightStore:
             self._arrays[name] = tree.get("vars", [])
 
     @classmethod
-    def from_keras3(cls, weights_path: Path, path: Path) -> "WeightStore":
+    def from_keras3(cls, weights_path: Path, path: Path) -> WeightStore:
         import h5py
 
         try:
@@ -369,7 +370,7 @@ class WeightStore:
         return cls({}, paths)
 
     @classmethod
-    def from_legacy(cls, handle, path: Path) -> "WeightStore":
+    def from_legacy(cls, handle, path: Path) -> WeightStore:
         arrays: dict[str, list[np.ndarray]] = {}
         root = handle.get("model_weights", handle)
         # tf-keras lists the layers in "layer_names": a name with "/" (MobileNetV3's

@@ -19,8 +19,9 @@ import binascii
 import builtins
 import marshal
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

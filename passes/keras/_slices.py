@@ -10,8 +10,9 @@ output tensor. Bounds are resolved against the source's static shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from passes.keras._config import Call, TensorRef, legacy_leaves
 

@@ -15,7 +15,8 @@ it) and the everyday arithmetic, activations, reductions and reshapes of hand-wr
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

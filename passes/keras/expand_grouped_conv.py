@@ -9,8 +9,9 @@ takes the grouped conv's name, so its consumers and the model's output names sta
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from passes import register
 from passes.keras._build import keras_name, layer_object
@@ -88,7 +89,7 @@ class ExpandGroupedConv:
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
 
-    def run(self) -> "ExpandGroupedConv":
+    def run(self) -> ExpandGroupedConv:
         for call in self.graph.calls():
             layer = call.layer
             groups = int(layer.config.get("groups", 1) or 1)

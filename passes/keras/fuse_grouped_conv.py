@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,7 @@ class FuseGroupedConv:
         self.rebound: dict[str, Callable] = {}  # repaired Lambda layer → its re-bound function
         self.order = {name: i for i, name in enumerate(graph.layers)}  # file order, for reports
 
-    def run(self) -> "FuseGroupedConv":
+    def run(self) -> FuseGroupedConv:
         for call in self.graph.calls():
             if call.layer.class_name != "Concatenate":
                 continue

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +165,7 @@ def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -
     return graph
 
 
-def _run_pass(path: Path, mode: str, graph, kfile, analysis: "_Analysis", options):
+def _run_pass(path: Path, mode: str, graph, kfile, analysis: _Analysis, options):
     """The rewrite for ``mode``, run: its rewrites, skips and replacements. With ``options.target``,
     both: the hand-made groups the target runs natively fused, the native ones it wants split
     expanded (one set of replacements, built at once); each judged conv in ``decisions``."""
@@ -419,7 +418,7 @@ def _load_written(target: Path, *, trusted: bool):
     try:
         return keras.models.load_model(target, compile=False, safe_mode=not trusted)
     except Exception as exc:
-        raise VerificationFailed(f"the written model does not load in Keras ({_one_line(exc)}); nothing was written")
+        raise VerificationFailed(f"the written model does not load in Keras ({_one_line(exc)}); nothing was written") from exc
 
 
 def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None], str]]:

@@ -10,7 +10,7 @@ stays as it is, after the ConcatV2. ``rewriter.plan.plan_expansion`` splits the 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf

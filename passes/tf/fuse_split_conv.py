@@ -13,8 +13,8 @@ re-applied once after the fused convolution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2

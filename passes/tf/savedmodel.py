@@ -12,11 +12,10 @@ plain ops.
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -118,8 +117,10 @@ def _freeze(function):
     What ``convert_variables_to_constants_v2`` computes, without building a ConcreteFunction of
     the result (half of its time on a large model, and we only need the GraphDef)."""
     try:
-        from tensorflow.python.framework.convert_to_constants import (_FunctionConverterDataInEager,
-                                                                      _replace_variables_by_constants)
+        from tensorflow.python.framework.convert_to_constants import (
+            _FunctionConverterDataInEager,
+            _replace_variables_by_constants,
+        )
         from tensorflow.python.util.object_identity import ObjectIdentitySet
     except ImportError:  # another TF version: the public, slower way
         frozen = convert_variables_to_constants_v2(function, aggressive_inlining=True)
@@ -458,7 +459,7 @@ def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Veri
     except Exception as exc:
         verification = Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
                                     note=f"the rewritten SavedModel does not load: {one_line(exc)}")
-        raise VerificationFailed(f"verification failed: {verification.note}; nothing was written", verification)
+        raise VerificationFailed(f"verification failed: {verification.note}; nothing was written", verification) from exc
     actual = run_function(candidate, feeds, "rewritten")
     return verify_outputs(expected, actual, feeds, options)
 
