@@ -20,6 +20,7 @@ from click.testing import CliRunner
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
+from passes.tf import _compat as tf_compat  # noqa: E402
 from passes.tflite import convert  # noqa: E402
 from rewriter.api import Options, expand, fuse  # noqa: E402
 from rewriter.cli import main  # noqa: E402
@@ -35,7 +36,7 @@ def invoke(*args):
 
 
 def ops(path) -> list[str]:
-    return [op["op_name"] for op in convert.interpreter(path.read_bytes(), delegates=False)._get_ops_details()]
+    return [op["op_name"] for op in tf_compat.tflite_ops(convert.interpreter(path.read_bytes(), delegates=False))]
 
 
 def convs(path) -> list[convert.ConvOp]:

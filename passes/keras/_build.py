@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from passes.keras import _compat
 from passes.keras._config import (
     Call,
     KerasGraph,
@@ -99,9 +100,7 @@ def known_classes() -> dict[str, Any]:
     """tf-keras application layers that are no Keras built-in, by class name, as the Keras 3
     classes of the same config and computation (ConvNeXt's ``LayerScale`` is ``x * gamma``;
     ``StochasticDepth`` is the identity at inference). Library code, never the file's."""
-    from keras.src.applications import convnext
-
-    return {"LayerScale": convnext.LayerScale, "StochasticDepth": convnext.StochasticDepth}
+    return _compat.convnext_layers()
 
 
 def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
@@ -109,7 +108,6 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
     (a nested model may hold Lambdas). A top-level Lambda never comes here: it is built from
     its rebuilt function (see _lambdas)."""
     import keras
-    from keras.src.saving.serialization_lib import SafeModeScope
 
     if layer.class_name == "Lambda":
         raise AssertionError("Lambda layers are built from their rebuilt function, not their config")
@@ -117,16 +115,14 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
         with warnings.catch_warnings():  # Keras's advice on how the file's author should have written it
             warnings.simplefilter("ignore")
             if legacy:
-                from keras.src.legacy.saving import saving_utils
-
                 entry = copy.deepcopy({"class_name": layer.class_name, "config": layer.config})
                 if isinstance(entry["config"].get("name"), str):
                     entry["config"]["name"] = keras_name(entry["config"]["name"])
                 for key, default in TF_KERAS_ONLY.get(layer.class_name, {}).items():
                     if entry["config"].get(key, default) == default:
                         entry["config"].pop(key, None)
-                with SafeModeScope(not trusted):
-                    return saving_utils.model_from_config(entry, custom_objects=known_classes())
+                with _compat.safe_mode_scope(not trusted):
+                    return _compat.legacy_model_from_config(entry, custom_objects=known_classes())
             entry = {k: copy.deepcopy(v) for k, v in layer.raw.items() if k not in ("inbound_nodes", "name")}
             if isinstance(entry.get("config"), dict) and isinstance(entry["config"].get("name"), str):
                 entry["config"]["name"] = keras_name(entry["config"]["name"])
@@ -261,14 +257,12 @@ def operation_classes() -> dict[str, str]:
     """``keras.ops`` operation classes (no layers) by class name → module. Library code."""
     import inspect
 
-    from keras.src.layers.layer import Layer
-    from keras.src.ops import core, image, linalg, math, nn, numpy
-    from keras.src.ops.operation import Operation
+    import keras
 
     found: dict[str, str] = {}
-    for module in (numpy, nn, math, core, image, linalg):
+    for module in _compat.operation_modules():
         for name, obj in vars(module).items():
-            if inspect.isclass(obj) and issubclass(obj, Operation) and not issubclass(obj, Layer):
+            if inspect.isclass(obj) and issubclass(obj, keras.Operation) and not issubclass(obj, keras.Layer):
                 found.setdefault(name, obj.__module__)
     return found
 
@@ -349,7 +343,7 @@ def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]
 
         def revive(x):
             if isinstance(x, keras.KerasTensor):
-                history = getattr(x, "_pre_serialization_keras_history", None)
+                history = _compat.pre_serialization_history(x)
                 if history is not None:
                     ref = TensorRef(history[0], int(history[1]), int(history[2]))
                     if ref not in tensors:  # the parsed refs and the node disagree, or no such output
@@ -393,22 +387,18 @@ def _revive_kwargs(kwargs: dict, refs: list[TensorRef], tensors) -> dict:
 
 def _slice_ops(name: str, source, axis: int, ranges: list[tuple[int, int]]) -> list:
     """source[..., a:b] per range, as Keras 3 GetItem operations named after the replaced layer."""
-    from keras.src.ops.numpy import GetItem
-
     outputs = []
     rank = len(source.shape)
     for i, (start, stop) in enumerate(ranges):
         key = (Ellipsis, slice(start, stop)) if axis == rank - 1 else \
             tuple([slice(None)] * axis + [slice(start, stop)])
-        op = GetItem(name=keras_name(name if len(ranges) == 1 else f"{name}_{i}"))
+        op = _compat.get_item(keras_name(name if len(ranges) == 1 else f"{name}_{i}"))
         outputs.append(op(source, key))
     return outputs
 
 
 def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
     """tf-keras TFOpLambda / SlicingOpLambda nodes, as the Keras 3 operations they are."""
-    from keras.src.ops.numpy import GetItem, Split
-
     from passes.keras import _tf_ops
 
     layer = call.layer
@@ -426,7 +416,7 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
         source = tensors[call.inputs[0]]
         if function in GETITEM_FUNCTIONS:
             key = tuple(_slice_item(item) for item in (kwargs.get("slice_spec") or []))
-            return [GetItem(name=keras_name(layer.name))(source, key)]
+            return [_compat.get_item(keras_name(layer.name))(source, key)]
         sections = kwargs.get("num_or_size_splits")
         axis = kwargs.get("axis", 0)
         if isinstance(sections, list):
@@ -435,7 +425,7 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
             if -1 in sizes and size is not None:
                 sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
             sections = list(np.cumsum(sizes)[:-1].astype(int).tolist())
-        return list(Split(sections, axis=axis, name=keras_name(layer.name))(source))
+        return list(_compat.split(sections, axis=axis, name=keras_name(layer.name))(source))
     first = _first_argument(call, tensors)
     return _tf_ops.rebuild(function, layer.name, first, kwargs)
 
@@ -497,8 +487,9 @@ def _assign_keras3(obj, tree: dict, name: str) -> None:
                                  for t in tree["other"].values()):
         raise BadInput(f"layer {name!r} holds sublayers of its own; rebuilding those is not supported yet")
     arrays = tree.get("vars", [])
-    own = list(obj._trainable_variables) + list(obj._non_trainable_variables) \
-        if hasattr(obj, "_trainable_variables") else list(obj.weights)
+    own = _compat.own_variables(obj)
+    if own is None:
+        own = list(obj.weights)
     if len(arrays) != len(own):
         raise BadInput(f"layer {name!r}: the file holds {len(arrays)} weight arrays, the layer expects {len(own)}")
     if arrays:

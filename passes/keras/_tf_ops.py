@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from passes.keras import _compat
 from rewriter.errors import BadInput
 
 
@@ -360,7 +361,7 @@ def _name_operations(outputs: list, inputs: list, base: str) -> None:
     count = 0
     while pending:
         tensor = pending.pop(0)
-        history = getattr(tensor, "_keras_history", None)
+        history = _compat.keras_history(tensor)
         if history is None or id(tensor) in known:
             continue
         operation = history.operation
@@ -369,5 +370,5 @@ def _name_operations(outputs: list, inputs: list, base: str) -> None:
         seen.add(id(operation))
         operation.name = base if count == 0 else f"{base}_{count}"
         count += 1
-        node = operation._inbound_nodes[history.node_index]
+        node = _compat.inbound_node(operation, history.node_index)
         pending.extend(t for t in node.input_tensors if id(t) not in known)

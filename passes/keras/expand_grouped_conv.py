@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from passes import register
+from passes.keras import _compat
 from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras.fuse_grouped_conv import CONV_CLASSES
@@ -42,7 +43,6 @@ class ExpandedConv:
 
     def emit(self, source_tensor) -> dict[TensorRef, Any]:
         import keras
-        from keras.src.ops.numpy import GetItem
 
         conv = layer_object(self.conv.layer, self.legacy)
         config = conv.get_config()
@@ -52,7 +52,7 @@ class ExpandedConv:
                                                              self.plan.biases)):
             key = (Ellipsis, slice(start, stop)) if self.channel_axis == rank - 1 else \
                 tuple([slice(None)] * self.channel_axis + [slice(start, stop)])
-            piece = GetItem(name=self.names[2 * i])(source_tensor, key)
+            piece = _compat.get_item(self.names[2 * i])(source_tensor, key)
             branch = type(conv).from_config({**config, "name": self.names[2 * i + 1], "groups": self.plan.groups_per_branch,
                                             "filters": int(weight.shape[-1])})
             out = branch(piece)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from passes import register
-from passes.keras import _lambdas
+from passes.keras import _compat, _lambdas
 from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
@@ -97,8 +97,6 @@ class FusedGroup:
     removed: set[tuple[str, int]] = field(default_factory=set)
 
     def emit(self, source_tensor) -> dict[TensorRef, Any]:
-        from keras.src.ops.numpy import GetItem
-
         first = self.branches[0]
         conv = layer_object(first.conv.layer, self.legacy)
         config = conv.get_config()
@@ -124,7 +122,7 @@ class FusedGroup:
             key = (Ellipsis, bounds) if self.channel_axis == rank - 1 else \
                 tuple([slice(None)] * self.channel_axis + [bounds])
             cut = branch.tails[len(self.tail_weights) - 1] if self.tail_weights else branch.conv
-            produced[TensorRef(cut.layer.name, cut.index, 0)] = GetItem(name=name)(tensor, key)
+            produced[TensorRef(cut.layer.name, cut.index, 0)] = _compat.get_item(name)(tensor, key)
         return produced
 
 

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from passes.keras import _build, _config, _lambdas, _slices
+from passes.keras import _build, _compat, _config, _lambdas, _slices
 from passes.keras.expand_grouped_conv import ExpandGroupedConv
 from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter import formats
@@ -251,15 +251,11 @@ def _carry_compile_settings(model, kfile: _config.KerasFile, report: Report) -> 
         return
     import warnings
 
-    from keras.src.saving.serialization_lib import SafeModeScope
-
     try:
-        with warnings.catch_warnings(), SafeModeScope(True):
+        with warnings.catch_warnings(), _compat.safe_mode_scope(True):
             warnings.simplefilter("ignore")
             if kfile.kind == "h5":
-                from keras.src.legacy.saving import saving_utils
-
-                model.compile(**saving_utils.compile_args_from_training_config(kfile.compile_config))
+                model.compile(**_compat.legacy_compile_args(kfile.compile_config))
             else:
                 model.compile_from_config(kfile.compile_config)
     except Exception as exc:
@@ -370,7 +366,7 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
                                for layer in analysis.built.model.layers])
     else:
         kfile.weights.resolve([(layer.name, layer.class_name) for layer in graph.layers.values()
-                               if not str(layer.raw.get("module") or "").startswith("keras.src.ops")])
+                               if not str(layer.raw.get("module") or "").startswith(_compat.OPS_MODULE_PREFIX)])
     for call in graph.calls():
         result = _slices.read_slice(call, analysis.shape_of, analysis.lambda_results)
         if result is not None:

@@ -4,7 +4,6 @@ from passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
 from passes.onnx.fold_batchnorm import FoldBatchNormPass
 from passes.onnx.fuse_split_conv import FuseSplitConvPass
 
-FUSE_PASSES = ("onnx.fuse-split-conv",)
 EXPAND_PASSES = ("onnx.expand-grouped-conv",)
 
-__all__ = ["ExpandGroupedConvPass", "FoldBatchNormPass", "FuseSplitConvPass", "EXPAND_PASSES", "FUSE_PASSES"]
+__all__ = ["ExpandGroupedConvPass", "FoldBatchNormPass", "FuseSplitConvPass", "EXPAND_PASSES"]

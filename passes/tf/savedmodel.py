@@ -23,9 +23,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-from tensorflow.python.grappler import tf_optimizer
 
+from passes.tf import _compat
 from passes.tf import _graph as g
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
@@ -61,10 +60,6 @@ class FrozenSignature:
         """Tensors the signature reads or returns: passes never remove or bypass them."""
         return {t.tensor for t in self.inputs + self.outputs}
 
-    @property
-    def output_nodes(self) -> list[str]:
-        return [g.split_input(o.tensor)[0] for o in self.outputs]
-
 
 def one_line(exc: BaseException) -> str:
     """The line of an error that says what went wrong (TF puts it after "Graph execution error")."""
@@ -86,7 +81,7 @@ def load_signature(path: Path, signature: str = "serving_default") -> FrozenSign
         raise BadInput(f"{path}: no signature {signature!r} (signatures: {known}); choose one with --signature")
     function = signatures[signature]
     try:
-        graph_def, input_names, output_names = _freeze(function)
+        graph_def, input_names, output_names = _compat.freeze(function)
     except Exception as exc:
         raise BadInput(f"{path}: cannot freeze signature {signature!r} ({one_line(exc)})") from exc
 
@@ -109,29 +104,6 @@ def load_signature(path: Path, signature: str = "serving_default") -> FrozenSign
                if name != signature and _same_computation(other, function)]
     others = sorted(set(signatures) - {signature, *aliases})
     return FrozenSignature(signature, graph_def, inputs, outputs, function, aliases, others)
-
-
-def _freeze(function):
-    """(GraphDef with variables as constants, its input tensor names, its output tensor names).
-
-    What ``convert_variables_to_constants_v2`` computes, without building a ConcreteFunction of
-    the result (half of its time on a large model, and we only need the GraphDef)."""
-    try:
-        from tensorflow.python.framework.convert_to_constants import (
-            _FunctionConverterDataInEager,
-            _replace_variables_by_constants,
-        )
-        from tensorflow.python.util.object_identity import ObjectIdentitySet
-    except ImportError:  # another TF version: the public, slower way
-        frozen = convert_variables_to_constants_v2(function, aggressive_inlining=True)
-        return (frozen.graph.as_graph_def(), [t.name for t in frozen.inputs],
-                [t.name for t in frozen.outputs])
-    data = _FunctionConverterDataInEager(func=function, lower_control_flow=True, aggressive_inlining=True)
-    graph_def, converted = _replace_variables_by_constants(converter_data=data)
-    captures = function.graph.internal_captures
-    frozen_inputs = ObjectIdentitySet([captures[i] for i in converted])
-    inputs = [t.name for t in function.inputs if t not in frozen_inputs]
-    return graph_def, inputs, [t.name for t in function.outputs]
 
 
 def _same_computation(a, b) -> bool:
@@ -204,7 +176,7 @@ def _grappler(graph_def: graph_pb2.GraphDef, fetches: list[str], optimizers: lis
     fetch = meta_graph_pb2.CollectionDef()
     fetch.node_list.value.extend(fetches)
     meta_graph.collection_def["train_op"].CopyFrom(fetch)
-    return tf_optimizer.OptimizeGraph(config, meta_graph)
+    return _compat.optimize_graph(config, meta_graph)
 
 
 def graph_stats(graph_def: graph_pb2.GraphDef) -> ModelStats:

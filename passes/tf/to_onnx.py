@@ -20,6 +20,7 @@ import onnx_ir as ir
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
+from passes.tf import _compat
 from passes.tf import _graph as g
 from passes.tf.savedmodel import (
     FrozenSignature,
@@ -34,7 +35,6 @@ from rewriter.errors import BadInput, VerificationFailed
 from rewriter.report import Report
 
 OPSET = 17
-_NAME_COUNTER_START: int | None = None
 
 
 def replace_unsupported_ops(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
@@ -63,14 +63,11 @@ def convert(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, opset: in
     import tf2onnx
     import tf2onnx.rewriter  # noqa: F401  (its modules draw names at import; let them do it now)
 
-    global _NAME_COUNTER_START
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf2onnx's v1 calls log deprecations
     # tf2onnx names the nodes it inserts from a process-wide counter: restart it, so the same
     # input gives the same file however many conversions ran before in this process.
-    if _NAME_COUNTER_START is None:
-        _NAME_COUNTER_START = tf2onnx.utils.INTERNAL_NAME
-    tf2onnx.utils.INTERNAL_NAME = _NAME_COUNTER_START
+    _compat.restart_tf2onnx_names()
     rename = {i.tensor: i.key for i in frozen.inputs} | {o.tensor: o.key for o in frozen.outputs}
     try:
         model_proto, _ = tf2onnx.convert.from_graph_def(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from passes.tf import _compat as tf_compat
 from rewriter import formats, quiet
 from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
 from rewriter.report import ModelStats, OutputComparison, Report, Verification, count_ops
@@ -129,14 +130,14 @@ def describe(content: bytes) -> tuple[ModelStats, list[ConvOp]]:
     """The flatbuffer's ops (as counted for the report: one node per op, parameters = elements of
     its floating constant tensors) and its convolutions with their group counts."""
     loaded = interpreter(content, delegates=False)
-    ops = loaded._get_ops_details()
+    ops = tf_compat.tflite_ops(loaded)
     convs = []
     for op in ops:
         if op["op_name"] not in CONV_OPS or len(op["inputs"]) < 2:
             continue
-        data = loaded._get_tensor_details(op["inputs"][0], 0)["shape"]
-        kernel = loaded._get_tensor_details(op["inputs"][1], 0)["shape"]
-        output = loaded._get_tensor_details(op["outputs"][0], 0)
+        data = tf_compat.tflite_tensor(loaded, op["inputs"][0])["shape"]
+        kernel = tf_compat.tflite_tensor(loaded, op["inputs"][1])["shape"]
+        output = tf_compat.tflite_tensor(loaded, op["outputs"][0])
         if len(data) != 4 or len(kernel) != 4:
             continue
         channels = int(data[3])
