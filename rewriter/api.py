@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter import formats, quiet
+from rewriter import formats, quiet, targets
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
 from rewriter.report import Report, Verification, model_stats
 from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
@@ -95,12 +95,11 @@ def _target_passes(rewrite: bool, options: Options, target=None):
     then expand the native grouped convs it wants split (leaving the ones just fused alone).
     ``target``: any object with ``name`` and ``decide(props)`` (--auto's measured target)."""
     from passes.onnx import ExpandGroupedConvPass, FoldBatchNormPass, FuseSplitConvPass
-    from rewriter import targets
 
     target = target or targets.get(options.target)
 
     def wants(form: str):
-        return target_accept(target, form)
+        return targets.target_accept(target, form)
 
     fuse_pass = FuseSplitConvPass(rewrite=rewrite, accept=wants(targets.NATIVE))
     passes = [fuse_pass]
@@ -110,22 +109,6 @@ def _target_passes(rewrite: bool, options: Options, target=None):
         rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
         max_groups=options.max_groups, accept=wants(targets.SPLIT), exclude=fuse_pass.created))
     return passes
-
-
-def target_accept(target, form: str):
-    """The passes' ``accept`` hook for one direction of ``--target``: ``(ok, rule)`` with ok when
-    ``target`` wants ``form`` (targets.NATIVE: fuse, targets.SPLIT: expand); the rule is prefixed
-    with the form and target, as a skip's reason says it."""
-    def accept(props) -> tuple[bool, str]:
-        chosen, rule = target.decide(props)
-        return chosen == form, f"{chosen} for {target.name}: {rule}"
-    return accept
-
-
-def target_nodes(decisions: list[dict], name: str) -> list[dict]:
-    """A pass's ``decisions`` as the report's ``target.nodes``: the rule without the
-    "native for NAME: " the skip reasons carry."""
-    return [{**d, "rule": d["rule"].removeprefix(f"{d['form']} for {name}: ")} for d in decisions]
 
 
 def _resolve_inputs(options: Options):
@@ -165,7 +148,6 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     if options.auto:
         _check_auto(model, fmt, options)
     if options.target is not None:
-        from rewriter import targets
 
         targets.get(options.target)  # an unknown name: one line listing the known ones
         if fmt != "onnx" and options.to == "onnx":  # the ONNX writer fuses what the converter leaves split
@@ -288,7 +270,7 @@ def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) ->
                 report.rewrites.extend(rewrite_pass.rewrites)
                 report.skipped.extend(rewrite_pass.skipped)
                 if report.target is not None:  # per node: the form the target wants, and why
-                    judged = target_nodes(getattr(rewrite_pass, "decisions", []), report.target["name"])
+                    judged = targets.target_nodes(getattr(rewrite_pass, "decisions", []), report.target["name"])
                     if measured is not None:  # --auto: both timings per node
                         measured.annotate(judged)
                     report.target["nodes"].extend(judged)

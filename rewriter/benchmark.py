@@ -234,16 +234,3 @@ def benchmark(before: Path, after: Path, fmt: str, options, *, input_format: str
         ratio_spread=round(_spread(ratios), 4))
     return result
 
-
-def format_benchmark(result: Mapping[str, Any]) -> str:
-    """One line for the summary."""
-    count = result.get("threads")
-    threads = f"{count} thread{'s' if count != 1 else ''}" if count else "default threads"
-    head = f"benchmark ({result['runtime']}, {threads}"
-    if result.get("before_ms") is None:
-        return f"{head}): not timed ({result.get('note', 'no result')})"
-    ratio = result["ratio"]
-    verdict = (f"{ratio:.3f}x faster" if ratio >= 1 else f"{1 / ratio:.3f}x slower") if ratio else "n/a"
-    return (f"{head}, {result['runs']} interleaved runs): before {result['before_ms']:.3f} ms "
-            f"± {result.get('before_spread_ms', 0):.3f}, after {result['after_ms']:.3f} ms "
-            f"± {result.get('after_spread_ms', 0):.3f}; ratio {ratio:.3f} ({verdict})")

@@ -185,7 +185,6 @@ def format_summary(report: Report) -> str:
     if report.output and report.written:
         lines.append(f"wrote {report.output}")
     if report.benchmark is not None:
-        from rewriter.benchmark import format_benchmark
 
         lines.append(format_benchmark(report.benchmark))
     if report.timings:
@@ -203,3 +202,17 @@ def model_stats(model) -> ModelStats:
             if value.const_value is not None and value.const_value.dtype.is_floating_point():
                 parameters += math.prod(value.const_value.shape.dims)
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
+
+
+def format_benchmark(result: dict[str, Any]) -> str:
+    """One line for the summary."""
+    count = result.get("threads")
+    threads = f"{count} thread{'s' if count != 1 else ''}" if count else "default threads"
+    head = f"benchmark ({result['runtime']}, {threads}"
+    if result.get("before_ms") is None:
+        return f"{head}): not timed ({result.get('note', 'no result')})"
+    ratio = result["ratio"]
+    verdict = (f"{ratio:.3f}x faster" if ratio >= 1 else f"{1 / ratio:.3f}x slower") if ratio else "n/a"
+    return (f"{head}, {result['runs']} interleaved runs): before {result['before_ms']:.3f} ms "
+            f"± {result.get('before_spread_ms', 0):.3f}, after {result['after_ms']:.3f} ms "
+            f"± {result.get('after_spread_ms', 0):.3f}; ratio {ratio:.3f} ({verdict})")

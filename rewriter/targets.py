@@ -214,3 +214,19 @@ def format_table() -> str:
     lines += ["", "--auto (ONNX): no rule; each grouped conv is timed in both forms on onnxruntime here, the faster "
               "kept (native on a tie)"]
     return "\n".join(lines)
+
+
+def target_accept(target, form: str):
+    """The passes' ``accept`` hook for one direction of ``--target``: ``(ok, rule)`` with ok when
+    ``target`` wants ``form`` (targets.NATIVE: fuse, targets.SPLIT: expand); the rule is prefixed
+    with the form and target, as a skip's reason says it."""
+    def accept(props) -> tuple[bool, str]:
+        chosen, rule = target.decide(props)
+        return chosen == form, f"{chosen} for {target.name}: {rule}"
+    return accept
+
+
+def target_nodes(decisions: list[dict], name: str) -> list[dict]:
+    """A pass's ``decisions`` as the report's ``target.nodes``: the rule without the
+    "native for NAME: " the skip reasons carry."""
+    return [{**d, "rule": d["rule"].removeprefix(f"{d['form']} for {name}: ")} for d in decisions]

@@ -171,7 +171,7 @@ def _run_pass(path: Path, mode: str, graph, kfile, analysis: _Analysis, options)
     expanded (one set of replacements, built at once); each judged conv in ``decisions``."""
     if options.target is not None:
         from rewriter import targets
-        from rewriter.api import target_accept, target_nodes
+        from rewriter.targets import target_accept, target_nodes
 
         target = targets.get(options.target)
         fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,

@@ -475,7 +475,7 @@ def _run_target_passes(frozen: FrozenSignature, apply: bool, options, report: Re
     from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
     from passes.tf.fuse_split_conv import FuseSplitConvPass
     from rewriter import targets
-    from rewriter.api import target_accept, target_nodes
+    from rewriter.targets import target_accept, target_nodes
 
     target = targets.get(options.target)
     if report.target is None:
