@@ -149,3 +149,20 @@ def prune(graph_def: graph_pb2.GraphDef, keep: list[str]) -> graph_pb2.GraphDef:
     out.library.CopyFrom(graph_def.library)
     out.node.extend(n for n in graph_def.node if n.name in needed)
     return out
+
+
+def attr_values(node: node_def_pb2.NodeDef) -> dict:
+    """A node's attributes as plain Python values (lists as tuples, dtypes as their enum)."""
+    values = {}
+    for key, attr in node.attr.items():
+        kind = attr.WhichOneof("value")
+        if kind == "list":
+            values[key] = tuple(v for field in ("i", "f", "s", "b", "type")
+                                for v in getattr(attr.list, field))
+        elif kind == "s":
+            values[key] = attr.s.decode(errors="replace")
+        elif kind in ("i", "f", "b", "type"):
+            values[key] = getattr(attr, kind)
+        else:
+            values[key] = str(attr).strip()
+    return values

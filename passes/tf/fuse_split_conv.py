@@ -1,27 +1,31 @@
 """Fuse hand-made grouped convolutions in a TF graph into one Conv2D with a grouped filter.
 
-    x → Split|SplitV|Slice_i|StridedSlice_i(channel axis) → Conv2D_i [→ BiasAdd_i] [→ tail_i] → ConcatV2
-        ⇒  x → Conv2D(filter [kH, kW, C/N, O]) [→ BiasAdd] [→ tail]
+    x → Split|SplitV|Slice_i|StridedSlice_i(channel axis) → Conv2D_i [→ BiasAdd_i] [→ tails_i] → ConcatV2
+        ⇒  x → Conv2D(filter [kH, kW, C/N, O]) [→ BiasAdd] [→ tails]
 
 NHWC and NCHW (the Conv2D's ``data_format`` names the channel axis); Conv1D as TF writes it,
 ``ExpandDims → Conv2D → Squeeze``, too. The matcher starts at each
 ConcatV2 and walks every input back to its Conv2D and on to the op that reads a channel range;
 ``rewriter.plan`` owns the fusability rules, the reasons and the weight arithmetic (TF filters
-stack on the last axis). A tail is a channel-wise activation every branch applies alike; it is
-re-applied once after the fused convolution.
+stack on the last axis). Tails are the channel-wise ops after each branch conv (activations,
+FusedBatchNorm in inference form, BiasAdd and Add/Sub/Mul/... of a per-channel constant); they are
+planned step by step across the branches with ``rewriter.plan.plan_tail`` (settings must agree,
+per-channel parameters are concatenated) and applied once after the fused convolution. Where the
+branches stop agreeing (one Relu, one Sigmoid), the fused tensor is split back (SplitV) into the
+branches' parts, the rest stays per branch, and a skip says where the fusion stopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, node_def_pb2
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
 
 from passes import register
 from passes.tf import _graph as g
-from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion
+from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion, plan_tail
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
@@ -29,6 +33,9 @@ CONV_OPS = ("Conv2D",)
 READER_OPS = ("Split", "SplitV", "Slice", "StridedSlice")
 # Element-wise ops that commute with the channel concat: applied per branch or once after.
 TAIL_OPS = ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign")
+BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+# Ops of the branch tensor and a constant: channel-wise when the constant is per-channel or shared.
+BINARY_OPS = ("BiasAdd", "Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum")
 
 
 class _NotACandidate(Exception):
@@ -49,6 +56,18 @@ class _Read:
 
 
 @dataclass
+class _Tail:
+    """One channel-wise op of a branch after its conv: what must agree and what concatenates."""
+
+    node: node_def_pb2.NodeDef
+    data_index: int  # which input carries the branch's tensor
+    config: dict  # must be equal across branches
+    params: list[np.ndarray] = field(default_factory=list)
+    param_inputs: list[int] = field(default_factory=list)  # input index of each parameter
+    param_axes: list[int | None] = field(default_factory=list)  # concat axis; None: must be equal
+
+
+@dataclass
 class _Chain:
     """One branch, from the concat input back to its convolution."""
 
@@ -65,6 +84,10 @@ class _Chain:
         around = [self.expand] if self.expand is not None else []
         around += [self.conv] + ([self.squeeze] if self.squeeze is not None else [])
         return around + ([self.bias_add] if self.bias_add is not None else []) + self.tail
+
+    def cut(self, fused_tails: int) -> node_def_pb2.NodeDef:
+        """The last node of the branch that the fusion replaces when ``fused_tails`` tails fuse."""
+        return self.nodes[len(self.nodes) - len(self.tail) + fused_tails - 1]
 
     @property
     def data(self) -> str:
@@ -107,6 +130,7 @@ class FuseSplitConvPass:
         names = g.Names(graph_def)
         replaced: set[str] = set()
         new_nodes: list[node_def_pb2.NodeDef] = []
+        rewired: dict[str, str] = {}  # a branch's cut tensor → its part of the split-back
         for concat in [n for n in graph_def.node if n.op == "ConcatV2"]:
             try:
                 source, channels, branches, chains, readers = self._match(index, concat, replaced)
@@ -128,22 +152,33 @@ class FuseSplitConvPass:
                     self.decisions.append({"location": concat.name, "graph": "", "form": "split",
                                            "action": "keep", "rule": verdict[1]})
                     continue
-            old = [*readers, *(n for c in chains for n in c.nodes), concat]
-            simple = plan.bias is None and not chains[0].tail and chains[0].squeeze is None
+            tails, stopped = _plan_tails(index, chains, plan.out_channels // len(chains))
+            cut = len(tails)
+            old = [*readers, *(n for c in chains for n in c.nodes[:len(c.nodes) - len(c.tail) + cut])]
+            old += [concat] if stopped is None else []
+            simple = plan.bias is None and not tails and chains[0].squeeze is None and stopped is None
             conv_name = concat.name if simple else names.fresh(f"{chains[0].conv.name}_group{plan.groups}")
             if verdict is not None:
                 self.decisions.append({"location": conv_name, "graph": "", "form": "native", "action": "fuse",
                                        "rule": verdict[1]})
             if self.rewrite:
-                new_nodes.extend(self._emit(names, concat, source, chains[0], plan, conv_name))
+                split_back = None if stopped is None else [c.cut(cut) for c in chains]
+                new_nodes.extend(self._emit(names, concat, source, chains[0], plan, conv_name, tails, split_back,
+                                            rewired))
                 replaced.update(n.name for n in old)
                 self.created.append(conv_name)
             self.rewrites.append(Rewrite(kind="fuse-split-conv", location=conv_name, groups=plan.groups,
                                          channels={"in": plan.in_channels, "out": plan.out_channels},
                                          nodes=[n.name for n in old]))
+            if stopped is not None:
+                self.skipped.append(Skip(concat.name, f"fused up to {stopped}; the rest stays per branch", []))
         if not new_nodes:
             return graph_def
         kept = [n for n in graph_def.node if n.name not in replaced]
+        for node in kept:  # the rest of a branch reads its part of the fused tensor (split back)
+            for i, ref in enumerate(node.input):
+                if not ref.startswith("^") and g.tensor_name(*g.split_input(ref)) in rewired:
+                    node.input[i] = rewired[g.tensor_name(*g.split_input(ref))]
         del graph_def.node[:]
         graph_def.node.extend(kept + new_nodes)
         keep = [g.split_input(t)[0] for t in protected] + [n.name for n in kept if n.op == "Placeholder"]
@@ -238,15 +273,16 @@ class FuseSplitConvPass:
                 attributes={"strides": tuple(g.attr_ints(conv, "strides")),
                             "padding": g.attr_str(conv, "padding"),
                             "explicit_paddings": tuple(g.attr_ints(conv, "explicit_paddings")),
-                            "dilations": tuple(g.attr_ints(conv, "dilations")) or (1, 1, 1, 1),
-                            "tail ops": _describe_tail(chain.tail)}))
+                            "dilations": tuple(g.attr_ints(conv, "dilations")) or (1, 1, 1, 1)}))
         return reads[0].source, channels, branches, chains, readers
 
     # -- emitting ----------------------------------------------------------------------------
 
-    def _emit(self, names: g.Names, concat, source: str, first: _Chain, plan: FusionPlan, conv_name: str):
-        """New nodes: Conv2D [→ BiasAdd] [→ tail]; the last takes the ConcatV2's name, so its
-        readers need no change."""
+    def _emit(self, names: g.Names, concat, source: str, first: _Chain, plan: FusionPlan, conv_name: str,
+              tails: list[tuple[_Tail, list[np.ndarray]]], split_back: list | None, rewired: dict[str, str]):
+        """New nodes: Conv2D [→ BiasAdd] [→ tails]; the last takes the ConcatV2's name, so its
+        readers need no change; or, where the branches stop agreeing, a SplitV whose outputs
+        ``rewired`` hands to the rest of each branch."""
         filter_node = g.make_const(names.fresh(f"{conv_name}/filter"), plan.weight)
         consts, chain = [filter_node], []
         if first.expand is not None:  # Conv1D: the same ExpandDims, now of the whole source
@@ -264,11 +300,30 @@ class FuseSplitConvPass:
                                        data_format=g.attr_str(conv, "data_format", "NHWC"))
             consts.append(bias_node)
             chain.append(_copy(template, names.fresh(f"{conv_name}/BiasAdd"), ["", bias_node.name]))
-        for op in first.tail:
-            chain.append(_copy(op, names.fresh(f"{conv_name}/{op.op}"), [""]))
-        chain[-1].name = concat.name  # the fused result stands where the ConcatV2 stood
-        for later, earlier in zip(chain[1:], chain):
-            later.input[0] = earlier.name
+        data_index = [0] * len(chain)
+        for tail, params in tails:
+            node = _copy(tail.node, names.fresh(f"{conv_name}/{tail.node.op}"), list(tail.node.input))
+            for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
+                if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
+                    consts.append(g.make_const(names.fresh(f"{node.name}/param{index}"), array))
+                    node.input[index] = consts[-1].name
+            chain.append(node)
+            data_index.append(tail.data_index)
+        for later, earlier, at in zip(chain[1:], chain, data_index[1:]):
+            later.input[at] = earlier.name
+        if split_back is None:
+            chain[-1].name = concat.name  # the fused result stands where the ConcatV2 stood
+            return consts + chain
+        split = names.fresh(f"{conv_name}/split_back")
+        sizes = g.make_const(names.fresh(f"{split}/sizes"), np.full(len(split_back), plan.out_channels
+                                                                    // len(split_back), np.int32))
+        axis = g.make_const(names.fresh(f"{split}/axis"), np.array(first.channel_axis, np.int32))
+        consts += [sizes, axis]
+        chain.append(g.make_node("SplitV", split, [chain[-1].name, sizes.name, axis.name], T=conv.attr["T"],
+                                 Tlen=attr_value_pb2.AttrValue(type=types_pb2.DT_INT32),
+                                 num_split=len(split_back)))
+        for i, node in enumerate(split_back):
+            rewired[g.tensor_name(node.name)] = g.tensor_name(split, i)
         return consts + chain
 
 
@@ -281,28 +336,18 @@ def _copy(node: node_def_pb2.NodeDef, name: str, inputs: list[str]) -> node_def_
     return copy
 
 
-def _describe_tail(tail: list[node_def_pb2.NodeDef]) -> str:
-    if not tail:
-        return "none"
-    parts = []
-    for node in tail:
-        alpha = node.attr["alpha"].f if "alpha" in node.attr else None
-        parts.append(node.op + (f"(alpha={alpha:g})" if alpha is not None else ""))
-    return "+".join(parts)
-
-
 def _walk_to_conv(index: g.GraphIndex, ref: str) -> _Chain | None:
-    """concat input ← tail* ← bias? ← Conv2D, skipping Identity; None if it is no conv branch.
+    """concat input ← tail* ← [Squeeze ←] Conv2D, skipping Identity; None if it is no conv branch.
 
-    The bias is a BiasAdd, or an Add/AddV2 of a constant vector over the channels."""
+    The first tail, when it is a BiasAdd or an Add/AddV2 of a constant vector over the channels
+    in the conv's data format, becomes the conv's bias."""
     tail, bias_add = [], None
     node, _ = index.producer(index.skip_identity(ref))
-    while node is not None and node.op in TAIL_OPS:
+    while node is not None and (data := _tail_data(index, node)) is not None:
         tail.insert(0, node)
-        node, _ = index.producer(index.skip_identity(node.input[0]))
-    if node is not None and (node.op == "BiasAdd" or _bias_vector(index, node) is not None):
-        bias_add = node
-        node, _ = index.producer(index.skip_identity(node.input[0]))
+        node, _ = index.producer(index.skip_identity(data))
+    if tail and (tail[0].op == "BiasAdd" or _bias_vector(index, tail[0]) is not None):
+        bias_add = tail[0]
     squeeze = expand = None
     if node is not None and node.op == "Squeeze":
         squeeze = node
@@ -317,9 +362,81 @@ def _walk_to_conv(index: g.GraphIndex, ref: str) -> _Chain | None:
     if bias_add is not None:
         data_format = g.attr_str(node, "data_format", "NHWC")
         bias_format = g.attr_str(bias_add, "data_format", "NHWC") if bias_add.op == "BiasAdd" else "NHWC"
-        if bias_format != data_format:
-            return None
+        if bias_format == data_format:
+            tail.pop(0)
+        else:
+            bias_add = None  # left to the tails, which say why it does not fuse
     return _Chain(node, bias_add, tail, expand, squeeze, axis if squeeze is not None else None)
+
+
+def _plan_tails(index: g.GraphIndex, chains: list[_Chain], channels: int):
+    """The tails every branch applies alike, in order, each with its fused parameters; and where
+    and why the branches stop agreeing (None when every tail up to the ConcatV2 fuses)."""
+    planned: list[tuple[_Tail, list[np.ndarray]]] = []
+    shortest = min(len(c.tail) for c in chains)
+    for step in range(shortest):
+        kinds = sorted({c.tail[step].op for c in chains})
+        if len(kinds) > 1:
+            return planned, "where the branches differ (" + " vs ".join(kinds) + ")"
+        tails = [_read_tail(index, c.tail[step], c.channel_axis, c.rank, channels) for c in chains]
+        reason = next((t for t in tails if isinstance(t, str)), None)
+        if reason is not None:
+            return planned, f"{kinds[0]} ({reason})"
+        params = plan_tail(kinds[0], [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
+        if isinstance(params, Refusal):
+            return planned, f"{kinds[0]} ({params.reason})"
+        planned.append((tails[0], params))
+    if any(len(c.tail) != shortest for c in chains):
+        return planned, "the end of the shortest branch"
+    return planned, None
+
+
+def _tail_data(index: g.GraphIndex, node) -> str | None:
+    """The branch tensor a possible tail op reads, or None if ``node`` is no tail op."""
+    if node.op in TAIL_OPS or (node.op in BATCH_NORM_OPS and len(node.input) >= 5):
+        return node.input[0]
+    if node.op in BINARY_OPS and len(node.input) == 2:
+        tensors = [ref for ref in node.input if index.const(ref) is None]
+        if len(tensors) == 1:
+            return tensors[0]
+    return None
+
+
+def _read_tail(index: g.GraphIndex, node, channel_axis: int, rank: int, channels: int) -> _Tail | str:
+    """Read ``node`` as a channel-wise op of a branch with ``channels`` channels, or say why not."""
+    config = g.attr_values(node)
+    if node.op in TAIL_OPS:
+        return _Tail(node, 0, config)
+    if node.op in BATCH_NORM_OPS:
+        axis = 3 if config.get("data_format", "NHWC") == "NHWC" else 1
+        if rank != 4 or axis != channel_axis:
+            return f"{node.op} normalises another axis than the branch's channel axis"
+        if config.get("is_training", True):
+            return f"{node.op} in training mode"
+        if any(index.uses(g.tensor_name(node.name, i)) for i in range(1, 6)):
+            return f"{node.op} batch statistics are used"
+        params = [index.const(ref) for ref in node.input[1:5]]
+        if any(p is None or p.shape != (channels,) for p in params):
+            return f"{node.op} parameters are not constant per-channel vectors"
+        return _Tail(node, 0, config, params, [1, 2, 3, 4], [0, 0, 0, 0])
+    data_index = 0 if index.const(node.input[0]) is None else 1
+    constant = index.const(node.input[1 - data_index])
+    if node.op == "BiasAdd":
+        axis = rank - 1 if config.get("data_format", "NHWC") in ("NHWC", "N...C") else 1
+        if axis != channel_axis:
+            return "BiasAdd adds along another axis than the branch's channel axis"
+        if constant.shape != (channels,):
+            return f"BiasAdd vector of shape {list(constant.shape)} is not per-channel"
+        return _Tail(node, 0, config, [constant], [1], [0])
+    if constant.ndim > rank:
+        return f"{node.op} constant of rank {constant.ndim} broadcasts the branch"
+    axis = channel_axis - (rank - constant.ndim)  # numpy broadcasting aligns on the right
+    if axis >= 0 and constant.shape[axis] not in (1, channels):
+        return f"{node.op} constant of shape {list(constant.shape)} is not per-channel"
+    per_channel = axis >= 0 and constant.shape[axis] == channels and channels > 1
+    config.update(constant_side=1 - data_index,
+                  constant_shape=tuple(d if i != axis else -1 for i, d in enumerate(constant.shape)))
+    return _Tail(node, data_index, config, [constant], [1 - data_index], [axis if per_channel else None])
 
 
 def _expand_axis(index: g.GraphIndex, expand) -> int | None:

@@ -1,0 +1,111 @@
+"""SavedModels: channel-wise tails after the branch convs (FusedBatchNorm, BiasAdd, Add/Mul of a
+per-channel constant, activations) fuse with their parameters concatenated; where the branches
+stop agreeing the fused tensor is split back and a skip says where and why."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rewriter
+from tests.tf_models import save_module
+
+X = np.random.default_rng(3).standard_normal((1, 8, 8, 16)).astype(np.float32)
+
+
+def _vector(seed: int, low: float = -1.0, high: float = 1.0) -> tf.Variable:
+    return tf.Variable(np.random.default_rng(seed).uniform(low, high, 6).astype(np.float32))
+
+
+class BranchTails(tf.Module):
+    """x → tf.split(4) → conv2d → ``tail`` (per branch) → concat.
+
+    ``tail``: "bn" (fused_batch_norm → activation), "bias" (bias_add → BiasAdd → Mul and Add of
+    per-channel vectors → relu6); ``activations`` one per branch; ``epsilons`` one per branch."""
+
+    def __init__(self, tail="bn", activations=("relu",) * 4, epsilons=(1e-3,) * 4):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.tail, self.activations, self.epsilons = tail, activations, epsilons
+        self.kernels = [tf.Variable(rng.standard_normal((3, 3, 4, 6)).astype(np.float32) * 0.3) for _ in range(4)]
+        self.scale = [_vector(10 + i, 0.5, 1.5) for i in range(4)]
+        self.offset = [_vector(20 + i) for i in range(4)]
+        self.mean = [_vector(30 + i) for i in range(4)]
+        self.variance = [_vector(40 + i, 0.5, 1.5) for i in range(4)]
+
+    def serve(self, x):
+        ys = []
+        for i, part in enumerate(tf.split(x, 4, axis=-1)):
+            y = tf.nn.conv2d(part, self.kernels[i], 1, "SAME")
+            if self.tail == "bn":
+                y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, self.scale[i], self.offset[i], self.mean[i],
+                                                           self.variance[i], epsilon=self.epsilons[i],
+                                                           is_training=False)
+            else:
+                y = tf.nn.bias_add(y, self.offset[i])
+                y = tf.raw_ops.BiasAdd(value=y, bias=self.mean[i])
+                y = tf.nn.relu6(y * self.scale[i] + tf.reshape(self.variance[i], [1, 1, 1, 6]))
+            ys.append(tf.nn.relu(y) if self.activations[i] == "relu" else tf.sigmoid(y))
+        return tf.concat(ys, -1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tf_tails")
+    return {
+        "bn": save_module(BranchTails(), folder / "bn"),
+        "bias": save_module(BranchTails("bias"), folder / "bias"),
+        "differ": save_module(BranchTails(activations=("relu", "relu", "sigmoid", "sigmoid")), folder / "differ"),
+        "epsilon": save_module(BranchTails(epsilons=(1e-3, 1e-3, 1e-3, 1e-2)), folder / "epsilon"),
+    }
+
+
+def _run(saved_model, x=X) -> np.ndarray:
+    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    return next(iter(fn(x=tf.constant(x)).values())).numpy()
+
+
+def test_fused_batch_norm_tail_fuses(models, tmp_path):
+    report = rewriter.fuse(models["bn"], output=tmp_path / "fused").report
+    assert report.before.op_counts["FusedBatchNormV3"] == 4 and report.before.op_counts["Conv2D"] == 4
+    assert [(r.groups, r.channels) for r in report.rewrites] == [(4, {"in": 16, "out": 24})]
+    assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "Relu": 1}
+    assert report.skipped == [] and report.verification.passed
+    np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["bn"]), atol=1e-5)
+
+
+def test_bias_add_and_per_channel_constant_tails_fuse(models, tmp_path):
+    report = rewriter.fuse(models["bias"], output=tmp_path / "fused").report
+    before = report.before.op_counts
+    assert before["Conv2D"] == 4 and before["BiasAdd"] == 8 and before["Mul"] == 4
+    assert [r.groups for r in report.rewrites] == [4] and report.skipped == []
+    # The first BiasAdd becomes the grouped conv's bias, the second stays a (fused) BiasAdd.
+    assert report.after.op_counts == {"AddV2": 1, "BiasAdd": 2, "Conv2D": 1, "Mul": 1, "Relu": 1, "Relu6": 1}
+    assert report.verification.passed
+    np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["bias"]), atol=1e-5)
+
+
+def test_branches_that_differ_split_back(models, tmp_path):
+    report = rewriter.fuse(models["differ"], output=tmp_path / "fused").report
+    assert [r.groups for r in report.rewrites] == [4]
+    assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "SplitV": 1, "Relu": 2, "Sigmoid": 2,
+                                      "ConcatV2": 1}
+    [skip] = report.skipped
+    assert "fused up to where the branches differ (Relu vs Sigmoid)" in skip.reason
+    assert report.verification.passed
+    np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["differ"]), atol=1e-5)
+
+
+def test_different_epsilons_stop_before_the_batch_norm(models, tmp_path):
+    report = rewriter.fuse(models["epsilon"], output=tmp_path / "fused").report
+    assert [r.groups for r in report.rewrites] == [4]
+    [skip] = report.skipped
+    assert "FusedBatchNormV3" in skip.reason and "epsilon 0.001 vs 0.01" in skip.reason
+    assert report.after.op_counts == {"Conv2D": 1, "SplitV": 1, "FusedBatchNormV3": 4, "Relu": 4, "ConcatV2": 1}
+    assert report.verification.passed
+    np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["epsilon"]), atol=1e-5)
