@@ -167,3 +167,16 @@ def test_conv1d_branches_with_bias_and_scale_tails(models, tmp_path):
                                                 "Squeeze": 1}
     x = np.random.default_rng(4).standard_normal((1, 8, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(tmp_path / "fused", x), _run(models["conv1d"], x), atol=1e-5)
+
+
+def test_split_back_converts_to_onnx_and_checks(models, tmp_path):
+    report = rewriter.check(models["differ"])
+    assert [r.groups for r in report.rewrites] == [4]
+    assert ["where the branches differ (Relu vs Sigmoid)" in s.reason for s in report.skipped] == [True]
+    out = tmp_path / "differ.onnx"
+    report = rewriter.fuse(models["differ"], output=out, to="onnx").report
+    assert report.verification.passed
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Conv") == 1 and ops.count("Split") == 1 and ops.count("Sigmoid") == 2

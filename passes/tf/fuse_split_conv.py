@@ -174,11 +174,7 @@ class FuseSplitConvPass:
                 self.skipped.append(Skip(concat.name, f"fused up to {stopped}; the rest stays per branch", []))
         if not new_nodes:
             return graph_def
-        kept = [n for n in graph_def.node if n.name not in replaced]
-        for node in kept:  # the rest of a branch reads its part of the fused tensor (split back)
-            for i, ref in enumerate(node.input):
-                if not ref.startswith("^") and g.tensor_name(*g.split_input(ref)) in rewired:
-                    node.input[i] = rewired[g.tensor_name(*g.split_input(ref))]
+        kept = _rewire([n for n in graph_def.node if n.name not in replaced], rewired)
         del graph_def.node[:]
         graph_def.node.extend(kept + new_nodes)
         keep = [g.split_input(t)[0] for t in protected] + [n.name for n in kept if n.op == "Placeholder"]
@@ -325,6 +321,16 @@ class FuseSplitConvPass:
         for i, node in enumerate(split_back):
             rewired[g.tensor_name(node.name)] = g.tensor_name(split, i)
         return consts + chain
+
+
+def _rewire(nodes: list[node_def_pb2.NodeDef], rewired: dict[str, str]) -> list[node_def_pb2.NodeDef]:
+    """The rest of each branch reads its part of the fused tensor (split back)."""
+    for node in nodes:
+        for i, ref in enumerate(node.input):
+            tensor = g.tensor_name(*g.split_input(ref))
+            if not ref.startswith("^") and tensor in rewired:
+                node.input[i] = rewired[tensor]
+    return nodes
 
 
 def _copy(node: node_def_pb2.NodeDef, name: str, inputs: list[str]) -> node_def_pb2.NodeDef:
