@@ -344,6 +344,10 @@ def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool,
         from passes.tflite.convert import check_output
 
         check_output(output_path)
+    if output_path is not None and options.to == "savedmodel" and fmt == "keras":
+        from passes.keras.to_savedmodel import check_output as check_folder_output
+
+        check_folder_output(output_path)
     if output_path is not None:
         inputs = [path, *([Path(options.inputs)] if isinstance(options.inputs, (str, Path)) else [])]
         formats.check_output_path(output_path, inputs, options.force)

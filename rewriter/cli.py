@@ -127,7 +127,8 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
               help="Print the targets and what each wants per grouped conv, then exit.")
 @click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras", "tflite"]), default=None,
-              help="Output format for SavedModel/Keras inputs (default: same as the input); tflite: "
+              help="Output format for SavedModel/Keras inputs (default: same as the input); savedmodel "
+                   "from Keras: exported, frozen, verified in TF, NAME.fused/; tflite: "
                    "TensorFlow's converter, verified in the TFLite interpreter, NAME.tflite.")
 @click.option("--signature", default="serving_default", show_default=True,
               help="SavedModel signature to rewrite.")

@@ -284,7 +284,7 @@ def test_subclassed_model_is_left_and_reported(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--to", "savedmodel"], "--to savedmodel is not supported for Keras inputs yet"),
+    (["--to", "savedmodel"], "--to savedmodel writes a SavedModel folder"),  # -o never.onnx: not a folder name
     (["-o", "{folder}/out.h5"], "Keras models are written as .keras files"),
 ])
 def test_unsupported_modes_are_bad_input(models, args, message):

@@ -34,10 +34,11 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
     """Fuse the hand-made grouped convolutions of a Keras model (``mode="expand"``: expand the
     native ones); returns the rewritten ``keras.Model`` (None when not applied, or for a
     subclassed model)."""
-    if options.to not in (None, "keras", "onnx", "tflite"):
-        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs yet (.keras, ONNX or TFLite)")
+    if options.to not in (None, "keras", "onnx", "tflite", "savedmodel"):
+        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs "
+                       "(.keras, ONNX, SavedModel or TFLite)")
     to_onnx = options.to == "onnx"
-    converted = options.to in ("onnx", "tflite")  # written in another format than .keras
+    converted = options.to in ("onnx", "tflite", "savedmodel")  # written in another format than .keras
     if output is not None and not converted and output.suffix.lower() != ".keras":
         raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
 
@@ -64,7 +65,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
         if failure is not None:
             if fuser.groups or converted:
                 what = f"the {'fused' if mode == 'fuse' else 'expanded'} model" if fuser.groups else \
-                    f"the {'ONNX' if to_onnx else 'TFLite'} model"
+                    f"the {_FORMAT_NAMES[options.to]} model"
                 raise BadInput(f"{path}: cannot write {what}, which needs the model rebuilt in Keras 3: "
                                f"{failure.message}") from failure
             return _unchanged(path, kfile, output, options, report, failure)
@@ -108,6 +109,12 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             write_and_verify(Path(scratch) / "rewritten.keras")
     if to_onnx:
         return _write_onnx(rewritten.model, graph, output, options, report)
+    if options.to == "savedmodel":  # exported, frozen and proven against the original in TF
+        from passes.keras.to_savedmodel import write_savedmodel
+
+        return write_savedmodel(rewritten.model, graph, lambda: _reference(path, graph, kfile, analysis, fuser,
+                                                                           options, has_lambdas)[0],
+                                output, mode=mode, options=options, report=report)
     if options.to == "tflite":  # converted and proven against the original in the interpreter
         from passes.tflite.from_keras import write_tflite
 
@@ -115,6 +122,9 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
                                                                        has_lambdas)[0],
                             output, mode=mode, options=options, report=report)
     return rewritten.model
+
+
+_FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
 
 
 def _unbuilt_skips(built: _build.Built) -> list[Skip]:

@@ -1,0 +1,140 @@
+"""``--to savedmodel`` for a Keras model: the Keras backend fuses (or expands) and proves the
+model in Keras, then hands it here with the original.
+
+    rewritten Keras model (verified in Keras) ─ keras export (tf_saved_model) ─ freeze + inline
+        ─ SavedModel, plain TF ops ─ its serving signature in TF vs the original, same inputs ─ write
+
+Keras's export wraps each grouped ``Conv2D`` in an XLA-compiled function on CPU (the trap of
+``passes.tf.savedmodel``); the export is therefore frozen and inlined as the SavedModel backend
+reads any SavedModel, and written by that backend's writer: one plain grouped ``Conv2D`` per
+group, its bias an ``AddV2``, runnable in TensorFlow without XLA. The signature keeps Keras's
+names: ``serving_default`` (and its alias ``serve``), inputs named after the model's ``Input``
+layers, outputs ``output_0, output_1, …``. The rows of the signature's run against the original
+join the Keras check's table as ``savedmodel:OUTPUT``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rewriter import formats
+from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
+from rewriter.report import Report, Verification
+
+SIGNATURE = "serving_default"  # what keras.Model.export names its signature
+_FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".tflite", ".pb")
+
+
+def check_output(output: Path | None) -> None:
+    if output is not None and output.suffix.lower() in _FILE_SUFFIXES:
+        raise BadInput(f"{output}: --to savedmodel writes a SavedModel folder; name the output NAME or NAME.fused")
+
+
+def write_savedmodel(model, graph, original: Callable[[], Any], output: Path | None, *, mode: str, options,
+                     report: Report):
+    """``model``: the rewritten Keras model, already verified; ``graph``: the file's layer graph
+    (its inputs and outputs name the feeds and the rows); ``original()``: the input's model as it
+    is. Returns the written graph (a GraphDef), as the SavedModel backend does."""
+    from passes.tf import savedmodel as sm
+
+    check_output(output)
+    what = f"the {'fused' if mode == 'fuse' else 'expanded'} Keras model"
+    with formats.scratch_dir() as scratch:
+        exported = Path(scratch) / "exported"
+        with report.timed("export"):
+            try:
+                model.export(str(exported), format="tf_saved_model", verbose=False)
+            except Exception as exc:
+                raise BadInput(f"{what} cannot be exported as a SavedModel ({sm.one_line(exc)})") from exc
+            frozen = sm.load_signature(exported, SIGNATURE)  # XLA wrappers inlined: plain TF ops
+        report.after = sm.graph_stats(frozen.graph_def)
+
+        def write_and_verify(folder: Path) -> None:
+            with report.timed("save"):
+                try:
+                    sm.write_savedmodel(frozen, frozen.graph_def, folder)
+                except Exception as exc:
+                    raise VerificationFailed(f"{what} cannot be saved as a SavedModel ({sm.one_line(exc)}); "
+                                             "nothing was written") from exc
+            if options.verify:
+                with report.timed("verify"):
+                    _verify(model, graph, original(), folder, frozen, options, report)
+
+        if output is not None:
+            with formats.atomic_output(output) as staging:
+                write_and_verify(staging / output.name)
+            report.output, report.written = str(output), True
+        elif options.verify:  # the API without an output: proven all the same, in scratch
+            write_and_verify(Path(scratch) / "rewritten")
+    return frozen.graph_def
+
+
+def _verify(model, graph, reference, folder: Path, frozen, options, report: Report) -> None:
+    """The written signature, loaded back and run in TF, against the original model in Keras."""
+    import tensorflow as tf
+
+    from passes.keras.model import _make_inputs, _run
+    from passes.tf import savedmodel as sm
+    from passes.tflite.convert import compare_outputs, output_order
+
+    feeds = _make_inputs(graph, options)
+    expected = _run(reference, feeds)
+    # The signature's inputs are named after the model's Input layers, in the file's order.
+    keyed = dict(zip([t.name for t in model.inputs], feeds.values()))
+    try:
+        candidate = tf.saved_model.load(str(folder)).signatures[SIGNATURE]
+    except Exception as exc:
+        note = f"the written SavedModel does not load: {sm.one_line(exc)}"
+        raise VerificationFailed(f"verification failed: {note}; nothing was written",
+                                 Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
+                                              note=note)) from exc
+    takes = sorted(candidate.structured_input_signature[1])
+    if takes != sorted(keyed):
+        raise VerificationImpossible(f"the written SavedModel takes inputs {', '.join(takes)}, the model "
+                                     f"{', '.join(sorted(keyed))}; pass --no-verify")
+    actual = sm.run_function(candidate, keyed, "written")
+    try:
+        rows = compare_outputs([ref.layer for ref in graph.outputs], expected,
+                               [actual[k] for k in output_order(list(actual))], options)
+    except VerificationFailed as failure:
+        report.verification = failure.verification
+        raise
+    _add_rows(report, rows, feeds, options, _grouped_note(frozen.graph_def))
+
+
+def _add_rows(report: Report, rows, feeds, options, note: str) -> None:
+    """The SavedModel rows (``savedmodel:OUTPUT``) join the Keras check's table, as ``--to onnx``
+    and ``--to tflite`` rows do; a mismatch fails the run (exit 1) with nothing written."""
+    rows = [replace(r, name=f"savedmodel:{r.name}") for r in rows]
+    passed = all(r.passed for r in rows)
+    current = report.verification
+    if current is not None and current.ran:
+        current.outputs.extend(rows)
+        current.passed = bool(current.passed and passed)
+        current.note = "; ".join(n for n in (current.note, note) if n)
+    else:
+        report.verification = current = Verification(
+            ran=True, passed=passed, atol=options.atol, rtol=options.rtol, outputs=rows, note=note,
+            inputs=feeds.shapes(), defaulted=dict(getattr(feeds, "defaulted", {})))
+    if not current.passed:
+        failing = [o.name for o in current.outputs if not o.passed]
+        raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
+                                 "nothing was written", current)
+
+
+def _grouped_note(graph_def) -> str:
+    from passes.tf import _graph as g
+
+    index = g.GraphIndex(graph_def)
+    convs = [n for n in graph_def.node if n.op == "Conv2D"]
+    grouped = 0
+    for conv in convs:
+        axis = 3 if g.attr_str(conv, "data_format", "NHWC") == "NHWC" else 1
+        data, kernel = index.shape(conv.input[0]), index.shape(conv.input[1])
+        grouped += bool(data and kernel and len(data) == 4 and len(kernel) == 4
+                        and data[axis] not in (None, kernel[2]))
+    return f"savedmodel: the written serving signature in TensorFlow vs the original; {grouped} of {len(convs)} " \
+        "Conv2D grouped"
