@@ -180,3 +180,22 @@ def test_split_back_converts_to_onnx_and_checks(models, tmp_path):
 
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("Conv") == 1 and ops.count("Split") == 1 and ops.count("Sigmoid") == 2
+
+
+def test_bias_that_is_no_constant_is_reported(tmp_path):
+    class VariableBias(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernels = [tf.Variable(np.ones((1, 1, 4, 6), np.float32) * i) for i in range(1, 3)]
+
+        def serve(self, x):
+            bias = tf.reduce_mean(x, axis=[0, 1, 2])[:6]  # computed from the input: no constant
+            parts = tf.split(x[..., :8], 2, axis=-1)
+            return tf.concat([tf.nn.bias_add(tf.nn.conv2d(p, k, 1, "SAME"), bias)
+                              for p, k in zip(parts, self.kernels)], -1)
+
+    path = save_module(VariableBias(), tmp_path / "variable_bias", shape=(1, 8, 8, 8))
+    report = rewriter.check(path)
+    assert report.rewrites == []
+    [skip] = report.skipped
+    assert skip.reason.startswith("bias of ") and skip.reason.endswith("/Conv2D is not a constant")

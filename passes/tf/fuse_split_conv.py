@@ -401,6 +401,8 @@ def _tail_data(index: g.GraphIndex, node) -> str | None:
     """The branch tensor a possible tail op reads, or None if ``node`` is no tail op."""
     if node.op in TAIL_OPS or (node.op in BATCH_NORM_OPS and len(node.input) >= 5):
         return node.input[0]
+    if node.op == "BiasAdd" and len(node.input) == 2:  # a bias that is no constant is reported
+        return node.input[0]
     if node.op in BINARY_OPS and len(node.input) == 2:
         tensors = [ref for ref in node.input if index.const(ref) is None]
         if len(tensors) == 1:
@@ -425,8 +427,10 @@ def _read_tail(index: g.GraphIndex, node, channel_axis: int, rank: int, channels
         if any(p is None or p.shape != (channels,) for p in params):
             return f"{node.op} parameters are not constant per-channel vectors"
         return _Tail(node, 0, config, params, [1, 2, 3, 4], [0, 0, 0, 0])
-    data_index = 0 if index.const(node.input[0]) is None else 1
+    data_index = 0 if node.op == "BiasAdd" or index.const(node.input[0]) is None else 1
     constant = index.const(node.input[1 - data_index])
+    if constant is None:
+        return f"{node.op} of a tensor that is not a constant"
     if node.op == "BiasAdd":
         axis = rank - 1 if config.get("data_format", "NHWC") in ("NHWC", "N...C") else 1
         if axis != channel_axis:
