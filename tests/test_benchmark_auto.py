@@ -325,8 +325,9 @@ def test_a_model_that_cannot_be_timed_is_reported_and_stays_written(small_split,
 
 
 def test_benchmark_times_a_keras_model_in_keras(tmp_path):
-    pytest.importorskip("tensorflow")
-    pytest.importorskip("keras")
+    import keras  # noqa: F401  (the test extra installs it; a missing one must fail)
+    import tensorflow  # noqa: F401  (the test extra installs it; a missing one must fail)
+
     from samples.keras_models import getitem_model
 
     path = getitem_model(tmp_path / "g.keras")

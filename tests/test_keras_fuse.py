@@ -10,12 +10,11 @@ import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
+import tf_keras
 from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
-tf_keras = pytest.importorskip("tf_keras")
 
 from rewriter.api import Options, fuse  # noqa: E402
 from rewriter.cli import main  # noqa: E402

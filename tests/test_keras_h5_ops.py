@@ -26,11 +26,10 @@ import shutil
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import h5py
+import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
 
 from rewriter.cli import main  # noqa: E402
 

@@ -8,13 +8,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
-tf_keras = pytest.importorskip("tf_keras")
 import tensorflow as tf  # noqa: E402
+import tf_keras
+from click.testing import CliRunner
 
 from passes.keras import _lambdas  # noqa: E402
 from rewriter.api import Options, fuse  # noqa: E402

@@ -15,12 +15,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
 
 from passes.keras.to_savedmodel import SIGNATURE  # noqa: E402
 from passes.tf import savedmodel as sm  # noqa: E402
@@ -97,7 +96,7 @@ def test_tf_keras_h5_split_tfoplambda_group(tmp_path):
     function = signature(out)
     (name,) = function.structured_input_signature[1]
     x = image((1, 8, 8, 8))
-    tf_keras = pytest.importorskip("tf_keras")
+    import tf_keras
     expected = np.asarray(tf_keras.models.load_model(source, compile=False)(x, training=False))
     (actual,) = function(**{name: tf.constant(x)}).values()
     np.testing.assert_allclose(actual.numpy(), expected, atol=TOLERANCE, rtol=1e-3)

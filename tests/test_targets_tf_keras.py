@@ -9,12 +9,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
 
 import rewriter  # noqa: E402
 from rewriter.cli import main  # noqa: E402

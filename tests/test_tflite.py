@@ -13,12 +13,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
-
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
 
 from passes.tf import _compat as tf_compat  # noqa: E402
 from passes.tflite import convert  # noqa: E402
@@ -127,7 +126,7 @@ def test_expand_then_tflite_leaves_no_grouped_conv_2d(tmp_path):
 def _legacy_resnext(path, *, cardinality: int = 8, width: int = 32, blocks: int = 2):
     """A small ResNeXt the legacy way: per block 1x1 → BN → ReLU → [Lambda slice → 3x3 conv]×N →
     Concatenate → BN → ReLU → 1x1 → BN, added to the shortcut; tf-keras, saved as .h5."""
-    tf_keras = pytest.importorskip("tf_keras")
+    import tf_keras
     L = tf_keras.layers
     per = width // cardinality
     inp = tf_keras.Input((16, 16, 3), name="image")
