@@ -26,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from passes.keras._build import call_form  # noqa: E402  (the form the tool names in its refusals)
+
 CANDIDATES = {  # name: input shape (small: random weights, nothing downloaded)
     "MobileNetV3Small": (64, 64, 3), "MobileNetV3Large": (64, 64, 3), "EfficientNetB0": (64, 64, 3),
     "EfficientNetV2B0": (64, 64, 3), "ConvNeXtTiny": (64, 64, 3), "ResNet50V2": (64, 64, 3),
@@ -33,21 +35,6 @@ CANDIDATES = {  # name: input shape (small: random weights, nothing downloaded)
     "DenseNet121": (64, 64, 3), "Xception": (71, 71, 3), "NASNetMobile": (224, 224, 3),
     "InceptionResNetV2": (75, 75, 3),
 }
-
-
-def call_form(node) -> str:
-    """``(tensor, 3.0)``, ``(tensor, tensor)``, ``([tensor, tensor])``... of a Keras 3 node."""
-    def show(item):
-        if isinstance(item, dict) and item.get("class_name") == "__keras_tensor__":
-            return "tensor"
-        if isinstance(item, list):
-            return "[" + ", ".join(show(i) for i in item) + "]"
-        if isinstance(item, dict):
-            return item.get("class_name") or "{...}"
-        return repr(item)
-    args = ", ".join(show(a) for a in node.get("args", []))
-    kwargs = ", ".join(f"{k}={show(v)}" for k, v in (node.get("kwargs") or {}).items())
-    return "(" + ", ".join(p for p in (args, kwargs) if p) + ")"
 
 
 def survey(name: str, shape, save: Path | None) -> dict:

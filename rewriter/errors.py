@@ -40,3 +40,9 @@ class VerificationFailed(RewriteError):
 
 class OutputError(RewriteError):
     """The output cannot be written (exists, unwritable folder, disk full...)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type where it has none), for a one-line error."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from rewriter.errors import BadInput, VerificationImpossible
+from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
 from rewriter.report import OutputComparison, Verification
 
 # Verification inputs and outputs together may take at most this much memory (both models' outputs
@@ -647,3 +647,23 @@ def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Ve
         r.exercised = not missed
         r.exercised_by = missed[0] if missed else \
             " and ".join(_path_label(p) for p in paths) + " run as its own model"
+
+
+def add_rows(report, rows: list[OutputComparison], prefix: str, feeds, options, note: str) -> None:
+    """A converted output's rows (``PREFIX:OUTPUT``, e.g. ``tflite:y``) join the report's
+    verification table; a mismatch fails the run (exit 1) with nothing written."""
+    rows = [replace(r, name=f"{prefix}:{r.name}") for r in rows]
+    passed = all(r.passed for r in rows)
+    current = report.verification
+    if current is not None and current.ran:
+        current.outputs.extend(rows)
+        current.passed = bool(current.passed and passed)
+        current.note = "; ".join(n for n in (current.note, note) if n)
+    else:
+        report.verification = current = Verification(
+            ran=True, passed=passed, atol=options.atol, rtol=options.rtol, outputs=rows, note=note,
+            inputs=feeds.shapes(), defaulted=dict(getattr(feeds, "defaulted", {})))
+    if not current.passed:
+        failing = [o.name for o in current.outputs if not o.passed]
+        raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
+                                 "nothing was written", current)

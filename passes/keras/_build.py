@@ -41,7 +41,7 @@ from passes.keras._config import (
     legacy_leaves,
 )
 from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
-from rewriter.errors import BadInput
+from rewriter.errors import BadInput, one_line
 
 
 class Replacement(Protocol):
@@ -77,11 +77,6 @@ class BuildOptions:
     # unknown class) is recorded in ``Built.unbuilt`` with everything downstream of it, instead of
     # stopping the build (analysis only needs the shapes it can get; Lambdas still stop it).
     lenient: bool = False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 # Settings tf-keras writes that Keras 3 refuses as unknown arguments; dropped only where they hold
@@ -131,7 +126,7 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
         raise
     except Exception as exc:
         raise BadInput(f"layer {layer.name!r} ({layer.class_name}): Keras cannot rebuild it "
-                       f"({_one_line(exc)})") from exc
+                       f"({one_line(exc)})") from exc
 
 
 def build(graph: KerasGraph, options: BuildOptions) -> Built:
@@ -188,7 +183,7 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
         model = keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0],
                             outputs=outputs if len(outputs) > 1 else outputs[0], name=keras_name(graph.name))
     except Exception as exc:
-        failure = BadInput(f"cannot rebuild the model from its layers ({_one_line(exc)})")
+        failure = BadInput(f"cannot rebuild the model from its layers ({one_line(exc)})")
         if not options.lenient:
             raise failure from exc
         unbuilt[(graph.name, -1)] = failure  # every layer built, the model not: analysis goes on
@@ -246,7 +241,7 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
                 raise BadInput(_lambda_failure(layer.name, options.lambda_functions[layer.name],
                                                layer.config.get("arguments") or {}, args)) from exc
             raise _operation_failure(layer) or BadInput(f"layer {layer.name!r} ({layer.class_name}) fails when "
-                                                        f"rebuilt ({type(exc).__name__}: {_one_line(exc)})") from exc
+                                                        f"rebuilt ({type(exc).__name__}: {one_line(exc)})") from exc
         outputs = tree.flatten(result)
     for i, tensor in enumerate(outputs):
         tensors[TensorRef(layer.name, call.index, i)] = tensor
@@ -290,10 +285,8 @@ def _operation_failure(layer: LayerSpec) -> BadInput | None:
     return BadInput(_operation_refusal(layer, module)) if module is not None else None
 
 
-def _operation_refusal(layer: LayerSpec, module: str) -> str:
-    """Why an .h5's keras.ops entry is not rebuilt: Keras 3 cannot load the file itself."""
-    import keras
-
+def call_form(node: dict) -> str:
+    """``(tensor, 3.0)``, ``(tensor, tensor)``, ``([tensor, tensor])``... of a Keras 3 node's call."""
     def show(item):
         if isinstance(item, dict) and item.get("class_name") == "__keras_tensor__":
             return "tensor"
@@ -303,9 +296,17 @@ def _operation_refusal(layer: LayerSpec, module: str) -> str:
             return str(item.get("class_name") or "{...}")
         return repr(item)[:20]
 
+    parts = [show(a) for a in node.get("args", [])]
+    parts += [f"{k}={show(v)}" for k, v in (node.get("kwargs") or {}).items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _operation_refusal(layer: LayerSpec, module: str) -> str:
+    """Why an .h5's keras.ops entry is not rebuilt: Keras 3 cannot load the file itself."""
+    import keras
+
     data = layer.calls[0].data if layer.calls else {}
-    form = ", ".join([show(a) for a in data.get("args", [])] +
-                     [f"{k}={show(v)}" for k, v in (data.get("kwargs") or {}).items()])[:80]
+    form = call_form(data)[1:-1][:80]
     reads = f"keras.layers.{layer.class_name}, which does not fit it" \
         if isinstance(getattr(keras.layers, layer.class_name, None), type) else "an unknown layer"
     return (f"layer {layer.name!r} ({layer.class_name}) is the keras.ops operation {module}.{layer.class_name}"
@@ -327,7 +328,7 @@ def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) 
         cause = (f"NameError: {exc} (a Lambda made in a loop at module level reads its loop variable as a "
                  "global, which the file does not hold; --repair-late-binding re-binds it per branch)")
     except Exception as exc:
-        cause = f"{type(exc).__name__}: {_one_line(exc)}"
+        cause = f"{type(exc).__name__}: {one_line(exc)}"
     return f"Lambda layer {name!r} fails when run: {cause}"
 
 
@@ -356,11 +357,11 @@ def _call_arguments(graph: KerasGraph, call: Call, tensors) -> tuple[list, dict]
             args = keras.saving.deserialize_keras_object(copy.deepcopy(data.get("args", [])), safe_mode=True)
             kwargs = keras.saving.deserialize_keras_object(copy.deepcopy(data.get("kwargs", {})), safe_mode=True)
         except Exception as exc:
-            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
+            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({one_line(exc)})") from exc
         try:
             return tree.map_structure(revive, args), tree.map_structure(revive, kwargs or {})
         except (TypeError, ValueError, IndexError) as exc:  # a malformed keras_history
-            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({_one_line(exc)})") from exc
+            raise BadInput(f"layer {call.layer.name!r}: cannot read its call arguments ({one_line(exc)})") from exc
     # The parsed refs (node indexes already corrected): the first argument's, then the kwargs'.
     count = first_arg_count(call.data)
     built = [tensors[ref] for ref in call.inputs[:count]]
@@ -468,7 +469,7 @@ def load_weights(built: Built, graph: KerasGraph, weights: WeightStore) -> None:
         except BadInput:
             raise
         except Exception as exc:
-            raise BadInput(f"layer {name!r}: its weights do not fit ({_one_line(exc)})") from exc
+            raise BadInput(f"layer {name!r}: its weights do not fit ({one_line(exc)})") from exc
 
 
 def _assign_keras3(obj, tree: dict, name: str) -> None:

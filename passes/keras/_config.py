@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.errors import BadInput
+from rewriter.errors import BadInput, one_line
 
 FUNCTIONAL = ("Functional", "Model")
 SEQUENTIAL = ("Sequential",)
@@ -257,7 +257,7 @@ def _read_keras_zip(path: Path) -> KerasFile:
         raise
     except (zipfile.BadZipFile, json.JSONDecodeError, OSError, KeyError, EOFError, ValueError,
             NotImplementedError, RuntimeError) as exc:
-        raise BadInput(f"{path}: not a readable .keras file ({_one_line(exc)})") from exc
+        raise BadInput(f"{path}: not a readable .keras file ({one_line(exc)})") from exc
     if not isinstance(config, dict) or not isinstance(metadata, dict):
         raise BadInput(f"{path}: not a readable .keras file (its config is not a JSON object)")
     weights = WeightStore.from_keras3(accepted.path("model.weights.h5"), path)
@@ -294,7 +294,7 @@ def _read_h5(path: Path) -> KerasFile:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        raise BadInput(f"{path}: not a Keras file (neither a .keras zip nor HDF5: {_one_line(exc)})") from exc
+        raise BadInput(f"{path}: not a Keras file (neither a .keras zip nor HDF5: {one_line(exc)})") from exc
     try:
         raw = handle.attrs.get("model_config")
         if raw is None:
@@ -311,7 +311,7 @@ def _read_h5(path: Path) -> KerasFile:
         raise
     except (json.JSONDecodeError, OSError, KeyError, ValueError) as exc:
         handle.close()
-        raise BadInput(f"{path}: not a readable Keras .h5 file ({_one_line(exc)})") from exc
+        raise BadInput(f"{path}: not a readable Keras .h5 file ({one_line(exc)})") from exc
     handle.close()
     return KerasFile(path, "h5", config, version, weights, compile_config=training)
 
@@ -366,7 +366,7 @@ class WeightStore:
                 layers = handle.get("layers")
                 paths = {name: _read_tree(layers[name]) for name in (layers.keys() if layers is not None else [])}
         except OSError as exc:
-            raise BadInput(f"{path}: its model.weights.h5 is not readable ({_one_line(exc)})") from exc
+            raise BadInput(f"{path}: its model.weights.h5 is not readable ({one_line(exc)})") from exc
         return cls({}, paths)
 
     @classmethod
@@ -430,11 +430,6 @@ def _snake_case(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 # -- the config as a graph --------------------------------------------------------------------
 
 def model_class(config: dict) -> str:
@@ -451,7 +446,7 @@ def parse_graph(config: dict, *, legacy: bool, path: Path) -> KerasGraph:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise BadInput(f"{path}: the model config is not a Keras model config Keras could read "
-                       f"({type(exc).__name__}: {_one_line(exc)})") from exc
+                       f"({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def _parse_graph(config: dict, *, legacy: bool, path: Path) -> KerasGraph:

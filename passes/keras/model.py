@@ -23,7 +23,7 @@ from passes.keras import _build, _compat, _config, _lambdas, _slices
 from passes.keras.expand_grouped_conv import ExpandGroupedConv
 from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter import formats
-from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
+from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible, one_line
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
 from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
@@ -84,7 +84,7 @@ def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, op
             try:
                 rewritten.model.save(target)
             except Exception as exc:
-                raise OutputError(f"{target}: cannot write the rewritten model ({_one_line(exc)})") from exc
+                raise OutputError(f"{target}: cannot write the rewritten model ({one_line(exc)})") from exc
         if not options.verify:
             report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
                                                note="--no-verify")
@@ -217,6 +217,8 @@ def _write_onnx(model, graph: _config.KerasGraph, output: Path | None, options, 
     ONNX conversion (passes.tf.to_onnx), whose proof is added to this report's table."""
     from dataclasses import replace
 
+    from passes.keras import to_savedmodel
+
     try:
         from passes.tf.to_onnx import savedmodel_to_onnx
     except ImportError as exc:
@@ -229,10 +231,7 @@ def _write_onnx(model, graph: _config.KerasGraph, output: Path | None, options, 
     with formats.scratch_dir() as scratch:
         folder = Path(scratch) / "savedmodel"
         with report.timed("export"):
-            try:
-                model.export(str(folder), format="tf_saved_model", verbose=False)
-            except Exception as exc:
-                raise BadInput(f"the fused Keras model cannot be exported as a SavedModel ({_one_line(exc)})") from exc
+            to_savedmodel.export(model, folder, "the fused Keras model")
         converted = savedmodel_to_onnx(folder, output, options=replace(options, shapes=shapes,
                                                                        signature="serving_default"),
                                        report=onnx_report)
@@ -270,7 +269,7 @@ def _carry_compile_settings(model, kfile: _config.KerasFile, report: Report) -> 
                 model.compile_from_config(kfile.compile_config)
     except Exception as exc:
         report.skipped.append(Skip("<compile settings>", "optimizer/loss/metrics settings not carried over "
-                                   f"({_one_line(exc)}); the model is written uncompiled"))
+                                   f"({one_line(exc)}); the model is written uncompiled"))
 
 
 def _has_lambda(model) -> bool:
@@ -285,11 +284,6 @@ def _is_legacy(config: dict) -> bool:
         for node in layer.get("inbound_nodes", []) or []:
             return isinstance(node, list)
     return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 # -- analysis: shapes, Lambdas, slices ---------------------------------------------------------
@@ -410,7 +404,7 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
                 return keras.models.load_model(accepted, compile=False, safe_mode=not has_lambdas), ""
         return keras.models.load_model(path, compile=False, safe_mode=not has_lambdas), ""
     except Exception as exc:
-        reason = _one_line(exc)
+        reason = one_line(exc)
     # Keras cannot load it (tf-keras TFOpLambda nodes, Lambdas with list defaults...): compare with
     # the model rebuilt from the file's own config and trusted code. (tf-keras could load legacy
     # files, but takes minutes on big ones; the rebuild uses Keras's own legacy converter.)
@@ -424,7 +418,7 @@ def _load_written(target: Path, *, trusted: bool):
     try:
         return keras.models.load_model(target, compile=False, safe_mode=not trusted)
     except Exception as exc:
-        raise VerificationFailed(f"the written model does not load in Keras ({_one_line(exc)}); nothing was written") from exc
+        raise VerificationFailed(f"the written model does not load in Keras ({one_line(exc)}); nothing was written") from exc
 
 
 def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None], str]]:
@@ -469,12 +463,12 @@ def _verify(reference, candidate, graph: _config.KerasGraph, options, note: str)
         expected = _run(reference, feeds)
     except Exception as exc:
         raise VerificationImpossible(f"the original model cannot run on the verification inputs "
-                                     f"({_one_line(exc)}); pass --no-verify to write it without proof") from exc
+                                     f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
     try:
         actual = _run(candidate, feeds)
     except Exception as exc:
         return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
-                            note=f"the rewritten model fails to run ({_one_line(exc)})")
+                            note=f"the rewritten model fails to run ({one_line(exc)})")
     names = [ref.layer for ref in graph.outputs]
     if len(expected) != len(actual):
         return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,

@@ -16,13 +16,13 @@ join the Keras check's table as ``savedmodel:OUTPUT``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
 from rewriter.report import Report, Verification
+from rewriter.verify import add_rows
 
 SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 _FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".tflite", ".pb")
@@ -31,6 +31,17 @@ _FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".tflite", ".pb")
 def check_output(output: Path | None) -> None:
     if output is not None and output.suffix.lower() in _FILE_SUFFIXES:
         raise BadInput(f"{output}: --to savedmodel writes a SavedModel folder; name the output NAME or NAME.fused")
+
+
+def export(model, folder: Path, what: str) -> None:
+    """Keras 3's own SavedModel export (``--to savedmodel`` and the first step of ``--to onnx``);
+    a model it cannot export is refused in one line."""
+    from passes.tf.savedmodel import one_line
+
+    try:
+        model.export(str(folder), format="tf_saved_model", verbose=False)
+    except Exception as exc:
+        raise BadInput(f"{what} cannot be exported as a SavedModel ({one_line(exc)})") from exc
 
 
 def write_savedmodel(model, graph, original: Callable[[], Any], output: Path | None, *, mode: str, options,
@@ -45,10 +56,7 @@ def write_savedmodel(model, graph, original: Callable[[], Any], output: Path | N
     with formats.scratch_dir() as scratch:
         exported = Path(scratch) / "exported"
         with report.timed("export"):
-            try:
-                model.export(str(exported), format="tf_saved_model", verbose=False)
-            except Exception as exc:
-                raise BadInput(f"{what} cannot be exported as a SavedModel ({sm.one_line(exc)})") from exc
+            export(model, exported, what)
             frozen = sm.load_signature(exported, SIGNATURE)  # XLA wrappers inlined: plain TF ops
         report.after = sm.graph_stats(frozen.graph_def)
 
@@ -102,27 +110,7 @@ def _verify(model, graph, reference, folder: Path, frozen, options, report: Repo
     except VerificationFailed as failure:
         report.verification = failure.verification
         raise
-    _add_rows(report, rows, feeds, options, _grouped_note(frozen.graph_def))
-
-
-def _add_rows(report: Report, rows, feeds, options, note: str) -> None:
-    """The SavedModel rows (``savedmodel:OUTPUT``) join the Keras check's table, as ``--to onnx``
-    and ``--to tflite`` rows do; a mismatch fails the run (exit 1) with nothing written."""
-    rows = [replace(r, name=f"savedmodel:{r.name}") for r in rows]
-    passed = all(r.passed for r in rows)
-    current = report.verification
-    if current is not None and current.ran:
-        current.outputs.extend(rows)
-        current.passed = bool(current.passed and passed)
-        current.note = "; ".join(n for n in (current.note, note) if n)
-    else:
-        report.verification = current = Verification(
-            ran=True, passed=passed, atol=options.atol, rtol=options.rtol, outputs=rows, note=note,
-            inputs=feeds.shapes(), defaulted=dict(getattr(feeds, "defaulted", {})))
-    if not current.passed:
-        failing = [o.name for o in current.outputs if not o.passed]
-        raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
-                                 "nothing was written", current)
+    add_rows(report, rows, "savedmodel", feeds, options, _grouped_note(frozen.graph_def))
 
 
 def _grouped_note(graph_def) -> str:

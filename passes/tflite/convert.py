@@ -18,7 +18,7 @@ import re
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -224,26 +224,6 @@ def run(content: bytes, feeds: Mapping[str, np.ndarray], signature: str, role: s
 
 
 # -- proving and writing ------------------------------------------------------------------------
-
-
-def add_rows(report: Report, rows: list[OutputComparison], feeds, options, note: str) -> None:
-    """The TFLite rows (``tflite:OUTPUT``) join the report's verification table, as the ONNX
-    check of ``--to onnx`` does; a mismatch fails the run (exit 1) with nothing written."""
-    rows = [replace(r, name=f"tflite:{r.name}") for r in rows]
-    passed = all(r.passed for r in rows)
-    current = report.verification
-    if current is not None and current.ran:
-        current.outputs.extend(rows)
-        current.passed = bool(current.passed and passed)
-        current.note = "; ".join(n for n in (current.note, note) if n)
-    else:
-        report.verification = current = Verification(
-            ran=True, passed=passed, atol=options.atol, rtol=options.rtol, outputs=rows, note=note,
-            inputs=feeds.shapes(), defaulted=dict(getattr(feeds, "defaulted", {})))
-    if not current.passed:
-        failing = [o.name for o in current.outputs if not o.passed]
-        raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
-                                 "nothing was written", current)
 
 
 def compare_outputs(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],

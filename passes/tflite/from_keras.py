@@ -17,7 +17,6 @@ from typing import Any
 
 from passes.tflite.convert import (
     TFLiteModel,
-    add_rows,
     check_output,
     compare_outputs,
     convert_savedmodel,
@@ -29,6 +28,7 @@ from passes.tflite.convert import (
 from rewriter import formats
 from rewriter.errors import BadInput, RewriteError
 from rewriter.report import Report
+from rewriter.verify import add_rows
 
 SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 
@@ -67,7 +67,7 @@ def write_tflite(model, graph, original: Callable[[], Any], output: Path | None,
                 actual = run(result.content, keyed, SIGNATURE)
                 names = [ref.layer for ref in graph.outputs]
                 rows = compare_outputs(names, expected, list(actual.values()), options)
-                add_rows(report, rows, feeds, options, grouped_note(result))
+                add_rows(report, rows, "tflite", feeds, options, grouped_note(result))
         if options.benchmark:  # --benchmark's "before": the original model converted as it is
             try:
                 reference = reference if reference is not None else original()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from passes.tflite.convert import (
     TFLiteModel,
-    add_rows,
     check_output,
     compare_outputs,
     convert_savedmodel,
@@ -26,6 +25,7 @@ from passes.tflite.convert import (
 from rewriter import formats
 from rewriter.errors import RewriteError, VerificationFailed
 from rewriter.report import Report, Skip
+from rewriter.verify import add_rows
 
 
 def rewrite_savedmodel_to_tflite(path: Path, *, mode: str, output: Path | None, apply: bool, options,
@@ -62,7 +62,7 @@ def rewrite_savedmodel_to_tflite(path: Path, *, mode: str, output: Path | None, 
                     raise VerificationFailed(f"verification failed: the .tflite returns {', '.join(sorted(actual))}, "
                                              f"the original {', '.join(keys)}; nothing was written")
                 rows = compare_outputs(keys, [expected[k] for k in keys], [actual[k] for k in keys], options)
-                add_rows(report, rows, feeds, options, grouped_note(result))
+                add_rows(report, rows, "tflite", feeds, options, grouped_note(result))
         if options.benchmark:  # --benchmark's "before": the original signature converted as it is
             try:
                 with report.timed("convert"):
