@@ -51,9 +51,12 @@ def _resolve(value: ir.Value | None, depth: int) -> np.ndarray | None:
         return None
     if node.op_type == "Identity":
         return _resolve(node.inputs[0], depth - 1)
-    arrays = [None if v is None else _resolve(v, depth - 1) for v in node.inputs]
-    if any(a is None for v, a in zip(node.inputs, arrays) if v is not None):
-        return None
+    arrays = []
+    for v in node.inputs:  # stop at the first input that is not constant: activations often pass these ops
+        array = None if v is None else _resolve(v, depth - 1)
+        if v is not None and array is None:
+            return None
+        arrays.append(array)
     return _evaluate(node, arrays)
 
 
