@@ -232,3 +232,142 @@ def plan_shared_input(branches: Sequence[Branch], *, stack_axis: int) -> FusionP
                                for b in branches])
     return FusionPlan(groups=1, in_channels=branches[0].width, out_channels=sum(b.out_channels for b in branches),
                       weight=weight, bias=bias, attributes=dict(branches[0].attributes))
+
+
+# -- tails: how each channel-wise op's parameters concatenate ---------------------------------
+
+CHANNEL = "channel"  # a vector of one value per channel: concatenated in branch order
+EQUAL = "equal"  # must be the same array in every branch; kept once
+BROADCAST = "broadcast"  # a constant broadcast against the branch: CHANNEL where it spans the
+#                          channel axis with one value per channel, else EQUAL
+
+
+@dataclass(frozen=True)
+class TailRule:
+    """How a channel-wise op after the branch convs becomes one op after the fused conv: its
+    settings must agree, and each parameter (in the op's input order, data input left out)
+    concatenates or must be equal."""
+
+    params: tuple[str, ...] = ()
+
+
+# One table for every backend, keyed by a format-free op kind; each backend maps its own op names
+# onto these kinds (TF: passes/tf/fuse_split_conv.py ``TF_TAIL_KINDS``).
+TAIL_RULES: dict[str, TailRule] = {
+    **{kind: TailRule() for kind in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus",
+                                     "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish")},
+    "BatchNorm": TailRule((CHANNEL,) * 4),  # scale, offset, mean, variance
+    "BiasAdd": TailRule((CHANNEL,)),
+    "Clip": TailRule((EQUAL, EQUAL)),  # min, max
+    **{kind: TailRule((BROADCAST,)) for kind in ("Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu")},
+}
+
+
+def tail_concat_axis(rule: str, shape: Sequence[int], channel_axis: int, rank: int, channels: int) -> int | None | str:
+    """Along which axis of a parameter of ``shape`` the branches' parameters concatenate (None:
+    they must be equal), for a branch tensor of ``rank`` with ``channels`` on ``channel_axis``;
+    a sentence when the parameter cannot be channel-wise."""
+    if rule == CHANNEL:
+        return 0 if tuple(shape) == (channels,) else f"parameter of shape {list(shape)} is not per-channel"
+    if rule == EQUAL:
+        return None
+    if len(shape) > rank:
+        return f"constant of rank {len(shape)} broadcasts the branch"
+    axis = channel_axis - (rank - len(shape))  # numpy broadcasting aligns on the right
+    if axis >= 0 and shape[axis] not in (1, channels):
+        return f"constant of shape {list(shape)} is not per-channel"
+    return axis if axis >= 0 and shape[axis] == channels and channels > 1 else None
+
+
+# -- chains: several layers per branch ------------------------------------------------------
+
+
+@dataclass
+class ConvLayer:
+    """One convolution of every branch at a chain step. For the first layer ``channel_start`` /
+    ``channel_stop`` are the source channels a branch reads; for later layers ``0:width``, the
+    channels the conv expects of its own branch (``plan_chain`` places them)."""
+
+    branches: list[Branch]
+
+
+@dataclass
+class TailLayer:
+    """One channel-wise op of every branch at a chain step, read as ``plan_tail`` takes it."""
+
+    kind: str
+    configs: list[dict[str, Any]]
+    weights: list[list[np.ndarray]]
+    concat_axes: list[int | None]
+
+
+@dataclass
+class ChainPlan:
+    """What the branches become, step by step, as far as they agree."""
+
+    steps: list[FusionPlan | list[np.ndarray]]  # each fused step: a conv's plan, a tail's parameters
+    branch_channels: list[int]  # each branch's channels after the last fused step (for a split back)
+    stopped: str | None = None  # where and why the branches stop agreeing; None: every step fused
+
+    @property
+    def convs(self) -> list[FusionPlan]:
+        return [s for s in self.steps if isinstance(s, FusionPlan)]
+
+    @property
+    def groups(self) -> int:
+        """The first grouped layer's groups (1 when only a wide conv fused)."""
+        return next((c.groups for c in self.convs if c.groups > 1), self.convs[0].groups)
+
+
+def plan_chain(kinds: Sequence[Sequence[str]], read_step, source_channels: int | None, *,
+               conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
+    """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
+
+    ``kinds[i]`` are branch i's op kinds in order (the first a conv); ``read_step(step,
+    branch_channels)`` reads step ``step`` of every branch as a ``ConvLayer``, a ``TailLayer`` or
+    a ``Refusal`` (``branch_channels``: each branch's channels before that step). The first conv
+    layer reads channel ranges of the source (``plan_fusion``) or, with ``shared_input``, the whole
+    source (``plan_shared_input``: one wide conv); later conv layers each become one grouped conv.
+    A refusal of the first layer refuses the candidate; after it the plan stops there and says
+    where and why (the format splits the fused tensor back into the branches' parts)."""
+    steps: list[FusionPlan | list[np.ndarray]] = []
+    channels: list[int] = []
+    for step in range(min(len(k) for k in kinds)):
+        here = sorted({k[step] for k in kinds})
+        if len(here) > 1:
+            if not steps:
+                return Refusal("branches differ here: " + " vs ".join(here))
+            return ChainPlan(steps, channels, "where the branches differ (" + " vs ".join(here) + ")")
+        layer = read_step(step, channels or None)
+        if isinstance(layer, ConvLayer):
+            outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis)
+        elif isinstance(layer, TailLayer):
+            outcome = plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
+        else:
+            outcome = layer
+        if isinstance(outcome, Refusal):
+            if not steps:
+                return outcome
+            where = "the convolution after" if here[0] in conv_kinds else here[0]
+            return ChainPlan(steps, channels, f"{where} ({outcome.reason})")
+        steps.append(outcome)
+        if isinstance(layer, ConvLayer):
+            channels = [b.out_channels for b in layer.branches]
+    ends = {len(k) for k in kinds}
+    return ChainPlan(steps, channels, "the end of the shortest branch" if len(ends) > 1 else None)
+
+
+def _plan_conv_layer(branches: list[Branch], channels: list[int], source_channels: int | None, shared_input: bool,
+                     stack_axis: int) -> FusionPlan | Refusal:
+    if not channels:
+        if shared_input:
+            return plan_shared_input(branches, stack_axis=stack_axis)
+        return plan_fusion(branches, source_channels, stack_axis=stack_axis)
+    placed, start = [], 0
+    for branch, width in zip(branches, channels):
+        if branch.width != width:
+            return Refusal(f"{branch.name} expects {branch.width} channels, its branch has {width}")
+        placed.append(Branch(branch.name, start, start + width, branch.weight, branch.bias, branch.groups,
+                             branch.out_channels, branch.attributes))
+        start += width
+    return plan_fusion(placed, start, stack_axis=stack_axis)
