@@ -1,22 +1,33 @@
-"""Fuse hand-made grouped convolutions in a TF graph into one Conv2D with a grouped filter.
+"""Fuse hand-made grouped convolutions in a TF graph into Conv2Ds with a grouped filter.
 
     x → Split|SplitV|Slice_i|StridedSlice_i(channel axis) → Conv2D_i [→ BiasAdd_i] [→ tails_i] → ConcatV2
         ⇒  x → Conv2D(filter [kH, kW, C/N, O]) [→ BiasAdd] [→ tails]
 
 NHWC and NCHW (the Conv2D's ``data_format`` names the channel axis); Conv1D as TF writes it,
-``ExpandDims → Conv2D → Squeeze``, too. The matcher starts at each
-ConcatV2 and walks every input back to its Conv2D and on to the op that reads a channel range;
-``rewriter.plan`` owns the fusability rules, the reasons and the weight arithmetic (TF filters
-stack on the last axis). Tails are the channel-wise ops after each branch conv (activations,
-FusedBatchNorm in inference form, BiasAdd and Add/Sub/Mul/... of a per-channel constant); they are
-planned step by step across the branches with ``rewriter.plan.plan_tail`` (settings must agree,
-per-channel parameters are concatenated) and applied once after the fused convolution. Where the
-branches stop agreeing (one Relu, one Sigmoid), the fused tensor is split back (SplitV) into the
-branches' parts, the rest stays per branch, and a skip says where the fusion stopped.
+``ExpandDims → Conv2D → Squeeze``, too. The matcher starts at each ConcatV2 and walks every input
+back through the branch's ops (each used only by the next) to where the branch starts; the
+layers are then planned step by step across the branches by ``rewriter.plan.plan_chain``, which
+owns the fusability rules, the reasons and the weight arithmetic (TF filters stack on the last
+axis). So the same pass fuses:
+
+- tails, the channel-wise ops after each branch conv (activations, FusedBatchNorm in inference
+  form, BiasAdd and Add/Sub/Mul/... of a per-channel constant): settings must agree, per-channel
+  parameters are concatenated (``rewriter.plan.TAIL_RULES``), applied once after the fused conv;
+- chains of several convolutions per branch (ResNeXt, fig. 3): each layer becomes one grouped
+  Conv2D; branches that all read the *same* tensor start with one wide Conv2D (forms a/b → c):
+  ``x → [Conv1x1_i → tails → Conv3x3_i → tails] → ConcatV2  ⇒  x → Conv1x1(wide) → tails →
+  Conv3x3(grouped) → tails``. A concat of single convs on one tensor (Inception) is left alone.
+
+Where the branches stop agreeing (one Relu, one Sigmoid; a 3×3 with another stride), the fused
+tensor is split back (SplitV) into the branches' parts, the rest stays per branch, and a skip
+says where the fusion stopped. Conv3D branches are reported, never fused: TensorFlow has no
+grouped Conv3D kernel on CPU (see ``CONV3D_REFUSAL``).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,17 +36,43 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, t
 
 from passes import register
 from passes.tf import _graph as g
-from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion, plan_tail
+from rewriter.plan import (
+    TAIL_RULES,
+    Branch,
+    ChainPlan,
+    ConvLayer,
+    FusionPlan,
+    Refusal,
+    TailLayer,
+    plan_chain,
+    tail_concat_axis,
+)
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
-CONV_OPS = ("Conv2D",)
+CONV_OPS = ("Conv2D", "Conv3D")
+CONV_KINDS = ("Conv1D", "Conv2D", "Conv3D")  # a layer's kind: Conv1D is ExpandDims → Conv2D → Squeeze
 READER_OPS = ("Split", "SplitV", "Slice", "StridedSlice")
+# TF op → the format-free tail kind of rewriter.plan.TAIL_RULES (how its parameters concatenate).
+TF_TAIL_KINDS = {
+    **{op: op for op in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign")},
+    **{op: "BatchNorm" for op in ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")},
+    "BiasAdd": "BiasAdd", "Add": "Add", "AddV2": "Add", "Sub": "Sub", "Mul": "Mul", "RealDiv": "Div",
+    "Maximum": "Max", "Minimum": "Min",
+}
 # Element-wise ops that commute with the channel concat: applied per branch or once after.
-TAIL_OPS = ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign")
-BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+TAIL_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if not TAIL_RULES[kind].params)
+BATCH_NORM_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if kind == "BatchNorm")
 # Ops of the branch tensor and a constant: channel-wise when the constant is per-channel or shared.
-BINARY_OPS = ("BiasAdd", "Add", "AddV2", "Sub", "Mul", "RealDiv", "Maximum", "Minimum")
+BINARY_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if TAIL_RULES[kind].params == ("broadcast",)) + ("BiasAdd",)
+# Evidence (TF 2.21, CPU): tf.nn.conv3d of x [1,4,6,6,8] with a filter [3,3,3,4,6] (2 groups)
+# fails with oneDNN on ("input and filter must have the same depth: 8 vs 4", _MklNativeConv3D)
+# and off ("Number of channels in filter (4) must match last dimension of input (8)"), eagerly
+# and in a tf.function; so a grouped Conv3D could not even be verified here, and no TF graph
+# that runs holds one (tf.expand-grouped-conv has nothing to expand). A wide Conv3D (group 1,
+# branches on one shared input) is plain and fuses.
+CONV3D_REFUSAL = ("TensorFlow's Conv3D has no grouped kernel on CPU: a Conv3D filter must span all its "
+                  "input channels there (TF 2.21: \"input and filter must have the same depth\")")
 
 
 class _NotACandidate(Exception):
@@ -68,52 +105,80 @@ class _Tail:
 
 
 @dataclass
-class _Chain:
-    """One branch, from the concat input back to its convolution."""
+class _Layer:
+    """One step of a branch: a convolution (with its bias op; a Conv1D with its ExpandDims and
+    Squeeze) or one tail op. ``nodes`` in order; the last one's output is the step's output."""
 
-    conv: node_def_pb2.NodeDef
-    bias_add: node_def_pb2.NodeDef | None
-    tail: list[node_def_pb2.NodeDef]
-    # Conv1D: ExpandDims → Conv2D → Squeeze around the conv.
-    expand: node_def_pb2.NodeDef | None = None
-    squeeze: node_def_pb2.NodeDef | None = None
-    expand_axis: int | None = None  # the 4-D axis the ExpandDims inserts
+    nodes: list[node_def_pb2.NodeDef]
+    conv: node_def_pb2.NodeDef | None = None  # None: a tail op
+    bias_add: node_def_pb2.NodeDef | None = None
+    expand_axis: int | None = None  # Conv1D: the 4-D axis the ExpandDims inserts
 
     @property
-    def nodes(self) -> list[node_def_pb2.NodeDef]:
-        around = [self.expand] if self.expand is not None else []
-        around += [self.conv] + ([self.squeeze] if self.squeeze is not None else [])
-        return around + ([self.bias_add] if self.bias_add is not None else []) + self.tail
-
-    def cut(self, fused_tails: int) -> node_def_pb2.NodeDef:
-        """The last node of the branch that the fusion replaces when ``fused_tails`` tails fuse."""
-        return self.nodes[len(self.nodes) - len(self.tail) + fused_tails - 1]
-
-    @property
-    def data(self) -> str:
-        """The tensor the branch reads (before the ExpandDims of a Conv1D)."""
-        return self.expand.input[0] if self.expand is not None else self.conv.input[0]
+    def kind(self) -> str:
+        if self.conv is None:
+            return self.nodes[0].op
+        return "Conv1D" if self.expand_axis is not None else self.conv.op
 
     @property
     def rank(self) -> int:
-        return 3 if self.expand is not None else 4
+        return {"Conv1D": 3, "Conv2D": 4, "Conv3D": 5}[self.kind]
+
+    @property
+    def channels_last(self) -> bool:
+        return g.attr_str(self.conv, "data_format", "NHWC").endswith("C")
 
     @property
     def channel_axis(self) -> int:
-        """The channel axis of what the branch reads and writes."""
-        axis = 3 if g.attr_str(self.conv, "data_format", "NHWC") == "NHWC" else 1
-        if self.expand is None:
-            return axis
+        """The channel axis of what the layer reads and writes."""
+        if self.expand_axis is None:
+            return self.rank - 1 if self.channels_last else 1
+        axis = 3 if self.channels_last else 1
         return axis if axis < self.expand_axis else axis - 1
+
+
+@dataclass
+class _Chain:
+    """One branch: the tensor it starts from and its layers, in order, up to the ConcatV2."""
+
+    entry: str
+    layers: list[_Layer]
+
+    @property
+    def nodes(self) -> list[node_def_pb2.NodeDef]:
+        return [n for layer in self.layers for n in layer.nodes]
+
+    @property
+    def convs(self) -> list[_Layer]:
+        return [layer for layer in self.layers if layer.conv is not None]
+
+    @property
+    def first(self) -> _Layer:
+        return self.layers[0]
+
+
+@dataclass
+class _Candidate:
+    concat: node_def_pb2.NodeDef
+    chains: list[_Chain]
+    source: str  # the tensor the fused part reads
+    channels: int | None  # the source's channel count
+    reads: list[_Read] | None  # None: every branch reads ``source`` whole (shared input)
+    readers: list[node_def_pb2.NodeDef] = field(default_factory=list)
+    tails: dict[int, _Tail] = field(default_factory=dict)  # branch 0's tail at each fused step
+
+    @property
+    def shared(self) -> bool:
+        return self.reads is None
 
 
 @register("tf.fuse-split-conv")
 class FuseSplitConvPass:
-    """Rewrite every fusable channel split → Conv2D → ConcatV2 subgraph; record rewrites and skips.
+    """Rewrite every fusable branch structure joined by a ConcatV2; record rewrites and skips.
 
-    ``accept(props) -> (ok, rule)``, when given, is asked about the grouped conv a candidate would
-    become (``--target``): a refused candidate stays as it is, reported as a skip with the rule as
-    its reason; each judged candidate is also listed in ``decisions``."""
+    ``accept(props) -> (ok, rule)``, when given, is asked about every grouped conv a candidate
+    would become (``--target``): a candidate with one refused layer stays as it is, reported as a
+    skip with the rule as its reason; each judged candidate is also listed in ``decisions``."""
 
     def __init__(self, *, rewrite: bool = True, accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
@@ -133,45 +198,19 @@ class FuseSplitConvPass:
         rewired: dict[str, str] = {}  # a branch's cut tensor → its part of the split-back
         for concat in [n for n in graph_def.node if n.op == "ConcatV2"]:
             try:
-                source, channels, branches, chains, readers = self._match(index, concat, replaced)
-                plan = plan_fusion(branches, channels, stack_axis=-1)
+                candidate = self._match(index, concat, replaced)
+                plan = plan_chain([[layer.kind for layer in c.layers] for c in candidate.chains],
+                                  functools.partial(self._read_step, index, candidate),
+                                  candidate.channels, conv_kinds=CONV_KINDS, shared_input=candidate.shared,
+                                  stack_axis=-1)
                 if isinstance(plan, Refusal):
                     raise _Refused(plan.reason)
             except _NotACandidate:
                 continue
             except _Refused as refusal:
-                self.skipped.append(Skip(concat.name, str(refusal), [c.name for c in _branch_convs(index, concat)]))
+                self.skipped.append(Skip(concat.name, str(refusal), _branch_convs(index, concat)))
                 continue
-            verdict = None
-            if self.accept is not None and plan.groups > 1:
-                verdict = self.accept(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
-                                                out_channels=plan.out_channels,
-                                                kernel_rank=1 if chains[0].expand is not None else 2))
-                if not verdict[0]:
-                    self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for c in chains]))
-                    self.decisions.append({"location": concat.name, "graph": "", "form": "split",
-                                           "action": "keep", "rule": verdict[1]})
-                    continue
-            tails, stopped = _plan_tails(index, chains, plan.out_channels // len(chains))
-            cut = len(tails)
-            old = [*readers, *(n for c in chains for n in c.nodes[:len(c.nodes) - len(c.tail) + cut])]
-            old += [concat] if stopped is None else []
-            simple = plan.bias is None and not tails and chains[0].squeeze is None and stopped is None
-            conv_name = concat.name if simple else names.fresh(f"{chains[0].conv.name}_group{plan.groups}")
-            if verdict is not None:
-                self.decisions.append({"location": conv_name, "graph": "", "form": "native", "action": "fuse",
-                                       "rule": verdict[1]})
-            if self.rewrite:
-                split_back = None if stopped is None else [c.cut(cut) for c in chains]
-                new_nodes.extend(self._emit(names, concat, source, chains[0], plan, conv_name, tails, split_back,
-                                            rewired))
-                replaced.update(n.name for n in old)
-                self.created.append(conv_name)
-            self.rewrites.append(Rewrite(kind="fuse-split-conv", location=conv_name, groups=plan.groups,
-                                         channels={"in": plan.in_channels, "out": plan.out_channels},
-                                         nodes=[n.name for n in old]))
-            if stopped is not None:
-                self.skipped.append(Skip(concat.name, f"fused up to {stopped}; the rest stays per branch", []))
+            new_nodes.extend(self._fuse(names, candidate, plan, replaced, rewired))
         if not new_nodes:
             return graph_def
         kept = _rewire([n for n in graph_def.node if n.name not in replaced], rewired)
@@ -180,147 +219,171 @@ class FuseSplitConvPass:
         keep = [g.split_input(t)[0] for t in protected] + [n.name for n in kept if n.op == "Placeholder"]
         return g.prune(graph_def, keep)
 
+    def _fuse(self, names: g.Names, candidate: _Candidate, plan: ChainPlan, replaced: set[str],
+              rewired: dict[str, str]) -> list[node_def_pb2.NodeDef]:
+        """Judge a planned candidate, record it, and (when rewriting) return its new nodes."""
+        concat, chains = candidate.concat, candidate.chains
+        verdict = self._judge(chains[0], plan)
+        if verdict is not None and not verdict[0]:
+            self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for ch in chains for c in ch.convs]))
+            self.decisions.append({"location": concat.name, "graph": "", "form": "split", "action": "keep",
+                                   "rule": verdict[1]})
+            return []
+        conv_names = _conv_names(names, candidate, plan)
+        location = next((name for name, conv in zip(conv_names, plan.convs) if conv.groups > 1), conv_names[0])
+        if verdict is not None:
+            self.decisions.append({"location": location, "graph": "", "form": "native", "action": "fuse",
+                                   "rule": verdict[1]})
+        old = candidate.readers + [n for c in chains for layer in c.layers[:len(plan.steps)] for n in layer.nodes]
+        old += [concat] if plan.stopped is None else []
+        new_nodes = []
+        if self.rewrite:
+            new_nodes = self._emit(names, candidate, plan, conv_names, rewired)
+            replaced.update(n.name for n in old)
+            self.created.extend(conv_names)
+        self.rewrites.append(Rewrite(
+            kind="fuse-parallel-branches" if candidate.shared else "fuse-split-conv", location=location,
+            groups=plan.groups, channels={"in": plan.convs[0].in_channels, "out": plan.convs[-1].out_channels},
+            nodes=[n.name for n in old]))
+        if plan.stopped is not None:
+            self.skipped.append(Skip(concat.name, f"fused up to {plan.stopped}; the rest stays per branch", []))
+        return new_nodes
+
+    def _judge(self, first: _Chain, plan: ChainPlan) -> tuple[bool, str] | None:
+        """The ``accept`` hook's verdict on the grouped layers of a candidate: the first refusal,
+        or acceptance with the rules that accepted; None without a hook or a grouped layer."""
+        if self.accept is None:
+            return None
+        verdicts = [self.accept(ConvProps(groups=conv.groups, in_channels=conv.in_channels,
+                                          out_channels=conv.out_channels, kernel_rank=layer.rank - 2))
+                    for conv, layer in zip(plan.convs, first.convs) if conv.groups > 1]
+        if not verdicts:
+            return None
+        refused = next((v for v in verdicts if not v[0]), None)
+        return refused or (True, "; ".join(dict.fromkeys(rule for _, rule in verdicts)))
+
     # -- matching ----------------------------------------------------------------------------
 
-    def _match(self, index: g.GraphIndex, concat, replaced: set[str]):
-        count = concat.attr["N"].i
-        values, axis_ref = list(concat.input[:count]), concat.input[count]
-        chains = [_walk_to_conv(index, ref) for ref in values]
-        # A candidate has at least two branch convs that read a channel range (so a concat of
-        # Inception-style branches on one whole tensor is nothing to report).
-        fed = [c for c in chains if c is not None and _read_channels(index, c.data, c.channel_axis, rank=c.rank)]
-        if len(fed) < 2:
-            raise _NotACandidate
-        if any(c is None for c in chains):
-            raise _Refused("the ConcatV2 also joins inputs that are not branch convolutions")
-        if any(n.name in replaced for c in chains for n in c.nodes):
-            raise _NotACandidate  # already part of a rewrite in this run
-        convs = [c.conv for c in chains]
-        if len({c.name for c in convs}) != len(convs):
-            raise _Refused("a branch is concatenated twice")
-
-        data_formats = {g.attr_str(c, "data_format", "NHWC") for c in convs}
-        if len(data_formats) > 1:
-            raise _Refused("branches mix NHWC and NCHW")
-        if len({(c.rank, c.channel_axis) for c in chains}) > 1:
-            raise _Refused("branches mix Conv1D and Conv2D")
-        channel_axis, rank = chains[0].channel_axis, chains[0].rank
-        axis = index.const_ints(axis_ref)
-        if axis is None:
-            raise _Refused("ConcatV2 axis is not a constant")
-        if axis[0] % rank != channel_axis:
-            raise _Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
-
-        # Each branch's intermediate tensors must feed only the next op of the branch.
-        for chain in chains:
-            for node in chain.nodes:
-                if index.uses(g.tensor_name(node.name)) != 1:
-                    raise _Refused(f"branch output {node.name} is used outside the ConcatV2")
-        weights = [index.const(c.input[1]) for c in convs]
-        for conv, weight in zip(convs, weights):
-            if weight is None:
-                raise _Refused(f"weights of {conv.name} are not constants")
-
-        first = _read_channels(index, fed[0].data, channel_axis, rank=rank)
-        shape = index.shape(first.source)
-        channels = shape[channel_axis] if shape is not None and len(shape) == rank else None
-        reads = [_read_channels(index, c.data, channel_axis, channels, rank=rank) for c in chains]
-        for conv, read in zip(convs, reads):
-            if read is None:
-                raise _Refused(f"{conv.name} does not read a constant channel range "
-                               "(Split/SplitV/Slice/StridedSlice with constant bounds)")
-        if len({r.source for r in reads}) != 1:
+    def _match(self, index: g.GraphIndex, concat, replaced: set[str]) -> _Candidate:
+        chains = _find_chains(index, concat, replaced)
+        _check_chains(index, concat, chains)
+        reading = [_read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank) is not None
+                   for c in chains]
+        if not any(reading) and len({c.entry for c in chains}) == 1:
+            shape = index.shape(chains[0].entry)
+            rank = chains[0].first.rank
+            channels = shape[chains[0].first.channel_axis] if shape is not None and len(shape) == rank else None
+            return _Candidate(concat, chains, chains[0].entry, channels, None)
+        for chain, reads in zip(chains, reading):
+            start, _ = index.producer(chain.entry)
+            if not reads and start is not None and (start.op in CONV_OPS or start.op in TF_TAIL_KINDS
+                                                    or start.op == "Squeeze"):
+                raise _Refused(f"branch output {start.name} is used outside the ConcatV2")
+        if not any(reading):
             raise _Refused("branches read from different tensors")
-        kinds = {r.reader.op for r in reads}
-        if len(kinds) > 1:
-            raise _Refused("branches mix " + " and ".join(sorted(kinds)))
-        for read in reads:
-            if read.axis % rank != channel_axis:
-                raise _Refused(f"{read.reader.op} on axis {read.axis}, not the channel axis")
-        readers = list({r.reader.name: r.reader for r in reads}.values())
-        if kinds & {"Split", "SplitV"}:
-            if len(readers) != 1:
-                raise _Refused(f"branches read from different {readers[0].op} nodes")
-            outputs = readers[0].attr["num_split"].i
-            if outputs != len(convs):
-                raise _Refused(f"{readers[0].op} has {outputs} outputs but only {len(convs)} feed the ConcatV2")
-        for chain in chains:
-            if index.uses(index.skip_identity(chain.data)) != 1:
-                raise _Refused(f"branch input of {chain.conv.name} is used outside its convolution")
+        return _read_ranges(index, concat, chains)
 
-        branches = []
-        for chain, read, weight in zip(chains, reads, weights):
-            conv = chain.conv
-            if read.start is None or read.stop is None:
-                raise _Refused("cannot tell the channel ranges (the source's channel count is unknown)")
-            width = read.stop - read.start
-            if width % weight.shape[2]:
-                raise _Refused(f"{conv.name} reads {width} channels but its filter expects a multiple of "
-                               f"{weight.shape[2]}")
-            bias = None
-            if chain.bias_add is not None:
-                bias = (index.const(chain.bias_add.input[1]) if chain.bias_add.op == "BiasAdd"
-                        else _bias_vector(index, chain.bias_add))
-                if bias is None:
-                    raise _Refused(f"bias of {conv.name} is not a constant")
-            branches.append(Branch(
-                name=conv.name, channel_start=read.start, channel_stop=read.stop, weight=weight, bias=bias,
-                groups=width // weight.shape[2], out_channels=weight.shape[3],
-                attributes={"strides": tuple(g.attr_ints(conv, "strides")),
-                            "padding": g.attr_str(conv, "padding"),
-                            "explicit_paddings": tuple(g.attr_ints(conv, "explicit_paddings")),
-                            "dilations": tuple(g.attr_ints(conv, "dilations")) or (1, 1, 1, 1)}))
-        return reads[0].source, channels, branches, chains, readers
+    def _read_step(self, index: g.GraphIndex, candidate: _Candidate, step: int,
+                   branch_channels: list[int] | None) -> ConvLayer | TailLayer | Refusal:
+        """Step ``step`` of every branch as ``plan_chain`` reads it."""
+        chains = candidate.chains
+        layers = [c.layers[step] for c in chains]
+        if layers[0].conv is not None:
+            return _read_conv_layer(index, candidate, layers, branch_channels)
+        tails = [_read_tail(index, layer.nodes[0], layer_axis(c, step), c.first.rank, channels)
+                 for layer, c, channels in zip(layers, chains, branch_channels)]
+        reason = next((t for t in tails if isinstance(t, str)), None)
+        if reason is not None:
+            return Refusal(reason)
+        candidate.tails[step] = tails[0]
+        return TailLayer(layers[0].kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
 
     # -- emitting ----------------------------------------------------------------------------
 
-    def _emit(self, names: g.Names, concat, source: str, first: _Chain, plan: FusionPlan, conv_name: str,
-              tails: list[tuple[_Tail, list[np.ndarray]]], split_back: list | None, rewired: dict[str, str]):
-        """New nodes: Conv2D [→ BiasAdd] [→ tails]; the last takes the ConcatV2's name, so its
-        readers need no change; or, where the branches stop agreeing, a SplitV whose outputs
-        ``rewired`` hands to the rest of each branch."""
-        filter_node = g.make_const(names.fresh(f"{conv_name}/filter"), plan.weight)
-        consts, chain = [filter_node], []
-        if first.expand is not None:  # Conv1D: the same ExpandDims, now of the whole source
-            expand = _copy(first.expand, names.fresh(f"{conv_name}/ExpandDims"), [source, first.expand.input[1]])
-            consts, source = consts + [expand], expand.name
-        conv = _copy(first.conv, conv_name, [source, filter_node.name])
-        chain.append(conv)
-        if first.squeeze is not None:
-            chain.append(_copy(first.squeeze, names.fresh(f"{conv_name}/Squeeze"), [""]))
-        if plan.bias is not None:
-            bias_node = g.make_const(names.fresh(f"{conv_name}/bias"), plan.bias)
-            template = first.bias_add
-            if template is None or template.op != "BiasAdd":
-                template = g.make_node("BiasAdd", "", [], T=conv.attr["T"],
-                                       data_format=g.attr_str(conv, "data_format", "NHWC"))
-            consts.append(bias_node)
-            chain.append(_copy(template, names.fresh(f"{conv_name}/BiasAdd"), ["", bias_node.name]))
-        data_index = [0] * len(chain)
-        for tail, params in tails:
-            node = _copy(tail.node, names.fresh(f"{conv_name}/{tail.node.op}"), list(tail.node.input))
-            for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
-                if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
-                    consts.append(g.make_const(names.fresh(f"{node.name}/param{index}"), array))
-                    node.input[index] = consts[-1].name
-            chain.append(node)
-            data_index.append(tail.data_index)
-        for later, earlier, at in zip(chain[1:], chain, data_index[1:]):
-            later.input[at] = earlier.name
-        if split_back is None:
-            chain[-1].name = concat.name  # the fused result stands where the ConcatV2 stood
-            return consts + chain
+    def _emit(self, names: g.Names, candidate: _Candidate, plan: ChainPlan, conv_names: list[str],
+              rewired: dict[str, str]) -> list[node_def_pb2.NodeDef]:
+        """New nodes: per fused step a conv (with its bias) or a tail; the last takes the
+        ConcatV2's name, so its readers need no change; or, where the branches stop agreeing, a
+        SplitV whose outputs ``rewired`` hands to the rest of each branch."""
+        first = candidate.chains[0]
+        nodes, current, conv_name = [], candidate.source, ""
+        convs = iter(zip(conv_names, plan.convs))
+        for step, fused in enumerate(plan.steps):
+            layer = first.layers[step]
+            if layer.conv is not None:
+                conv_name, conv_plan = next(convs)
+                new, current = _emit_conv(names, layer, conv_plan, conv_name, current)
+            else:
+                new, current = _emit_tail(names, candidate.tails[step], fused, conv_name, current)
+            nodes.extend(new)
+        if plan.stopped is None:
+            last = nodes[-1]
+            if last.name != candidate.concat.name:
+                last.name = candidate.concat.name  # the fused result stands where the ConcatV2 stood
+            return nodes
         split = names.fresh(f"{conv_name}/split_back")
-        sizes = g.make_const(names.fresh(f"{split}/sizes"), np.full(len(split_back), plan.out_channels
-                                                                    // len(split_back), np.int32))
-        axis = g.make_const(names.fresh(f"{split}/axis"), np.array(first.channel_axis, np.int32))
-        consts += [sizes, axis]
-        chain.append(g.make_node("SplitV", split, [chain[-1].name, sizes.name, axis.name], T=conv.attr["T"],
-                                 Tlen=attr_value_pb2.AttrValue(type=types_pb2.DT_INT32),
-                                 num_split=len(split_back)))
-        for i, node in enumerate(split_back):
-            rewired[g.tensor_name(node.name)] = g.tensor_name(split, i)
-        return consts + chain
+        sizes = g.make_const(names.fresh(f"{split}/sizes"), np.array(plan.branch_channels, np.int32))
+        axis = g.make_const(names.fresh(f"{split}/axis"), np.array(first.first.channel_axis, np.int32))
+        nodes += [sizes, axis, g.make_node("SplitV", split, [current, sizes.name, axis.name],
+                                           T=first.first.conv.attr["T"],
+                                           Tlen=attr_value_pb2.AttrValue(type=types_pb2.DT_INT32),
+                                           num_split=len(plan.branch_channels))]
+        for i, chain in enumerate(candidate.chains):
+            rewired[g.tensor_name(chain.layers[len(plan.steps) - 1].nodes[-1].name)] = g.tensor_name(split, i)
+        return nodes
+
+
+def layer_axis(chain: _Chain, step: int) -> int:
+    """The channel axis of the branch's tensor before ``step`` (that of the conv before it)."""
+    return next(layer for layer in reversed(chain.layers[:step]) if layer.conv is not None).channel_axis
+
+
+def _conv_names(names: g.Names, candidate: _Candidate, plan: ChainPlan) -> list[str]:
+    """A name for each fused conv; a bare conv that ends the whole candidate takes the ConcatV2's
+    name (its readers need no change)."""
+    steps = candidate.chains[0].layers[:len(plan.steps)]
+    layers = [layer for layer in steps if layer.conv is not None]
+    bare_end = (plan.stopped is None and steps[-1].conv is not None and plan.convs[-1].bias is None
+                and steps[-1].expand_axis is None)
+    return [candidate.concat.name if bare_end and i == len(layers) - 1
+            else names.fresh(f"{layer.conv.name}_group{conv.groups}" if conv.groups > 1 else f"{layer.conv.name}_wide")
+            for i, (layer, conv) in enumerate(zip(layers, plan.convs))]
+
+
+def _emit_conv(names: g.Names, layer: _Layer, plan: FusionPlan, name: str, current: str):
+    """[ExpandDims →] Conv [→ Squeeze] [→ BiasAdd] of the fused weights, reading ``current``."""
+    filter_node = g.make_const(names.fresh(f"{name}/filter"), plan.weight)
+    nodes = [filter_node]
+    if layer.expand_axis is not None:  # Conv1D: the same ExpandDims, now of the whole tensor
+        expand = layer.nodes[0]
+        nodes.append(_copy(expand, names.fresh(f"{name}/ExpandDims"), [current, expand.input[1]]))
+        current = nodes[-1].name
+    nodes.append(_copy(layer.conv, name, [current, filter_node.name]))
+    current = name
+    if layer.expand_axis is not None:
+        nodes.append(_copy(layer.nodes[2], names.fresh(f"{name}/Squeeze"), [current]))
+        current = nodes[-1].name
+    if plan.bias is not None:
+        bias_node = g.make_const(names.fresh(f"{name}/bias"), plan.bias)
+        template = layer.bias_add
+        if template is None or template.op != "BiasAdd":
+            template = g.make_node("BiasAdd", "", [], T=layer.conv.attr["T"],
+                                   data_format="NHWC" if layer.channels_last else "NCHW")
+        nodes += [bias_node, _copy(template, names.fresh(f"{name}/BiasAdd"), [current, bias_node.name])]
+        current = nodes[-1].name
+    return nodes, current
+
+
+def _emit_tail(names: g.Names, tail: _Tail, params: list[np.ndarray], conv_name: str, current: str):
+    """Branch 0's tail op, reading ``current``, its per-channel parameters concatenated."""
+    node = _copy(tail.node, names.fresh(f"{conv_name}/{tail.node.op}"), list(tail.node.input))
+    node.input[tail.data_index] = current
+    nodes = []
+    for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
+        if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
+            nodes.append(g.make_const(names.fresh(f"{node.name}/param{index}"), array))
+            node.input[index] = nodes[-1].name
+    return nodes + [node], node.name
 
 
 def _rewire(nodes: list[node_def_pb2.NodeDef], rewired: dict[str, str]) -> list[node_def_pb2.NodeDef]:
@@ -342,59 +405,234 @@ def _copy(node: node_def_pb2.NodeDef, name: str, inputs: list[str]) -> node_def_
     return copy
 
 
-def _walk_to_conv(index: g.GraphIndex, ref: str) -> _Chain | None:
-    """concat input ← tail* ← [Squeeze ←] Conv2D, skipping Identity; None if it is no conv branch.
+# -- matching helpers ------------------------------------------------------------------------
 
-    The first tail, when it is a BiasAdd or an Add/AddV2 of a constant vector over the channels
-    in the conv's data format, becomes the conv's bias."""
-    tail, bias_add = [], None
-    node, _ = index.producer(index.skip_identity(ref))
-    while node is not None and (data := _tail_data(index, node)) is not None:
-        tail.insert(0, node)
-        node, _ = index.producer(index.skip_identity(data))
-    if tail and (tail[0].op == "BiasAdd" or _bias_vector(index, tail[0]) is not None):
-        bias_add = tail[0]
-    squeeze = expand = None
-    if node is not None and node.op == "Squeeze":
-        squeeze = node
-        node, _ = index.producer(index.skip_identity(node.input[0]))
-    if node is None or node.op not in CONV_OPS:
-        return None
-    if squeeze is not None:
-        expand, _ = index.producer(index.skip_identity(node.input[0]))
-        axis = _expand_axis(index, expand) if expand is not None and expand.op == "ExpandDims" else None
-        if axis is None or [d % 4 for d in g.attr_ints(squeeze, "squeeze_dims")] != [axis]:
-            return None  # not the ExpandDims → Conv2D → Squeeze of a Conv1D
-    if bias_add is not None:
-        data_format = g.attr_str(node, "data_format", "NHWC")
-        bias_format = g.attr_str(bias_add, "data_format", "NHWC") if bias_add.op == "BiasAdd" else "NHWC"
-        if bias_format == data_format:
-            tail.pop(0)
+
+def _find_chains(index: g.GraphIndex, concat, replaced: set[str]) -> list[_Chain]:
+    """The ConcatV2's branches, if it is a candidate: at least two branch convs that read a
+    channel range, or at least two chains of convs that read the same whole tensor (a concat of
+    single convs on one tensor, Inception-style, is nothing to report)."""
+    count = concat.attr["N"].i
+    chains = [_walk_back(index, ref) for ref in concat.input[:count]]
+    found = [c for c in chains if c is not None]
+    reading = [c for c in found if _read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank)]
+    sharing = collections.Counter(c.entry for c in found if len(c.convs) >= 2)
+    if len(reading) < 2 and max(sharing.values(), default=0) < 2:
+        raise _NotACandidate
+    if any(c is None for c in chains):
+        raise _Refused("the ConcatV2 also joins inputs that are not branch convolutions")
+    if any(n.name in replaced for c in chains for n in c.nodes):
+        raise _NotACandidate  # already part of a rewrite in this run
+    names = [n.name for c in chains for n in c.nodes]
+    if len(set(names)) != len(names):
+        raise _Refused("a branch is concatenated twice")
+    return chains
+
+
+def _check_chains(index: g.GraphIndex, concat, chains: list[_Chain]) -> None:
+    """What every candidate must satisfy, whatever its branches read."""
+    convs = [layer for c in chains for layer in c.convs]
+    if len({layer.channels_last for layer in convs}) > 1:
+        raise _Refused("branches mix NHWC and NCHW")
+    if len({(layer.rank, layer.channel_axis) for layer in convs}) > 1:
+        raise _Refused("branches mix " + " and ".join(sorted({layer.kind for layer in convs})))
+    channel_axis, rank = convs[0].channel_axis, convs[0].rank
+    axis = index.const_ints(concat.input[concat.attr["N"].i])
+    if axis is None:
+        raise _Refused("ConcatV2 axis is not a constant")
+    if axis[0] % rank != channel_axis:
+        raise _Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
+    # Each branch's intermediate tensors must feed only the next op of the branch.
+    for chain in chains:
+        for node in chain.nodes:
+            if index.uses(g.tensor_name(node.name)) != 1:
+                raise _Refused(f"branch output {node.name} is used outside the ConcatV2")
+    for chain in chains:
+        conv = chain.first.conv
+        if index.const(conv.input[1]) is None:
+            raise _Refused(f"weights of {conv.name} are not constants")
+
+
+def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidate:
+    """Which channel range of which one tensor each branch reads, through one Split/SplitV or
+    one Slice/StridedSlice per branch."""
+    channel_axis, rank = chains[0].first.channel_axis, chains[0].first.rank
+    first = next(r for c in chains if (r := _read_channels(index, c.entry, channel_axis, rank=rank)))
+    shape = index.shape(first.source)
+    channels = shape[channel_axis] if shape is not None and len(shape) == rank else None
+    reads = [_read_channels(index, c.entry, channel_axis, channels, rank=rank) for c in chains]
+    for chain, read in zip(chains, reads):
+        if read is None:
+            raise _Refused(f"{chain.first.conv.name} does not read a constant channel range "
+                           "(Split/SplitV/Slice/StridedSlice with constant bounds)")
+    if len({r.source for r in reads}) != 1:
+        raise _Refused("branches read from different tensors")
+    kinds = {r.reader.op for r in reads}
+    if len(kinds) > 1:
+        raise _Refused("branches mix " + " and ".join(sorted(kinds)))
+    for read in reads:
+        if read.axis % rank != channel_axis:
+            raise _Refused(f"{read.reader.op} on axis {read.axis}, not the channel axis")
+    readers = list({r.reader.name: r.reader for r in reads}.values())
+    if kinds & {"Split", "SplitV"}:
+        if len(readers) != 1:
+            raise _Refused(f"branches read from different {readers[0].op} nodes")
+        outputs = readers[0].attr["num_split"].i
+        if outputs != len(chains):
+            raise _Refused(f"{readers[0].op} has {outputs} outputs but only {len(chains)} feed the ConcatV2")
+    for chain in chains:
+        if index.uses(chain.entry) != 1:
+            raise _Refused(f"branch input of {chain.first.conv.name} is used outside its convolution")
+    if any(r.start is None or r.stop is None for r in reads):
+        raise _Refused("cannot tell the channel ranges (the source's channel count is unknown)")
+    return _Candidate(concat, chains, reads[0].source, channels, reads, readers)
+
+
+def _read_conv_layer(index: g.GraphIndex, candidate: _Candidate, layers: list[_Layer],
+                     branch_channels: list[int] | None) -> ConvLayer | Refusal:
+    """One conv of every branch as a ``rewriter.plan.Branch``: the first layer with the source
+    channels it reads, a later one with the channels of its own branch."""
+    branches = []
+    for i, layer in enumerate(layers):
+        conv = layer.conv
+        if conv.op == "Conv3D" and not (branch_channels is None and candidate.shared):
+            return Refusal(CONV3D_REFUSAL)  # only a wide (group 1) Conv3D runs in TF
+        weight = index.const(conv.input[1])
+        if weight is None:
+            return Refusal(f"weights of {conv.name} are not constants")
+        depth = weight.shape[-2]
+        if branch_channels is not None:
+            start, stop = 0, branch_channels[i]
+        elif candidate.shared:
+            start, stop = 0, candidate.channels or depth
         else:
-            bias_add = None  # left to the tails, which say why it does not fuse
-    return _Chain(node, bias_add, tail, expand, squeeze, axis if squeeze is not None else None)
+            start, stop = candidate.reads[i].start, candidate.reads[i].stop
+        if (stop - start) % depth:
+            return Refusal(f"{conv.name} reads {stop - start} channels but its filter expects a multiple of {depth}")
+        bias = None
+        if layer.bias_add is not None:
+            bias = (index.const(layer.bias_add.input[1]) if layer.bias_add.op == "BiasAdd"
+                    else _bias_vector(index, layer.bias_add))
+            if bias is None:
+                return Refusal(f"bias of {conv.name} is not a constant")
+        branches.append(Branch(name=conv.name, channel_start=start, channel_stop=stop, weight=weight, bias=bias,
+                               groups=(stop - start) // depth, out_channels=weight.shape[-1],
+                               attributes=_conv_attributes(conv, layer.rank)))
+    return ConvLayer(branches)
 
 
-def _plan_tails(index: g.GraphIndex, chains: list[_Chain], channels: int):
-    """The tails every branch applies alike, in order, each with its fused parameters; and where
-    and why the branches stop agreeing (None when every tail up to the ConcatV2 fuses)."""
-    planned: list[tuple[_Tail, list[np.ndarray]]] = []
-    shortest = min(len(c.tail) for c in chains)
-    for step in range(shortest):
-        kinds = sorted({c.tail[step].op for c in chains})
-        if len(kinds) > 1:
-            return planned, "where the branches differ (" + " vs ".join(kinds) + ")"
-        tails = [_read_tail(index, c.tail[step], c.channel_axis, c.rank, channels) for c in chains]
-        reason = next((t for t in tails if isinstance(t, str)), None)
-        if reason is not None:
-            return planned, f"{kinds[0]} ({reason})"
-        params = plan_tail(kinds[0], [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
-        if isinstance(params, Refusal):
-            return planned, f"{kinds[0]} ({params.reason})"
-        planned.append((tails[0], params))
-    if any(len(c.tail) != shortest for c in chains):
-        return planned, "the end of the shortest branch"
-    return planned, None
+def _conv_attributes(conv, rank: int) -> dict:
+    """What decides a conv's output besides its weights (branches must agree on all of it)."""
+    spatial = 4 if rank <= 4 else 5
+    attributes = {"strides": tuple(g.attr_ints(conv, "strides")), "padding": g.attr_str(conv, "padding"),
+                  "dilations": tuple(g.attr_ints(conv, "dilations")) or (1,) * spatial}
+    if conv.op == "Conv2D":
+        attributes["explicit_paddings"] = tuple(g.attr_ints(conv, "explicit_paddings"))
+    return attributes
+
+
+def _walk_back(index: g.GraphIndex, ref: str) -> _Chain | None:
+    """concat input ← (tail | conv)* back through ops each used only by the next, skipping
+    Identity, to where the branch starts; None if the branch has no conv."""
+    layers: list[_Layer] = []
+    tensor = index.skip_identity(ref)
+    while True:
+        node, _ = index.producer(tensor)
+        if node is None or (any(l.conv is not None for l in layers) and index.uses(tensor) != 1):
+            break  # behind a conv, a tensor with other readers is where the branch starts
+        layer = _conv_layer(index, node)
+        if layer is None:
+            data = _tail_data(index, node)
+            if data is None:
+                break
+            layer = _Layer([node])
+        layers.insert(0, layer)
+        tensor = index.skip_identity(data if layer.conv is None else layer.nodes[0].input[0])
+    first = next((i for i, layer in enumerate(layers) if layer.conv is not None), None)
+    if first is None:
+        return None
+    # Ops before the first conv are no branch ops: the conv's input is what the branch reads.
+    return _Chain(index.skip_identity(layers[first].nodes[0].input[0]), _attach_biases(index, layers[first:]))
+
+
+def _conv_layer(index: g.GraphIndex, node) -> _Layer | None:
+    """``node`` as the end of a conv layer: a Conv2D/Conv3D, or the Squeeze of a Conv1D."""
+    if node.op in CONV_OPS:
+        return _Layer([node], conv=node)
+    if node.op != "Squeeze":
+        return None
+    conv, _ = index.producer(index.skip_identity(node.input[0]))
+    if conv is None or conv.op != "Conv2D":
+        return None
+    expand, _ = index.producer(index.skip_identity(conv.input[0]))
+    axis = _expand_axis(index, expand) if expand is not None and expand.op == "ExpandDims" else None
+    if axis is None or [d % 4 for d in g.attr_ints(node, "squeeze_dims")] != [axis]:
+        return None  # not the ExpandDims → Conv2D → Squeeze of a Conv1D
+    return _Layer([expand, conv, node], conv=conv, expand_axis=axis)
+
+
+def _attach_biases(index: g.GraphIndex, layers: list[_Layer]) -> list[_Layer]:
+    """The first op after a conv, when it is a BiasAdd or an Add/AddV2 of a constant vector over
+    the channels in the conv's data format, becomes the conv's bias."""
+    out: list[_Layer] = []
+    for layer in layers:
+        before = out[-1] if out else None
+        node = layer.nodes[0]
+        if (layer.conv is None and before is not None and before.conv is not None and before.bias_add is None
+                and (node.op == "BiasAdd" or _bias_vector(index, node) is not None)):
+            bias_last = g.attr_str(node, "data_format", "NHWC") == "NHWC" if node.op == "BiasAdd" else True
+            if bias_last == before.channels_last:
+                before.bias_add = node
+                before.nodes.append(node)
+                continue  # else left to the tails, which say why it does not fuse
+        out.append(layer)
+    return out
+
+
+def _branch_convs(index: g.GraphIndex, concat) -> list[str]:
+    count = concat.attr["N"].i
+    chains = [_walk_back(index, ref) for ref in concat.input[:count]]
+    return list(dict.fromkeys(layer.conv.name for c in chains if c is not None for layer in c.convs))
+
+
+def _read_tail(index: g.GraphIndex, node, channel_axis: int, rank: int, channels: int) -> _Tail | str:
+    """Read ``node`` as a channel-wise op of a branch with ``channels`` channels, or say why not."""
+    config = g.attr_values(node)
+    rules = TAIL_RULES[TF_TAIL_KINDS[node.op]].params
+    if not rules:
+        return _Tail(node, 0, config)
+    if node.op in BATCH_NORM_OPS:
+        axis = 3 if config.get("data_format", "NHWC") == "NHWC" else 1
+        if rank != 4 or axis != channel_axis:
+            return f"{node.op} normalises another axis than the branch's channel axis"
+        if config.get("is_training", True):
+            return f"{node.op} in training mode"
+        if any(index.uses(g.tensor_name(node.name, i)) for i in range(1, 6)):
+            return f"{node.op} batch statistics are used"
+        params = [index.const(ref) for ref in node.input[1:5]]
+        axes = [tail_concat_axis(r, p.shape, channel_axis, rank, channels) if p is not None else "no constant"
+                for r, p in zip(rules, params)]
+        if any(isinstance(a, str) for a in axes):
+            return f"{node.op} parameters are not constant per-channel vectors"
+        return _Tail(node, 0, config, params, [1, 2, 3, 4], axes)
+    data_index = 0 if node.op == "BiasAdd" or index.const(node.input[0]) is None else 1
+    constant = index.const(node.input[1 - data_index])
+    if constant is None:
+        return f"{node.op} of a tensor that is not a constant"
+    if node.op == "BiasAdd":
+        axis = rank - 1 if config.get("data_format", "NHWC") in ("NHWC", "N...C") else 1
+        if axis != channel_axis:
+            return "BiasAdd adds along another axis than the branch's channel axis"
+        if constant.shape != (channels,):
+            return f"BiasAdd vector of shape {list(constant.shape)} is not per-channel"
+        return _Tail(node, 0, config, [constant], [1], [0])
+    concat_axis = tail_concat_axis(rules[0], constant.shape, channel_axis, rank, channels)
+    if isinstance(concat_axis, str):
+        return f"{node.op} {concat_axis}"
+    axis = channel_axis - (rank - constant.ndim)  # where the constant meets the channel axis
+    config.update(constant_side=1 - data_index,
+                  constant_shape=tuple(d if i != axis else -1 for i, d in enumerate(constant.shape)))
+    return _Tail(node, data_index, config, [constant], [1 - data_index], [concat_axis])
 
 
 def _tail_data(index: g.GraphIndex, node) -> str | None:
@@ -409,44 +647,6 @@ def _tail_data(index: g.GraphIndex, node) -> str | None:
             return tensors[0]
     return None
 
-
-def _read_tail(index: g.GraphIndex, node, channel_axis: int, rank: int, channels: int) -> _Tail | str:
-    """Read ``node`` as a channel-wise op of a branch with ``channels`` channels, or say why not."""
-    config = g.attr_values(node)
-    if node.op in TAIL_OPS:
-        return _Tail(node, 0, config)
-    if node.op in BATCH_NORM_OPS:
-        axis = 3 if config.get("data_format", "NHWC") == "NHWC" else 1
-        if rank != 4 or axis != channel_axis:
-            return f"{node.op} normalises another axis than the branch's channel axis"
-        if config.get("is_training", True):
-            return f"{node.op} in training mode"
-        if any(index.uses(g.tensor_name(node.name, i)) for i in range(1, 6)):
-            return f"{node.op} batch statistics are used"
-        params = [index.const(ref) for ref in node.input[1:5]]
-        if any(p is None or p.shape != (channels,) for p in params):
-            return f"{node.op} parameters are not constant per-channel vectors"
-        return _Tail(node, 0, config, params, [1, 2, 3, 4], [0, 0, 0, 0])
-    data_index = 0 if node.op == "BiasAdd" or index.const(node.input[0]) is None else 1
-    constant = index.const(node.input[1 - data_index])
-    if constant is None:
-        return f"{node.op} of a tensor that is not a constant"
-    if node.op == "BiasAdd":
-        axis = rank - 1 if config.get("data_format", "NHWC") in ("NHWC", "N...C") else 1
-        if axis != channel_axis:
-            return "BiasAdd adds along another axis than the branch's channel axis"
-        if constant.shape != (channels,):
-            return f"BiasAdd vector of shape {list(constant.shape)} is not per-channel"
-        return _Tail(node, 0, config, [constant], [1], [0])
-    if constant.ndim > rank:
-        return f"{node.op} constant of rank {constant.ndim} broadcasts the branch"
-    axis = channel_axis - (rank - constant.ndim)  # numpy broadcasting aligns on the right
-    if axis >= 0 and constant.shape[axis] not in (1, channels):
-        return f"{node.op} constant of shape {list(constant.shape)} is not per-channel"
-    per_channel = axis >= 0 and constant.shape[axis] == channels and channels > 1
-    config.update(constant_side=1 - data_index,
-                  constant_shape=tuple(d if i != axis else -1 for i, d in enumerate(constant.shape)))
-    return _Tail(node, data_index, config, [constant], [1 - data_index], [axis if per_channel else None])
 
 
 def _expand_axis(index: g.GraphIndex, expand) -> int | None:
@@ -465,10 +665,6 @@ def _bias_vector(index: g.GraphIndex, node) -> np.ndarray | None:
     return vector.reshape(-1)
 
 
-def _branch_convs(index: g.GraphIndex, concat) -> list[node_def_pb2.NodeDef]:
-    count = concat.attr["N"].i
-    chains = [_walk_to_conv(index, ref) for ref in concat.input[:count]]
-    return [c.conv for c in chains if c is not None]
 
 
 def _read_channels(index: g.GraphIndex, ref: str, channel_axis: int, channels: int | None = None, *,
