@@ -11,7 +11,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewriter.plan import Branch, ExpansionPlan, FusionPlan, Refusal, check_channel_ranges, plan_expansion, plan_fusion
+from rewriter.plan import (
+    BROADCAST,
+    CHANNEL,
+    EQUAL,
+    TAIL_RULES,
+    Branch,
+    ChainPlan,
+    ConvLayer,
+    ExpansionPlan,
+    FusionPlan,
+    Refusal,
+    TailLayer,
+    check_channel_ranges,
+    plan_chain,
+    plan_expansion,
+    plan_fusion,
+    tail_concat_axis,
+)
 from tests.conftest import TOLERANCE, run_conv
 
 
@@ -322,3 +339,154 @@ def test_fuse_then_expand_round_trips(n, inner, width_per_group, out_per_group, 
             assert expanded_bias is None
         else:
             np.testing.assert_array_equal(expanded_bias, want)
+
+
+# -- plan_chain: branches that are chains of layers ------------------------------------------
+
+
+def _chain_layers(n: int, width: int, outs: list[int], kernels: list[int], *, shared: bool = False,
+                  seed: int = 0) -> list[list[Branch]]:
+    """Per conv layer, the N branches' convs (ONNX layout); the first reads ``width`` channels of
+    the source each (all of them when ``shared``), later ones their own branch's channels."""
+    rng = np.random.default_rng(seed)
+    layers, channels = [], width
+    for depth, (out, kernel) in enumerate(zip(outs, kernels)):
+        layer = []
+        for i in range(n):
+            start = 0 if depth or shared else i * width
+            layer.append(Branch(name=f"conv{depth}_{i}", channel_start=start, channel_stop=start + channels,
+                                weight=rng.standard_normal((out, channels, kernel, kernel)).astype(np.float32),
+                                bias=rng.standard_normal(out).astype(np.float32), groups=1, out_channels=out,
+                                attributes={"pads": (kernel // 2,) * 4}))
+        layers.append(layer)
+        channels = out
+    return layers
+
+
+def _reader(steps: list):
+    """A ``read_step`` over prepared steps (a ConvLayer's branches, a TailLayer or a Refusal)."""
+    seen = []
+
+    def read_step(step, channels):
+        seen.append((step, channels))
+        return steps[step]
+    return read_step, seen
+
+
+def _run_chain(x: np.ndarray, plan: ChainPlan) -> np.ndarray:
+    for step in plan.steps:
+        x = fused_output(x, step) if isinstance(step, FusionPlan) else np.maximum(x, 0)
+    return x
+
+
+def _run_branches(x: np.ndarray, layers: list[list[Branch]], shared: bool) -> np.ndarray:
+    outputs = []
+    for i in range(len(layers[0])):
+        first = layers[0][i]
+        y = x if shared else x[:, first.channel_start:first.channel_stop]
+        for depth, layer in enumerate(layers):
+            if depth:
+                y = np.maximum(y, 0)
+            b = layer[i]
+            y = run_conv(y, b.weight, b.bias, **onnx_attributes(b.attributes))
+        outputs.append(y)
+    return np.concatenate(outputs, axis=1)
+
+
+RELU = TailLayer("Relu", [{}] * 4, [[]] * 4, [])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["sliced", "shared-input"])
+def test_chain_of_two_conv_layers(shared):
+    layers = _chain_layers(4, 16 if shared else 4, [4, 6], [1, 3], shared=shared)
+    read_step, seen = _reader([ConvLayer(layers[0]), RELU, ConvLayer(layers[1])])
+    plan = plan_chain([["Conv", "Relu", "Conv"]] * 4, read_step, 16, conv_kinds=("Conv",), shared_input=shared,
+                      stack_axis=0)
+    assert isinstance(plan, ChainPlan) and plan.stopped is None
+    assert [c.groups for c in plan.convs] == ([1, 4] if shared else [4, 4]) and plan.groups == 4
+    assert (plan.convs[0].in_channels, plan.convs[-1].out_channels) == (16, 24)
+    assert plan.branch_channels == [6] * 4
+    assert seen == [(0, None), (1, [4] * 4), (2, [4] * 4)]  # each step read with its branches' channels
+    x = np.random.default_rng(3).standard_normal((2, 16, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run_chain(x, plan), _run_branches(x, layers, shared), rtol=TOLERANCE,
+                               atol=TOLERANCE)
+
+
+def test_chain_stops_where_the_branches_differ():
+    layers = _chain_layers(2, 4, [4], [3])
+    kinds = [["Conv", "Relu"], ["Conv", "Sigmoid"]]
+    plan = plan_chain(kinds, _reader([ConvLayer(layers[0])])[0], 8, conv_kinds=("Conv",), shared_input=False,
+                      stack_axis=0)
+    assert plan.stopped == "where the branches differ (Relu vs Sigmoid)"
+    assert len(plan.steps) == 1 and plan.branch_channels == [4, 4]
+    assert refusal(plan_chain([["Relu"], ["Sigmoid"]], None, 8, conv_kinds=("Conv",), shared_input=False,
+                              stack_axis=0)) == "branches differ here: Relu vs Sigmoid"
+
+
+def test_chain_stops_at_a_later_conv_that_does_not_fuse():
+    layers = _chain_layers(2, 4, [4, 4], [1, 3])
+    layers[1][1].attributes = {"pads": (1,) * 4, "strides": (2, 2)}
+    layers[1][0].attributes = {"pads": (1,) * 4, "strides": (1, 1)}
+    steps = [ConvLayer(layers[0]), RELU, ConvLayer(layers[1])]
+    plan = plan_chain([["Conv", "Relu", "Conv"]] * 2, _reader(steps)[0], 8, conv_kinds=("Conv",),
+                      shared_input=False, stack_axis=0)
+    assert plan.stopped == "the convolution after (different strides between branches: (1,1) vs (2,2))"
+    assert len(plan.steps) == 2
+
+
+def test_chain_first_conv_refusal_refuses_the_candidate():
+    layers = _chain_layers(2, 4, [4, 4], [1, 3])
+    read_step = _reader([ConvLayer(layers[0][:1] + [layers[0][1]])])[0]
+    assert refusal(plan_chain([["Conv"]] * 2, read_step, 12, conv_kinds=("Conv",), shared_input=False,
+                              stack_axis=0)) == "branches read channels 0:8 of 12; a grouped convolution needs them all"
+    steps = [Refusal("weights of conv0_1 are not constants")]
+    assert refusal(plan_chain([["Conv"]] * 2, _reader(steps)[0], 8, conv_kinds=("Conv",), shared_input=False,
+                              stack_axis=0)) == "weights of conv0_1 are not constants"
+
+
+def test_chain_tail_refusal_and_channel_mismatch_and_shortest_branch():
+    layers = _chain_layers(2, 4, [4, 4], [1, 3])
+    tail = TailLayer("LeakyRelu", [{"alpha": 0.1}, {"alpha": 0.2}], [[], []], [])
+    plan = plan_chain([["Conv", "LeakyRelu"]] * 2, _reader([ConvLayer(layers[0]), tail])[0], 8,
+                      conv_kinds=("Conv",), shared_input=False, stack_axis=0)
+    assert plan.stopped == "LeakyRelu (tails disagree between branches: LeakyRelu alpha 0.1 vs 0.2)"
+    wrong = [Branch(**{**b.__dict__, "channel_stop": 3}) for b in layers[1]]
+    plan = plan_chain([["Conv", "Conv"]] * 2, _reader([ConvLayer(layers[0]), ConvLayer(wrong)])[0], 8,
+                      conv_kinds=("Conv",), shared_input=False, stack_axis=0)
+    assert plan.stopped == "the convolution after (conv1_0 expects 3 channels, its branch has 4)"
+    plan = plan_chain([["Conv", "Relu"], ["Conv"]], _reader([ConvLayer(layers[0])])[0], 8, conv_kinds=("Conv",),
+                      shared_input=False, stack_axis=0)
+    assert plan.stopped == "the end of the shortest branch"
+
+
+def test_chain_tail_parameters_concatenate():
+    layers = _chain_layers(2, 4, [3], [1])
+    scales = [np.arange(3, dtype=np.float32), np.arange(3, 6, dtype=np.float32)]
+    tail = TailLayer("Mul", [{}, {}], [[scales[0]], [scales[1]]], [0])
+    plan = plan_chain([["Conv", "Mul"]] * 2, _reader([ConvLayer(layers[0]), tail])[0], 8, conv_kinds=("Conv",),
+                      shared_input=False, stack_axis=0)
+    assert plan.stopped is None
+    np.testing.assert_array_equal(plan.steps[1][0], np.arange(6, dtype=np.float32))
+
+
+@pytest.mark.parametrize("rule, shape, expected", [
+    (CHANNEL, (6,), 0),
+    (CHANNEL, (3,), "parameter of shape [3] is not per-channel"),
+    (EQUAL, (2,), None),
+    (BROADCAST, (6,), None),  # aligned on the right: it meets W, not the channels; equal in every branch
+    (BROADCAST, (1, 6, 1, 1), 1),
+    (BROADCAST, (), None),
+    (BROADCAST, (1, 1, 1, 1), None),
+    (BROADCAST, (1, 5, 1, 1), "constant of shape [1, 5, 1, 1] is not per-channel"),
+    (BROADCAST, (1, 1, 1, 1, 1), "constant of rank 5 broadcasts the branch"),
+])
+def test_tail_concat_axis_nchw(rule, shape, expected):
+    # A rank-4 NCHW branch tensor with 6 channels on axis 1.
+    assert tail_concat_axis(rule, shape, 1, 4, 6) == expected
+
+
+def test_tail_rules_table():
+    assert TAIL_RULES["BatchNorm"].params == (CHANNEL,) * 4
+    assert TAIL_RULES["Relu"].params == () and TAIL_RULES["Clip"].params == (EQUAL, EQUAL)
+    assert all(TAIL_RULES[k].params == (BROADCAST,) for k in ("Add", "Sub", "Mul", "Div", "Max", "Min"))
+    assert tail_concat_axis(BROADCAST, (6,), 3, 4, 6) == 0  # NHWC: a vector meets the channel axis
