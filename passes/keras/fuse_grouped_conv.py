@@ -1,13 +1,16 @@
-"""Fuse hand-made grouped convolutions in a Keras functional model into one ``ConvND(groups=N)``.
+"""Fuse hand-made grouped convolutions in a Keras functional model into grouped ``ConvND`` layers.
 
-    x → slice_i (GetItem | tf getitem/split | Lambda) → Conv_i → tail_i… → Concatenate  ⇒  x → Conv(groups=N) → tail
+    x → slice_i | x whole → (Conv_i → tail_i…)+ → Concatenate  ⇒  x → Conv(groups=N | wide) → tail → Conv(groups=N) → tail…
 
-The matcher starts at each ``Concatenate`` on the channel axis, walks every input back through
-channel-wise tail layers (BatchNormalization, Activation, ReLU…) to its convolution and on to the
-slice that feeds it; the branches must read one source tensor. ``rewriter.plan`` owns the rules
-and the weight arithmetic (kernels ``[k…, I/g, O]`` stack on the last axis); tails are fused by
-concatenating their per-channel parameters, as far as the branches agree — past that point the
-fused tensor is split back into the branches' channels and the rest stays per branch. Late-bound Lambda slices (one code, one closure
+The matcher starts at each ``Concatenate`` on the channel axis and walks every input back through
+channel-wise tail layers (BatchNormalization, Activation, ReLU…) and convolutions, each used only
+by the next, to where its branch starts: a channel slice of one source tensor, or (ResNeXt fig. 3
+a/b) the same whole tensor for every branch. The branches are then planned layer by layer, in
+step: the first convolution becomes one grouped conv (sliced) or one wide conv of stacked kernels
+(shared input), every later one a grouped conv, every tail one layer with the branches' parameters
+concatenated. ``rewriter.plan`` owns the rules and the weight arithmetic (kernels ``[k…, I/g, O]``
+stack on the last axis). Where the branches stop agreeing, the fused tensor is split back into the
+branches' channels and the rest stays per branch. Late-bound Lambda slices (one code, one closure
 value, several branches) are reported, and with repair re-bound to each branch's position.
 """
 
@@ -27,15 +30,23 @@ from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
 from rewriter.names import fresh_name
-from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_tail
+from rewriter.plan import (
+    Branch,
+    FusionPlan,
+    Refusal,
+    check_channel_ranges,
+    plan_fusion,
+    plan_shared_input,
+    plan_tail,
+)
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
 log = logging.getLogger(__name__)
 
 CONV_CLASSES = {"Conv1D": 1, "Conv2D": 2, "Conv3D": 3, "Convolution1D": 1, "Convolution2D": 2, "Convolution3D": 3}
-# Channel-wise layers a branch may end with; the value says, per weight, the axis along which it
-# is per-channel (None: must be equal in every branch).
+# Channel-wise layers a branch may hold after a convolution; the value says, per weight, the axis
+# along which it is per-channel (None: must be equal in every branch).
 TAIL_CLASSES: dict[str, list[int | None]] = {
     "BatchNormalization": [0, 0, 0, 0],
     "Activation": [], "ReLU": [], "LeakyReLU": [], "ELU": [], "ThresholdedReLU": [],
@@ -48,6 +59,8 @@ CHANNEL_MIXING = ("softmax", "log_softmax")
 # Conv settings that decide the numbers; branches must agree on all of them.
 CONV_SETTINGS = ("strides", "padding", "dilation_rate", "data_format", "activation", "dtype")
 KIND = "keras-fuse-grouped-conv"
+SHARED_KIND = "keras-fuse-parallel-branches"  # branches that read one whole tensor (ResNeXt fig. 3 a/b)
+MAX_WALK = 10_000  # layers walked back from one Concatenate input, at most
 
 
 class _NotACandidate(Exception):
@@ -64,10 +77,18 @@ class _Kept(_Refused):
 
 @dataclass
 class BranchMatch:
-    slice: SliceCall
-    tensor: int  # which output of the slice call the branch reads
-    conv: Call
-    tails: list[Call]
+    """One branch: the tensor it starts from and its layers (convolutions and tails) in order,
+    up to the Concatenate. ``slice`` is None where the branch reads ``entry`` whole."""
+
+    entry: TensorRef
+    steps: list[Call]
+    slice: SliceCall | None = None
+    tensor: int = 0  # which output of the slice call the branch reads
+    not_a_slice: str | None = None  # why the entry's producer is no usable channel slice
+
+    @property
+    def conv(self) -> Call:
+        return self.steps[0]
 
     @property
     def channel_range(self) -> tuple[int, int]:
@@ -75,64 +96,79 @@ class BranchMatch:
 
 
 @dataclass
+class Level:
+    """One fused layer: the first branch's call as the template, its new name, its weights; a
+    convolution level also holds its plan (filters, groups, bias)."""
+
+    template: Call
+    name: str
+    weights: list[np.ndarray]
+    plan: FusionPlan | None = None
+
+    def apply(self, tensor, legacy: bool):
+        template = layer_object(self.template.layer, legacy)
+        config = {**template.get_config(), "name": self.name}
+        if self.plan is not None:
+            config.update(filters=self.plan.out_channels, groups=self.plan.groups,
+                          use_bias=self.plan.bias is not None)
+        layer = type(template).from_config(config)
+        result = layer(tensor)
+        if self.weights:
+            layer.set_weights(self.weights)
+        return result
+
+
+@dataclass
 class FusedGroup:
     """One planned fusion; as a ``_build.Replacement`` it emits the fused layers.
 
-    ``tail_weights`` holds one entry per fused tail level. Where the branches' tails stop
-    agreeing (``complete`` is False) the fused tensor is split back into the branches' channel
-    ranges, and their remaining tails and the Concatenate stay as they were."""
+    ``levels`` are the fused layers in order. Where the branches stop agreeing (``complete`` is
+    False) the fused tensor is split back into the branches' channels (``widths``), and their
+    remaining layers and the Concatenate stay as they were."""
 
     concat: Call
     source: TensorRef
     branches: list[BranchMatch]
-    plan: FusionPlan
-    tail_weights: list[list[np.ndarray]]
-    conv_name: str
-    tail_names: list[str]
+    levels: list[Level]
     legacy: bool
     channel_axis: int
+    widths: list[int]
     complete: bool = True
     split_names: list[str] = field(default_factory=list)
     repaired: bool = False
     removed: set[tuple[str, int]] = field(default_factory=set)
 
+    @property
+    def convs(self) -> list[Level]:
+        return [level for level in self.levels if level.plan is not None]
+
     def emit(self, source_tensor) -> dict[TensorRef, Any]:
-        first = self.branches[0]
-        conv = layer_object(first.conv.layer, self.legacy)
-        config = conv.get_config()
-        config.update(name=self.conv_name, filters=self.plan.out_channels, groups=self.plan.groups,
-                      use_bias=self.plan.bias is not None)
-        fused = type(conv).from_config(config)
-        tensor = fused(source_tensor)
-        fused.set_weights([self.plan.weight] + ([self.plan.bias] if self.plan.bias is not None else []))
-        for tail_call, name, weights in zip(first.tails, self.tail_names, self.tail_weights):
-            tail = layer_object(tail_call.layer, self.legacy)
-            layer = type(tail).from_config({**tail.get_config(), "name": name})
-            tensor = layer(tensor)
-            if weights:
-                layer.set_weights(weights)
+        tensor = source_tensor
+        for level in self.levels:
+            tensor = level.apply(tensor, self.legacy)
         if self.complete:
             return {TensorRef(self.concat.layer.name, self.concat.index, 0): tensor}
-        # Split back: each branch's channels, where its own tails (or the Concatenate) read them.
-        width = self.plan.out_channels // len(self.branches)
+        # Split back: each branch's channels, where its own next layer (or the Concatenate) reads them.
         rank = len(tensor.shape)
-        produced = {}
-        for i, (branch, name) in enumerate(zip(self.branches, self.split_names)):
-            bounds = slice(i * width, (i + 1) * width)
+        produced, start = {}, 0
+        for branch, name, width in zip(self.branches, self.split_names, self.widths):
+            bounds = slice(start, start + width)
+            start += width
             key = (Ellipsis, bounds) if self.channel_axis == rank - 1 else \
                 tuple([slice(None)] * self.channel_axis + [bounds])
-            cut = branch.tails[len(self.tail_weights) - 1] if self.tail_weights else branch.conv
+            cut = branch.steps[len(self.levels) - 1]
             produced[TensorRef(cut.layer.name, cut.index, 0)] = _compat.get_item(name)(tensor, key)
         return produced
 
 
 @register("keras.fuse-grouped-conv")
 class FuseGroupedConv:
-    """Find every fusable slice → Conv → tail → Concatenate pattern; plan it or say why not.
+    """Find every fusable (slice →) Conv → tail (→ Conv → tail…) → Concatenate pattern; plan it or
+    say why not.
 
-    ``accept(props) -> (ok, rule)``, when given, is asked about the grouped conv a candidate would
-    become (``--target``): a refused candidate stays as it is, reported as a skip with the rule as
-    its reason; each judged candidate is also listed in ``decisions``."""
+    ``accept(props) -> (ok, rule)``, when given, is asked about every grouped conv a candidate would
+    become (``--target``): a candidate with one refused layer stays as it is, reported as a skip
+    with the rule as its reason; each judged candidate is also listed in ``decisions``."""
 
     def __init__(self, graph: KerasGraph, weights: WeightStore, slices: dict[tuple[str, int], SliceCall | str],
                  shape_of: Callable[[TensorRef], list | None], *,
@@ -172,16 +208,23 @@ class FuseGroupedConv:
                     self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
                                            "rule": str(refusal)})
                 continue
-            if self._verdict is not None:
-                self.decisions.append({"location": group.conv_name, "graph": "", "form": "native",
-                                       "action": "fuse", "rule": self._verdict[1]})
-            self.groups.append(group)
-            replaced = sorted({k[0] for k in group.removed}, key=self.order.__getitem__)
-            kind = KIND + (" (late binding repaired)" if group.repaired else "")
-            self.rewrites.append(Rewrite(kind=kind, location=group.conv_name, groups=group.plan.groups,
-                                         channels={"in": group.plan.in_channels, "out": group.plan.out_channels},
-                                         nodes=replaced))
+            self._record(group)
         return self
+
+    def _record(self, group: FusedGroup) -> None:
+        convs = group.convs
+        # Reports point at the first grouped conv (the wide one if none is grouped).
+        first = next((level for level in convs if level.plan.groups > 1), convs[0])
+        if self._verdict is not None:
+            self.decisions.append({"location": first.name, "graph": "", "form": "native",
+                                   "action": "fuse", "rule": self._verdict[1]})
+        self.groups.append(group)
+        replaced = sorted({k[0] for k in group.removed}, key=self.order.__getitem__)
+        kind = (KIND if group.branches[0].slice is not None else SHARED_KIND) + \
+            (" (late binding repaired)" if group.repaired else "")
+        self.rewrites.append(Rewrite(kind=kind, location=first.name, groups=first.plan.groups,
+                                     channels={"in": convs[0].plan.in_channels, "out": convs[-1].plan.out_channels},
+                                     nodes=replaced))
 
     # -- matching ---------------------------------------------------------------------------
 
@@ -192,94 +235,166 @@ class FuseGroupedConv:
         return self.graph.layers[ref.layer].calls[ref.node]
 
     def _walk_back(self, ref: TensorRef) -> BranchMatch | str:
-        """From a Concatenate input back through tails and the conv to its slice."""
-        tails: list[Call] = []
+        """From a Concatenate input back through tails and convolutions, each used only by the
+        next, to where the branch starts: a slice, or a tensor other layers read too."""
+        steps: list[Call] = []
         call = self._producer(ref)
-        while call.layer.class_name in TAIL_CLASSES:
-            if len(call.inputs) != 1 or not self._single_use(ref):
+        seen_conv = False
+        while len(steps) < MAX_WALK:
+            kind = call.layer.class_name
+            if kind not in TAIL_CLASSES and kind not in CONV_CLASSES:
+                break
+            if not self._single_use(ref) and seen_conv:
+                break  # where the branch starts (a shared input, or a use _match reports)
+            if kind in TAIL_CLASSES and (len(call.inputs) != 1 or not self._single_use(ref)):
                 return f"tail {call.layer.name} is shared or used elsewhere"
-            tails.append(call)
+            if kind in CONV_CLASSES and not self._single_use(ref):
+                return f"the output of {call.layer.name} is used outside the pattern"
+            if len(call.inputs) != 1:
+                return f"{call.layer.name} reads several tensors"
+            steps.append(call)
+            seen_conv = seen_conv or kind in CONV_CLASSES
             ref = call.inputs[0]
             call = self._producer(ref)
-        if call.layer.class_name not in CONV_CLASSES:
+        steps.reverse()
+        convs = [s for s in steps if s.layer.class_name in CONV_CLASSES]
+        if not convs:
             return f"{call.layer.name} ({call.layer.class_name}) is not a convolution"
-        if not self._single_use(ref):
-            return f"the output of {call.layer.name} is used outside the pattern"
-        conv = call
-        if len(conv.inputs) != 1:
-            return f"{conv.layer.name} reads several tensors"
-        ref = conv.inputs[0]
-        sliced = self.slices.get(self._producer(ref).key)
-        if sliced is None:
-            return f"{conv.layer.name} does not read a channel slice"
-        if isinstance(sliced, str):
-            return f"{self._producer(ref).layer.name} is not a channel slice: {sliced}"
-        if not self._single_use(ref):
-            return f"the slice {ref.layer} read by {conv.layer.name} is used elsewhere too"
-        return BranchMatch(sliced, ref.tensor, conv, list(reversed(tails)))
+        sliced = self.slices.get(call.key)
+        if isinstance(sliced, SliceCall):
+            if self._single_use(ref):
+                return BranchMatch(ref, steps, sliced, ref.tensor)
+            # Read whole by several branches, the slice is their shared input.
+            return BranchMatch(ref, steps, not_a_slice=f"the slice {ref.layer} read by {convs[0].layer.name} "
+                                                       "is used elsewhere too")
+        reason = f"{convs[0].layer.name} does not read a channel slice" if sliced is None else \
+            f"{call.layer.name} is not a channel slice: {sliced}"
+        return BranchMatch(ref, steps, not_a_slice=reason)
 
     def _branch_names(self, concat: Call) -> list[str]:
         return [ref.layer for ref in concat.inputs]
 
-    def _match(self, concat: Call) -> FusedGroup:
+    def _branches(self, concat: Call) -> list[BranchMatch]:
+        """The Concatenate's inputs as branches, or why not; NotACandidate where fewer than two
+        branches read slices and fewer than two read one tensor."""
         walks = [self._walk_back(ref) for ref in concat.inputs]
         found = [w for w in walks if isinstance(w, BranchMatch)]
-        if len(found) < 2:
+        sliced = [w for w in found if w.slice is not None]
+        readers: dict[TensorRef, int] = {}
+        for w in found:
+            if w.slice is None:
+                readers[w.entry] = readers.get(w.entry, 0) + 1
+        if len(sliced) < 2 and max(readers.values(), default=0) < 2:
             raise _NotACandidate
         if len(found) != len(walks):
             reason = next(w for w in walks if isinstance(w, str))
             raise _Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
-        branches: list[BranchMatch] = found
-        if len({id(b.conv) for b in branches}) != len(branches):
+        if len({id(b.steps[-1]) for b in found}) != len(found):
             raise _Refused("a branch is concatenated twice")
-        sources = {b.slice.source for b in branches}
-        if len(sources) != 1:
+        return found
+
+    def _source(self, branches: list[BranchMatch]) -> tuple[TensorRef, bool]:
+        """The one tensor the branches read, and whether they read it whole (shared input)."""
+        source, shared = self._common_source(branches)
+        for b in branches:
+            if b.steps[0].layer.class_name not in CONV_CLASSES:
+                raise _Refused(f"a branch applies {b.steps[0].layer.name} ({b.steps[0].layer.class_name}) "
+                               "before its convolution")
+        return source, shared
+
+    def _common_source(self, branches: list[BranchMatch]) -> tuple[TensorRef, bool]:
+        if all(b.slice is None for b in branches) and len({b.entry for b in branches}) == 1:
+            return branches[0].entry, True
+        sliced = [b for b in branches if b.slice is not None]
+        entries = [b.entry for b in branches if b.slice is None]
+        starts = {b.slice.source for b in sliced} or {max(entries, key=entries.count)}
+        for b in branches:  # a branch cut short by a tensor of its own read elsewhere
+            if b.slice is None and self._inside_branch(b.entry, starts):
+                raise _Refused(f"the output of {b.entry.layer}, inside a branch, is used outside the pattern")
+        if sliced and len(sliced) != len(branches):
+            reason = next(b.not_a_slice for b in branches if b.slice is None)
+            raise _Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
+        if len({b.slice.source for b in sliced}) > 1 or not sliced:
             raise _Refused("branches read from different tensors")
-        (source,) = sources
+        return sliced[0].slice.source, False
+
+    def _inside_branch(self, ref: TensorRef, starts: set[TensorRef]) -> bool:
+        """Whether ``ref`` is made by a conv/tail chain that reads one of ``starts`` (directly or
+        through a slice of it): then it is part of a branch, not a tensor of its own."""
+        if isinstance(self.slices.get(self._producer(ref).key), SliceCall):
+            return False  # a slice read elsewhere too: reported as such
+        for _ in range(MAX_WALK):
+            call = self._producer(ref)
+            sliced = self.slices.get(call.key)
+            if isinstance(sliced, SliceCall):
+                return sliced.source in starts
+            if call.layer.class_name not in TAIL_CLASSES and call.layer.class_name not in CONV_CLASSES:
+                return False
+            if len(call.inputs) != 1:
+                return False
+            ref = call.inputs[0]
+            if ref in starts:
+                return True
+        return False
+
+    def _match(self, concat: Call) -> FusedGroup:
+        branches = self._branches(concat)
+        source, shared = self._source(branches)
         shape = self.shape_of(source)
         rank = len(shape) if shape else None
-        convs = [b.conv.layer for b in branches]
-        data_format = convs[0].config.get("data_format") or "channels_last"
+        data_format = branches[0].conv.layer.config.get("data_format") or "channels_last"
         channel_axis = (rank - 1 if data_format == "channels_last" else 1) if rank else None
         axis = _axis(concat.layer.config.get("axis", -1), rank)
         if rank is None or axis != channel_axis:
             raise _Refused(f"Concatenate on axis {concat.layer.config.get('axis', -1)}, not the channel axis")
-        for b in branches:
-            if b.slice.axis != channel_axis:
-                raise _Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
-            if CONV_CLASSES[b.conv.layer.class_name] != rank - 2:
-                raise _Refused(f"{b.conv.layer.name} does not match the input's rank")
-        self._check_slices_consumed(branches)
-        for b in branches:
-            mixing = _activation_name(b.conv.layer.config.get("activation"))
-            if mixing in CHANNEL_MIXING:
-                raise _Refused(f"{b.conv.layer.name} applies {mixing} over each branch's channels; "
-                               "one grouped conv would mix them all")
-        rebound = self._late_binding(concat, branches, shape[channel_axis])
-
-        plan = plan_fusion([self._branch(b) for b in branches], shape[channel_axis], stack_axis=-1)
-        if isinstance(plan, Refusal):
-            raise _Refused(plan.reason)
-        if self.accept is not None and plan.groups > 1:
-            self._verdict = self.accept(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
-                                                  out_channels=plan.out_channels, kernel_rank=rank - 2))
-            if not self._verdict[0]:
-                raise _Kept(self._verdict[1])
-        tail_weights, stopped = self._plan_tails(branches, channel_axis, rank)
-        depth = len(tail_weights)
+        if not shared:
+            for b in branches:
+                if b.slice.axis != channel_axis:
+                    raise _Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
+            self._check_slices_consumed(branches)
+        rebound = {} if shared else self._late_binding(concat, branches, shape[channel_axis])
+        plans, widths, stopped = self._plan_levels(branches, shape[channel_axis], channel_axis, rank, shared)
+        self._judge([plan for _, plan in plans if isinstance(plan, FusionPlan)], rank)
+        depth = len(plans)
         removed = set() if stopped else {concat.key}
         for b in branches:
-            removed.update({b.slice.call.key, b.conv.key, *(t.key for t in b.tails[:depth])})
-        conv_name = self._fresh(f"{convs[0].name}_group{plan.groups}")
-        tail_names = [self._fresh(f"{t.layer.name}_group{plan.groups}") for t in branches[0].tails[:depth]]
-        split_names = [self._fresh(f"{conv_name}_split{i}") for i in range(len(branches))] if stopped else []
+            removed.update(s.key for s in b.steps[:depth])
+            if b.slice is not None:
+                removed.add(b.slice.call.key)
+        levels = self._levels(plans)
+        split_names = [self._fresh(f"{levels[0].name}_split{i}") for i in range(len(branches))] if stopped else []
         if stopped:
             self.skipped.append(Skip(concat.layer.name, f"fused up to {stopped}; the rest stays per branch",
                                      self._branch_names(concat)))
         self.rebound.update(rebound)  # only now: a refused candidate keeps its Lambdas as they were
-        return FusedGroup(concat, source, branches, plan, tail_weights, conv_name, tail_names,
-                          self.graph.legacy, channel_axis, complete=not stopped, split_names=split_names,
-                          repaired=bool(rebound), removed=removed)
+        return FusedGroup(concat, source, branches, levels, self.graph.legacy, channel_axis, widths,
+                          complete=not stopped, split_names=split_names, repaired=bool(rebound), removed=removed)
+
+    def _levels(self, plans: list[tuple[Call, FusionPlan | list[np.ndarray]]]) -> list[Level]:
+        """Names and weights of the fused layers: ``NAME_groupN`` (``NAME_wide`` for the wide conv
+        of a shared input, and the tails that follow it), after the first branch's layers."""
+        levels, suffix = [], ""
+        for call, plan in plans:
+            if isinstance(plan, FusionPlan):
+                suffix = f"_group{plan.groups}" if plan.groups > 1 else "_wide"
+                weights = [plan.weight] + ([plan.bias] if plan.bias is not None else [])
+                levels.append(Level(call, self._fresh(call.layer.name + suffix), weights, plan))
+            else:
+                levels.append(Level(call, self._fresh(call.layer.name + suffix), plan))
+        return levels
+
+    def _judge(self, plans: list[FusionPlan], rank: int) -> None:
+        """The ``accept`` hook on every grouped layer: the first refusal keeps the candidate as it is."""
+        if self.accept is None:
+            return
+        verdicts = [self.accept(ConvProps(groups=p.groups, in_channels=p.in_channels, out_channels=p.out_channels,
+                                          kernel_rank=rank - 2)) for p in plans if p.groups > 1]
+        if not verdicts:
+            return
+        refused = next((v for v in verdicts if not v[0]), None)
+        if refused is not None:
+            raise _Kept(refused[1])
+        self._verdict = (True, "; ".join(dict.fromkeys(rule for _, rule in verdicts)))
 
     def _check_slices_consumed(self, branches: list[BranchMatch]) -> None:
         """Every output of every slice call must feed this pattern (else the slice must stay)."""
@@ -293,49 +408,93 @@ class FuseGroupedConv:
     def _fresh(self, base: str) -> str:
         return fresh_name(keras_name(base), self.names)
 
-    def _branch(self, b: BranchMatch) -> Branch:
-        layer = b.conv.layer
+    # -- planning ---------------------------------------------------------------------------
+
+    def _plan_levels(self, branches: list[BranchMatch], channels: int | None, channel_axis: int, rank: int,
+                     shared: bool) -> tuple[list[tuple[Call, FusionPlan | list[np.ndarray]]], list[int], str | None]:
+        """Walk the branches in step, planning each layer across them, as far as they agree: the
+        plans per level (a FusionPlan per conv, fused parameters per tail), each branch's channels
+        where the fusion stops, and why it stops there (None: all the way to the Concatenate).
+        Raises _Refused if not even the first convolution fuses."""
+        plans: list[tuple[Call, FusionPlan | list[np.ndarray]]] = []
+        widths: list[int] = []
+        for level in range(min(len(b.steps) for b in branches)):
+            calls = [b.steps[level] for b in branches]
+            kinds = sorted({c.layer.class_name for c in calls})
+            if len(kinds) > 1:
+                stopped = "where the branches differ (" + " vs ".join(kinds) + ")"
+                if not plans:
+                    raise _Refused(stopped)
+                return plans, widths, stopped
+            if kinds[0] in CONV_CLASSES:
+                plan = self._plan_conv(calls, branches, widths, channels, rank, shared)
+                if isinstance(plan, Refusal):
+                    if not plans:
+                        raise _Refused(plan.reason)
+                    return plans, widths, f"the convolution after ({plan.reason})"
+                widths = [int(self.weights.get(c.layer.name)[0].shape[-1]) for c in calls]
+            else:
+                plan = self._plan_tail(calls, channel_axis, rank)
+                if isinstance(plan, str):
+                    return plans, widths, plan
+            plans.append((calls[0], plan))
+        return plans, widths, (None if len({len(b.steps) for b in branches}) == 1 else "the end of the shortest branch")
+
+    def _plan_conv(self, calls: list[Call], branches: list[BranchMatch], widths: list[int], channels: int | None,
+                   rank: int, shared: bool) -> FusionPlan | Refusal:
+        """One convolution per branch as one conv: the first layer reads the source (its slices,
+        or all of it), a later one each branch's channels of the fused tensor (``widths``)."""
+        for call in calls:
+            layer = call.layer
+            if CONV_CLASSES[layer.class_name] != rank - 2:
+                return Refusal(f"{layer.name} does not match the input's rank")
+            mixing = _activation_name(layer.config.get("activation"))
+            if mixing in CHANNEL_MIXING:
+                return Refusal(f"{layer.name} applies {mixing} over each branch's channels; "
+                               "one grouped conv would mix them all")
+            if not self.weights.get(layer.name):
+                return Refusal(f"the file holds no weights for {layer.name}")
+        if not widths and shared:
+            width = self.weights.get(calls[0].layer.name)[0].shape[-2]  # the whole input (groups must be 1)
+            return plan_shared_input([self._branch(c, 0, int(width)) for c in calls], stack_axis=-1)
+        if not widths:
+            return plan_fusion([self._branch(c, *b.channel_range) for c, b in zip(calls, branches)], channels,
+                               stack_axis=-1)
+        parts, start = [], 0
+        for call, width in zip(calls, widths):
+            parts.append(self._branch(call, start, start + width))
+            start += width
+            expected = parts[-1].weight.shape[-2] * parts[-1].groups
+            if expected != width:
+                return Refusal(f"{call.layer.name} expects {expected} channels, its branch has {width}")
+        return plan_fusion(parts, start, stack_axis=-1)
+
+    def _branch(self, call: Call, start: int, stop: int) -> Branch:
+        layer = call.layer
         arrays = self.weights.get(layer.name)
         config = layer.config
-        if not arrays:
-            raise _Refused(f"the file holds no weights for {layer.name}")
         kernel = arrays[0]
         bias = arrays[1] if len(arrays) > 1 and config.get("use_bias", True) else None
         groups = int(config.get("groups", 1) or 1)
         settings = {key: _canonical(config.get(key)) for key in CONV_SETTINGS}
-        start, stop = b.channel_range
         return Branch(name=layer.name, channel_start=start, channel_stop=stop, weight=kernel, bias=bias,
                       groups=groups, out_channels=int(kernel.shape[-1]), attributes=settings)
 
-    def _plan_tails(self, branches: list[BranchMatch], channel_axis: int,
-                    rank: int) -> tuple[list[list[np.ndarray]], str | None]:
-        """Fuse the tails level by level as far as the branches agree: the fused parameters per
-        level, and where and why the branches stop agreeing (None: all the way to the Concatenate)."""
-        depths = [len(b.tails) for b in branches]
-        fused: list[list[np.ndarray]] = []
-        for level in range(min(depths)):
-            calls = [b.tails[level] for b in branches]
-            kinds = sorted({c.layer.class_name for c in calls})
-            if len(kinds) > 1:
-                return fused, "where the branches differ (" + " vs ".join(kinds) + ")"
-            kind = kinds[0]
-            reason = None
-            if kind == "BatchNormalization" and _axis(calls[0].layer.config.get("axis", -1), rank) != channel_axis:
-                reason = "it normalises another axis than the channels"
-            elif kind == "PReLU" and channel_axis != rank - 1:
-                reason = "PReLU tails are fused only for channels_last"
-            elif _activation_name(calls[0].layer.config.get("activation")) in CHANNEL_MIXING:
-                reason = f"{_activation_name(calls[0].layer.config['activation'])} mixes the channels"
-            if reason is None:
-                configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
-                           for c in calls]
-                plan = plan_tail(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
-                if isinstance(plan, Refusal):
-                    reason = plan.reason
-            if reason is not None:
-                return fused, f"{kind} ({reason})"
-            fused.append(plan)
-        return fused, (None if len(set(depths)) == 1 else "the end of the shortest branch")
+    def _plan_tail(self, calls: list[Call], channel_axis: int, rank: int) -> list[np.ndarray] | str:
+        """One channel-wise layer per branch as one layer: its parameters concatenated, or where
+        and why the branches stop agreeing."""
+        kind = calls[0].layer.class_name
+        config = calls[0].layer.config
+        if kind == "BatchNormalization" and _axis(config.get("axis", -1), rank) != channel_axis:
+            return f"{kind} (it normalises another axis than the channels)"
+        if kind == "PReLU" and channel_axis != rank - 1:
+            return f"{kind} (PReLU tails are fused only for channels_last)"
+        if _activation_name(config.get("activation")) in CHANNEL_MIXING:
+            return f"{kind} ({_activation_name(config['activation'])} mixes the channels)"
+        configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
+                   for c in calls]
+        plan = plan_tail(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
+        return f"{kind} ({plan.reason})" if isinstance(plan, Refusal) else plan
 
     # -- late binding -----------------------------------------------------------------------
 
