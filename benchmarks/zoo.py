@@ -245,19 +245,28 @@ def export_torch(model, path: Path, size: int, exporter: str, dynamic: bool) -> 
                               dynamic_shapes=shapes, external_data=False, verbose=False)
 
 
-def torch_entries(name: str, out: Path) -> list[dict]:
-    """Export one torch model's variants; one manifest entry per file written (or failed)."""
-    import warnings
+class _TorchExports:
+    """One torch model's exported files: their names, which variants get written, and one
+    manifest entry per file written (or failed)."""
 
-    warnings.filterwarnings("ignore")
-    family, size, kind = TORCH_MODELS[name]
-    model = build_torch(name).eval()
-    folder = out / "torch" / name
-    entries = []
+    def __init__(self, name: str, out: Path):
+        self.name = name
+        self.family, self.size, self.kind = TORCH_MODELS[name]
+        self.folder = out / "torch" / name
+        self.entries: list[dict] = []
+        # The dynamo exporter takes minutes for a model with hundreds of branch convs on 2 busy cores: the full
+        # matrix runs on ResNeXt; the other grouped models get the forms that differ (a variant already on disk
+        # from an earlier --full run is kept in the battery all the same).
+        self.full = name in FULL_MATRIX or os.environ.get("ZOO_FULL_MATRIX") == "1"
 
-    def one(model, variant, exporter, dynamic, twin=None, expected=0, role=None):
-        file = folder / f"{name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
-        entry = {"name": name, "framework": "torch", "family": family, "kind": kind, "variant": variant,
+    def file(self, variant, exporter, dynamic) -> Path:
+        return self.folder / f"{self.name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
+
+    def export(self, model, variant, exporter, dynamic, twin=None, expected=0, role=None) -> Path:
+        """Export ``model`` as this variant (unless on disk already) and record its entry; returns the file."""
+        name, size = self.name, self.size
+        file = self.file(variant, exporter, dynamic)
+        entry = {"name": name, "framework": "torch", "family": self.family, "kind": self.kind, "variant": variant,
                  "exporter": exporter, "dynamic": dynamic, "format": "onnx", "path": str(file),
                  "input": f"x=1,3,{size},{size}", "twin": str(twin) if twin else None,
                  "legacy_convs": expected, "role": role or ("legacy" if variant.startswith("chunk") else "native")}
@@ -268,47 +277,52 @@ def torch_entries(name: str, out: Path) -> list[dict]:
             entry["export_seconds"] = round(time.perf_counter() - start, 2)
         except Exception as exc:  # noqa: BLE001 - an exporter failure is a result, not a crash
             entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        entries.append(entry)
+        self.entries.append(entry)
         return file
 
-    def native_file(variant, exporter, dynamic):
-        return folder / f"{name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
-
-    # The dynamo exporter takes minutes for a model with hundreds of branch convs on 2 busy cores: the full
-    # matrix runs on ResNeXt; the other grouped models get the forms that differ (a variant already on disk
-    # from an earlier --full run is kept in the battery all the same).
-    full = name in FULL_MATRIX or os.environ.get("ZOO_FULL_MATRIX") == "1"
-
-    def wanted(variant, exporter, dynamic):
-        if full or native_file(variant, exporter, dynamic).exists():
+    def wanted(self, variant, exporter, dynamic) -> bool:
+        if self.full or self.file(variant, exporter, dynamic).exists():
             return True
         return (variant, exporter, dynamic) in {("chunk", "ts", False), ("chunk", "ts", True),
                                                 ("chunk", "dynamo", False), ("chunkbn", "ts", False),
                                                 ("nativebn", "ts", False)}
 
-    one(model, "native", "ts", False)
-    one(model, "native", "dynamo", False)
-    if kind in ("grouped", "depthwise"):
-        one(model, "native", "ts", True)
-    if kind == "grouped":
-        legacy, _, count = legacy_variant(model, "chunk")
-        for exporter, dynamic in (("ts", False), ("ts", True), ("dynamo", False), ("dynamo", True)):
-            if not wanted("chunk", exporter, dynamic):
-                continue
-            twin = native_file("native", exporter, dynamic)
-            if exporter == "dynamo" and dynamic:
-                one(model, "native", "dynamo", True)
-            one(legacy, "chunk", exporter, dynamic, twin, count)
-        legacy, twin_model, count = legacy_variant(model, "chunkbn")
-        for exporter in ("ts", "dynamo"):
-            if not wanted("chunkbn", exporter, False):
-                continue
-            twin = one(twin_model, "nativebn", exporter, False, role="twin")
-            one(legacy, "chunkbn", exporter, False, twin, count)
+
+def torch_entries(name: str, out: Path) -> list[dict]:
+    """Export one torch model's variants; one manifest entry per file written (or failed)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    exports = _TorchExports(name, out)
+    model = build_torch(name).eval()
+    exports.export(model, "native", "ts", False)
+    exports.export(model, "native", "dynamo", False)
+    if exports.kind in ("grouped", "depthwise"):
+        exports.export(model, "native", "ts", True)
+    if exports.kind == "grouped":
+        _export_legacy_grouped(exports, model)
     if name == "shufflenet_v2_x0_5":
         legacy, _, count = legacy_variant(model, "chunkdw")
-        one(legacy, "chunkdw", "ts", False, native_file("native", "ts", False), count)
-    return entries
+        exports.export(legacy, "chunkdw", "ts", False, exports.file("native", "ts", False), count)
+    return exports.entries
+
+
+def _export_legacy_grouped(exports: _TorchExports, model) -> None:
+    """The hand-made forms of a grouped model ("chunk", "chunkbn"), each beside its native twin."""
+    legacy, _, count = legacy_variant(model, "chunk")
+    for exporter, dynamic in (("ts", False), ("ts", True), ("dynamo", False), ("dynamo", True)):
+        if not exports.wanted("chunk", exporter, dynamic):
+            continue
+        twin = exports.file("native", exporter, dynamic)
+        if exporter == "dynamo" and dynamic:
+            exports.export(model, "native", "dynamo", True)
+        exports.export(legacy, "chunk", exporter, dynamic, twin, count)
+    legacy, twin_model, count = legacy_variant(model, "chunkbn")
+    for exporter in ("ts", "dynamo"):
+        if not exports.wanted("chunkbn", exporter, False):
+            continue
+        twin = exports.export(twin_model, "nativebn", exporter, False, role="twin")
+        exports.export(legacy, "chunkbn", exporter, False, twin, count)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -686,9 +700,19 @@ def openvino_counts(path: str, shape: list[int] | None) -> dict:
 def judge(entry: dict, twin_stats: dict | None) -> list[str]:
     """Problems found in one file's results, each a short sentence (empty: as expected)."""
     calls = entry.get("calls", {})
-    problems = []
     if entry.get("export_error"):
         return []
+    problems = _call_problems(calls)
+    if entry["role"] == "legacy":
+        problems += _legacy_problems(entry, calls, twin_stats)
+    elif entry["role"] in ("native", "twin"):
+        problems += _native_problems(entry, calls)
+    return problems
+
+
+def _call_problems(calls: dict) -> list[str]:
+    """What went wrong in any CLI call: crashes, timeouts, bad exits, failed verification."""
+    problems = []
     for mode, call in calls.items():
         if call.get("crash"):
             problems.append(f"{mode}: crash ({call.get('error')})")
@@ -701,53 +725,65 @@ def judge(entry: dict, twin_stats: dict | None) -> list[str]:
             problems.append(f"{mode}: verification failed")
         if mode in ("fuse", "roundtrip", "expand") and call.get("exit") == 1:
             problems.append(f"{mode}: exit 1 ({call.get('error')})")
+    return problems
+
+
+def _legacy_problems(entry: dict, calls: dict, twin_stats: dict | None) -> list[str]:
+    """A legacy (hand-made groups) file: --check must see it, --fuse must fuse every group and
+    end like its native twin. Records ``fused_groups`` (and layer notes for Keras) on ``entry``."""
+    problems = []
     check, fuse = calls.get("check", {}), calls.get("fuse", {})
-    legacy = entry["role"] == "legacy"
-    if legacy:
-        if check.get("exit") == 0:
-            problems.append("check: exit 0 on a legacy file (patterns not seen)")
-        fused = fuse.get("rewrite_count", 0)
-        fused_convs = sum(r["count"] for r in fuse.get("rewrites") or [] if "fuse" in (r.get("kind") or ""))
-        stats = fuse.get("stats")
-        if fuse.get("exit") == 0 and fused_convs < entry["legacy_convs"]:
-            problems.append(f"fuse: {fused_convs} of {entry['legacy_convs']} hand-made groups fused")
-        if stats and twin_stats:
-            if stats["conv"] != twin_stats["conv"] or stats["groups"] != twin_stats["groups"]:
-                problems.append(f"fuse: Conv {stats['conv']} groups {stats['groups']} vs native "
-                                f"{twin_stats['conv']} {twin_stats['groups']}")
-            elif stats["ops"] != twin_stats["ops"] and entry["format"] != "onnx":
-                entry.setdefault("notes", []).append(f"layers vs native: {op_diff(stats['ops'], twin_stats['ops'])}")
-            elif stats["ops"] != twin_stats["ops"]:
-                diff = op_diff(stats["ops"], twin_stats["ops"])
-                only = " (Identity only)" if same_but_identity(stats["ops"], twin_stats["ops"]) else ""
-                problems.append(f"fuse: op counts differ from native{only} ({diff})")
-        entry["fused_groups"] = fused
-    elif entry["role"] in ("native", "twin"):
-        if entry["kind"] != "mixed":
-            if check.get("exit") == 1:
-                problems.append("check: exit 1 on a native file (false positive?)")
-            if fuse.get("rewrite_count"):
-                problems.append(f"fuse: {fuse['rewrite_count']} rewrites on a native file (false positive?)")
-        expand, roundtrip = calls.get("expand"), calls.get("roundtrip")
-        source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras", "h5") else None
-        if expand and expand.get("exit") == 0 and source:
-            expanded = expand.get("stats") or {}
-            if expanded.get("grouped", 0) and expand.get("written"):
-                problems.append(f"expand: {expanded['grouped']} of {source['grouped']} grouped convs left")
-        if expands(entry) and expand and expand.get("exit") == 0 and not expand.get("written") and source \
-                and source.get("grouped"):
-            problems.append(f"expand: nothing written, {source['grouped']} grouped convs left")
-        if roundtrip and source and roundtrip.get("stats"):
-            stats = roundtrip["stats"]
-            if stats["conv"] != source["conv"] or stats["groups"] != source["groups"]:
-                problems.append(f"roundtrip: Conv {stats['conv']} groups {stats['groups']} vs original "
-                                f"{source['conv']} {source['groups']}")
-            elif stats["ops"] != source["ops"] and entry["format"] != "onnx":
-                # a Keras output is Keras 3: tf-keras TFOpLambda layers come back as Keras layers (Add, ...)
-                entry.setdefault("notes", []).append(f"roundtrip: layers differ ({op_diff(stats['ops'], source['ops'])})")
-            elif stats["ops"] != source["ops"]:
-                only = " (Identity only)" if same_but_identity(stats["ops"], source["ops"]) else ""
-                problems.append(f"roundtrip: op counts differ{only} ({op_diff(stats['ops'], source['ops'])})")
+    if check.get("exit") == 0:
+        problems.append("check: exit 0 on a legacy file (patterns not seen)")
+    fused = fuse.get("rewrite_count", 0)
+    fused_convs = sum(r["count"] for r in fuse.get("rewrites") or [] if "fuse" in (r.get("kind") or ""))
+    stats = fuse.get("stats")
+    if fuse.get("exit") == 0 and fused_convs < entry["legacy_convs"]:
+        problems.append(f"fuse: {fused_convs} of {entry['legacy_convs']} hand-made groups fused")
+    if stats and twin_stats:
+        if stats["conv"] != twin_stats["conv"] or stats["groups"] != twin_stats["groups"]:
+            problems.append(f"fuse: Conv {stats['conv']} groups {stats['groups']} vs native "
+                            f"{twin_stats['conv']} {twin_stats['groups']}")
+        elif stats["ops"] != twin_stats["ops"] and entry["format"] != "onnx":
+            entry.setdefault("notes", []).append(f"layers vs native: {op_diff(stats['ops'], twin_stats['ops'])}")
+        elif stats["ops"] != twin_stats["ops"]:
+            diff = op_diff(stats["ops"], twin_stats["ops"])
+            only = " (Identity only)" if same_but_identity(stats["ops"], twin_stats["ops"]) else ""
+            problems.append(f"fuse: op counts differ from native{only} ({diff})")
+    entry["fused_groups"] = fused
+    return problems
+
+
+def _native_problems(entry: dict, calls: dict) -> list[str]:
+    """A native file (or a twin): nothing to find (unless mixed), --expand leaves no grouped
+    conv, and the expand → fuse round trip gives the original back."""
+    problems = []
+    check, fuse = calls.get("check", {}), calls.get("fuse", {})
+    if entry["kind"] != "mixed":
+        if check.get("exit") == 1:
+            problems.append("check: exit 1 on a native file (false positive?)")
+        if fuse.get("rewrite_count"):
+            problems.append(f"fuse: {fuse['rewrite_count']} rewrites on a native file (false positive?)")
+    expand, roundtrip = calls.get("expand"), calls.get("roundtrip")
+    source = file_stats(entry["path"]) if entry["format"] in ("onnx", "keras", "h5") else None
+    if expand and expand.get("exit") == 0 and source:
+        expanded = expand.get("stats") or {}
+        if expanded.get("grouped", 0) and expand.get("written"):
+            problems.append(f"expand: {expanded['grouped']} of {source['grouped']} grouped convs left")
+    if expands(entry) and expand and expand.get("exit") == 0 and not expand.get("written") and source \
+            and source.get("grouped"):
+        problems.append(f"expand: nothing written, {source['grouped']} grouped convs left")
+    if roundtrip and source and roundtrip.get("stats"):
+        stats = roundtrip["stats"]
+        if stats["conv"] != source["conv"] or stats["groups"] != source["groups"]:
+            problems.append(f"roundtrip: Conv {stats['conv']} groups {stats['groups']} vs original "
+                            f"{source['conv']} {source['groups']}")
+        elif stats["ops"] != source["ops"] and entry["format"] != "onnx":
+            # a Keras output is Keras 3: tf-keras TFOpLambda layers come back as Keras layers (Add, ...)
+            entry.setdefault("notes", []).append(f"roundtrip: layers differ ({op_diff(stats['ops'], source['ops'])})")
+        elif stats["ops"] != source["ops"]:
+            only = " (Identity only)" if same_but_identity(stats["ops"], source["ops"]) else ""
+            problems.append(f"roundtrip: op counts differ{only} ({op_diff(stats['ops'], source['ops'])})")
     return problems
 
 
@@ -975,14 +1011,49 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_export":
-        sub = argparse.ArgumentParser()
-        sub.add_argument("framework")
-        sub.add_argument("--out", type=Path, required=True)
-        sub.add_argument("--only", action="append", default=[])
-        a = sub.parse_args(argv[1:])
-        export_worker(a.framework, a.out, a.only)
-        return 0
+        return _export_subcommand(argv[1:])
+    args = _parser().parse_args(argv)
+    CLI_ENV.update(kv.split("=", 1) for kv in args.cli_env)
 
+    out = args.out or Path(tempfile.mkdtemp(prefix="gconv-zoo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    entries = _battery_entries(args, out)
+    export_seconds = time.perf_counter() - start
+    if args.fixtures:
+        _copy_fixtures(entries, args.fixtures)
+
+    start = time.perf_counter()
+    run_battery(entries, out)
+    cli_seconds = time.perf_counter() - start
+    stats = _judge_entries(entries, openvino=not args.no_openvino)
+    battery_seconds = time.perf_counter() - start
+
+    results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                        "battery_seconds": battery_seconds, "cli_seconds": cli_seconds, "export_seconds": export_seconds, "out": str(out),
+                        **versions()},
+               "entries": entries, "stats": stats}
+    results["summary"] = summarize(results)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.results}.json").write_text(json.dumps(results, indent=1, default=str))
+    Path(f"{args.results}.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def _export_subcommand(argv: list[str]) -> int:
+    """``zoo.py _export FRAMEWORK --out DIR [--only NAME]``: the export worker, run in its own process."""
+    sub = argparse.ArgumentParser()
+    sub.add_argument("framework")
+    sub.add_argument("--out", type=Path, required=True)
+    sub.add_argument("--only", action="append", default=[])
+    a = sub.parse_args(argv)
+    export_worker(a.framework, a.out, a.only)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="work folder (models and outputs); default a fresh tmp dir")
     parser.add_argument("--only", action="append", default=[], help="substring of model names to run (repeatable)")
@@ -997,14 +1068,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "zoo_results",
                         help="write PREFIX.md and PREFIX.json")
     parser.add_argument("--fixtures", type=Path, help="copy the exported ONNX/Keras files here (e.g. /work/zoo)")
-    args = parser.parse_args(argv)
-    CLI_ENV.update(kv.split("=", 1) for kv in args.cli_env)
+    return parser
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="gconv-zoo-"))
-    out.mkdir(parents=True, exist_ok=True)
+
+def _battery_entries(args, out: Path) -> list[dict]:
+    """The files the battery runs: exported now (merged into out/manifest.json) or, with
+    --skip-export, read from that manifest; filtered by --frameworks, --only and --variant."""
     manifest_path = out / "manifest.json"
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    start = time.perf_counter()
     if args.skip_export and manifest_path.exists():
         entries = json.loads(manifest_path.read_text())
         entries = [e for e in entries if e["framework"] in frameworks
@@ -1021,27 +1092,31 @@ def main(argv: list[str] | None = None) -> int:
                or e["format"] in KERAS_FORMATS.get((e["framework"], e["name"]), ())]
     if args.variant:
         entries = [e for e in entries if e["variant"] in args.variant]
-    export_seconds = time.perf_counter() - start
-    if args.fixtures:
-        args.fixtures.mkdir(parents=True, exist_ok=True)
-        for e in entries:
-            src = Path(e["path"])
-            if src.exists():
-                dst = args.fixtures / e["framework"] / src.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst, **({"dirs_exist_ok": True}
-                                                                              if src.is_dir() else {}))
+    return entries
 
-    start = time.perf_counter()
-    run_battery(entries, out)
-    cli_seconds = time.perf_counter() - start
+
+def _copy_fixtures(entries: list[dict], fixtures: Path) -> None:
+    """--fixtures: copy each exported file (or SavedModel folder) into FIXTURES/FRAMEWORK/."""
+    fixtures.mkdir(parents=True, exist_ok=True)
+    for e in entries:
+        src = Path(e["path"])
+        if src.exists():
+            dst = fixtures / e["framework"] / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst, **({"dirs_exist_ok": True}
+                                                                          if src.is_dir() else {}))
+
+
+def _judge_entries(entries: list[dict], *, openvino: bool) -> dict:
+    """Judge every entry (stats of written ONNX files and their twins, OpenVINO's counts beside
+    them), printing one line each; returns the stats by path."""
     stats = {}
     for entry in entries:
         if entry.get("format") == "onnx" and not entry.get("export_error"):
             stats[entry["path"]] = file_stats(entry["path"])
             grouped = entry["kind"] in ("grouped", "depthwise")
-            if not args.no_openvino and (entry["role"] == "legacy" or (entry["role"] == "native" and grouped
-                                                                       and not entry.get("dynamic"))):
+            if openvino and (entry["role"] == "legacy" or (entry["role"] == "native" and grouped
+                                                           and not entry.get("dynamic"))):
                 dims = [int(d) for d in entry["input"].split("=")[1].split(",")]
                 entry["openvino"] = openvino_counts(entry["path"], dims)
         twin = entry.get("twin")
@@ -1050,19 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["problems"] = judge(entry, stats.get(twin) if twin else None)
         label = f"{entry['name']}.{entry['variant']}.{entry['exporter']}{'-dyn' if entry.get('dynamic') else ''}"
         print(f"[zoo] {label}: {'; '.join(entry['problems']) or 'ok'}", file=sys.stderr, flush=True)
-    battery_seconds = time.perf_counter() - start
-
-    results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                        "battery_seconds": battery_seconds, "cli_seconds": cli_seconds, "export_seconds": export_seconds, "out": str(out),
-                        **versions()},
-               "entries": entries, "stats": stats}
-    results["summary"] = summarize(results)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.results}.json").write_text(json.dumps(results, indent=1, default=str))
-    Path(f"{args.results}.md").write_text(markdown(results))
-    print(markdown(results))
-    return 0
+    return stats
 
 
 if __name__ == "__main__":

@@ -145,25 +145,9 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
     .onnx, .keras, .h5 files and SavedModel directories."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
-    if not verbose:  # onnx-ir warns about every oddity of a broken file; our error says it once
-        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    if check and dry_run:
-        raise click.UsageError("--check and --dry-run are exclusive")
-    if atol < 0 or rtol < 0:
-        raise click.UsageError("--atol and --rtol must be non-negative")
-    if max_groups is not None and max_groups < min_groups:
-        raise click.UsageError("--max-groups must be at least --min-groups")
-    if target is not None and click.get_current_context().get_parameter_source("mode") == \
-            click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--target chooses fuse or expand per node; drop --fuse / --expand")
-    if auto and target is not None:
-        raise click.UsageError("--auto is a measured target: give --auto or --target, not both")
-    if auto and click.get_current_context().get_parameter_source("mode") == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--auto chooses fuse or expand per node; drop --fuse / --expand")
-    if benchmark and (check or dry_run):
-        raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
+    _configure_logging(verbose)
+    _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
+                 target=target, auto=auto, benchmark=benchmark)
     as_json = output_format == "json"
     say = (lambda *a, **k: None) if quiet or as_json else click.echo
     try:
@@ -178,78 +162,143 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
             raise RewriteError("--auto needs verification (it applies forms chosen by timing, then proves the "
                                "model): drop --no-verify")
         many = batch.is_batch(models)
-        if many and output is not None and output.exists() and not output.is_dir():
-            raise RewriteError(f"{output}: with several models, -o names a folder")
-        job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to,
-                                   write=not (check or dry_run))
-        if target is not None or auto:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
-            for job in job_list:
-                if job.output is not None and not job.mirrored:
-                    job.output = _target_output(job.input, target or "auto", to)
-        if not many and output is not None and not (check or dry_run):
-            job_list[0].output = output
-        if not job_list:
-            raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
-                               "models in it (.onnx, .keras, .h5, SavedModel directories)")
+        job_list = _plan_jobs(models, output, many=many, mode=mode, to=to, write=not (check or dry_run),
+                              target=target, auto=auto)
         report_protected = _check_report_path(report_path, job_list, inputs)
     except RewriteError as error:
         _fail(error, verbose)
 
     progress = sys.stderr.isatty() and not quiet
     if progress and jobs == 1:
-        # Per phase, for models that take more than a second (worker processes report per model).
-        def show_phase(phase: str, seconds: float) -> None:
-            if seconds > 1.0:
-                click.echo(f"  … {phase} done ({seconds:.1f} s)", err=True)
+        options = dataclasses.replace(options, progress=_show_phase)
+    results = _run_jobs(job_list, processes=jobs, show_each=progress and many, mode=mode, check=check,
+                        dry_run=dry_run, options=options, verbose=verbose)
+    code = batch.worst([r.exit_code for r in results])
 
-        options = dataclasses.replace(options, progress=show_phase)
+    if report_path is not None:
+        _write_report(report_path, report_protected, results, code, single=not many, verbose=verbose)
+    if as_json:
+        click.echo(json.dumps(_document(results, code, single=False), indent=2))
+    elif many:
+        _print_batch(results, code, quiet=quiet, say=say)
+    else:
+        (result,) = results
+        _print_single(result, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
+                      per_node=target is not None or auto)
+    sys.exit(code)
 
+
+def _configure_logging(verbose: bool) -> None:
+    """Logs go to stderr (stdout may hold the one JSON document); debug level only with -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    if not verbose:  # onnx-ir warns about every oddity of a broken file; our error says it once
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+
+
+def _mode_given() -> bool:
+    """Whether --fuse / --expand was on the command line (not the default, not a config file)."""
+    return click.get_current_context().get_parameter_source("mode") == click.core.ParameterSource.COMMANDLINE
+
+
+def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_groups: int, max_groups: int | None,
+                 target: str | None, auto: bool, benchmark: bool) -> None:
+    """Flag combinations that make no sense: a usage error (exit 2) before any model is read."""
+    if check and dry_run:
+        raise click.UsageError("--check and --dry-run are exclusive")
+    if atol < 0 or rtol < 0:
+        raise click.UsageError("--atol and --rtol must be non-negative")
+    if max_groups is not None and max_groups < min_groups:
+        raise click.UsageError("--max-groups must be at least --min-groups")
+    if target is not None and _mode_given():
+        raise click.UsageError("--target chooses fuse or expand per node; drop --fuse / --expand")
+    if auto and target is not None:
+        raise click.UsageError("--auto is a measured target: give --auto or --target, not both")
+    if auto and _mode_given():
+        raise click.UsageError("--auto chooses fuse or expand per node; drop --fuse / --expand")
+    if benchmark and (check or dry_run):
+        raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
+
+
+def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | None, write: bool,
+               target: str | None, auto: bool) -> list[batch.Job]:
+    """The jobs of this run, each with the output it writes (None: writes nothing)."""
+    if many and output is not None and output.exists() and not output.is_dir():
+        raise RewriteError(f"{output}: with several models, -o names a folder")
+    job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to, write=write)
+    if target is not None or auto:  # NAME.TARGET.onnx beside the input: it may hold fused and expanded convs
+        for job in job_list:
+            if job.output is not None and not job.mirrored:
+                job.output = _target_output(job.input, target or "auto", to)
+    if not many and output is not None and write:
+        job_list[0].output = output
+    if not job_list:
+        raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
+                           "models in it (.onnx, .keras, .h5, SavedModel directories)")
+    return job_list
+
+
+def _show_phase(phase: str, seconds: float) -> None:
+    """Progress of one model run in this process: per phase, for phases that take more than a
+    second (worker processes report per model instead)."""
+    if seconds > 1.0:
+        click.echo(f"  … {phase} done ({seconds:.1f} s)", err=True)
+
+
+def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **run_args) -> list[batch.JobResult]:
+    """Run every job; with ``show_each``, one progress line per finished model on stderr. Ctrl-C
+    exits 130: what was not complete was not written."""
     def on_done(index: int, result: batch.JobResult) -> None:
-        if progress and many:
+        if show_each:
             click.echo(f"[{index + 1}/{len(job_list)}] {result.input}: {result.status} ({result.seconds:.1f} s)",
                        err=True)
 
     try:
-        results = batch.run_all(job_list, processes=jobs, on_done=on_done, mode=mode, check=check,
-                                dry_run=dry_run, options=options, verbose=verbose)
+        return batch.run_all(job_list, processes=processes, on_done=on_done, **run_args)
     except KeyboardInterrupt:
         click.echo("gconv-rewrite: interrupted; outputs not yet complete were not written", err=True)
         sys.exit(130)
-    code = batch.worst([r.exit_code for r in results])
 
-    if report_path is not None:
-        document = _document(results, code, single=not many)
-        try:
-            with formats.atomic_output(report_path, protected=report_protected) as staging:
-                (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
-        except RewriteError as error:
-            _fail(error, verbose)
-    if as_json:
-        click.echo(json.dumps(_document(results, code, single=False), indent=2))
-    elif many:
-        for r in results:
-            if r.details and not quiet:
-                click.echo("\n".join([f"{r.input}:"] + r.details), err=True)
-        say(batch.table(results))
-        say(f"{len(results)} models: " + ", ".join(
-            f"{n} {s}" for s, n in sorted(_count(r.status for r in results).items())) + f"; exit {code}")
-    else:
-        (result,) = results
-        if result.error is not None:
-            if result.details and not quiet:  # the verification table, or the traceback with -v
-                click.echo("\n".join(result.details), err=result.status != "verification-failed")
-            click.echo(f"gconv-rewrite: error: {result.error}", err=True)
-        else:
-            say(result.summary)
-            found = len((result.report or {}).get("rewrites", []))
-            if check:
-                noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
-                if target is not None or auto:  # "check: 2 changes found": convs not yet in the target's form
-                    noun = "change"
-                say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
-            elif dry_run:
-                say("dry run: nothing written")
-    sys.exit(code)
+
+def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,
+                  single: bool, verbose: bool) -> None:
+    """--report: the run's JSON document, written atomically and never over a file a model reads."""
+    document = _document(results, code, single=single)
+    try:
+        with formats.atomic_output(report_path, protected=protected) as staging:
+            (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
+    except RewriteError as error:
+        _fail(error, verbose)
+
+
+def _print_batch(results: list[batch.JobResult], code: int, *, quiet: bool, say) -> None:
+    """Several models: each one's details on stderr, then the table and a count per status."""
+    for r in results:
+        if r.details and not quiet:
+            click.echo("\n".join([f"{r.input}:"] + r.details), err=True)
+    say(batch.table(results))
+    say(f"{len(results)} models: " + ", ".join(
+        f"{n} {s}" for s, n in sorted(_count(r.status for r in results).items())) + f"; exit {code}")
+
+
+def _print_single(result: batch.JobResult, *, quiet: bool, say, mode: str, check: bool, dry_run: bool,
+                  per_node: bool) -> None:
+    """One model: its error (with the verification table or traceback), or its summary and what
+    --check / --dry-run found. ``per_node``: --target or --auto chose the form of each conv."""
+    if result.error is not None:
+        if result.details and not quiet:  # the verification table, or the traceback with -v
+            click.echo("\n".join(result.details), err=result.status != "verification-failed")
+        click.echo(f"gconv-rewrite: error: {result.error}", err=True)
+        return
+    say(result.summary)
+    found = len((result.report or {}).get("rewrites", []))
+    if check:
+        noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
+        if per_node:  # "check: 2 changes found": convs not yet in the target's form
+            noun = "change"
+        say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
+    elif dry_run:
+        say("dry run: nothing written")
 
 
 def _target_output(path: Path, name: str, to: str | None) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -233,14 +233,30 @@ def make_inputs(source, *, shapes: Mapping[str, list[int]], seed: int,
     """
     specs = _input_specs(source)
     if given is not None:
-        names = {s.name for s in specs}
-        missing = sorted(names - set(given))
-        unknown = sorted(set(given) - names)
-        if missing or unknown:
-            raise BadInput("--inputs: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else [])
-                + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
-        return Feeds((s.name, np.asarray(given[s.name])) for s in specs)
+        return _given_feeds(specs, given)
+    shapes_used, defaulted, dtypes = _input_shapes(specs, shapes)
+    _check_memory(specs, shapes_used, dtypes, outputs)
+    rng = np.random.default_rng(seed)
+    return Feeds(((name, _random_array(rng, dims, dtypes[name])) for name, dims in shapes_used.items()), defaulted)
+
+
+def _given_feeds(specs: list[InputSpec], given: Mapping[str, np.ndarray]) -> Feeds:
+    """The user's --inputs arrays, in the model's input order; they must name every input, and
+    nothing else."""
+    names = {s.name for s in specs}
+    missing = sorted(names - set(given))
+    unknown = sorted(set(given) - names)
+    if missing or unknown:
+        raise BadInput("--inputs: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else [])
+            + ([f"no model input named {', '.join(unknown)}"] if unknown else [])))
+    return Feeds((s.name, np.asarray(given[s.name])) for s in specs)
+
+
+def _input_shapes(specs: list[InputSpec], shapes: Mapping[str, list[int]]
+                  ) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, np.dtype]]:
+    """The shape and dtype of each random input: ``(shapes_used, defaulted, dtypes)``, where
+    ``defaulted`` names the inputs whose batch dim was set to 1 (and at which positions)."""
     # --shape names of other models' inputs are fine (one flag set for a folder of models); a
     # typo shows up as the dynamic input it failed to fill, with the names this model has.
     unknown_shapes = sorted(set(shapes) - {s.name for s in specs})
@@ -259,27 +275,34 @@ def make_inputs(source, *, shapes: Mapping[str, list[int]], seed: int,
                 raise BadInput(f"--shape {spec.name}: {len(shape)} dims given, the input has {len(spec.shape)}")
             shapes_used[spec.name] = shape
             continue
-        if spec.shape is None:
-            raise VerificationImpossible(f"input {spec.name!r} has an unknown rank: set its shape with "
-                                         f"--shape {spec.name}=D0,D1,...{hint}")
-        declared = list(spec.shape)
-        known = lambda d: isinstance(d, int) and d >= 0
-        batch = bool(declared) and not known(declared[0]) and declared[0] not in named_elsewhere
-        dynamic = [str(d) if d else f"dim {i}" for i, d in enumerate(declared)
-                   if not known(d) and not (i == 0 and batch)]
-        if dynamic:
-            example = ",".join(str(d) if known(d) else ("1" if i == 0 and batch else "N")
-                               for i, d in enumerate(declared))
-            raise VerificationImpossible(
-                f"input {spec.name!r} has dynamic dims ({', '.join(dynamic)}): set them with "
-                f"--shape {spec.name}={example}{hint}")
+        declared, batch = _declared_shape(spec, named_elsewhere, hint)
         if batch:
-            declared[0] = 1
             defaulted[spec.name] = [0]
         shapes_used[spec.name] = declared
-    _check_memory(specs, shapes_used, dtypes, outputs)
-    rng = np.random.default_rng(seed)
-    return Feeds(((name, _random_array(rng, dims, dtypes[name])) for name, dims in shapes_used.items()), defaulted)
+    return shapes_used, defaulted, dtypes
+
+
+def _declared_shape(spec: InputSpec, named_elsewhere: set[str], hint: str) -> tuple[list[int], bool]:
+    """The input's declared shape with an unknown batch dim set to 1, and whether it had one;
+    any other unknown dim (or an unknown rank) needs --shape. ``hint``: what to say about
+    --shape names that matched no input."""
+    if spec.shape is None:
+        raise VerificationImpossible(f"input {spec.name!r} has an unknown rank: set its shape with "
+                                     f"--shape {spec.name}=D0,D1,...{hint}")
+    declared = list(spec.shape)
+    known = lambda d: isinstance(d, int) and d >= 0
+    batch = bool(declared) and not known(declared[0]) and declared[0] not in named_elsewhere
+    dynamic = [str(d) if d else f"dim {i}" for i, d in enumerate(declared)
+               if not known(d) and not (i == 0 and batch)]
+    if dynamic:
+        example = ",".join(str(d) if known(d) else ("1" if i == 0 and batch else "N")
+                           for i, d in enumerate(declared))
+        raise VerificationImpossible(
+            f"input {spec.name!r} has dynamic dims ({', '.join(dynamic)}): set them with "
+            f"--shape {spec.name}={example}{hint}")
+    if batch:
+        declared[0] = 1
+    return declared, batch
 
 
 def _needs_ort_value(array: np.ndarray) -> bool:
@@ -585,60 +608,15 @@ def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Ve
         return
     before = onnx.load(str(original))
     after = onnx.load(str(rewritten))
-    before_index, after_index = _subgraph_index(before.graph), _subgraph_index(after.graph)
-    before_nodes, after_nodes = _node_paths(before_index), _node_paths(after_index)
-    paths_of = {}
-    for r in in_subgraphs:
-        if r.graph.startswith("function "):  # a local function runs wherever it is called
-            paths = _call_paths(after, after_index, r.graph[len("function "):])
-            if () in paths:
-                r.exercised, r.exercised_by = True, f"model run (the main graph calls {r.graph})"
-                continue
-            if not paths:
-                r.exercised, r.exercised_by = False, f"no graph of the model calls {r.graph}"
-                continue
-        else:
-            paths = [p for p in _rewrite_paths(r, after_index, after_nodes) if p] or \
-                [p for p in _rewrite_paths(r, before_index, before_nodes) if p]
-        if paths:
-            paths_of[id(r)] = paths
-        else:
-            r.exercised, r.exercised_by = False, f"its subgraph {r.graph!r} was not found to run on its own"
+    pair = _SubgraphPair(before, after, _subgraph_index(before.graph), _subgraph_index(after.graph))
+    paths_of = _subgraph_paths(in_subgraphs, pair)
     if not paths_of:
         return
-    try:
-        typed = onnx.shape_inference.infer_shapes(_with_input_shapes(before, verification.inputs))
-        typed_after = onnx.shape_inference.infer_shapes(_with_input_shapes(after, verification.inputs))
-    except Exception:  # shape inference is a help, not a requirement
-        typed, typed_after = before, after
-    typed_index, typed_after_index = _subgraph_index(typed.graph), _subgraph_index(typed_after.graph)
+    pair.type_with(verification.inputs)
     outcome: dict[tuple, str] = {}  # path → "" when it ran, else why not
     for n, path in enumerate(sorted({p for paths in paths_of.values() for p in paths})):
-        label = _path_label(path)
-        try:
-            if path not in before_index or path not in after_index:
-                raise _Unrunnable("the subgraph is not in both models")
-            reads = list(dict.fromkeys(_outer_reads(before_index[path]) + _outer_reads(after_index[path])))
-            pair = [_standalone(before, before_index, {**typed_after_index, **typed_index}, path, reads),
-                    _standalone(after, after_index, {**typed_index, **typed_after_index}, path, reads)]
-            files = [scratch / f"subgraph{n}_{i}.onnx" for i in range(2)]
-            for model, where in zip(pair, files):
-                onnx.save(model, str(where))
-            result = verify_onnx(files[0], files[1], atol=verification.atol, rtol=verification.rtol, seed=seed)
-        except (_Unrunnable, VerificationImpossible, BadInput) as exc:
-            outcome[path] = f"in {label}, not run on its own: {getattr(exc, 'message', None) or exc}"
-            continue
-        except Exception as exc:  # an odd subgraph is no reason to stop: say it was not exercised
-            outcome[path] = f"in {label}, not run on its own: {type(exc).__name__}: {exc}"
-            continue
-        outcome[path] = ""
-        for output in result.outputs:
-            output.name = f"{label}:{output.name}"
-        verification.outputs.extend(result.outputs)
-        if not result.passed:
-            verification.passed = False
-            if result.note:
-                verification.note = "; ".join(x for x in (verification.note, f"{label}: {result.note}") if x)
+        outcome[path] = _run_subgraph(pair, path, [scratch / f"subgraph{n}_{i}.onnx" for i in range(2)],
+                                      verification, seed=seed)
     for r in in_subgraphs:
         paths = paths_of.get(id(r))
         if paths is None:
@@ -647,6 +625,86 @@ def verify_subgraphs(original: Path, rewritten: Path, rewrites, verification: Ve
         r.exercised = not missed
         r.exercised_by = missed[0] if missed else \
             " and ".join(_path_label(p) for p in paths) + " run as its own model"
+
+
+@dataclass
+class _SubgraphPair:
+    """The original and the rewritten model, each with its subgraphs by path and, once
+    ``type_with`` ran, those of its shape-inferred copy (what gives a subgraph's inputs types)."""
+
+    before: object
+    after: object
+    before_index: dict[tuple, object]
+    after_index: dict[tuple, object]
+    typed_index: dict[tuple, object] = field(default_factory=dict)
+    typed_after_index: dict[tuple, object] = field(default_factory=dict)
+
+    def type_with(self, shapes: Mapping[str, list[int]]) -> None:
+        import onnx
+
+        try:
+            typed = onnx.shape_inference.infer_shapes(_with_input_shapes(self.before, shapes))
+            typed_after = onnx.shape_inference.infer_shapes(_with_input_shapes(self.after, shapes))
+        except Exception:  # shape inference is a help, not a requirement
+            typed, typed_after = self.before, self.after
+        self.typed_index, self.typed_after_index = _subgraph_index(typed.graph), _subgraph_index(typed_after.graph)
+
+
+def _subgraph_paths(in_subgraphs, pair: _SubgraphPair) -> dict[int, list[tuple]]:
+    """The subgraphs to run for each rewrite in one (by ``id`` of the rewrite); a rewrite that is
+    exercised by the model run, or that no subgraph can run for, is marked here instead."""
+    before_nodes, after_nodes = _node_paths(pair.before_index), _node_paths(pair.after_index)
+    paths_of = {}
+    for r in in_subgraphs:
+        if r.graph.startswith("function "):  # a local function runs wherever it is called
+            paths = _call_paths(pair.after, pair.after_index, r.graph[len("function "):])
+            if () in paths:
+                r.exercised, r.exercised_by = True, f"model run (the main graph calls {r.graph})"
+                continue
+            if not paths:
+                r.exercised, r.exercised_by = False, f"no graph of the model calls {r.graph}"
+                continue
+        else:
+            paths = [p for p in _rewrite_paths(r, pair.after_index, after_nodes) if p] or \
+                [p for p in _rewrite_paths(r, pair.before_index, before_nodes) if p]
+        if paths:
+            paths_of[id(r)] = paths
+        else:
+            r.exercised, r.exercised_by = False, f"its subgraph {r.graph!r} was not found to run on its own"
+    return paths_of
+
+
+def _run_subgraph(pair: _SubgraphPair, path: tuple, files: list[Path], verification: Verification, *,
+                  seed: int) -> str:
+    """Run the subgraph at ``path`` of both models as models of their own (saved to ``files``)
+    and add its outputs and verdict to ``verification``; returns "" when it ran, else why not
+    (an odd subgraph is no reason to stop: its rewrites then count as not exercised)."""
+    import onnx
+
+    label = _path_label(path)
+    try:
+        if path not in pair.before_index or path not in pair.after_index:
+            raise _Unrunnable("the subgraph is not in both models")
+        reads = list(dict.fromkeys(_outer_reads(pair.before_index[path]) + _outer_reads(pair.after_index[path])))
+        models = [_standalone(pair.before, pair.before_index, {**pair.typed_after_index, **pair.typed_index},
+                              path, reads),
+                  _standalone(pair.after, pair.after_index, {**pair.typed_index, **pair.typed_after_index},
+                              path, reads)]
+        for model, where in zip(models, files):
+            onnx.save(model, str(where))
+        result = verify_onnx(files[0], files[1], atol=verification.atol, rtol=verification.rtol, seed=seed)
+    except (_Unrunnable, VerificationImpossible, BadInput) as exc:
+        return f"in {label}, not run on its own: {getattr(exc, 'message', None) or exc}"
+    except Exception as exc:  # an odd subgraph is no reason to stop: say it was not exercised
+        return f"in {label}, not run on its own: {type(exc).__name__}: {exc}"
+    for output in result.outputs:
+        output.name = f"{label}:{output.name}"
+    verification.outputs.extend(result.outputs)
+    if not result.passed:
+        verification.passed = False
+        if result.note:
+            verification.note = "; ".join(x for x in (verification.note, f"{label}: {result.note}") if x)
+    return ""
 
 
 def add_rows(report, rows: list[OutputComparison], prefix: str, feeds, options, note: str) -> None:

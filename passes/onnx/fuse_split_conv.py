@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -84,6 +85,27 @@ class _Fused:
         value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array, order="C"), name=name))
         self.initializers.append(value)
         return value
+
+
+@dataclass
+class _Walk:
+    """Where the fused walk along the branches stands: the value the next fused op reads, the
+    channel axis there, each branch's channel count (None: the branches read the source whole),
+    the rank once a conv or Transpose tells it, and how many conv layers fused so far."""
+
+    current: ir.Value
+    axis: int
+    branch_channels: list[int] | None
+    rank: int | None = None
+    conv_layers: int = 0
+
+
+class _Stop(NamedTuple):
+    """Why the branches cannot fuse at a step: ``reason`` refuses the candidate when no conv has
+    fused yet; ``where`` says, in the report, where the fused part stops otherwise."""
+
+    reason: str
+    where: str
 
 
 @register("onnx.fuse-split-conv")
@@ -316,103 +338,112 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
     def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
         """Walk the chains in step, planning each op across the branches; build the fused nodes
         as far as the branches agree. Raises _Refused if not even the first conv fuses."""
-        n = len(chains)
         reading = chains[0].read is not None
         fused = _Fused(length=0)
-        current = chains[0].read.source if reading else chains[0].entry
-        axis = chains[0].read.axis if reading else 1
-        rank = None
-        conv_layers = 0
-        branch_channels = [r.stop - r.start for r in (c.read for c in chains)] if reading else None
+        walk = _Walk(current=chains[0].read.source if reading else chains[0].entry,
+                     axis=chains[0].read.axis if reading else 1,
+                     branch_channels=[r.stop - r.start for r in (c.read for c in chains)] if reading else None)
         shortest = min(len(c.ops) for c in chains)
         for step in range(shortest):
-            ops = [c.ops[step] for c in chains]
-            kinds = {op.op_type for op in ops}
-            if len(kinds) > 1:
-                reason = "branches differ here: " + " vs ".join(sorted(kinds))
-                if conv_layers == 0:
-                    raise _Refused(reason)
-                # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
-                fused.stopped_because = "where the branches differ (" + " vs ".join(sorted(kinds)) + ")"
+            node = self._fuse_step(model, names, chains, step, fused, walk)
+            if isinstance(node, _Stop):
+                if walk.conv_layers == 0:
+                    raise _Refused(node.reason)
+                fused.stopped_because = node.where
                 break
-            kind = ops[0].op_type
-            if kind in CONV_OPS:
-                outcome = self._plan_conv(ops, chains, conv_layers, branch_channels, axis)
-                if isinstance(outcome, Refusal):
-                    if conv_layers == 0:
-                        raise _Refused(outcome.reason)
-                    fused.stopped_because = f"the convolution after ({outcome.reason})"
-                    break
-                plan = outcome
-                if conv_layers == 0:
-                    fused.in_channels = plan.in_channels
-                    # Shared input: the wide conv (group 1) until a grouped layer follows; the
-                    # report must not say "groups=0" when the wide conv is all that fuses.
-                    fused.groups = plan.groups
-                elif fused.groups <= 1:
-                    fused.groups = plan.groups
-                fused.out_channels = plan.out_channels
-                rank = plan.weight.ndim
-                fused.layers.append(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
-                                              out_channels=plan.out_channels, kernel_rank=rank - 2,
-                                              transposed=kind == "ConvTranspose"))
-                base = ops[0].name or kind
-                name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
-                inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
-                if plan.bias is not None:
-                    inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
-                for index, role in ((1, "weight"), (2, "bias")):
-                    parts = self._quantization[role]
-                    if parts is not None:  # QDQ: the stacked integers, dequantized as the branches were
-                        inputs[index] = _dequantize(fused, names, f"{name}.{role}", inputs[index], parts)
-                node = _clone_with(ops[0], inputs, name, group=plan.groups)
-                fused.convs.append(node)
-                # Reports point at the first grouped conv (the wide one if none is grouped).
-                if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
-                    fused.location, fused.location_is_grouped = name, plan.groups > 1
-                branch_channels = [_out_channels(op) for op in ops]
-                axis = 1
-                conv_layers += 1
-            else:
-                if rank is None and kind == "Transpose":
-                    rank = len(g.attr_ints(ops[0], "perm") or [])
-                tails = []
-                for op, chain, channels in zip(ops, chains, branch_channels or [None] * n):
-                    data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
-                    tail = read_tail(op, data, axis, rank or 4, channels or 0, model)
-                    if isinstance(tail, str):
-                        tails = tail
-                        break
-                    tails.append(tail)
-                if isinstance(tails, str):
-                    if conv_layers == 0:
-                        raise _Refused(tails)
-                    fused.stopped_because = f"{kind} ({tails})"
-                    break
-                params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails],
-                                   tails[0].param_axes)
-                if isinstance(params, Refusal):
-                    if conv_layers == 0:
-                        raise _Refused(params.reason)
-                    fused.stopped_because = f"{kind} ({params.reason})"
-                    break
-                node = self._build_tail(fused, names, tails[0], current, params)
-                axis = moved_axis(tails[0], axis)
             fused.nodes.append(node)
-            current = node.outputs[0]
+            walk.current = node.outputs[0]
             fused.length = step + 1
-        fused.output = current
-        fused.channel_axis = axis
-        fused.branch_channels = branch_channels or []
+        self._finish(model, graph, names, concat, chains, fused, walk)
+        return fused
+
+    def _fuse_step(self, model, names: g.Names, chains: list[_Chain], step: int, fused: _Fused,
+                   walk: _Walk) -> ir.Node | _Stop:
+        """The fused node for op ``step`` of every branch, or where and why fusing stops there."""
+        ops = [c.ops[step] for c in chains]
+        kinds = {op.op_type for op in ops}
+        if len(kinds) > 1:
+            # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
+            return _Stop("branches differ here: " + " vs ".join(sorted(kinds)),
+                         "where the branches differ (" + " vs ".join(sorted(kinds)) + ")")
+        if ops[0].op_type in CONV_OPS:
+            return self._fuse_conv_step(names, chains, ops, fused, walk)
+        return self._fuse_tail_step(model, names, chains, step, ops, fused, walk)
+
+    def _fuse_conv_step(self, names: g.Names, chains: list[_Chain], ops: list[ir.Node], fused: _Fused,
+                        walk: _Walk) -> ir.Node | _Stop:
+        """One grouped (or, for a shared input, wide) conv for the branches' convs at this step."""
+        kind = ops[0].op_type
+        outcome = self._plan_conv(ops, chains, walk.conv_layers, walk.branch_channels, walk.axis)
+        if isinstance(outcome, Refusal):
+            return _Stop(outcome.reason, f"the convolution after ({outcome.reason})")
+        plan = outcome
+        if walk.conv_layers == 0:
+            fused.in_channels = plan.in_channels
+            # Shared input: the wide conv (group 1) until a grouped layer follows; the
+            # report must not say "groups=0" when the wide conv is all that fuses.
+            fused.groups = plan.groups
+        elif fused.groups <= 1:
+            fused.groups = plan.groups
+        fused.out_channels = plan.out_channels
+        walk.rank = plan.weight.ndim
+        fused.layers.append(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
+                                      out_channels=plan.out_channels, kernel_rank=walk.rank - 2,
+                                      transposed=kind == "ConvTranspose"))
+        base = ops[0].name or kind
+        name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
+        inputs = [walk.current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
+        if plan.bias is not None:
+            inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
+        for index, role in ((1, "weight"), (2, "bias")):
+            parts = self._quantization[role]
+            if parts is not None:  # QDQ: the stacked integers, dequantized as the branches were
+                inputs[index] = _dequantize(fused, names, f"{name}.{role}", inputs[index], parts)
+        node = _clone_with(ops[0], inputs, name, group=plan.groups)
+        fused.convs.append(node)
+        # Reports point at the first grouped conv (the wide one if none is grouped).
+        if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
+            fused.location, fused.location_is_grouped = name, plan.groups > 1
+        walk.branch_channels = [_out_channels(op) for op in ops]
+        walk.axis = 1
+        walk.conv_layers += 1
+        return node
+
+    def _fuse_tail_step(self, model, names: g.Names, chains: list[_Chain], step: int, ops: list[ir.Node],
+                        fused: _Fused, walk: _Walk) -> ir.Node | _Stop:
+        """One channel-wise op (its parameters concatenated) for the branches' ops at this step."""
+        kind = ops[0].op_type
+        if walk.rank is None and kind == "Transpose":
+            walk.rank = len(g.attr_ints(ops[0], "perm") or [])
+        tails = []
+        for op, chain, channels in zip(ops, chains, walk.branch_channels or [None] * len(chains)):
+            data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
+            tail = read_tail(op, data, walk.axis, walk.rank or 4, channels or 0, model)
+            if isinstance(tail, str):
+                return _Stop(tail, f"{kind} ({tail})")
+            tails.append(tail)
+        params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
+        if isinstance(params, Refusal):
+            return _Stop(params.reason, f"{kind} ({params.reason})")
+        node = self._build_tail(fused, names, tails[0], walk.current, params)
+        walk.axis = moved_axis(tails[0], walk.axis)
+        return node
+
+    def _finish(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain], fused: _Fused,
+                walk: _Walk) -> None:
+        """Record where the fused part ends; if it is not the whole of every branch, split the
+        fused tensor back into the branches' parts there (else the Concat must be on its axis)."""
+        fused.output = walk.current
+        fused.channel_axis = walk.axis
+        fused.branch_channels = walk.branch_channels or []
         fused.complete = all(len(c.ops) == fused.length for c in chains)
         if fused.complete:
             concat_axis = g.attr_int(concat, "axis", 1)
-            if rank is not None and concat_axis % rank != axis:
+            if walk.rank is not None and concat_axis % walk.rank != walk.axis:
                 raise _Refused(f"Concat on axis {concat_axis}, not the channel axis")
         else:
             fused.stopped_because = fused.stopped_because or "the end of the shortest branch"
             fused.nodes.append(self._split_back(model, graph, names, fused))
-        return fused
 
     def _plan_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
                    branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:

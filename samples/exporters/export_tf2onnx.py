@@ -184,7 +184,15 @@ def build_fixtures(out: Path) -> list[dict]:
 
 
 def write_readme(out: Path, rows: list[dict]) -> None:
-    lines = [
+    lines = _readme_header()
+    for r in rows:
+        lines += _readme_section(r)
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def _readme_header() -> list[str]:
+    """The README's fixed part: how to rebuild, the versions, and what tf2onnx writes."""
+    return [
         "# tf2onnx-converted Keras fixtures",
         "",
         "Written by tf2onnx from Keras 3 functional NHWC models; do not edit by hand. Rebuild (from",
@@ -232,19 +240,21 @@ def write_readme(out: Path, rows: list[dict]) -> None:
         "  `Concat(axis=3)`, then Identity nodes.",
         "",
     ]
-    for r in rows:
-        lines.append(f"## {r['name']}.onnx")
-        lines.append("")
-        lines.append(f"- model: {r['what']}")
-        lines.append(f"- converter: tf2onnx.convert.from_keras, options: `{_opts_str(r['opts'])}`")
-        if "failed" in r:
-            lines.append(f"- **conversion failed**: {r['failed']}")
-        else:
-            lines.append(f"- pattern: {r['pattern']}")
-            lines.append(f"- nodes: {r['nodes']}")
-            lines.append(f"- size: {r['size']} bytes; max |onnxruntime - keras| = {r['err']:.1e}")
-        lines.append("")
-    (out / "README.md").write_text("\n".join(lines))
+
+
+def _readme_section(r: dict) -> list[str]:
+    """One fixture's section: what it is, how it was converted, and what the file holds (or why
+    the conversion failed)."""
+    lines = [f"## {r['name']}.onnx", "", f"- model: {r['what']}",
+             f"- converter: tf2onnx.convert.from_keras, options: `{_opts_str(r['opts'])}`"]
+    if "failed" in r:
+        lines.append(f"- **conversion failed**: {r['failed']}")
+    else:
+        lines.append(f"- pattern: {r['pattern']}")
+        lines.append(f"- nodes: {r['nodes']}")
+        lines.append(f"- size: {r['size']} bytes; max |onnxruntime - keras| = {r['err']:.1e}")
+    lines.append("")
+    return lines
 
 
 def _opts_str(opts: dict) -> str:
