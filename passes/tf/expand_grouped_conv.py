@@ -6,6 +6,9 @@ For runtimes without grouped convolutions: TF 2.21 on CPU with oneDNN off fails 
 ``Conv2D + BiasAdd + Relu`` ("Fused conv implementation does not support grouped convolutions
 for now"); the expanded graph runs there. What follows the convolution (BiasAdd, activation)
 stays as it is, after the ConcatV2. ``rewriter.plan.plan_expansion`` splits the weights.
+Only Conv2D: TensorFlow has no grouped Conv3D kernel on CPU (a Conv3D filter shallower than its
+input fails, with oneDNN and without; ``passes.tf.fuse_split_conv.CONV3D_REFUSAL``), so there is no
+grouped Conv3D to expand.
 """
 
 from __future__ import annotations

@@ -273,6 +273,8 @@ class FuseSplitConvPass:
             shape = index.shape(chains[0].entry)
             rank = chains[0].first.rank
             channels = shape[chains[0].first.channel_axis] if shape is not None and len(shape) == rank else None
+            if channels is None:  # the wide conv's filter depth must be all of them (group 1)
+                raise _Refused("cannot tell the channel count of the tensor every branch reads")
             return _Candidate(concat, chains, chains[0].entry, channels, None)
         for chain, reads in zip(chains, reading):
             start, _ = index.producer(chain.entry)
@@ -504,7 +506,7 @@ def _read_conv_layer(index: g.GraphIndex, candidate: _Candidate, layers: list[_L
         if branch_channels is not None:
             start, stop = 0, branch_channels[i]
         elif candidate.shared:
-            start, stop = 0, candidate.channels or depth
+            start, stop = 0, candidate.channels
         else:
             start, stop = candidate.reads[i].start, candidate.reads[i].stop
         if (stop - start) % depth:
