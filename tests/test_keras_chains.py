@@ -165,6 +165,16 @@ def test_resnext_depth_three_mixed_bias(tmp_path):
     np.testing.assert_array_equal(fused.layers[1].get_weights()[1][4:8], np.zeros(4))
 
 
+def test_conv1d_resnext_block(tmp_path):
+    inp = keras.Input((10, 8))
+    ends = [L.ReLU()(L.Conv1D(2, 3, padding="same")(L.ReLU()(L.BatchNormalization()(L.Conv1D(2, 1)(inp)))))
+            for _ in range(4)]
+    path = save(keras.Model(inp, L.Concatenate()(ends)), tmp_path / "conv1d.keras")
+    report, fused = fused_file(path, tmp_path, spatial=(10,))
+    assert (report.rewrites[0].groups, report.rewrites[0].channels) == (4, {"in": 8, "out": 8})
+    assert convs(fused) == [("Conv1D", 1, 8, (1,)), ("Conv1D", 4, 8, (3,))]
+
+
 def test_shared_input_single_layer_is_one_wide_conv(tmp_path):
     # Inception's parallel 1×1s of equal kernels: one wide conv, groups 1.
     inp = keras.Input((8, 8, 8))
@@ -293,7 +303,7 @@ def test_sliced_branch_value_used_elsewhere(tmp_path, where):
 @pytest.mark.parametrize("name", ["reduce_2", "reduce_bn_2", "reduce_relu_2"])
 def test_shared_branch_value_used_elsewhere(tmp_path, name):
     block = resnext_block(4, 4)
-    model = keras.Model(block.inputs, [block.outputs[0], block.get_layer(name).output])
+    model = keras.Model(block.inputs[0], [block.outputs[0], block.get_layer(name).output])
     path = save(model, tmp_path / "used.keras")
     report, fused = fused_file(path, tmp_path, rewrites=0, skipped=1)
     assert report.skipped[0].reason == f"the output of {name}, inside a branch, is used outside the pattern"

@@ -422,10 +422,9 @@ class FuseGroupedConv:
             calls = [b.steps[level] for b in branches]
             kinds = sorted({c.layer.class_name for c in calls})
             if len(kinds) > 1:
-                stopped = "where the branches differ (" + " vs ".join(kinds) + ")"
                 if not plans:
-                    raise _Refused(stopped)
-                return plans, widths, stopped
+                    raise _Refused("branches differ here: " + " vs ".join(kinds))
+                return plans, widths, "where the branches differ (" + " vs ".join(kinds) + ")"
             if kinds[0] in CONV_CLASSES:
                 plan = self._plan_conv(calls, branches, widths, channels, rank, shared)
                 if isinstance(plan, Refusal):
