@@ -292,6 +292,17 @@ def test_shared_input_branch_value_used_outside(tmp_path):
     assert "is used outside the ConcatV2" in skip.reason
 
 
+def test_branch_that_applies_an_op_before_its_conv_is_reported(tmp_path):
+    class Before(SlicedChain):
+        def serve(self, x):
+            parts = tf.split(x, 4, axis=-1)
+            return {"y": tf.concat([tf.nn.conv2d(tf.nn.relu(p), k, 1, "SAME") for p, k in zip(parts, self.first)], -1)}
+
+    report = rewriter.check(save_module(Before(), tmp_path / "before"))
+    assert report.rewrites == []
+    assert [s.reason for s in report.skipped] == ["a branch applies Relu before its convolution"]
+
+
 # -- Conv3D -----------------------------------------------------------------------------------
 
 

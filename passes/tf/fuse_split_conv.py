@@ -143,6 +143,8 @@ class _Chain:
 
     entry: str
     layers: list[_Layer]
+    before: list[node_def_pb2.NodeDef] = field(default_factory=list)  # ops before the first conv (refused)
+    start: str = ""  # the tensor the branch starts from, before ``before``
 
     @property
     def nodes(self) -> list[node_def_pb2.NodeDef]:
@@ -267,6 +269,9 @@ class FuseSplitConvPass:
     def _match(self, index: g.GraphIndex, concat, replaced: set[str]) -> _Candidate:
         chains = _find_chains(index, concat, replaced)
         _check_chains(index, concat, chains)
+        before = next((c.before[0] for c in chains if c.before), None)
+        if before is not None:
+            raise _Refused(f"a branch applies {before.op} before its convolution")
         reading = [_read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank) is not None
                    for c in chains]
         if not any(reading) and len({c.entry for c in chains}) == 1:
@@ -417,8 +422,8 @@ def _find_chains(index: g.GraphIndex, concat, replaced: set[str]) -> list[_Chain
     count = concat.attr["N"].i
     chains = [_walk_back(index, ref) for ref in concat.input[:count]]
     found = [c for c in chains if c is not None]
-    reading = [c for c in found if _read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank)]
-    sharing = collections.Counter(c.entry for c in found if len(c.convs) >= 2)
+    reading = [c for c in found if _read_channels(index, c.start, c.first.channel_axis, rank=c.first.rank)]
+    sharing = collections.Counter(c.start for c in found if len(c.convs) >= 2)
     if len(reading) < 2 and max(sharing.values(), default=0) < 2:
         raise _NotACandidate
     if any(c is None for c in chains):
@@ -553,8 +558,9 @@ def _walk_back(index: g.GraphIndex, ref: str) -> _Chain | None:
     first = next((i for i, layer in enumerate(layers) if layer.conv is not None), None)
     if first is None:
         return None
-    # Ops before the first conv are no branch ops: the conv's input is what the branch reads.
-    return _Chain(index.skip_identity(layers[first].nodes[0].input[0]), _attach_biases(index, layers[first:]))
+    # Ops before the first conv do not fuse: kept apart, so that a candidate can say so.
+    return _Chain(index.skip_identity(layers[first].nodes[0].input[0]), _attach_biases(index, layers[first:]),
+                  [layer.nodes[0] for layer in layers[:first]], tensor)
 
 
 def _conv_layer(index: g.GraphIndex, node) -> _Layer | None:
