@@ -21,7 +21,6 @@ from click.testing import CliRunner
 
 from rewriter.api import fuse  # noqa: E402
 from rewriter.cli import main  # noqa: E402
-from samples import keras_models as km  # noqa: E402
 
 L = keras.layers
 
@@ -44,8 +43,20 @@ def run(model, x) -> list[np.ndarray]:
     return [np.asarray(t) for t in (y if isinstance(y, (list, tuple)) else [y])]
 
 
+def randomise_bn(model, seed: int = 0):
+    """Non-trivial BatchNorm parameters (with or without scale/center), so a wrongly fused tail
+    shows in the numbers: the moving variance (last) positive, the rest around 0 or 1."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            arrays = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, a.shape).astype("float32") if i == len(arrays) - 1 else
+                               rng.normal(0, 0.3, a.shape).astype("float32") + (i == 0 and layer.scale)
+                               for i, a in enumerate(arrays)])
+
+
 def save(model, path):
-    km._randomise_bn(model)
+    randomise_bn(model)
     model.save(path)
     return path
 
@@ -237,7 +248,7 @@ def test_tf_keras_h5_resnext_block(tmp_path):
         y = T.Activation("relu")(T.BatchNormalization()(T.Conv2D(2, 1)(inp)))
         ends.append(T.ReLU()(T.Conv2D(2, 3, padding="same")(y)))
     model = tf_keras.Model(inp, T.Concatenate()(ends))
-    km._randomise_bn(model)
+    randomise_bn(model)
     path = tmp_path / "legacy.h5"
     model.save(path)
     out = tmp_path / "legacy.fused.keras"
@@ -277,6 +288,22 @@ def test_second_layer_different_stride(tmp_path):
     assert report.skipped[0].reason == ("fused up to the convolution after (different strides between branches: "
                                         "(1,1) vs (2,2)); the rest stays per branch")
     assert [c[:3] for c in convs(fused)] == [("Conv2D", 4, 16)] + [("Conv2D", 1, 4)] * 4
+
+
+def test_inception_resnet_like_branches_of_different_depths(tmp_path):
+    # InceptionResNetV2's block35: three 1×1 → BN → ReLU read x; two branches go on with 3×3s.
+    def conv_bn(y, filters, k):
+        y = L.Conv2D(filters, k, padding="same", use_bias=False)(y)
+        return L.Activation("relu")(L.BatchNormalization(scale=False)(y))
+
+    inp = keras.Input((8, 8, 8))
+    ends = [conv_bn(inp, 4, 1), conv_bn(conv_bn(inp, 4, 1), 4, 3), conv_bn(conv_bn(conv_bn(inp, 4, 1), 6, 3), 8, 3)]
+    path = save(keras.Model(inp, L.Concatenate()(ends)), tmp_path / "block35.keras")
+    report, fused = fused_file(path, tmp_path, skipped=1)
+    assert report.skipped[0].reason == "fused up to the end of the shortest branch; the rest stays per branch"
+    assert sorted(c[:3] for c in convs(fused)) == [("Conv2D", 1, 4), ("Conv2D", 1, 6), ("Conv2D", 1, 8),
+                                                   ("Conv2D", 1, 12)]
+    assert classes(fused)["GetItem"] == 3 and classes(fused)["Concatenate"] == 1
 
 
 def test_branches_differ_in_the_tail_between_the_convs(tmp_path):
