@@ -9,20 +9,20 @@
 from __future__ import annotations
 
 import gc
-import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from rewriter import formats, quiet, targets
+from rewriter.backend import Unwritable, conversions
+from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
-from rewriter.report import Report, Verification, model_stats
-from rewriter.verify import load_inputs_file, verify_onnx, verify_subgraphs
+from rewriter.report import Report, Verification
+from rewriter.verify import load_inputs_file, verify_onnx
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,63 +73,10 @@ def _options(options: Options | None, overrides: dict) -> Options:
     return Options(**{**base.__dict__, **overrides}) if overrides else base
 
 
-def _passes(mode: str, rewrite: bool, options: Options, target=None):
-    if options.target is not None or target is not None:
-        return _target_passes(rewrite, options, target)
-    if mode == "fuse":
-        from passes.onnx import FoldBatchNormPass, FuseSplitConvPass
-
-        fuse_pass = FuseSplitConvPass(rewrite=rewrite)
-        if not (rewrite and options.fold_bn):
-            return [fuse_pass]
-        # Built when it runs: it folds into the convolutions the fusion wrote.
-        return [fuse_pass, lambda: FoldBatchNormPass(fuse_pass.fused_convs)]
-    from passes.onnx import ExpandGroupedConvPass
-
-    return [ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
-                                  min_groups=options.min_groups, max_groups=options.max_groups)]
-
-
-def _target_passes(rewrite: bool, options: Options, target=None):
-    """--target: one run, both directions. Fuse the hand-made groups the target runs natively,
-    then expand the native grouped convs it wants split (leaving the ones just fused alone).
-    ``target``: any object with ``name`` and ``decide(props)`` (--auto's measured target)."""
-    from passes.onnx import ExpandGroupedConvPass, FoldBatchNormPass, FuseSplitConvPass
-
-    target = target or targets.get(options.target)
-
-    def wants(form: str):
-        return targets.target_accept(target, form)
-
-    fuse_pass = FuseSplitConvPass(rewrite=rewrite, accept=wants(targets.NATIVE))
-    passes = [fuse_pass]
-    if rewrite and options.fold_bn:
-        passes.append(lambda: FoldBatchNormPass(fuse_pass.fused_convs))
-    passes.append(lambda: ExpandGroupedConvPass(
-        rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
-        max_groups=options.max_groups, accept=wants(targets.SPLIT), exclude=fuse_pass.created))
-    return passes
-
-
 def _resolve_inputs(options: Options):
     if options.inputs is None or isinstance(options.inputs, Mapping):
         return options.inputs
     return load_inputs_file(Path(options.inputs))
-
-
-class _Source:
-    """The model to rewrite and a file of its original form, for onnxruntime to read."""
-
-    def __init__(self, model: str | Path | ir.Model, scratch: Path):
-        if isinstance(model, ir.Model):
-            # Work on a copy, so the caller's object is never changed.
-            self.path = scratch / "original.onnx"
-            formats.save_onnx(model, self.path)
-            self.label = model.graph.name or "<model>"
-        else:
-            self.path = Path(model)
-            self.label = str(model)
-        self.model = formats.load_onnx(self.path)
 
 
 def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | Path | None = None,
@@ -140,6 +87,17 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     """
     options = _options(options, overrides)
     fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    _check_options(model, fmt, options)
+    with _collector_paused() if fmt == "onnx" else nullcontext():
+        result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
+                        apply=apply, options=options)
+    if options.benchmark and apply:
+        _benchmark(model, fmt, result, options)
+    return result
+
+
+def _check_options(model, fmt: str, options: Options) -> None:
+    """Combinations refused before anything is loaded, each in one line."""
     if fmt == "onnx" and options.to == "tflite":  # one converter already does this well: say how to chain it
         stem = Path(str(model)).stem if not isinstance(model, ir.Model) else "model"
         raise BadInput(f"{model}: --to tflite converts SavedModel and Keras inputs; for ONNX, chain onnx2tf: "
@@ -148,19 +106,257 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     if options.auto:
         _check_auto(model, fmt, options)
     if options.target is not None:
-
         targets.get(options.target)  # an unknown name: one line listing the known ones
         if fmt != "onnx" and options.to == "onnx":  # the ONNX writer fuses what the converter leaves split
             raise BadInput(f"{model}: --target with --to onnx is not supported; convert this {fmt} model with "
                            f"--to onnx first, then run --target {options.target} on the ONNX model")
-    if fmt != "onnx" or (options.to not in (None, "onnx")):
-        result = _rewrite_tensorflow(fmt, Path(model), mode=mode, output=output, apply=apply, options=options)
+
+
+# -- the driver: options → backend → passes → staging → verification → atomic commit → report ------
+
+def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options) -> Result:
+    report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
+    report.on_phase = options.progress
+    with formats.scratch_dir() as scratch:
+        source = _source_path(model, scratch)
+        backend, hops = _backends(fmt, source, options, report)
+        if output is not None:
+            _check_output(model, fmt, source, output, hops, options)
+        with report.timed("load"):
+            loaded = backend.load(source, options)
+            if loaded is None:  # nothing the tool can rewrite (a subclassed Keras model): reported
+                return Result(None, report)
+            report.before = backend.stats(loaded)
+        # Everything the input reads (its external data too) is never written over or removed.
+        read = [] if isinstance(model, ir.Model) else backend.files_read(source, loaded)
+        read += [p for p in _user_inputs(options) if p.exists()]
+        if output is not None:
+            formats.check_not_read(output, read)
+        if options.verify:
+            options = replace(options, inputs=_resolve_inputs(options))
+        target = _target(source, options, report)
+        with report.timed("rewrite"):
+            for rewrite_pass in _passes(backend, loaded, mode, apply, options, target):
+                loaded = rewrite_pass(loaded)
+                _record(rewrite_pass, report, target)
+            rewritten = backend.emit(loaded, report, options, apply=apply)
+            if not isinstance(rewritten, Unwritable):
+                report.after = backend.stats(rewritten) if apply else report.before
+        if not apply:
+            return Result(_result_model(backend, rewritten), report)
+        if isinstance(rewritten, Unwritable):
+            _write_unchanged(rewritten, output, report, options)
+            return Result(None, report)
+        final = _write(backend, hops, source, rewritten, output, read, scratch, options, report)
+        if report.verification is not None and report.verification.ran and report.verification.passed:
+            for r in report.rewrites:  # those in no subgraph: the verification run ran every one
+                if r.exercised is None:
+                    r.exercised, r.exercised_by = True, "model run"
+        final_backend = backend_for(hops[-1].target, report) if hops else backend
+        return Result(_result_model(final_backend, final), report)
+
+
+def _user_inputs(options: Options) -> list[Path]:
+    return [Path(options.inputs)] if isinstance(options.inputs, (str, Path)) else []
+
+
+def _check_output(model, fmt: str, source: Path, output: Path, hops, options: Options) -> None:
+    """Refuse a bad ``-o`` before anything is loaded: the output format's own naming rules,
+    then an existing file without --force, or a file the input reads."""
+    if hops:  # the output is the last conversion's
+        hops[-1].check_output(output)
+    if fmt == "keras" and not hops and output.suffix.lower() != ".keras":
+        raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
+    read = [] if isinstance(model, ir.Model) else [source, *_user_inputs(options)]
+    # ONNX's external data is compared once the model is loaded (check_not_read in _drive).
+    formats.check_output_path(output, read, options.force, deep=fmt != "onnx")
+
+
+def _source_path(model, scratch: Path) -> Path:
+    """The input as a file the runtimes can read: an in-memory ONNX model is saved in scratch
+    first, so the caller's object is never changed."""
+    if not isinstance(model, ir.Model):
+        return Path(model)
+    path = scratch / "original.onnx"
+    formats.save_onnx(model, path)
+    return path
+
+
+def _backends(fmt: str, source: Path, options: Options, report: Report):
+    """The input format's backend and the ``--to`` hops; TensorFlow is imported here, quietly."""
+    if fmt == "onnx":
+        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+    try:
+        quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
+        if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
+            from rewriter.benchmark import set_tensorflow_threads
+
+            set_tensorflow_threads(options.threads)
+        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise BadInput(f"{source}: {fmt} models need the TensorFlow extra "
+                       f"(pip install 'gconv-rewrite[tensorflow]'); missing: {missing}") from exc
+
+
+def _target(source: Path, options: Options, report: Report):
+    """--target's rule, or --auto's measured one (each grouped conv timed in both forms first)."""
+    if options.auto:
+        from rewriter import auto
+
+        with report.timed("measure"):
+            target = auto.measure(source, options, options.inputs)
+    elif options.target is not None:
+        target = targets.get(options.target)
     else:
-        with _collector_paused():
-            result = _rewrite_onnx(model, mode=mode, output=output, apply=apply, options=options)
-    if options.benchmark and apply:
-        _benchmark(model, fmt, result, options)
-    return result
+        return None
+    report.target = {"name": target.name, "nodes": []}
+    return target
+
+
+def _passes(backend, model, mode: str, apply: bool, options: Options, target):
+    """The passes of one run, each built when the one before it has run (a fold reads what the
+    fuse wrote; a target's expand leaves alone what its fuse just made).
+
+    --target: both directions in one run. Fuse the hand-made groups the target runs natively,
+    then expand the native grouped convs it wants split. ``target``: anything with ``name`` and
+    ``decide(props)`` (a rule of rewriter.targets, or --auto's measured target)."""
+    if target is None and mode == "expand":
+        yield backend.expand_pass(model, rewrite=apply, options=options)
+        return
+    accept = targets.target_accept(target, targets.NATIVE) if target is not None else None
+    fuse_pass = backend.fuse_pass(model, rewrite=apply, options=options, accept=accept)
+    yield fuse_pass
+    if apply and options.fold_bn:
+        fold_pass = backend.fold_pass(model, fuse_pass, options)
+        if fold_pass is not None:
+            yield fold_pass
+    if target is not None:
+        yield backend.expand_pass(model, rewrite=apply, options=options, exclude=fuse_pass.created,
+                                  accept=targets.target_accept(target, targets.SPLIT))
+
+
+def _record(rewrite_pass, report: Report, target) -> None:
+    report.rewrites.extend(rewrite_pass.rewrites)
+    report.skipped.extend(rewrite_pass.skipped)
+    if target is not None:  # per node: the form the target wants, and why
+        judged = targets.target_nodes(getattr(rewrite_pass, "decisions", []), target.name)
+        if hasattr(target, "annotate"):  # --auto: both timings per node
+            target.annotate(judged)
+        report.target["nodes"].extend(judged)
+
+
+def _result_model(backend, model):
+    """What ``Result.model`` holds: the backend's own form of it (a GraphDef for a SavedModel)."""
+    result = getattr(backend, "result", None)
+    return result(model) if result is not None else model
+
+
+_SUFFIXES = {"onnx": ".onnx", "savedmodel": "", "keras": ".keras", "tflite": ".tflite"}
+
+
+def _write(backend, hops, source: Path, rewritten, output: Path | None, read: list[Path], scratch: Path,
+           options: Options, report: Report):
+    """Save and prove the rewritten model, in staging beside ``output`` (committed atomically)
+    or in scratch; with ``--to``, hand it to each conversion and prove what that made."""
+    if hops:
+        return _convert(backend, hops, source, rewritten, output, read, scratch, options, report)
+    if output is not None:
+        with formats.atomic_output(output, protected=read) as staging:
+            _save_and_verify(backend, source, rewritten, staging / output.name, options, report)
+        report.output, report.written = str(output), True
+    elif backend.verify_unchanged or (options.verify and report.rewrites):
+        # The API without an output: prove the rewrite all the same, in scratch.
+        _save_and_verify(backend, source, rewritten, scratch / f"rewritten{_SUFFIXES[backend.name]}", options,
+                         report)
+    else:
+        report.verification = _skipped_verification(report, options)
+    return rewritten
+
+
+def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Options, report: Report) -> None:
+    with report.timed("save"):
+        backend.save(rewritten, path)
+    check = getattr(backend, "check", None)
+    if check is not None:
+        with report.timed("checker"):
+            check(path)
+    if not options.verify or not (report.rewrites or backend.verify_unchanged):
+        report.verification = _skipped_verification(report, options)
+        return
+    with report.timed("verify"):
+        _proven(lambda: backend.verify(source, rewritten, path, options, report), report)
+
+
+def _proven(verify, report: Report) -> None:
+    """Run ``verify``; its table goes into the report, passed or not; a failure stops the run
+    with nothing written (the staging folder is removed)."""
+    try:
+        verification = verify()
+    except VerificationFailed as failure:
+        if failure.verification is not None:
+            report.verification = failure.verification
+        raise
+    if verification is None:  # a conversion's rows, already added to the report's table
+        return
+    report.verification = verification
+    if not verification.passed:
+        failing = [o.name for o in verification.outputs if not o.passed]
+        detail = f"outputs {', '.join(failing)} differ beyond atol/rtol" if failing else \
+            (verification.note or "the models differ")
+        raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
+
+
+def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: list[Path], scratch: Path,
+             options: Options, report: Report):
+    """--to: the rewritten model, proven in its own format first (unless the conversion proves
+    itself against the original), handed to each conversion in turn; the last one's model is
+    saved by its format's backend and proven, then committed."""
+    written = None
+    if hops[0].proves_source:
+        written = scratch / f"rewritten{_SUFFIXES[backend.name]}"
+        _save_and_verify(backend, source, rewritten, written, options, report)
+    previous = current = rewritten
+    for hop in hops:
+        previous, current = current, hop.convert(current, written, scratch, options, report)
+        written = None  # a later hop converts from memory
+    last = hops[-1]
+    writer = backend_for(last.target, report)
+
+    def save_and_verify(path: Path) -> None:
+        with report.timed("save"):
+            writer.save(current, path)
+        check = getattr(writer, "check", None)
+        if check is not None:
+            with report.timed("checker"):
+                check(path)
+        if options.verify:
+            with report.timed("verify"):
+                _proven(lambda: last.verify(previous, current, path, options, report), report)
+        elif report.verification is None:
+            report.verification = _skipped_verification(report, options)
+
+    if output is not None:
+        with formats.atomic_output(output, protected=read) as staging:
+            save_and_verify(staging / output.name)
+        report.output, report.written = str(output), True
+    else:
+        save_and_verify(scratch / f"converted{_SUFFIXES[last.target]}")
+    return current
+
+
+def _write_unchanged(unwritable: Unwritable, output: Path | None, report: Report, options: Options) -> None:
+    """Nothing changed, and the model cannot be rebuilt: the input written back as it was, or
+    nothing, with the reason in the verification note."""
+    report.after = report.before
+    note = "no rewrite: the model is unchanged"
+    if output is not None and unwritable.write is not None:
+        with report.timed("save"), formats.atomic_output(output) as staging:
+            unwritable.write(staging / output.name)
+        report.output, report.written = str(output), True
+    elif output is not None:
+        note += f"; not written: {unwritable.note}"
+    report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
 
 
 def _check_auto(model, fmt: str, options: Options) -> None:
@@ -236,150 +432,9 @@ def _collector_paused():
             gc.enable()
 
 
-def _rewrite_onnx(model, *, mode: str, output, apply: bool, options: Options) -> Result:
-    with formats.scratch_dir() as scratch:
-        report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
-        report.on_phase = options.progress
-        output_path = Path(output) if output is not None else None
-        if output_path is not None:
-            formats.check_output_path(output_path, [Path(model)] if not isinstance(model, ir.Model) else [],
-                                      options.force, deep=False)
-        given_inputs = _resolve_inputs(options) if options.verify else None
-        with report.timed("load"):
-            source = _Source(model, scratch)
-            working = source.model
-            threshold = formats.external_layout(working)
-            report.before = model_stats(working)
-        # Everything the input reads (its external data too) is never written over or removed.
-        read = _files_read(model, working, options)
-        if output_path is not None:
-            formats.check_not_read(output_path, read)
-        measured = None
-        if options.auto:  # time both forms of every grouped conv first; the rewrite applies the winners
-            from rewriter import auto
-
-            with report.timed("measure"):
-                measured = auto.measure(source.path, options, given_inputs)
-        if options.target is not None or measured is not None:
-            report.target = {"name": options.target or measured.name, "nodes": []}
-        with report.timed("rewrite"):
-            for rewrite_pass in _passes(mode, apply, options, measured):
-                if not isinstance(rewrite_pass, ir.passes.PassBase):
-                    rewrite_pass = rewrite_pass()
-                rewrite_pass(working)
-                report.rewrites.extend(rewrite_pass.rewrites)
-                report.skipped.extend(rewrite_pass.skipped)
-                if report.target is not None:  # per node: the form the target wants, and why
-                    judged = targets.target_nodes(getattr(rewrite_pass, "decisions", []), report.target["name"])
-                    if measured is not None:  # --auto: both timings per node
-                        measured.annotate(judged)
-                    report.target["nodes"].extend(judged)
-            report.after = model_stats(working) if apply else report.before
-
-        if not apply:
-            return Result(working, report)
-
-        def write_and_verify(folder: Path, name: str) -> Path:
-            path = folder / name
-            external = f"{name}.data" if threshold is not None else None
-            with report.timed("save"):
-                formats.save_onnx(working, path, external_data=external, threshold=threshold or 0)
-                if external and (folder / external).exists():
-                    # Named after its content: never the name of data another model reads.
-                    formats.name_external_data_by_content(path, external)
-            with report.timed("checker"):
-                try:
-                    onnx.checker.check_model(str(path))
-                except Exception as exc:
-                    raise VerificationFailed(f"the rewritten model fails onnx.checker: "
-                                             f"{str(exc).strip().splitlines()[0][:200]}") from exc
-            with report.timed("verify"):
-                report.verification = _verify(source.path, path, report, options, given_inputs)
-            return path
-
-        if output_path is not None:
-            with formats.atomic_output(output_path, protected=read) as staging:
-                write_and_verify(staging, output_path.name)
-            report.output, report.written = str(output_path), True
-        elif options.verify and report.rewrites:
-            write_and_verify(scratch, "rewritten.onnx")
-        else:
-            report.verification = _skipped_verification(report, options)
-        return Result(working, report)
-
-
-def _files_read(model, loaded: ir.Model, options: Options) -> list[Path]:
-    read = formats.input_files(Path(model), loaded) if not isinstance(model, ir.Model) else []
-    if isinstance(options.inputs, (str, Path)) and Path(options.inputs).exists():
-        read.append(Path(options.inputs))
-    return read
-
-
-def _rewrite_tensorflow(fmt: str, path: Path, *, mode: str, output, apply: bool, options: Options) -> Result:
-    """SavedModel and Keras inputs: their own load/match/emit/verify, same report and errors."""
-    if fmt == "onnx":
-        raise BadInput(f"{path}: --to {options.to} needs a SavedModel or Keras input; ONNX stays ONNX")
-    try:
-        quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
-        if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
-            from rewriter.benchmark import set_tensorflow_threads
-
-            set_tensorflow_threads(options.threads)
-        if fmt == "savedmodel" and options.to == "tflite":
-            from passes.tflite.from_savedmodel import rewrite_savedmodel_to_tflite as backend
-        elif fmt == "savedmodel":
-            from passes.tf.savedmodel import rewrite_savedmodel as backend
-        else:
-            from passes.keras.model import rewrite_keras as backend
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
-        raise BadInput(f"{path}: {fmt} models need the TensorFlow extra "
-                       f"(pip install 'gconv-rewrite[tensorflow]'); missing: {missing}") from exc
-    report = Report(input=str(path), mode=mode)
-    report.on_phase = options.progress
-    if options.target is not None:  # filled per node by the backend's passes
-        report.target = {"name": options.target, "nodes": []}
-    output_path = Path(output) if output is not None else None
-    if output_path is not None and options.to == "tflite":
-        from passes.tflite.convert import check_output
-
-        check_output(output_path)
-    if output_path is not None and options.to == "savedmodel" and fmt == "keras":
-        from passes.keras.to_savedmodel import check_output as check_folder_output
-
-        check_folder_output(output_path)
-    if output_path is not None:
-        inputs = [path, *([Path(options.inputs)] if isinstance(options.inputs, (str, Path)) else [])]
-        formats.check_output_path(output_path, inputs, options.force)
-    model = backend(path, mode=mode, output=output_path, apply=apply, options=options, report=report)
-    if report.verification is not None and report.verification.ran and report.verification.passed:
-        for r in report.rewrites:  # one graph, no branches: the verification run ran every rewrite
-            if r.exercised is None:
-                r.exercised, r.exercised_by = True, "model run"
-    return Result(model, report)
-
-
 def _skipped_verification(report: Report, options: Options) -> Verification:
     note = "--no-verify" if not options.verify else "no rewrite: the model is unchanged"
     return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
-
-
-def _verify(original: Path, rewritten: Path, report: Report, options: Options, given_inputs) -> Verification:
-    if not options.verify or not report.rewrites:
-        return _skipped_verification(report, options)
-    verification = verify_onnx(original, rewritten, atol=options.atol, rtol=options.rtol, seed=options.seed,
-                               shapes=options.shapes, inputs=given_inputs)
-    if verification.passed:
-        # One run takes one branch of each If: rewrites in subgraphs are run on their own too.
-        with tempfile.TemporaryDirectory(prefix="gconv-subgraphs-") as scratch:
-            verify_subgraphs(original, rewritten, report.rewrites, verification, seed=options.seed,
-                             scratch=Path(scratch))
-    if not verification.passed:
-        report.verification = verification
-        failing = [o.name for o in verification.outputs if not o.passed]
-        detail = verification.note or f"outputs {', '.join(failing)} differ beyond atol/rtol"
-        raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
-    return verification
 
 
 def fuse(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,

@@ -1,11 +1,6 @@
-"""Keras files in, Keras 3 ``.keras`` out: read the config without running it, fuse, rebuild,
-write, and prove the result by running both models in Keras.
-
-    .keras | .h5 ─ config as data ─ (trust?) ─ rebuild + probe Lambdas ─ fuse ─ rebuild fused ─ write ─ verify
-
-A file with Lambda layers is refused unless the user trusts it (``--trust-lambdas``): a Lambda is
-Python bytecode, and running it is running the file's code. Everything else of the model —
-layers, names, configs, weights — is rebuilt as it was.
+"""The Keras backend's parts (``passes.keras.backend`` is the backend): reading the graph without
+running it, the analysis that rebuilds it as it is (shapes, Lambdas probed, slices), the
+reference model to compare with, running and comparing, and the statistics.
 """
 
 from __future__ import annotations
@@ -20,111 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from passes.keras import _build, _compat, _config, _lambdas, _slices
-from passes.keras.expand_grouped_conv import ExpandGroupedConv
-from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter import formats
-from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible, one_line
+from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible, one_line
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
 from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
 log = logging.getLogger(__name__)
-
-
-def rewrite_keras(path: Path, *, mode: str, output: Path | None, apply: bool, options, report: Report):
-    """Fuse the hand-made grouped convolutions of a Keras model (``mode="expand"``: expand the
-    native ones); returns the rewritten ``keras.Model`` (None when not applied, or for a
-    subclassed model)."""
-    if options.to not in (None, "keras", "onnx", "tflite", "savedmodel"):
-        raise BadInput(f"{path}: --to {options.to} is not supported for Keras inputs "
-                       "(.keras, ONNX, SavedModel or TFLite)")
-    to_onnx = options.to == "onnx"
-    converted = options.to in ("onnx", "tflite", "savedmodel")  # written in another format than .keras
-    if output is not None and not converted and output.suffix.lower() != ".keras":
-        raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
-
-    with report.timed("load"):
-        kfile = _config.read_file(path)
-        graph = _read_graph(path, kfile, options, report)
-        if graph is None:
-            return None
-        has_lambdas = bool(_config.lambda_names(kfile.config))
-
-    with report.timed("rewrite"):
-        analysis = _analyse(path, graph, kfile, options)
-        fuser = _run_pass(path, mode, graph, kfile, analysis, options)
-        report.rewrites.extend(fuser.rewrites)
-        report.skipped.extend(fuser.skipped)
-        if report.target is not None:
-            report.target["nodes"].extend(fuser.decisions)
-        report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
-        report.skipped.extend(_unbuilt_skips(analysis.built))
-        if not apply:
-            report.after = report.before
-            return None
-        failure = analysis.built.first_failure()
-        if failure is not None:
-            if fuser.groups or converted:
-                what = f"the {'fused' if mode == 'fuse' else 'expanded'} model" if fuser.groups else \
-                    f"the {_FORMAT_NAMES[options.to]} model"
-                raise BadInput(f"{path}: cannot write {what}, which needs the model rebuilt in Keras 3: "
-                               f"{failure.message}") from failure
-            return _unchanged(path, kfile, output, options, report, failure)
-        lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
-                           if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
-        rewritten = _build.build(graph, _build.BuildOptions(
-            lambda_functions=analysis.functions, lambda_as_slice=lambda_as_slice, replacements=fuser.groups,
-            trusted=options.trust_lambdas))
-        _build.load_weights(rewritten, graph, kfile.weights)
-        report.after = _model_stats(rewritten.model)
-        _carry_compile_settings(rewritten.model, kfile, report)
-        lambdas_left = _has_lambda(rewritten.model)
-
-    def write_and_verify(target: Path) -> None:
-        with report.timed("save"):
-            try:
-                rewritten.model.save(target)
-            except Exception as exc:
-                raise OutputError(f"{target}: cannot write the rewritten model ({one_line(exc)})") from exc
-        if not options.verify:
-            report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
-                                               note="--no-verify")
-            return
-        with report.timed("verify"):
-            reference, note = _reference(path, graph, kfile, analysis, fuser, options, has_lambdas)
-            candidate = _load_written(target, trusted=lambdas_left)
-            verification = _verify(reference, candidate, graph, options, note)
-        report.verification = verification
-        if not verification.passed:
-            failing = [o.name for o in verification.outputs if not o.passed]
-            detail = f"outputs {', '.join(failing)} differ beyond atol/rtol" if failing else \
-                (verification.note or "the models differ")
-            raise VerificationFailed(f"verification failed: {detail}; nothing was written", verification)
-
-    if output is not None and not converted:
-        with formats.atomic_output(output) as staging:
-            write_and_verify(staging / output.name)
-        report.output, report.written = str(output), True
-    else:
-        with formats.scratch_dir() as scratch:
-            write_and_verify(Path(scratch) / "rewritten.keras")
-    if to_onnx:
-        return _write_onnx(rewritten.model, graph, output, options, report)
-    if options.to == "savedmodel":  # exported, frozen and proven against the original in TF
-        from passes.keras.to_savedmodel import write_savedmodel
-
-        return write_savedmodel(rewritten.model, graph, lambda: _reference(path, graph, kfile, analysis, fuser,
-                                                                           options, has_lambdas)[0],
-                                output, mode=mode, options=options, report=report)
-    if options.to == "tflite":  # converted and proven against the original in the interpreter
-        from passes.tflite.from_keras import write_tflite
-
-        return write_tflite(rewritten.model, graph, lambda: _reference(path, graph, kfile, analysis, fuser, options,
-                                                                       has_lambdas)[0],
-                            output, mode=mode, options=options, report=report)
-    return rewritten.model
-
-
-_FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
 
 
 def _unbuilt_skips(built: _build.Built) -> list[Skip]:
@@ -138,22 +34,6 @@ def _unbuilt_skips(built: _build.Built) -> list[Skip]:
                                           "there are checked only where the file records their shapes, and cannot "
                                           "be rewritten" if count > 1 else "; the model cannot be rewritten"))
             for name, failure, count in roots.values()]
-
-
-def _unchanged(path: Path, kfile: _config.KerasFile, output: Path | None, options, report: Report,
-               failure: BadInput) -> None:
-    """Nothing to rewrite, and Keras 3 cannot rebuild the model (a tf-keras TFOpLambda without a
-    rebuild, say): as the ONNX path writes an unchanged model, write the accepted .keras archive
-    as it was read; an .h5 cannot become a .keras without the rebuild, so nothing is written."""
-    report.after = report.before
-    note = "no rewrite: the model is unchanged"
-    if output is not None and kfile.kind == "keras":
-        with report.timed("save"), formats.atomic_output(output) as staging:
-            kfile.write_accepted(staging / output.name)
-        report.output, report.written = str(output), True
-    elif output is not None:
-        note += f"; not written: an .h5 becomes a .keras only when rebuilt in Keras 3 ({failure.message})"
-    report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
 
 
 def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -> _config.KerasGraph | None:
@@ -173,84 +53,6 @@ def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -
         names = ", ".join(lambda_layers[:3]) + (" …" if len(lambda_layers) > 3 else "")
         raise BadInput(f"{path}: refusing to run code: {_lambdas.TRUST_HINT} (Lambda layers: {names})")
     return graph
-
-
-def _run_pass(path: Path, mode: str, graph, kfile, analysis: _Analysis, options):
-    """The rewrite for ``mode``, run: its rewrites, skips and replacements. With ``options.target``,
-    both: the hand-made groups the target runs natively fused, the native ones it wants split
-    expanded (one set of replacements, built at once); each judged conv in ``decisions``."""
-    if options.target is not None:
-        from rewriter import targets
-        from rewriter.targets import target_accept, target_nodes
-
-        target = targets.get(options.target)
-        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
-                                lambda_sources=analysis.lambda_sources, repair_late_binding=options.repair_late_binding,
-                                accept=target_accept(target, targets.NATIVE)).run()
-        expander = ExpandGroupedConv(graph, kfile.weights, analysis.shape_of, keep_depthwise=options.keep_depthwise,
-                                     min_groups=options.min_groups, max_groups=options.max_groups,
-                                     accept=target_accept(target, targets.SPLIT),
-                                     exclude=set().union(*(group.removed for group in fuser.groups)))
-        expander.names |= fuser.names  # the fused layers' names are taken too
-        expander.run()
-        fuser.groups += expander.groups
-        fuser.rewrites += expander.rewrites
-        fuser.skipped += expander.skipped
-        fuser.decisions = target_nodes(fuser.decisions + expander.decisions, target.name)
-    elif mode == "fuse":
-        fuser = FuseGroupedConv(graph, kfile.weights, analysis.slices, analysis.shape_of,
-                                lambda_sources=analysis.lambda_sources,
-                                repair_late_binding=options.repair_late_binding).run()
-    else:
-        fuser = ExpandGroupedConv(graph, kfile.weights, analysis.shape_of, keep_depthwise=options.keep_depthwise,
-                                  min_groups=options.min_groups, max_groups=options.max_groups).run()
-    unrepaired = [name for name in analysis.placeholders if name not in getattr(fuser, "rebound", {})]
-    if unrepaired:
-        names = ", ".join(analysis.placeholders[unrepaired[0]])
-        raise BadInput(f"{path}: Lambda layer {unrepaired[0]!r} reads {names}, a global the file does not hold, "
-                       "and is no late-bound branch slice that can be re-bound to its position; it cannot run")
-    return fuser
-
-
-def _write_onnx(model, graph: _config.KerasGraph, output: Path | None, options, report: Report):
-    """--to onnx: the fused (and verified) Keras model → SavedModel → the TF backend's verified
-    ONNX conversion (passes.tf.to_onnx), whose proof is added to this report's table."""
-    from dataclasses import replace
-
-    from passes.keras import to_savedmodel
-
-    try:
-        from passes.tf.to_onnx import savedmodel_to_onnx
-    except ImportError as exc:
-        raise BadInput(f"--to onnx for Keras inputs needs the TensorFlow backend's ONNX writer ({exc})") from exc
-    shapes = dict(options.shapes)
-    for name, shape, _ in _input_specs(graph):  # a dynamic batch only: verify at batch 2, as above
-        if name not in shapes and shape and shape[0] is None and None not in shape[1:]:
-            shapes[name] = [2, *shape[1:]]
-    onnx_report = Report(input=report.input, mode=report.mode)
-    with formats.scratch_dir() as scratch:
-        folder = Path(scratch) / "savedmodel"
-        with report.timed("export"):
-            to_savedmodel.export(model, folder, "the fused Keras model")
-        converted = savedmodel_to_onnx(folder, output, options=replace(options, shapes=shapes,
-                                                                       signature="serving_default"),
-                                       report=onnx_report)
-    report.rewrites.extend(onnx_report.rewrites)
-    report.skipped.extend(onnx_report.skipped)
-    for phase, seconds in onnx_report.timings.items():
-        report.timings[f"onnx {phase}"] = seconds
-    report.output, report.written = onnx_report.output, onnx_report.written
-    keras_check, onnx_check = report.verification, onnx_report.verification
-    if onnx_check is not None and onnx_check.ran:
-        rows = [replace(o, name=f"onnx:{o.name}") for o in onnx_check.outputs]
-        if keras_check is not None and keras_check.ran:
-            keras_check.outputs.extend(rows)
-            keras_check.passed = bool(keras_check.passed and onnx_check.passed)
-            keras_check.note = "; ".join(n for n in (keras_check.note, "onnx: onnxruntime vs the fused model in TF")
-                                         if n)
-        else:
-            report.verification = onnx_check
-    return converted
 
 
 def _carry_compile_settings(model, kfile: _config.KerasFile, report: Report) -> None:

@@ -15,11 +15,8 @@ join the Keras check's table as ``savedmodel:OUTPUT``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
 from rewriter.report import Report, Verification
 from rewriter.verify import add_rows
@@ -44,40 +41,29 @@ def export(model, folder: Path, what: str) -> None:
         raise BadInput(f"{what} cannot be exported as a SavedModel ({one_line(exc)})") from exc
 
 
-def write_savedmodel(model, graph, original: Callable[[], Any], output: Path | None, *, mode: str, options,
-                     report: Report):
-    """``model``: the rewritten Keras model, already verified; ``graph``: the file's layer graph
-    (its inputs and outputs name the feeds and the rows); ``original()``: the input's model as it
-    is. Returns the written graph (a GraphDef), as the SavedModel backend does."""
-    from passes.tf import savedmodel as sm
+class KerasToSavedModel:
+    """``--to savedmodel`` (and the first hop of ``--to onnx``): the rewritten Keras model,
+    exported, frozen and inlined; the SavedModel backend writes it."""
 
-    check_output(output)
-    what = f"the {'fused' if mode == 'fuse' else 'expanded'} Keras model"
-    with formats.scratch_dir() as scratch:
-        exported = Path(scratch) / "exported"
+    source, target, proves_source = "keras", "savedmodel", True
+
+    def check_output(self, output: Path) -> None:
+        check_output(output)
+
+    def convert(self, result, written, folder: Path, options, report: Report):
+        from passes.tf import savedmodel as sm
+        from passes.tf.backend import SavedModelGraph
+
+        what = f"the {'fused' if report.mode == 'fuse' else 'expanded'} Keras model"
+        exported = folder / "exported"
         with report.timed("export"):
-            export(model, exported, what)
+            export(result.model, exported, what)
             frozen = sm.load_signature(exported, SIGNATURE)  # XLA wrappers inlined: plain TF ops
         report.after = sm.graph_stats(frozen.graph_def)
+        return SavedModelGraph(frozen, frozen.graph_def)
 
-        def write_and_verify(folder: Path) -> None:
-            with report.timed("save"):
-                try:
-                    sm.write_savedmodel(frozen, frozen.graph_def, folder)
-                except Exception as exc:
-                    raise VerificationFailed(f"{what} cannot be saved as a SavedModel ({sm.one_line(exc)}); "
-                                             "nothing was written") from exc
-            if options.verify:
-                with report.timed("verify"):
-                    _verify(model, graph, original(), folder, frozen, options, report)
-
-        if output is not None:
-            with formats.atomic_output(output) as staging:
-                write_and_verify(staging / output.name)
-            report.output, report.written = str(output), True
-        elif options.verify:  # the API without an output: proven all the same, in scratch
-            write_and_verify(Path(scratch) / "rewritten")
-    return frozen.graph_def
+    def verify(self, previous, converted, path: Path, options, report: Report) -> None:
+        _verify(previous.model, previous.graph, previous.reference()[0], path, converted.frozen, options, report)
 
 
 def _verify(model, graph, reference, folder: Path, frozen, options, report: Report) -> None:

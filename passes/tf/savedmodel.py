@@ -1,5 +1,5 @@
-"""SavedModel in, SavedModel (or ONNX) out: load a signature as one frozen, inlined GraphDef,
-run the TF passes on it, write it back, and prove the result by running both in TensorFlow.
+"""The SavedModel backend's parts (``passes.tf.backend`` is the backend): load a signature as one
+frozen, inlined GraphDef, write a GraphDef back as a SavedModel, and run both in TensorFlow.
 
     SavedModel ─ signature ─ freeze + inline calls ─ fuse | expand ─ write ─ verify in TF
 
@@ -26,9 +26,8 @@ from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 
 from passes.tf import _compat
 from passes.tf import _graph as g
-from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
-from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
+from rewriter.report import ModelStats, Verification, count_ops
 from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
@@ -434,117 +433,3 @@ def verify_savedmodel(frozen: FrozenSignature, rewritten: Path, options) -> Veri
         raise VerificationFailed(f"verification failed: {verification.note}; nothing was written", verification) from exc
     actual = run_function(candidate, feeds, "rewritten")
     return verify_outputs(expected, actual, feeds, options)
-
-
-# -- the entry point -------------------------------------------------------------------------
-
-
-_UNCHANGED = "no rewrite: the model is unchanged"
-
-
-def skipped_verification(options, note: str | None = None) -> Verification:
-    return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
-                        note=note or "--no-verify")
-
-
-def run_passes(frozen: FrozenSignature, mode: str, apply: bool, options, report: Report) -> graph_pb2.GraphDef:
-    """Fuse or expand in the frozen graph; record rewrites, skips and the after-stats.
-
-    With ``options.target``, both in one run: fuse the hand-made groups the target runs natively,
-    then expand the native grouped convs it wants split; each judged conv goes to ``report.target``."""
-    if options.target is not None:
-        return _run_target_passes(frozen, apply, options, report)
-    if mode == "fuse":
-        from passes.tf.fuse_split_conv import FuseSplitConvPass
-
-        rewrite_pass = FuseSplitConvPass(rewrite=apply)
-    else:
-        from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
-
-        rewrite_pass = ExpandGroupedConvPass(rewrite=apply, keep_depthwise=options.keep_depthwise,
-                                             min_groups=options.min_groups, max_groups=options.max_groups)
-    with report.timed("rewrite"):
-        graph_def = rewrite_pass(frozen.graph_def, frozen.protected)
-        report.rewrites.extend(rewrite_pass.rewrites)
-        report.skipped.extend(rewrite_pass.skipped)
-        report.after = graph_stats(graph_def) if apply else report.before
-    return graph_def
-
-
-def _run_target_passes(frozen: FrozenSignature, apply: bool, options, report: Report) -> graph_pb2.GraphDef:
-    from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
-    from passes.tf.fuse_split_conv import FuseSplitConvPass
-    from rewriter import targets
-    from rewriter.targets import target_accept, target_nodes
-
-    target = targets.get(options.target)
-    if report.target is None:
-        report.target = {"name": target.name, "nodes": []}
-    with report.timed("rewrite"):
-        fuse_pass = FuseSplitConvPass(rewrite=apply, accept=target_accept(target, targets.NATIVE))
-        graph_def = fuse_pass(frozen.graph_def, frozen.protected)
-        expand_pass = ExpandGroupedConvPass(rewrite=apply, keep_depthwise=options.keep_depthwise,
-                                            min_groups=options.min_groups, max_groups=options.max_groups,
-                                            accept=target_accept(target, targets.SPLIT), exclude=fuse_pass.created)
-        graph_def = expand_pass(graph_def, frozen.protected)
-        for rewrite_pass in (fuse_pass, expand_pass):
-            report.rewrites.extend(rewrite_pass.rewrites)
-            report.skipped.extend(rewrite_pass.skipped)
-            report.target["nodes"].extend(target_nodes(rewrite_pass.decisions, target.name))
-        report.after = graph_stats(graph_def) if apply else report.before
-    return graph_def
-
-
-def rewrite_savedmodel(path: Path, *, mode: str, output: Path | None, apply: bool, options, report: Report):
-    """Load ``options.signature`` of the SavedModel at ``path``, fuse or expand, write
-    ``output`` (a SavedModel, or ONNX with ``options.to == "onnx"``) after proving it in TF.
-
-    Returns the rewritten GraphDef (an ``onnx_ir.Model`` for ONNX output). Raises
-    ``VerificationFailed`` with nothing written when the outputs differ.
-    """
-    to = options.to or "savedmodel"
-    if to not in ("savedmodel", "onnx"):
-        raise BadInput(f"{path}: a SavedModel converts to a SavedModel or ONNX, not {to}")
-    with report.timed("load"):
-        frozen = load_signature(path, options.signature)
-        report.before = graph_stats(frozen.graph_def)
-    for name in frozen.others:
-        report.skipped.append(Skip(f"signature {name}", f"not rewritten, and not in the output: only "
-                                   f"{', '.join([frozen.name, *frozen.aliases])} (choose with --signature)"))
-    graph_def = run_passes(frozen, mode, apply, options, report)
-    if to == "onnx":
-        from passes.tf.to_onnx import write_onnx
-
-        return write_onnx(frozen, graph_def, mode=mode, output=output, apply=apply, options=options, report=report)
-    if not apply:
-        return graph_def
-    if output is None:
-        # The API without an output: prove the rewrite all the same, in a scratch folder.
-        if options.verify and report.rewrites:
-            with formats.scratch_dir() as scratch:
-                _write_and_verify(frozen, graph_def, Path(scratch) / "rewritten", options, report)
-        else:
-            report.verification = skipped_verification(options, None if not options.verify else _UNCHANGED)
-        return graph_def
-    with formats.atomic_output(output) as staging:
-        _write_and_verify(frozen, graph_def, staging / output.name, options, report)
-    report.output, report.written = str(output), True
-    return graph_def
-
-
-def _write_and_verify(frozen: FrozenSignature, graph_def, folder: Path, options, report: Report) -> None:
-    with report.timed("save"):
-        try:
-            write_savedmodel(frozen, graph_def, folder)
-        except Exception as exc:
-            raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({one_line(exc)}); "
-                                     "nothing was written") from exc
-    if not options.verify or not report.rewrites:  # as for ONNX: nothing changed, nothing to prove
-        report.verification = skipped_verification(options, None if not options.verify else _UNCHANGED)
-        return
-    with report.timed("verify"):
-        try:
-            report.verification = verify_savedmodel(frozen, folder, options)
-        except VerificationFailed as failure:
-            report.verification = failure.verification
-            raise

@@ -22,17 +22,10 @@ from tensorflow.core.framework import graph_pb2
 
 from passes.tf import _compat
 from passes.tf import _graph as g
-from passes.tf.savedmodel import (
-    FrozenSignature,
-    one_line,
-    run_function,
-    skipped_verification,
-    verification_inputs,
-    verify_outputs,
-)
-from rewriter import formats
+from passes.tf.savedmodel import FrozenSignature, one_line, run_function, verification_inputs, verify_outputs
 from rewriter.errors import BadInput, VerificationFailed
-from rewriter.report import Report
+from rewriter.report import Report, model_stats
+from rewriter.verify import add_rows, compare
 
 OPSET = 17
 
@@ -85,55 +78,48 @@ def convert(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, opset: in
     return model_proto
 
 
-def write_onnx(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, mode: str, output: Path | None,
-               apply: bool, options, report: Report) -> ir.Model | graph_pb2.GraphDef:
-    """Convert, (fuse what tf2onnx left,) check, verify against TF, write ``output`` atomically."""
-    if not apply:
-        return graph_def
-    from rewriter.report import model_stats
+class SavedModelToOnnx:
+    """--to onnx: the rewritten graph through tf2onnx, what it left split fused by the ONNX pass,
+    proven in onnxruntime against the graph it came from, run in TensorFlow.
 
-    with report.timed("convert"):
-        model = ir.serde.deserialize_model(convert(frozen, graph_def))
-    if mode == "fuse":
-        from passes.onnx import FuseSplitConvPass
+        GraphDef (rewritten, or a Keras export) ─ tf2onnx ─ [ONNX fuse] ─ save ─ onnxruntime vs TF
+    """
 
-        with report.timed("rewrite"):
-            onnx_pass = FuseSplitConvPass(rewrite=True)
-            onnx_pass(model)
-            report.rewrites.extend(onnx_pass.rewrites)
-            report.skipped.extend(onnx_pass.skipped)
-    report.after = model_stats(model)
+    source, target, proves_source = "savedmodel", "onnx", False
 
-    def write_and_verify(folder: Path, name: str) -> None:
-        path = folder / name
-        with report.timed("save"):
-            formats.save_onnx(model, path)
-        with report.timed("verify"):
-            try:
-                onnx.checker.check_model(str(path), full_check=True)
-            except Exception as exc:
-                raise VerificationFailed(f"the converted model fails onnx.checker: {one_line(exc)}") from exc
-            if options.verify:
-                try:
-                    report.verification = _verify_against_tf(frozen, path, options)
-                except VerificationFailed as failure:
-                    report.verification = failure.verification
-                    raise
-            else:
-                report.verification = skipped_verification(options)
+    def check_output(self, output: Path) -> None:
+        pass  # any name: an .onnx file
 
-    if output is not None:
-        with formats.atomic_output(output) as staging:
-            write_and_verify(staging, output.name)
-        report.output, report.written = str(output), True
-    else:
-        with formats.scratch_dir() as scratch:
-            write_and_verify(Path(scratch), "converted.onnx")
-    return model
+    def convert(self, model, written, folder: Path, options, report: Report) -> ir.Model:
+        with report.timed("convert"):
+            converted = ir.serde.deserialize_model(convert(model.frozen, model.graph_def))
+        if report.mode == "fuse":
+            from passes.onnx import FuseSplitConvPass
+
+            with report.timed("rewrite"):
+                onnx_pass = FuseSplitConvPass(rewrite=True)
+                onnx_pass(converted)
+                report.rewrites.extend(onnx_pass.rewrites)
+                report.skipped.extend(onnx_pass.skipped)
+        report.after = model_stats(converted)
+        return converted
+
+    def verify(self, previous, converted, path: Path, options, report: Report):
+        """Its own table for a SavedModel input; rows ``onnx:KEY`` beside a Keras check's."""
+        feeds, expected, actual = _run_against_tf(previous.frozen, path, options)
+        if report.verification is None or not report.verification.ran:
+            return verify_outputs(expected, actual, feeds, options)
+        if sorted(expected) != sorted(actual):
+            raise VerificationFailed(f"verification failed: the ONNX model returns {', '.join(sorted(actual))}, "
+                                     f"TF {', '.join(sorted(expected))}; nothing was written")
+        rows = [compare(k, expected[k], actual[k], options.atol, options.rtol) for k in sorted(expected)]
+        add_rows(report, rows, "onnx", feeds, options, "onnx: onnxruntime vs the fused model in TF")
+        return None
 
 
-def _verify_against_tf(frozen: FrozenSignature, path: Path, options):
-    """onnxruntime (graph optimisations off) on the ONNX file vs TensorFlow on the original."""
+def _run_against_tf(frozen: FrozenSignature, path: Path, options):
+    """onnxruntime (graph optimisations off) on the ONNX file and TensorFlow on the original
+    graph, the same inputs: ``(feeds, expected, actual)``."""
     import onnxruntime as ort
 
     from rewriter.verify import run_session
@@ -150,17 +136,4 @@ def _verify_against_tf(frozen: FrozenSignature, path: Path, options):
                                  f"({one_line(exc)}); nothing was written") from exc
     names = [o.name for o in session.get_outputs()]
     actual = dict(zip(names, run_session(session, feeds, "converted")))  # bfloat16 inputs as OrtValues
-    return verify_outputs(expected, actual, feeds, options)
-
-
-def savedmodel_to_onnx(saved_model_dir: Path, output: Path | None, *, options, report: Report,
-                       mode: str = "fuse", apply: bool = True):
-    """SavedModel → verified ONNX, for callers that produced the SavedModel themselves (the Keras
-    backend exports a Keras model to a temporary SavedModel, then calls this). Fills ``report``
-    as ``rewrite_savedmodel`` does; returns the ONNX ``onnx_ir.Model``."""
-    from dataclasses import replace
-
-    from passes.tf.savedmodel import rewrite_savedmodel
-
-    return rewrite_savedmodel(Path(saved_model_dir), mode=mode, output=output, apply=apply,
-                              options=replace(options, to="onnx"), report=report)
+    return feeds, expected, actual

@@ -4,10 +4,12 @@
     SavedModel | Keras ─ fuse | expand (the format's own passes, verified in TF / Keras)
         ─ SavedModel ─ tf.lite.TFLiteConverter ─ .tflite ─ LiteRT interpreter vs the original
 
+- ``backend``: TFLite as the fourth backend of ``rewriter.backend`` (load, stats, save, run,
+  input specs); the driver writes and runs ``.tflite`` files through it.
 - ``convert``: the converter, the interpreter (``ai-edge-litert``'s, else TensorFlow's), the
-  flatbuffer's ops, the comparison rows and the atomic write.
-- ``from_savedmodel``: the SavedModel entry point ``rewriter.api`` dispatches ``--to tflite`` to.
-- ``from_keras``: called by the Keras backend with the fused model and the original.
+  flatbuffer's ops and the comparison rows.
+- ``from_savedmodel``, ``from_keras``: the two conversions (``SavedModelToTFLite``,
+  ``KerasToTFLite``) the driver hands a rewritten model to.
 
 Importing this package does not import TensorFlow; its modules do.
 """

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from passes.tf import _compat as tf_compat
-from rewriter import formats, quiet
-from rewriter.errors import BadInput, OutputError, VerificationFailed, VerificationImpossible
+from rewriter import quiet
+from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
 from rewriter.report import ModelStats, OutputComparison, Report, Verification, count_ops
 from rewriter.verify import InputSpec, compare
 
@@ -242,19 +242,6 @@ def inspect(result: TFLiteModel, report: Report) -> None:
     report.after, result.convs = describe(result.content)
     if report.after.parameters == 0 and report.before is not None:
         report.after.parameters = report.before.parameters  # no flatbuffer schema to count them with
-
-
-def write(result: TFLiteModel, report: Report, output: Path | None) -> TFLiteModel:
-    """Write the (verified) flatbuffer atomically: staged beside ``output``, then renamed."""
-    if output is not None:
-        with report.timed("save"):
-            try:
-                with formats.atomic_output(output) as staging:
-                    (staging / output.name).write_bytes(result.content)
-            except OSError as exc:
-                raise OutputError(f"{output}: write failed ({exc.strerror or exc}); nothing was written") from exc
-        report.output, report.written = str(output), True
-    return result
 
 
 def grouped_note(result: TFLiteModel) -> str:

@@ -11,9 +11,7 @@ interpreter's run against it join the Keras check's table as ``tflite:OUTPUT``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from passes.tflite.convert import (
     TFLiteModel,
@@ -23,9 +21,7 @@ from passes.tflite.convert import (
     grouped_note,
     inspect,
     run,
-    write,
 )
-from rewriter import formats
 from rewriter.errors import BadInput, RewriteError
 from rewriter.report import Report
 from rewriter.verify import add_rows
@@ -42,38 +38,40 @@ def export(model, folder: Path, what: str) -> None:
                        f"({(text.splitlines()[0] if text else type(exc).__name__)[:200]})") from exc
 
 
-def write_tflite(model, graph, original: Callable[[], Any], output: Path | None, *, mode: str, options,
-                 report: Report) -> TFLiteModel:
-    """``model``: the rewritten Keras model, already verified; ``graph``: the file's layer graph
-    (its inputs and outputs name the feeds and the rows); ``original()``: the input's model as it is."""
-    from passes.keras.model import _make_inputs, _run
+class KerasToTFLite:
+    """``--to tflite``: the rewritten Keras model (saved and proven in Keras by the driver),
+    exported as a SavedModel and converted."""
 
-    check_output(output)
-    what = f"the {'fused' if mode == 'fuse' else 'expanded'} Keras model"
-    with formats.scratch_dir() as scratch:
+    source, target, proves_source = "keras", "tflite", True
+
+    def check_output(self, output: Path) -> None:
+        check_output(output)
+
+    def convert(self, result, written, folder: Path, options, report: Report) -> TFLiteModel:
+        what = f"the {'fused' if report.mode == 'fuse' else 'expanded'} Keras model"
         with report.timed("export"):
-            export(model, Path(scratch) / "rewritten", what)
+            export(result.model, folder / "rewritten-savedmodel", what)
         with report.timed("convert"):
-            result = TFLiteModel(convert_savedmodel(Path(scratch) / "rewritten", SIGNATURE, what), SIGNATURE)
-        inspect(result, report)
-        reference = None
-        if options.verify:
-            with report.timed("verify"):
-                reference = original()
-                feeds = _make_inputs(graph, options)
-                expected = _run(reference, feeds)
-                # The signature's inputs are named after the model's Input layers, in the file's order.
-                keyed = dict(zip([t.name for t in model.inputs], feeds.values()))
-                actual = run(result.content, keyed, SIGNATURE)
-                names = [ref.layer for ref in graph.outputs]
-                rows = compare_outputs(names, expected, list(actual.values()), options)
-                add_rows(report, rows, "tflite", feeds, options, grouped_note(result))
+            converted = TFLiteModel(convert_savedmodel(folder / "rewritten-savedmodel", SIGNATURE, what), SIGNATURE)
+        inspect(converted, report)
         if options.benchmark:  # --benchmark's "before": the original model converted as it is
             try:
-                reference = reference if reference is not None else original()
                 with report.timed("convert"):
-                    export(reference, Path(scratch) / "original", "the original Keras model")
-                    result.original = convert_savedmodel(Path(scratch) / "original", SIGNATURE, "the original model")
+                    export(result.reference()[0], folder / "original", "the original Keras model")
+                    converted.original = convert_savedmodel(folder / "original", SIGNATURE, "the original model")
             except (RewriteError, Exception) as exc:  # timing is extra: the verified output still gets written
-                result.original_note = getattr(exc, "message", None) or str(exc).splitlines()[0][:200]
-    return write(result, report, output)
+                converted.original_note = getattr(exc, "message", None) or str(exc).splitlines()[0][:200]
+        return converted
+
+    def verify(self, previous, converted: TFLiteModel, path: Path, options, report: Report) -> None:
+        """The interpreter against the original Keras model: rows ``tflite:OUTPUT``."""
+        from passes.keras.model import _make_inputs, _run
+
+        graph = previous.graph
+        feeds = _make_inputs(graph, options)
+        expected = _run(previous.reference()[0], feeds)
+        # The signature's inputs are named after the model's Input layers, in the file's order.
+        keyed = dict(zip([t.name for t in previous.model.inputs], feeds.values()))
+        actual = run(converted.content, keyed, SIGNATURE)
+        rows = compare_outputs([ref.layer for ref in graph.outputs], expected, list(actual.values()), options)
+        add_rows(report, rows, "tflite", feeds, options, grouped_note(converted))

@@ -1,0 +1,197 @@
+"""Keras as a backend of the driver (``rewriter.backend``): files read as data, models rebuilt.
+
+    .keras | .h5 ─ config as data ─ (trust?) ─ rebuild + probe Lambdas ─ fuse | expand
+        ─ rebuild with the replacements (emit) ─ .keras ─ Keras's load of the file vs the written one
+
+A file with Lambda layers is refused unless the user trusts it (``--trust-lambdas``): a Lambda is
+Python bytecode, and running it is running the file's code. Everything else of the model —
+layers, names, configs, weights — is rebuilt as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from passes.keras import _build, _config, _slices
+from passes.keras import model as km
+from passes.keras.expand_grouped_conv import ExpandGroupedConv
+from passes.keras.fuse_grouped_conv import FuseGroupedConv
+from rewriter.backend import Unwritable
+from rewriter.errors import BadInput, OutputError, one_line
+from rewriter.report import ModelStats, Report, Skip, Verification
+from rewriter.verify import InputSpec
+
+_FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
+
+
+@dataclass
+class KerasSource:
+    """The file as data and what the passes found in it; ``replacements`` are the rewrites to
+    build (fused groups, expanded convs), ``names`` the layer names taken so far."""
+
+    path: Path
+    kfile: _config.KerasFile
+    graph: _config.KerasGraph
+    analysis: Any  # passes.keras.model._Analysis: shapes, Lambdas, slices
+    has_lambdas: bool
+    replacements: list = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    rebound: dict = field(default_factory=dict)  # late-bound Lambda → its repaired function
+
+
+@dataclass
+class KerasResult:
+    """The rebuilt model and where it came from (the conversions need both)."""
+
+    model: Any  # keras.Model
+    source: KerasSource
+    options: Any
+    lambdas_left: bool
+    _reference: tuple[Any, str] | None = None
+
+    @property
+    def graph(self) -> _config.KerasGraph:
+        return self.source.graph
+
+    def reference(self) -> tuple[Any, str]:
+        """The original model to compare against, and a note on how it was made (built once)."""
+        if self._reference is None:
+            s = self.source
+            self._reference = km._reference(s.path, s.graph, s.kfile, s.analysis, s, self.options, s.has_lambdas)
+        return self._reference
+
+
+class _KerasPass:
+    """A Keras rewrite as the driver calls passes: it records its replacements on the source."""
+
+    def __init__(self, keras_pass):
+        self.keras_pass = keras_pass
+
+    def __call__(self, source: KerasSource) -> KerasSource:
+        self.keras_pass.names |= source.names  # the layers an earlier pass made are taken too
+        self.keras_pass.run()
+        source.replacements += self.keras_pass.groups
+        source.names |= self.keras_pass.names
+        source.rebound.update(getattr(self.keras_pass, "rebound", {}))
+        return source
+
+    @property
+    def created(self) -> set:
+        """The calls this pass replaced (a target's expand leaves them alone)."""
+        return set().union(*(group.removed for group in self.keras_pass.groups))
+
+    def __getattr__(self, name):  # rewrites, skipped, decisions
+        return getattr(self.keras_pass, name)
+
+
+class KerasBackend:
+    name = "keras"
+    verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
+
+    def __init__(self, report: Report):
+        self.report = report
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load(self, path: Path, options) -> KerasSource | None:
+        """The file as data, analysed; None (reported) for a subclassed model."""
+        kfile = _config.read_file(path)
+        graph = km._read_graph(path, kfile, options, self.report)
+        if graph is None:
+            return None
+        has_lambdas = bool(_config.lambda_names(kfile.config))
+        analysis = km._analyse(path, graph, kfile, options)
+        return KerasSource(path, kfile, graph, analysis, has_lambdas, names=set(graph.layers))
+
+    def files_read(self, path: Path, model) -> list[Path]:
+        return [path]
+
+    def stats(self, model) -> ModelStats:
+        if isinstance(model, KerasSource):
+            return km._graph_stats(model.graph, model.kfile.weights)
+        return km._model_stats(model.model)
+
+    def input_specs(self, model) -> list[InputSpec]:
+        source = model if isinstance(model, KerasSource) else model.source
+        return [InputSpec(name, shape, dtype) for name, shape, dtype in km._input_specs(source.graph)]
+
+    def result(self, model):
+        return model.model if isinstance(model, KerasResult) else None
+
+    # -- passes --------------------------------------------------------------------------------
+
+    def fuse_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None):
+        analysis = source.analysis
+        return _KerasPass(FuseGroupedConv(source.graph, source.kfile.weights, analysis.slices, analysis.shape_of,
+                                          lambda_sources=analysis.lambda_sources,
+                                          repair_late_binding=options.repair_late_binding, accept=accept))
+
+    def fold_pass(self, source, fuse_pass, options):
+        return None  # the fuse pass carries BatchNormalization tails itself
+
+    def expand_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None, exclude=None):
+        return _KerasPass(ExpandGroupedConv(source.graph, source.kfile.weights, source.analysis.shape_of,
+                                            keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
+                                            max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
+
+    def emit(self, source: KerasSource, report: Report, options, *, apply: bool = True):
+        """The model rebuilt with every replacement, weights loaded, compile settings carried."""
+        analysis = source.analysis
+        unrepaired = [name for name in analysis.placeholders if name not in source.rebound]
+        if unrepaired:
+            names = ", ".join(analysis.placeholders[unrepaired[0]])
+            raise BadInput(f"{source.path}: Lambda layer {unrepaired[0]!r} reads {names}, a global the file does "
+                           "not hold, and is no late-bound branch slice that can be re-bound to its position; "
+                           "it cannot run")
+        report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
+        report.skipped.extend(km._unbuilt_skips(analysis.built))
+        if not apply:
+            return source
+        failure = analysis.built.first_failure()
+        if failure is not None:
+            return self._unbuildable(source, options, failure)
+        lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
+                           if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
+        rebuilt = _build.build(source.graph, _build.BuildOptions(
+            lambda_functions=analysis.functions, lambda_as_slice=lambda_as_slice,
+            replacements=source.replacements, trusted=options.trust_lambdas))
+        _build.load_weights(rebuilt, source.graph, source.kfile.weights)
+        km._carry_compile_settings(rebuilt.model, source.kfile, report)
+        return KerasResult(rebuilt.model, source, options, km._has_lambda(rebuilt.model))
+
+    def _unbuildable(self, source: KerasSource, options, failure: BadInput) -> Unwritable:
+        """Keras 3 cannot rebuild the model (a tf-keras TFOpLambda without a rebuild, say): with
+        nothing to rewrite, the accepted .keras archive is written as it was read (as the ONNX
+        path writes an unchanged model); an .h5 cannot become a .keras without the rebuild."""
+        converted = options.to in _FORMAT_NAMES
+        if source.replacements or converted:
+            what = (f"the {'fused' if self.report.mode == 'fuse' else 'expanded'} model" if source.replacements
+                    else f"the {_FORMAT_NAMES[options.to]} model")
+            raise BadInput(f"{source.path}: cannot write {what}, which needs the model rebuilt in Keras 3: "
+                           f"{failure.message}") from failure
+        kfile = source.kfile
+        return Unwritable(note=f"an .h5 becomes a .keras only when rebuilt in Keras 3 ({failure.message})",
+                          write=kfile.write_accepted if kfile.kind == "keras" else None)
+
+    # -- writing and running -------------------------------------------------------------------
+
+    def save(self, result: KerasResult, path: Path) -> None:
+        try:
+            result.model.save(path)
+        except Exception as exc:
+            raise OutputError(f"{path}: cannot write the rewritten model ({one_line(exc)})") from exc
+
+    def run(self, model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keras_model = model.model if isinstance(model, KerasResult) else model
+        names = [t.name for t in keras_model.outputs]
+        return dict(zip(names, km._run(keras_model, feeds)))
+
+    def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
+        reference, note = result.reference()
+        candidate = km._load_written(written, trusted=result.lambdas_left)
+        return km._verify(reference, candidate, result.graph, options, note)

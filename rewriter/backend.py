@@ -1,0 +1,146 @@
+"""The backend contract: what one model format gives the driver (``rewriter.api``).
+
+    driver:  options → backend.load → passes (fuse | expand | target) → backend.emit
+             → staging → backend.save → backend.verify → [conversion hops] → atomic commit → report
+
+A backend is one format's reader and writer; it knows nothing of the CLI, of staging folders or
+of other formats. ``--to`` is the driver handing what one backend wrote to a ``Conversion`` into
+another format (``CONVERSIONS``), whose output the target backend verifies against the original.
+
+ONNX (``passes.onnx.backend``), SavedModel (``passes.tf.backend``), Keras (``passes.keras.backend``)
+and TFLite (``passes.tflite.backend``, an output format: ``--to tflite``) implement it. Backends
+are imported on first use, so an ONNX run never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from rewriter.errors import BadInput
+from rewriter.report import ModelStats, Report, Rewrite, Skip, Verification
+from rewriter.targets import ConvProps
+from rewriter.verify import InputSpec
+
+Accept = Callable[[ConvProps], tuple[bool, str]]  # a target's rule: (wanted?, why)
+
+
+class RewritePass(Protocol):
+    """One rewrite of one format. ``__call__`` returns the model (changed in place or anew);
+    what it did, and what it left and why, are in ``rewrites`` and ``skipped``; with a target,
+    ``decisions`` has one entry per grouped conv judged (``rewriter.targets.target_nodes``)."""
+
+    rewrites: list[Rewrite]
+    skipped: list[Skip]
+
+    def __call__(self, model: Any) -> Any: ...
+
+
+class Backend(Protocol):
+    name: str  # "onnx", "savedmodel", "keras", "tflite"
+    # Verify even when nothing was rewritten (Keras compares its rebuild with Keras's own load).
+    verify_unchanged: bool
+
+    def load(self, path: Path, options) -> Any:
+        """The model in memory; may add skips to ``self.report`` (a signature not rewritten…)."""
+
+    def stats(self, model: Any) -> ModelStats: ...
+
+    def input_specs(self, model: Any) -> list[InputSpec]: ...
+
+    def run(self, model_or_path: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def save(self, model: Any, path: Path) -> None:
+        """Write ``model`` to ``path`` (in a staging or scratch folder); raise a RewriteError."""
+
+    # The reader/emitter pair: the passes read the graph into candidates and plan them with
+    # ``rewriter.plan``; ``emit`` returns the rewritten model, ready to save.
+    def fuse_pass(self, model: Any, options, accept: Accept | None = None) -> RewritePass: ...
+
+    def fold_pass(self, model: Any, fuse_pass: RewritePass, options) -> RewritePass | None: ...
+
+    def expand_pass(self, model: Any, options, accept: Accept | None = None,
+                    exclude: set | None = None) -> RewritePass: ...
+
+    def emit(self, model: Any, report: Report, options) -> Any: ...
+
+    def verify(self, original: Any, rewritten: Any, written: Path, options, report: Report) -> Verification:
+        """Run the original and the written model on the same inputs and compare every output;
+        return the table (the driver raises when it did not pass)."""
+
+
+class Conversion(Protocol):
+    """``--to``: a written model of ``source`` format becomes one of ``target`` format."""
+
+    source: str
+    target: str
+    # The driver saves and proves the source-format model first (in scratch) and hands its path
+    # to ``convert``; False: the conversion is proven against the original on its own.
+    proves_source: bool
+
+    def check_output(self, output: Path) -> None: ...
+
+    def convert(self, model: Any, written: Path | None, folder: Path, options, report: Report) -> Any:
+        """``model``: the source format's model (the rewritten one, or what the hop before made);
+        ``written``: where the driver saved it, if it did; returns the target format's model."""
+
+    def verify(self, previous: Any, converted: Any, path: Path, options, report: Report) -> Verification | None:
+        """Run ``converted`` (saved at ``path``) against ``previous`` (the model this hop got),
+        the same inputs; return the table, or add rows (``FORMAT:OUTPUT``) to the report's."""
+
+
+@dataclass
+class Unwritable:
+    """What ``emit`` returns when the model cannot be rebuilt but nothing changed: ``write`` puts
+    the input back as it was (or is None: nothing is written), ``note`` says why."""
+
+    note: str
+    write: Callable[[Path], None] | None = None
+    skips: list[Skip] = field(default_factory=list)
+
+
+_BACKENDS = {
+    "onnx": ("passes.onnx.backend", "OnnxBackend"),
+    "savedmodel": ("passes.tf.backend", "SavedModelBackend"),
+    "keras": ("passes.keras.backend", "KerasBackend"),
+    "tflite": ("passes.tflite.backend", "TFLiteBackend"),
+}
+
+# --to: (input format, output format) → the hops the driver chains, each "module:Class".
+ROUTES: dict[tuple[str, str], list[str]] = {
+    ("savedmodel", "onnx"): ["passes.tf.to_onnx:SavedModelToOnnx"],
+    ("savedmodel", "tflite"): ["passes.tflite.from_savedmodel:SavedModelToTFLite"],
+    ("keras", "onnx"): ["passes.keras.to_savedmodel:KerasToSavedModel", "passes.tf.to_onnx:SavedModelToOnnx"],
+    ("keras", "savedmodel"): ["passes.keras.to_savedmodel:KerasToSavedModel"],
+    ("keras", "tflite"): ["passes.tflite.from_keras:KerasToTFLite"],
+}
+
+
+_NO_ROUTE = {
+    "onnx": "--to {to} needs a SavedModel or Keras input; ONNX stays ONNX",
+    "savedmodel": "a SavedModel converts to a SavedModel or ONNX, not {to} (and with --to tflite to TFLite)",
+    "keras": "--to {to} is not supported for Keras inputs (.keras, ONNX, SavedModel or TFLite)",
+}
+
+
+def backend(fmt: str, report: Report) -> Backend:
+    module, name = _BACKENDS[fmt]
+    return getattr(importlib.import_module(module), name)(report)
+
+
+def conversions(fmt: str, to: str | None, where: str) -> list[Conversion]:
+    """The hops from ``fmt`` to ``to`` (none when ``to`` is the input's own format)."""
+    if to in (None, fmt):
+        return []
+    if (fmt, to) not in ROUTES:
+        raise BadInput(f"{where}: " + _NO_ROUTE[fmt].format(to=to))
+    hops = []
+    for spec in ROUTES[(fmt, to)]:
+        module, name = spec.split(":")
+        hops.append(getattr(importlib.import_module(module), name)())
+    return hops
