@@ -239,6 +239,20 @@ def test_resnext_chain_converts_to_onnx(models, tmp_path):
     assert groups == [1, 4]
 
 
+@pytest.mark.parametrize("target, fused", [("onnxruntime-cpu", True), ("edgetpu", False)])
+def test_target_judges_every_grouped_layer_of_a_chain(models, target, fused):
+    report = rewriter.fuse(models["resnext"], target=target).report
+    nodes = report.target["nodes"]
+    if fused:
+        assert report.verification.passed
+        assert [r.kind for r in report.rewrites] == ["fuse-parallel-branches"]
+        assert [(n["action"], n["form"]) for n in nodes] == [("fuse", "native")]
+    else:  # the grouped 3×3 is refused: the candidate stays whole, wide 1×1 included
+        assert report.rewrites == [] and [(n["action"], n["form"]) for n in nodes] == [("keep", "split")]
+        [skip] = report.skipped
+        assert skip.reason.startswith("split for edgetpu: ") and len(skip.nodes) == 8
+
+
 # -- near misses ------------------------------------------------------------------------------
 
 
