@@ -13,7 +13,7 @@ stack (``stack_axis``): ONNX Conv ``[O, I/g, k...]`` stacks on 0, ONNX ConvTrans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,7 +319,9 @@ class ChainPlan:
         return next((c.groups for c in self.convs if c.groups > 1), self.convs[0].groups)
 
 
-def plan_chain(kinds: Sequence[Sequence[str]], read_step, source_channels: int | None, *,
+def plan_chain(kinds: Sequence[Sequence[str]],
+               read_step: Callable[[int, list[int] | None], ConvLayer | TailLayer | Refusal],
+               source_channels: int | None, *,
                conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
     """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
 
