@@ -297,7 +297,7 @@ class FuseSplitConvPass:
         layers = [c.layers[step] for c in chains]
         if layers[0].conv is not None:
             return _read_conv_layer(index, candidate, layers, branch_channels)
-        tails = [_read_tail(index, layer.nodes[0], layer_axis(c, step), c.first.rank, channels)
+        tails = [_read_tail(index, layer.nodes[0], _layer_axis(c, step), c.first.rank, channels)
                  for layer, c, channels in zip(layers, chains, branch_channels)]
         reason = next((t for t in tails if isinstance(t, str)), None)
         if reason is not None:
@@ -340,7 +340,7 @@ class FuseSplitConvPass:
         return nodes
 
 
-def layer_axis(chain: _Chain, step: int) -> int:
+def _layer_axis(chain: _Chain, step: int) -> int:
     """The channel axis of the branch's tensor before ``step`` (that of the conv before it)."""
     return next(layer for layer in reversed(chain.layers[:step]) if layer.conv is not None).channel_axis
 
