@@ -3,11 +3,10 @@ and which channel range of which tensor a Split or Slice output holds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 
+from rewriter.candidate import ChannelRead
 from rewriter.names import fresh_name
 
 # Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
@@ -184,18 +183,6 @@ def conv_shape_attributes(node: ir.Node, spatial_rank: int) -> dict:
         if output_shape:
             attributes["output_shape"] = tuple(output_shape)
     return attributes
-
-
-@dataclass
-class ChannelRead:
-    """A value that holds channels [start, stop) of ``source`` along ``axis``."""
-
-    source: ir.Value
-    reader: ir.Node  # the Split or Slice
-    axis: int  # as written (may be negative)
-    start: int | None  # None when it depends on the source's unknown channel count
-    stop: int | None
-    open_end: bool = False  # Slice to "the end": its stop is the source's channel count
 
 
 def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[int] | None:

@@ -33,6 +33,7 @@ from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from passes.onnx._fold import channels_of, fold_many
 from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
+from rewriter.candidate import ChannelRead, NotACandidate, Refused
 from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input, plan_tail
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
@@ -42,21 +43,13 @@ CHAIN_OPS = set(CONV_OPS) | UNARY_OPS | BINARY_OPS | {"BatchNormalization", "Cli
 READERS = ("Split", "Slice")
 
 
-class _NotACandidate(Exception):
-    """The Concat is not a grouped-convolution candidate at all (nothing to report)."""
-
-
-class _Refused(Exception):
-    """A candidate that cannot fuse; the message is the reason."""
-
-
 @dataclass
 class _Chain:
     """One branch: the value it starts from and its ops, in order, up to the Concat."""
 
     entry: ir.Value
     ops: list[ir.Node]
-    read: g.ChannelRead | None = None  # None: the branch reads ``entry`` whole (shared input)
+    read: ChannelRead | None = None  # None: the branch reads ``entry`` whole (shared input)
     used_outside: ir.Value | None = None  # a value after the last conv that something else reads too
 
 
@@ -149,9 +142,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             try:
                 chains = self._match(model, concat)
                 fused = self._plan_and_build(model, graph, names, concat, chains)
-            except _NotACandidate:
+            except NotACandidate:
                 continue
-            except _Refused as refusal:
+            except Refused as refusal:
                 convs = [n.name for v in concat.inputs if v is not None
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
@@ -207,38 +200,38 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         reached = [id(op) for c in with_conv if c.used_outside is not None for op in c.ops if op.op_type in CONV_OPS]
         others = {id(op) for c in with_conv if c.used_outside is None for op in c.ops}
         if len(set(reached)) != len(reached) or others.intersection(reached):
-            raise _NotACandidate  # one conv read twice (Relu(y), Sigmoid(y)): not parallel branches
+            raise NotACandidate  # one conv read twice (Relu(y), Sigmoid(y)): not parallel branches
         read = [c for c in with_conv if _is_reader_output(c.entry)]
         shared = {}
         for c in with_conv:
             shared.setdefault(id(c.entry), []).append(c)
         if len(read) < 2 and max((len(v) for v in shared.values()), default=0) < 2:
-            raise _NotACandidate
+            raise NotACandidate
         if len(with_conv) != len(chains):
-            raise _Refused("the Concat also joins inputs that are not branch convolutions")
+            raise Refused("the Concat also joins inputs that are not branch convolutions")
         for value in concat.inputs:
             if value.is_graph_output() or len(value.uses()) != 1:
-                raise _Refused(f"branch output {value.name} is used outside the Concat")
+                raise Refused(f"branch output {value.name} is used outside the Concat")
         for chain in chains:
             if chain.used_outside is not None:
-                raise _Refused(f"branch value {chain.used_outside.name} is used outside the Concat")
+                raise Refused(f"branch value {chain.used_outside.name} is used outside the Concat")
         if len({id(v) for v in concat.inputs}) != len(concat.inputs):
-            raise _Refused("a branch is concatenated twice")
+            raise Refused("a branch is concatenated twice")
         reading = [_is_reader_output(c.entry) for c in chains]
         shared = not any(reading) and len({id(c.entry) for c in chains}) == 1
         for chain, reads in zip(chains, reading):
             # The walk stops early where a branch value has other users than the next op.
             start = chain.entry.producer()
             if not reads and not shared and start is not None and start.op_type in CHAIN_OPS:
-                raise _Refused(f"branch value {chain.entry.name} is used outside the Concat")
+                raise Refused(f"branch value {chain.entry.name} is used outside the Concat")
             first = next(i for i, op in enumerate(chain.ops) if op.op_type in CONV_OPS)
             if any(op.op_type != "Transpose" for op in chain.ops[:first]):
                 before = next(op.op_type for op in chain.ops[:first] if op.op_type != "Transpose")
-                raise _Refused(f"a branch applies {before} before its convolution")
+                raise Refused(f"a branch applies {before} before its convolution")
         if any(reading) and not all(reading):
-            raise _Refused("some branches read a Split/Slice, others do not")
+            raise Refused("some branches read a Split/Slice, others do not")
         if not any(reading) and not shared:
-            raise _Refused("branches read from different tensors")
+            raise Refused("branches read from different tensors")
         if all(reading):
             self._read_ranges(model, chains)
         return chains
@@ -246,7 +239,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
     def _read_ranges(self, model: ir.Model, chains: list[_Chain]) -> None:
         for chain in chains:
             if chain.entry.is_graph_output() or len(chain.entry.uses()) != 1:
-                raise _Refused(f"branch input {chain.entry.name} is used outside its branch")
+                raise Refused(f"branch input {chain.entry.name} is used outside its branch")
         first_reader = chains[0].entry.producer()
         source = first_reader.inputs[0]
         convs = [next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains]
@@ -274,24 +267,24 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             try:
                 chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
             except g.UnreadableRange as exc:
-                raise _Refused(str(exc)) from None
+                raise Refused(str(exc)) from None
         reads = [c.read for c in chains]
         if len({id(r.source) for r in reads}) != 1:
-            raise _Refused("branches read from different tensors")
+            raise Refused("branches read from different tensors")
         if len({r.reader.op_type for r in reads}) > 1:
-            raise _Refused("branches mix Split and Slice")
+            raise Refused("branches mix Split and Slice")
         if reads[0].reader.op_type == "Split":
             if len({id(r.reader) for r in reads}) != 1:
-                raise _Refused("branches read from different Split nodes")
+                raise Refused("branches read from different Split nodes")
             if len(reads[0].reader.outputs) != len(chains):
-                raise _Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
+                raise Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
                                "feed the Concat")
         rank = weights[0].ndim if weights[0] is not None else None
         for read, width in zip(reads, widths):
             if read.start is None:
-                raise _Refused("cannot tell the Split sizes (computed at run time)")
+                raise Refused("cannot tell the Split sizes (computed at run time)")
             if rank is not None and read.axis % rank != reader_axis:
-                raise _Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
+                raise Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
             if rank is not None:
                 read.axis %= rank
             if read.open_end and width is not None:
@@ -337,7 +330,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
         """Walk the chains in step, planning each op across the branches; build the fused nodes
-        as far as the branches agree. Raises _Refused if not even the first conv fuses."""
+        as far as the branches agree. Raises Refused if not even the first conv fuses."""
         reading = chains[0].read is not None
         fused = _Fused(length=0)
         walk = _Walk(current=chains[0].read.source if reading else chains[0].entry,
@@ -348,7 +341,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             node = self._fuse_step(model, names, chains, step, fused, walk)
             if isinstance(node, _Stop):
                 if walk.conv_layers == 0:
-                    raise _Refused(node.reason)
+                    raise Refused(node.reason)
                 fused.stopped_because = node.where
                 break
             fused.nodes.append(node)
@@ -440,7 +433,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         if fused.complete:
             concat_axis = g.attr_int(concat, "axis", 1)
             if walk.rank is not None and concat_axis % walk.rank != walk.axis:
-                raise _Refused(f"Concat on axis {concat_axis}, not the channel axis")
+                raise Refused(f"Concat on axis {concat_axis}, not the channel axis")
         else:
             fused.stopped_because = fused.stopped_because or "the end of the shortest branch"
             fused.nodes.append(self._split_back(model, graph, names, fused))
