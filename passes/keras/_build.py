@@ -130,7 +130,9 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
 
 
 def build(graph: KerasGraph, options: BuildOptions) -> Built:
-    """Call every layer in dependency order; return the model and every tensor by reference."""
+    """Call every layer in dependency order; return the model and every tensor by reference.
+    The file's layers start with zeros where Keras would draw random values (``load_weights``
+    gives them the file's arrays); the replacements' layers are made as Keras makes them."""
     import keras
 
     tensors: dict[TensorRef, Any] = {}
@@ -154,7 +156,8 @@ def build(graph: KerasGraph, options: BuildOptions) -> Built:
                 progress = True
             elif all(ref in tensors for ref in call.inputs):
                 try:
-                    _run_call(graph, call, tensors, objects, options)
+                    with _compat.unrandom_initial_values():  # load_weights replaces them all
+                        _run_call(graph, call, tensors, objects, options)
                 except BadInput as exc:
                     if not options.lenient or call.layer.class_name in ("Lambda", "InputLayer"):
                         raise

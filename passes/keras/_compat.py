@@ -97,3 +97,36 @@ def own_variables(layer) -> list | None:
     if not hasattr(layer, "_trainable_variables"):
         return None
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def unrandom_initial_values():
+    """A context in which a Keras variable that a random initializer (Glorot, He, ...) would fill
+    starts as zeros instead: for layers rebuilt from a file, whose weights the file's arrays then
+    replace, drawing the random values first is the build's largest cost. Keras has no public
+    switch (its lazy initialisation works only in a stateless scope, where no functional model
+    can be built); this wraps the TensorFlow backend's ``Variable._initialize_with_initializer``
+    for the context. Initializers that are not random (zeros, ones, constants, a seed
+    generator's state) are left as they are. (Keras 3.15)"""
+    import contextlib
+
+    try:
+        from keras.src.backend.tensorflow import core
+        from keras.src.initializers import Zeros
+        from keras.src.initializers.random_initializers import RandomInitializer
+    except ImportError:  # another backend, or a Keras that moved them: values drawn as Keras does
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def scope():
+        original = core.Variable._initialize_with_initializer
+
+        def initialize(variable, initializer):
+            original(variable, Zeros() if isinstance(initializer, RandomInitializer) else initializer)
+
+        core.Variable._initialize_with_initializer = initialize
+        try:
+            yield
+        finally:
+            core.Variable._initialize_with_initializer = original
+
+    return scope()

@@ -179,16 +179,14 @@ def probe_slice(function: Callable, arguments: dict, shape: list[int | None]) ->
 
     Unknown dims are probed at two sizes: a slice relative to a size the file does not fix
     (``z[:, 1:]`` on a dynamic height) must not pass for a constant one."""
-    import tensorflow as tf
-
     shapes = [probe_shape(shape)] + ([probe_shape(shape, fill=4)] if None in shape else [])
     found: ProbedSlice | None = None
     for dims in shapes:
         if int(np.prod(dims)) >= 2 ** 24:
             return "input too large to probe exactly"
-        for probe in _probes(tuple(dims)):
+        for probe, tensor in _probes(tuple(dims)):
             try:
-                result = function(tf.constant(probe), **arguments)
+                result = function(tensor, **arguments)
             except Exception as exc:  # user code: any failure means "not something we understand"
                 text = str(exc).splitlines()[0][:120] if str(exc) else ""
                 return f"running it on a probe failed ({type(exc).__name__}: {text})"
@@ -208,16 +206,26 @@ def probe_slice(function: Callable, arguments: dict, shape: list[int | None]) ->
     return found
 
 
-_PROBES: dict[tuple[int, ...], list[np.ndarray]] = {}
+# Probe tensors by shape, the last few kept: each Lambda is probed at one or two shapes, and the
+# branches of one group read the same tensor, so consecutive calls reuse them; the bound on the
+# elements held keeps memory bounded on big inputs (one shape's probes are always kept).
+_PROBES: dict[tuple[int, ...], list[tuple[np.ndarray, Any]]] = {}
+_PROBE_SHAPES_KEPT = 4
+_PROBE_ELEMENTS_KEPT = 2 ** 23
 
 
-def _probes(dims: tuple[int, ...]) -> list[np.ndarray]:
-    """Three probes: unique positive values, unique negative halves, seeded noise."""
+def _probes(dims: tuple[int, ...]) -> list[tuple[np.ndarray, Any]]:
+    """Three probes, each as an array and the constant tensor of it: unique positive values,
+    unique negative halves, seeded noise."""
+    import tensorflow as tf
+
     if dims not in _PROBES:
         base = np.arange(1, int(np.prod(dims)) + 1, dtype=np.float32).reshape(dims)
         noise = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-        _PROBES.clear()  # keep one shape's probes: memory stays bounded on big inputs
-        _PROBES[dims] = [base, -0.5 * base + 0.25, noise]
+        while _PROBES and (len(_PROBES) >= _PROBE_SHAPES_KEPT or
+                           sum(int(np.prod(d)) for d in _PROBES) + base.size > _PROBE_ELEMENTS_KEPT):
+            del _PROBES[next(iter(_PROBES))]  # the oldest shape
+        _PROBES[dims] = [(array, tf.constant(array)) for array in (base, -0.5 * base + 0.25, noise)]
     return _PROBES[dims]
 
 
@@ -257,6 +265,6 @@ def _find_start(probe: np.ndarray, out: np.ndarray, axis: int, width: int) -> in
             continue
         index = [slice(None)] * probe.ndim
         index[axis] = slice(start, start + width)
-        if np.array_equal(probe[tuple(index)].astype(np.float64), out.astype(np.float64)):
+        if np.array_equal(probe[tuple(index)], out):  # exact: NumPy compares in the promoted dtype
             return start
     return None

@@ -55,7 +55,8 @@ class ExpandedConv:
             piece = _compat.get_item(self.names[2 * i])(source_tensor, key)
             branch = type(conv).from_config({**config, "name": self.names[2 * i + 1], "groups": self.plan.groups_per_branch,
                                             "filters": int(weight.shape[-1])})
-            out = branch(piece)
+            with _compat.unrandom_initial_values():  # set_weights gives it every value
+                out = branch(piece)
             branch.set_weights([weight] + ([bias] if bias is not None else []))
             outputs.append(out)
         joined = keras.layers.Concatenate(axis=self.channel_axis - rank, name=keras_name(self.conv.layer.name))(outputs)

@@ -1,0 +1,170 @@
+"""How long the Keras rewrites take, against Keras's own load + save of the file they write
+(issue 14). Both are measured side by side in one process that has already imported TensorFlow
+and Keras (and run a small warm-up model), so neither pays the import or the first-trace costs:
+
+- ``resnext-fuse``: a legacy tf-keras ``.h5`` ResNeXt-50 (32x4d) whose 16 grouped 3×3 convs are
+  512 ``Lambda`` slices, fused with ``trust_lambdas=True``; goal: tool ≤ 2× Keras;
+- ``convnext-expand``: ConvNeXt-Tiny (``keras.applications``, ``weights=None``) as ``.keras``,
+  ``--expand`` (its 18 depthwise convs split into per-channel convs; with ``--keep-depthwise``,
+  ``--keep-depthwise`` nothing is left to expand); goal: tool ≤ 3× Keras.
+
+"Keras" is ``keras.models.load_model(output) + model.save(...)`` of the tool's own output file.
+The tool is ``rewriter.api.fuse/expand(path, output=...)`` (its report's ``timings`` are the
+phases; ``verify`` runs both models). ``--cli`` also times the whole ``gconv-rewrite`` process
+(TensorFlow's import included) and a bare ``python -c 'import keras'`` for scale.
+
+    python benchmarks/keras_speed.py [--quick] [--rounds N] [--cli] [--case NAME] [--folder DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CASES = {
+    # name: (fixture file, mode, API overrides, CLI flags, goal ratio)
+    "resnext-fuse": ("resnext50_lambda.h5", "fuse", {"trust_lambdas": True}, ["--trust-lambdas"], 2.0),
+    "convnext-expand": ("convnext_tiny.keras", "expand", {}, ["--expand"], 3.0),
+}
+
+
+def build_fixture(name: str, path: Path, quick: bool) -> None:
+    """The case's input file, made once (``--quick``: smaller inputs, same layer structure)."""
+    if path.exists():
+        return
+    if name == "resnext-fuse":
+        from samples.keras_models import resnext50_lambda_model
+
+        resnext50_lambda_model(path, **({"size": 64} if quick else {}))
+    else:
+        import keras
+
+        shape = (64, 64, 3) if quick else (224, 224, 3)
+        keras.applications.ConvNeXtTiny(weights=None, input_shape=shape).save(path)
+
+
+def warm_up(scratch: Path) -> None:
+    """Import TF/Keras and run one small load + save + call, so both sides start warm."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((16, 16, 4))
+    model = keras.Model(inputs, keras.layers.Conv2D(8, 3, groups=2)(inputs))
+    model.save(scratch / "warm.keras")
+    loaded = keras.models.load_model(scratch / "warm.keras")
+    loaded(np.zeros((1, 16, 16, 4), "float32"))
+
+
+def time_tool(source: Path, output: Path, mode: str, overrides: dict) -> tuple[float, dict]:
+    from rewriter import api
+
+    output.unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = getattr(api, mode)(source, output=output, options=api.Options(force=True, **overrides))
+    seconds = time.perf_counter() - start
+    if not result.report.written:
+        raise SystemExit(f"{source}: nothing written")
+    return seconds, dict(result.report.timings)
+
+
+def time_keras(written: Path, scratch: Path) -> tuple[float, dict]:
+    """Keras's own load + save of the tool's output (trusted: the load would also take Lambdas)."""
+    import keras
+
+    target = scratch / "keras_resaved.keras"
+    target.unlink(missing_ok=True)
+    start = time.perf_counter()
+    model = keras.models.load_model(written, safe_mode=False)
+    loaded = time.perf_counter()
+    model.save(target)
+    done = time.perf_counter()
+    return done - start, {"load": loaded - start, "save": done - loaded}
+
+
+def time_cli(source: Path, output: Path, flags: list[str]) -> float:
+    output.unlink(missing_ok=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from rewriter.cli import main; main()", str(source), "-o", str(output), "--force", "-q", *flags],
+                   check=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def time_import() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import keras, tensorflow"], check=True)
+    return time.perf_counter() - start
+
+
+def run_case(name: str, folder: Path, scratch: Path, rounds: int, cli: bool) -> dict:
+    file, mode, overrides, flags, goal = CASES[name]
+    source = folder / file
+    output = scratch / f"{source.stem}.out.keras"
+    tool, keras_s, phases, keras_phases = [], [], [], []
+    for _ in range(rounds):  # side by side: each Keras run loads the output the tool just wrote
+        seconds, timings = time_tool(source, output, mode, overrides)
+        tool.append(seconds), phases.append(timings)
+        seconds, parts = time_keras(output, scratch)
+        keras_s.append(seconds), keras_phases.append(parts)
+    best = min(range(len(tool)), key=tool.__getitem__)
+    result = {"case": name, "mode": mode, "tool_s": min(tool), "tool_runs_s": tool, "keras_s": min(keras_s),
+              "keras_runs_s": keras_s, "ratio": min(tool) / min(keras_s), "goal": goal,
+              "phases": phases[best], "keras_phases": keras_phases[min(range(len(keras_s)), key=keras_s.__getitem__)]}
+    result["met"] = result["ratio"] <= goal
+    if cli:
+        result["cli_s"] = time_cli(source, output, flags)
+    return result
+
+
+def table(results: list[dict], import_s: float | None) -> str:
+    lines = ["| case | tool s | Keras load+save s | ratio | goal | met | tool phases | Keras phases | CLI s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
+        keras_phases = ", ".join(f"{k} {v:.1f}" for k, v in r["keras_phases"].items())
+        cli = f"{r['cli_s']:.1f}" if "cli_s" in r else "–"
+        lines.append(f"| {r['case']} | {r['tool_s']:.1f} | {r['keras_s']:.1f} | {r['ratio']:.2f} | ≤ {r['goal']:g} "
+                     f"| {'yes' if r['met'] else 'no'} | {phases} | {keras_phases} | {cli} |")
+    if import_s is not None:
+        lines.append(f"\n`python -c 'import keras, tensorflow'`: {import_s:.1f} s (part of every CLI run)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64x64 inputs (same layers), one round")
+    parser.add_argument("--rounds", type=int, default=None, help="tool/Keras pairs per case, best taken (default 2)")
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="only this case (repeatable)")
+    parser.add_argument("--cli", action="store_true", help="also time the gconv-rewrite process and TF's import")
+    parser.add_argument("--folder", type=Path, default=None, help="where the inputs are (made if missing)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 2)
+    folder = args.folder or Path(tempfile.gettempdir()) / ("gconv-keras-speed-quick" if args.quick else "gconv-keras-speed")
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gconv-keras-speed-") as scratch:
+        for name in args.case or list(CASES):
+            build_fixture(name, folder / CASES[name][0], args.quick)
+        warm_up(Path(scratch))
+        for name in args.case or list(CASES):
+            results.append(run_case(name, folder, Path(scratch), rounds, args.cli))
+            print(f"{name}: tool {results[-1]['tool_s']:.1f}s, Keras {results[-1]['keras_s']:.1f}s", file=sys.stderr)
+    import_s = time_import() if args.cli else None
+    print(table(results, import_s))
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "import_s": import_s, "rounds": rounds,
+                                         "quick": args.quick}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
