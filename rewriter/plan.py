@@ -178,6 +178,22 @@ def plan_expansion(weight: np.ndarray, bias: np.ndarray | None, groups: int, in_
     )
 
 
+DEPTHWISE_KEPT = "depthwise (group == channels) kept: --keep-depthwise"
+
+
+def expansion_refusal(groups: int, *, depthwise: bool | None, keep_depthwise: bool, min_groups: int,
+                      max_groups: int | None) -> str | None:
+    """Why ``--expand`` leaves a grouped conv as it is, in the same words for every format (the
+    --min-groups/--max-groups range first; ``depthwise`` None: not known yet), or None."""
+    if groups < min_groups:
+        return f"group={groups} is below --min-groups {min_groups}"
+    if max_groups is not None and groups > max_groups:
+        return f"group={groups} is above --max-groups {max_groups}"
+    if depthwise and keep_depthwise:
+        return DEPTHWISE_KEPT
+    return None
+
+
 def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Sequence[np.ndarray]],
               concat_axes: Sequence[int | None]) -> list[np.ndarray] | Refusal:
     """One channel-wise op that follows every branch conv (BatchNorm, an activation...), applied

@@ -236,7 +236,7 @@ def test_expand_options_keep_depthwise_and_max_groups(models):
     report = rewriter.check(models["keras"], mode="expand")
     assert [r.groups for r in report.rewrites] == [4]
     report = rewriter.rewrite(models["keras"], mode="expand", apply=False, max_groups=2).report
-    assert report.rewrites == [] and "more than --max-groups 2" in report.skipped[0].reason
+    assert report.rewrites == [] and "group=4 is above --max-groups 2" in report.skipped[0].reason
 
 
 # -- --to onnx -------------------------------------------------------------------------------

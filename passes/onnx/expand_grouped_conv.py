@@ -28,13 +28,12 @@ import onnx_ir as ir
 from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
-from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
+from rewriter.plan import DEPTHWISE_KEPT, ExpansionPlan, Refusal, expansion_refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
 EXPANDABLE_OPS = ("Conv", "ConvTranspose")
 
-DEPTHWISE_KEPT = "depthwise (group == channels) kept: --keep-depthwise"
 
 
 @register("onnx.expand-grouped-conv")
@@ -109,10 +108,10 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
 
     def _plan(self, conv: ir.Node, groups: int) -> tuple[str | None, ExpansionPlan | None, dict | None]:
         """(reason to skip, None, None) or (None, plan, {"in": C, "out": O})."""
-        if groups < self.min_groups:
-            return f"group={groups} is below --min-groups {self.min_groups}", None, None
-        if self.max_groups is not None and groups > self.max_groups:
-            return f"group={groups} is above --max-groups {self.max_groups}", None, None
+        refusal = expansion_refusal(groups, depthwise=None, keep_depthwise=self.keep_depthwise,
+                                    min_groups=self.min_groups, max_groups=self.max_groups)
+        if refusal is not None:
+            return refusal, None, None
         if len(conv.inputs) < 2 or conv.inputs[1] is None:
             return "has no weight input", None, None
         weight_value = conv.inputs[1]

@@ -21,7 +21,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from passes import register
 from passes.tf import _graph as g
-from rewriter.plan import Refusal, plan_expansion
+from rewriter.plan import Refusal, expansion_refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
@@ -103,12 +103,10 @@ class ExpandGroupedConvPass:
         return g.prune(graph_def, keep)
 
     def _refuse(self, groups: int, in_channels: int, out_channels: int) -> str | None:
-        if groups == in_channels and self.keep_depthwise:
-            return f"depthwise ({groups} groups), kept by --keep-depthwise"
-        if groups < self.min_groups:
-            return f"{groups} groups, fewer than --min-groups {self.min_groups}"
-        if self.max_groups is not None and groups > self.max_groups:
-            return f"{groups} groups, more than --max-groups {self.max_groups}"
+        refusal = expansion_refusal(groups, depthwise=groups == in_channels, keep_depthwise=self.keep_depthwise,
+                                    min_groups=self.min_groups, max_groups=self.max_groups)
+        if refusal is not None:
+            return refusal
         if out_channels % groups:
             return f"{out_channels} output channels do not divide into {groups} groups"
         return None

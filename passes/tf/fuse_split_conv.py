@@ -36,6 +36,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, t
 
 from passes import register
 from passes.tf import _graph as g
+from rewriter.candidate import ChannelRead, NotACandidate, Refused, resolve_sizes
 from rewriter.plan import (
     TAIL_RULES,
     Branch,
@@ -73,23 +74,6 @@ BINARY_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if TAIL_RULES[kind].
 # branches on one shared input) is plain and fuses.
 CONV3D_REFUSAL = ("TensorFlow's Conv3D has no grouped kernel on CPU: a Conv3D filter must span all its "
                   "input channels there (TF 2.21: \"input and filter must have the same depth\")")
-
-
-class _NotACandidate(Exception):
-    """The ConcatV2 does not join branch convolutions at all (nothing to report)."""
-
-
-class _Refused(Exception):
-    """A candidate that cannot fuse; the message is the reason."""
-
-
-@dataclass
-class _Read:
-    reader: node_def_pb2.NodeDef
-    source: str  # the tensor whose channels are read
-    axis: int
-    start: int | None
-    stop: int | None
 
 
 @dataclass
@@ -165,7 +149,7 @@ class _Candidate:
     chains: list[_Chain]
     source: str  # the tensor the fused part reads
     channels: int | None  # the source's channel count
-    reads: list[_Read] | None  # None: every branch reads ``source`` whole (shared input)
+    reads: list[ChannelRead] | None  # None: every branch reads ``source`` whole (shared input)
     readers: list[node_def_pb2.NodeDef] = field(default_factory=list)
     tails: dict[int, _Tail] = field(default_factory=dict)  # branch 0's tail at each fused step
 
@@ -206,10 +190,10 @@ class FuseSplitConvPass:
                                   candidate.channels, conv_kinds=CONV_KINDS, shared_input=candidate.shared,
                                   stack_axis=-1)
                 if isinstance(plan, Refusal):
-                    raise _Refused(plan.reason)
-            except _NotACandidate:
+                    raise Refused(plan.reason)
+            except NotACandidate:
                 continue
-            except _Refused as refusal:
+            except Refused as refusal:
                 self.skipped.append(Skip(concat.name, str(refusal), _branch_convs(index, concat)))
                 continue
             new_nodes.extend(self._fuse(names, candidate, plan, replaced, rewired))
@@ -271,7 +255,7 @@ class FuseSplitConvPass:
         _check_chains(index, concat, chains)
         before = next((c.before[0] for c in chains if c.before), None)
         if before is not None:
-            raise _Refused(f"a branch applies {before.op} before its convolution")
+            raise Refused(f"a branch applies {before.op} before its convolution")
         reading = [_read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank) is not None
                    for c in chains]
         if not any(reading) and len({c.entry for c in chains}) == 1:
@@ -279,15 +263,15 @@ class FuseSplitConvPass:
             rank = chains[0].first.rank
             channels = shape[chains[0].first.channel_axis] if shape is not None and len(shape) == rank else None
             if channels is None:  # the wide conv's filter depth must be all of them (group 1)
-                raise _Refused("cannot tell the channel count of the tensor every branch reads")
+                raise Refused("cannot tell the channel count of the tensor every branch reads")
             return _Candidate(concat, chains, chains[0].entry, channels, None)
         for chain, reads in zip(chains, reading):
             start, _ = index.producer(chain.entry)
             if not reads and start is not None and (start.op in CONV_OPS or start.op in TF_TAIL_KINDS
                                                     or start.op == "Squeeze"):
-                raise _Refused(f"branch output {start.name} is used outside the ConcatV2")
+                raise Refused(f"branch output {start.name} is used outside the ConcatV2")
         if not any(reading):
-            raise _Refused("branches read from different tensors")
+            raise Refused("branches read from different tensors")
         return _read_ranges(index, concat, chains)
 
     def _read_step(self, index: g.GraphIndex, candidate: _Candidate, step: int,
@@ -425,14 +409,14 @@ def _find_chains(index: g.GraphIndex, concat, replaced: set[str]) -> list[_Chain
     reading = [c for c in found if _read_channels(index, c.start, c.first.channel_axis, rank=c.first.rank)]
     sharing = collections.Counter(c.start for c in found if len(c.convs) >= 2)
     if len(reading) < 2 and max(sharing.values(), default=0) < 2:
-        raise _NotACandidate
+        raise NotACandidate
     if any(c is None for c in chains):
-        raise _Refused("the ConcatV2 also joins inputs that are not branch convolutions")
+        raise Refused("the ConcatV2 also joins inputs that are not branch convolutions")
     if any(n.name in replaced for c in chains for n in c.nodes):
-        raise _NotACandidate  # already part of a rewrite in this run
+        raise NotACandidate  # already part of a rewrite in this run
     names = [n.name for c in chains for n in c.nodes]
     if len(set(names)) != len(names):
-        raise _Refused("a branch is concatenated twice")
+        raise Refused("a branch is concatenated twice")
     return chains
 
 
@@ -440,24 +424,24 @@ def _check_chains(index: g.GraphIndex, concat, chains: list[_Chain]) -> None:
     """What every candidate must satisfy, whatever its branches read."""
     convs = [layer for c in chains for layer in c.convs]
     if len({layer.channels_last for layer in convs}) > 1:
-        raise _Refused("branches mix NHWC and NCHW")
+        raise Refused("branches mix NHWC and NCHW")
     if len({(layer.rank, layer.channel_axis) for layer in convs}) > 1:
-        raise _Refused("branches mix " + " and ".join(sorted({layer.kind for layer in convs})))
+        raise Refused("branches mix " + " and ".join(sorted({layer.kind for layer in convs})))
     channel_axis, rank = convs[0].channel_axis, convs[0].rank
     axis = index.const_ints(concat.input[concat.attr["N"].i])
     if axis is None:
-        raise _Refused("ConcatV2 axis is not a constant")
+        raise Refused("ConcatV2 axis is not a constant")
     if axis[0] % rank != channel_axis:
-        raise _Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
+        raise Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
     # Each branch's intermediate tensors must feed only the next op of the branch.
     for chain in chains:
         for node in chain.nodes:
             if index.uses(g.tensor_name(node.name)) != 1:
-                raise _Refused(f"branch output {node.name} is used outside the ConcatV2")
+                raise Refused(f"branch output {node.name} is used outside the ConcatV2")
     for chain in chains:
         conv = chain.first.conv
         if index.const(conv.input[1]) is None:
-            raise _Refused(f"weights of {conv.name} are not constants")
+            raise Refused(f"weights of {conv.name} are not constants")
 
 
 def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidate:
@@ -470,28 +454,28 @@ def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidat
     reads = [_read_channels(index, c.entry, channel_axis, channels, rank=rank) for c in chains]
     for chain, read in zip(chains, reads):
         if read is None:
-            raise _Refused(f"{chain.first.conv.name} does not read a constant channel range "
+            raise Refused(f"{chain.first.conv.name} does not read a constant channel range "
                            "(Split/SplitV/Slice/StridedSlice with constant bounds)")
     if len({r.source for r in reads}) != 1:
-        raise _Refused("branches read from different tensors")
+        raise Refused("branches read from different tensors")
     kinds = {r.reader.op for r in reads}
     if len(kinds) > 1:
-        raise _Refused("branches mix " + " and ".join(sorted(kinds)))
+        raise Refused("branches mix " + " and ".join(sorted(kinds)))
     for read in reads:
         if read.axis % rank != channel_axis:
-            raise _Refused(f"{read.reader.op} on axis {read.axis}, not the channel axis")
+            raise Refused(f"{read.reader.op} on axis {read.axis}, not the channel axis")
     readers = list({r.reader.name: r.reader for r in reads}.values())
     if kinds & {"Split", "SplitV"}:
         if len(readers) != 1:
-            raise _Refused(f"branches read from different {readers[0].op} nodes")
+            raise Refused(f"branches read from different {readers[0].op} nodes")
         outputs = readers[0].attr["num_split"].i
         if outputs != len(chains):
-            raise _Refused(f"{readers[0].op} has {outputs} outputs but only {len(chains)} feed the ConcatV2")
+            raise Refused(f"{readers[0].op} has {outputs} outputs but only {len(chains)} feed the ConcatV2")
     for chain in chains:
         if index.uses(chain.entry) != 1:
-            raise _Refused(f"branch input of {chain.first.conv.name} is used outside its convolution")
+            raise Refused(f"branch input of {chain.first.conv.name} is used outside its convolution")
     if any(r.start is None or r.stop is None for r in reads):
-        raise _Refused("cannot tell the channel ranges (the source's channel count is unknown)")
+        raise Refused("cannot tell the channel ranges (the source's channel count is unknown)")
     return _Candidate(concat, chains, reads[0].source, channels, reads, readers)
 
 
@@ -676,7 +660,7 @@ def _bias_vector(index: g.GraphIndex, node) -> np.ndarray | None:
 
 
 def _read_channels(index: g.GraphIndex, ref: str, channel_axis: int, channels: int | None = None, *,
-                   rank: int = 4) -> _Read | None:
+                   rank: int = 4) -> ChannelRead | None:
     """Which channel range of which tensor ``ref`` holds, if a Split/SplitV/Slice/StridedSlice made it."""
     node, output = index.producer(index.skip_identity(ref))
     if node is None or node.op not in READER_OPS:
@@ -689,18 +673,17 @@ def _read_channels(index: g.GraphIndex, ref: str, channel_axis: int, channels: i
             return None
         width = channels // count if channels is not None else None
         start = output * width if width is not None else None
-        return _Read(node, source, axis[0], start, start + width if width is not None else None)
+        return ChannelRead(source, node, axis[0], start, start + width if width is not None else None)
     if node.op == "SplitV":
         sizes, axis = index.const_ints(node.input[1]), index.const_ints(node.input[2])
         source = index.skip_identity(node.input[0])
         if sizes is None or axis is None:
             return None
-        if -1 in sizes:
-            if channels is None:
-                return _Read(node, source, axis[0], None, None)
-            sizes[sizes.index(-1)] = channels - (sum(sizes) + 1)
+        sizes = resolve_sizes(sizes, channels)
+        if sizes is None:  # a "-1" (the rest) of an unknown channel count
+            return ChannelRead(source, node, axis[0], None, None)
         start = sum(sizes[:output])
-        return _Read(node, source, axis[0], start, start + sizes[output])
+        return ChannelRead(source, node, axis[0], start, start + sizes[output])
     source = index.skip_identity(node.input[0])
     shape = index.shape(source)
     if shape is None or len(shape) != rank:
@@ -718,12 +701,12 @@ def _read_channels(index: g.GraphIndex, ref: str, channel_axis: int, channels: i
         if axis == channel_axis:
             continue
         if start != 0 or (stop is not None and (dim is None or stop < dim)):
-            return _Read(node, source, axis, start, stop)  # slices another axis: not a channel read
+            return ChannelRead(source, node, axis, start, stop)  # slices another axis: not a channel read
     start, stop = spans[channel_axis]
     dim = shape[channel_axis]
     if stop is None or (dim is not None and stop > dim):
         stop = dim
-    return _Read(node, source, channel_axis, start, stop)
+    return ChannelRead(source, node, channel_axis, start, stop)
 
 
 def _strided_spans(index: g.GraphIndex, node, shape) -> list[tuple[int, int | None]] | None:
