@@ -268,10 +268,13 @@ class TailRule:
 
 
 # One table for every backend, keyed by a format-free op kind; each backend maps its own op names
-# onto these kinds (TF: passes/tf/fuse_split_conv.py ``TF_TAIL_KINDS``).
+# onto these kinds (ONNX: passes/onnx/_tails.py ``ONNX_TAIL_KINDS``, TF: passes/tf/fuse_split_conv.py
+# ``TF_TAIL_KINDS``, Keras: passes/keras/fuse_grouped_conv.py ``TAIL_CLASSES``).
 TAIL_RULES: dict[str, TailRule] = {
-    **{kind: TailRule() for kind in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus",
-                                     "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish")},
+    **{kind: TailRule() for kind in ("Relu", "Relu6", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "LeakyRelu",
+                                     "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish", "Mish",
+                                     "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf", "Exp", "Sqrt", "Reciprocal",
+                                     "Floor", "Ceil", "Round", "Sign")},
     "BatchNorm": TailRule((CHANNEL,) * 4),  # scale, offset, mean, variance
     "BiasAdd": TailRule((CHANNEL,)),
     "Clip": TailRule((EQUAL, EQUAL)),  # min, max
@@ -292,7 +295,8 @@ def tail_concat_axis(rule: str, shape: Sequence[int], channel_axis: int, rank: i
     axis = channel_axis - (rank - len(shape))  # numpy broadcasting aligns on the right
     if axis >= 0 and shape[axis] not in (1, channels):
         return f"constant of shape {list(shape)} is not per-channel"
-    return axis if axis >= 0 and shape[axis] == channels and channels > 1 else None
+    # One channel per branch: a [1] on the channel axis is that branch's own value, concatenated.
+    return axis if axis >= 0 and shape[axis] == channels else None
 
 
 # -- chains: several layers per branch ------------------------------------------------------

@@ -15,12 +15,20 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.onnx import _graph as g
+from rewriter.plan import BROADCAST, TAIL_RULES, tail_concat_axis
 
+# ONNX op → the format-free tail kind of rewriter.plan.TAIL_RULES (how its parameters concatenate).
+ONNX_TAIL_KINDS = {
+    **{op: op for op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Celu",
+                         "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf",
+                         "Exp", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign")},
+    **{op: op for op in ("Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Clip")},
+    "BatchNormalization": "BatchNorm",
+}
 # Elementwise ops with no per-channel parameters: any attribute they have must agree.
-UNARY_OPS = {"Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Celu",
-             "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf",
-             "Exp", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign"}
-BINARY_OPS = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min"}
+UNARY_OPS = {op for op, kind in ONNX_TAIL_KINDS.items() if not TAIL_RULES[kind].params}
+# Ops of the branch and one constant: channel-wise where the constant is per channel or shared.
+BINARY_OPS = {op for op, kind in ONNX_TAIL_KINDS.items() if TAIL_RULES[kind].params == (BROADCAST,)}
 
 
 @dataclass
@@ -87,16 +95,14 @@ def read_tail(node: ir.Node, data: ir.Value, channel_axis: int, rank: int, chann
         constant = g.const_array(node.inputs[other_index])
         if constant is None:
             return f"{kind} of a tensor that is not a constant"
-        if constant.ndim > rank:
-            return f"{kind} constant of rank {constant.ndim} broadcasts the branch"
+        concat_axis = tail_concat_axis(BROADCAST, constant.shape, channel_axis, rank, channels)
+        if isinstance(concat_axis, str):
+            return f"{kind} {concat_axis}"
         axis = channel_axis - (rank - constant.ndim)  # numpy broadcasting aligns on the right
-        per_channel = axis >= 0 and constant.shape[axis] == channels
-        if axis >= 0 and constant.shape[axis] not in (1, channels):
-            return f"{kind} constant of shape {list(constant.shape)} is not per-channel"
         # Broadcasting must not grow the branch along another axis either.
         config = {"constant_side": other_index, "constant_shape": tuple(
             d if i != axis else -1 for i, d in enumerate(constant.shape))}
-        return TailOp(node, data_index, config, [constant], [other_index], [axis if per_channel else None])
+        return TailOp(node, data_index, config, [constant], [other_index], [concat_axis])
     return f"{kind} is not a channel-wise op"
 
 
