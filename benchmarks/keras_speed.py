@@ -19,6 +19,7 @@ phases; ``verify`` runs both models). ``--cli`` also times the whole ``gconv-rew
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -69,6 +70,7 @@ def time_tool(source: Path, output: Path, mode: str, overrides: dict) -> tuple[f
     from rewriter import api
 
     output.unlink(missing_ok=True)
+    gc.collect()  # neither side pays for the other's garbage
     start = time.perf_counter()
     result = getattr(api, mode)(source, output=output, options=api.Options(force=True, **overrides))
     seconds = time.perf_counter() - start
@@ -83,6 +85,7 @@ def time_keras(written: Path, scratch: Path) -> tuple[float, dict]:
 
     target = scratch / "keras_resaved.keras"
     target.unlink(missing_ok=True)
+    gc.collect()
     start = time.perf_counter()
     model = keras.models.load_model(written, safe_mode=False)
     loaded = time.perf_counter()
