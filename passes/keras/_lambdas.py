@@ -229,6 +229,11 @@ def _probes(dims: tuple[int, ...]) -> list[tuple[np.ndarray, Any]]:
     return _PROBES[dims]
 
 
+def release_probes() -> None:
+    """Free the probes kept (at most a few shapes' worth; made again when next needed)."""
+    _PROBES.clear()
+
+
 def _describe_slices(probe: np.ndarray, outputs: list[np.ndarray]) -> ProbedSlice | str:
     axis: int | None = None
     ranges = []
