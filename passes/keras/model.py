@@ -179,6 +179,7 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
             analysis.slices[call.key] = result
         if call.layer.class_name == "Lambda" and isinstance(result, str):
             analysis.lambda_skips.append((call.layer.name, f"Lambda left as it is: not a channel slice ({result})"))
+    _lambdas.release_probes()  # every Lambda is probed: their memory is not held past the analysis
     return analysis
 
 
@@ -220,7 +221,7 @@ def _load_written(target: Path, *, trusted: bool):
     try:
         # Keras's own load; it fails unless the file gives every variable its value, so the
         # random values it would draw first are skipped.
-        with _compat.unrandom_initial_values():
+        with _compat.unrandom_initial_values(), _build.paused_gc():
             return keras.models.load_model(target, compile=False, safe_mode=not trusted)
     except Exception as exc:
         raise VerificationFailed(f"the written model does not load in Keras ({one_line(exc)}); nothing was written") from exc
