@@ -31,6 +31,7 @@ from passes.keras import _compat, _lambdas
 from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras._slices import SliceCall
+from rewriter.candidate import NotACandidate, Refused
 from rewriter.names import fresh_name
 from rewriter.plan import (
     Branch,
@@ -65,15 +66,7 @@ SHARED_KIND = "keras-fuse-parallel-branches"  # branches that read one whole ten
 MAX_WALK = 10_000  # layers walked back from one Concatenate input, at most
 
 
-class _NotACandidate(Exception):
-    """The Concatenate is not a grouped-convolution candidate at all (nothing to report)."""
-
-
-class _Refused(Exception):
-    """A candidate that cannot fuse; the message is the reason."""
-
-
-class _Kept(_Refused):
+class _Kept(Refused):
     """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
 
 
@@ -202,9 +195,9 @@ class FuseGroupedConv:
             self._verdict = None
             try:
                 group = self._match(call)
-            except _NotACandidate:
+            except NotACandidate:
                 continue
-            except _Refused as refusal:
+            except Refused as refusal:
                 self.skipped.append(Skip(location, str(refusal), self._branch_names(call)))
                 if isinstance(refusal, _Kept):
                     self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
@@ -287,12 +280,12 @@ class FuseGroupedConv:
             if w.slice is None:
                 readers[w.entry] = readers.get(w.entry, 0) + 1
         if len(sliced) < 2 and max(readers.values(), default=0) < 2:
-            raise _NotACandidate
+            raise NotACandidate
         if len(found) != len(walks):
             reason = next(w for w in walks if isinstance(w, str))
-            raise _Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
+            raise Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
         if len({id(b.steps[-1]) for b in found}) != len(found):
-            raise _Refused("a branch is concatenated twice")
+            raise Refused("a branch is concatenated twice")
         return found
 
     def _source(self, branches: list[BranchMatch]) -> tuple[TensorRef, bool]:
@@ -300,7 +293,7 @@ class FuseGroupedConv:
         source, shared = self._common_source(branches)
         for b in branches:
             if b.steps[0].layer.class_name not in CONV_CLASSES:
-                raise _Refused(f"a branch applies {b.steps[0].layer.name} ({b.steps[0].layer.class_name}) "
+                raise Refused(f"a branch applies {b.steps[0].layer.name} ({b.steps[0].layer.class_name}) "
                                "before its convolution")
         return source, shared
 
@@ -312,12 +305,12 @@ class FuseGroupedConv:
         starts = {b.slice.source for b in sliced} or {max(entries, key=entries.count)}
         for b in branches:  # a branch cut short by a tensor of its own read elsewhere
             if b.slice is None and self._inside_branch(b.entry, starts):
-                raise _Refused(f"the output of {b.entry.layer}, inside a branch, is used outside the pattern")
+                raise Refused(f"the output of {b.entry.layer}, inside a branch, is used outside the pattern")
         if sliced and len(sliced) != len(branches):
             reason = next(b.not_a_slice for b in branches if b.slice is None)
-            raise _Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
+            raise Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
         if len({b.slice.source for b in sliced}) > 1 or not sliced:
-            raise _Refused("branches read from different tensors")
+            raise Refused("branches read from different tensors")
         return sliced[0].slice.source, False
 
     def _inside_branch(self, ref: TensorRef, starts: set[TensorRef]) -> bool:
@@ -348,11 +341,11 @@ class FuseGroupedConv:
         channel_axis = (rank - 1 if data_format == "channels_last" else 1) if rank else None
         axis = _axis(concat.layer.config.get("axis", -1), rank)
         if rank is None or axis != channel_axis:
-            raise _Refused(f"Concatenate on axis {concat.layer.config.get('axis', -1)}, not the channel axis")
+            raise Refused(f"Concatenate on axis {concat.layer.config.get('axis', -1)}, not the channel axis")
         if not shared:
             for b in branches:
                 if b.slice.axis != channel_axis:
-                    raise _Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
+                    raise Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
             self._check_slices_consumed(branches)
         rebound = {} if shared else self._late_binding(concat, branches, shape[channel_axis])
         plans, widths, stopped = self._plan_levels(branches, shape[channel_axis], channel_axis, rank, shared)
@@ -405,7 +398,7 @@ class FuseGroupedConv:
             call = b.slice.call
             for i in range(len(b.slice.ranges)):
                 if (call.key, i) not in used:
-                    raise _Refused(f"{call.layer.name} has outputs that feed no branch of this Concatenate")
+                    raise Refused(f"{call.layer.name} has outputs that feed no branch of this Concatenate")
 
     def _fresh(self, base: str) -> str:
         return fresh_name(keras_name(base), self.names)
@@ -417,7 +410,7 @@ class FuseGroupedConv:
         """Walk the branches in step, planning each layer across them, as far as they agree: the
         plans per level (a FusionPlan per conv, fused parameters per tail), each branch's channels
         where the fusion stops, and why it stops there (None: all the way to the Concatenate).
-        Raises _Refused if not even the first convolution fuses."""
+        Raises Refused if not even the first convolution fuses."""
         plans: list[tuple[Call, FusionPlan | list[np.ndarray]]] = []
         widths: list[int] = []
         for level in range(min(len(b.steps) for b in branches)):
@@ -425,13 +418,13 @@ class FuseGroupedConv:
             kinds = sorted({c.layer.class_name for c in calls})
             if len(kinds) > 1:
                 if not plans:
-                    raise _Refused("branches differ here: " + " vs ".join(kinds))
+                    raise Refused("branches differ here: " + " vs ".join(kinds))
                 return plans, widths, "where the branches differ (" + " vs ".join(kinds) + ")"
             if kinds[0] in CONV_CLASSES:
                 plan = self._plan_conv(calls, branches, widths, channels, rank, shared)
                 if isinstance(plan, Refusal):
                     if not plans:
-                        raise _Refused(plan.reason)
+                        raise Refused(plan.reason)
                     return plans, widths, f"the convolution after ({plan.reason})"
                 widths = [int(self.weights.get(c.layer.name)[0].shape[-1]) for c in calls]
             else:
@@ -526,9 +519,9 @@ class FuseGroupedConv:
                        f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            raise _Refused(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
+            raise Refused(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
-            raise _Refused(message + "; cannot repair: the channel count is unknown")
+            raise Refused(message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
         for name, _value in cells:
             functions, found = [], []
@@ -549,7 +542,7 @@ class FuseGroupedConv:
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to i)",
                                 concat.layer.name, message, name)
                     return rebound
-        raise _Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
+        raise Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
 
 
