@@ -271,7 +271,7 @@ class TailRule:
 # onto these kinds (ONNX: passes/onnx/_tails.py ``ONNX_TAIL_KINDS``, TF: passes/tf/fuse_split_conv.py
 # ``TF_TAIL_KINDS``, Keras: passes/keras/fuse_grouped_conv.py ``TAIL_CLASSES``).
 TAIL_RULES: dict[str, TailRule] = {
-    **{kind: TailRule() for kind in ("Relu", "Relu6", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "LeakyRelu",
+    **{kind: TailRule() for kind in ("Activation", "Relu", "Relu6", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "LeakyRelu",
                                      "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish", "Mish",
                                      "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf", "Exp", "Sqrt", "Reciprocal",
                                      "Floor", "Ceil", "Round", "Sign")},

@@ -34,6 +34,10 @@ from passes.keras._slices import SliceCall
 from rewriter.candidate import NotACandidate, Refused
 from rewriter.names import fresh_name
 from rewriter.plan import (
+    BROADCAST,
+    CHANNEL,
+    EQUAL,
+    TAIL_RULES,
     Branch,
     FusionPlan,
     Refusal,
@@ -48,15 +52,20 @@ from rewriter.targets import ConvProps
 log = logging.getLogger(__name__)
 
 CONV_CLASSES = {"Conv1D": 1, "Conv2D": 2, "Conv3D": 3, "Convolution1D": 1, "Convolution2D": 2, "Convolution3D": 3}
-# Channel-wise layers a branch may hold after a convolution; the value says, per weight, the axis
-# along which it is per-channel (None: must be equal in every branch).
-TAIL_CLASSES: dict[str, list[int | None]] = {
-    "BatchNormalization": [0, 0, 0, 0],
-    "Activation": [], "ReLU": [], "LeakyReLU": [], "ELU": [], "ThresholdedReLU": [],
-    "Dropout": [], "SpatialDropout1D": [], "SpatialDropout2D": [], "SpatialDropout3D": [],
-    "GaussianNoise": [], "GaussianDropout": [], "ActivityRegularization": [],
-    "PReLU": [-1],
+# Channel-wise layers a branch may hold after a convolution → the format-free tail kind of
+# rewriter.plan.TAIL_RULES (how its parameters concatenate). Dropout and noise layers are the
+# identity at inference; an Activation's settings (which function) must agree like any other.
+KERAS_TAIL_KINDS = {
+    "BatchNormalization": "BatchNorm", "Activation": "Activation", "ReLU": "Relu", "LeakyReLU": "LeakyRelu",
+    "ELU": "Elu", "ThresholdedReLU": "ThresholdedRelu", "PReLU": "PRelu",
+    **{name: "Identity" for name in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+                                     "GaussianNoise", "GaussianDropout", "ActivityRegularization")},
 }
+# Keras keeps the channels last in a layer's weights (BatchNormalization's vectors, PReLU's alpha
+# [..., C]): per weight, the axis along which it is per-channel (None: equal in every branch).
+_WEIGHT_AXIS = {CHANNEL: 0, BROADCAST: -1, EQUAL: None}
+TAIL_CLASSES: dict[str, list[int | None]] = {
+    name: [_WEIGHT_AXIS[param] for param in TAIL_RULES[kind].params] for name, kind in KERAS_TAIL_KINDS.items()}
 # Activations that mix channels: per branch they normalise over that branch's channels only.
 CHANNEL_MIXING = ("softmax", "log_softmax")
 # Conv settings that decide the numbers; branches must agree on all of them.
