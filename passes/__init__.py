@@ -20,3 +20,11 @@ def register(name: str):
         return factory
 
     return decorate
+
+
+def registered(name: str) -> Callable:
+    """The pass registered as ``name`` (its module must be imported: each backend imports its own)."""
+    try:
+        return PASS_REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no pass {name!r} (registered: {', '.join(sorted(PASS_REGISTRY))})") from None

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+import passes.keras.expand_grouped_conv  # noqa: F401  (registers the Keras passes)
+import passes.keras.fuse_grouped_conv  # noqa: F401
+from passes import registered
 from passes.keras import _build, _config, _slices
 from passes.keras import model as km
-from passes.keras.expand_grouped_conv import ExpandGroupedConv
-from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter.backend import Unwritable
 from rewriter.errors import BadInput, OutputError, one_line
 from rewriter.report import ModelStats, Report, Skip, Verification
@@ -126,18 +127,19 @@ class KerasBackend:
     # -- passes --------------------------------------------------------------------------------
 
     def fuse_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None):
-        analysis = source.analysis
-        return _KerasPass(FuseGroupedConv(source.graph, source.kfile.weights, analysis.slices, analysis.shape_of,
-                                          lambda_sources=analysis.lambda_sources,
-                                          repair_late_binding=options.repair_late_binding, accept=accept))
+        analysis, fuse = source.analysis, registered("keras.fuse-grouped-conv")
+        return _KerasPass(fuse(source.graph, source.kfile.weights, analysis.slices, analysis.shape_of,
+                               lambda_sources=analysis.lambda_sources,
+                               repair_late_binding=options.repair_late_binding, accept=accept))
 
     def fold_pass(self, source, fuse_pass, options):
         return None  # the fuse pass carries BatchNormalization tails itself
 
     def expand_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None, exclude=None):
-        return _KerasPass(ExpandGroupedConv(source.graph, source.kfile.weights, source.analysis.shape_of,
-                                            keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
-                                            max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
+        expand = registered("keras.expand-grouped-conv")
+        return _KerasPass(expand(source.graph, source.kfile.weights, source.analysis.shape_of,
+                                 keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
+                                 max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
 
     def emit(self, source: KerasSource, report: Report, options, *, apply: bool = True):
         """The model rebuilt with every replacement, weights loaded, compile settings carried."""

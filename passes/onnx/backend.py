@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
-from passes.onnx.fold_batchnorm import FoldBatchNormPass
-from passes.onnx.fuse_split_conv import FuseSplitConvPass
+import passes.onnx  # noqa: F401  (registers the ONNX passes)
+from passes import registered
 from rewriter import formats
 from rewriter.errors import VerificationFailed
 from rewriter.report import ModelStats, Report, Verification, model_stats
@@ -64,15 +63,15 @@ class OnnxBackend:
     # -- passes (reader + planner + emitter in one onnx-ir pass each) ------------------------------
 
     def fuse_pass(self, model, *, rewrite: bool, options, accept=None):
-        return _InPlace(FuseSplitConvPass(rewrite=rewrite, accept=accept))
+        return _InPlace(registered("onnx.fuse-split-conv")(rewrite=rewrite, accept=accept))
 
     def fold_pass(self, model, fuse_pass, options):
-        return _InPlace(FoldBatchNormPass(fuse_pass.fused_convs))
+        return _InPlace(registered("onnx.fold-batchnorm")(fuse_pass.fused_convs))
 
     def expand_pass(self, model, *, rewrite: bool, options, accept=None, exclude=None):
-        return _InPlace(ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
-                                              min_groups=options.min_groups, max_groups=options.max_groups,
-                                              accept=accept, exclude=exclude or ()))
+        expand = registered("onnx.expand-grouped-conv")
+        return _InPlace(expand(rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
+                               max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
 
     def emit(self, model: ir.Model, report: Report, options, *, apply: bool = True) -> ir.Model:
         return model  # the passes rewrote it in place

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
+import passes.tf.expand_grouped_conv  # noqa: F401  (registers the TF passes)
+import passes.tf.fuse_split_conv  # noqa: F401
+from passes import registered
 from passes.tf import savedmodel as sm
-from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
-from passes.tf.fuse_split_conv import FuseSplitConvPass
 from rewriter.errors import VerificationFailed
 from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
@@ -72,15 +73,15 @@ class SavedModelBackend:
     # -- passes --------------------------------------------------------------------------------
 
     def fuse_pass(self, model, *, rewrite: bool, options, accept=None):
-        return _OnGraph(FuseSplitConvPass(rewrite=rewrite, accept=accept))
+        return _OnGraph(registered("tf.fuse-split-conv")(rewrite=rewrite, accept=accept))
 
     def fold_pass(self, model, fuse_pass, options):
         return None  # the fuse pass carries FusedBatchNorm tails itself
 
     def expand_pass(self, model, *, rewrite: bool, options, accept=None, exclude=None):
-        return _OnGraph(ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
-                                              min_groups=options.min_groups, max_groups=options.max_groups,
-                                              accept=accept, exclude=exclude or set()))
+        expand = registered("tf.expand-grouped-conv")
+        return _OnGraph(expand(rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
+                               max_groups=options.max_groups, accept=accept, exclude=exclude or set()))
 
     def emit(self, model: SavedModelGraph, report: Report, options, *, apply: bool = True) -> SavedModelGraph:
         return model
