@@ -166,7 +166,7 @@ def test_report_json_has_layer_counts_and_timings(models, tmp_path):
 
 @pytest.mark.parametrize("key", ["getitem", "tf_split"])  # reference: Keras's own load / the rebuilt file
 def test_verification_failure_writes_nothing(models, key, tmp_path, monkeypatch):
-    import passes.keras.fuse_grouped_conv as fgc
+    import rewriter.plan as fgc  # the planner every backend's chains go through (plan_chain → plan_fusion)
 
     real = fgc.plan_fusion
 

@@ -8,16 +8,16 @@ by the next, to where its branch starts: a channel slice of one source tensor, o
 a/b) the same whole tensor for every branch. The branches are then planned layer by layer, in
 step: the first convolution becomes one grouped conv (sliced) or one wide conv of stacked kernels
 (shared input), every later one a grouped conv, every tail one layer with the branches' parameters
-concatenated. ``rewriter.plan`` owns the rules and the weight arithmetic (``plan_fusion``,
-``plan_shared_input``, ``plan_tail``; kernels ``[k…, I/g, O]`` stack on the last axis), stepped
-here as ``plan_chain`` steps the TF backend, with the same stop reasons. Where the branches stop
-agreeing, the fused tensor is split back into the branches' channels and the rest stays per
-branch. Late-bound Lambda slices (one code, one closure value, several branches) are reported,
-and with repair re-bound to each branch's position.
+concatenated. ``rewriter.plan`` owns the rules and the weight arithmetic (``plan_chain``, layer by
+layer; kernels ``[k…, I/g, O]`` stack on the last axis). Where the branches stop agreeing, the
+fused tensor is split back into the branches' channels and the rest stays per branch. Late-bound
+Lambda slices (one code, one closure value, several branches) are reported, and with repair
+re-bound to each branch's position.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -39,12 +39,13 @@ from rewriter.plan import (
     EQUAL,
     TAIL_RULES,
     Branch,
+    ChainPlan,
+    ConvLayer,
     FusionPlan,
     Refusal,
+    TailLayer,
     check_channel_ranges,
-    plan_fusion,
-    plan_shared_input,
-    plan_tail,
+    plan_chain,
 )
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
@@ -357,8 +358,9 @@ class FuseGroupedConv:
                     raise Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
             self._check_slices_consumed(branches)
         rebound = {} if shared else self._late_binding(concat, branches, shape[channel_axis])
-        plans, widths, stopped = self._plan_levels(branches, shape[channel_axis], channel_axis, rank, shared)
-        self._judge([plan for _, plan in plans if isinstance(plan, FusionPlan)], rank)
+        chain = self._plan_chain(branches, shape[channel_axis], channel_axis, rank, shared)
+        self._judge(chain.convs, rank)
+        plans, widths, stopped = list(zip(branches[0].steps, chain.steps)), chain.branch_channels, chain.stopped
         depth = len(plans)
         removed = set() if stopped else {concat.key}
         for b in branches:
@@ -414,40 +416,29 @@ class FuseGroupedConv:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _plan_levels(self, branches: list[BranchMatch], channels: int | None, channel_axis: int, rank: int,
-                     shared: bool) -> tuple[list[tuple[Call, FusionPlan | list[np.ndarray]]], list[int], str | None]:
-        """Walk the branches in step, planning each layer across them, as far as they agree: the
-        plans per level (a FusionPlan per conv, fused parameters per tail), each branch's channels
-        where the fusion stops, and why it stops there (None: all the way to the Concatenate).
+    def _plan_chain(self, branches: list[BranchMatch], channels: int | None, channel_axis: int, rank: int,
+                    shared: bool) -> ChainPlan:
+        """The branches planned layer by layer by ``rewriter.plan.plan_chain``, as far as they agree.
         Raises Refused if not even the first convolution fuses."""
-        plans: list[tuple[Call, FusionPlan | list[np.ndarray]]] = []
-        widths: list[int] = []
-        for level in range(min(len(b.steps) for b in branches)):
-            calls = [b.steps[level] for b in branches]
-            kinds = sorted({c.layer.class_name for c in calls})
-            if len(kinds) > 1:
-                if not plans:
-                    raise Refused("branches differ here: " + " vs ".join(kinds))
-                return plans, widths, "where the branches differ (" + " vs ".join(kinds) + ")"
-            if kinds[0] in CONV_CLASSES:
-                plan = self._plan_conv(calls, branches, widths, channels, rank, shared)
-                if isinstance(plan, Refusal):
-                    if not plans:
-                        raise Refused(plan.reason)
-                    return plans, widths, f"the convolution after ({plan.reason})"
-                widths = [int(self.weights.get(c.layer.name)[0].shape[-1]) for c in calls]
-            else:
-                plan = self._plan_tail(calls, channel_axis, rank)
-                if isinstance(plan, str):
-                    return plans, widths, plan
-            plans.append((calls[0], plan))
-        return plans, widths, (None if len({len(b.steps) for b in branches}) == 1 else "the end of the shortest branch")
+        plan = plan_chain([[c.layer.class_name for c in b.steps] for b in branches],
+                          functools.partial(self._read_step, branches, channel_axis, rank), channels,
+                          conv_kinds=tuple(CONV_CLASSES), shared_input=shared, stack_axis=-1)
+        if isinstance(plan, Refusal):
+            raise Refused(plan.reason)
+        return plan
 
-    def _plan_conv(self, calls: list[Call], branches: list[BranchMatch], widths: list[int], channels: int | None,
-                   rank: int, shared: bool) -> FusionPlan | Refusal:
-        """One convolution per branch as one conv: the first layer reads the source (its slices,
-        or all of it), a later one each branch's channels of the fused tensor (``widths``)."""
-        for call in calls:
+    def _read_step(self, branches: list[BranchMatch], channel_axis: int, rank: int, step: int,
+                   _widths: list[int] | None) -> ConvLayer | TailLayer | Refusal:
+        calls = [b.steps[step] for b in branches]
+        if calls[0].layer.class_name in CONV_CLASSES:
+            return self._read_conv(calls, branches, step, rank)
+        return self._read_tail(calls, channel_axis, rank)
+
+    def _read_conv(self, calls: list[Call], branches: list[BranchMatch], step: int, rank: int) -> ConvLayer | Refusal:
+        """One convolution per branch: the first layer reads its slice of the source (or all of
+        it), a later one ``0:width`` of its own branch (``plan_chain`` places them)."""
+        parts = []
+        for call, branch in zip(calls, branches):
             layer = call.layer
             if CONV_CLASSES[layer.class_name] != rank - 2:
                 return Refusal(f"{layer.name} does not match the input's rank")
@@ -457,47 +448,37 @@ class FuseGroupedConv:
                                "one grouped conv would mix them all")
             if not self.weights.get(layer.name):
                 return Refusal(f"the file holds no weights for {layer.name}")
-        if not widths and shared:
-            width = self.weights.get(calls[0].layer.name)[0].shape[-2]  # the whole input (groups must be 1)
-            return plan_shared_input([self._branch(c, 0, int(width)) for c in calls], stack_axis=-1)
-        if not widths:
-            return plan_fusion([self._branch(c, *b.channel_range) for c, b in zip(calls, branches)], channels,
-                               stack_axis=-1)
-        parts, start = [], 0
-        for call, width in zip(calls, widths):
-            parts.append(self._branch(call, start, start + width))
-            start += width
-            expected = parts[-1].weight.shape[-2] * parts[-1].groups
-            if expected != width:
-                return Refusal(f"{call.layer.name} expects {expected} channels, its branch has {width}")
-        return plan_fusion(parts, start, stack_axis=-1)
+            parts.append(self._branch(call, branch if step == 0 else None))
+        return ConvLayer(parts)
 
-    def _branch(self, call: Call, start: int, stop: int) -> Branch:
+    def _branch(self, call: Call, branch: BranchMatch | None) -> Branch:
+        """A conv as ``rewriter.plan`` reads it: the channels it reads are its branch's slice of the
+        source (``branch``, first layer of a sliced candidate), else ``0:`` its input width."""
         layer = call.layer
         arrays = self.weights.get(layer.name)
         config = layer.config
         kernel = arrays[0]
         bias = arrays[1] if len(arrays) > 1 and config.get("use_bias", True) else None
         groups = int(config.get("groups", 1) or 1)
+        start, stop = branch.channel_range if branch is not None and branch.slice is not None else \
+            (0, int(kernel.shape[-2]) * groups)
         settings = {key: _canonical(config.get(key)) for key in CONV_SETTINGS}
         return Branch(name=layer.name, channel_start=start, channel_stop=stop, weight=kernel, bias=bias,
                       groups=groups, out_channels=int(kernel.shape[-1]), attributes=settings)
 
-    def _plan_tail(self, calls: list[Call], channel_axis: int, rank: int) -> list[np.ndarray] | str:
-        """One channel-wise layer per branch as one layer: its parameters concatenated, or where
-        and why the branches stop agreeing."""
+    def _read_tail(self, calls: list[Call], channel_axis: int, rank: int) -> TailLayer | Refusal:
+        """One channel-wise layer per branch, as ``plan_tail`` takes it, or why it cannot be one."""
         kind = calls[0].layer.class_name
         config = calls[0].layer.config
         if kind == "BatchNormalization" and _axis(config.get("axis", -1), rank) != channel_axis:
-            return f"{kind} (it normalises another axis than the channels)"
+            return Refusal("it normalises another axis than the channels")
         if kind == "PReLU" and channel_axis != rank - 1:
-            return f"{kind} (PReLU tails are fused only for channels_last)"
+            return Refusal("PReLU tails are fused only for channels_last")
         if _activation_name(config.get("activation")) in CHANNEL_MIXING:
-            return f"{kind} ({_activation_name(config['activation'])} mixes the channels)"
+            return Refusal(f"{_activation_name(config['activation'])} mixes the channels")
         configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
                    for c in calls]
-        plan = plan_tail(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
-        return f"{kind} ({plan.reason})" if isinstance(plan, Refusal) else plan
+        return TailLayer(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
 
     # -- late binding -----------------------------------------------------------------------
 
