@@ -43,6 +43,7 @@ from passes.keras._config import (
     legacy_leaves,
 )
 from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
+from rewriter.candidate import resolve_sizes
 from rewriter.errors import BadInput, one_line
 
 
@@ -446,9 +447,7 @@ def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
         axis = kwargs.get("axis", 0)
         if isinstance(sections, list):
             size = source.shape[axis]
-            sizes = list(sections)
-            if -1 in sizes and size is not None:
-                sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
+            sizes = resolve_sizes(sections, size) or list(sections)
             sections = list(np.cumsum(sizes)[:-1].astype(int).tolist())
         return list(_compat.split(sections, axis=axis, name=keras_name(layer.name))(source))
     first = _first_argument(call, tensors)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from passes.keras._config import Call, TensorRef, legacy_leaves
+from rewriter.candidate import resolve_sizes
 
 SLICE_CLASSES = ("GetItem", "Split", "SlicingOpLambda", "TFOpLambda", "Lambda")
 GETITEM_FUNCTIONS = ("__operators__.getitem",)
@@ -169,10 +170,8 @@ def _from_split(call: Call, source: TensorRef, shape: list, sections, axis, *, n
         if numpy_style:  # split points
             points = [0, *[_clip(p, size) for p in sections], size]
         else:  # sizes, one may be -1
-            sizes = list(sections)
-            if sizes.count(-1) == 1:
-                sizes[sizes.index(-1)] = size - (sum(sizes) + 1)
-            if sum(sizes) != size or any(s < 0 for s in sizes):
+            sizes = resolve_sizes(sections, size)
+            if sizes is None or sum(sizes) != size or any(s < 0 for s in sizes):
                 return "its sizes do not add up to the axis"
             points = [0]
             for s in sizes:
