@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 
 from rewriter import formats, quiet, targets
 from rewriter.backend import Unwritable, conversions
@@ -23,6 +24,9 @@ from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
 from rewriter.report import Report, Verification
 from rewriter.verify import load_inputs_file, verify_onnx
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +72,13 @@ class Result:
         return bool(self.report.rewrites)
 
 
+def _in_memory(model) -> bool:
+    """An onnx-ir model given in memory (onnx-ir is imported only where ONNX is read, so a model
+    can be one only once it is)."""
+    ir = sys.modules.get("onnx_ir")
+    return ir is not None and isinstance(model, ir.Model)
+
+
 def _options(options: Options | None, overrides: dict) -> Options:
     base = options or Options()
     return Options(**{**base.__dict__, **overrides}) if overrides else base
@@ -86,7 +97,7 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     Raises ``VerificationFailed`` (nothing written) when the rewritten model differs.
     """
     options = _options(options, overrides)
-    fmt = "onnx" if isinstance(model, ir.Model) else formats.detect_format(Path(model))
+    fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
     with _collector_paused() if fmt == "onnx" else nullcontext():
         result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
@@ -99,7 +110,7 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
 def _check_options(model, fmt: str, options: Options) -> None:
     """Combinations refused before anything is loaded, each in one line."""
     if fmt == "onnx" and options.to == "tflite":  # one converter already does this well: say how to chain it
-        stem = Path(str(model)).stem if not isinstance(model, ir.Model) else "model"
+        stem = Path(str(model)).stem if not _in_memory(model) else "model"
         raise BadInput(f"{model}: --to tflite converts SavedModel and Keras inputs; for ONNX, chain onnx2tf: "
                        f"gconv-rewrite {model} --target tflite, then onnx2tf -i {stem}.tflite.onnx "
                        "(its .tflite files land in saved_model/)")
@@ -115,7 +126,7 @@ def _check_options(model, fmt: str, options: Options) -> None:
 # -- the driver: options → backend → passes → staging → verification → atomic commit → report ------
 
 def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options) -> Result:
-    report = Report(input=str(model) if not isinstance(model, ir.Model) else "<model>", mode=mode)
+    report = Report(input=str(model) if not _in_memory(model) else "<model>", mode=mode)
     report.on_phase = options.progress
     with formats.scratch_dir() as scratch:
         source = _source_path(model, scratch)
@@ -128,7 +139,7 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
                 return Result(None, report)
             report.before = backend.stats(loaded)
         # Everything the input reads (its external data too) is never written over or removed.
-        read = [] if isinstance(model, ir.Model) else backend.files_read(source, loaded)
+        read = [] if _in_memory(model) else backend.files_read(source, loaded)
         read += [p for p in _user_inputs(options) if p.exists()]
         if output is not None:
             formats.check_not_read(output, read)
@@ -167,7 +178,7 @@ def _check_output(model, fmt: str, source: Path, output: Path, hops, options: Op
         hops[-1].check_output(output)
     if fmt == "keras" and not hops and output.suffix.lower() != ".keras":
         raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
-    read = [] if isinstance(model, ir.Model) else [source, *_user_inputs(options)]
+    read = [] if _in_memory(model) else [source, *_user_inputs(options)]
     # ONNX's external data is compared once the model is loaded (check_not_read in _drive).
     formats.check_output_path(output, read, options.force, deep=fmt != "onnx")
 
@@ -175,7 +186,7 @@ def _check_output(model, fmt: str, source: Path, output: Path, hops, options: Op
 def _source_path(model, scratch: Path) -> Path:
     """The input as a file the runtimes can read: an in-memory ONNX model is saved in scratch
     first, so the caller's object is never changed."""
-    if not isinstance(model, ir.Model):
+    if not _in_memory(model):
         return Path(model)
     path = scratch / "original.onnx"
     formats.save_onnx(model, path)
@@ -378,8 +389,8 @@ def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
     report = result.report
     out_fmt = benchmark.output_format(fmt, options.to)
     with report.timed("benchmark"), formats.scratch_dir() as scratch:
-        before = model if not isinstance(model, ir.Model) else scratch / "before.onnx"
-        if isinstance(model, ir.Model):
+        before = model if not _in_memory(model) else scratch / "before.onnx"
+        if _in_memory(model):
             formats.save_onnx(model, before)
         after = Path(report.output) if report.written and report.output else None
         if out_fmt == "tflite":  # before: the original converted as it is (its hand-made groups and all)
@@ -393,7 +404,7 @@ def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
                                     "note": getattr(result.model, "original_note", "") or
                                     "the original was not converted to TFLite"}
                 return
-        if after is None and out_fmt == "onnx" and isinstance(result.model, ir.Model):
+        if after is None and out_fmt == "onnx" and _in_memory(result.model):
             after = scratch / "after.onnx"  # not written (the API without an output): time it from scratch
             formats.save_onnx(result.model, after)
         if after is None:
@@ -461,7 +472,7 @@ def verify(original: str | Path | ir.Model, rewritten: str | Path | ir.Model, *,
     with formats.scratch_dir() as scratch_dir:
         paths = []
         for i, model in enumerate((original, rewritten)):
-            if isinstance(model, ir.Model):
+            if _in_memory(model):
                 path = Path(scratch_dir) / f"model{i}.onnx"
                 formats.save_onnx(model, path)
                 paths.append(path)

@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import onnx
-import onnx.external_data_helper
-import onnx_ir as ir
+from rewriter.lazy import lazy_module
+
+# Imported on first use: a Keras or SavedModel run never reads ONNX (about 0.9 s of every CLI run).
+onnx = lazy_module("onnx", "onnx.external_data_helper")
+ir = lazy_module("onnx_ir")
 
 try:
     import fcntl

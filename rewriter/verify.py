@@ -110,7 +110,16 @@ def element_type(dtype) -> tuple[str, int | None]:
     return key, TensorProto.DataType.Value(key) if key in TensorProto.DataType.keys() else None
 
 
+# Plain numpy dtypes (what TF and Keras inputs declare), without ONNX's tables: a Keras or
+# SavedModel run then never imports onnx.
+_PLAIN_NUMPY = {"float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                "uint64", "bool"}
+
+
 def _numpy_dtype(spec: InputSpec) -> np.dtype:
+    name = str(getattr(spec.dtype, "name", spec.dtype))
+    if name in _PLAIN_NUMPY:
+        return np.dtype(name)
     from onnx import helper
 
     key, code = element_type(spec.dtype)

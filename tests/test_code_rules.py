@@ -239,3 +239,17 @@ def test_the_cycle_finder_finds_rings():
     assert _strongly_connected(graph) == [["a", "b", "c"]]
     assert _one_cycle(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]
     assert _strongly_connected({"a": {"d": []}, "d": {}}) == []
+
+
+def test_the_cli_imports_no_onnx_until_it_reads_onnx():
+    """A Keras or SavedModel run never pays ONNX's import (about 0.9 s): rewriter.formats loads it
+    on first use; the ONNX backend and the ONNX passes import it themselves."""
+    import subprocess
+    import sys
+
+    code = "import sys, rewriter.cli, rewriter.formats; print(sorted(m for m in ('onnx', 'onnx_ir') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    code = "import rewriter.formats as f; print(f.ir.Model.__name__, f.onnx.TensorProto.FLOAT)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.split() == ["Model", "1"], result.stdout + result.stderr
