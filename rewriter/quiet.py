@@ -68,3 +68,6 @@ def import_tensorflow() -> None:
             import tensorflow  # noqa: F401
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.getLogger("absl").setLevel(logging.ERROR)  # absl's Python warnings, outside -v
+        # TF's own Python warnings ("N out of the last N calls to <function conv.<locals>._conv_xla>
+        # triggered tf.function retracing": Keras compiles each grouped conv anew at every eager call).
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -397,6 +397,26 @@ def test_batch_workers_are_silent_too(tmp_path):
     assert [r["status"] for r in json.loads(result.stdout)["models"]] == ["error", "error"]
 
 
+def test_a_keras_fuse_with_many_grouped_convs_writes_nothing_to_stderr(tmp_path):
+    """Verification runs the fused model eagerly, and Keras compiles each grouped conv anew at every
+    eager call: TF's Python logger then warns about retracing after five. Users see none of it."""
+    import keras
+
+    inputs = keras.Input((6, 6, 8), name="x")
+    y = inputs
+    for layer in range(6):  # six hand-made groups, each fused into one Conv2D(groups=2)
+        y = keras.layers.Concatenate()([keras.layers.Conv2D(4, 3, padding="same", name=f"c{layer}_{i}")(
+            y[..., i * 4:(i + 1) * 4]) for i in range(2)])
+    keras.Model(inputs, y).save(tmp_path / "six.keras")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "GLOG", "ABSL"))}
+    result = subprocess.run([sys.executable, "-m", "rewriter", str(tmp_path / "six.keras"), "-o",
+                             str(tmp_path / "out.keras"), "-q"], cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    assert (tmp_path / "out.keras").exists()
+
+
 # -- 5. folder outputs (SavedModel) ------------------------------------------------------------------
 
 
