@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from rewriter import formats, quiet, targets
 from rewriter.backend import Unwritable, conversions
 from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
+from rewriter.memory import paused_gc
 from rewriter.report import Report, Verification
 from rewriter.verify import load_inputs_file, verify_onnx
 
@@ -99,7 +99,9 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     options = _options(options, overrides)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
-    with _collector_paused() if fmt == "onnx" else nullcontext():
+    # An onnx-ir graph is a web of cycles (values know their users, nodes their graph): the cycle
+    # collector would rescan all of it again and again while it grows. Nothing needs it meanwhile.
+    with paused_gc() if fmt == "onnx" else nullcontext():
         result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
                         apply=apply, options=options)
     if options.benchmark and apply:
@@ -285,13 +287,18 @@ def _write(backend, hops, source: Path, rewritten, output: Path | None, read: li
     return rewritten
 
 
-def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Options, report: Report) -> None:
+def _save_and_check(backend, model, path: Path, report: Report) -> None:
+    """The backend writes ``model`` at ``path``; its format checker (if it has one) reads it back."""
     with report.timed("save"):
-        backend.save(rewritten, path)
+        backend.save(model, path)
     check = getattr(backend, "check", None)
     if check is not None:
         with report.timed("checker"):
             check(path)
+
+
+def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Options, report: Report) -> None:
+    _save_and_check(backend, rewritten, path, report)
     if not options.verify or not (report.rewrites or backend.verify_unchanged):
         report.verification = _skipped_verification(report, options)
         return
@@ -335,12 +342,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
     writer = backend_for(last.target, report)
 
     def save_and_verify(path: Path) -> None:
-        with report.timed("save"):
-            writer.save(current, path)
-        check = getattr(writer, "check", None)
-        if check is not None:
-            with report.timed("checker"):
-                check(path)
+        _save_and_check(writer, current, path, report)
         if options.verify:
             with report.timed("verify"):
                 _proven(lambda: last.verify(previous, current, path, options, report), report)
@@ -427,20 +429,6 @@ def _tflite_original(result: Result, scratch: Path) -> Path | None:
     path = scratch / "before.tflite"
     path.write_bytes(original)
     return path
-
-
-@contextmanager
-def _collector_paused():
-    """A graph is a web of cycles (values know their users, nodes their graph): Python's cycle
-    collector would rescan all of it again and again while it grows, making big models cost
-    more per node. Nothing here needs it until the rewrite is done."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _skipped_verification(report: Report, options: Options) -> Verification:

@@ -17,10 +17,8 @@ converter (Keras 2 / tf-keras configs); a Lambda config never does: its function
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import gc
 import json
 import warnings
 from collections.abc import Callable
@@ -45,6 +43,7 @@ from passes.keras._config import (
 from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
 from rewriter.candidate import resolve_sizes
 from rewriter.errors import BadInput, one_line
+from rewriter.memory import paused_gc
 
 
 class Replacement(Protocol):
@@ -132,18 +131,6 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
                        f"({one_line(exc)})") from exc
 
 
-@contextlib.contextmanager
-def paused_gc():
-    """Python's cyclic garbage collector paused: a Keras model of thousands of layers is millions
-    of live objects, which each full collection walks again while the model grows (10-20% of a
-    build); what the build leaves in cycles is collected once the collector runs again."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def build(graph: KerasGraph, options: BuildOptions) -> Built:
