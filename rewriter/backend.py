@@ -47,7 +47,11 @@ class Backend(Protocol):
     verify_unchanged: bool
 
     def load(self, path: Path, options) -> Any:
-        """The model in memory; may add skips to ``self.report`` (a signature not rewritten…)."""
+        """The model in memory (None: nothing to rewrite, already reported); may add skips to
+        ``self.report`` (a signature not rewritten…)."""
+
+    def files_read(self, path: Path, model: Any) -> list[Path]:
+        """Every file the input reads (its external data too): never written over or removed."""
 
     def stats(self, model: Any) -> ModelStats: ...
 
@@ -56,22 +60,25 @@ class Backend(Protocol):
     def run(self, model_or_path: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def save(self, model: Any, path: Path) -> None:
-        """Write ``model`` to ``path`` (in a staging or scratch folder); raise a RewriteError."""
+        """Write ``model`` to ``path`` (in a staging or scratch folder); raise a RewriteError.
+        A backend may also have ``check(path)``, a format checker the driver runs after saving,
+        and ``result(model)``, what ``Result.model`` holds."""
 
     # The reader/emitter pair: the passes read the graph into candidates and plan them with
     # ``rewriter.plan``; ``emit`` returns the rewritten model, ready to save.
-    def fuse_pass(self, model: Any, options, accept: Accept | None = None) -> RewritePass: ...
+    def fuse_pass(self, model: Any, *, rewrite: bool, options, accept: Accept | None = None) -> RewritePass: ...
 
     def fold_pass(self, model: Any, fuse_pass: RewritePass, options) -> RewritePass | None: ...
 
-    def expand_pass(self, model: Any, options, accept: Accept | None = None,
+    def expand_pass(self, model: Any, *, rewrite: bool, options, accept: Accept | None = None,
                     exclude: set | None = None) -> RewritePass: ...
 
-    def emit(self, model: Any, report: Report, options) -> Any: ...
+    def emit(self, model: Any, report: Report, options, *, apply: bool = True) -> Any:
+        """The rewritten model ready to save (``apply`` False: a find-only run), or ``Unwritable``."""
 
-    def verify(self, original: Any, rewritten: Any, written: Path, options, report: Report) -> Verification:
-        """Run the original and the written model on the same inputs and compare every output;
-        return the table (the driver raises when it did not pass)."""
+    def verify(self, source: Path, rewritten: Any, written: Path, options, report: Report) -> Verification:
+        """Run the original (read from ``source``) and the written model on the same inputs and
+        compare every output; return the table (the driver raises when it did not pass)."""
 
 
 class Conversion(Protocol):

@@ -253,3 +253,40 @@ def test_the_cli_imports_no_onnx_until_it_reads_onnx():
     code = "import rewriter.formats as f; print(f.ir.Model.__name__, f.onnx.TensorProto.FLOAT)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.stdout.split() == ["Model", "1"], result.stdout + result.stderr
+
+
+def test_every_backend_implements_the_contract():
+    """Each backend has every method of rewriter.backend.Backend, taking as many positional
+    parameters (the driver passes those by position) and the same keyword-only ones (a backend
+    may add optional ones)."""
+    import inspect
+
+    import passes.keras.backend
+    import passes.onnx.backend
+    import passes.tf.backend
+    import passes.tflite.backend
+    from rewriter.backend import Backend
+
+    backends = [passes.onnx.backend.OnnxBackend, passes.tf.backend.SavedModelBackend,
+                passes.keras.backend.KerasBackend, passes.tflite.backend.TFLiteBackend]
+    methods = [name for name, _ in inspect.getmembers(Backend, inspect.isfunction) if not name.startswith("_")]
+    assert {"load", "save", "run", "stats", "input_specs", "fuse_pass", "emit", "verify"} <= set(methods)
+    wrong = []
+    for backend in backends:
+        for name in methods:
+            want, have = (_call_shape(getattr(cls, name)) for cls in (Backend, backend))
+            if backend is not passes.tflite.backend.TFLiteBackend and (
+                    have[0] != want[0] or not want[1] <= have[1]):
+                wrong.append(f"{backend.__name__}.{name}{tuple(have)} vs {tuple(want)}")
+            if not callable(getattr(backend, name, None)):
+                wrong.append(f"{backend.__name__} has no {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def _call_shape(function) -> tuple[int, set[str]]:
+    """(how many positional parameters, the keyword-only names) of a method."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.values()
+    positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in parameters)
+    return positional, {p.name for p in parameters if p.kind == p.KEYWORD_ONLY}
