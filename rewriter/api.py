@@ -265,9 +265,6 @@ def _result_model(backend, model):
     return result(model) if result is not None else model
 
 
-_SUFFIXES = {"onnx": ".onnx", "savedmodel": "", "keras": ".keras", "tflite": ".tflite"}
-
-
 def _write(backend, hops, source: Path, rewritten, output: Path | None, read: list[Path], scratch: Path,
            options: Options, report: Report):
     """Save and prove the rewritten model, in staging beside ``output`` (committed atomically)
@@ -280,7 +277,7 @@ def _write(backend, hops, source: Path, rewritten, output: Path | None, read: li
         report.output, report.written = str(output), True
     elif backend.verify_unchanged or (options.verify and report.rewrites):
         # The API without an output: prove the rewrite all the same, in scratch.
-        _save_and_verify(backend, source, rewritten, scratch / f"rewritten{_SUFFIXES[backend.name]}", options,
+        _save_and_verify(backend, source, rewritten, scratch / f"rewritten{backend.suffix}", options,
                          report)
     else:
         report.verification = _skipped_verification(report, options)
@@ -332,7 +329,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
     saved by its format's backend and proven, then committed."""
     written = None
     if hops[0].proves_source:
-        written = scratch / f"rewritten{_SUFFIXES[backend.name]}"
+        written = scratch / f"rewritten{backend.suffix}"
         _save_and_verify(backend, source, rewritten, written, options, report)
     previous = current = rewritten
     for hop in hops:
@@ -354,7 +351,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
             save_and_verify(staging / output.name)
         report.output, report.written = str(output), True
     else:
-        save_and_verify(scratch / f"converted{_SUFFIXES[last.target]}")
+        save_and_verify(scratch / f"converted{writer.suffix}")
     return current
 
 

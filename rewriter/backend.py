@@ -43,6 +43,7 @@ class RewritePass(Protocol):
 
 class Backend(Protocol):
     name: str  # "onnx", "savedmodel", "keras", "tflite"
+    suffix: str  # of a file it writes ("" for a folder)
     # Verify even when nothing was rewritten (Keras compares its rebuild with Keras's own load).
     verify_unchanged: bool
 

@@ -92,6 +92,7 @@ class _KerasPass:
 
 class KerasBackend:
     name = "keras"
+    suffix = ".keras"
     verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
 
     def __init__(self, report: Report):

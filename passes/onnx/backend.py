@@ -37,6 +37,7 @@ class _InPlace:
 
 class OnnxBackend:
     name = "onnx"
+    suffix = ".onnx"
     verify_unchanged = False
 
     def __init__(self, report: Report):

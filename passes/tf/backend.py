@@ -44,6 +44,7 @@ class _OnGraph:
 
 class SavedModelBackend:
     name = "savedmodel"
+    suffix = ""  # a folder
     verify_unchanged = False
 
     def __init__(self, report: Report):

@@ -22,6 +22,7 @@ from rewriter.verify import InputSpec
 
 class TFLiteBackend:
     name = "tflite"
+    suffix = ".tflite"
     verify_unchanged = False
 
     def __init__(self, report: Report):
