@@ -60,6 +60,7 @@ class Built:
     layers: dict[str, Any]  # layer name → Keras layer or operation object
     # Lenient builds: call key → why it was not built (its own failure, or the one upstream of it).
     unbuilt: dict[tuple[str, int], BadInput] = field(default_factory=dict)
+    weights_loaded: bool = False  # load_weights gave every layer the file's arrays
 
     def first_failure(self) -> BadInput | None:
         """The failure the others follow from (the first layer that could not be rebuilt)."""
@@ -79,6 +80,10 @@ class BuildOptions:
     # unknown class) is recorded in ``Built.unbuilt`` with everything downstream of it, instead of
     # stopping the build (analysis only needs the shapes it can get; Lambdas still stop it).
     lenient: bool = False
+    # Layer objects an earlier build of the same graph made (the analysis), by layer name: called
+    # again instead of made anew, with the weights they hold. Making, building and filling a
+    # layer costs about a millisecond and a half; the emit after the analysis keeps most layers.
+    reuse: dict[str, Any] = field(default_factory=dict)
 
 
 # Settings tf-keras writes that Keras 3 refuses as unknown arguments; dropped only where they hold
@@ -209,7 +214,7 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
 
     layer = call.layer
     if layer.class_name == "InputLayer":
-        obj = objects.get(layer.name) or layer_object(layer, graph.legacy)
+        obj = objects.get(layer.name) or options.reuse.get(layer.name) or layer_object(layer, graph.legacy)
         objects[layer.name] = obj
         tensors[TensorRef(layer.name, 0, 0)] = obj.output
         return
@@ -220,7 +225,7 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
     elif layer.class_name in ("SlicingOpLambda", "TFOpLambda"):
         outputs = _tf_op(graph, call, tensors)
     else:
-        obj = objects.get(layer.name)
+        obj = objects.get(layer.name) or options.reuse.get(layer.name)
         if obj is None:
             if layer.class_name == "Lambda":
                 function = options.lambda_functions.get(layer.name)
@@ -466,11 +471,15 @@ def _slice_item(item):
     raise BadInput(f"unsupported slice item {json.dumps(item)[:60]}")
 
 
-def load_weights(built: Built, graph: KerasGraph, weights: WeightStore) -> None:
-    """Give every rebuilt layer the arrays the file holds for it."""
+def load_weights(built: Built, graph: KerasGraph, weights: WeightStore, *, reused: dict[str, Any] | None = None) -> None:
+    """Give every rebuilt layer the arrays the file holds for it (once: a second call on the same
+    build returns); ``reused``: an earlier build's layers, which this one called again and which
+    already hold theirs."""
+    if built.weights_loaded:
+        return
     for name, obj in built.layers.items():
-        if not hasattr(obj, "weights"):
-            continue  # an operation (GetItem, Split): nothing to hold
+        if not hasattr(obj, "weights") or (reused is not None and reused.get(name) is obj):
+            continue  # an operation (GetItem, Split): nothing to hold; or a layer given its arrays
         try:
             if weights.keras3:
                 _assign_keras3(obj, weights.tree(name), name)
@@ -480,6 +489,7 @@ def load_weights(built: Built, graph: KerasGraph, weights: WeightStore) -> None:
             raise
         except Exception as exc:
             raise BadInput(f"layer {name!r}: its weights do not fit ({one_line(exc)})") from exc
+    built.weights_loaded = True
 
 
 def _assign_keras3(obj, tree: dict, name: str) -> None:

@@ -186,17 +186,10 @@ def probe_slice(function: Callable, arguments: dict, shape: list[int | None]) ->
     for count, dims in zip((3, 1), shapes):
         if int(np.prod(dims)) >= 2 ** 24:
             return "input too large to probe exactly"
-        for probe, tensor in _probes(tuple(dims))[:count]:
-            try:
-                result = function(tensor, **arguments)
-            except Exception as exc:  # user code: any failure means "not something we understand"
-                text = str(exc).splitlines()[0][:120] if str(exc) else ""
-                return f"running it on a probe failed ({type(exc).__name__}: {text})"
-            outputs = list(result) if isinstance(result, (list, tuple)) else [result]
-            try:
-                arrays = [np.asarray(o) for o in outputs]
-            except Exception:
-                return "its output is not a tensor"
+        for probe in _probes(tuple(dims))[:count]:
+            arrays = _run_on(function, arguments, probe)
+            if isinstance(arrays, str):
+                return arrays
             described = _describe_slices(probe, arrays)
             if isinstance(described, str):
                 return described
@@ -208,26 +201,54 @@ def probe_slice(function: Callable, arguments: dict, shape: list[int | None]) ->
     return found
 
 
-# Probe tensors by shape, the last few kept: each Lambda is probed at one or two shapes, and the
+def _run_on(function: Callable, arguments: dict, probe: np.ndarray) -> list[np.ndarray] | str:
+    """The function's outputs on ``probe`` as arrays, or why it cannot run. The probe goes in as
+    a NumPy array first: slicing it is a view, where a TensorFlow tensor copies each slice (a
+    512-Lambda ResNeXt spent a second there). Code that needs a tensor (``x.shape.as_list()``,
+    ``K.int_shape``) fails or answers oddly on an array; it is then run on the constant tensor,
+    as Keras would run it. Whatever probing concludes, verification checks the rewrite."""
+    import tensorflow as tf
+
+    for value in (probe, None):
+        try:
+            result = function(probe if value is not None else tf.constant(probe), **arguments)
+        except Exception as exc:  # user code: any failure means "not something we understand"
+            if value is not None:
+                continue
+            text = str(exc).splitlines()[0][:120] if str(exc) else ""
+            return f"running it on a probe failed ({type(exc).__name__}: {text})"
+        outputs = list(result) if isinstance(result, (list, tuple)) else [result]
+        try:
+            arrays = [np.asarray(o) for o in outputs]
+        except Exception:
+            arrays = None
+        if arrays is not None and all(a.dtype == probe.dtype for a in arrays):
+            return arrays
+        if value is None:
+            return "its output is not a tensor" if arrays is None else "it changes the tensor's type"
+    raise AssertionError("unreachable")
+
+
+# Probe arrays by shape, the last few kept: each Lambda is probed at one or two shapes, and the
 # branches of one group read the same tensor, so consecutive calls reuse them; the bound on the
 # elements held keeps memory bounded on big inputs (one shape's probes are always kept).
-_PROBES: dict[tuple[int, ...], list[tuple[np.ndarray, Any]]] = {}
+_PROBES: dict[tuple[int, ...], list[np.ndarray]] = {}
 _PROBE_SHAPES_KEPT = 4
 _PROBE_ELEMENTS_KEPT = 2 ** 23
 
 
-def _probes(dims: tuple[int, ...]) -> list[tuple[np.ndarray, Any]]:
-    """Three probes, each as an array and the constant tensor of it: unique positive values,
-    unique negative halves, seeded noise."""
-    import tensorflow as tf
-
+def _probes(dims: tuple[int, ...]) -> list[np.ndarray]:
+    """Three probes: unique positive values, unique negative halves, seeded noise."""
     if dims not in _PROBES:
         base = np.arange(1, int(np.prod(dims)) + 1, dtype=np.float32).reshape(dims)
         noise = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
         while _PROBES and (len(_PROBES) >= _PROBE_SHAPES_KEPT or
                            sum(int(np.prod(d)) for d in _PROBES) + base.size > _PROBE_ELEMENTS_KEPT):
             del _PROBES[next(iter(_PROBES))]  # the oldest shape
-        _PROBES[dims] = [(array, tf.constant(array)) for array in (base, -0.5 * base + 0.25, noise)]
+        probes = [base, -0.5 * base + 0.25, noise]
+        for probe in probes:  # code that writes into its input fails (and runs on a tensor) instead
+            probe.setflags(write=False)
+        _PROBES[dims] = probes
     return _PROBES[dims]
 
 

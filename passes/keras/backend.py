@@ -160,10 +160,14 @@ class KerasBackend:
             return self._unbuildable(source, options, failure)
         lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
                            if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
-        rebuilt = _build.build(source.graph, _build.BuildOptions(
+        # The analysis's layers, given the file's arrays once, are called again where the model
+        # keeps them (the reference rebuilt from the file, when needed, is that same build).
+        graph, weights = source.graph, source.kfile.weights
+        _build.load_weights(analysis.built, graph, weights)
+        rebuilt = _build.build(graph, _build.BuildOptions(
             lambda_functions=analysis.functions, lambda_as_slice=lambda_as_slice,
-            replacements=source.replacements, trusted=options.trust_lambdas))
-        _build.load_weights(rebuilt, source.graph, source.kfile.weights)
+            replacements=source.replacements, trusted=options.trust_lambdas, reuse=analysis.built.layers))
+        _build.load_weights(rebuilt, graph, weights, reused=analysis.built.layers)
         km._carry_compile_settings(rebuilt.model, source.kfile, report)
         return KerasResult(rebuilt.model, source, options, km._has_lambda(rebuilt.model))
 
