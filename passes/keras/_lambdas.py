@@ -186,7 +186,7 @@ def probe_slice(function: Callable, arguments: dict, shape: list[int | None]) ->
     for count, dims in zip((3, 1), shapes):
         if int(np.prod(dims)) >= 2 ** 24:
             return "input too large to probe exactly"
-        for probe in _probes(tuple(dims))[:count]:
+        for probe in _probes(tuple(dims), count):
             arrays = _run_on(function, arguments, probe)
             if isinstance(arrays, str):
                 return arrays
@@ -237,19 +237,26 @@ _PROBE_SHAPES_KEPT = 4
 _PROBE_ELEMENTS_KEPT = 2 ** 23
 
 
-def _probes(dims: tuple[int, ...]) -> list[np.ndarray]:
-    """Three probes: unique positive values, unique negative halves, seeded noise."""
+def _probes(dims: tuple[int, ...], count: int) -> list[np.ndarray]:
+    """The first ``count`` of three probes: unique positive values, unique negative halves,
+    seeded noise (made when first asked for: a dynamic batch's second size needs only the first)."""
     if dims not in _PROBES:
-        base = np.arange(1, int(np.prod(dims)) + 1, dtype=np.float32).reshape(dims)
-        noise = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        size = int(np.prod(dims))
         while _PROBES and (len(_PROBES) >= _PROBE_SHAPES_KEPT or
-                           sum(int(np.prod(d)) for d in _PROBES) + base.size > _PROBE_ELEMENTS_KEPT):
+                           sum(int(np.prod(d)) for d in _PROBES) + size > _PROBE_ELEMENTS_KEPT):
             del _PROBES[next(iter(_PROBES))]  # the oldest shape
-        probes = [base, -0.5 * base + 0.25, noise]
-        for probe in probes:  # code that writes into its input fails (and runs on a tensor) instead
-            probe.setflags(write=False)
-        _PROBES[dims] = probes
-    return _PROBES[dims]
+        _PROBES[dims] = []
+    probes = _PROBES[dims]
+    while len(probes) < count:
+        if not probes:
+            probe = np.arange(1, int(np.prod(dims)) + 1, dtype=np.float32).reshape(dims)
+        elif len(probes) == 1:
+            probe = -0.5 * probes[0] + 0.25
+        else:
+            probe = np.random.default_rng(0).standard_normal(dims, dtype=np.float32)
+        probe.setflags(write=False)  # code that writes into its input fails (and runs on a tensor) instead
+        probes.append(probe)
+    return probes[:count]
 
 
 def release_probes() -> None:
