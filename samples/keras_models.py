@@ -148,10 +148,15 @@ def _late_closure(L, x, groups: int, width: int):
     return slices
 
 
-def resnext50_lambda_model(path: Path, *, size: int = 224, cardinality: int = 32, seed: int = 0) -> Path:
+def resnext50_lambda_model(path: Path, *, size: int = 224, cardinality: int = 32, seed: int = 0,
+                           keras3: bool = False) -> Path:
     """ResNeXt-50 (32x4d) as legacy code wrote it: each stage's 3×3 conv as 32 Lambda slices →
-    Conv2D → Concatenate, in tf-keras, saved as ``.h5`` (16 blocks, so 16 grouped convs)."""
-    tk = _tf_keras()
+    Conv2D → Concatenate, in tf-keras, saved as ``.h5`` (16 blocks, so 16 grouped convs);
+    ``keras3``: the same code in Keras 3, saved as ``path`` says (``.keras``)."""
+    if keras3:
+        import keras as tk
+    else:
+        tk = _tf_keras()
     import numpy as np
 
     L = tk.layers
