@@ -226,6 +226,27 @@ def test_probe_rejects_everything_else(function, reason):
     assert isinstance(probed, str) and reason in probed
 
 
+def _writes_into_its_input(z):
+    z[..., 0] = 0.0  # NumPy: the read-only probe refuses; a tensor has no item assignment either
+    return z[..., 0:2]
+
+
+def test_probe_runs_code_that_needs_a_tensor_on_one_and_never_changes_the_probes():
+    """Probes go in as NumPy arrays first; code that needs a tensor runs on the constant tensor;
+    code that writes into its input cannot change the probes the next Lambda sees."""
+    needs_tensor = _lambdas.probe_slice(lambda z: z[..., : z.shape.as_list()[-1] // 2], {}, [None, 4, 4, 8])
+    assert (needs_tensor.axis, needs_tensor.ranges) == (3, [(0, 4)])
+    writes = _lambdas.probe_slice(_writes_into_its_input, {}, [None, 4, 4, 8])
+    assert isinstance(writes, str) and "running it on a probe failed" in writes
+    after = _lambdas.probe_slice(lambda z: z[..., 0:2], {}, [None, 4, 4, 8])
+    assert (after.axis, after.ranges) == (3, [(0, 2)])
+    retyped = _lambdas.probe_slice(lambda z: tf.cast(z, "float16")[..., 0:2], {}, [None, 4, 4, 8])
+    assert retyped == "it changes the tensor's type"
+    for probe in _lambdas._probes((2, 4, 4, 8), 3):
+        assert not probe.flags.writeable
+    np.testing.assert_array_equal(_lambdas._probes((2, 4, 4, 8), 1)[0].ravel(), np.arange(1, 257, dtype=np.float32))
+
+
 def test_probe_rejects_slices_relative_to_an_unfixed_size():
     probed = _lambdas.probe_slice(lambda z: z[:, 1:], {}, [None, None, None, 8])
     assert isinstance(probed, str) and "not fixed" in probed or "not a constant slice" in probed
