@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from rewriter import formats, quiet, targets
 from rewriter.backend import Unwritable, conversions
 from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
-from rewriter.memory import paused_gc
+from rewriter.memory import frozen_heap, paused_gc
 from rewriter.report import Report, Verification
 from rewriter.verify import load_inputs_file, verify_onnx
 
@@ -101,9 +101,9 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     _check_options(model, fmt, options)
     # An onnx-ir graph is a web of cycles (values know their users, nodes their graph): the cycle
     # collector would rescan all of it again and again while it grows. Nothing needs it meanwhile.
-    # Not for a whole Keras run: its conversions (--to onnx/savedmodel) leave cyclic garbage that
-    # only the collector frees (ConvNeXt-Tiny to ONNX peaked at 15.6 GB with it paused, 6.1 GB
-    # without); the Keras backend pauses it around each model build and load instead.
+    # Not for TensorFlow's formats: their conversions (--to onnx/savedmodel) leave cyclic garbage
+    # that only the collector frees (ConvNeXt-Tiny .h5 to ONNX peaked at 15.6 GB with it paused,
+    # 6.1 GB without); see _drive.
     with paused_gc() if fmt == "onnx" else nullcontext():
         result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
                         apply=apply, options=options)
@@ -133,9 +133,11 @@ def _check_options(model, fmt: str, options: Options) -> None:
 def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options) -> Result:
     report = Report(input=str(model) if not _in_memory(model) else "<model>", mode=mode)
     report.on_phase = options.progress
-    with formats.scratch_dir() as scratch:
+    with formats.scratch_dir() as scratch, ExitStack() as heap:
         source = _source_path(model, scratch)
         backend, hops = _backends(fmt, source, options, report)
+        if fmt != "onnx":  # TensorFlow and Keras, imported now, are a million objects that live on:
+            heap.enter_context(frozen_heap())  # full collections walk only what the run makes
         if output is not None:
             _check_output(model, fmt, source, output, hops, options)
         with report.timed("load"):

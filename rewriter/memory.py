@@ -20,3 +20,20 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Everything alive on entry (TensorFlow and Keras alone are a million objects) is moved out
+    of the collector's sight for the duration: its full collections then walk only what the run
+    made. Unlike a paused collector, garbage made inside is still collected (a SavedModel export
+    and tf2onnx leave gigabytes of it). Left alone when someone else froze objects already:
+    unfreezing would return theirs too."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
