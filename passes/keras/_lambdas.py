@@ -209,11 +209,11 @@ def _run_on(function: Callable, arguments: dict, probe: np.ndarray) -> list[np.n
     as Keras would run it. Whatever probing concludes, verification checks the rewrite."""
     import tensorflow as tf
 
-    for value in (probe, None):
+    for as_tensor in (False, True):
         try:
-            result = function(probe if value is not None else tf.constant(probe), **arguments)
+            result = function(tf.constant(probe) if as_tensor else probe, **arguments)
         except Exception as exc:  # user code: any failure means "not something we understand"
-            if value is not None:
+            if not as_tensor:
                 continue
             text = str(exc).splitlines()[0][:120] if str(exc) else ""
             return f"running it on a probe failed ({type(exc).__name__}: {text})"
@@ -224,9 +224,7 @@ def _run_on(function: Callable, arguments: dict, probe: np.ndarray) -> list[np.n
             arrays = None
         if arrays is not None and all(a.dtype == probe.dtype for a in arrays):
             return arrays
-        if value is None:
-            return "its output is not a tensor" if arrays is None else "it changes the tensor's type"
-    raise AssertionError("unreachable")
+    return "its output is not a tensor" if arrays is None else "it changes the tensor's type"
 
 
 # Probe arrays by shape, the last few kept: each Lambda is probed at one or two shapes, and the
