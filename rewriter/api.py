@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,14 +99,8 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     options = _options(options, overrides)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
-    # An onnx-ir graph is a web of cycles (values know their users, nodes their graph): the cycle
-    # collector would rescan all of it again and again while it grows. Nothing needs it meanwhile.
-    # Not for TensorFlow's formats: their conversions (--to onnx/savedmodel) leave cyclic garbage
-    # that only the collector frees (ConvNeXt-Tiny .h5 to ONNX peaked at 15.6 GB with it paused,
-    # 6.1 GB without); see _drive.
-    with paused_gc() if fmt == "onnx" else nullcontext():
-        result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
-                        apply=apply, options=options)
+    result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
+                    apply=apply, options=options)
     if options.benchmark and apply:
         _benchmark(model, fmt, result, options)
     return result
@@ -133,11 +127,10 @@ def _check_options(model, fmt: str, options: Options) -> None:
 def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options) -> Result:
     report = Report(input=str(model) if not _in_memory(model) else "<model>", mode=mode)
     report.on_phase = options.progress
-    with formats.scratch_dir() as scratch, ExitStack() as heap:
+    with formats.scratch_dir() as scratch, ExitStack() as collector:
         source = _source_path(model, scratch)
         backend, hops = _backends(fmt, source, options, report)
-        if fmt != "onnx":  # TensorFlow and Keras, imported now, are a million objects that live on:
-            heap.enter_context(frozen_heap())  # full collections walk only what the run makes
+        collector.enter_context(_collector_for(fmt))
         if output is not None:
             _check_output(model, fmt, source, output, hops, options)
         with report.timed("load"):
@@ -172,6 +165,17 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
                     r.exercised, r.exercised_by = True, "model run"
         final_backend = backend_for(hops[-1].target, report) if hops else backend
         return Result(_result_model(final_backend, final), report)
+
+
+def _collector_for(fmt: str):
+    """How Python's cycle collector runs while the model is read, rewritten and written. An
+    onnx-ir graph is a web of cycles (values know their users, nodes their graph) that the
+    collector would rescan again and again while it grows: paused, nothing needs it meanwhile.
+    TensorFlow's formats must keep it (their conversions leave cyclic garbage only it frees:
+    ConvNeXt-Tiny .h5 --to onnx peaked at 15.6 GB with it paused, 6.1 GB with it running); there
+    the million objects of TensorFlow and Keras, imported by now, are frozen out of its full
+    collections (5.1 GB, 29 s against 41 s), and the Keras backend pauses it around each build."""
+    return paused_gc() if fmt == "onnx" else frozen_heap()
 
 
 def _user_inputs(options: Options) -> list[Path]:

@@ -136,8 +136,6 @@ def layer_object(layer: LayerSpec, legacy: bool, trusted: bool = False):
                        f"({one_line(exc)})") from exc
 
 
-
-
 def build(graph: KerasGraph, options: BuildOptions) -> Built:
     """Call every layer in dependency order; return the model and every tensor by reference.
     The file's layers start with zeros where Keras would draw random values (``load_weights``

@@ -17,6 +17,7 @@ import numpy as np
 from passes.keras import _build, _compat, _config, _lambdas, _slices
 from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible, one_line
+from rewriter.memory import paused_gc
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
 from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
@@ -221,7 +222,7 @@ def _load_written(target: Path, *, trusted: bool):
     try:
         # Keras's own load; it fails unless the file gives every variable its value, so the
         # random values it would draw first are skipped.
-        with _compat.unrandom_initial_values(), _build.paused_gc():
+        with _compat.unrandom_initial_values(), paused_gc():
             return keras.models.load_model(target, compile=False, safe_mode=not trusted)
     except Exception as exc:
         raise VerificationFailed(f"the written model does not load in Keras ({one_line(exc)}); nothing was written") from exc
