@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rewriter import formats, quiet, targets
+from rewriter import formats, proof, quiet, targets
 from rewriter.backend import Unwritable, conversions
 from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
@@ -309,7 +309,9 @@ def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Opti
         report.verification = _skipped_verification(report, options)
         return
     with report.timed("verify"):
-        _proven(lambda: backend.verify(source, rewritten, path, options, report), report)
+        _proven(lambda: proof.at_second_size(lambda opts: backend.verify(source, rewritten, path, opts, report),
+                                             options, backend.verify(source, rewritten, path, options, report)),
+                report)
 
 
 def _proven(verify, report: Report) -> None:

@@ -22,6 +22,9 @@ class Rewrite:
     # early); False for a rewrite in an If/Loop branch that no verification run reached.
     exercised: bool | None = None
     exercised_by: str = ""  # how ("model run", "subgraph ... as its own model"), or why not
+    # The tensor(s) this rewrite replaces, compared directly in both models (rewriter.proof):
+    # [{"tensor", "max_abs_error", "max_rel_error", "passed", "informative", "note"}].
+    boundary: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +45,8 @@ class OutputComparison:
     mean_abs_error: float
     passed: bool
     note: str = ""
+    # False when the original's values cannot prove anything (all NaN/Inf, constant within atol).
+    informative: bool = True
 
 
 @dataclass
@@ -54,6 +59,9 @@ class Verification:
     note: str = ""
     inputs: dict[str, list[int]] = field(default_factory=dict)  # name -> shape used
     defaulted: dict[str, list[int]] = field(default_factory=dict)  # name -> unknown batch dims set to 1
+    # Every run: [{"inputs": {name: shape}, "outputs": [{"name", "max_abs_error", "max_rel_error",
+    # "passed", "informative"}]}]; a defaulted batch is run at 1 and at 2.
+    runs: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -48,13 +48,19 @@ def load_inputs_file(path: Path) -> dict[str, np.ndarray]:
         raise BadInput(f"{path}: not a readable .npz of arrays ({str(exc).splitlines()[0][:160]})") from None
 
 
-def _session(path: Path, role: str):
+def _session(path: Path, role: str, model_bytes: bytes | None = None):
+    """An onnxruntime session with its graph optimisations off, of the file at ``path`` or of
+    ``model_bytes`` (a copy of it) whose external data lies beside ``path``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
+        if model_bytes is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(path).resolve().parent))
+            return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
@@ -350,6 +356,15 @@ def run_session(session, feeds: Mapping[str, np.ndarray], role: str) -> list[np.
 
 
 def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> OutputComparison:
+    """One tensor of the original against the rewritten model's.
+
+    An element fails when it exceeds both atol and rtol. Non-finite values match only where
+    identical (+inf with +inf, NaN with NaN): +inf against -inf is a failure, never inf/inf = NaN
+    that no comparison catches. The relative error is taken against ``max(|expected|, atol)`` so
+    it cannot explode where the expected value is 0. A reference that carries no information for
+    these inputs (all NaN / non-finite, or constant to within atol) is flagged ``informative``
+    False: it passes or fails as compared, but it proves nothing about the rewrite.
+    """
     expected, actual = np.asarray(expected), np.asarray(actual)
     base = dict(name=name, shape=list(expected.shape), dtype=str(expected.dtype))
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
@@ -357,7 +372,8 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rt
                                 mean_abs_error=float("inf"), passed=False,
                                 note=f"changed to {actual.dtype}{list(actual.shape)}")
     if expected.size == 0:
-        return OutputComparison(**base, max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, passed=True)
+        return OutputComparison(**base, max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, passed=True,
+                                informative=False, note="empty")
     if expected.dtype.kind in "OSU":  # strings: equal or not
         diff = np.asarray(expected != actual)
         return OutputComparison(**base, max_abs_error=float(diff.any()), max_rel_error=float(diff.any()),
@@ -366,25 +382,46 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rt
         diff = expected != actual
         errors = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
         return OutputComparison(**base, max_abs_error=float(errors.max()), max_rel_error=float(diff.any()),
-                                mean_abs_error=float(errors.mean()), passed=not diff.any())
-    e, a = np.atleast_1d(expected.astype(np.float64)), np.atleast_1d(actual.astype(np.float64))  # rank 0 too
-    nan_mismatch = np.isnan(e) != np.isnan(a)
-    inf_mismatch = np.isinf(e) != np.isinf(a)
+                                mean_abs_error=float(errors.mean()), passed=not diff.any(),
+                                **_information(expected.astype(np.float64), 0.0, []))
+    if expected.dtype.kind == "c":  # complex: both parts, each compared as floats
+        e = np.concatenate([np.atleast_1d(expected.real), np.atleast_1d(expected.imag)]).astype(np.float64)
+        a = np.concatenate([np.atleast_1d(actual.real), np.atleast_1d(actual.imag)]).astype(np.float64)
+    else:
+        e, a = np.atleast_1d(expected.astype(np.float64)), np.atleast_1d(actual.astype(np.float64))  # rank 0 too
+    finite_e, finite_a = np.isfinite(e), np.isfinite(a)
+    # Where either side is non-finite, the two must be the very same value (NaN is NaN, inf keeps its sign).
+    nonfinite = ~(finite_e & finite_a)
+    same_nonfinite = (np.isnan(e) & np.isnan(a)) | (np.isinf(e) & (e == a))
+    nonfinite_mismatch = nonfinite & ~same_nonfinite
     with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(e - a)
-        diff[np.isnan(e) & np.isnan(a)] = 0.0
-        diff[np.isinf(e) & (e == a)] = 0.0
-        rel = diff / np.maximum(np.abs(e), np.finfo(np.float64).tiny)
-        failing = (diff > atol) & (rel > rtol)
-    failing |= nan_mismatch | inf_mismatch
-    finite = np.isfinite(diff)
-    note = "NaN/Inf where the original has none" if (nan_mismatch | inf_mismatch).any() else ""
+        diff = np.where(nonfinite, 0.0, np.abs(e - a))
+        rel = diff / np.maximum(np.abs(np.where(finite_e, e, 0.0)), max(atol, np.finfo(np.float64).tiny))
+    failing = ((diff > atol) & (rel > rtol)) | nonfinite_mismatch
+    notes = []
+    if nonfinite_mismatch.any():
+        where = int(np.flatnonzero(nonfinite_mismatch)[0])
+        notes.append(f"non-finite values differ ({e.flat[where]:g} expected, {a.flat[where]:g} written)")
     return OutputComparison(
         **base,
-        max_abs_error=float(diff[finite].max()) if finite.any() else float("inf"),
-        max_rel_error=float(rel[finite].max()) if finite.any() else float("inf"),
-        mean_abs_error=float(diff[finite].mean()) if finite.any() else float("inf"),
-        passed=not failing.any(), note=note)
+        max_abs_error=float("inf") if nonfinite_mismatch.any() else float(diff.max()),
+        max_rel_error=float("inf") if nonfinite_mismatch.any() else float(rel.max()),
+        mean_abs_error=float(diff[~nonfinite].mean()) if (~nonfinite).any() else 0.0,
+        passed=not failing.any(), **_information(e, atol, notes))
+
+
+def _information(expected: np.ndarray, atol: float, notes: list[str]) -> dict:
+    """``informative`` and ``note``: a reference tensor proves nothing when it is all non-finite,
+    or when every finite value lies within atol of every other (a constant, a flat head)."""
+    finite = expected[np.isfinite(expected)]
+    informative = True
+    if finite.size == 0:
+        informative = False
+        notes = [*notes, "the original's values are all NaN/Inf: not counted as proof"]
+    elif float(finite.max() - finite.min()) <= atol:
+        informative = False
+        notes = [*notes, "the original's values are constant for these inputs: not counted as proof"]
+    return dict(informative=informative, note="; ".join(notes))
 
 
 def verify_onnx(original: Path, rewritten: Path, *, atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0,
@@ -413,6 +450,37 @@ def verify_onnx(original: Path, rewritten: Path, *, atol: float = 1e-4, rtol: fl
     outputs = [compare(n, e, a, atol, rtol) for n, e, a in zip(output_names, expected, actual)]
     return Verification(ran=True, passed=all(o.passed for o in outputs), atol=atol, rtol=rtol, outputs=outputs,
                         **used)
+
+
+class OnnxRunner:
+    """A model file run in onnxruntime, with ``extra`` tensors of its main graph exposed as outputs
+    (``rewriter.proof``'s runner): ``runner(feeds) → {name: array}``, model outputs and extras.
+    ``outputs``: the model's own output names; ``extra``: the asked-for names the model computes."""
+
+    def __init__(self, path: Path, role: str, extra: Sequence[str] = ()):
+        import onnx
+
+        self.role = role
+        model_bytes, added = None, []
+        self.extra: list[str] = []
+        if extra:
+            model = onnx.load(str(path), load_external_data=False)  # external tensors stay on disk
+            graph = model.graph
+            computed = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+            declared = {o.name for o in graph.output}
+            added = [name for name in dict.fromkeys(extra) if name in computed and name not in declared]
+            # An output without a type is legal for onnxruntime: it types it from the graph.
+            graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+            model_bytes = model.SerializeToString() if added else None
+            self.extra = [name for name in dict.fromkeys(extra) if name in declared or name in added]
+        self.session = _session(path, role, model_bytes)
+        self.output_specs = _input_specs(self.session.get_outputs())
+        self.outputs = [spec.name for spec in self.output_specs if spec.name not in added]
+        self.inputs = _input_specs(self.session.get_inputs())
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [spec.name for spec in self.output_specs]
+        return dict(zip(names, run_session(self.session, feeds, self.role)))
 
 
 # -- rewrites inside If / Loop / Scan bodies ------------------------------------------------------

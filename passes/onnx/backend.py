@@ -18,7 +18,8 @@ from passes import registered
 from rewriter import formats
 from rewriter.errors import VerificationFailed
 from rewriter.report import ModelStats, Report, Verification, model_stats
-from rewriter.verify import InputSpec, run_session, verify_onnx, verify_subgraphs
+from rewriter.proof import prove
+from rewriter.verify import InputSpec, OnnxRunner, run_session, verify_subgraphs
 
 
 class _InPlace:
@@ -102,9 +103,12 @@ class OnnxBackend:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, run_session(session, feeds, "rewritten")))
 
+    def runner(self, path: Path, role: str, extra=()) -> OnnxRunner:
+        """The file run in onnxruntime with ``extra`` tensors exposed (``rewriter.proof``)."""
+        return OnnxRunner(path, role, extra)
+
     def verify(self, original: Path, rewritten: ir.Model, written: Path, options, report: Report) -> Verification:
-        verification = verify_onnx(original, written, atol=options.atol, rtol=options.rtol, seed=options.seed,
-                                   shapes=options.shapes, inputs=options.inputs)
+        verification = prove(self, original, written, options, report.rewrites)
         if verification.passed:
             # One run takes one branch of each If: rewrites in subgraphs are run on their own too.
             with tempfile.TemporaryDirectory(prefix="gconv-subgraphs-") as scratch:

@@ -96,12 +96,13 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             split_name = names.node(f"{location}_split")
             branch_names = [names.node(f"{location}_g{i}") for i in range(plan.branches)]
             concat_name = names.node(f"{location}_concat")
+            boundary = [{"tensor": conv.outputs[0].name}]  # the Concat output takes this name
             if self.rewrite:
                 self._emit(graph, names, opset, conv, plan, split_name, branch_names, concat_name)
                 modified = True
             self.rewrites.append(Rewrite(
                 kind="expand-grouped-conv", location=location, groups=groups, channels=channels,
-                nodes=[split_name, *branch_names, concat_name], graph=graph_label))
+                nodes=[split_name, *branch_names, concat_name], graph=graph_label, boundary=boundary))
         return modified
 
     # -- planning ----------------------------------------------------------------------------

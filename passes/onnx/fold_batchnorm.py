@@ -83,7 +83,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.rewrites.append(Rewrite(
             kind="fold-batchnorm", location=conv.name or name, groups=g.attr_int(conv, "group", 1),
             channels={"in": int(weight.shape[1]) * g.attr_int(conv, "group", 1), "out": int(weight.shape[0])},
-            nodes=[op.name] if op.name else [], graph=label))
+            nodes=[op.name] if op.name else [], graph=label, boundary=[{"tensor": name}]))
         return True
 
 

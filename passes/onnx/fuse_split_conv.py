@@ -167,7 +167,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             self.rewrites.append(Rewrite(
                 kind=kind, location=fused.location, groups=fused.groups,
                 channels={"in": fused.in_channels, "out": fused.out_channels},
-                nodes=[n.name for n in replaced if n.name], graph=label))
+                nodes=[n.name for n in replaced if n.name], graph=label,
+                # The Concat's output stands in both models, whether the fusion is complete or splits back.
+                boundary=[{"tensor": concat.outputs[0].name}]))
             if not fused.complete:
                 self.skipped.append(Skip(location, f"fused up to {fused.stopped_because}; "
                                      "the rest stays per branch", [], label))
