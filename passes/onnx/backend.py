@@ -17,8 +17,8 @@ import passes.onnx  # noqa: F401  (registers the ONNX passes)
 from passes import registered
 from rewriter import formats
 from rewriter.errors import VerificationFailed
-from rewriter.report import ModelStats, Report, Verification, model_stats
 from rewriter.proof import prove
+from rewriter.report import ModelStats, Report, Verification, model_stats
 from rewriter.verify import InputSpec, OnnxRunner, run_session, verify_subgraphs
 
 
