@@ -338,10 +338,10 @@ def _branch_constants(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None, np.
             continue
         graph_input = _graph_input_behind(value)
         if graph_input is not None:
-            raise Refused(f"{role} of {_label(conv)} come from graph input {graph_input} (replaceable at run time)")
+            raise Refused(f"{_label(conv)} reads its {role} from graph input {graph_input} (replaceable at run time)")
         arrays[index] = g.const_array(value)
         if arrays[index] is None:
-            raise Refused(f"{role} of {_label(conv)} are not constants")
+            raise Refused(f"the {role} of {_label(conv)} {'are' if role == 'weights' else 'is'} not a constant")
     weight = arrays.get(W)
     if weight is None or W_SCALE not in arrays or W_ZERO_POINT not in arrays:
         raise Refused(f"{_label(conv)} has no constant weight, weight scale or weight zero point")
