@@ -171,7 +171,7 @@ def test_check_on_the_command_line_reports_the_qlinear_candidate(tmp_path):
 def qlinear_model(*, join: str = "concat", reader: str = "split", weight_type=np.int8, weight_zero_points=None,
                   y_scales=None, join_scale: float | None = None, overridable: tuple[str, ...] = (),
                   shared_x_scale_input: bool = False, widths=None, no_bias_branch: int | None = None,
-                  inner_group: int = 1, output_is_join: bool = True, seed: int = 0) -> onnx.ModelProto:
+                  inner_group: int = 1, output_is_join: bool = True, out: int = OUT, seed: int = 0) -> onnx.ModelProto:
     """``x (uint8) → Split|Slice → QLinearConv_i → Concat|QLinearConcat → y (uint8)``.
 
     Each branch has its own per-tensor weight scale (and zero point: ``weight_zero_points``);
@@ -195,13 +195,13 @@ def qlinear_model(*, join: str = "concat", reader: str = "split", weight_type=np
             inits[f"start{i}"], inits[f"end{i}"] = np.array([starts[i]], np.int64), np.array([starts[i + 1]], np.int64)
             nodes.append(helper.make_node("Slice", ["x", f"start{i}", f"end{i}", "axes"], [f"s{i}"], name=f"slice{i}"))
     for i, width in enumerate(widths):
-        inits[f"w{i}"] = rng.integers(low, high, size=(OUT, width // inner_group, 3, 3)).astype(weight_type)
+        inits[f"w{i}"] = rng.integers(low, high, size=(out, width // inner_group, 3, 3)).astype(weight_type)
         inits[f"ws{i}"] = np.float32(0.004 + 0.002 * i)
         inits[f"wz{i}"] = np.asarray(weight_zero_points[i], weight_type)
         inits[f"ys{i}"] = np.float32(y_scales[i])
         inputs = [f"s{i}", "xs", "xz", f"w{i}", f"ws{i}", f"wz{i}", f"ys{i}", "yz"]
         if i != no_bias_branch:
-            inits[f"b{i}"] = rng.integers(-3000, 3000, size=(OUT,)).astype(np.int32)
+            inits[f"b{i}"] = rng.integers(-3000, 3000, size=(out,)).astype(np.int32)
             inputs.append(f"b{i}")
         nodes.append(helper.make_node("QLinearConv", inputs, [f"c{i}"], pads=[1] * 4, group=inner_group,
                                       name=f"conv{i}"))
@@ -213,10 +213,10 @@ def qlinear_model(*, join: str = "concat", reader: str = "split", weight_type=np
         triples = [name for i, c in enumerate(branch_outputs) for name in (c, f"ys{i}", "yz")]
         nodes.append(helper.make_node("QLinearConcat", ["js", "yz", *triples], ["joined"], axis=1,
                                       domain="com.microsoft", name="qconcat"))
-    outputs = {"joined": [1, OUT * len(widths), SPATIAL, SPATIAL]}
+    outputs = {"joined": [1, out * len(widths), SPATIAL, SPATIAL]}
     if not output_is_join:  # something reads the joined tensor (a following op keeps its input name)
         nodes.append(helper.make_node("MaxPool", ["joined"], ["pooled"], kernel_shape=[2, 2], name="pool"))
-        outputs = {"pooled": [1, OUT * len(widths), SPATIAL - 1, SPATIAL - 1]}
+        outputs = {"pooled": [1, out * len(widths), SPATIAL - 1, SPATIAL - 1]}
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, sum(widths), SPATIAL, SPATIAL])]
     overridable = tuple(overridable) + (("xs",) if shared_x_scale_input else ())
     graph_inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(inits[name]).dtype),
@@ -273,6 +273,14 @@ def test_a_branch_without_bias_gets_zeros_and_inner_groups_multiply(tmp_path):
     assert_identical_outputs(source, output, uint8_feeds)
 
 
+def test_depthwise_branches_of_one_channel_fuse_exactly(tmp_path):
+    """onnxruntime runs a depthwise QLinearConv with its own kernel: still integer-exact."""
+    source, output, result = fuse_by_hand(tmp_path, qlinear_model(widths=[1] * 8, out=1))
+    assert [(r.groups, r.channels) for r in result.report.rewrites] == [(8, {"in": 8, "out": 8})]
+    assert group_of(the_qlinear_conv(onnx.load(output))) == 8
+    assert_identical_outputs(source, output, uint8_feeds)
+
+
 def test_one_overridable_x_scale_read_by_every_branch_stays_overridable(tmp_path):
     """Never baked in: the fused conv reads the same graph input, so overriding it still counts."""
     source, output, result = fuse_by_hand(tmp_path, qlinear_model(shared_x_scale_input=True))
@@ -326,3 +334,17 @@ def test_overridable_slice_bounds_are_refused_by_name(tmp_path):
 
 def test_an_uneven_split_is_refused_with_the_planner_reason(tmp_path):
     assert refusal(tmp_path, qlinear_model(widths=[2, 2, 2, 4])) == ["uneven split: 2,2,2,4 channels"]
+
+
+def test_a_target_that_runs_no_grouped_conv_keeps_the_branches_and_says_why(tmp_path):
+    source, output = tmp_path / "q.onnx", tmp_path / "q.mnn.onnx"
+    onnx.save(qlinear_model(), source)
+    result = rewriter.fuse(source, output=output, target="mnn")
+    assert result.report.rewrites == []
+    [skip] = result.report.skipped
+    assert skip.reason.startswith("split for mnn: MNN runs only depthwise and group=1 convolutions")
+    assert [(n["location"], n["action"]) for n in result.report.target["nodes"]] == [("concat", "keep")]
+    assert op_counts(onnx.load(output)) == op_counts(onnx.load(source))
+    fused = rewriter.fuse(source, output=tmp_path / "q.ort.onnx", target="onnxruntime-cpu").report
+    assert [(n["location"], n["action"]) for n in fused.target["nodes"]] == [("conv0_group4", "fuse")]
+    assert [r.kind for r in fused.rewrites] == ["fuse-qlinear-conv"]

@@ -141,9 +141,9 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
                          for n in [v.producer()] if n is not None and n.op_type == "QLinearConv"]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
-            if not self._accepted(candidate, plan, location, label):
-                continue
             name = names.node(f"{candidate.convs[0].name or 'QLinearConv'}_group{plan.fusion.groups}")
+            if not self._accepted(candidate, plan, location, name, label):
+                continue
             replaced = _replaced_nodes(candidate)
             self.rewrites.append(Rewrite(
                 kind=KIND, location=name, groups=plan.fusion.groups,
@@ -154,8 +154,9 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
                 modified = True
         return modified
 
-    def _accepted(self, candidate: _Candidate, plan: _Plan, location: str, label: str) -> bool:
-        """The ``accept`` hook's verdict (True without a hook); a refusal is recorded as a skip."""
+    def _accepted(self, candidate: _Candidate, plan: _Plan, location: str, name: str, label: str) -> bool:
+        """The ``accept`` hook's verdict (True without a hook); a refusal is recorded as a skip.
+        Reports name the join where the branches stay, the fused conv (``name``) where they fuse."""
         if self.accept is None:
             return True
         fusion = plan.fusion
@@ -163,7 +164,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
                                          out_channels=fusion.out_channels, kernel_rank=fusion.weight.ndim - 2))
         if not ok:
             self.skipped.append(Skip(location, rule, [c.name for c in candidate.convs if c.name], label))
-        self.decisions.append({"location": location, "graph": label, "form": "native" if ok else "split",
+        self.decisions.append({"location": name if ok else location, "graph": label, "form": "native" if ok else "split",
                                "action": "fuse" if ok else "keep", "rule": rule})
         return ok
 
