@@ -36,6 +36,24 @@ class _InPlace:
         return getattr(self.onnx_pass, name)
 
 
+class _Sequence:
+    """Several fuse passes run one after the other as the one pass the driver calls: their
+    findings read as one (``rewrites``, ``skipped``, ``decisions``, ``created``, ``fused_convs``)."""
+
+    def __init__(self, steps: list[_InPlace]):
+        self.steps = steps
+
+    def __call__(self, model: ir.Model) -> ir.Model:
+        for step in self.steps:
+            model = step(model)
+        return model
+
+    def __getattr__(self, name):  # rewrites, skipped, decisions, created, fused_convs: concatenated
+        if name.startswith("__") or name == "steps":
+            raise AttributeError(name)
+        return [item for step in self.steps for item in getattr(step, name)]
+
+
 class OnnxBackend:
     name = "onnx"
     suffix = ".onnx"
@@ -65,7 +83,8 @@ class OnnxBackend:
     # -- passes (reader + planner + emitter in one onnx-ir pass each) ------------------------------
 
     def fuse_pass(self, model, *, rewrite: bool, options, accept=None):
-        return _InPlace(registered("onnx.fuse-split-conv")(rewrite=rewrite, accept=accept))
+        return _Sequence([_InPlace(registered(name)(rewrite=rewrite, accept=accept))
+                          for name in passes.onnx.FUSE_PASSES])
 
     def fold_pass(self, model, fuse_pass, options):
         return _InPlace(registered("onnx.fold-batchnorm")(fuse_pass.fused_convs))
