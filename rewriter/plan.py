@@ -274,7 +274,7 @@ TAIL_RULES: dict[str, TailRule] = {
     **{kind: TailRule() for kind in ("Activation", "Relu", "Relu6", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "LeakyRelu",
                                      "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish", "Mish",
                                      "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf", "Exp", "Sqrt", "Reciprocal",
-                                     "Floor", "Ceil", "Round", "Sign", "Square")},
+                                     "Floor", "Ceil", "Round", "Sign", "Square", "Erfc")},
     "BatchNorm": TailRule((CHANNEL,) * 4),  # scale, offset, mean, variance
     "BiasAdd": TailRule((CHANNEL,)),
     "Clip": TailRule((EQUAL, EQUAL)),  # min, max
@@ -311,7 +311,7 @@ def describe_tail_graph(kinds: Sequence[str]) -> str:
     ops = set(kinds)
     if "Softplus" in ops and "Tanh" in ops:
         return "Mish (elementwise graph)"
-    if "Erf" in ops:
+    if "Erf" in ops or "Erfc" in ops:
         return "GELU, erf form (elementwise graph)"
     if "Tanh" in ops and ("Pow" in ops or kinds.count("Mul") >= 4):
         return "GELU, tanh form (elementwise graph)"
