@@ -166,6 +166,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 chains = self._match(model, concat)
                 fused = self._plan_and_build(model, graph, names, concat, chains)
             except NotACandidate:
+                # Never silence where the Concat looks like hand-made groups all the same.
+                reason = _unmatched_group_reason(concat)
+                if reason is not None:
+                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
                 continue
             except Refused as refusal:
                 convs = [n.name for v in concat.inputs if v is not None
@@ -723,6 +727,82 @@ def _walk_back(value: ir.Value) -> _Chain:
         current = data
     ops.reverse()
     return _Chain(entry=current, ops=ops, used_outside=used_outside)
+
+
+# How far back from a Concat input, and from a conv to the Split/Slice it reads, the check for
+# unmatched groups looks: far enough for an activation formula or a Pad, not across a network.
+_TRACE_NODES = 12
+_TRACE_TO_READER = 4
+
+
+def _split_read_convs(concat: ir.Node) -> list[str]:
+    """The convs behind a Concat's inputs that read a Split/Slice output: see
+    ``_unmatched_group_reason``."""
+    groups = _convs_by_split_source(concat)
+    return [conv.name for convs in groups.values() if len(convs) >= 2 for conv in convs]
+
+
+def _convs_by_split_source(concat: ir.Node) -> dict[int, list[ir.Node]]:
+    """The convs nearest behind each Concat input (found through any ops but convs, a few
+    nodes back), by the tensor whose Split/Slice output each reads (through ops of one input)."""
+    by_source: dict[int, list[ir.Node]] = {}
+    for value in concat.inputs:
+        pending, seen = [value] if value is not None else [], set()
+        while pending and len(seen) < _TRACE_NODES:
+            node = pending.pop(0).producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type not in CONV_OPS:
+                pending.extend(v for v in node.inputs if v is not None and g.const_array(v) is None)
+                continue
+            source = _split_source(node.inputs[0])
+            if source is not None and node not in by_source.setdefault(id(source), []):
+                by_source[id(source)].append(node)
+    return by_source
+
+
+def _split_source(value: ir.Value | None) -> ir.Value | None:
+    """The tensor a Split/Slice reads where ``value`` is one's output (or becomes ``value``
+    through a few ops of one input each: a Transpose, a Pad)."""
+    for _ in range(_TRACE_TO_READER):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if _is_reader_output(value):
+            return node.inputs[0]
+        variables = [v for v in node.inputs if v is not None and g.const_array(v) is None]
+        if len(variables) != 1 or node.op_type in CONV_OPS:
+            return None
+        value = variables[0]
+    return None
+
+
+def _unmatched_group_reason(concat: ir.Node) -> str | None:
+    """Why a Concat the matcher found no branches in is left alone, when it looks like hand-made
+    groups all the same, else None (nothing to report).
+
+    The rule: it looks like groups when at least two distinct convs behind its inputs (within a
+    few nodes, through any ops but convs) read Split/Slice outputs of one tensor. A Concat of
+    convs of different tensors (a U-Net skip), of one conv and another tensor (DenseNet), of one
+    conv read twice, or of convs of one whole tensor (Inception, CSP blocks) stays silent: those
+    are network structure, not groups. The reason names the first op the branch walk could not
+    pass."""
+    groups = _convs_by_split_source(concat)
+    if not any(len(convs) >= 2 for convs in groups.values()):
+        return None
+    for value in concat.inputs:
+        chain = _walk_back(value) if value is not None else None
+        stop = chain.entry.producer() if chain is not None else None
+        if chain is None or stop is None or stop.op_type in READERS:
+            continue
+        label = f"{stop.op_type} ({stop.name})" if stop.name else stop.op_type
+        if not any(op.op_type in CONV_OPS for op in chain.ops):
+            return (f"{label} after a branch convolution is not a channel-wise op of that branch alone, so "
+                    "the branches cannot become one grouped convolution")
+        return (f"{label} before a branch convolution: the branches do not read their channels straight from "
+                "a Split or Slice")
+    return "the branch convolutions are not joined by the Concat in a form this pass reads"
 
 
 def _nodes_of(ops: list) -> list[ir.Node]:
