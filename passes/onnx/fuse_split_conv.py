@@ -753,6 +753,8 @@ def _convs_by_split_source(concat: ir.Node) -> dict[int, list[ir.Node]]:
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
+            if node.op_type in READERS:
+                continue  # upstream of a Split/Slice is another part of the network
             if node.op_type not in CONV_OPS:
                 pending.extend(v for v in node.inputs if v is not None and g.const_array(v) is None)
                 continue
