@@ -274,11 +274,11 @@ TAIL_RULES: dict[str, TailRule] = {
     **{kind: TailRule() for kind in ("Activation", "Relu", "Relu6", "Elu", "Selu", "Celu", "Sigmoid", "Tanh", "LeakyRelu",
                                      "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Gelu", "Swish", "Mish",
                                      "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf", "Exp", "Sqrt", "Reciprocal",
-                                     "Floor", "Ceil", "Round", "Sign")},
+                                     "Floor", "Ceil", "Round", "Sign", "Square", "Erfc")},
     "BatchNorm": TailRule((CHANNEL,) * 4),  # scale, offset, mean, variance
     "BiasAdd": TailRule((CHANNEL,)),
     "Clip": TailRule((EQUAL, EQUAL)),  # min, max
-    **{kind: TailRule((BROADCAST,)) for kind in ("Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu")},
+    **{kind: TailRule((BROADCAST,)) for kind in ("Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow")},
 }
 
 
@@ -297,6 +297,58 @@ def tail_concat_axis(rule: str, shape: Sequence[int], channel_axis: int, rank: i
         return f"constant of shape {list(shape)} is not per-channel"
     # One channel per branch: a [1] on the channel axis is that branch's own value, concatenated.
     return axis if axis >= 0 and shape[axis] == channels else None
+
+
+# -- tail graphs: a channel-wise tail of several ops (SiLU as Mul(y, Sigmoid(y)), GELU, Mish) --
+
+GRAPH_INPUT = "input"  # where a tail graph's op reads the branch tensor the graph starts from
+GRAPH_CONSTANT = "constant"  # where it reads a constant (a parameter, or a setting such as Clip's bounds)
+
+
+def describe_tail_graph(kinds: Sequence[str]) -> str:
+    """A name for a multi-op channel-wise tail a user recognises (the activation it computes),
+    from its op kinds in order; every name says it is a graph, so it never equals one op's kind."""
+    ops = set(kinds)
+    if "Softplus" in ops and "Tanh" in ops:
+        return "Mish (elementwise graph)"
+    if "Erf" in ops or "Erfc" in ops:
+        return "GELU, erf form (elementwise graph)"
+    if "Tanh" in ops and ("Pow" in ops or kinds.count("Mul") >= 4):
+        return "GELU, tanh form (elementwise graph)"
+    if ops == {"Sigmoid", "Mul"}:
+        return "SiLU (elementwise graph)"
+    return "elementwise graph (" + ", ".join(dict.fromkeys(kinds)) + ")"
+
+
+@dataclass
+class TailGraphLayer:
+    """A multi-op channel-wise tail of every branch at a chain step: a small graph of elementwise
+    ops whose only reads from outside are the branch tensor and constants.
+
+    ``wirings[b]`` is branch b's graph as one tuple per op, in one canonical order (each op after
+    the ops it reads, the graph's output last): ``(kind, inputs)`` where each input is
+    ``GRAPH_INPUT``, ``GRAPH_CONSTANT``, ``(op position, output index)`` or None (absent).
+    ``ops[k]`` is op k of every branch as ``plan_tail`` reads it."""
+
+    kind: str
+    wirings: list[tuple]
+    ops: list[TailLayer]
+
+
+def plan_tail_graph(layer: TailGraphLayer) -> list[list[np.ndarray]] | Refusal:
+    """A multi-op tail after every branch conv applied once after the fused conv: the branches'
+    graphs must be wired the same way, op by op, and each op's settings and parameters follow
+    ``plan_tail`` (per-channel parameters concatenated, shared ones equal). Returns each op's
+    fused parameters, in the graph's order."""
+    if any(wiring != layer.wirings[0] for wiring in layer.wirings[1:]):
+        return Refusal(f"tails disagree between branches: the {layer.kind} is not wired the same way in every branch")
+    fused = []
+    for op in layer.ops:
+        params = plan_tail(op.kind, op.configs, op.weights, op.concat_axes)
+        if isinstance(params, Refusal):
+            return Refusal(f"{params.reason} (inside the {layer.kind})")
+        fused.append(params)
+    return fused
 
 
 # -- chains: several layers per branch ------------------------------------------------------
@@ -325,7 +377,8 @@ class TailLayer:
 class ChainPlan:
     """What the branches become, step by step, as far as they agree."""
 
-    steps: list[FusionPlan | list[np.ndarray]]  # each fused step: a conv's plan, a tail's parameters
+    # Each fused step: a conv's plan, a tail's parameters, or a tail graph's parameters per op.
+    steps: list[FusionPlan | list[np.ndarray] | list[list[np.ndarray]]]
     branch_channels: list[int]  # each branch's channels after the last fused step (for a split back)
     stopped: str | None = None  # where and why the branches stop agreeing; None: every step fused
 
@@ -340,7 +393,7 @@ class ChainPlan:
 
 
 def plan_chain(kinds: Sequence[Sequence[str]],
-               read_step: Callable[[int, list[int] | None], ConvLayer | TailLayer | Refusal],
+               read_step: Callable[[int, list[int] | None], ConvLayer | TailLayer | TailGraphLayer | Refusal],
                source_channels: int | None, *,
                conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
     """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
@@ -365,6 +418,8 @@ def plan_chain(kinds: Sequence[Sequence[str]],
             outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis)
         elif isinstance(layer, TailLayer):
             outcome = plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
+        elif isinstance(layer, TailGraphLayer):
+            outcome = plan_tail_graph(layer)
         else:
             outcome = layer
         if isinstance(outcome, Refusal):

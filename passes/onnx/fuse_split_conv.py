@@ -8,8 +8,10 @@ The same pass fuses what real exporters write around that core:
 - tf2onnx's NHWC layout: ``Slice(axis=3) → Transpose(0,3,1,2) → Conv`` per branch, the Concat
   before or after the Transpose back: one Transpose in front of the fused Conv, never more;
 - per-branch channel-wise tails (BatchNormalization, Relu, Clip, Add/Mul of a per-channel
-  constant...): applied once, their parameters concatenated; where branches stop agreeing, the
-  fused part is split back and the rest stays per branch;
+  constant...), also of several ops (SiLU as ``Mul(y, Sigmoid(y))``, GELU in its erf and tanh
+  forms, Mish: any graph of elementwise ops that reads only its branch and constants): applied
+  once, their parameters concatenated; where branches stop agreeing, the fused part is split
+  back and the rest stays per branch;
 - chains of several convolutions per branch (ResNeXt, fig. 3): each layer becomes one grouped
   Conv; branches that all read the *same* tensor start with one wide Conv (forms a/b → c);
 - ConvTranspose branches (weights ``[I, O/g, k...]``), depthwise (C branches of one channel).
@@ -32,9 +34,29 @@ from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from passes.onnx._fold import channels_of, fold_many
-from passes.onnx._tails import BINARY_OPS, UNARY_OPS, TailOp, moved_axis, read_tail
+from passes.onnx._tails import (
+    BINARY_OPS,
+    UNARY_OPS,
+    TailGraph,
+    TailOp,
+    find_tail_graph,
+    moved_axis,
+    read_tail,
+    read_tail_graph,
+)
 from rewriter.candidate import ChannelRead, NotACandidate, Refused
-from rewriter.plan import Branch, FusionPlan, Refusal, check_channel_ranges, plan_fusion, plan_shared_input, plan_tail
+from rewriter.plan import (
+    Branch,
+    FusionPlan,
+    Refusal,
+    TailGraphLayer,
+    TailLayer,
+    check_channel_ranges,
+    plan_fusion,
+    plan_shared_input,
+    plan_tail,
+    plan_tail_graph,
+)
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
@@ -45,10 +67,11 @@ READERS = ("Split", "Slice")
 
 @dataclass
 class _Chain:
-    """One branch: the value it starts from and its ops, in order, up to the Concat."""
+    """One branch: the value it starts from and its ops, in order, up to the Concat (a multi-op
+    tail stands in the list as one ``TailGraph``)."""
 
     entry: ir.Value
-    ops: list[ir.Node]
+    ops: list[ir.Node | TailGraph]
     read: ChannelRead | None = None  # None: the branch reads ``entry`` whole (shared input)
     used_outside: ir.Value | None = None  # a value after the last conv that something else reads too
 
@@ -143,6 +166,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 chains = self._match(model, concat)
                 fused = self._plan_and_build(model, graph, names, concat, chains)
             except NotACandidate:
+                # Never silence where the Concat looks like hand-made groups all the same.
+                reason = _unmatched_group_reason(concat)
+                if reason is not None:
+                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
                 continue
             except Refused as refusal:
                 convs = [n.name for v in concat.inputs if v is not None
@@ -160,7 +187,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 self.decisions.append({"location": fused.location, "graph": label, "form": "native",
                                        "action": "fuse", "rule": verdict[1]})
             readers = list(dict.fromkeys(c.read.reader for c in chains if c.read is not None))
-            replaced = readers + [op for c in chains for op in c.ops[:fused.length]]
+            replaced = readers + _nodes_of([op for c in chains for op in c.ops[:fused.length]])
             if fused.complete:
                 replaced.append(concat)
             kind = "fuse-split-conv" if chains[0].read is not None else "fuse-parallel-branches"
@@ -346,14 +373,15 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     raise Refused(node.reason)
                 fused.stopped_because = node.where
                 break
-            fused.nodes.append(node)
-            walk.current = node.outputs[0]
+            new_nodes = node if isinstance(node, list) else [node]  # a tail graph is several nodes
+            fused.nodes.extend(new_nodes)
+            walk.current = new_nodes[-1].outputs[0]
             fused.length = step + 1
         self._finish(model, graph, names, concat, chains, fused, walk)
         return fused
 
     def _fuse_step(self, model, names: g.Names, chains: list[_Chain], step: int, fused: _Fused,
-                   walk: _Walk) -> ir.Node | _Stop:
+                   walk: _Walk) -> ir.Node | list[ir.Node] | _Stop:
         """The fused node for op ``step`` of every branch, or where and why fusing stops there."""
         ops = [c.ops[step] for c in chains]
         kinds = {op.op_type for op in ops}
@@ -363,6 +391,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                          "where the branches differ (" + " vs ".join(sorted(kinds)) + ")")
         if ops[0].op_type in CONV_OPS:
             return self._fuse_conv_step(names, chains, ops, fused, walk)
+        if isinstance(ops[0], TailGraph):
+            return self._fuse_tail_graph_step(model, names, ops, fused, walk)
         return self._fuse_tail_step(model, names, chains, step, ops, fused, walk)
 
     def _fuse_conv_step(self, names: g.Names, chains: list[_Chain], ops: list[ir.Node], fused: _Fused,
@@ -423,6 +453,35 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         node = self._build_tail(fused, names, tails[0], walk.current, params)
         walk.axis = moved_axis(tails[0], walk.axis)
         return node
+
+    def _fuse_tail_graph_step(self, model, names: g.Names, graphs: list[TailGraph], fused: _Fused,
+                              walk: _Walk) -> list[ir.Node] | _Stop:
+        """A multi-op tail (SiLU, GELU, Mish...) of every branch, applied once: branch 0's graph
+        rebuilt on the fused tensor, each op's per-channel parameters concatenated."""
+        kind = graphs[0].op_type
+        branch_ops = []
+        for graph, channels in zip(graphs, walk.branch_channels or [None] * len(graphs)):
+            ops = read_tail_graph(graph, walk.axis, walk.rank or 4, channels or 0, model)
+            if isinstance(ops, str):
+                return _Stop(ops, f"{kind} ({ops})")
+            branch_ops.append(ops)
+        layer = TailGraphLayer(kind, [graph.wiring() for graph in graphs], [
+            TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
+            for same in zip(*branch_ops)])
+        params = plan_tail_graph(layer)
+        if isinstance(params, Refusal):
+            return _Stop(params.reason, f"{kind} ({params.reason})")
+        built: dict[int, ir.Node] = {}  # branch 0's node → its fused copy
+        for op, op_params in zip(branch_ops[0], params):
+            wired = {}
+            for index, value in enumerate(op.node.inputs):
+                producer = value.producer() if value is not None else None
+                if value is graphs[0].input:
+                    wired[index] = walk.current
+                elif producer is not None and id(producer) in built:
+                    wired[index] = built[id(producer)].outputs[value.index()]
+            built[id(op.node)] = self._build_tail(fused, names, op, walk.current, op_params, wired)
+        return list(built.values())
 
     def _finish(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain], fused: _Fused,
                 walk: _Walk) -> None:
@@ -493,9 +552,14 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         source_channels = self._source_channels if layer == 0 else start
         return plan_fusion(branches, source_channels, stack_axis=0)
 
-    def _build_tail(self, fused: _Fused, names: g.Names, tail: TailOp, current: ir.Value, params) -> ir.Node:
+    def _build_tail(self, fused: _Fused, names: g.Names, tail: TailOp, current: ir.Value, params,
+                    wired: dict[int, ir.Value] | None = None) -> ir.Node:
+        """The tail op once, reading ``current`` (or, inside a tail graph, the fused values
+        ``wired`` gives by input index), its per-channel parameters concatenated."""
+        wired = {tail.data_index: current} if wired is None else wired
         inputs = list(tail.node.inputs)
-        inputs[tail.data_index] = current
+        for index, value in wired.items():
+            inputs[index] = value
         for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
             if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
                 inputs[index] = fused.constant(names.value(f"{tail.node.name or tail.kind}_fused.param{index}"), array)
@@ -503,7 +567,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             # A shared constant kept as is (Clip bounds, a scalar) may come from a Constant node
             # that exporters place inside branch 0, after where the fused nodes go: the fused
             # node would read it before it exists. Copy it into an initializer instead.
-            if index != tail.data_index and value is not None and value.producer() is not None:
+            if index not in wired and value is not None and value.producer() is not None:
                 array = g.const_array(value)
                 inputs[index] = fused.constant(names.value(f"{tail.node.name or tail.kind}_fused.input{index}"), array)
         name = names.node(f"{tail.node.name or tail.kind}_fused")
@@ -525,7 +589,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _emit(self, graph: ir.Graph, position: dict[int, int], concat: ir.Node, chains: list[_Chain],
               readers: list[ir.Node], fused: _Fused) -> None:
-        old_nodes = readers + [op for c in chains for op in c.ops[:fused.length]]
+        old_nodes = readers + _nodes_of([op for c in chains for op in c.ops[:fused.length]])
         # In front of the first node of the structure: the source is ready there, and every
         # node that reads the fused result comes later.
         first = min(old_nodes, key=lambda node: position.get(id(node), len(position)))
@@ -636,24 +700,118 @@ def _walk_back(value: ir.Value) -> _Chain:
     ops = []
     current = value
     used_outside = None
+    readers: set[int] = set()  # the nodes of the op after ``current`` (several for a tail graph)
     while True:
         node = current.producer()
-        if node is None or node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx"):
+        if node is None or node.domain not in ("", "ai.onnx"):
             break
-        if current is not value and (len(current.uses()) != 1 or current.is_graph_output()):
+        step, data = node, _data_input(node) if node.op_type in CHAIN_OPS else None
+        if data is None:
+            # Not one branch tensor and constants: maybe a multi-op tail (Mul(y, Sigmoid(y))).
+            step = find_tail_graph(node)
+            if step is None:
+                break
+            data = step.input
+        if current is not value and (current.is_graph_output()
+                                     or any(id(use.node) not in readers for use in current.uses())):
             if any(op.op_type in CONV_OPS for op in ops):
                 break  # behind a conv: where the branch starts (or a use _match reports)
             # Between the last conv and the Concat (Conv → BN ⇉ graph output → Relu): walk on, so
             # that the branch is still seen as one and refused with this reason, not skipped silently.
             if used_outside is None:
                 used_outside = current
-        data = _data_input(node)
-        if data is None:
-            break
-        ops.append(node)
+        if isinstance(step, TailGraph) and step.used_outside is not None:
+            if any(op.op_type in CONV_OPS for op in ops):
+                break
+            used_outside = used_outside or step.used_outside
+        ops.append(step)
+        readers = {id(n) for n in _nodes_of([step])}
         current = data
     ops.reverse()
     return _Chain(entry=current, ops=ops, used_outside=used_outside)
+
+
+# How far back from a Concat input, and from a conv to the Split/Slice it reads, the check for
+# unmatched groups looks: far enough for an activation formula or a Pad, not across a network.
+_TRACE_NODES = 12
+_TRACE_TO_READER = 4
+
+
+def _split_read_convs(concat: ir.Node) -> list[str]:
+    """The convs behind a Concat's inputs that read a Split/Slice output: see
+    ``_unmatched_group_reason``."""
+    groups = _convs_by_split_source(concat)
+    return [conv.name for convs in groups.values() if len(convs) >= 2 for conv in convs]
+
+
+def _convs_by_split_source(concat: ir.Node) -> dict[int, list[ir.Node]]:
+    """The convs nearest behind each Concat input (found through any ops but convs, a few
+    nodes back), by the tensor whose Split/Slice output each reads (through ops of one input)."""
+    by_source: dict[int, list[ir.Node]] = {}
+    for value in concat.inputs:
+        pending, seen = [value] if value is not None else [], set()
+        while pending and len(seen) < _TRACE_NODES:
+            node = pending.pop(0).producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in READERS:
+                continue  # upstream of a Split/Slice is another part of the network
+            if node.op_type not in CONV_OPS:
+                pending.extend(v for v in node.inputs if v is not None and g.const_array(v) is None)
+                continue
+            source = _split_source(node.inputs[0])
+            if source is not None and node not in by_source.setdefault(id(source), []):
+                by_source[id(source)].append(node)
+    return by_source
+
+
+def _split_source(value: ir.Value | None) -> ir.Value | None:
+    """The tensor a Split/Slice reads where ``value`` is one's output (or becomes ``value``
+    through a few ops of one input each: a Transpose, a Pad)."""
+    for _ in range(_TRACE_TO_READER):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if _is_reader_output(value):
+            return node.inputs[0]
+        variables = [v for v in node.inputs if v is not None and g.const_array(v) is None]
+        if len(variables) != 1 or node.op_type in CONV_OPS:
+            return None
+        value = variables[0]
+    return None
+
+
+def _unmatched_group_reason(concat: ir.Node) -> str | None:
+    """Why a Concat the matcher found no branches in is left alone, when it looks like hand-made
+    groups all the same, else None (nothing to report).
+
+    The rule: it looks like groups when at least two distinct convs behind its inputs (within a
+    few nodes, through any ops but convs) read Split/Slice outputs of one tensor. A Concat of
+    convs of different tensors (a U-Net skip), of one conv and another tensor (DenseNet), of one
+    conv read twice, or of convs of one whole tensor (Inception, CSP blocks) stays silent: those
+    are network structure, not groups. The reason names the first op the branch walk could not
+    pass."""
+    groups = _convs_by_split_source(concat)
+    if not any(len(convs) >= 2 for convs in groups.values()):
+        return None
+    for value in concat.inputs:
+        chain = _walk_back(value) if value is not None else None
+        stop = chain.entry.producer() if chain is not None else None
+        if chain is None or stop is None or stop.op_type in READERS:
+            continue
+        label = f"{stop.op_type} ({stop.name})" if stop.name else stop.op_type
+        if not any(op.op_type in CONV_OPS for op in chain.ops):
+            return (f"{label} after a branch convolution is not a channel-wise op of that branch alone, so "
+                    "the branches cannot become one grouped convolution")
+        return (f"{label} before a branch convolution: the branches do not read their channels straight from "
+                "a Split or Slice")
+    return "the branch convolutions are not joined by the Concat in a form this pass reads"
+
+
+def _nodes_of(ops: list) -> list[ir.Node]:
+    """The graph nodes of branch ops: a tail graph's nodes in its order, others as they are."""
+    return [node for op in ops for node in (op.nodes if isinstance(op, TailGraph) else [op])]
 
 
 def _before_conv(ops: list[ir.Node]) -> list[ir.Node]:

@@ -13,6 +13,8 @@ axis). So the same pass fuses:
 - tails, the channel-wise ops after each branch conv (activations, FusedBatchNorm in inference
   form, BiasAdd and Add/Sub/Mul/... of a per-channel constant): settings must agree, per-channel
   parameters are concatenated (``rewriter.plan.TAIL_RULES``), applied once after the fused conv;
+  also tails of several ops, as TF writes SiLU (``Mul(Sigmoid(y), y)``), GELU (via Erf or Tanh)
+  and Mish: any graph of elementwise ops that reads only its branch and constants;
 - chains of several convolutions per branch (ResNeXt, fig. 3): each layer becomes one grouped
   Conv2D; branches that all read the *same* tensor start with one wide Conv2D (forms a/b → c):
   ``x → [Conv1x1_i → tails → Conv3x3_i → tails] → ConcatV2  ⇒  x → Conv1x1(wide) → tails →
@@ -38,13 +40,17 @@ from passes import register
 from passes.tf import _graph as g
 from rewriter.candidate import ChannelRead, NotACandidate, Refused, resolve_sizes
 from rewriter.plan import (
+    GRAPH_CONSTANT,
+    GRAPH_INPUT,
     TAIL_RULES,
     Branch,
     ChainPlan,
     ConvLayer,
     FusionPlan,
     Refusal,
+    TailGraphLayer,
     TailLayer,
+    describe_tail_graph,
     plan_chain,
     tail_concat_axis,
 )
@@ -56,16 +62,20 @@ CONV_KINDS = ("Conv1D", "Conv2D", "Conv3D")  # a layer's kind: Conv1D is ExpandD
 READER_OPS = ("Split", "SplitV", "Slice", "StridedSlice")
 # TF op → the format-free tail kind of rewriter.plan.TAIL_RULES (how its parameters concatenate).
 TF_TAIL_KINDS = {
-    **{op: op for op in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign")},
+    **{op: op for op in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign",
+                         "Erf", "Erfc", "Exp", "Neg", "Abs", "Sqrt", "Square", "Reciprocal")},
     **{op: "BatchNorm" for op in ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")},
     "BiasAdd": "BiasAdd", "Add": "Add", "AddV2": "Add", "Sub": "Sub", "Mul": "Mul", "RealDiv": "Div",
-    "Maximum": "Max", "Minimum": "Min",
+    "Maximum": "Max", "Minimum": "Min", "Pow": "Pow",
 }
 # Element-wise ops that commute with the channel concat: applied per branch or once after.
 TAIL_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if not TAIL_RULES[kind].params)
 BATCH_NORM_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if kind == "BatchNorm")
 # Ops of the branch tensor and a constant: channel-wise when the constant is per-channel or shared.
 BINARY_OPS = tuple(op for op, kind in TF_TAIL_KINDS.items() if TAIL_RULES[kind].params == ("broadcast",)) + ("BiasAdd",)
+# Ops a multi-op tail (SiLU as Mul(Sigmoid(y), y), GELU, Mish) may be built of: elementwise each.
+GRAPH_OPS = frozenset(TAIL_OPS) | (frozenset(BINARY_OPS) - {"BiasAdd"})
+MAX_GRAPH_OPS = 32  # more is no activation formula: the search stops rather than walk a network
 # Evidence (TF 2.21, CPU): tf.nn.conv3d of x [1,4,6,6,8] with a filter [3,3,3,4,6] (2 groups)
 # fails with oneDNN on ("input and filter must have the same depth: 8 vs 4", _MklNativeConv3D)
 # and off ("Number of channels in filter (4) must match last dimension of input (8)"), eagerly
@@ -91,15 +101,21 @@ class _Tail:
 @dataclass
 class _Layer:
     """One step of a branch: a convolution (with its bias op; a Conv1D with its ExpandDims and
-    Squeeze) or one tail op. ``nodes`` in order; the last one's output is the step's output."""
+    Squeeze), one tail op, or a tail graph (several elementwise ops that read the tensor
+    ``graph_input``, in one canonical order). ``nodes`` in order; the last one's output is the
+    step's output."""
 
     nodes: list[node_def_pb2.NodeDef]
     conv: node_def_pb2.NodeDef | None = None  # None: a tail op
     bias_add: node_def_pb2.NodeDef | None = None
     expand_axis: int | None = None  # Conv1D: the 4-D axis the ExpandDims inserts
+    graph_input: str | None = None  # a tail graph: the branch tensor it reads
+    wiring: tuple = ()  # a tail graph: (kind, where each input comes from) per op, see TailGraphLayer
 
     @property
     def kind(self) -> str:
+        if self.graph_input is not None:
+            return describe_tail_graph([TF_TAIL_KINDS[n.op] for n in self.nodes])
         if self.conv is None:
             return self.nodes[0].op
         return "Conv1D" if self.expand_axis is not None else self.conv.op
@@ -281,6 +297,8 @@ class FuseSplitConvPass:
         layers = [c.layers[step] for c in chains]
         if layers[0].conv is not None:
             return _read_conv_layer(index, candidate, layers, branch_channels)
+        if layers[0].graph_input is not None:
+            return _read_tail_graph(index, candidate, step, branch_channels)
         tails = [_read_tail(index, layer.nodes[0], _layer_axis(c, step), c.first.rank, channels)
                  for layer, c, channels in zip(layers, chains, branch_channels)]
         reason = next((t for t in tails if isinstance(t, str)), None)
@@ -304,6 +322,8 @@ class FuseSplitConvPass:
             if layer.conv is not None:
                 conv_name, conv_plan = next(convs)
                 new, current = _emit_conv(names, layer, conv_plan, conv_name, current)
+            elif layer.graph_input is not None:
+                new, current = _emit_tail_graph(names, layer, candidate.tails[step], fused, conv_name, current)
             else:
                 new, current = _emit_tail(names, candidate.tails[step], fused, conv_name, current)
             nodes.extend(new)
@@ -365,16 +385,37 @@ def _emit_conv(names: g.Names, layer: _Layer, plan: FusionPlan, name: str, curre
     return nodes, current
 
 
-def _emit_tail(names: g.Names, tail: _Tail, params: list[np.ndarray], conv_name: str, current: str):
-    """Branch 0's tail op, reading ``current``, its per-channel parameters concatenated."""
+def _emit_tail(names: g.Names, tail: _Tail, params: list[np.ndarray], conv_name: str, current: str,
+               wired: dict[int, str] | None = None):
+    """Branch 0's tail op, reading ``current`` (or, inside a tail graph, the fused tensors
+    ``wired`` gives by input index), its per-channel parameters concatenated."""
     node = _copy(tail.node, names.fresh(f"{conv_name}/{tail.node.op}"), list(tail.node.input))
-    node.input[tail.data_index] = current
+    for index, ref in ({tail.data_index: current} if wired is None else wired).items():
+        node.input[index] = ref
     nodes = []
     for index, array, axis in zip(tail.param_inputs, params, tail.param_axes):
         if axis is not None:  # per-channel: the concatenation; else the branches' shared constant
             nodes.append(g.make_const(names.fresh(f"{node.name}/param{index}"), array))
             node.input[index] = nodes[-1].name
     return nodes + [node], node.name
+
+
+def _emit_tail_graph(names: g.Names, layer: _Layer, tails: list[_Tail], params: list[list[np.ndarray]],
+                     conv_name: str, current: str):
+    """Branch 0's tail graph once, reading ``current``: each op copied, wired to the copies of
+    the ops it reads (``layer.wiring``), its per-channel parameters concatenated."""
+    nodes, copies = [], []  # copies[k]: the name of op k's copy
+    for tail, op_params, (_, sources) in zip(tails, params, layer.wiring):
+        wired = {}
+        for i, source in enumerate(sources):
+            if source == GRAPH_INPUT:
+                wired[i] = current
+            elif isinstance(source, tuple):
+                wired[i] = g.tensor_name(copies[source[0]], source[1])
+        new, name = _emit_tail(names, tail, op_params, conv_name, current, wired)
+        copies.append(name)
+        nodes.extend(new)
+    return nodes, copies[-1]
 
 
 def _rewire(nodes: list[node_def_pb2.NodeDef], rewired: dict[str, str]) -> list[node_def_pb2.NodeDef]:
@@ -433,10 +474,16 @@ def _check_chains(index: g.GraphIndex, concat, chains: list[_Chain]) -> None:
         raise Refused("ConcatV2 axis is not a constant")
     if axis[0] % rank != channel_axis:
         raise Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
-    # Each branch's intermediate tensors must feed only the next op of the branch.
+    # Each branch's intermediate tensors must feed only the branch's next op(s) (a tail graph reads
+    # some twice: Mul(Sigmoid(y), y)); its output only the ConcatV2.
     for chain in chains:
+        members = {node.name for node in chain.nodes}
         for node in chain.nodes:
-            if index.uses(g.tensor_name(node.name)) != 1:
+            tensor = g.tensor_name(node.name)
+            readers = [r.name for r in index.readers.get(tensor, ())]
+            outside = [r for r in readers if r not in members]
+            if tensor in index.protected or not readers or (outside and outside != [concat.name]) \
+                    or (outside and node is not chain.nodes[-1]):
                 raise Refused(f"branch output {node.name} is used outside the ConcatV2")
     for chain in chains:
         conv = chain.first.conv
@@ -534,9 +581,10 @@ def _walk_back(index: g.GraphIndex, ref: str) -> _Chain | None:
         layer = _conv_layer(index, node)
         if layer is None:
             data = _tail_data(index, node)
-            if data is None:
+            layer = _Layer([node]) if data is not None else _tail_graph(index, node)
+            if layer is None:
                 break
-            layer = _Layer([node])
+            data = layer.graph_input or data
         layers.insert(0, layer)
         tensor = index.skip_identity(data if layer.conv is None else layer.nodes[0].input[0])
     first = next((i for i, layer in enumerate(layers) if layer.conv is not None), None)
@@ -545,6 +593,91 @@ def _walk_back(index: g.GraphIndex, ref: str) -> _Chain | None:
     # Ops before the first conv do not fuse: kept apart, so that a candidate can say so.
     return _Chain(index.skip_identity(layers[first].nodes[0].input[0]), _attach_biases(index, layers[first:]),
                   [layer.nodes[0] for layer in layers[:first]], tensor)
+
+
+def _tail_graph(index: g.GraphIndex, output_node) -> _Layer | None:
+    """The multi-op elementwise tail ending at ``output_node`` (``Mul(Sigmoid(y), y)``: not one
+    branch tensor and constants), as one layer, or None.
+
+    From the output, the tensors the graph still reads from outside (its frontier) are replaced
+    by the elementwise ops that produce them until one tensor is left: the branch tensor. A
+    tensor is taken in once all its readers are in the graph (else the one an elementwise op
+    produces; ``_check_chains`` then says what else reads it)."""
+    if output_node.op not in GRAPH_OPS:
+        return None
+    members = {output_node.name: output_node}
+    frontier = list(dict.fromkeys(_variable_inputs(index, output_node)))
+    while len(frontier) > 1:
+        producers = [(tensor, index.producer(tensor)[0]) for tensor in frontier]
+        expandable = [(t, n) for t, n in producers if n is not None and n.op in GRAPH_OPS and n.name not in members]
+        if not expandable or len(members) >= MAX_GRAPH_OPS:
+            return None
+        inside = [(t, n) for t, n in expandable if t not in index.protected
+                  and all(reader.name in members for reader in index.readers.get(t, ()))]
+        tensor, node = (inside or expandable)[0]
+        members[node.name] = node
+        frontier.remove(tensor)
+        frontier.extend(t for t in _variable_inputs(index, node) if t not in frontier)
+    if len(frontier) != 1:
+        return None
+    nodes = _canonical_order(index, output_node, members)
+    position = {node.name: k for k, node in enumerate(nodes)}
+    wiring = []
+    for node in nodes:
+        sources = []
+        for ref in node.input:
+            tensor = index.skip_identity(ref) if not ref.startswith("^") else None
+            name, output = g.split_input(tensor) if tensor else (None, 0)
+            sources.append(None if tensor is None else GRAPH_INPUT if tensor == frontier[0]
+                           else (position[name], output) if name in position else GRAPH_CONSTANT)
+        wiring.append((TF_TAIL_KINDS[node.op], tuple(sources)))
+    return _Layer(nodes, graph_input=frontier[0], wiring=tuple(wiring))
+
+
+def _variable_inputs(index: g.GraphIndex, node) -> list[str]:
+    """The tensors ``node`` reads that are not constants (control inputs left out)."""
+    return [index.skip_identity(ref) for ref in node.input if not ref.startswith("^") and index.const(ref) is None]
+
+
+def _canonical_order(index: g.GraphIndex, output_node, members: dict) -> list:
+    """A tail graph's ops depth first from the output, inputs in order: each after what it
+    reads, and equal graphs in two branches in the same order."""
+    order, seen, stack = [], set(), [(output_node, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node.name not in seen:
+            seen.add(node.name)
+            stack.append((node, True))
+            for tensor in reversed(_variable_inputs(index, node)):
+                producer = members.get(g.split_input(tensor)[0])
+                if producer is not None and producer.name not in seen:
+                    stack.append((producer, False))
+    return order
+
+
+def _read_tail_graph(index: g.GraphIndex, candidate: _Candidate, step: int,
+                     branch_channels: list[int]) -> TailGraphLayer | Refusal:
+    """Step ``step`` of every branch, a tail graph, as ``plan_chain`` reads it: each op of two
+    graph tensors without parameters, each op of one and a constant as a one-op tail."""
+    branch_tails = []
+    for chain, channels in zip(candidate.chains, branch_channels):
+        layer, tails = chain.layers[step], []
+        for node in layer.nodes:
+            if len(_variable_inputs(index, node)) > 1:  # Mul(Sigmoid(y), y), Mul(y, y)
+                tails.append(_Tail(node, 0, g.attr_values(node)))
+                continue
+            tail = _read_tail(index, node, _layer_axis(chain, step), chain.first.rank, channels)
+            if isinstance(tail, str):
+                return Refusal(f"{tail} (inside the {layer.kind})")
+            tails.append(tail)
+        branch_tails.append(tails)
+    candidate.tails[step] = branch_tails[0]
+    first = candidate.chains[0].layers[step]
+    return TailGraphLayer(first.kind, [c.layers[step].wiring for c in candidate.chains], [
+        TailLayer(TF_TAIL_KINDS[same[0].node.op], [t.config for t in same], [t.params for t in same],
+                  same[0].param_axes) for same in zip(*branch_tails)])
 
 
 def _conv_layer(index: g.GraphIndex, node) -> _Layer | None:
@@ -570,7 +703,8 @@ def _attach_biases(index: g.GraphIndex, layers: list[_Layer]) -> list[_Layer]:
     for layer in layers:
         before = out[-1] if out else None
         node = layer.nodes[0]
-        if (layer.conv is None and before is not None and before.conv is not None and before.bias_add is None
+        if (layer.conv is None and layer.graph_input is None and before is not None and before.conv is not None
+                and before.bias_add is None
                 and (node.op == "BiasAdd" or _bias_vector(index, node) is not None)):
             bias_last = g.attr_str(node, "data_format", "NHWC") == "NHWC" if node.op == "BiasAdd" else True
             if bias_last == before.channels_last:
