@@ -148,7 +148,8 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
             self.rewrites.append(Rewrite(
                 kind=KIND, location=name, groups=plan.fusion.groups,
                 channels={"in": plan.fusion.in_channels, "out": plan.fusion.out_channels},
-                nodes=[n.name for n in replaced if n.name], graph=label))
+                nodes=[n.name for n in replaced if n.name], graph=label,
+                boundary=[{"tensor": join.node.outputs[0].name}]))  # the fused conv's output takes its name
             if self.rewrite:
                 self.created.append(_emit(graph, position, names, name, candidate, plan, in_function=in_function))
                 modified = True
