@@ -402,12 +402,39 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float, rt
     if nonfinite_mismatch.any():
         where = int(np.flatnonzero(nonfinite_mismatch)[0])
         notes.append(f"non-finite values differ ({e.flat[where]:g} expected, {a.flat[where]:g} written)")
+    logit_error = _log_probability_error(e, a, atol, rtol) if expected.dtype.kind == "f" and _softmax_rows(e) \
+        else None
+    if logit_error is not None:
+        notes.append(f"softmax log-probabilities differ by up to {logit_error:.3g} (the logits behind "
+                         "saturated probabilities)")
     return OutputComparison(
         **base,
         max_abs_error=float("inf") if nonfinite_mismatch.any() else float(diff.max()),
         max_rel_error=float("inf") if nonfinite_mismatch.any() else float(rel.max()),
         mean_abs_error=float(diff[~nonfinite].mean()) if (~nonfinite).any() else 0.0,
-        passed=not failing.any(), **_information(e, atol, notes))
+        passed=not failing.any() and logit_error is None, **_information(e, atol, notes))
+
+
+def _softmax_rows(expected: np.ndarray) -> bool:
+    """Whether a tensor looks like softmax probabilities: a batch of rows (rank 2 or more) of at
+    least two classes, finite, non-negative, every row summing to 1."""
+    if expected.ndim < 2 or expected.shape[-1] < 2 or not np.isfinite(expected).all() or (expected < 0).any():
+        return False
+    return bool(np.allclose(expected.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def _log_probability_error(expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> float | None:
+    """Probabilities that random weights saturate (1e-17 beside 1.0) pass any absolute tolerance
+    whatever the logits did. Their logarithms are the logits up to each row's constant: compared
+    with the same atol/rtol, they show the difference. The largest failing difference, or None."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_e, log_a = np.log(expected), np.log(np.maximum(actual, 0.0))
+    # Below 1e-30 float32 nears its subnormals, where the last digits are rounding, not logits.
+    both_tiny = (expected < 1e-30) & (actual < 1e-30)
+    diff = np.where(both_tiny, 0.0, np.abs(log_e - log_a))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    failing = (diff > atol) & (diff > rtol * np.abs(np.where(np.isfinite(log_e), log_e, 0.0)))
+    return float(diff[failing].max()) if failing.any() else None
 
 
 def _information(expected: np.ndarray, atol: float, notes: list[str]) -> dict:

@@ -217,3 +217,21 @@ def test_a_rewrite_wrong_only_at_batch_two_is_caught(tmp_path, monkeypatch):
     assert [run["inputs"]["x"][0] for run in verification.runs] == [1, 2]
     assert verification.runs[0]["outputs"][0]["passed"] and not verification.runs[1]["outputs"][0]["passed"]
     assert any(o.name == "y (at x=2x8x4x4)" and not o.passed for o in verification.outputs)
+
+
+# -- finding 4: a softmax output is compared in log space too ------------------------------------
+
+
+def test_saturated_softmax_probabilities_are_compared_as_log_probabilities():
+    logits = np.array([[40.0, 0.0, 1.0]])
+    wrong = logits + np.array([[0.0, 0.5, 0.0]])  # a logit off by 0.5: probabilities off by 1e-18
+    softmax = lambda z: (np.exp(z - z.max()) / np.exp(z - z.max()).sum()).astype(np.float32)
+    row = compare("probs", softmax(logits), softmax(wrong), 1e-4, 1e-3)
+    assert np.abs(softmax(logits) - softmax(wrong)).max() < 1e-16  # what atol/rtol alone would accept
+    assert not row.passed and "softmax log-probabilities differ by up to 0.5" in row.note
+    assert compare("probs", softmax(logits), softmax(logits + 1e-6), 1e-4, 1e-3).passed  # noise is not a difference
+
+
+def test_values_that_are_not_probabilities_are_not_compared_in_log_space():
+    values = np.array([[1e-9, 0.3, 0.2]], np.float32)  # rows do not sum to 1
+    assert compare("y", values, values + np.float32(1e-8), 1e-4, 1e-3).passed
