@@ -479,6 +479,12 @@ def verify_onnx(original: Path, rewritten: Path, *, atol: float = 1e-4, rtol: fl
                         **used)
 
 
+def _has_external_data(model) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 class OnnxRunner:
     """A model file run in onnxruntime, with ``extra`` tensors of its main graph exposed as outputs
     (``rewriter.proof``'s runner): ``runner(feeds) → {name: array}``, model outputs and extras.
@@ -500,7 +506,17 @@ class OnnxRunner:
             graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
             model_bytes = model.SerializeToString() if added else None
             self.extra = [name for name in dict.fromkeys(extra) if name in declared or name in added]
-        self.session = _session(path, role, model_bytes)
+        if model_bytes is not None and not _has_external_data(model):
+            # A copy in scratch (onnxruntime reads it while the session is made); only a model
+            # with external data goes in as bytes, its tensors read from beside the original.
+            from rewriter.formats import scratch_dir
+
+            with scratch_dir() as scratch:
+                copy = scratch / Path(path).name
+                copy.write_bytes(model_bytes)
+                self.session = _session(copy, role)
+        else:
+            self.session = _session(path, role, model_bytes)
         self.output_specs = _input_specs(self.session.get_outputs())
         self.outputs = [spec.name for spec in self.output_specs if spec.name not in added]
         self.inputs = _input_specs(self.session.get_inputs())

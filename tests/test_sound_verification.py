@@ -235,3 +235,12 @@ def test_saturated_softmax_probabilities_are_compared_as_log_probabilities():
 def test_values_that_are_not_probabilities_are_not_compared_in_log_space():
     values = np.array([[1e-9, 0.3, 0.2]], np.float32)  # rows do not sum to 1
     assert compare("y", values, values + np.float32(1e-8), 1e-4, 1e-3).passed
+
+
+def test_boundaries_of_a_model_with_external_data(tmp_path):
+    path = tmp_path / "head.onnx"
+    onnx.save(_saturated_head_model(), path, save_as_external_data=True, location="head.data", size_threshold=0)
+    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    (entry,) = report.rewrites[0].boundary
+    assert entry["passed"] is True and entry["max_abs_error"] < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("out")) == ["head.data", "head.onnx"]
