@@ -196,20 +196,47 @@ def fold_explained(values: list[ir.Value], model: ir.Model,
 
 def _evaluate(cone: list[ir.Node], model: ir.Model, known_shapes: dict[int, tuple[int, int]] | None = None
               ) -> tuple[dict[int, np.ndarray], dict[int, _Dependency]] | None:
-    """Run the cone (dynamic dims at a stand-in size): every value it computes, and what each
-    element of each depends on; None if it cannot run."""
+    """Run the cone (dynamic dims at a stand-in size): every value it computes (by value id),
+    and what each element of each depends on; None if it cannot run."""
     from onnx.reference import ReferenceEvaluator
 
+    built = _tiny_model(cone, model, known_shapes)
+    if built is None:
+        return None
+    tiny, values, shape_dims = built
+    try:
+        results = ReferenceEvaluator(tiny).run(None, {})
+    except Exception:  # an op or input the evaluator rejects: simply not foldable
+        return None
+    arrays = {id(values[init.name]): onnx.numpy_helper.to_array(init) for init in tiny.graph.initializer}
+    arrays.update((id(values[o.name]), np.asarray(r)) for o, r in zip(tiny.graph.output, results))
+    dependencies = {key: _Dependency.static(array) for key, array in arrays.items()}
+    for key, described in shape_dims.items():  # a Shape's output: its dynamic dims are the sources
+        dependencies[key] = _Dependency(np.array([d is not None for d in described], bool),
+                                        frozenset(d for d in described if d is not None))
+    for node in cone:
+        if node.op_type != "Shape":
+            dependency = _depends(node, arrays, dependencies)
+            for output in node.outputs:
+                dependencies[id(output)] = dependency.shaped(arrays[id(output)])
+    return arrays, dependencies
+
+
+def _tiny_model(cone: list[ir.Node], model: ir.Model, known_shapes: dict[int, tuple[int, int]] | None
+                ) -> tuple[onnx.ModelProto, dict[str, ir.Value], dict[int, list[str | None]]] | None:
+    """The cone as a model of its own that outputs every value it computes, each Shape replaced
+    by its (stand-in) result; the values by their names there; and, per Shape output (by value
+    id), which of its elements are dynamic dims (a description) or static (None)."""
     names: dict[int, str] = {}
-    by_name: dict[str, ir.Value] = {}
+    values: dict[str, ir.Value] = {}
 
     def name(v: ir.Value) -> str:
         if id(v) not in names:
             names[id(v)] = f"v{len(names)}"
-            by_name[names[id(v)]] = v
+            values[names[id(v)]] = v
         return names[id(v)]
 
-    nodes, initializers, dynamic_dims = [], [], {}
+    nodes, initializers, shape_dims = [], [], {}
     for node in cone:
         outputs = [name(o) for o in node.outputs]
         if node.op_type == "Shape":
@@ -217,46 +244,25 @@ def _evaluate(cone: list[ir.Node], model: ir.Model, known_shapes: dict[int, tupl
             if static is None:
                 return None
             shape, dynamic = static
-            start = g.attr_int(node, "start", 0)
             end = node.attributes.get("end")
-            axes = list(range(len(shape)))[start:end.as_int()] if end is not None else list(range(len(shape)))[start:]
+            axes = list(range(len(shape)))[g.attr_int(node, "start", 0):end.as_int() if end is not None else None]
             initializers.append(onnx.numpy_helper.from_array(np.array([shape[a] for a in axes], np.int64), outputs[0]))
-            dynamic_dims[id(node.outputs[0])] = [dynamic.get(a) for a in axes]
+            shape_dims[id(node.outputs[0])] = [dynamic.get(a) for a in axes]
             continue
         inputs = []
         for v in node.inputs:
-            if v is None:
-                inputs.append("")
-                continue
-            if v.const_value is not None and id(v) not in names:
+            if v is not None and v.const_value is not None and id(v) not in names:
                 initializers.append(onnx.numpy_helper.from_array(v.const_value.numpy(), name(v)))
-            inputs.append(name(v))
+            inputs.append("" if v is None else name(v))
         proto = ir.serde.serialize_node(node)
         del proto.input[:], proto.output[:]
         proto.input.extend(inputs)
         proto.output.extend(outputs)
         nodes.append(proto)
-    computed = [o for node in nodes for o in node.output]
+    computed = [onnx.helper.make_tensor_value_info(o, 0, None) for node in nodes for o in node.output]
     opset = g.opset_of(cone[-1], model) if cone else 17
-    graph = onnx.helper.make_graph(nodes, "fold", [], [onnx.helper.make_tensor_value_info(n, 0, None) for n in computed],
-                                   initializer=initializers)
-    tiny = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    try:
-        results = ReferenceEvaluator(tiny).run(None, {})
-    except Exception:  # an op or input the evaluator rejects: simply not foldable
-        return None
-    arrays = {id(by_name[init.name]): onnx.numpy_helper.to_array(init) for init in initializers}
-    arrays.update((id(by_name[n]), np.asarray(r)) for n, r in zip(computed, results))
-    dependencies = {key: _Dependency.static(array) for key, array in arrays.items()}
-    for key, described in dynamic_dims.items():
-        dependencies[key] = _Dependency(np.array([d is not None for d in described]),
-                                        frozenset(d for d in described if d is not None))
-    for node in cone:
-        if node.op_type != "Shape":
-            dependency = _depends(node, arrays, dependencies)
-            for output in node.outputs:
-                dependencies[id(output)] = dependency if dependency.whole else dependency.shaped(arrays[id(output)])
-    return arrays, dependencies
+    graph = onnx.helper.make_graph(nodes, "fold", [], computed, initializer=initializers)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]), values, shape_dims
 
 
 # -- the dependency analysis ------------------------------------------------------------------------
