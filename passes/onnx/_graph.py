@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.candidate import ChannelRead
+from rewriter.candidate import ChannelRead, Refused
 from rewriter.names import fresh_name
 
 # Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
@@ -93,21 +93,66 @@ def _opset_of_graph(node: ir.Node) -> int:
     return 11 if "axes" in node.attributes else 18
 
 
+# How a reason names an initializer that is also a graph input: the user may feed another value.
+GRAPH_INPUT = "a graph input (replaceable at run time)"
+
+
 def is_replaceable(value: ir.Value | None) -> bool:
-    """Whether a constant can be replaced at run time: it is (or is computed from) an initializer
-    that is also a graph input."""
+    """Whether a constant can be replaced at run time: it is (or is computed from) a graph input.
+    (Before IR 4 every initializer is listed among the graph inputs: those count too.)"""
+    return _graph_input_behind(value, initializers_only=False) is not None
+
+
+def overridable_input(value: ir.Value | None) -> str | None:
+    """The name of the initializer that is also a graph input which ``value`` is, or is computed
+    from through the small constant expressions ``const_array`` follows; None if there is none.
+    Such a value is never folded, stacked or removed: the user may feed another one."""
+    found = _graph_input_behind(value, initializers_only=True)
+    return None if found is None else found.name or "an unnamed input"
+
+
+def _graph_input_behind(value: ir.Value | None, *, initializers_only: bool) -> ir.Value | None:
     pending, seen = [value], set()
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if current.is_graph_input():
-            return True
+        if current.is_graph_input() and (current.const_value is not None or not initializers_only):
+            return current
         node = current.producer()
         if node is not None and node.op_type in CONSTANT_EXPRESSION_OPS and len(seen) < 256:
             pending.extend(node.inputs)
-    return False
+    return None
+
+
+def refuse_overridable_inputs(node: ir.Node, data: ir.Value | None = None) -> None:
+    """Raise ``Refused`` naming the first input of ``node`` (other than the branch tensor
+    ``data``) that is an initializer the user may replace at run time: a tail op's constant
+    (Mul/Add scale, BatchNormalization parameters, Clip or Pad bounds) is concatenated into the
+    fused op, which would then ignore what is fed. The whole candidate is left alone."""
+    for value in node.inputs:
+        if value is None or value is data:
+            continue
+        name = overridable_input(value)
+        if name is not None:
+            raise Refused(f"the {_describe_op(node, data)} reads '{name}', {GRAPH_INPUT}")
+
+
+def _describe_op(node: ir.Node, data: ir.Value | None) -> str:
+    """ "Mul after branch conv c0": the op and the convolution of its branch, walking back along
+    the branch tensor (the one input that is not a constant) to the nearest conv."""
+    current = data
+    for _ in range(32):
+        producer = current.producer() if current is not None else None
+        if producer is None:
+            break
+        if producer.op_type in ("Conv", "ConvTranspose"):
+            return f"{node.op_type} after branch conv {producer.name or producer.outputs[0].name}"
+        variable = [v for v in producer.inputs if v is not None and v.const_value is None
+                    and not v.is_graph_input() and const_array(v) is None]
+        current = variable[0] if variable else None
+    return f"{node.op_type} {node.name}".strip()
 
 
 def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -187,13 +232,18 @@ def conv_shape_attributes(node: ir.Node, spatial_rank: int) -> dict:
 
 def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[int] | None:
     """Output sizes of a Split along its axis, from the attribute (opset < 13), the input
-    (>= 13), or an even split / ``num_outputs`` (18) of a known channel count."""
+    (>= 13), or an even split / ``num_outputs`` (18) of a known channel count. Raises
+    ``UnreadableRange`` when the sizes are an initializer the user may replace at run time."""
     opset = opset_of(split, model)
     if opset < 13:
         sizes = attr_ints(split, "split")
     else:
-        sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
-        if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
+        given = split.inputs[1] if len(split.inputs) > 1 else None
+        name = overridable_input(given)
+        if name is not None:
+            raise UnreadableRange(f"{split.name or 'a Split'} reads its sizes from '{name}', {GRAPH_INPUT}")
+        sizes = const_ints(given) if given is not None else None
+        if sizes is None and given is not None:
             return None  # sizes computed at run time
     if sizes:
         return sizes
@@ -216,7 +266,9 @@ def read_channels(value: ir.Value, model: ir.Model, channels: int | None, fold=N
     """Which channel range of which tensor ``value`` is, if a Split or Slice produced it.
 
     None when no Split/Slice produced it; ``UnreadableRange`` when one did but what it reads is
-    not a constant, contiguous range, so that a near miss can be reported with its reason."""
+    not a constant, contiguous range, so that a near miss can be reported with its reason.
+    ``fold(value)``, when given, evaluates a computed bound: an array, None, or a sentence that
+    says why it is not a constant."""
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
@@ -240,11 +292,24 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None, fold=None)
                                      attr_ints(node, "axes"), None)
     else:
         inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-        # ``fold`` evaluates bounds computed from Shape (PyTorch's torch.chunk) when it can prove them.
-        ints = (lambda v: const_ints(v) if const_ints(v) is not None or fold is None else _ints(fold(v)))
-        starts, ends = ints(inputs[1]), ints(inputs[2])
-        axes = ints(inputs[3]) if inputs[3] is not None else None
-        steps = ints(inputs[4]) if inputs[4] is not None else None
+
+        def ints(value: ir.Value, role: str) -> list[int] | None:
+            """A bound's integers: a constant, or, through ``fold``, computed from Shape
+            (PyTorch's torch.chunk) where that is proven; never a value the user may feed."""
+            name = overridable_input(value)
+            if name is not None:
+                raise UnreadableRange(f"{label} reads its {role} from '{name}', {GRAPH_INPUT}")
+            found = const_ints(value)
+            if found is not None or fold is None:
+                return found
+            folded = fold(value)
+            if isinstance(folded, str):  # why it is not a constant (a dynamic dim, a graph input)
+                raise UnreadableRange(f"{label} has {role} {folded}: not provably constant")
+            return _ints(folded)
+
+        starts, ends = ints(inputs[1], "starts"), ints(inputs[2], "ends")
+        axes = ints(inputs[3], "axes") if inputs[3] is not None else None
+        steps = ints(inputs[4], "steps") if inputs[4] is not None else None
         if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
             raise UnreadableRange(f"{label} has axes or steps computed at run time")
     if starts is None or ends is None:

@@ -41,8 +41,8 @@ class NotExact(ValueError):
 
 def read_quantized(value: ir.Value | None) -> Quantized | None:
     """The DequantizeLinear of constants behind ``value`` (through Identity), or None.
-    Raises ``NotExact`` for a form this module does not stack (blocked, or per-channel on
-    another axis than the output channels)."""
+    Raises ``NotExact`` for a form this module does not stack (blocked, per-channel on another
+    axis than the output channels, or reading an initializer that is also a graph input)."""
     node = value.producer() if value is not None else None
     while node is not None and node.op_type == "Identity":
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
@@ -53,8 +53,10 @@ def read_quantized(value: ir.Value | None) -> Quantized | None:
     zero_point = g.const_array(inputs[2]) if inputs[2] is not None else None
     if data is None or scale is None or (inputs[2] is not None and zero_point is None):
         return None
-    if any(g.is_replaceable(v) for v in inputs if v is not None):
-        return None
+    for value in inputs:
+        name = g.overridable_input(value)
+        if name is not None:  # the user may feed another scale or zero point: never stacked
+            raise NotExact(f"the DequantizeLinear {node.name or 'of a weight'} reads '{name}', {g.GRAPH_INPUT}")
     if g.attr_int(node, "block_size", 0):
         raise NotExact("weights are block-quantized (DequantizeLinear block_size)")
     if scale.ndim > 1 or (scale.ndim == 1 and g.attr_int(node, "axis", 1) % max(data.ndim, 1) != 0):

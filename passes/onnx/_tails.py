@@ -67,6 +67,7 @@ def read_tail(node: ir.Node, data: ir.Value, channel_axis: int, rank: int, chann
         return f"{node.op_type} ({node.domain}) is not a channel-wise op"
     if len(node.outputs) != 1 and node.op_type != "BatchNormalization":
         return f"{node.op_type} has several outputs"
+    g.refuse_overridable_inputs(node, data)  # a constant the user may feed is never concatenated
     data_index = next(i for i, v in enumerate(node.inputs) if v is data)
     kind = node.op_type
     if kind == "Transpose":

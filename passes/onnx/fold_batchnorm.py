@@ -7,7 +7,9 @@ folds a BN only into the Conv right before it, and a Concat stood between them).
 are one grouped Conv, the BN is what the native export would have folded: folding it here makes a
 fused legacy export op for op what the native export is. Only convolutions this run fused are
 touched, and only where the op is the conv output's sole reader; shared constants are never
-changed in place (the folded weight and bias are new initializers).
+changed in place (the folded weight and bias are new initializers). An op that reads an
+initializer which is also a graph input is never folded (the user may feed another value); the
+report says so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import onnx_ir as ir
 
 from passes import register
 from passes.onnx import _graph as g
-from rewriter.report import Rewrite
+from rewriter.report import Rewrite, Skip
 
 FOLDABLE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
@@ -30,7 +32,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         super().__init__()
         self.convs = convs
         self.rewrites: list[Rewrite] = []
-        self.skipped: list = []
+        self.skipped: list[Skip] = []  # ops not folded because they read a value the user may feed
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -58,6 +60,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if weight is None or weight.dtype.kind != "f" or (bias_value is not None and bias is None):
             return False
         if g.is_replaceable(conv.inputs[1]) or (bias_value is not None and g.is_replaceable(bias_value)):
+            return False
+        overridden = next((name for v in op.inputs if v is not None and v is not output
+                           for name in [g.overridable_input(v)] if name is not None), None)
+        if overridden is not None:  # the user may feed another value: folding would ignore it
+            where = f"{op.op_type} {op.name}" if op.name else op.op_type
+            self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
+                                     f"the {where} after the fused conv reads '{overridden}', {g.GRAPH_INPUT}; "
+                                     "it is not folded", [op.name] if op.name else [], label))
             return False
         folded = _fold(op, output, weight, bias if bias is not None else np.zeros(weight.shape[0], weight.dtype))
         if folded is None:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
-from passes.onnx._fold import channels_of, fold_many
+from passes.onnx._fold import channels_of, fold_explained, fold_many
 from passes.onnx._tails import (
     BINARY_OPS,
     UNARY_OPS,
@@ -287,11 +287,13 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             channels = sum(widths)  # a Split hands out all its channels
         # Slice bounds computed at run time (PyTorch's torch.chunk): fold them all in one go.
         bounds = [v for c in chains for v in list(c.entry.producer().inputs)[1:] if v is not None]
-        values = fold_many(bounds, model)
+        explained = fold_explained(bounds, model)
+        values = [f.array for f in explained]
         if (channels is None and None not in widths and any(v is None for v in values)
                 and not source.is_graph_input() and first_reader.op_type == "Slice"):
             values, channels = self._fold_with_tiling_channels(model, chains, source, bounds, widths, weights)
-        folded = {id(v): array for v, array in zip(bounds, values)}
+        # A bound that did not fold carries why (a dynamic dim, a graph input) into the reason.
+        folded = {id(v): array if array is not None else f.reason for v, array, f in zip(bounds, values, explained)}
         for chain in chains:
             try:
                 chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
@@ -519,8 +521,9 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             if weight is None:
                 return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are not constants")
             if g.is_replaceable(conv.inputs[1]):
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are graph inputs "
-                               "(replaceable at run time)")
+                overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
+                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
+                               f"{g.GRAPH_INPUT}")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2]) if quantized["bias"] is None else quantized["bias"][i].data
