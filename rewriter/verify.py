@@ -485,6 +485,21 @@ def _has_external_data(model) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def _inline_small_tensors(model, folder: Path, limit: int = 1 << 16) -> None:
+    """Load external tensors under ``limit`` bytes into the proto (Split sizes, shapes: what a
+    session made from bytes must read while it infers shapes); weights stay on disk."""
+    from onnx import TensorProto, external_data_helper
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if int(info.get("length", limit)) < limit:
+            external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
 class OnnxRunner:
     """A model file run in onnxruntime, with ``extra`` tensors of its main graph exposed as outputs
     (``rewriter.proof``'s runner): ``runner(feeds) → {name: array}``, model outputs and extras.
@@ -516,6 +531,9 @@ class OnnxRunner:
                 copy.write_bytes(model_bytes)
                 self.session = _session(copy, role)
         else:
+            if model_bytes is not None:  # small tensors inline: onnxruntime's shape inference reads them
+                _inline_small_tensors(model, Path(path).resolve().parent)
+                model_bytes = model.SerializeToString()
             self.session = _session(path, role, model_bytes)
         self.output_specs = _input_specs(self.session.get_outputs())
         self.outputs = [spec.name for spec in self.output_specs if spec.name not in added]
