@@ -121,15 +121,32 @@ def format_verification(verification: Verification) -> list[str]:
         return [f"verification: skipped ({verification.note})"]
     verdict = "passed" if verification.passed else "FAILED"
     if verification.defaulted:  # say at what shapes, where the batch was our choice
-        shapes = ", ".join(f"{name}={'x'.join(map(str, dims)) or 'scalar'}"
-                           for name, dims in verification.inputs.items())
-        verdict += f" at {shapes} (batch set to 1)"
+        label = lambda shapes: ", ".join(f"{name}={'x'.join(map(str, dims)) or 'scalar'}"
+                                         for name, dims in shapes.items())
+        verdict += f" at {label(verification.inputs)} (batch set to 1)"
+        verdict += "".join(f" and at {label(run['inputs'])}" for run in verification.runs[1:])
     lines = [f"verification: {verdict} (atol={verification.atol:g}, rtol={verification.rtol:g}"
              + (f"; {verification.note}" if verification.note else "") + ")"]
     rows = [[o.name, "x".join(map(str, o.shape)) or "scalar", o.dtype, f"{o.max_abs_error:.3g}",
              f"{o.max_rel_error:.3g}", "ok" if o.passed else ("MISMATCH" + (f": {o.note}" if o.note else ""))]
             for o in verification.outputs]
     return lines + _table(["output", "shape", "dtype", "max abs err", "max rel err", ""], rows)
+
+
+def format_boundaries(report: Report) -> list[str]:
+    """One line when every rewrite matched at its own boundary tensor; each one that did not."""
+    compared = [(r, e) for r in report.rewrites for e in r.boundary if e.get("passed") is not None]
+    if not compared:
+        return []
+    failed = [(r, e) for r, e in compared if not e["passed"]]
+    if failed:
+        return [f"  rewrite {r.location} differs at {e['tensor']}: max abs err {e['max_abs_error']:.3g}, "
+                f"max rel err {e['max_rel_error']:.3g}" + (f" ({e['note']})" if e.get("note") else "")
+                for r, e in failed]
+    worst = max(compared, key=lambda pair: pair[1]["max_abs_error"])
+    rewrites = len({id(r) for r, _ in compared})
+    return [f"  boundaries: {rewrites} rewrite{'s' if rewrites != 1 else ''} compared at the tensor each replaces, "
+            f"all within tolerance (largest max abs err {worst[1]['max_abs_error']:.3g}, at {worst[1]['tensor']})"]
 
 
 def format_coverage(report: Report) -> list[str]:
@@ -189,6 +206,7 @@ def format_summary(report: Report) -> str:
             lines.append("ops: " + ", ".join(f"{k} {b.op_counts.get(k, 0)}->{a.op_counts.get(k, 0)}" for k in changed))
     if report.verification is not None:
         lines.extend(format_verification(report.verification))
+        lines.extend(format_boundaries(report))
         lines.extend(format_coverage(report))
     if report.output and report.written:
         lines.append(f"wrote {report.output}")

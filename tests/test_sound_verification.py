@@ -244,3 +244,16 @@ def test_boundaries_of_a_model_with_external_data(tmp_path):
     (entry,) = report.rewrites[0].boundary
     assert entry["passed"] is True and entry["max_abs_error"] < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("out")) == ["head.data", "head.onnx"]
+
+
+def test_the_summary_says_each_rewrite_was_compared_at_its_boundary_and_both_sizes(tmp_path):
+    from click.testing import CliRunner
+
+    from rewriter.cli import main
+
+    path = tmp_path / "head.onnx"
+    onnx.save(_saturated_head_model(), path)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert "verification: passed at x=1x8x6x6 (batch set to 1) and at x=2x8x6x6" in result.output
+    assert "boundaries: 1 rewrite compared at the tensor each replaces, all within tolerance" in result.output
