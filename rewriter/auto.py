@@ -9,15 +9,14 @@ for it — and timed on onnxruntime with the providers and threads of ``--benchm
    each grouped layer it is asked about), then list the native grouped convs the expand pass
    would be asked about; run that copy once on the verification inputs with each of those convs'
    inputs as an extra output, which gives every conv its real input shape;
-2. **measure**: each form in at least ``SESSIONS`` fresh onnxruntime sessions, one pair at a
-   time (native 1, split 1, then split 2, native 2, …: who is created first alternates); in each
-   pair ``BATCHES_PER_SESSION`` interleaved batches (A B A B …, a few runs each; per batch the
-   fastest run of each form), whose mean log ratio is that pair's split/native. Two sessions of
-   one model differ by up to 15 % (issue 20), so the verdict is drawn across pairs: the 95 %
-   Student-t interval of the geometric mean of the pair ratios (``benchmark.ratio_interval``).
-   More pairs are added until that interval excludes 1 or lies within ``MIN_GAIN`` of it — or
-   ``MAX_SESSIONS`` pairs or ``NODE_SECONDS`` are reached, and then it is a tie; convs with equal
-   shapes and attributes are measured once;
+2. **measure**: each form in ``SESSIONS`` fresh onnxruntime sessions, one pair at a time
+   (native 1, split 1, then split 2, native 2, …: who is created first alternates; fewer pairs,
+   but ``MIN_SESSIONS``, only for a conv so slow that ``NODE_SECONDS`` have passed); in each pair
+   ``BATCHES_PER_SESSION`` interleaved batches (A B A B …, a few runs each; per batch the fastest
+   run of each form), whose mean log ratio is that pair's split/native. Two sessions of one model
+   differ by up to 15 % (issue 20), so the verdict is drawn once, across pairs: from the 95 %
+   Student-t interval of the geometric mean of the pair ratios (``benchmark.ratio_interval``);
+   convs with equal shapes and attributes are measured once;
 3. **apply**: the ordinary ``--target`` run, with a target whose rule answers from those
    measurements (``MeasuredTarget.decide``): native when the native form is clearly faster or
    on a tie, split only when the split form was faster in every session pair and the whole
@@ -45,12 +44,11 @@ from rewriter.verify import InputSpec, make_inputs, run_session
 
 NAME = "auto"
 BATCH_SECONDS = 0.02  # one batch runs each form about this long
-SESSIONS = benchmark.SESSIONS  # fresh session pairs per distinct conv, at least...
-MAX_SESSIONS = 6  # ...and at most
+SESSIONS = benchmark.SESSIONS  # fresh session pairs per distinct conv (a fixed count: see benchmark.SESSIONS)
+MIN_SESSIONS = 3  # a conv slower than NODE_SECONDS in all stops after this many pairs
 BATCHES_PER_SESSION = 3
-MIN_BATCHES = SESSIONS * BATCHES_PER_SESSION  # the fewest batches a measured conv has
-MAX_BATCHES = MAX_SESSIONS * BATCHES_PER_SESSION
-NODE_SECONDS = 3.0  # per distinct conv: past this (and SESSIONS pairs), what is not yet clear is a tie
+MIN_BATCHES = MIN_SESSIONS * BATCHES_PER_SESSION  # the fewest batches a measured conv has
+NODE_SECONDS = 3.0  # per distinct conv: past this, no pair is added beyond MIN_SESSIONS
 MIN_GAIN = 0.02  # the split form must be at least 2 % faster to be chosen over the native one
 
 
@@ -329,49 +327,41 @@ def _time_one_pair(native: Path, split: Path, feeds, options, index: int) -> tup
     return fastest_a, fastest_b, per_batch
 
 
-def _judge(pair_ratios: list[float], lo: float, hi: float) -> tuple[str, str] | None:
-    """The verdict from the split/native ratios of the session pairs so far and their 95 %
-    interval (``lo``-``hi``), or None while more pairs could still decide. Native is the default:
-    split only when it was faster in every pair and the whole interval is ``MIN_GAIN`` below 1."""
+def _judge(pair_ratios: list[float], lo: float, hi: float) -> tuple[str, str]:
+    """The verdict (and the reason of a tie) from the split/native ratios of the session pairs
+    and their 95 % interval ``lo``-``hi``. Native is the default: split only when it was faster in
+    every pair and the whole interval is at least ``MIN_GAIN`` below 1."""
     if lo > 1:
         return NATIVE, ""
-    if hi < 1 - MIN_GAIN and all(r < 1 for r in pair_ratios):  # the whole interval: split gains MIN_GAIN
+    if hi < 1 - MIN_GAIN and all(r < 1 for r in pair_ratios):
         return SPLIT, ""
     if lo >= 1 - MIN_GAIN and hi <= 1 + MIN_GAIN:
         return "tie", f"within {MIN_GAIN:.0%} of each other"
-    return None
+    if hi < 1:
+        return "tie", f"split not faster by {MIN_GAIN:.0%} across all {len(pair_ratios)} session pairs"
+    return "tie", f"the 95% CI over {len(pair_ratios)} session pairs includes 1"
 
 
 def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, options) -> dict[str, Any]:
-    """Fresh session pairs until the 95 % interval of split/native across them decides (or the
-    caps): timings and the verdict (the module docstring says how)."""
+    """``SESSIONS`` fresh session pairs, then one verdict from the 95 % interval of split/native
+    across them: timings and the verdict (the module docstring says how)."""
     feeds = make_inputs([InputSpec("x", shape, np.dtype(dtype).name)], shapes={}, seed=options.seed, given=None)
     start = benchmark.clock()
     times_a, times_b, pair_ratios, runs = [], [], [], 0
-    while True:
+    while len(pair_ratios) < SESSIONS and (len(pair_ratios) < MIN_SESSIONS or
+                                           benchmark.clock() - start <= NODE_SECONDS):
         fastest_a, fastest_b, per_batch = _time_one_pair(native, split, feeds, options, len(pair_ratios))
         times_a += fastest_a
         times_b += fastest_b
         runs += per_batch * len(fastest_a)
         pair_ratios.append(math.exp(statistics.fmean(math.log(b / a) for a, b in zip(fastest_a, fastest_b))))
-        n = len(pair_ratios)
-        if n < SESSIONS:
-            continue
-        ratio, lo, hi = benchmark.ratio_interval(pair_ratios)
-        judged = _judge(pair_ratios, lo, hi)
-        if judged is not None:
-            verdict, note = judged
-            break
-        if n >= MAX_SESSIONS or benchmark.clock() - start > NODE_SECONDS:
-            verdict = "tie"
-            note = (f"split not faster by {MIN_GAIN:.0%} across all session pairs" if hi < 1 else
-                    "the 95% CI still includes 1 " + (f"after {n} session pairs" if n >= MAX_SESSIONS
-                                                      else f"after {NODE_SECONDS:g} s"))
-            break
+    ratio, lo, hi = benchmark.ratio_interval(pair_ratios)
+    verdict, note = _judge(pair_ratios, lo, hi)
     return {"native_ms": round(statistics.median(times_a) * 1e3, 4),
             "split_ms": round(statistics.median(times_b) * 1e3, 4), "ratio": round(ratio, 4),
             "ci95": (round(lo, 4), round(hi, 4)), "batches": len(times_a), "runs": runs,
-            "sessions": n, "pair_ratios": [round(r, 4) for r in pair_ratios], "verdict": verdict, "note": note}
+            "sessions": len(pair_ratios), "pair_ratios": [round(r, 4) for r in pair_ratios],
+            "verdict": verdict, "note": note}
 
 
 def measure(path: Path, options, given_inputs) -> MeasuredTarget:

@@ -8,8 +8,8 @@ Method (issue 20): two sessions of one and the same model differ by up to 15 % i
 on a shared machine, so one session per model would let a session's own bias decide the verdict.
 Each model is therefore loaded ``SESSIONS`` times afresh (a new onnxruntime ``InferenceSession``, a
 new ``tf.saved_model.load`` / ``keras.models.load_model``, a new TFLite interpreter), one *pair* at
-a time — A1 B1, then B2 A2, then A3 B3 (who is created first alternates) — and each pair is warmed
-up and timed in interleaved rounds (A B, B A, A B, … so that drift and a neighbour's load hit both
+a time — A1 B1, then B2 A2, then A3 B3, … (who is created first alternates) — and each pair is
+warmed up and timed in interleaved rounds (A B, B A, A B, … so that drift and a neighbour's load hit both
 alike) on the verification inputs (``rewriter.verify.make_inputs``: the same seed, shapes and
 ``--inputs``). TensorFlow's thread pools are per process: a fresh TF/Keras load is a fresh function
 and fresh weights, not fresh threads.
@@ -44,7 +44,11 @@ WARMUP_SECONDS = 0.3  # at least this long (and 3 runs) per session before timin
 BUDGET_SECONDS = 4.0  # timed rounds stop after this long, all session pairs together...
 MIN_ROUNDS = 10  # ...but not before this many rounds (all pairs together; at least 3 per pair)
 MAX_ROUNDS = 200
-SESSIONS = 3  # fresh sessions per model: the interval of the ratio is taken across these pairs
+# Fresh sessions per model: the interval of the ratio is taken across these pairs. A fixed count:
+# adding pairs while undecided would look at the interval again and again, and in a simulation of
+# equal models (±15 % per-session bias) doubled the false verdicts (5.8 % with 3 fixed, 11 % with
+# 3 growing to 5); 5 pairs give t(4) = 2.78 instead of t(2) = 4.30, an interval about half as wide.
+SESSIONS = 5
 
 FASTER, SLOWER, NO_DIFFERENCE = "faster", "slower", "no measurable difference"
 INTERVAL_METHOD = "95% Student-t interval of the geometric mean of the per-session-pair ratios"
@@ -252,6 +256,16 @@ def output_format(input_format: str, to: str | None) -> str:
     return to or ("keras" if input_format == "keras" else input_format)
 
 
+def _round_ratios(times_before: list[float], times_after: list[float]) -> list[float]:
+    """before / after of each timed round."""
+    return [x / y for x, y in zip(times_before, times_after) if y > 0]
+
+
+def _pair_ratios(pairs: list[tuple]) -> list[float]:
+    """One before / after ratio per session pair: the median of its rounds' ratios."""
+    return [statistics.median(ratios) for ratios in (_round_ratios(a, b) for a, b in pairs) if ratios]
+
+
 def _timed_session_pairs(runtime: Runtime, before: Path, after: Path, options) -> tuple[list[tuple], int | None]:
     """``SESSIONS`` fresh pairs (original, rewritten), one pair alive at a time, each warmed up and
     timed interleaved: [(before seconds, after seconds), ...] per pair, and the threads in force."""
@@ -299,8 +313,7 @@ def benchmark(before: Path, after: Path, fmt: str, options, *, input_format: str
         raise BadInput(f"--benchmark: {runtime.name} cannot run the models ({detail})") from exc
     a = [t for times_a, _ in pairs for t in times_a]
     b = [t for _, times_b in pairs for t in times_b]
-    round_ratios = [[x / y for x, y in zip(times_a, times_b) if y > 0] for times_a, times_b in pairs]
-    pair_ratios = [statistics.median(r) for r in round_ratios if r]
+    pair_ratios = _pair_ratios(pairs)
     ratio, low, high = ratio_interval(pair_ratios)
     result.update(
         threads=threads, sessions=len(pairs), runs=len(a),
@@ -310,5 +323,5 @@ def benchmark(before: Path, after: Path, fmt: str, options, *, input_format: str
         pair_ratios=[round(r, 4) for r in pair_ratios],
         verdict=verdict(low, high), interval=INTERVAL_METHOD,
         before_spread_ms=round(_spread(a) * 1e3, 4), after_spread_ms=round(_spread(b) * 1e3, 4),
-        ratio_spread=round(_spread([r for rs in round_ratios for r in rs]), 4))
+        ratio_spread=round(_spread([r for times in pairs for r in _round_ratios(*times)]), 4))
     return result

@@ -152,14 +152,13 @@ def test_benchmark_verdict_needs_the_whole_interval_on_one_side(pair_ratios, ver
     ([0.60, 0.62, 0.61], SPLIT),  # split faster in every pair, the whole interval below 0.98
     ([1.25, 1.22, 1.27], NATIVE),
     ([0.995, 1.0, 1.005], "tie"),  # within 2 % of each other
-    ([0.97, 0.985, 0.975], None),  # split faster, but the interval reaches past 0.98: more pairs
-    ([0.60, 0.62, 1.01], None),  # not faster in every pair: more pairs (and native at the cap)
-    ([0.88, 1.15, 0.90], None),  # one biased session decides nothing
+    ([0.97, 0.985, 0.975], "tie"),  # split faster, but the interval reaches past 0.98
+    ([0.60, 0.62, 0.61, 0.60, 1.01], "tie"),  # not faster in every pair
+    ([0.88, 1.15, 0.90], "tie"),  # one biased session decides nothing
 ])
 def test_auto_decision_rule_on_given_pair_ratios(pair_ratios, verdict):
     _, low, high = benchmark.ratio_interval(pair_ratios)
-    judged = auto._judge(pair_ratios, low, high)
-    assert (judged[0] if judged else None) == verdict
+    assert auto._judge(pair_ratios, low, high)[0] == verdict
 
 
 # -- --auto under session bias ----------------------------------------------------------------------
@@ -172,7 +171,7 @@ def test_one_biased_session_pair_does_not_make_a_split_verdict(monkeypatch):
                              biases=[1.0, 0.88] + [1.0] * 20, bias=0.0)
     result = measure_layer()
     assert result["pair_ratios"][0] == pytest.approx(0.88, abs=0.02)  # the biased pair alone says split
-    assert result["verdict"] == "tie" and result["sessions"] > auto.SESSIONS
+    assert result["verdict"] == "tie" and result["sessions"] == auto.SESSIONS == 5
     assert result["ci95"][0] < 1 - auto.MIN_GAIN < result["ci95"][1]
     # Fresh sessions, interleaved by pair, who is created first alternating: N S, S N, N S ...
     assert sessions.opened[:6] == ["native", "split", "split", "native", "native", "split"]
@@ -181,13 +180,15 @@ def test_one_biased_session_pair_does_not_make_a_split_verdict(monkeypatch):
 
 def test_auto_verdict_does_not_flip_under_15_percent_session_bias(monkeypatch):
     """Equal forms, each session ±15 % off at random (uniform): measured 40 times, the native form
-    is kept in at least 36. The rule's false-split rate in this simulation is 4 % (24 of 600 seeds);
-    one session pair per form, as before issue 20, has its two biases decide: split in ~43 %."""
+    is kept in 39. In the 40th (seed 25) all five split sessions happen to run 5-8 % faster than
+    their native partners — which no measurement can tell from a real difference. The rule's
+    false-split rate in this simulation is 0.8 % (5 of 600 seeds); one session pair per form, as
+    before issue 20, lets the two sessions' biases decide: split in ~43 %."""
     verdicts = []
     for seed in range(40):
         simulate_auto(monkeypatch, {"native": 1.0, "split": 1.0}, seed=seed)
         verdicts.append(measure_layer()["verdict"])
-    assert verdicts.count(SPLIT) <= 4, verdicts
+    assert verdicts.count(SPLIT) <= 1, verdicts
     # Where one form is clearly faster, the same bias never changes the answer.
     for seed in range(20):
         simulate_auto(monkeypatch, {"native": 1.0, "split": 0.5}, seed=seed)
@@ -229,15 +230,14 @@ def test_auto_keeps_native_through_the_cli_under_session_bias(tmp_path, monkeypa
 
 def test_benchmark_of_equal_models_under_session_bias_finds_no_difference(tmp_path, monkeypatch):
     """The same model on both sides, the rewritten side's first session 15 % fast: one session
-    pair would have said "1.15x faster"; across three pairs there is no measurable difference."""
-    sessions = simulate_benchmark(monkeypatch, {"before": 1.0, "after": 1.0}, bias=0.0,
-                                  biases=[1.0, 0.87, 1.0, 1.0, 1.0, 1.0])
+    pair would have said "1.15x faster"; across the pairs there is no measurable difference."""
+    sessions = simulate_benchmark(monkeypatch, {"before": 1.0, "after": 1.0}, bias=0.0, biases=[1.0, 0.87])
     result = time_before_after(tmp_path)
-    assert result["sessions"] == 3 and len(result["pair_ratios"]) == 3
+    assert result["sessions"] == benchmark.SESSIONS == 5 == len(result["pair_ratios"])
     assert result["pair_ratios"][0] == pytest.approx(1.15, abs=0.03)
     low, high = result["ratio_ci"]
     assert low < 1 < high and result["verdict"] == benchmark.NO_DIFFERENCE
-    assert sessions.opened == ["before", "after", "after", "before", "before", "after"]
+    assert sessions.opened == ["before", "after", "after", "before"] * 2 + ["before", "after"]
 
 
 def test_benchmark_verdict_is_stable_under_15_percent_session_bias(tmp_path, monkeypatch):
@@ -273,17 +273,17 @@ def test_benchmark_report_has_sessions_and_the_ratio_interval(small_split, tmp_p
     data = json.loads(report.read_text())
     assert data["verification"]["passed"] is True
     bench = data["benchmark"]
-    assert bench["sessions"] == benchmark.SESSIONS == 3
-    assert len(bench["pair_ratios"]) == 3 and all(r > 0 for r in bench["pair_ratios"])
+    assert bench["sessions"] == benchmark.SESSIONS >= 3
+    assert len(bench["pair_ratios"]) == bench["sessions"] and all(r > 0 for r in bench["pair_ratios"])
     low, high = bench["ratio_ci"]
     assert 0 < low <= bench["ratio"] <= high
     assert bench["verdict"] in (benchmark.FASTER, benchmark.SLOWER, benchmark.NO_DIFFERENCE)
     assert bench["verdict"] == benchmark.verdict(low, high)
     assert bench["interval"] == benchmark.INTERVAL_METHOD
     assert bench["runs"] >= 3 * 3  # at least three timed rounds in each pair
-    # Three fresh sessions of each model, created pair by pair, the first alternating.
-    assert created == ["small.onnx", "small.fused.onnx", "small.fused.onnx", "small.onnx",
-                       "small.onnx", "small.fused.onnx"]
+    # A fresh session of each model per pair, created pair by pair, the first alternating.
+    assert created == ["small.onnx", "small.fused.onnx", "small.fused.onnx", "small.onnx"] * 2 + \
+        ["small.onnx", "small.fused.onnx"]
 
 
 def test_auto_reports_each_layer_timed_across_session_pairs(small_split, tmp_path):
@@ -294,7 +294,7 @@ def test_auto_reports_each_layer_timed_across_session_pairs(small_split, tmp_pat
     assert data["verification"]["passed"] is True
     (node,) = data["target"]["nodes"]
     (layer,) = node["measurements"]
-    assert auto.SESSIONS <= layer["sessions"] <= auto.MAX_SESSIONS
+    assert auto.MIN_SESSIONS <= layer["sessions"] <= auto.SESSIONS
     assert len(layer["pair_ratios"]) == layer["sessions"]
     assert layer["batches"] == layer["sessions"] * auto.BATCHES_PER_SESSION
     low, high = layer["ci95"]
