@@ -4,7 +4,9 @@
 
 Every figure that matters is a ratio taken side by side in one run (this machine is shared and
 noisy: absolute times drift, ratios much less). Latencies are measured interleaved — one run of
-each variant per round — so that drift hits every variant alike. Prints a Markdown table and
+each variant per round — so that drift hits every variant alike, in ``SESSIONS`` fresh sessions per
+model (two sessions of one model differ by up to 15 %): each ratio is taken per session set and
+given with the 95 % t interval across them. Prints a Markdown table and
 writes JSON (default benchmarks/results/latest.json).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +33,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import rewriter  # noqa: E402
+from rewriter.benchmark import SESSIONS, ratio_interval  # noqa: E402
 from samples.models import GraphBuilder, resnext50  # noqa: E402
 
 
@@ -52,34 +56,49 @@ def session(path: Path, optimized: bool = True) -> ort.InferenceSession:
 
 
 def interleaved_latency(paths: dict[str, Path], feeds: dict, rounds: int, warmup: int = 3) -> dict[str, dict]:
-    sessions = {name: session(p) for name, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feeds)
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-    return {name: summary(t) for name, t in times.items()}
+    """Median latency per model over ``SESSIONS`` fresh sessions each (issue 20: two sessions of one
+    model differ by up to 15 %): per session set, every model gets a new session (the creation
+    order rotates), a warm-up, then ``rounds / SESSIONS`` rounds of one run each, the order within a
+    round reversed every other round. Each result keeps its per-session medians (``sessions_ms``)
+    so that a ratio can be taken per session set (``ratio``)."""
+    return interleaved_latency_feeds(paths, {name: feeds for name in paths}, rounds, warmup)
 
 
-def interleaved_latency_feeds(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int,
+def interleaved_latency_feeds(paths: dict[str, Path], feeds: dict[str, dict], rounds: int,
                               warmup: int = 3) -> dict[str, dict]:
-    """As ``interleaved_latency``, with each model's own input (name and layout)."""
-    sessions = {name: session(p) for name, p in paths.items()}
-    inputs = {name: {s.get_inputs()[0].name: feeds[name]} for name, s in sessions.items()}
-    for name, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, inputs[name])
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, inputs[name])
-            times[name].append(time.perf_counter() - start)
-    return {name: summary(t) for name, t in times.items()}
+    """As ``interleaved_latency``, with each model's own feeds (input name and layout)."""
+    names = list(paths)
+    times = {name: [] for name in names}
+    per_session = {name: [] for name in names}
+    for index in range(SESSIONS):
+        order = names[index % len(names):] + names[:index % len(names)]
+        sessions = {name: session(paths[name]) for name in order}
+        for name in order:
+            for _ in range(warmup):
+                sessions[name].run(None, feeds[name])
+        this = {name: [] for name in names}
+        for round_index in range(max(3, math.ceil(rounds / SESSIONS))):
+            for name in (order if round_index % 2 == 0 else order[::-1]):
+                start = time.perf_counter()
+                sessions[name].run(None, feeds[name])
+                this[name].append(time.perf_counter() - start)
+        for name in names:
+            times[name] += this[name]
+            per_session[name].append(statistics.median(this[name]))
+        del sessions
+    return {name: {**summary(times[name]), "sessions_ms": [t * 1e3 for t in per_session[name]]} for name in names}
+
+
+def ratio(latency: dict[str, dict], numerator: str, denominator: str) -> dict:
+    """numerator / denominator per session set, their geometric mean and its 95 % t interval
+    (``rewriter.benchmark.ratio_interval``): {"ratio", "ci", "pairs"}."""
+    pairs = [a / b for a, b in zip(latency[numerator]["sessions_ms"], latency[denominator]["sessions_ms"])]
+    mean, low, high = ratio_interval(pairs)
+    return {"ratio": mean, "ci": [low, high], "pairs": pairs}
+
+
+def fmt_ratio(r: dict) -> str:
+    return f"**{r['ratio']:.3f}** ({r['ci'][0]:.3f}–{r['ci'][1]:.3f})"
 
 
 def node_count(path: Path) -> int:
@@ -144,9 +163,10 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
                 result = rewriter.fuse(src, output=out, force=True, verify=False)
                 real_rows[name] = len(result.report.rewrites)
                 real_paths[f"{name} → fused"] = out
-        x = {name: np.random.default_rng(0).standard_normal(
-            [1, 224, 224, 3] if name.startswith("tf2onnx") else [1, 3, 224, 224]).astype(np.float32)
-            for name in real_paths}
+        x = {name: {onnx.load(str(path), load_external_data=False).graph.input[0].name:
+                    np.random.default_rng(0).standard_normal([1, 224, 224, 3] if name.startswith("tf2onnx")
+                                                             else [1, 3, 224, 224]).astype(np.float32)}
+             for name, path in real_paths.items()}
         real_latency = interleaved_latency_feeds(real_paths, x, rounds)
         latency.update(real_latency)
         paths.update(real_paths)
@@ -161,22 +181,13 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
     for name, p in paths.items():
         rows.append({"model": name, "latency": latency[name], "session_creation": creation[name],
                      "nodes": node_count(p)})
-    ratios = {}
-    if "torch chunk → fused" in latency:
-        ratios["torch chunk→fused / torch groups=32"] = (latency["torch chunk → fused"]["median"]
-                                                          / latency["torch groups=32"]["median"])
-        ratios["torch chunk / torch chunk→fused"] = (latency["torch chunk"]["median"]
-                                                      / latency["torch chunk → fused"]["median"])
-    if "tf2onnx Lambda → fused" in latency:
-        ratios["tf2onnx / tf2onnx→fused"] = (latency["tf2onnx Lambda"]["median"]
-                                             / latency["tf2onnx Lambda → fused"]["median"])
-    ratios.update({
-        "split→fused / native": latency["split → fused"]["median"] / latency["native"]["median"],
-        "slice→fused / native": latency["slice → fused"]["median"] / latency["native"]["median"],
-        "split / split→fused": latency["split"]["median"] / latency["split → fused"]["median"],
-        "slice / slice→fused": latency["slice"]["median"] / latency["slice → fused"]["median"],
-    })
-    return {"input": [1, 3, image, image], "rounds": rounds, "rows": rows, "ratios": ratios}
+    wanted = [("torch chunk→fused / torch groups=32", "torch chunk → fused", "torch groups=32"),
+              ("torch chunk / torch chunk→fused", "torch chunk", "torch chunk → fused"),
+              ("tf2onnx / tf2onnx→fused", "tf2onnx Lambda", "tf2onnx Lambda → fused"),
+              ("split→fused / native", "split → fused", "native"), ("slice→fused / native", "slice → fused", "native"),
+              ("split / split→fused", "split", "split → fused"), ("slice / slice→fused", "slice", "slice → fused")]
+    ratios = {label: ratio(latency, a, b) for label, a, b in wanted if a in latency and b in latency}
+    return {"input": [1, 3, image, image], "rounds": latency["native"]["n"], "sessions": SESSIONS, "rows": rows, "ratios": ratios}
 
 
 # -- 3. rewrite cost ---------------------------------------------------------------------------
@@ -364,11 +375,12 @@ def markdown(results: dict) -> str:
     if "onnx_inference" in results:
         r = results["onnx_inference"]
         out += [f"**ONNX inference** (onnxruntime CPU, 2 threads, input {'x'.join(map(str, r['input']))}, "
-                f"{r['rounds']} interleaved rounds; median ± IQR/2)", "",
+                f"{r.get('sessions', 1)} fresh sessions per model, {r['rounds']} interleaved rounds in all; "
+                "median ± IQR/2; ratios: geometric mean over the session sets (95% t interval))", "",
                 "| model | latency | session creation | nodes |", "|---|---|---|---|"]
         out += [f"| {row['model']} | {fmt_ms(row['latency'])} | {fmt_ms(row['session_creation'])} | {row['nodes']} |"
                 for row in r["rows"]]
-        out += ["", " · ".join(f"{k}: **{v:.3f}**" for k, v in r["ratios"].items()), ""]
+        out += ["", " · ".join(f"{k}: {fmt_ratio(v)}" for k, v in r["ratios"].items()), ""]
     if "rewrite_cost" in results:
         r = results["rewrite_cost"]
         out += [f"**Rewrite cost** (fresh process each, imports included; ResNeXt-50 Split form, "

@@ -9,13 +9,18 @@ for it — and timed on onnxruntime with the providers and threads of ``--benchm
    each grouped layer it is asked about), then list the native grouped convs the expand pass
    would be asked about; run that copy once on the verification inputs with each of those convs'
    inputs as an extra output, which gives every conv its real input shape;
-2. **measure**: interleaved batches (A B A B …, a few runs each; per batch the fastest run of
-   each form) until the 95 % confidence interval of split/native (a t interval over the
-   batches' log ratios) excludes 1 — or a batch or time cap is hit, and then it is a tie;
+2. **measure**: each form in ``SESSIONS`` fresh onnxruntime sessions, one pair at a time
+   (native 1, split 1, then split 2, native 2, …: who is created first alternates; fewer pairs,
+   but ``MIN_SESSIONS``, only for a conv so slow that ``NODE_SECONDS`` have passed); in each pair
+   ``BATCHES_PER_SESSION`` interleaved batches (A B A B …, a few runs each; per batch the fastest
+   run of each form), whose mean log ratio is that pair's split/native. Two sessions of one model
+   differ by up to 15 % (issue 20), so the verdict is drawn once, across pairs: from the 95 %
+   Student-t interval of the geometric mean of the pair ratios (``benchmark.ratio_interval``);
    convs with equal shapes and attributes are measured once;
 3. **apply**: the ordinary ``--target`` run, with a target whose rule answers from those
    measurements (``MeasuredTarget.decide``): native when the native form is clearly faster or
-   on a tie, split only when the split form is clearly (and by ``MIN_GAIN``) faster. The whole
+   on a tie, split only when the split form was faster in every session pair and the whole
+   interval is at least ``MIN_GAIN`` below 1. The whole
    model is then verified as always; ``--auto`` refuses to run without verification.
 
 The report's ``target`` section carries, per node, both timings and the verdict.
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +44,12 @@ from rewriter.verify import InputSpec, make_inputs, run_session
 
 NAME = "auto"
 BATCH_SECONDS = 0.02  # one batch runs each form about this long
-MIN_BATCHES = 6
-MAX_BATCHES = 40
-NODE_SECONDS = 3.0  # per distinct conv: past this, what is not yet clear is a tie
+SESSIONS = benchmark.SESSIONS  # fresh session pairs per distinct conv (a fixed count: see benchmark.SESSIONS)
+MIN_SESSIONS = 3  # a conv slower than NODE_SECONDS in all stops after this many pairs
+BATCHES_PER_SESSION = 3
+MIN_BATCHES = MIN_SESSIONS * BATCHES_PER_SESSION  # the fewest batches a measured conv has
+NODE_SECONDS = 3.0  # per distinct conv: past this, no pair is added beyond MIN_SESSIONS
 MIN_GAIN = 0.02  # the split form must be at least 2 % faster to be chosen over the native one
-
-# Two-sided 95 % t quantiles by degrees of freedom (1..30); 1.96 beyond.
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
-
-
-def _t95(df: int) -> float:
-    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
 
 
 @dataclass
@@ -66,10 +63,12 @@ class Measurement:
     input_shape: list[int] | None = None
     native_ms: float | None = None
     split_ms: float | None = None
-    ratio: float | None = None  # split / native (> 1: native faster)
-    ci95: tuple[float, float] | None = None
+    ratio: float | None = None  # split / native (> 1: native faster): geometric mean over session pairs
+    ci95: tuple[float, float] | None = None  # its 95 % t interval across the session pairs
     batches: int = 0
     runs: int = 0  # per form
+    sessions: int = 0  # fresh session pairs
+    pair_ratios: list[float] = field(default_factory=list)  # split / native per session pair
     verdict: str = "not measured"  # native | split | tie | not measured
     note: str = ""
     same_as: str = ""  # measured once for an earlier node with the same shapes
@@ -84,8 +83,9 @@ class Measurement:
         if self.verdict == "not measured":
             return f"not measured ({self.note}): the native form is kept"
         lo, hi = self.ci95
+        pairs = f" over {self.sessions} session pairs" if self.sessions else ""
         timing = (f"measured on {runtime}: native {self.native_ms:.3f} ms, split {self.split_ms:.3f} ms "
-                  f"(split/native {self.ratio:.3f}, 95% CI {lo:.3f}-{hi:.3f}, {self.batches} batches "
+                  f"(split/native {self.ratio:.3f}, 95% CI {lo:.3f}-{hi:.3f}{pairs}, {self.batches} batches "
                   f"x {self.runs // max(self.batches, 1)} runs" + (f", same shapes as {self.same_as}" if self.same_as
                                                                    else "") + ")")
         if self.verdict == NATIVE:
@@ -97,7 +97,8 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return {"location": self.location, "input_shape": self.input_shape, "native_ms": self.native_ms,
                 "split_ms": self.split_ms, "ratio": self.ratio, "ci95": list(self.ci95) if self.ci95 else None,
-                "batches": self.batches, "runs": self.runs, "verdict": self.verdict,
+                "batches": self.batches, "runs": self.runs, "sessions": self.sessions,
+                "pair_ratios": self.pair_ratios, "verdict": self.verdict,
                 **({"note": self.note} if self.note else {}), **({"same_as": self.same_as} if self.same_as else {})}
 
 
@@ -289,61 +290,77 @@ def _layer_models(node: ir.Node, shape: list[int], dtype: np.dtype, opset: int, 
     return native, split
 
 
-def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, options) -> dict[str, Any]:
-    """Interleaved batches until the 95 % CI of split/native excludes 1 (or the caps): timings."""
-    a = benchmark.ort_session(native, options.threads)
-    b = benchmark.ort_session(split, options.threads)
-    feeds = make_inputs([InputSpec("x", shape, np.dtype(dtype).name)], shapes={}, seed=options.seed, given=None)
-    run_a = lambda: a.run(None, feeds)
-    run_b = lambda: b.run(None, feeds)
+def _open_session(path: Path, threads: int | None):
+    """A fresh onnxruntime session of ``path`` as ``--benchmark`` times it: ``run(feeds)``."""
+    session = benchmark.ort_session(path, threads)
+    return lambda feeds: session.run(None, feeds)
+
+
+def _time_one_pair(native: Path, split: Path, feeds, options, index: int) -> tuple[list[float], list[float], int]:
+    """One fresh session of each form, warmed up, then ``BATCHES_PER_SESSION`` interleaved batches:
+    the fastest run of each form per batch (seconds), and the runs per batch."""
+    if index % 2 == 0:  # who is created first alternates from pair to pair
+        run_a = _open_session(native, options.threads)
+        run_b = _open_session(split, options.threads)
+    else:
+        run_b = _open_session(split, options.threads)
+        run_a = _open_session(native, options.threads)
     for _ in range(2):  # warm-up
-        run_a()
-        run_b()
+        run_a(feeds)
+        run_b(feeds)
     # Runs per batch from the fastest of a few probes (one slow run must not make batches of one).
-    probe = max(min(benchmark._timed(lambda f: run_a(), None) for _ in range(3)),
-                min(benchmark._timed(lambda f: run_b(), None) for _ in range(3)))
+    probe = max(min(benchmark._timed(run_a, feeds) for _ in range(3)),
+                min(benchmark._timed(run_b, feeds) for _ in range(3)))
     per_batch = max(1, min(50, int(BATCH_SECONDS / max(probe, 1e-6))))
-    logs, times_a, times_b = [], [], []
-    start = time.perf_counter()
-    verdict, note, lo, hi = "tie", "", 1.0, 1.0
-    while True:
+    fastest_a, fastest_b = [], []
+    for _ in range(BATCHES_PER_SESSION):
         batch_a, batch_b = [], []
         for i in range(per_batch):
             first, second = (run_a, run_b) if i % 2 == 0 else (run_b, run_a)
-            t_first = benchmark._timed(lambda f, run=first: run(), None)
-            t_second = benchmark._timed(lambda f, run=second: run(), None)
-            ta, tb = (t_first, t_second) if first is run_a else (t_second, t_first)
-            batch_a.append(ta)
-            batch_b.append(tb)
+            t_first, t_second = benchmark._timed(first, feeds), benchmark._timed(second, feeds)
+            batch_a.append(t_first if first is run_a else t_second)
+            batch_b.append(t_second if first is run_a else t_first)
         # The fastest run of each form per batch: other processes only ever add time, and they
         # hit a whole batch of one form less often than single runs.
-        ma, mb = min(batch_a), min(batch_b)
-        times_a.append(ma)
-        times_b.append(mb)
-        logs.append(math.log(mb / ma))
-        n = len(logs)
-        if n >= MIN_BATCHES:
-            mean = statistics.fmean(logs)
-            half = _t95(n - 1) * statistics.stdev(logs) / math.sqrt(n)
-            lo, hi = math.exp(mean - half), math.exp(mean + half)
-            if lo > 1:
-                verdict = NATIVE
-                break
-            if hi < 1:
-                verdict = SPLIT if math.exp(mean) <= 1 - MIN_GAIN else "tie"
-                note = "" if verdict == SPLIT else f"split faster by less than {MIN_GAIN:.0%}"
-                break
-            if lo >= 1 - MIN_GAIN and hi <= 1 + MIN_GAIN:
-                note = f"within {MIN_GAIN:.0%} of each other"
-                break
-            if n >= MAX_BATCHES or time.perf_counter() - start > NODE_SECONDS:
-                note = "the 95% CI still includes 1 " + (f"after {n} batches" if n >= MAX_BATCHES
-                                                         else f"after {NODE_SECONDS:g} s")
-                break
-    ratio = math.exp(statistics.fmean(logs))
+        fastest_a.append(min(batch_a))
+        fastest_b.append(min(batch_b))
+    return fastest_a, fastest_b, per_batch
+
+
+def _judge(pair_ratios: list[float], lo: float, hi: float) -> tuple[str, str]:
+    """The verdict (and the reason of a tie) from the split/native ratios of the session pairs
+    and their 95 % interval ``lo``-``hi``. Native is the default: split only when it was faster in
+    every pair and the whole interval is at least ``MIN_GAIN`` below 1."""
+    if lo > 1:
+        return NATIVE, ""
+    if hi < 1 - MIN_GAIN and all(r < 1 for r in pair_ratios):
+        return SPLIT, ""
+    if lo >= 1 - MIN_GAIN and hi <= 1 + MIN_GAIN:
+        return "tie", f"within {MIN_GAIN:.0%} of each other"
+    if hi < 1:
+        return "tie", f"split not faster by {MIN_GAIN:.0%} across all {len(pair_ratios)} session pairs"
+    return "tie", f"the 95% CI over {len(pair_ratios)} session pairs includes 1"
+
+
+def _measure_pair(native: Path, split: Path, shape: list[int], dtype: np.dtype, options) -> dict[str, Any]:
+    """``SESSIONS`` fresh session pairs, then one verdict from the 95 % interval of split/native
+    across them: timings and the verdict (the module docstring says how)."""
+    feeds = make_inputs([InputSpec("x", shape, np.dtype(dtype).name)], shapes={}, seed=options.seed, given=None)
+    start = benchmark.clock()
+    times_a, times_b, pair_ratios, runs = [], [], [], 0
+    while len(pair_ratios) < SESSIONS and (len(pair_ratios) < MIN_SESSIONS or
+                                           benchmark.clock() - start <= NODE_SECONDS):
+        fastest_a, fastest_b, per_batch = _time_one_pair(native, split, feeds, options, len(pair_ratios))
+        times_a += fastest_a
+        times_b += fastest_b
+        runs += per_batch * len(fastest_a)
+        pair_ratios.append(math.exp(statistics.fmean(math.log(b / a) for a, b in zip(fastest_a, fastest_b))))
+    ratio, lo, hi = benchmark.ratio_interval(pair_ratios)
+    verdict, note = _judge(pair_ratios, lo, hi)
     return {"native_ms": round(statistics.median(times_a) * 1e3, 4),
             "split_ms": round(statistics.median(times_b) * 1e3, 4), "ratio": round(ratio, 4),
-            "ci95": (round(lo, 4), round(hi, 4)), "batches": len(logs), "runs": len(logs) * per_batch,
+            "ci95": (round(lo, 4), round(hi, 4)), "batches": len(times_a), "runs": runs,
+            "sessions": len(pair_ratios), "pair_ratios": [round(r, 4) for r in pair_ratios],
             "verdict": verdict, "note": note}
 
 
@@ -361,7 +378,8 @@ def measure(path: Path, options, given_inputs) -> MeasuredTarget:
                 continue
             earlier = measured.get(m.key)
             if earlier is not None:
-                for attribute in ("native_ms", "split_ms", "ratio", "ci95", "batches", "runs", "verdict", "note"):
+                for attribute in ("native_ms", "split_ms", "ratio", "ci95", "batches", "runs", "sessions",
+                                  "pair_ratios", "verdict", "note"):
                     setattr(m, attribute, getattr(earlier, attribute))
                 m.same_as = earlier.location
                 continue
