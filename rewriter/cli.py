@@ -120,8 +120,9 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="ONNX: time both forms of every grouped conv on onnxruntime (its real shapes, --threads) and "
                    "keep each in the faster one (native on a tie); verified; not with --target.")
 @click.option("--benchmark", is_flag=True,
-              help="Time the original and the written model on the output format's runtime (interleaved runs; "
-                   "median, spread, before/after ratio) into the summary and report.")
+              help="Time the original and the written model on the output format's runtime (5 fresh sessions "
+                   "per model, interleaved; median, spread, before/after ratio with its 95% interval and a "
+                   "verdict) into the summary and report.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the runtime --benchmark and --auto time on (default: the runtime's).")
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,

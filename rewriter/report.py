@@ -87,7 +87,8 @@ class Report:
     # entry per grouped conv the target's rule judged (form: native|split; action: fuse|expand|keep).
     target: dict[str, Any] | None = None
     # --benchmark: {"runtime", "threads", "runs", "before_ms", "after_ms", "ratio" (before/after),
-    # "before_spread_ms", "after_spread_ms", "ratio_spread"} (rewriter.benchmark).
+    # "before_spread_ms", "after_spread_ms", "ratio_spread", "sessions" (fresh session pairs),
+    # "pair_ratios", "ratio_ci" (95% t interval across the pairs), "verdict", "interval"} (rewriter.benchmark).
     benchmark: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,8 +238,14 @@ def format_benchmark(result: dict[str, Any]) -> str:
     head = f"benchmark ({result['runtime']}, {threads}"
     if result.get("before_ms") is None:
         return f"{head}): not timed ({result.get('note', 'no result')})"
-    ratio = result["ratio"]
-    verdict = (f"{ratio:.3f}x faster" if ratio >= 1 else f"{1 / ratio:.3f}x slower") if ratio else "n/a"
-    return (f"{head}, {result['runs']} interleaved runs): before {result['before_ms']:.3f} ms "
-            f"± {result.get('before_spread_ms', 0):.3f}, after {result['after_ms']:.3f} ms "
-            f"± {result.get('after_spread_ms', 0):.3f}; ratio {ratio:.3f} ({verdict})")
+    ratio, interval, verdict = result["ratio"], result.get("ratio_ci"), result.get("verdict")
+    if not ratio:
+        said = "n/a"
+    elif interval is None or verdict is None:  # one session pair: no interval, no verdict
+        said = "one session pair: no verdict"
+    else:  # "faster" only when the whole interval across session pairs is above 1 (rewriter.benchmark)
+        said = {"faster": f"{ratio:.3f}x faster", "slower": f"{1 / ratio:.3f}x slower"}.get(verdict, verdict)
+        said = f"95% CI {interval[0]:.3f}-{interval[1]:.3f} across {result['sessions']} session pairs: {said}"
+    return (f"{head}, {result.get('sessions', 1)} sessions each, {result['runs']} interleaved runs): before "
+            f"{result['before_ms']:.3f} ms ± {result.get('before_spread_ms', 0):.3f}, after "
+            f"{result['after_ms']:.3f} ms ± {result.get('after_spread_ms', 0):.3f}; ratio {ratio:.3f} ({said})")
