@@ -17,6 +17,7 @@ import passes.tf.fuse_split_conv  # noqa: F401
 from passes import registered
 from passes.tf import savedmodel as sm
 from rewriter.errors import VerificationFailed
+from rewriter.proof import prove
 from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
 
@@ -105,4 +106,25 @@ class SavedModelBackend:
 
     def verify(self, original: Path, rewritten: SavedModelGraph, written: Path, options,
                report: Report) -> Verification:
-        return sm.verify_savedmodel(rewritten.frozen, written, options)
+        """``rewriter.proof``: the model outputs of the original signature against the written
+        SavedModel's, at one size or two, and each rewrite's boundary tensor (see ``_Runners``)."""
+        return prove(_Runners(rewritten), original, written, options, report.rewrites)
+
+
+class _Runners:
+    """The two runs ``rewriter.proof.prove`` compares, for one rewritten SavedModel.
+
+    original: the signature as loaded (its outputs), and the frozen graph the passes read (the
+    boundary tensors). rewritten: the written SavedModel's signature (its outputs: what is proven
+    is the file), and the graph the passes wrote, in the form it was written (the boundary
+    tensors, under the names the rewrites recorded; large constants are variables in the file)."""
+
+    def __init__(self, model: SavedModelGraph):
+        self.model = model
+
+    def runner(self, path: Path, role: str, extra=()) -> sm.SignatureRunner:
+        frozen = self.model.frozen
+        if role == "original":
+            return sm.SignatureRunner(frozen.function, frozen, frozen.graph_def, role, extra)
+        graph_def = sm.tf_runnable(self.model.graph_def) if extra else self.model.graph_def
+        return sm.SignatureRunner(sm.load_written(path, frozen.name), frozen, graph_def, role, extra)

@@ -91,7 +91,9 @@ class ExpandGroupedConvPass:
                 replaced[conv.name] = self._emit(names, conv, plan, channel_axis)
             self.rewrites.append(Rewrite(kind="expand-grouped-conv", location=conv.name, groups=groups,
                                          channels={"in": in_channels, "out": int(weight.shape[3])},
-                                         nodes=[conv.name]))
+                                         nodes=[conv.name],
+                                         # the ConcatV2 of the groups takes the conv's name
+                                         boundary=[{"tensor": g.tensor_name(conv.name)}]))
         if not replaced:
             return graph_def
         nodes = []

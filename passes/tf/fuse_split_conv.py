@@ -246,7 +246,10 @@ class FuseSplitConvPass:
         self.rewrites.append(Rewrite(
             kind="fuse-parallel-branches" if candidate.shared else "fuse-split-conv", location=location,
             groups=plan.groups, channels={"in": plan.convs[0].in_channels, "out": plan.convs[-1].out_channels},
-            nodes=[n.name for n in old]))
+            nodes=[n.name for n in old],
+            # The ConcatV2's output: the fused result takes its name, or, where the fusion stops
+            # early, the ConcatV2 stays and joins the split-back branches (rewriter.proof).
+            boundary=[{"tensor": g.tensor_name(concat.name)}]))
         if plan.stopped is not None:
             self.skipped.append(Skip(concat.name, f"fused up to {plan.stopped}; the rest stays per branch", []))
         return new_nodes
