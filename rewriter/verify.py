@@ -427,11 +427,11 @@ def _log_probability_error(expected: np.ndarray, actual: np.ndarray, atol: float
     """Probabilities that random weights saturate (1e-17 beside 1.0) pass any absolute tolerance
     whatever the logits did. Their logarithms are the logits up to each row's constant: compared
     with the same atol/rtol, they show the difference. The largest failing difference, or None."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_e, log_a = np.log(expected), np.log(np.maximum(actual, 0.0))
     # Below 1e-30 float32 nears its subnormals, where the last digits are rounding, not logits.
     both_tiny = (expected < 1e-30) & (actual < 1e-30)
-    diff = np.where(both_tiny, 0.0, np.abs(log_e - log_a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_e, log_a = np.log(expected), np.log(np.maximum(actual, 0.0))
+        diff = np.where(both_tiny, 0.0, np.abs(log_e - log_a))
     diff = np.where(np.isnan(diff), np.inf, diff)
     failing = (diff > atol) & (diff > rtol * np.abs(np.where(np.isfinite(log_e), log_e, 0.0)))
     return float(diff[failing].max()) if failing.any() else None
