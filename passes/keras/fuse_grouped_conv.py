@@ -29,7 +29,7 @@ import numpy as np
 from passes import register
 from passes.keras import _compat, _lambdas
 from passes.keras._build import keras_name, layer_object
-from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
+from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore, first_arg_count, legacy_kwargs
 from passes.keras._slices import SliceCall
 from rewriter.candidate import NotACandidate, Refused
 from rewriter.names import fresh_name
@@ -199,7 +199,7 @@ class FuseGroupedConv:
 
     def run(self) -> FuseGroupedConv:
         for call in self.graph.calls():
-            if call.layer.class_name != "Concatenate":
+            if not is_join(call):
                 continue
             location = call.layer.name
             self._verdict = None
@@ -349,9 +349,10 @@ class FuseGroupedConv:
         rank = len(shape) if shape else None
         data_format = branches[0].conv.layer.config.get("data_format") or "channels_last"
         channel_axis = (rank - 1 if data_format == "channels_last" else 1) if rank else None
-        axis = _axis(concat.layer.config.get("axis", -1), rank)
+        axis = _axis(_join_axis(concat), rank)
         if rank is None or axis != channel_axis:
-            raise Refused(f"Concatenate on axis {concat.layer.config.get('axis', -1)}, not the channel axis")
+            join = "tf.concat" if concat.layer.class_name == "TFOpLambda" else "Concatenate"
+            raise Refused(f"{join} on axis {_join_axis(concat)}, not the channel axis")
         if not shared:
             for b in branches:
                 if b.slice.axis != channel_axis:
@@ -534,6 +535,25 @@ class FuseGroupedConv:
                     return rebound
         raise Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
+
+
+def is_join(call: Call) -> bool:
+    """A join point of branches: a ``Concatenate`` layer (Keras 3 records ``keras.ops.concatenate``
+    on Keras tensors as an operation of that class too) or tf-keras's ``tf.concat``, which it
+    writes as a ``TFOpLambda`` node (the axis recorded as a kwarg) — only one that reads no tensor
+    but the joined ones."""
+    if call.layer.class_name == "Concatenate":
+        return True
+    return (call.layer.class_name == "TFOpLambda" and call.layer.config.get("function") == "concat"
+            and not isinstance(call.data, dict) and first_arg_count(call.data) == len(call.inputs))
+
+
+def _join_axis(call: Call) -> Any:
+    """The axis a join concatenates on, as the file records it (a Concatenate's default is -1;
+    tf.concat has no default)."""
+    if call.layer.class_name == "TFOpLambda":
+        return legacy_kwargs(call.data).get("axis")
+    return call.layer.config.get("axis", -1)
 
 
 def _activation_name(value) -> str | None:
