@@ -3,7 +3,9 @@ is a finding --check fails on, and tf-keras's ``tf.concat`` joins are candidates
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -14,7 +16,7 @@ import tensorflow as tf
 import tf_keras
 from click.testing import CliRunner
 
-from rewriter.api import Options, check, fuse
+from rewriter.api import check, fuse
 from rewriter.cli import main
 from samples import keras_models as km
 
@@ -99,3 +101,50 @@ def test_keras3_ops_concatenate_join_fuses(tmp_path):
     assert grouped(fused) == [4]
     x = np.random.default_rng(9).standard_normal((2, 8, 8, 8)).astype("float32")
     np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+# -- finding 6: late binding is a finding ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def late_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_sound_late")
+    return {"late.keras": km.lambda_model_keras3(folder / "late.keras", binding="late"),
+            "legacy_late.h5": km.legacy_model(folder / "legacy_late.h5", style="lambda", late=True),
+            "closure.keras": km.lambda_model_keras3(folder / "closure.keras", binding="closure")}
+
+
+@pytest.mark.parametrize("name", ["late.keras", "legacy_late.h5"])
+def test_check_fails_on_late_binding_and_names_the_repair(late_files, name, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = invoke(late_files[name], "--check", "--trust-lambdas", "--report", report_path)
+    assert result.exit_code == 1, result.output
+    assert "check: 0 fusable patterns found" in result.output
+    assert re.search(r"check: late binding at concatenate(_\d+)?: every branch reads the same group", result.output)
+    assert "--repair-late-binding" in result.output.splitlines()[-1]
+    (skip,) = json.loads(report_path.read_text())["skipped"]
+    assert skip["finding"] == "late-binding" and skip["reason"].startswith("LATE BINDING")
+    # With the repair the same group is work to do: fusable, still exit 1 under --check.
+    repaired = invoke(late_files[name], "--check", "--trust-lambdas", "--repair-late-binding")
+    assert repaired.exit_code == 1 and "check: 1 fusable pattern found" in repaired.output, repaired.output
+
+
+def test_correctly_bound_lambdas_are_no_finding(late_files, tmp_path):
+    out = tmp_path / "fused.keras"
+    result = invoke(late_files["closure.keras"], "--trust-lambdas", "-o", out)
+    assert result.exit_code == 0 and "late binding" not in result.output.lower(), result.output
+    assert invoke(out, "--check").exit_code == 0  # the fused file: clean, no finding
+
+
+def test_fuse_without_the_repair_says_the_model_is_not_what_its_author_meant(late_files, tmp_path):
+    out = tmp_path / "as_is.keras"
+    result = invoke(late_files["late.keras"], "--trust-lambdas", "-o", out)
+    assert result.exit_code == 0, result.output
+    warning = result.output.splitlines()[-1]
+    assert re.match(r"warning: late binding at concatenate(_\d+)? left as it is", warning), warning
+    assert "not what its author meant" in warning and "--repair-late-binding" in warning
+    # What is written computes what the file computes (the same group in every branch), without code.
+    written = keras.models.load_model(out, safe_mode=True)
+    original = keras.models.load_model(late_files["late.keras"], safe_mode=False)
+    assert grouped(written) == []
+    x = np.random.default_rng(6).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(written, x)[0], outputs(original, x)[0], rtol=1e-6, atol=1e-6)

@@ -80,6 +80,14 @@ class _Kept(Refused):
     """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
 
 
+class _LateBound(Refused):
+    """Branches whose Lambdas were bound late (all read one group), left as they are: a fault of
+    the model, which --check reports as a finding."""
+
+
+LATE_BINDING = "late-binding"  # the Skip.finding of a late-bound group
+
+
 @dataclass
 class BranchMatch:
     """One branch: the tensor it starts from and its layers (convolutions and tails) in order,
@@ -208,7 +216,8 @@ class FuseGroupedConv:
             except NotACandidate:
                 continue
             except Refused as refusal:
-                self.skipped.append(Skip(location, str(refusal), self._branch_names(call)))
+                self.skipped.append(Skip(location, str(refusal), self._branch_names(call),
+                                         finding=LATE_BINDING if isinstance(refusal, _LateBound) else ""))
                 if isinstance(refusal, _Kept):
                     self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
                                            "rule": str(refusal)})
@@ -510,9 +519,9 @@ class FuseGroupedConv:
                        f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            raise Refused(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
+            raise _LateBound(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
-            raise Refused(message + "; cannot repair: the channel count is unknown")
+            raise _LateBound(message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
         for name, _value in cells:
             functions, found = [], []
@@ -533,7 +542,7 @@ class FuseGroupedConv:
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to i)",
                                 concat.layer.name, message, name)
                     return rebound
-        raise Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
+        raise _LateBound(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
 
 
