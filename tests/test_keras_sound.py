@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras
 from click.testing import CliRunner
 
-from rewriter.api import check, fuse
+from rewriter.api import Options, check, fuse
 from rewriter.cli import main
 from samples import keras_models as km
 
@@ -148,3 +148,84 @@ def test_fuse_without_the_repair_says_the_model_is_not_what_its_author_meant(lat
     assert grouped(written) == []
     x = np.random.default_rng(6).standard_normal((2, 8, 8, 8)).astype("float32")
     np.testing.assert_allclose(outputs(written, x)[0], outputs(original, x)[0], rtol=1e-6, atol=1e-6)
+
+
+# -- finding 5: tf-keras files are verified against tf-keras -----------------------------------
+
+def multiply_model(path):
+    """tf-keras: x * 0.5 (a TFOpLambda tf.math.multiply the tool rebuilds in Keras 3) → tf.split
+    groups → Concatenate."""
+    inp = tf_keras.Input((8, 8, 8))
+    x = tf.math.multiply(TL.Conv2D(8, 1, name="stem")(inp), 0.5)
+    parts = tf.split(x, 4, axis=-1)
+    y = TL.Concatenate()([TL.Conv2D(4, 3, padding="same", name=f"m_conv{i}")(p) for i, p in enumerate(parts)])
+    tf_keras.Model(inp, y).save(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_tf_keras_file_is_verified_against_tf_keras(tmp_path, suffix):
+    source = multiply_model(tmp_path / f"multiply{suffix}")
+    result = fuse(source, output=tmp_path / "fused.keras")
+    verification = result.report.verification
+    assert verification.passed and verification.reference == f"tf-keras {tf_keras.__version__} (load_model)"
+    assert [r.groups for r in result.report.rewrites] == [4]
+    fused = keras.models.load_model(tmp_path / "fused.keras", safe_mode=True)
+    assert grouped(fused) == [4]
+    x = np.random.default_rng(5).standard_normal((2, 8, 8, 8)).astype("float32")
+    original = tf_keras.models.load_model(source, compile=False)
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_rebuild_mistake_fails_verification_against_tf_keras(tmp_path, monkeypatch):
+    """The tool's Keras 3 rebuild of tf.math.multiply made wrong on purpose: compared with itself it
+    would pass; compared with tf-keras, the run fails and nothing is written."""
+    from passes.keras import _tf_ops
+
+    source = multiply_model(tmp_path / "multiply.h5")
+    monkeypatch.setitem(_tf_ops.REBUILT, "math.multiply", lambda x, y, name=None: keras.ops.add(x, y))
+    out = tmp_path / "fused.keras"
+    report_path = tmp_path / "report.json"
+    result = invoke(source, "-o", out, "--report", report_path)
+    assert result.exit_code == 1, result.output
+    assert "verification: FAILED" in result.output and "MISMATCH" in result.output
+    assert not out.exists()
+
+
+def test_reference_says_what_ran_the_original(late_files, tmp_path):
+    keras3 = fuse(late_files["closure.keras"], output=tmp_path / "a.keras", options=Options(trust_lambdas=True))
+    assert keras3.report.verification.reference == f"keras {keras.__version__} (load_model)"
+    # tf-keras Lambdas with c=c defaults: Keras 3 cannot load the file, tf-keras runs it (trusted).
+    legacy = km.legacy_model(tmp_path / "legacy_default.h5", style="lambda")
+    trusted = fuse(legacy, output=tmp_path / "b.keras", options=Options(trust_lambdas=True))
+    assert trusted.report.verification.passed
+    assert trusted.report.verification.reference.startswith("tf-keras ")
+    # A late-binding repair is meant to differ from the file: the reference is the re-bound rebuild.
+    repaired = fuse(late_files["legacy_late.h5"], output=tmp_path / "c.keras",
+                    options=Options(trust_lambdas=True, repair_late_binding=True))
+    assert repaired.report.verification.passed
+    assert repaired.report.verification.reference.startswith("the tool's rebuild, late-bound Lambdas re-bound")
+
+
+def test_tf_keras_never_runs_lambda_code_without_trust(tmp_path):
+    """The tf-keras reference loads in a safe-mode scope unless trusted: its .h5 loader would
+    otherwise run the Lambda's bytecode (it ignores ``safe_mode=`` for .h5 files)."""
+    from passes.keras import _config
+    from passes.keras.model import _tf_keras_load
+
+    marker = tmp_path / "ran.txt"
+
+    def marking(z, path=str(marker)):
+        open(path, "w").write("ran")
+        return z[..., 0:2]
+
+    inp = tf_keras.Input((4, 4, 4))
+    path = tmp_path / "marking.h5"
+    tf_keras.Model(inp, TL.Lambda(marking)(inp)).save(path)
+    marker.unlink()
+    kfile = _config.read_file(path)
+    refused = _tf_keras_load(path, kfile, run_code=False)
+    assert isinstance(refused, str) and refused.startswith("tf-keras cannot load the file")
+    assert not marker.exists()
+    model, note, reference = _tf_keras_load(path, kfile, run_code=True)
+    assert reference.startswith("tf-keras ") and marker.exists()  # trusted: it runs, as the user asked
