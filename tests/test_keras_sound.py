@@ -229,3 +229,34 @@ def test_tf_keras_never_runs_lambda_code_without_trust(tmp_path):
     assert not marker.exists()
     model, note, reference = _tf_keras_load(path, kfile, run_code=True)
     assert reference.startswith("tf-keras ") and marker.exists()  # trusted: it runs, as the user asked
+
+
+def test_tf_concat_kept_where_the_branches_stop_agreeing(tmp_path):
+    """Branches fuse up to their convs; their tails differ, so the fused tensor is split back and
+    the tf.concat stays (rebuilt as Keras 3's concatenate), proven against tf-keras."""
+    inp = tf_keras.Input((8, 8, 8))
+    x = TL.Conv2D(8, 1, name="stem")(inp)
+    branches = [TL.Activation("relu" if i else "tanh")(TL.Conv2D(4, 3, padding="same", name=f"pc{i}")(part))
+                for i, part in enumerate(tf.split(x, 4, axis=-1))]
+    original = tf_keras.Model(inp, tf.concat(branches, axis=3))
+    source = tmp_path / "partial.h5"
+    original.save(source)
+    result = fuse(source, output=tmp_path / "partial.keras")
+    assert [r.groups for r in result.report.rewrites] == [4]
+    (skip,) = result.report.skipped
+    assert skip.location.startswith("tf.concat") and skip.reason.startswith("fused up to Activation")
+    assert result.report.verification.passed and result.report.verification.reference.startswith("tf-keras ")
+    fused = keras.models.load_model(tmp_path / "partial.keras", safe_mode=True)
+    assert grouped(fused) == [4]
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_conversion_reports_the_tf_keras_reference(tmp_path):
+    source = multiply_model(tmp_path / "multiply.h5")
+    report_path = tmp_path / "report.json"
+    result = invoke(source, "--to", "savedmodel", "-o", tmp_path / "sm", "--report", report_path)
+    assert result.exit_code == 0, result.output
+    verification = json.loads(report_path.read_text())["verification"]
+    assert verification["passed"] and verification["reference"] == f"tf-keras {tf_keras.__version__} (load_model)"
+    assert any(o["name"].startswith("savedmodel:") for o in verification["outputs"])
