@@ -260,3 +260,16 @@ def test_conversion_reports_the_tf_keras_reference(tmp_path):
     verification = json.loads(report_path.read_text())["verification"]
     assert verification["passed"] and verification["reference"] == f"tf-keras {tf_keras.__version__} (load_model)"
     assert any(o["name"].startswith("savedmodel:") for o in verification["outputs"])
+
+
+def test_tflite_benchmark_converts_the_tf_keras_original(tmp_path):
+    """--benchmark's "before" is the original converted as it is: with a tf-keras reference, through
+    tf-keras's own export (nothing printed on stdout, where the JSON document goes)."""
+    source = multiply_model(tmp_path / "multiply.h5")
+    result = invoke(source, "--to", "tflite", "--benchmark", "--threads", "1", "-o", tmp_path / "m.tflite",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["models"][0]["report"]
+    assert report["verification"]["passed"] and report["verification"]["reference"].startswith("tf-keras ")
+    bench = report["benchmark"]
+    assert bench["runs"] > 0 and bench["before_ms"] > 0 and bench["after_ms"] > 0, bench
