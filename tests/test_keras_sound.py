@@ -273,3 +273,96 @@ def test_tflite_benchmark_converts_the_tf_keras_original(tmp_path):
     assert report["verification"]["passed"] and report["verification"]["reference"].startswith("tf-keras ")
     bench = report["benchmark"]
     assert bench["runs"] > 0 and bench["before_ms"] > 0 and bench["after_ms"] > 0, bench
+
+
+# -- multi-node channel-wise tails: y · f(y) -----------------------------------------------------
+
+def operation_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in model.operations:
+        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
+    return counts
+
+
+def gated_keras3(path, activations=("sigmoid",) * 4):
+    """Keras 3: slices → Conv2D → Multiply()([y, Activation(a)(y)]) (SiLU for sigmoid) → Concatenate."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 8))
+    x = L.Conv2D(8, 1, name="stem")(inp)
+    branches = []
+    for i, activation in enumerate(activations):
+        y = L.Conv2D(4, 3, padding="same", name=f"gate_conv{i}")(x[..., 2 * i:2 * i + 2])
+        branches.append(L.Multiply()([y, L.Activation(activation)(y)]))
+    model = keras.Model(inp, L.Concatenate()(branches))
+    model.save(path)
+    return model
+
+
+def gated_tf_keras(path, *, mish: bool):
+    """tf-keras: tf.split → Conv2D → y * tf.sigmoid(y) (SiLU) or y * tf.tanh(tf.math.softplus(y))
+    (Mish), all TFOpLambda nodes → tf.concat."""
+    inp = tf_keras.Input((8, 8, 8))
+    x = TL.Conv2D(8, 1, name="stem")(inp)
+    branches = []
+    for i, part in enumerate(tf.split(x, 4, axis=-1)):
+        y = TL.Conv2D(4, 3, padding="same", name=f"gate_conv{i}")(part)
+        branches.append(y * tf.tanh(tf.math.softplus(y)) if mish else y * tf.sigmoid(y))
+    model = tf_keras.Model(inp, tf.concat(branches, axis=-1))
+    model.save(path)
+    return model
+
+
+def test_keras3_silu_branches_fuse_with_the_gate_applied_once(tmp_path):
+    original = gated_keras3(tmp_path / "silu.keras")
+    out = tmp_path / "fused.keras"
+    result = fuse(tmp_path / "silu.keras", output=out)
+    (rewrite,) = result.report.rewrites
+    assert rewrite.groups == 4 and result.report.verification.passed and not result.report.skipped
+    fused = keras.models.load_model(out, safe_mode=True)
+    assert grouped(fused) == [4]
+    counts = operation_counts(fused)
+    assert counts["Activation"] == 1 and counts["Multiply"] == 1 and "Concatenate" not in counts
+    x = np.random.default_rng(11).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mish", [False, True])
+def test_tf_keras_silu_and_mish_tfoplambda_gates_fuse(tmp_path, mish):
+    source = tmp_path / ("mish.h5" if mish else "silu.h5")
+    original = gated_tf_keras(source, mish=mish)
+    out = tmp_path / "fused.keras"
+    result = invoke(source, "-o", out)
+    assert result.exit_code == 0 and "verification: passed" in result.output, result.output
+    fused = keras.models.load_model(out, safe_mode=True)
+    assert grouped(fused) == [4]
+    counts = operation_counts(fused)
+    expected = {"Softplus": 1, "Tanh": 1} if mish else {"Sigmoid": 1}
+    assert {k: counts.get(k) for k in expected} == expected and counts["Multiply"] == 1
+    assert "TFOpLambda" not in counts and "Concatenate" not in counts
+    x = np.random.default_rng(12).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gates_that_differ_fuse_up_to_the_conv_and_say_why(tmp_path):
+    original = gated_keras3(tmp_path / "mixed.keras", activations=("sigmoid", "sigmoid", "tanh", "sigmoid"))
+    out = tmp_path / "fused.keras"
+    result = fuse(tmp_path / "mixed.keras", output=out)
+    assert [r.groups for r in result.report.rewrites] == [4] and result.report.verification.passed
+    (skip,) = result.report.skipped
+    assert skip.reason.startswith("fused up to Gate (tails disagree between branches")
+    fused = keras.models.load_model(out, safe_mode=True)
+    assert grouped(fused) == [4] and operation_counts(fused)["Multiply"] == 4
+    x = np.random.default_rng(13).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gate_whose_conv_output_is_read_elsewhere_is_left_with_the_reason(tmp_path):
+    L = keras.layers
+    inp = keras.Input((8, 8, 8))
+    ys = [L.Conv2D(4, 3, padding="same", name=f"seen_conv{i}")(inp[..., 2 * i:2 * i + 2]) for i in range(4)]
+    joined = L.Concatenate()([L.Multiply()([y, L.Activation("sigmoid")(y)]) for y in ys])
+    keras.Model(inp, [joined, ys[0]]).save(tmp_path / "leak.keras")  # conv 0's output is a model output too
+    report = check(tmp_path / "leak.keras")
+    assert not report.rewrites
+    (skip,) = report.skipped
+    assert "the output of seen_conv0 is used outside the pattern" in skip.reason

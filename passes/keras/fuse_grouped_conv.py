@@ -76,6 +76,102 @@ SHARED_KIND = "keras-fuse-parallel-branches"  # branches that read one whole ten
 MAX_WALK = 10_000  # layers walked back from one Concatenate input, at most
 
 
+# Multi-node channel-wise tails ``y · f(y)`` (SiLU: y·sigmoid(y); Mish: y·tanh(softplus(y))): f is
+# a chain of elementwise activations of y alone. Keras ``Activation`` layers or these tf-keras
+# TFOpLambda functions, then a ``Multiply`` layer or tf-keras's ``tf.math.multiply``.
+GATE_TF_FUNCTIONS = ("math.sigmoid", "math.tanh", "math.softplus", "math.erf", "math.exp", "nn.relu", "nn.relu6",
+                     "nn.elu", "nn.selu", "nn.softsign", "nn.silu", "nn.swish", "nn.gelu")
+GATE_KIND = "Gate"  # a gate's step kind for plan_chain
+MAX_GATE_CHAIN = 8  # activations between y and the multiply, at most
+
+
+@dataclass
+class Gate:
+    """A multi-node tail ``y · f(y)`` as one branch step: ``calls`` are f's nodes from y, then the
+    multiply; ``root`` is y. The multiply stands for the gate where a step is named or cut."""
+
+    calls: list[Call]
+    root: TensorRef
+
+    @property
+    def layer(self):
+        return self.calls[-1].layer
+
+    @property
+    def index(self) -> int:
+        return self.calls[-1].index
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.calls[-1].key
+
+    @property
+    def inputs(self) -> list[TensorRef]:
+        return [self.root]
+
+
+def _step_kind(step) -> str:
+    return GATE_KIND if isinstance(step, Gate) else step.layer.class_name
+
+
+def _step_keys(step) -> list[tuple[str, int]]:
+    return [c.key for c in step.calls] if isinstance(step, Gate) else [step.key]
+
+
+def _is_keras_layer(call: Call) -> bool:
+    """A Keras layer, not a Keras 3 operation recorded under a layer's class name (``Multiply``)."""
+    return not str(call.layer.raw.get("module") or "").startswith(_compat.OPS_MODULE_PREFIX)
+
+
+def _tf_function(call: Call) -> str | None:
+    """The TF function of a tf-keras TFOpLambda node in legacy form, else None."""
+    if call.layer.class_name != "TFOpLambda" or isinstance(call.data, dict):
+        return None
+    return str(call.layer.config.get("function", ""))
+
+
+def _is_gate_activation(call: Call) -> bool:
+    if len(call.inputs) != 1:
+        return False
+    if call.layer.class_name == "Activation" and _is_keras_layer(call):
+        return _activation_name(call.layer.config.get("activation")) not in CHANNEL_MIXING
+    return _tf_function(call) in GATE_TF_FUNCTIONS
+
+
+def _is_gate_multiply(call: Call) -> bool:
+    if len(call.inputs) != 2:
+        return False
+    if call.layer.class_name == "Multiply" and _is_keras_layer(call):
+        return True
+    return _tf_function(call) == "math.multiply" and first_arg_count(call.data) == 1
+
+
+def _gate_signature(gate: Gate) -> dict:
+    """What a gate computes, names aside: compared between branches like a tail's settings."""
+    nodes = []
+    for call in gate.calls:
+        settings = {k: _canonical(v) for k, v in call.layer.config.items() if k not in ("name", "trainable")}
+        kwargs = {k: _canonical(v) for k, v in legacy_kwargs(call.data).items() if k not in ("name", "y")} \
+            if _tf_function(call) else {}
+        nodes.append([call.layer.class_name, settings, kwargs])
+    return {"nodes": json.dumps(nodes, sort_keys=True), "y first": gate.calls[-1].inputs[0] == gate.root}
+
+
+def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
+    """One node of a gate on the fused tensors, as a new layer (or Keras 3 operations) named ``name``."""
+    function = _tf_function(call)
+    if function is not None:
+        from passes.keras import _tf_ops
+
+        kwargs = {k: v for k, v in legacy_kwargs(call.data).items() if k != "name"}
+        if len(inputs) == 2:
+            kwargs["y"] = inputs[1]
+        return _tf_ops.rebuild(function, name, inputs[0], kwargs)[0]
+    template = layer_object(call.layer, legacy)
+    layer = type(template).from_config({**template.get_config(), "name": name})
+    return layer(inputs if len(inputs) == 2 else inputs[0])
+
+
 class _Kept(Refused):
     """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
 
@@ -113,12 +209,15 @@ class Level:
     """One fused layer: the first branch's call as the template, its new name, its weights; a
     convolution level also holds its plan (filters, groups, bias)."""
 
-    template: Call
+    template: Call | Gate
     name: str
     weights: list[np.ndarray]
     plan: FusionPlan | None = None
+    gate_names: list[str] = field(default_factory=list)  # a gate's f nodes, each named anew
 
     def apply(self, tensor, legacy: bool):
+        if isinstance(self.template, Gate):
+            return self._apply_gate(self.template, tensor, legacy)
         template = layer_object(self.template.layer, legacy)
         config = {**template.get_config(), "name": self.name}
         if self.plan is not None:
@@ -129,6 +228,15 @@ class Level:
         if self.weights:
             layer.set_weights(self.weights)
         return result
+
+    def _apply_gate(self, gate: Gate, tensor, legacy: bool):
+        """The gate's nodes replayed once on the fused tensor: ``NAME`` for the multiply,
+        ``gate_names`` for f's nodes."""
+        values = {gate.root: tensor}
+        for call, name in zip(gate.calls, [*self.gate_names, self.name]):
+            values[TensorRef(call.layer.name, call.index, 0)] = \
+                _apply_gate_node(call, [values[ref] for ref in call.inputs], name, legacy)
+        return values[TensorRef(gate.layer.name, gate.index, 0)]
 
 
 @dataclass
@@ -243,7 +351,29 @@ class FuseGroupedConv:
     # -- matching ---------------------------------------------------------------------------
 
     def _single_use(self, ref: TensorRef) -> bool:
-        return ref not in self.outputs and len(self.consumers.get(ref, [])) == 1
+        return self._used_only_by(ref, 1)
+
+    def _used_only_by(self, ref: TensorRef, count: int) -> bool:
+        """``ref`` is no model output and read by exactly ``count`` calls (those of the pattern)."""
+        return ref not in self.outputs and len(self.consumers.get(ref, [])) == count
+
+    def _gate(self, multiply: Call) -> Gate | None:
+        """``multiply`` as the end of a gate ``y · f(y)``: one input y, the other f's chain of
+        elementwise activations reading y (each used only there), y read by both; else None."""
+        if not _is_gate_multiply(multiply):
+            return None
+        first, second = multiply.inputs
+        for root, other in ((first, second), (second, first)):
+            chain, ref = [], other
+            while ref != root and len(chain) < MAX_GATE_CHAIN:
+                producer = self._producer(ref)
+                if not _is_gate_activation(producer) or not self._single_use(ref):
+                    break
+                chain.append(producer)
+                ref = producer.inputs[0]
+            if ref == root and chain:
+                return Gate([*reversed(chain), multiply], root)
+        return None
 
     def _producer(self, ref: TensorRef) -> Call:
         return self.graph.layers[ref.layer].calls[ref.node]
@@ -251,24 +381,29 @@ class FuseGroupedConv:
     def _walk_back(self, ref: TensorRef) -> BranchMatch | str:
         """From a Concatenate input back through tails and convolutions, each used only by the
         next, to where the branch starts: a slice, or a tensor other layers read too."""
-        steps: list[Call] = []
+        steps: list[Call | Gate] = []
         call = self._producer(ref)
         seen_conv = False
+        uses = 1  # how many reads of ``ref`` the steps walked so far hold (a gate reads its y twice)
         while len(steps) < MAX_WALK:
             kind = call.layer.class_name
-            if kind not in TAIL_CLASSES and kind not in CONV_CLASSES:
+            gate = self._gate(call) if kind not in TAIL_CLASSES and kind not in CONV_CLASSES else None
+            if gate is None and kind not in TAIL_CLASSES and kind not in CONV_CLASSES:
                 break
-            if not self._single_use(ref) and seen_conv:
+            used_here = self._used_only_by(ref, uses)
+            if not used_here and seen_conv:
                 break  # where the branch starts (a shared input, or a use _match reports)
-            if kind in TAIL_CLASSES and (len(call.inputs) != 1 or not self._single_use(ref)):
+            if (kind in TAIL_CLASSES or gate is not None) and \
+                    (not used_here or (gate is None and len(call.inputs) != 1)):
                 return f"tail {call.layer.name} is shared or used elsewhere"
-            if kind in CONV_CLASSES and not self._single_use(ref):
+            if kind in CONV_CLASSES and not used_here:
                 return f"the output of {call.layer.name} is used outside the pattern"
-            if len(call.inputs) != 1:
+            if gate is None and len(call.inputs) != 1:
                 return f"{call.layer.name} reads several tensors"
-            steps.append(call)
+            step = gate or call
+            steps.append(step)
             seen_conv = seen_conv or kind in CONV_CLASSES
-            ref = call.inputs[0]
+            ref, uses = step.inputs[0], 2 if gate is not None else 1
             call = self._producer(ref)
         steps.reverse()
         convs = [s for s in steps if s.layer.class_name in CONV_CLASSES]
@@ -374,7 +509,7 @@ class FuseGroupedConv:
         depth = len(plans)
         removed = set() if stopped else {concat.key}
         for b in branches:
-            removed.update(s.key for s in b.steps[:depth])
+            removed.update(key for s in b.steps[:depth] for key in _step_keys(s))
             if b.slice is not None:
                 removed.add(b.slice.call.key)
         levels = self._levels(plans)
@@ -395,6 +530,9 @@ class FuseGroupedConv:
                 suffix = f"_group{plan.groups}" if plan.groups > 1 else "_wide"
                 weights = [plan.weight] + ([plan.bias] if plan.bias is not None else [])
                 levels.append(Level(call, self._fresh(call.layer.name + suffix), weights, plan))
+            elif isinstance(call, Gate):  # f's nodes first: the multiply's name stands for the gate
+                gate_names = [self._fresh(c.layer.name + suffix) for c in call.calls[:-1]]
+                levels.append(Level(call, self._fresh(call.layer.name + suffix), plan, gate_names=gate_names))
             else:
                 levels.append(Level(call, self._fresh(call.layer.name + suffix), plan))
         return levels
@@ -430,7 +568,7 @@ class FuseGroupedConv:
                     shared: bool) -> ChainPlan:
         """The branches planned layer by layer by ``rewriter.plan.plan_chain``, as far as they agree.
         Raises Refused if not even the first convolution fuses."""
-        plan = plan_chain([[c.layer.class_name for c in b.steps] for b in branches],
+        plan = plan_chain([[_step_kind(c) for c in b.steps] for b in branches],
                           functools.partial(self._read_step, branches, channel_axis, rank), channels,
                           conv_kinds=tuple(CONV_CLASSES), shared_input=shared, stack_axis=-1)
         if isinstance(plan, Refusal):
@@ -440,6 +578,8 @@ class FuseGroupedConv:
     def _read_step(self, branches: list[BranchMatch], channel_axis: int, rank: int, step: int,
                    _widths: list[int] | None) -> ConvLayer | TailLayer | Refusal:
         calls = [b.steps[step] for b in branches]
+        if isinstance(calls[0], Gate):  # weightless: it fuses where every branch computes the same
+            return TailLayer(GATE_KIND, [_gate_signature(g) for g in calls], [[] for _ in calls], [])
         if calls[0].layer.class_name in CONV_CLASSES:
             return self._read_conv(calls, branches, step, rank)
         return self._read_tail(calls, channel_axis, rank)
