@@ -366,3 +366,23 @@ def test_a_gate_whose_conv_output_is_read_elsewhere_is_left_with_the_reason(tmp_
     assert not report.rewrites
     (skip,) = report.skipped
     assert "the output of seen_conv0 is used outside the pattern" in skip.reason
+
+
+def test_keras3_ops_gate_on_keras_tensors_fuses(tmp_path):
+    """``y * keras.ops.sigmoid(y)`` on Keras tensors: Sigmoid and Multiply operations in the config."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 8))
+    branches = []
+    for i in range(4):
+        y = L.Conv2D(4, 3, padding="same", name=f"op_conv{i}")(inp[..., 2 * i:2 * i + 2])
+        branches.append(y * keras.ops.sigmoid(y))
+    original = keras.Model(inp, L.Concatenate()(branches))
+    original.save(tmp_path / "ops_silu.keras")
+    out = tmp_path / "fused.keras"
+    result = fuse(tmp_path / "ops_silu.keras", output=out)
+    assert [r.groups for r in result.report.rewrites] == [4] and result.report.verification.passed
+    fused = keras.models.load_model(out, safe_mode=True)
+    counts = operation_counts(fused)
+    assert grouped(fused) == [4] and counts["Sigmoid"] == 1 and counts["Multiply"] == 1
+    x = np.random.default_rng(14).standard_normal((2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(outputs(fused, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-5)

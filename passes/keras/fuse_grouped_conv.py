@@ -2,9 +2,10 @@
 
     x → slice_i | x whole → (Conv_i → tail_i…)+ → Concatenate  ⇒  x → Conv(groups=N | wide) → tail → Conv(groups=N) → tail…
 
-The matcher starts at each ``Concatenate`` on the channel axis and walks every input back through
-channel-wise tail layers (BatchNormalization, Activation, ReLU…) and convolutions, each used only
-by the next, to where its branch starts: a channel slice of one source tensor, or (ResNeXt fig. 3
+The matcher starts at each ``Concatenate`` on the channel axis (or tf-keras's ``tf.concat``) and
+walks every input back through channel-wise tail layers (BatchNormalization, Activation, ReLU…),
+gates ``y · f(y)`` (SiLU, Mish: a multiply of the tensor by elementwise activations of itself) and
+convolutions, each used only by the next, to where its branch starts: a channel slice of one source tensor, or (ResNeXt fig. 3
 a/b) the same whole tensor for every branch. The branches are then planned layer by layer, in
 step: the first convolution becomes one grouped conv (sliced) or one wide conv of stacked kernels
 (shared input), every later one a grouped conv, every tail one layer with the branches' parameters
@@ -123,8 +124,18 @@ def _is_keras_layer(call: Call) -> bool:
     return not str(call.layer.raw.get("module") or "").startswith(_compat.OPS_MODULE_PREFIX)
 
 
+# Keras 3 operations (``y * keras.ops.sigmoid(y)`` on Keras tensors) → the TF function whose
+# rebuild (passes.keras._tf_ops) makes the same operation anew.
+KERAS3_GATE_OPS = {"Sigmoid": "math.sigmoid", "Tanh": "math.tanh", "Softplus": "math.softplus", "Erf": "math.erf",
+                   "Exp": "math.exp", "Relu": "nn.relu", "Silu": "nn.silu", "Multiply": "math.multiply"}
+
+
 def _tf_function(call: Call) -> str | None:
-    """The TF function of a tf-keras TFOpLambda node in legacy form, else None."""
+    """The TF function of a tf-keras TFOpLambda node in legacy form, or the one a gate's Keras 3
+    operation is rebuilt as; else None."""
+    if not _is_keras_layer(call):
+        plain = isinstance(call.data, dict) and not call.data.get("kwargs")
+        return KERAS3_GATE_OPS.get(call.layer.class_name) if plain else None
     if call.layer.class_name != "TFOpLambda" or isinstance(call.data, dict):
         return None
     return str(call.layer.config.get("function", ""))
@@ -135,7 +146,7 @@ def _is_gate_activation(call: Call) -> bool:
         return False
     if call.layer.class_name == "Activation" and _is_keras_layer(call):
         return _activation_name(call.layer.config.get("activation")) not in CHANNEL_MIXING
-    return _tf_function(call) in GATE_TF_FUNCTIONS
+    return _tf_function(call) in GATE_TF_FUNCTIONS + tuple(KERAS3_GATE_OPS.values())
 
 
 def _is_gate_multiply(call: Call) -> bool:
@@ -143,6 +154,8 @@ def _is_gate_multiply(call: Call) -> bool:
         return False
     if call.layer.class_name == "Multiply" and _is_keras_layer(call):
         return True
+    if not _is_keras_layer(call):
+        return _tf_function(call) == "math.multiply"
     return _tf_function(call) == "math.multiply" and first_arg_count(call.data) == 1
 
 
@@ -152,7 +165,7 @@ def _gate_signature(gate: Gate) -> dict:
     for call in gate.calls:
         settings = {k: _canonical(v) for k, v in call.layer.config.items() if k not in ("name", "trainable")}
         kwargs = {k: _canonical(v) for k, v in legacy_kwargs(call.data).items() if k not in ("name", "y")} \
-            if _tf_function(call) else {}
+            if _tf_function(call) and _is_keras_layer(call) else {}
         nodes.append([call.layer.class_name, settings, kwargs])
     return {"nodes": json.dumps(nodes, sort_keys=True), "y first": gate.calls[-1].inputs[0] == gate.root}
 
@@ -163,7 +176,7 @@ def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
     if function is not None:
         from passes.keras import _tf_ops
 
-        kwargs = {k: v for k, v in legacy_kwargs(call.data).items() if k != "name"}
+        kwargs = {k: v for k, v in legacy_kwargs(call.data).items() if k != "name"} if _is_keras_layer(call) else {}
         if len(inputs) == 2:
             kwargs["y"] = inputs[1]
         return _tf_ops.rebuild(function, name, inputs[0], kwargs)[0]
