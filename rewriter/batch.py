@@ -116,8 +116,10 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
         result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
         report = result.report
         found = len(report.rewrites)
+        # A finding (late binding) is a fault to fix like a group to fuse: not clean.
+        findings = [skip for skip in report.skipped if skip.finding]
         if check:
-            status, code = ("would-rewrite", EXIT_FAILED) if found else ("clean", EXIT_OK)
+            status, code = ("would-rewrite", EXIT_FAILED) if found or findings else ("clean", EXIT_OK)
         elif dry_run:
             status, code = "dry-run", EXIT_OK
         else:

@@ -300,6 +300,23 @@ def _print_single(result: batch.JobResult, *, quiet: bool, say, mode: str, check
         say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
     elif dry_run:
         say("dry run: nothing written")
+    _print_findings(result, say=say, check=check)
+
+
+def _print_findings(result: batch.JobResult, *, say, check: bool) -> None:
+    """Late-bound Lambda groups, once more at the end: --check fails on them, and a written model
+    keeps computing what the file computes, which is not what its author meant."""
+    late = [s["location"] for s in (result.report or {}).get("skipped", []) if s.get("finding") == "late-binding"]
+    if not late:
+        return
+    where = ", ".join(late)
+    if check:
+        say(f"check: late binding at {where}: every branch reads the same group, so the model does not compute "
+            "what its author meant; --trust-lambdas --repair-late-binding rebuilds each branch with its own slice")
+    else:
+        say(f"warning: late binding at {where} left as it is: every branch reads the same group, as in the file, "
+            "which is not what its author meant; pass --repair-late-binding to rebuild each branch with its own "
+            "slice")
 
 
 def _target_output(path: Path, name: str, to: str | None) -> Path:

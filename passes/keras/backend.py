@@ -53,7 +53,7 @@ class KerasResult:
     source: KerasSource
     options: Any
     lambdas_left: bool
-    _reference: tuple[Any, str] | None = None
+    _reference: tuple[Any, str, str] | None = None
 
     @property
     def graph(self) -> _config.KerasGraph:
@@ -64,7 +64,13 @@ class KerasResult:
         if self._reference is None:
             s = self.source
             self._reference = km._reference(s.path, s.graph, s.kfile, s.analysis, s, self.options, s.has_lambdas)
-        return self._reference
+        return self._reference[:2]
+
+    @property
+    def reference_name(self) -> str:
+        """What runs the original in the comparison (``Verification.reference``)."""
+        self.reference()
+        return self._reference[2]
 
 
 class _KerasPass:
@@ -201,4 +207,6 @@ class KerasBackend:
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
         reference, note = result.reference()
         candidate = km._load_written(written, trusted=result.lambdas_left)
-        return km._verify(reference, candidate, result.graph, options, note)
+        verification = km._verify(reference, candidate, result.graph, options, note)
+        verification.reference = result.reference_name
+        return verification

@@ -2,9 +2,10 @@
 
     x → slice_i | x whole → (Conv_i → tail_i…)+ → Concatenate  ⇒  x → Conv(groups=N | wide) → tail → Conv(groups=N) → tail…
 
-The matcher starts at each ``Concatenate`` on the channel axis and walks every input back through
-channel-wise tail layers (BatchNormalization, Activation, ReLU…) and convolutions, each used only
-by the next, to where its branch starts: a channel slice of one source tensor, or (ResNeXt fig. 3
+The matcher starts at each ``Concatenate`` on the channel axis (or tf-keras's ``tf.concat``) and
+walks every input back through channel-wise tail layers (BatchNormalization, Activation, ReLU…),
+gates ``y · f(y)`` (SiLU, Mish: a multiply of the tensor by elementwise activations of itself) and
+convolutions, each used only by the next, to where its branch starts: a channel slice of one source tensor, or (ResNeXt fig. 3
 a/b) the same whole tensor for every branch. The branches are then planned layer by layer, in
 step: the first convolution becomes one grouped conv (sliced) or one wide conv of stacked kernels
 (shared input), every later one a grouped conv, every tail one layer with the branches' parameters
@@ -29,7 +30,7 @@ import numpy as np
 from passes import register
 from passes.keras import _compat, _lambdas
 from passes.keras._build import keras_name, layer_object
-from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
+from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore, first_arg_count, legacy_kwargs
 from passes.keras._slices import SliceCall
 from rewriter.candidate import NotACandidate, Refused
 from rewriter.names import fresh_name
@@ -76,8 +77,124 @@ SHARED_KIND = "keras-fuse-parallel-branches"  # branches that read one whole ten
 MAX_WALK = 10_000  # layers walked back from one Concatenate input, at most
 
 
+# Multi-node channel-wise tails ``y · f(y)`` (SiLU: y·sigmoid(y); Mish: y·tanh(softplus(y))): f is
+# a chain of elementwise activations of y alone. Keras ``Activation`` layers or these tf-keras
+# TFOpLambda functions, then a ``Multiply`` layer or tf-keras's ``tf.math.multiply``.
+GATE_TF_FUNCTIONS = ("math.sigmoid", "math.tanh", "math.softplus", "math.erf", "math.exp", "nn.relu", "nn.relu6",
+                     "nn.elu", "nn.selu", "nn.softsign", "nn.silu", "nn.swish", "nn.gelu")
+GATE_KIND = "Gate"  # a gate's step kind for plan_chain
+MAX_GATE_CHAIN = 8  # activations between y and the multiply, at most
+
+
+@dataclass
+class Gate:
+    """A multi-node tail ``y · f(y)`` as one branch step: ``calls`` are f's nodes from y, then the
+    multiply; ``root`` is y. The multiply stands for the gate where a step is named or cut."""
+
+    calls: list[Call]
+    root: TensorRef
+
+    @property
+    def layer(self):
+        return self.calls[-1].layer
+
+    @property
+    def index(self) -> int:
+        return self.calls[-1].index
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.calls[-1].key
+
+    @property
+    def inputs(self) -> list[TensorRef]:
+        return [self.root]
+
+
+def _step_kind(step) -> str:
+    return GATE_KIND if isinstance(step, Gate) else step.layer.class_name
+
+
+def _step_keys(step) -> list[tuple[str, int]]:
+    return [c.key for c in step.calls] if isinstance(step, Gate) else [step.key]
+
+
+def _is_keras_layer(call: Call) -> bool:
+    """A Keras layer, not a Keras 3 operation recorded under a layer's class name (``Multiply``)."""
+    return not str(call.layer.raw.get("module") or "").startswith(_compat.OPS_MODULE_PREFIX)
+
+
+# Keras 3 operations (``y * keras.ops.sigmoid(y)`` on Keras tensors) → the TF function whose
+# rebuild (passes.keras._tf_ops) makes the same operation anew.
+KERAS3_GATE_OPS = {"Sigmoid": "math.sigmoid", "Tanh": "math.tanh", "Softplus": "math.softplus", "Erf": "math.erf",
+                   "Exp": "math.exp", "Relu": "nn.relu", "Silu": "nn.silu", "Multiply": "math.multiply"}
+
+
+def _tf_function(call: Call) -> str | None:
+    """The TF function of a tf-keras TFOpLambda node in legacy form, or the one a gate's Keras 3
+    operation is rebuilt as; else None."""
+    if not _is_keras_layer(call):
+        plain = isinstance(call.data, dict) and not call.data.get("kwargs")
+        return KERAS3_GATE_OPS.get(call.layer.class_name) if plain else None
+    if call.layer.class_name != "TFOpLambda" or isinstance(call.data, dict):
+        return None
+    return str(call.layer.config.get("function", ""))
+
+
+def _is_gate_activation(call: Call) -> bool:
+    if len(call.inputs) != 1:
+        return False
+    if call.layer.class_name == "Activation" and _is_keras_layer(call):
+        return _activation_name(call.layer.config.get("activation")) not in CHANNEL_MIXING
+    return _tf_function(call) in GATE_TF_FUNCTIONS + tuple(KERAS3_GATE_OPS.values())
+
+
+def _is_gate_multiply(call: Call) -> bool:
+    if len(call.inputs) != 2:
+        return False
+    if call.layer.class_name == "Multiply" and _is_keras_layer(call):
+        return True
+    if not _is_keras_layer(call):
+        return _tf_function(call) == "math.multiply"
+    return _tf_function(call) == "math.multiply" and first_arg_count(call.data) == 1
+
+
+def _gate_signature(gate: Gate) -> dict:
+    """What a gate computes, names aside: compared between branches like a tail's settings."""
+    nodes = []
+    for call in gate.calls:
+        settings = {k: _canonical(v) for k, v in call.layer.config.items() if k not in ("name", "trainable")}
+        kwargs = {k: _canonical(v) for k, v in legacy_kwargs(call.data).items() if k not in ("name", "y")} \
+            if _tf_function(call) and _is_keras_layer(call) else {}
+        nodes.append([call.layer.class_name, settings, kwargs])
+    return {"nodes": json.dumps(nodes, sort_keys=True), "y first": gate.calls[-1].inputs[0] == gate.root}
+
+
+def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
+    """One node of a gate on the fused tensors, as a new layer (or Keras 3 operations) named ``name``."""
+    function = _tf_function(call)
+    if function is not None:
+        from passes.keras import _tf_ops
+
+        kwargs = {k: v for k, v in legacy_kwargs(call.data).items() if k != "name"} if _is_keras_layer(call) else {}
+        if len(inputs) == 2:
+            kwargs["y"] = inputs[1]
+        return _tf_ops.rebuild(function, name, inputs[0], kwargs)[0]
+    template = layer_object(call.layer, legacy)
+    layer = type(template).from_config({**template.get_config(), "name": name})
+    return layer(inputs if len(inputs) == 2 else inputs[0])
+
+
 class _Kept(Refused):
     """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
+
+
+class _LateBound(Refused):
+    """Branches whose Lambdas were bound late (all read one group), left as they are: a fault of
+    the model, which --check reports as a finding."""
+
+
+LATE_BINDING = "late-binding"  # the Skip.finding of a late-bound group
 
 
 @dataclass
@@ -105,12 +222,15 @@ class Level:
     """One fused layer: the first branch's call as the template, its new name, its weights; a
     convolution level also holds its plan (filters, groups, bias)."""
 
-    template: Call
+    template: Call | Gate
     name: str
     weights: list[np.ndarray]
     plan: FusionPlan | None = None
+    gate_names: list[str] = field(default_factory=list)  # a gate's f nodes, each named anew
 
     def apply(self, tensor, legacy: bool):
+        if isinstance(self.template, Gate):
+            return self._apply_gate(self.template, tensor, legacy)
         template = layer_object(self.template.layer, legacy)
         config = {**template.get_config(), "name": self.name}
         if self.plan is not None:
@@ -121,6 +241,15 @@ class Level:
         if self.weights:
             layer.set_weights(self.weights)
         return result
+
+    def _apply_gate(self, gate: Gate, tensor, legacy: bool):
+        """The gate's nodes replayed once on the fused tensor: ``NAME`` for the multiply,
+        ``gate_names`` for f's nodes."""
+        values = {gate.root: tensor}
+        for call, name in zip(gate.calls, [*self.gate_names, self.name]):
+            values[TensorRef(call.layer.name, call.index, 0)] = \
+                _apply_gate_node(call, [values[ref] for ref in call.inputs], name, legacy)
+        return values[TensorRef(gate.layer.name, gate.index, 0)]
 
 
 @dataclass
@@ -199,7 +328,7 @@ class FuseGroupedConv:
 
     def run(self) -> FuseGroupedConv:
         for call in self.graph.calls():
-            if call.layer.class_name != "Concatenate":
+            if not is_join(call):
                 continue
             location = call.layer.name
             self._verdict = None
@@ -208,7 +337,8 @@ class FuseGroupedConv:
             except NotACandidate:
                 continue
             except Refused as refusal:
-                self.skipped.append(Skip(location, str(refusal), self._branch_names(call)))
+                self.skipped.append(Skip(location, str(refusal), self._branch_names(call),
+                                         finding=LATE_BINDING if isinstance(refusal, _LateBound) else ""))
                 if isinstance(refusal, _Kept):
                     self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
                                            "rule": str(refusal)})
@@ -234,7 +364,29 @@ class FuseGroupedConv:
     # -- matching ---------------------------------------------------------------------------
 
     def _single_use(self, ref: TensorRef) -> bool:
-        return ref not in self.outputs and len(self.consumers.get(ref, [])) == 1
+        return self._used_only_by(ref, 1)
+
+    def _used_only_by(self, ref: TensorRef, count: int) -> bool:
+        """``ref`` is no model output and read by exactly ``count`` calls (those of the pattern)."""
+        return ref not in self.outputs and len(self.consumers.get(ref, [])) == count
+
+    def _gate(self, multiply: Call) -> Gate | None:
+        """``multiply`` as the end of a gate ``y · f(y)``: one input y, the other f's chain of
+        elementwise activations reading y (each used only there), y read by both; else None."""
+        if not _is_gate_multiply(multiply):
+            return None
+        first, second = multiply.inputs
+        for root, other in ((first, second), (second, first)):
+            chain, ref = [], other
+            while ref != root and len(chain) < MAX_GATE_CHAIN:
+                producer = self._producer(ref)
+                if not _is_gate_activation(producer) or not self._single_use(ref):
+                    break
+                chain.append(producer)
+                ref = producer.inputs[0]
+            if ref == root and chain:
+                return Gate([*reversed(chain), multiply], root)
+        return None
 
     def _producer(self, ref: TensorRef) -> Call:
         return self.graph.layers[ref.layer].calls[ref.node]
@@ -242,24 +394,29 @@ class FuseGroupedConv:
     def _walk_back(self, ref: TensorRef) -> BranchMatch | str:
         """From a Concatenate input back through tails and convolutions, each used only by the
         next, to where the branch starts: a slice, or a tensor other layers read too."""
-        steps: list[Call] = []
+        steps: list[Call | Gate] = []
         call = self._producer(ref)
         seen_conv = False
+        uses = 1  # how many reads of ``ref`` the steps walked so far hold (a gate reads its y twice)
         while len(steps) < MAX_WALK:
             kind = call.layer.class_name
-            if kind not in TAIL_CLASSES and kind not in CONV_CLASSES:
+            gate = self._gate(call) if kind not in TAIL_CLASSES and kind not in CONV_CLASSES else None
+            if gate is None and kind not in TAIL_CLASSES and kind not in CONV_CLASSES:
                 break
-            if not self._single_use(ref) and seen_conv:
+            used_here = self._used_only_by(ref, uses)
+            if not used_here and seen_conv:
                 break  # where the branch starts (a shared input, or a use _match reports)
-            if kind in TAIL_CLASSES and (len(call.inputs) != 1 or not self._single_use(ref)):
+            if (kind in TAIL_CLASSES or gate is not None) and \
+                    (not used_here or (gate is None and len(call.inputs) != 1)):
                 return f"tail {call.layer.name} is shared or used elsewhere"
-            if kind in CONV_CLASSES and not self._single_use(ref):
+            if kind in CONV_CLASSES and not used_here:
                 return f"the output of {call.layer.name} is used outside the pattern"
-            if len(call.inputs) != 1:
+            if gate is None and len(call.inputs) != 1:
                 return f"{call.layer.name} reads several tensors"
-            steps.append(call)
+            step = gate or call
+            steps.append(step)
             seen_conv = seen_conv or kind in CONV_CLASSES
-            ref = call.inputs[0]
+            ref, uses = step.inputs[0], 2 if gate is not None else 1
             call = self._producer(ref)
         steps.reverse()
         convs = [s for s in steps if s.layer.class_name in CONV_CLASSES]
@@ -349,9 +506,10 @@ class FuseGroupedConv:
         rank = len(shape) if shape else None
         data_format = branches[0].conv.layer.config.get("data_format") or "channels_last"
         channel_axis = (rank - 1 if data_format == "channels_last" else 1) if rank else None
-        axis = _axis(concat.layer.config.get("axis", -1), rank)
+        axis = _axis(_join_axis(concat), rank)
         if rank is None or axis != channel_axis:
-            raise Refused(f"Concatenate on axis {concat.layer.config.get('axis', -1)}, not the channel axis")
+            join = "tf.concat" if concat.layer.class_name == "TFOpLambda" else "Concatenate"
+            raise Refused(f"{join} on axis {_join_axis(concat)}, not the channel axis")
         if not shared:
             for b in branches:
                 if b.slice.axis != channel_axis:
@@ -364,7 +522,7 @@ class FuseGroupedConv:
         depth = len(plans)
         removed = set() if stopped else {concat.key}
         for b in branches:
-            removed.update(s.key for s in b.steps[:depth])
+            removed.update(key for s in b.steps[:depth] for key in _step_keys(s))
             if b.slice is not None:
                 removed.add(b.slice.call.key)
         levels = self._levels(plans)
@@ -385,6 +543,9 @@ class FuseGroupedConv:
                 suffix = f"_group{plan.groups}" if plan.groups > 1 else "_wide"
                 weights = [plan.weight] + ([plan.bias] if plan.bias is not None else [])
                 levels.append(Level(call, self._fresh(call.layer.name + suffix), weights, plan))
+            elif isinstance(call, Gate):  # f's nodes first: the multiply's name stands for the gate
+                gate_names = [self._fresh(c.layer.name + suffix) for c in call.calls[:-1]]
+                levels.append(Level(call, self._fresh(call.layer.name + suffix), plan, gate_names=gate_names))
             else:
                 levels.append(Level(call, self._fresh(call.layer.name + suffix), plan))
         return levels
@@ -420,7 +581,7 @@ class FuseGroupedConv:
                     shared: bool) -> ChainPlan:
         """The branches planned layer by layer by ``rewriter.plan.plan_chain``, as far as they agree.
         Raises Refused if not even the first convolution fuses."""
-        plan = plan_chain([[c.layer.class_name for c in b.steps] for b in branches],
+        plan = plan_chain([[_step_kind(c) for c in b.steps] for b in branches],
                           functools.partial(self._read_step, branches, channel_axis, rank), channels,
                           conv_kinds=tuple(CONV_CLASSES), shared_input=shared, stack_axis=-1)
         if isinstance(plan, Refusal):
@@ -430,6 +591,8 @@ class FuseGroupedConv:
     def _read_step(self, branches: list[BranchMatch], channel_axis: int, rank: int, step: int,
                    _widths: list[int] | None) -> ConvLayer | TailLayer | Refusal:
         calls = [b.steps[step] for b in branches]
+        if isinstance(calls[0], Gate):  # weightless: it fuses where every branch computes the same
+            return TailLayer(GATE_KIND, [_gate_signature(g) for g in calls], [[] for _ in calls], [])
         if calls[0].layer.class_name in CONV_CLASSES:
             return self._read_conv(calls, branches, step, rank)
         return self._read_tail(calls, channel_axis, rank)
@@ -509,9 +672,9 @@ class FuseGroupedConv:
                        f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            raise Refused(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
+            raise _LateBound(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
-            raise Refused(message + "; cannot repair: the channel count is unknown")
+            raise _LateBound(message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
         for name, _value in cells:
             functions, found = [], []
@@ -532,8 +695,27 @@ class FuseGroupedConv:
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to i)",
                                 concat.layer.name, message, name)
                     return rebound
-        raise Refused(message + "; cannot repair: re-binding no closure variable to the branch positions "
+        raise _LateBound(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
+
+
+def is_join(call: Call) -> bool:
+    """A join point of branches: a ``Concatenate`` layer (Keras 3 records ``keras.ops.concatenate``
+    on Keras tensors as an operation of that class too) or tf-keras's ``tf.concat``, which it
+    writes as a ``TFOpLambda`` node (the axis recorded as a kwarg) — only one that reads no tensor
+    but the joined ones."""
+    if call.layer.class_name == "Concatenate":
+        return True
+    return (call.layer.class_name == "TFOpLambda" and call.layer.config.get("function") == "concat"
+            and not isinstance(call.data, dict) and first_arg_count(call.data) == len(call.inputs))
+
+
+def _join_axis(call: Call) -> Any:
+    """The axis a join concatenates on, as the file records it (a Concatenate's default is -1;
+    tf.concat has no default)."""
+    if call.layer.class_name == "TFOpLambda":
+        return legacy_kwargs(call.data).get("axis")
+    return call.layer.config.get("axis", -1)
 
 
 def _activation_name(value) -> str | None:

@@ -187,17 +187,27 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
 # -- verification ------------------------------------------------------------------------------
 
 def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
-               has_lambdas: bool) -> tuple[Any, str]:
-    """The model to compare against: Keras's own load of the file where it can; else the model
-    rebuilt from the file's config (layer by layer through Keras's deserialisers, Lambdas from
-    the file's code); with a late-binding repair, the Lambdas re-bound to their branch positions."""
+               has_lambdas: bool) -> tuple[Any, str, str]:
+    """The model to compare against, a note on it for the verification line, and what it is
+    (``Verification.reference``). In order: tf-keras's own load of a file tf-keras (or Keras 2)
+    wrote, where tf-keras is installed — independent of the tool's Keras 3 rebuild, so a rebuild
+    mistake shows; Keras 3's own load; else the model rebuilt from the file's config (layer by
+    layer through Keras's deserialisers, Lambdas from the file's code). With a late-binding repair,
+    the rebuild with the Lambdas re-bound to their branch positions: the written model is meant to
+    differ from the file (tf-keras runs the late-bound computation), so the file cannot be the
+    reference; every other layer of that rebuild is the one the analysis built."""
     if getattr(fuser, "rebound", None):
         functions = {**analysis.functions, **fuser.rebound}
         built = _build.build(graph, _build.BuildOptions(lambda_functions=functions, trusted=True))
         _build.load_weights(built, graph, kfile.weights)
-        return built.model, "reference: the late-bound Lambdas re-bound to their branch positions"
+        return (built.model, "reference: the late-bound Lambdas re-bound to their branch positions",
+                "the tool's rebuild, late-bound Lambdas re-bound to their branch positions (--repair-late-binding)")
     import keras
 
+    loaded = _tf_keras_load(path, kfile, run_code=has_lambdas and options.trust_lambdas)
+    if not isinstance(loaded, str):
+        return loaded
+    tf_keras_failure = loaded
     try:
         if kfile.kind == "keras":
             # Keras's loader extracts every member: it reads the archive as accepted within the
@@ -205,15 +215,64 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
             with formats.scratch_dir() as scratch:
                 accepted = Path(scratch) / "accepted.keras"
                 kfile.write_accepted(accepted)
-                return keras.models.load_model(accepted, compile=False, safe_mode=not has_lambdas), ""
-        return keras.models.load_model(path, compile=False, safe_mode=not has_lambdas), ""
+                model = keras.models.load_model(accepted, compile=False, safe_mode=not has_lambdas)
+        else:
+            model = keras.models.load_model(path, compile=False, safe_mode=not has_lambdas)
+        return model, tf_keras_failure, f"keras {keras.__version__} (load_model)"
     except Exception as exc:
         reason = one_line(exc)
     # Keras cannot load it (tf-keras TFOpLambda nodes, Lambdas with list defaults...): compare with
-    # the model rebuilt from the file's own config and trusted code. (tf-keras could load legacy
-    # files, but takes minutes on big ones; the rebuild uses Keras's own legacy converter.)
+    # the model rebuilt from the file's own config and trusted code.
     _build.load_weights(analysis.built, graph, kfile.weights)
-    return analysis.built.model, f"reference: rebuilt from the file's config, as Keras cannot load it ({reason[:80]})"
+    note = f"reference: rebuilt from the file's config, as Keras cannot load it ({reason[:80]})"
+    return (analysis.built.model, "; ".join(n for n in (tf_keras_failure, note) if n),
+            "the tool's rebuild of the file's config")
+
+
+def _tf_keras_load(path: Path, kfile: _config.KerasFile, *, run_code: bool) -> tuple[Any, str, str] | str:
+    """tf-keras's own load of a file written by tf-keras or Keras 2 (the model, "", what it is), or
+    why not ("" where tf-keras does not apply: a Keras 3 file, or tf-keras not installed).
+
+    Trust is kept: tf-keras's legacy ``.h5`` loader ignores ``safe_mode=`` and would run Lambda
+    bytecode; its Lambda layer refuses in a safe-mode scope, so the load runs in one unless
+    ``run_code`` (the file has Lambdas and the user trusts it; an untrusted file with Lambdas is
+    refused before this point anyway)."""
+    if not kfile.keras_version.startswith(("1.", "2.")):
+        return ""
+    try:
+        import tf_keras
+        from tf_keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError:
+        return ""
+    safe = not run_code
+    try:
+        with SafeModeScope(safe), paused_gc():
+            if kfile.kind == "keras":
+                with formats.scratch_dir() as scratch:
+                    accepted = Path(scratch) / "accepted.keras"
+                    kfile.write_accepted(accepted)
+                    model = tf_keras.models.load_model(accepted, compile=False, safe_mode=safe)
+            else:
+                model = tf_keras.models.load_model(path, compile=False, safe_mode=safe)
+    except Exception as exc:
+        return f"tf-keras cannot load the file ({one_line(exc)[:80]})"
+    unreadable = _keras3_unreadable(kfile.config)
+    note = f"reference: tf-keras's own load{f', as Keras cannot load it ({unreadable})' if unreadable else ''}"
+    return model, note, f"tf-keras {tf_keras.__version__} (load_model)"
+
+
+def _keras3_unreadable(config: dict) -> str:
+    """What in a tf-keras file Keras 3's loader certainly fails on, known from the config alone
+    (trying would cost a second load): TFOpLambda nodes (no such class in Keras 3), Lambda
+    defaults (stored as a list: "arg 4 (defaults) must be None or tuple"). "" if nothing known."""
+    classes = {layer.get("class_name") for layer in (config.get("config") or {}).get("layers", [])}
+    if classes & {"TFOpLambda", "SlicingOpLambda"}:
+        return "its TFOpLambda layers have no Keras 3 class"
+    for layer in (config.get("config") or {}).get("layers", []):
+        function = (layer.get("config") or {}).get("function") if layer.get("class_name") == "Lambda" else None
+        if isinstance(function, list) and len(function) == 3 and function[1] is not None:
+            return "its Lambda defaults are stored as a list"
+    return ""
 
 
 def _load_written(target: Path, *, trusted: bool):

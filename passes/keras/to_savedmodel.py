@@ -63,7 +63,11 @@ class KerasToSavedModel:
         return SavedModelGraph(frozen, frozen.graph_def)
 
     def verify(self, previous, converted, path: Path, options, report: Report) -> None:
-        _verify(previous.model, previous.graph, previous.reference()[0], path, converted.frozen, options, report)
+        try:
+            _verify(previous.model, previous.graph, previous.reference()[0], path, converted.frozen, options, report)
+        finally:  # what ran the original, also when the conversion's rows are the whole table
+            if report.verification is not None and not report.verification.reference:
+                report.verification.reference = previous.reference_name
 
 
 def _verify(model, graph, reference, folder: Path, frozen, options, report: Report) -> None:

@@ -31,7 +31,16 @@ SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 
 def export(model, folder: Path, what: str) -> None:
     try:
-        model.export(str(folder), format="tf_saved_model", verbose=False)
+        if type(model).__module__.startswith("tf_keras"):  # the tf-keras reference of a tf-keras file
+            import contextlib
+            import io
+
+            # tf-keras's export (the same "serving_default" signature) prints its endpoints on
+            # stdout, which may hold the run's JSON document.
+            with contextlib.redirect_stdout(io.StringIO()):
+                model.export(str(folder))
+        else:
+            model.export(str(folder), format="tf_saved_model", verbose=False)
     except Exception as exc:
         text = str(exc).strip()
         raise BadInput(f"{what} cannot be exported as a SavedModel for the TFLite converter "
