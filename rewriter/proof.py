@@ -95,10 +95,13 @@ def prove(backend, original: Path, written: Path, options, rewrites) -> Verifica
     expected = [reference(feeds) for feeds in sizes]  # held, so the two sessions never live at once
     output_names = list(reference.outputs)
     present = [name for name in wanted if name in reference.extra]
+    # The tensor that stands in the written model: the same name, unless the rewrite says another
+    # (a Keras layer that takes a Concatenate's place has a name of its own).
+    written_name = {name: wanted[name][0].get("written_tensor", name) for name in present}
     del reference
     used = dict(inputs=first.shapes(), defaulted=first.defaulted)
     try:
-        candidate = backend.runner(written, "rewritten", present)
+        candidate = backend.runner(written, "rewritten", [written_name[name] for name in present])
     except VerificationImpossible as exc:
         return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol, note=exc.message, **used)
     if list(candidate.outputs) != output_names:
@@ -114,15 +117,20 @@ def prove(backend, original: Path, written: Path, options, rewrites) -> Verifica
         rows = [compare(name, reference_values[name], actual[name], options.atol, options.rtol)
                 for name in output_names]
         _record_run(verification, n, feeds, rows)
-        for name in candidate.extra:
-            row = compare(name, reference_values[name], actual[name], options.atol, options.rtol)
-            for entry in wanted[name]:
-                _record_boundary(entry, row, feeds, verification)
+        for name in present:
+            if written_name[name] in candidate.extra:
+                row = compare(name, reference_values[name], actual[written_name[name]], options.atol, options.rtol)
+                for entry in wanted[name]:
+                    _record_boundary(entry, row, feeds, verification)
     for name in wanted:
-        if name not in candidate.extra:  # a later rewrite (a fold) consumed it: its boundary proves both
-            for entry in wanted[name]:
-                entry.setdefault("note", "not in the written model (a later rewrite replaced it); "
-                                         "proven at that rewrite's boundary")
+        if name not in present:  # e.g. a Keras layer inside a nested model, or called twice
+            note = "the original's run cannot expose this tensor; proven at the model outputs"
+        elif written_name[name] not in candidate.extra:  # a later rewrite (a fold) consumed it
+            note = "not in the written model (a later rewrite replaced it); proven at that rewrite's boundary"
+        else:
+            continue
+        for entry in wanted[name]:
+            entry.setdefault("note", note)
     _judge_proof(verification, rewrites)
     return verification
 

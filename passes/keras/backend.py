@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from passes.keras import _build, _config, _slices
 from passes.keras import model as km
 from rewriter.backend import Unwritable
 from rewriter.errors import BadInput, OutputError, one_line
+from rewriter.proof import prove
 from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
 
@@ -205,8 +207,14 @@ class KerasBackend:
         return dict(zip(names, km._run(keras_model, feeds)))
 
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
+        """``rewriter.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)
+        against the written file loaded back, model outputs and each rewrite's boundary layer."""
         reference, note = result.reference()
         candidate = km._load_written(written, trusted=result.lambdas_left)
-        verification = km._verify(reference, candidate, result.graph, options, note)
+        models = {"original": reference, "rewritten": candidate}
+        runners = SimpleNamespace(runner=lambda path, role, extra=(): km.KerasRunner(models[role], result.graph,
+                                                                                      role, extra))
+        verification = prove(runners, original, written, options, report.rewrites)
+        verification.note = "; ".join(n for n in (note, verification.note) if n)
         verification.reference = result.reference_name
         return verification

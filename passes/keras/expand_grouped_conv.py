@@ -127,7 +127,9 @@ class ExpandGroupedConv:
             self.groups.append(ExpandedConv(call, plan, axis, self.graph.legacy, names, {call.key}))
             self.rewrites.append(Rewrite(kind=KIND, location=layer.name, groups=groups,
                                          channels={"in": int(shape[axis]), "out": int(kernel.shape[-1])},
-                                         nodes=[layer.name]))
+                                         nodes=[layer.name],
+                                         # the expansion's Concatenate takes the conv's name
+                                         boundary=[{"tensor": layer.name, "written_tensor": keras_name(layer.name)}]))
         return self
 
     def _refuse(self, call: Call, groups: int) -> str | None:

@@ -271,6 +271,12 @@ class FusedGroup:
     split_names: list[str] = field(default_factory=list)
     repaired: bool = False
     removed: set[tuple[str, int]] = field(default_factory=set)
+    # The Concatenate's output, compared in both models (rewriter.proof); where the fusion is
+    # complete, the layer whose output takes its place is recorded as "written_tensor" on emit.
+    boundary: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.boundary.setdefault("tensor", self.concat.layer.name)
 
     @property
     def convs(self) -> list[Level]:
@@ -281,6 +287,9 @@ class FusedGroup:
         for level in self.levels:
             tensor = level.apply(tensor, self.legacy)
         if self.complete:
+            history = getattr(tensor, "_keras_history", None)
+            if history is not None:
+                self.boundary["written_tensor"] = history[0].name
             return {TensorRef(self.concat.layer.name, self.concat.index, 0): tensor}
         # Split back: each branch's channels, where its own next layer (or the Concatenate) reads them.
         rank = len(tensor.shape)
@@ -359,7 +368,7 @@ class FuseGroupedConv:
             (" (late binding repaired)" if group.repaired else "")
         self.rewrites.append(Rewrite(kind=kind, location=first.name, groups=first.plan.groups,
                                      channels={"in": convs[0].plan.in_channels, "out": convs[-1].plan.out_channels},
-                                     nodes=replaced))
+                                     nodes=replaced, boundary=[group.boundary]))
 
     # -- matching ---------------------------------------------------------------------------
 

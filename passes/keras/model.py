@@ -19,7 +19,7 @@ from rewriter import formats
 from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible, one_line
 from rewriter.memory import paused_gc
 from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
-from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
+from rewriter.verify import Feeds, InputSpec, load_inputs_file, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -323,25 +323,40 @@ def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(r) for r in tree.flatten(result)]
 
 
-def _verify(reference, candidate, graph: _config.KerasGraph, options, note: str) -> Verification:
-    feeds = _make_inputs(graph, options)
-    try:
-        expected = _run(reference, feeds)
-    except Exception as exc:
-        raise VerificationImpossible(f"the original model cannot run on the verification inputs "
-                                     f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
-    try:
-        actual = _run(candidate, feeds)
-    except Exception as exc:
-        return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
-                            note=f"the rewritten model fails to run ({one_line(exc)})")
-    names = [ref.layer for ref in graph.outputs]
-    if len(expected) != len(actual):
-        return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
-                            note=f"outputs changed: {len(expected)} -> {len(actual)}")
-    outputs = [compare(n, e, a, options.atol, options.rtol) for n, e, a in zip(names, expected, actual)]
-    return Verification(ran=True, passed=all(o.passed for o in outputs), atol=options.atol, rtol=options.rtol,
-                        outputs=outputs, note=note, inputs=feeds.shapes(), defaulted=feeds.defaulted)
+class KerasRunner:
+    """A Keras (or tf-keras) model run on verification feeds, with the outputs of the layers named
+    in ``extra`` exposed beside its own (``rewriter.proof``'s runner). A layer that is not at the
+    model's top level, or is called more than once, has no one output: it is left out of ``extra``."""
+
+    def __init__(self, model, graph: _config.KerasGraph, role: str, extra=()):
+        self.role = role
+        self.outputs = [ref.layer for ref in graph.outputs]
+        self.inputs = [InputSpec(name, shape, dtype) for name, shape, dtype in _input_specs(graph)]
+        self.output_specs = None
+        self.extra, tensors = [], []
+        for name in extra:
+            try:
+                tensors.append(model.get_layer(name).output)
+            except Exception:  # not a top-level layer, or called more than once
+                continue
+            self.extra.append(name)
+        self.model = model
+        if tensors:  # the same framework's functional API (tf_keras for a tf-keras reference)
+            import importlib
+
+            framework = importlib.import_module(type(model).__module__.split(".")[0])
+            self.model = framework.Model(model.inputs, [*model.outputs, *tensors])
+
+    def __call__(self, feeds) -> dict[str, np.ndarray]:
+        try:
+            values = _run(self.model, feeds)
+        except Exception as exc:
+            raise VerificationImpossible(f"the {self.role} model cannot run on the verification inputs "
+                                         f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
+        names = self.outputs + self.extra
+        if len(values) != len(names):
+            raise VerificationImpossible(f"outputs changed: {len(self.outputs)} -> {len(values) - len(self.extra)}")
+        return dict(zip(names, values))
 
 
 # -- statistics --------------------------------------------------------------------------------
