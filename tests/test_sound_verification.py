@@ -79,20 +79,18 @@ def _bn_overflow_model() -> onnx.ModelProto:
     return b.model([("x", [1, 8, 4, 4])], [("y", [1, 8, 4, 4])])
 
 
-def test_a_fold_that_overflows_the_other_way_is_caught(tmp_path):
+def test_a_fold_that_would_overflow_is_not_made(tmp_path):
     path = tmp_path / "bn.onnx"
     onnx.save(_bn_overflow_model(), path)
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 4, 4)).astype(np.float32)}
     (reference,) = run_onnx(path, feeds)
     assert np.isinf(reference).any()  # the model itself overflows: the rewrite must keep each inf's sign
     output = tmp_path / "out.onnx"
-    try:
-        result = rewriter.fuse(path, output=output)
-    except VerificationFailed as failure:  # refused: nothing written
-        assert not output.exists() and "non-finite values differ" in json.dumps(
-            [o.note for o in failure.verification.outputs])
-        return
-    (written,) = run_onnx(output, feeds)  # or written, and then truly equal, infinities and all
+    result = rewriter.fuse(path, output=output)
+    # The fold would overflow float32 the other way: the BN stays, and the model computes the same infinities.
+    assert [r.kind for r in result.report.rewrites] == ["fuse-split-conv"]
+    assert any("would overflow float32" in s.reason for s in result.report.skipped)
+    (written,) = run_onnx(output, feeds)
     assert result.report.verification.passed
     np.testing.assert_array_equal(np.isinf(written), np.isinf(reference))
     np.testing.assert_array_equal(np.sign(written[np.isinf(written)]), np.sign(reference[np.isinf(reference)]))
@@ -257,3 +255,17 @@ def test_the_summary_says_each_rewrite_was_compared_at_its_boundary_and_both_siz
     assert result.exit_code == 0, result.output
     assert "verification: passed at x=1x8x6x6 (batch set to 1) and at x=2x8x6x6" in result.output
     assert "boundaries: 1 rewrite compared at the tensor each replaces, all within tolerance" in result.output
+
+
+def test_an_infinity_of_the_other_sign_fails_verification(tmp_path, monkeypatch):
+    """Even when a rewrite does overflow: +inf against -inf is a mismatch, never a NaN that passes."""
+    import passes.onnx.fold_batchnorm as fold
+
+    monkeypatch.setattr(fold, "_overflows", lambda *args: False)  # the fold's own guard off
+    path = tmp_path / "bn.onnx"
+    onnx.save(_bn_overflow_model(), path)
+    with pytest.raises(VerificationFailed) as failure:
+        rewriter.fuse(path, output=tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    notes = [o.note for o in failure.value.verification.outputs if not o.passed]
+    assert any("non-finite values differ" in n for n in notes)

@@ -73,6 +73,13 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if folded is None:
             return False
         new_weight, new_bias = folded
+        if _overflows(weight.dtype, new_weight, new_bias):
+            # A scale of 3e38 overflows the folded weights: the model computes with the BN kept.
+            where = f"{op.op_type} {op.name}" if op.name else op.op_type
+            self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
+                                     f"the {where} after the fused conv is not folded: the folded weights would "
+                                     f"overflow {weight.dtype}", [op.name] if op.name else [], label))
+            return False
         old_weight = conv.inputs[1]
         base = conv.name or "conv"
         conv.replace_input_with(1, g.new_initializer(graph, names.value(f"{base}.weight"),
@@ -95,6 +102,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             channels={"in": int(weight.shape[1]) * g.attr_int(conv, "group", 1), "out": int(weight.shape[0])},
             nodes=[op.name] if op.name else [], graph=label, boundary=[{"tensor": name}]))
         return True
+
+
+def _overflows(dtype: np.dtype, *arrays: np.ndarray) -> bool:
+    """Whether a folded array (computed in float64) leaves the range of the model's dtype."""
+    limit = float(np.finfo(dtype).max)
+    return not all(np.all(np.abs(array) <= limit) for array in arrays)
 
 
 def _fold(op: ir.Node, conv_output: ir.Value, weight: np.ndarray, bias: np.ndarray):
