@@ -63,7 +63,7 @@ class Idiom(tf.Module):
         padding = "VALID" if self.kind == "pad before the convs" else "SAME"
         ys = [tf.nn.bias_add(tf.nn.conv2d(p, k, 1, padding), b) for p, k, b in zip(self._parts(x), self.kernels,
                                                                                    self.biases)]
-        if self.kind == "relu tails":
+        if self.kind in ("relu tails", "a tail is a model output"):
             ys = [tf.nn.relu(y) for y in ys]
         elif self.kind == "silu tails":
             ys = [y * tf.sigmoid(y) for y in ys]
@@ -74,7 +74,8 @@ class Idiom(tf.Module):
         elif self.kind == "tail reads another tensor":
             gate = tf.sigmoid(tf.reduce_mean(x, axis=-1, keepdims=True))
             ys = [y * gate for y in ys]
-        return tf.concat(ys, axis=1 if self.kind == "off-axis concat" else -1)
+        joined = tf.concat(ys, axis=1 if self.kind == "off-axis concat" else -1)
+        return {"joined": joined, "relu": ys[0]} if self.kind == "a tail is a model output" else joined
 
 
 class Structure(tf.Module):
@@ -109,6 +110,7 @@ TF_LEFT_ALONE = {  # idiom → what the reason says
     "pad before the convs": f"Pad (StatefulPartitionedCall/Pad) {BEFORE} Split, SplitV, Slice or StridedSlice",
     "cross-branch tail": f"Mul (StatefulPartitionedCall/mul) {AFTER}",
     "tail reads another tensor": f"Mul (StatefulPartitionedCall/mul) {AFTER}",
+    "a tail is a model output": "is used outside the ConcatV2",
 }
 TF_STRUCTURE = ["u-net skip", "densenet", "inception", "one conv read twice", "shufflenet"]
 
@@ -210,8 +212,10 @@ def _keras3_idiom(path, kind: str):
     elif kind == "tail reads another tensor":
         gate = L.Activation("sigmoid")(L.Conv2D(3, 1, name="gate_conv")(inp))
         ys = [L.Multiply(name=f"gate_{i}")([y, gate]) for i, y in enumerate(ys)]
+    elif kind == "tails are model outputs":
+        ys = [L.ReLU(name=f"relu_{i}")(y) for i, y in enumerate(ys)]
     joined = L.Concatenate(axis=1 if kind == "off-axis concat" else -1, name="join")(ys)
-    keras.Model(inp, joined).save(path)
+    keras.Model(inp, [joined, *ys] if kind == "tails are model outputs" else joined).save(path)
     return path
 
 
@@ -247,6 +251,8 @@ KERAS_LEFT_ALONE = {
     "pad before the convs": f"ZeroPadding2D (pad_0) {BEFORE} slice",
     "cross-branch tail": f"Multiply (gate_0) {AFTER}",
     "tail reads another tensor": f"Multiply (gate_0) {AFTER}",
+    "tails are model outputs": "tail relu_0 is shared or used elsewhere, so the branches cannot become one grouped "
+                               "convolution",
 }
 TF_KERAS_FUSED = ["tf.split, tf.concat"]
 TF_KERAS_LEFT_ALONE = {
