@@ -75,6 +75,10 @@ CONV_SETTINGS = ("strides", "padding", "dilation_rate", "data_format", "activati
 KIND = "keras-fuse-grouped-conv"
 SHARED_KIND = "keras-fuse-parallel-branches"  # branches that read one whole tensor (ResNeXt fig. 3 a/b)
 MAX_WALK = 10_000  # layers walked back from one Concatenate input, at most
+# How far back from a join's input, and from a conv to the slice it reads, the check for unmatched
+# groups looks: far enough for an activation formula or a padding, not across a network.
+TRACE_CALLS = 12
+TRACE_TO_SLICE = 4
 
 
 # Multi-node channel-wise tails ``y · f(y)`` (SiLU: y·sigmoid(y); Mish: y·tanh(softplus(y))): f is
@@ -344,6 +348,10 @@ class FuseGroupedConv:
             try:
                 group = self._match(call)
             except NotACandidate:
+                # Never silence where the join looks like hand-made groups all the same.
+                convs = self._slice_read_convs(call)
+                if convs:
+                    self.skipped.append(Skip(location, self._unmatched_group_reason(call), convs))
                 continue
             except Refused as refusal:
                 self.skipped.append(Skip(location, str(refusal), self._branch_names(call),
@@ -441,6 +449,76 @@ class FuseGroupedConv:
         reason = f"{convs[0].layer.name} does not read a channel slice" if sliced is None else \
             f"{call.layer.name} is not a channel slice: {sliced}"
         return BranchMatch(ref, steps, not_a_slice=reason)
+
+    def _slice_read_convs(self, join: Call) -> list[str]:
+        """The convs behind a join's inputs (within a few calls, through any layer but a conv) that,
+        two or more of them, read slices of one tensor (through calls of one input each: a
+        ZeroPadding2D): the sign of hand-made groups. Network structure (a U-Net skip, DenseNet,
+        Inception) has no such convs."""
+        by_source: dict[TensorRef, list[str]] = {}
+        for ref in join.inputs:
+            pending, seen = [ref], set()
+            while pending and len(seen) < TRACE_CALLS:
+                call = self._producer(pending.pop(0))
+                if call.key in seen:
+                    continue
+                seen.add(call.key)
+                if call.key in self.slices:
+                    continue  # upstream of a slice is another part of the network
+                if call.layer.class_name not in CONV_CLASSES:
+                    pending.extend(call.inputs)
+                    continue
+                source = self._slice_source(call.inputs[0]) if len(call.inputs) == 1 else None
+                if source is not None and call.layer.name not in by_source.setdefault(source, []):
+                    by_source[source].append(call.layer.name)
+        return [name for names in by_source.values() if len(names) >= 2 for name in names]
+
+    def _slice_source(self, ref: TensorRef) -> TensorRef | None:
+        """The tensor a slice call reads where ``ref`` is its output, or becomes ``ref`` through a
+        few calls of one input each."""
+        for _ in range(TRACE_TO_SLICE):
+            call = self._producer(ref)
+            if call.key in self.slices:
+                return call.inputs[0]
+            if len(call.inputs) != 1 or call.layer.class_name in CONV_CLASSES:
+                return None
+            ref = call.inputs[0]
+        return None
+
+    def _unmatched_group_reason(self, join: Call) -> str:
+        """Why a join the matcher found no branches in, though convs behind it read slices of one
+        tensor (``_slice_read_convs``), is left alone: it names the first layer the branch walk
+        could not pass."""
+        for ref in join.inputs:
+            walk = self._walk_back(ref)
+            if isinstance(walk, BranchMatch):
+                stop = self._producer(walk.entry)
+                if walk.slice is not None:
+                    continue
+                if stop.key in self.slices:
+                    return f"{walk.not_a_slice}, so the branches cannot become one grouped convolution"
+                if not stop.inputs:
+                    continue  # a branch reads a model input whole: no slice behind it
+                return (f"{_label(stop)} before a branch convolution: the branches do not read their channels "
+                        "straight from a slice")
+            stop = self._first_untraversed(ref)
+            if stop.key in self.slices or not stop.inputs:
+                continue  # a channel part joined as it is, or a model input: no branch convolution behind it
+            if stop.layer.class_name in CONV_CLASSES or stop.layer.class_name in TAIL_CLASSES:
+                return f"{walk}, so the branches cannot become one grouped convolution"
+            return (f"{_label(stop)} after a branch convolution is not a channel-wise op of that branch alone, "
+                    "so the branches cannot become one grouped convolution")
+        return "the branch convolutions are not joined in a form this pass reads"
+
+    def _first_untraversed(self, ref: TensorRef) -> Call:
+        """The first call back from ``ref`` that is no channel-wise tail or gate of one input."""
+        call = self._producer(ref)
+        for _ in range(MAX_WALK):
+            step = call if call.layer.class_name in TAIL_CLASSES else self._gate(call)
+            if step is None or len(step.inputs) != 1:
+                return call
+            call = self._producer(step.inputs[0])
+        return call
 
     def _branch_names(self, concat: Call) -> list[str]:
         return [ref.layer for ref in concat.inputs]
@@ -725,6 +803,14 @@ def _join_axis(call: Call) -> Any:
     if call.layer.class_name == "TFOpLambda":
         return legacy_kwargs(call.data).get("axis")
     return call.layer.config.get("axis", -1)
+
+
+def _label(call: Call) -> str:
+    """A layer as reasons name it: ``MaxPooling2D (pool_1)``; a tf-keras TFOpLambda by its function."""
+    kind = call.layer.class_name
+    if kind == "TFOpLambda" and isinstance(call.layer.config.get("function"), str):
+        kind = "tf." + call.layer.config["function"]
+    return f"{kind} ({call.layer.name})"
 
 
 def _activation_name(value) -> str | None:

@@ -208,6 +208,11 @@ class FuseSplitConvPass:
                 if isinstance(plan, Refusal):
                     raise Refused(plan.reason)
             except NotACandidate:
+                # Never silence where the ConcatV2 looks like hand-made groups all the same.
+                convs = _split_read_convs(index, concat)
+                reason = _unmatched_group_reason(index, concat) if convs else None
+                if reason is not None and not replaced.intersection(convs):  # not already rewritten
+                    self.skipped.append(Skip(concat.name, reason, convs))
                 continue
             except Refused as refusal:
                 self.skipped.append(Skip(concat.name, str(refusal), _branch_convs(index, concat)))
@@ -722,6 +727,92 @@ def _branch_convs(index: g.GraphIndex, concat) -> list[str]:
     count = concat.attr["N"].i
     chains = [_walk_back(index, ref) for ref in concat.input[:count]]
     return list(dict.fromkeys(layer.conv.name for c in chains if c is not None for layer in c.convs))
+
+
+# How far back from a ConcatV2 input, and from a conv to the Split/Slice it reads, the check for
+# unmatched groups looks: far enough for an activation formula or a Pad, not across a network.
+_TRACE_NODES = 12
+_TRACE_TO_READER = 4
+
+
+def _split_read_convs(index: g.GraphIndex, concat) -> list[str]:
+    """The convs behind a ConcatV2's inputs that, two or more of them, read Split/SplitV/Slice/
+    StridedSlice outputs of one tensor: the sign of hand-made groups (see ``_unmatched_group_reason``)."""
+    by_source: dict[str, list[str]] = {}
+    for ref in concat.input[:concat.attr["N"].i]:
+        pending, seen = [ref], set()
+        while pending and len(seen) < _TRACE_NODES:
+            node, _ = index.producer(index.skip_identity(pending.pop(0)))
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op in READER_OPS:
+                continue  # upstream of a Split/Slice is another part of the network
+            if node.op not in CONV_OPS:
+                pending.extend(_variable_inputs(index, node))
+                continue
+            source = _split_source(index, node.input[0])
+            if source is not None and node.name not in by_source.setdefault(source, []):
+                by_source[source].append(node.name)
+    return [name for names in by_source.values() if len(names) >= 2 for name in names]
+
+
+def _split_source(index: g.GraphIndex, ref: str) -> str | None:
+    """The tensor a Split/SplitV/Slice/StridedSlice reads where ``ref`` is one's output (or becomes
+    ``ref`` through a few ops of one variable input each: a Pad, an ExpandDims, a Transpose)."""
+    tensor = index.skip_identity(ref)
+    for _ in range(_TRACE_TO_READER):
+        node, _ = index.producer(tensor)
+        if node is None:
+            return None
+        if node.op in READER_OPS:
+            return index.skip_identity(node.input[1 if node.op == "Split" else 0])
+        variables = _variable_inputs(index, node)
+        if len(variables) != 1 or node.op in CONV_OPS:
+            return None
+        tensor = variables[0]
+    return None
+
+
+def _unmatched_group_reason(index: g.GraphIndex, concat) -> str:
+    """Why a ConcatV2 the matcher found no branches in, but whose inputs come from convs that read
+    channels of one tensor (``_split_read_convs``), is left alone: it names the first op the branch
+    walk could not pass. A ConcatV2 of network structure (a U-Net skip, DenseNet, Inception) has no
+    such convs and is not reported at all."""
+    for ref in concat.input[:concat.attr["N"].i]:
+        chain = _walk_back(index, ref)
+        stop = index.producer(chain.start)[0] if chain is not None else _first_untraversed(index, ref)
+        if stop is None or (chain is None and (stop.op in READER_OPS or not _variable_inputs(index, stop))):
+            continue  # a graph input or a channel part joined as it is: no branch convolution behind it
+        label = f"{stop.op} ({stop.name})"
+        if chain is None:
+            return (f"{label} after a branch convolution is not a channel-wise op of that branch alone, so "
+                    "the branches cannot become one grouped convolution")
+        if stop.op not in READER_OPS:
+            return (f"{label} before a branch convolution: the branches do not read their channels straight from "
+                    "a Split, SplitV, Slice or StridedSlice")
+        if _read_channels(index, chain.start, chain.first.channel_axis, rank=chain.first.rank) is None:
+            return (f"{label} does not read constant bounds of a tensor of known rank, so the branches cannot "
+                    "become one grouped convolution")
+    return "the branch convolutions are not joined by the ConcatV2 in a form this pass reads"
+
+
+def _first_untraversed(index: g.GraphIndex, ref: str):
+    """The first op back from ``ref`` that is no channel-wise tail (``_walk_back``'s stop where it
+    found no conv), or None at a graph input."""
+    tensor = index.skip_identity(ref)
+    for _ in range(MAX_GRAPH_OPS):
+        node, _ = index.producer(tensor)
+        if node is None:
+            return None
+        data = _tail_data(index, node)
+        if data is None:
+            layer = _tail_graph(index, node)
+            data = layer.graph_input if layer is not None else None
+        if data is None:
+            return node
+        tensor = index.skip_identity(data)
+    return None
 
 
 def _read_tail(index: g.GraphIndex, node, channel_axis: int, rank: int, channels: int) -> _Tail | str:
