@@ -446,7 +446,7 @@ def test_escape_sequences_in_names_reach_no_terminal(tmp_path):
 @pytest.mark.parametrize("external", [False, True])
 def test_a_255_byte_output_name_is_written(tmp_path, external):
     source = save_block(tmp_path / "m.onnx", external=external)
-    output = tmp_path / ("o" * (formats.NAME_MAX - len(".onnx")) + ".onnx")
+    output = tmp_path / ("o" * (255 - len(".onnx")) + ".onnx")
     assert len(os.fsencode(output.name)) == 255
     result = invoke(source, "-o", output)
     assert result.exit_code == 0, result.output
@@ -489,7 +489,6 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path):
 
 def test_the_same_keras_input_gives_the_same_bytes(tmp_path):
     keras = pytest.importorskip("keras")
-    from passes.keras.backend import FIXED_DATE_SAVED
     from samples import keras_models
 
     source = keras_models.getitem_model(tmp_path / "g.keras")
@@ -500,7 +499,7 @@ def test_the_same_keras_input_gives_the_same_bytes(tmp_path):
     assert first.read_bytes() == second.read_bytes()
     with zipfile.ZipFile(first) as archive:
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
-        assert json.loads(archive.read("metadata.json"))["date_saved"] == FIXED_DATE_SAVED
+        assert json.loads(archive.read("metadata.json"))["date_saved"] == "1980-01-01@00:00:00"
         assert [i.filename for i in archive.infolist()] == ["metadata.json", "config.json", "model.weights.h5"]
     original, fused = keras.saving.load_model(source), keras.saving.load_model(first)
     assert any(getattr(layer, "groups", 1) > 1 for layer in fused.layers)
