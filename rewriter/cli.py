@@ -276,7 +276,7 @@ def _write_report(report_path: Path, protected: list[Path], results: list[batch.
         if written:
             error = RewriteError(error.message.replace("; nothing was written", "; the report was not written") +
                                  f", but the model output{'s' if len(written) > 1 else ''} "
-                                 f"{', '.join(written)} {'were' if len(written) > 1 else 'was'} written and verified")
+                                 f"{', '.join(written)} {'were' if len(written) > 1 else 'was'} written")
         _fail(error, verbose)
 
 

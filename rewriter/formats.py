@@ -133,9 +133,12 @@ def _tensor_data_problem(proto: onnx.ModelProto, folder: Path) -> str | None:
     lengths only (external files: their size), never the data itself."""
     sizes: dict[str, int | None] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        dtype = ir.DataType(tensor.data_type) if tensor.data_type in ir.DataType._value2member_map_ else None
-        if dtype is None or dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
-            continue  # strings have no fixed size; an unknown type is the loader's to refuse
+        try:
+            dtype = ir.DataType(tensor.data_type)
+        except ValueError:
+            continue  # an unknown type is the loader's to refuse
+        if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+            continue  # strings have no fixed size
         if any(dim < 0 for dim in tensor.dims):
             return f"tensor {tensor.name!r} has a negative dimension: shape {list(tensor.dims)}"
         elements = 1
@@ -739,7 +742,7 @@ def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = T
             kinds = ("a folder", "a file") if output.is_dir() else ("a file", "a folder")
             raise OutputError(f"{output}: is {kinds[0]} and the output is {kinds[1]}; remove it or choose another -o")
         with output_lock(output):
-            check_target_kind(output)  # again, at the commit: a device node may have appeared since
+            check_target_kind(output, "path")  # again, at the commit: a device node may have appeared since
             superseded, ours = _own_data_files(output)
             # Companions (content-named external data) first, so the model never reads missing
             # data; a name that exists already holds these very bytes, and must stay on rollback.

@@ -251,7 +251,8 @@ def deterministic_archive(path: Path) -> None:
                         metadata["date_saved"] = FIXED_DATE_SAVED
                     target.writestr(member, json.dumps(metadata))
                     continue
-                with source.open(info) as reader, target.open(member, "w", force_zip64=True) as writer:
+                large = info.file_size >= zipfile.ZIP64_LIMIT
+                with source.open(info) as reader, target.open(member, "w", force_zip64=large) as writer:
                     shutil.copyfileobj(reader, writer, 1 << 22)
         os.replace(normalised, path)
     finally:
