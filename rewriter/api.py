@@ -281,7 +281,7 @@ def _write(backend, hops, source: Path, rewritten, output: Path | None, read: li
     if hops:
         return _convert(backend, hops, source, rewritten, output, read, scratch, options, report)
     if output is not None:
-        with formats.atomic_output(output, protected=read) as staging:
+        with formats.atomic_output(output, protected=read, replace=options.force) as staging:
             _save_and_verify(backend, source, rewritten, staging / output.name, options, report)
         report.output, report.written = str(output), True
     elif backend.verify_unchanged or (options.verify and report.rewrites):
@@ -358,7 +358,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
             report.verification = _skipped_verification(report, options)
 
     if output is not None:
-        with formats.atomic_output(output, protected=read) as staging:
+        with formats.atomic_output(output, protected=read, replace=options.force) as staging:
             save_and_verify(staging / output.name)
         report.output, report.written = str(output), True
     else:
@@ -376,7 +376,7 @@ def _write_unchanged(unwritable: Unwritable, output: Path | None, report: Report
     report.after = report.before
     note = "no rewrite: the model is unchanged"
     if output is not None and unwritable.write is not None:
-        with report.timed("save"), formats.atomic_output(output) as staging:
+        with report.timed("save"), formats.atomic_output(output, replace=options.force) as staging:
             unwritable.write(staging / output.name)
         report.output, report.written = str(output), True
     elif output is not None:

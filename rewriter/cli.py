@@ -178,12 +178,12 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
 
     if report_path is not None:
         _write_report(report_path, report_protected, results, code, single=not many, verbose=verbose)
-    if as_json:
+    if as_json:  # (JSON escapes control characters itself)
         click.echo(json.dumps(_document(results, code, single=False), indent=2))
     elif many:
-        _print_batch(results, code, quiet=quiet, say=say)
+        _print_batch([_printable(r) for r in results], code, quiet=quiet, say=say)
     else:
-        (result,) = results
+        (result,) = [_printable(r) for r in results]
         _print_single(result, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
                       per_node=target is not None or auto)
     sys.exit(code)
@@ -251,7 +251,8 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
     exits 130: what was not complete was not written."""
     def on_done(index: int, result: batch.JobResult) -> None:
         if show_each:
-            click.echo(f"[{index + 1}/{len(job_list)}] {result.input}: {result.status} ({result.seconds:.1f} s)",
+            click.echo(f"[{index + 1}/{len(job_list)}] {formats.shown(result.input)}: {result.status} "
+                       f"({result.seconds:.1f} s)",
                        err=True)
 
     try:
@@ -263,12 +264,19 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
 
 def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,
                   single: bool, verbose: bool) -> None:
-    """--report: the run's JSON document, written atomically and never over a file a model reads."""
+    """--report: the run's JSON document, written atomically and never over a file a model reads.
+    It is written once the models are committed (it says what was written); if it fails then, the
+    error says which models were written all the same."""
     document = _document(results, code, single=single)
     try:
         with formats.atomic_output(report_path, protected=protected) as staging:
             (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
     except RewriteError as error:
+        written = [r.output for r in results if r.output is not None and (r.report or {}).get("written")]
+        if written:
+            error = RewriteError(error.message.replace("; nothing was written", "; the report was not written") +
+                                 f", but the model output{'s' if len(written) > 1 else ''} "
+                                 f"{', '.join(written)} {'were' if len(written) > 1 else 'was'} written")
         _fail(error, verbose)
 
 
@@ -358,8 +366,21 @@ def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: 
     return read
 
 
+def _printable(result: batch.JobResult) -> batch.JobResult:
+    """The result as printed on a terminal: a path with a newline must not forge a second line
+    (``gconv-rewrite: error: ...``), nor an escape sequence repaint the screen; the one-line error
+    escaped whole, the summary where it quotes the input or output path."""
+    summary = result.summary
+    for path in {result.input, result.output} - {None}:
+        if formats.shown(path) != path:
+            summary = summary.replace(path, formats.shown(path))
+    return dataclasses.replace(result, input=formats.shown(result.input), summary=summary,
+                               output=None if result.output is None else formats.shown(result.output),
+                               error=None if result.error is None else formats.shown(result.error))
+
+
 def _fail(error: RewriteError, verbose: bool):
     if verbose:
         raise error
-    click.echo(f"gconv-rewrite: error: {error.message}", err=True)
+    click.echo(f"gconv-rewrite: error: {formats.shown(error.message)}", err=True)
     sys.exit(error.exit_code if error.exit_code else EXIT_BAD_INPUT)

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ ONNX_SUFFIXES = (".onnx",)
 
 def detect_format(path: Path) -> str:
     """'onnx', 'savedmodel' or 'keras', or a BadInput saying why the path is none of them."""
+    check_utf8(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory")
     if path.is_dir():
@@ -50,6 +52,27 @@ def detect_format(path: Path) -> str:
     if suffix in ONNX_SUFFIXES or suffix == "":
         return "onnx"
     return "onnx"  # anything else is tried as ONNX; the loader says clearly if it is not
+
+
+def shown(path) -> str:
+    """``path`` as printed: control characters (a newline in a file name could forge a second
+    error line, an escape sequence could repaint the terminal) and undecodable bytes escaped."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   (f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else repr(c)[1:-1])
+                   for c in text)
+
+
+def check_utf8(path: Path, what: str = "") -> None:
+    """Refuse a path that is not valid UTF-8: onnx, onnxruntime and TensorFlow open files by a
+    UTF-8 name and cannot name it at all (it would fail later as if the model were wrong)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{shown(path)}: {what + ' ' if what else ''}path is not valid UTF-8, and onnx, onnxruntime "
+                       "and TensorFlow open files only by UTF-8 names; rename it") from None
 
 
 def _external_files(model: ir.Model) -> set[str]:
@@ -73,6 +96,7 @@ def load_onnx(path: Path) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
         ir.external_data.set_base_dir(model.graph, str(path.parent))
         model.meta[_VALUE_INFO_NAMES] = _value_info_names(proto.graph)
+        tensor_problem = _tensor_data_problem(proto, path.parent)
         del proto
     except Exception as exc:  # protobuf and onnx raise many kinds; all mean "not a readable ONNX file"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -92,7 +116,74 @@ def load_onnx(path: Path) -> ir.Model:
         data = path.parent / location
         if not data.is_file():
             raise BadInput(f"{path}: its external data file {location} is missing (looked in {path.parent})")
+    if tensor_problem:
+        raise BadInput(f"{path}: not a valid ONNX model ({tensor_problem})")
     return model
+
+
+# Values of TensorProto's typed fields per element, where they hold a different count than elements.
+_TYPED_FIELDS = ("float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+_TWO_PER_ELEMENT = {"COMPLEX64", "COMPLEX128"}
+
+
+def _tensor_data_problem(proto: onnx.ModelProto, folder: Path) -> str | None:
+    """The first tensor whose data cannot hold its shape, said in words, or None. A truncated
+    ``raw_data`` or external data file otherwise surfaces deep in a rewrite as a numpy error
+    ("cannot reshape array of size 574 ..."), naming neither the tensor nor the cause. Reads the
+    lengths only (external files: their size), never the data itself."""
+    sizes: dict[str, int | None] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        try:
+            dtype = ir.DataType(tensor.data_type)
+        except ValueError:
+            continue  # an unknown type is the loader's to refuse
+        if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+            continue  # strings have no fixed size
+        if any(dim < 0 for dim in tensor.dims):
+            return f"tensor {tensor.name!r} has a negative dimension: shape {list(tensor.dims)}"
+        elements = 1
+        for dim in tensor.dims:
+            elements *= dim
+        needed = -(-elements * dtype.bitwidth // 8)
+        what = f"tensor {tensor.name!r} ({dtype.name.lower()}, shape {list(tensor.dims)}) needs {needed} bytes"
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            problem = _external_problem(tensor, needed, what, folder, sizes)
+            if problem:
+                return problem
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) != needed:
+            return f"{what}, but its raw_data holds {len(tensor.raw_data)}"
+        elif dtype.bitwidth >= 8:  # (4-bit types pack their typed values: left to onnx)
+            for field in _TYPED_FIELDS:
+                count = len(getattr(tensor, field))
+                per_element = 2 if dtype.name in _TWO_PER_ELEMENT else 1
+                expected = elements * per_element
+                if count and count != expected:
+                    return f"{what}, but its {field} holds {count} values where {expected} are needed"
+    return None
+
+
+def _external_problem(tensor, needed: int, what: str, folder: Path, sizes: dict) -> str | None:
+    """Whether the bytes an external tensor names exist: ``offset + length`` within the file, and
+    ``length`` (when given) at least what the shape needs."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    try:
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        length = int(length) if length is not None else None
+    except ValueError:
+        return f"tensor {tensor.name!r}: its external data offset or length is not a number"
+    if location not in sizes:
+        try:
+            sizes[location] = os.stat(folder / location).st_size
+        except OSError:
+            sizes[location] = None  # missing files are reported by name elsewhere
+    size = sizes[location]
+    if length is not None and length < needed:
+        return f"{what}, but its external data length is {length}"
+    end = offset + (length if length is not None else needed)
+    if size is not None and end > size:
+        return f"{what} at bytes {offset}..{end} of {location}, but that file holds {size} bytes (truncated?)"
+    return None
 
 
 def _value_info_names(graph: onnx.GraphProto) -> frozenset[str]:
@@ -208,7 +299,10 @@ def same_file(a: Path, b: Path) -> bool:
 
 def check_not_read(written: Path, read: list[Path], what: str = "-o") -> None:
     """Refuse to write ``written`` (a file to replace, or a folder to replace or write into) when
-    anything the input reads is that file, inside that folder, or the folder it would go in."""
+    anything the input reads is that file, inside that folder, or the folder it would go in; or
+    when it is no regular file or folder (a device, a FIFO, a socket: ``check_target_kind``)."""
+    check_name_length(written, what)
+    check_target_kind(written, what)
     if written.exists() or written.is_symlink():
         for item in read:
             if same_file(written, item):
@@ -228,6 +322,8 @@ def check_output_path(output: Path, inputs: list[Path], force: bool, *, deep: bo
     """Refuse an output that would write over the input or anything it reads (its external data,
     its SavedModel folder, ...), exists without ``force``, or cannot be written. ``deep=False``
     leaves out an ONNX file's external data (checked once the model is loaded)."""
+    check_utf8(output, "output")
+    check_name_length(output)
     read = [f for p in inputs for f in input_files(p, deep=deep)]
     resolved = output.resolve()
     if any(resolved == p.resolve() for p in inputs):
@@ -256,6 +352,62 @@ def check_output_path(output: Path, inputs: list[Path], force: bool, *, deep: bo
 # complete data of its own. Concurrent runs on the same output commit one after the other.
 
 _TOKEN = re.compile(r"(\d+)-[0-9a-f]+")
+
+# Most filesystems allow 255 bytes per name. A helper's name (staging, lock, set-aside copy,
+# external data) adds to the output's name; where that would not fit, the output's name is
+# replaced in it by a hash of the name, so a legal output name never fails on a helper's.
+NAME_MAX = 255
+_HELPER_EXTRA = len(".") + len(".gconv-") + 7 + len("-") + 8 + len(".tmp")  # a pid has at most 7 digits
+_DATA_EXTRA = len(".") + 16 + len(".data")
+
+
+def _stem(name: str, extra: int) -> str:
+    encoded = os.fsencode(name)
+    if len(encoded) + extra <= NAME_MAX:
+        return name
+    return "gconv-" + hashlib.sha256(encoded).hexdigest()[:32]
+
+
+def helper_stem(output: Path) -> str:
+    """What stands for ``output`` in the names of its staging folder, lock and set-aside copy:
+    its own name, or a hash of it where the helper's name would be too long."""
+    return _stem(output.name, _HELPER_EXTRA)
+
+
+def data_stem(output_name: str) -> str:
+    """What stands for the model's name in its external data file names (``STEM.data`` while
+    staged, ``STEM.<sha256[:16]>.data`` committed): the name, or its hash where too long."""
+    return _stem(output_name, _DATA_EXTRA)
+
+
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO (named pipe)",
+          stat.S_IFSOCK: "a socket"}
+
+
+def check_target_kind(path: Path, what: str = "-o") -> None:
+    """Refuse a target that exists and is neither a regular file nor a folder (a SavedModel), with
+    --force or without: the commit renames over it, which would replace a device node such as
+    /dev/null, a FIFO or a socket with a regular file. A symlink is judged by what it points to."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # nothing there, or a dangling symlink (the link itself is replaced, never followed)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be examined ({exc.strerror or exc}); choose another {what}") from exc
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    via = "a symlink to " if path.is_symlink() else ""
+    raise OutputError(f"{path}: is {via}{kind}, not a regular file; it is never replaced, with --force or "
+                      f"without; choose another {what}")
+
+
+def check_name_length(path: Path, what: str = "-o") -> None:
+    """A name longer than the filesystem allows, said in words before anything runs."""
+    length = len(os.fsencode(path.name))
+    if length > NAME_MAX:
+        raise OutputError(f"{path}: the file name is {length} bytes, longer than the {NAME_MAX} a file system "
+                          f"allows; choose a shorter {what}")
 
 
 def _token() -> str:
@@ -324,7 +476,7 @@ def sweep_staging(output: Path) -> list[Path]:
     """Remove what dead runs left beside ``output``: their staging folders, and the old copy of a
     folder output they had set aside (put back if the output is missing). Returns what went."""
     folder = output.parent if str(output.parent) else Path(".")
-    pattern = re.compile(rf"\.{re.escape(output.name)}\.gconv-{_TOKEN.pattern}\.(tmp|old)")
+    pattern = re.compile(rf"\.{re.escape(helper_stem(output))}\.gconv-{_TOKEN.pattern}\.(tmp|old)")
     swept = []
     try:
         entries = list(os.scandir(folder))
@@ -343,8 +495,9 @@ def sweep_staging(output: Path) -> list[Path]:
                 pass
         _remove(path)
         swept.append(path)
-    if _drop_stale_lock(folder / f".{output.name}.gconv.lock"):
-        swept.append(folder / f".{output.name}.gconv.lock")
+    lock_path = folder / f".{helper_stem(output)}.gconv.lock"
+    if _drop_stale_lock(lock_path):
+        swept.append(lock_path)
     return swept
 
 
@@ -414,7 +567,7 @@ def output_lock(output: Path) -> Iterator[None]:
         yield
         return
     folder = output.parent if str(output.parent) else Path(".")
-    lock_path = folder / f".{output.name}.gconv.lock"
+    lock_path = folder / f".{helper_stem(output)}.gconv.lock"
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -441,7 +594,7 @@ def output_lock(output: Path) -> Iterator[None]:
 
 
 def _data_name(output_name: str, digest: str) -> str:
-    return f"{output_name}.{digest[:16]}.data"
+    return f"{data_stem(output_name)}.{digest[:16]}.data"
 
 
 def name_external_data_by_content(model_path: Path, data_name: str) -> str:
@@ -475,10 +628,10 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
                           for entry in tensor.external_data if entry.key == "location"}
         except Exception:  # not an ONNX file (a .keras, a report): it reads no data
             referenced = set()
-    prefix = output.name + "."
+    prefix = data_stem(output.name) + "."
     referenced = {name for name in referenced if name.startswith(prefix) and name.endswith(".data")
                   and "/" not in name and "\\" not in name}
-    hashed = re.compile(rf"{re.escape(output.name)}\.[0-9a-f]{{16}}\.data")
+    hashed = re.compile(rf"{re.escape(data_stem(output.name))}\.[0-9a-f]{{16}}\.data")
     try:
         ours = {e.name for e in os.scandir(folder) if hashed.fullmatch(e.name)}
     except OSError:
@@ -486,8 +639,11 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
     return referenced, ours
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2 with ``flags``; False where the system or filesystem does not have it."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -495,8 +651,8 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     error = ctypes.get_errno()
     if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
@@ -504,10 +660,41 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(b))
 
 
-def _put_in_place(main: Path, output: Path, staging: Path, token: str) -> None:
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _put_new(main: Path, output: Path) -> None:
+    """Move ``main`` to ``output`` only if nothing is there, in one step: another run (another
+    input, the same -o) may have committed since this one checked. FileExistsError if so."""
+    if _renameat2(main, output, _RENAME_NOREPLACE):
+        return
+    if not main.is_dir():
+        try:
+            os.link(main, output)  # fails with EEXIST as one step, on every POSIX filesystem with links
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some FUSE and network filesystems): check, then rename
+            if output.exists() or output.is_symlink():
+                raise FileExistsError(errno.EEXIST, "File exists", str(output)) from None
+            os.rename(main, output)
+            return
+        os.unlink(main)
+        return
+    if output.exists() or output.is_symlink():  # a folder without renameat2: a rename fails on a full one
+        raise FileExistsError(errno.EEXIST, "File exists", str(output))
+    os.rename(main, output)
+
+
+def _put_in_place(main: Path, output: Path, staging: Path, token: str, replace: bool = True) -> None:
     """Move ``main`` to ``output``, replacing whatever is there (a folder too) in one step where
     the system can swap two paths; else the old one is set aside first, under a name the next
-    run recognises and puts back if this one dies before the new one is in."""
+    run recognises and puts back if this one dies before the new one is in. Without
+    ``replace``, an ``output`` that exists by now is left as it is (FileExistsError)."""
+    if not replace:
+        _put_new(main, output)
+        return
     if not (output.is_dir() and not output.is_symlink()) and not main.is_dir():
         os.replace(main, output)
         return
@@ -517,7 +704,7 @@ def _put_in_place(main: Path, output: Path, staging: Path, token: str) -> None:
     if _exchange(main, output):
         _remove(main)  # now the old output, inside staging
         return
-    aside = output.parent / f".{output.name}.gconv-{token}.old"
+    aside = output.parent / f".{helper_stem(output)}.gconv-{token}.old"
     os.replace(output, aside)
     try:
         os.replace(main, output)
@@ -528,16 +715,17 @@ def _put_in_place(main: Path, output: Path, staging: Path, token: str) -> None:
 
 
 @contextmanager
-def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]:
+def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = True) -> Iterator[Path]:
     """Yield a staging folder beside ``output``; on success move what was written there into
     place (companions, then the main file or folder, then the superseded data), on any failure
     or interrupt remove it all. A reader sees the old output or the new one, each complete.
 
-    ``protected``: files the input reads, never removed even when the old output read them."""
+    ``protected``: files the input reads, never removed even when the old output read them.
+    ``replace=False`` (no --force): the commit itself refuses an output that exists by then."""
     folder = output.parent if str(output.parent) else Path(".")
     sweep_staging(output)
     token = _token()
-    staging = folder / f".{output.name}.gconv-{token}.tmp"
+    staging = folder / f".{helper_stem(output)}.gconv-{token}.tmp"
     try:
         staging.mkdir(mode=0o700)
     except OSError as exc:
@@ -554,6 +742,7 @@ def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]
             kinds = ("a folder", "a file") if output.is_dir() else ("a file", "a folder")
             raise OutputError(f"{output}: is {kinds[0]} and the output is {kinds[1]}; remove it or choose another -o")
         with output_lock(output):
+            check_target_kind(output, "path")  # again, at the commit: a device node may have appeared since
             superseded, ours = _own_data_files(output)
             # Companions (content-named external data) first, so the model never reads missing
             # data; a name that exists already holds these very bytes, and must stay on rollback.
@@ -565,7 +754,11 @@ def atomic_output(output: Path, *, protected: list[Path] = ()) -> Iterator[Path]
                 os.replace(item, target)
                 if not existed:
                     moved.append(target)
-            _put_in_place(main, output, staging, token)
+            try:
+                _put_in_place(main, output, staging, token, replace)
+            except FileExistsError:
+                raise OutputError(f"{output}: already exists (written by another run since this one began; use "
+                                  "--force to overwrite); nothing was written") from None
             moved.clear()
             keep = {p.name for p in companions}
             for name in (superseded | ours) - keep:

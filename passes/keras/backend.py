@@ -10,6 +10,10 @@ layers, names, configs, weights — is rebuilt as it was.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,12 @@ from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
 
 _FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
+
+# What a .keras archive would otherwise take from the clock: metadata.json's date_saved and each
+# member's zip timestamp (Keras stamps the weights file with the time it was written). Fixed, so
+# the same input gives the same bytes; the zip format's own epoch, in Keras's date format.
+FIXED_DATE_SAVED = "1980-01-01@00:00:00"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass
@@ -196,8 +206,10 @@ class KerasBackend:
     # -- writing and running -------------------------------------------------------------------
 
     def save(self, result: KerasResult, path: Path) -> None:
+        """Keras's own save, then the archive made deterministic (``deterministic_archive``)."""
         try:
             result.model.save(path)
+            deterministic_archive(path)
         except Exception as exc:
             raise OutputError(f"{path}: cannot write the rewritten model ({one_line(exc)})") from exc
 
@@ -218,3 +230,30 @@ class KerasBackend:
         verification.note = "; ".join(n for n in (note, verification.note) if n)
         verification.reference = result.reference_name
         return verification
+
+
+def deterministic_archive(path: Path) -> None:
+    """Rewrite the .keras zip at ``path`` without what the clock put in it: metadata.json's
+    ``date_saved`` becomes ``FIXED_DATE_SAVED``, every member gets the zip epoch as its time and
+    the same permissions; member order, names, contents and compression are kept. (The HDF5
+    weights file itself was measured byte-identical across runs, h5py creating datasets with
+    ``track_times=False``: only its zip timestamp differed; tests/test_redteam_files.py pins it.)"""
+    normalised = path.with_name(".gconv-deterministic.keras")  # a short name: ``path`` may be 255 bytes
+    try:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(normalised, "w") as target:
+            for info in source.infolist():
+                member = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+                member.compress_type = info.compress_type
+                member.external_attr = 0o644 << 16
+                if info.filename == "metadata.json":
+                    metadata = json.loads(source.read(info))
+                    if isinstance(metadata, dict) and "date_saved" in metadata:
+                        metadata["date_saved"] = FIXED_DATE_SAVED
+                    target.writestr(member, json.dumps(metadata))
+                    continue
+                large = info.file_size >= zipfile.ZIP64_LIMIT
+                with source.open(info) as reader, target.open(member, "w", force_zip64=large) as writer:
+                    shutil.copyfileobj(reader, writer, 1 << 22)
+        os.replace(normalised, path)
+    finally:
+        normalised.unlink(missing_ok=True)

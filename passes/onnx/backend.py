@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -102,7 +101,7 @@ class OnnxBackend:
     def save(self, model: ir.Model, path: Path) -> None:
         """As the input was laid out: external data (named after its content, so never the name
         of data another model reads) where the input had it."""
-        external = f"{path.name}.data" if self.threshold is not None else None
+        external = f"{formats.data_stem(path.name)}.data" if self.threshold is not None else None
         formats.save_onnx(model, path, external_data=external, threshold=self.threshold or 0)
         if external and (path.parent / external).exists():
             formats.name_external_data_by_content(path, external)
@@ -130,7 +129,9 @@ class OnnxBackend:
         verification = prove(self, original, written, options, report.rewrites)
         if verification.passed:
             # One run takes one branch of each If: rewrites in subgraphs are run on their own too.
-            with tempfile.TemporaryDirectory(prefix="gconv-subgraphs-") as scratch:
+            # The run's kind of scratch folder ($TMPDIR/gconv-<pid>-<random>): a later run sweeps it
+            # if this one is killed meanwhile.
+            with formats.scratch_dir() as scratch:
                 verify_subgraphs(original, written, report.rewrites, verification, seed=options.seed,
-                                 scratch=Path(scratch))
+                                 scratch=scratch)
         return verification
