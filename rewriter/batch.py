@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewriter import formats
+from rewriter import formats, targets
 from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
 from rewriter.report import format_summary, format_verification
 
 MODEL_SUFFIXES = (".onnx", ".keras", ".h5")
-# Our own outputs, when a folder is walked again: rewriting them would rewrite the rewrite.
-OUTPUT_MARKERS = (".fused.", ".expanded.")
+# The last dotted part of every name the tool writes beside an input: NAME.fused.onnx,
+# NAME.expanded.keras, NAME.auto.onnx, NAME.TARGET.onnx, NAME.fused/ (a SavedModel). A folder
+# walked again must not rewrite the rewrite (m.onnxruntime-cpu.onnxruntime-cpu.onnx).
+OUTPUT_TAGS = frozenset({"fused", "expanded", "auto", *targets.names()})
 
 
 @dataclass
@@ -54,18 +56,38 @@ def _is_savedmodel(path: Path) -> bool:
     return path.is_dir() and (path / "saved_model.pb").is_file()
 
 
-def walk(folder: Path) -> Iterator[Path]:
-    """Models under ``folder``, sorted: files by suffix, SavedModel directories (not entered)."""
+def is_own_output(name: str) -> bool:
+    """Whether ``name`` (a file or a SavedModel folder) is one the tool writes: NAME.TAG.EXT or
+    NAME.TAG with TAG in ``OUTPUT_TAGS``, or a staging / lock name (``.NAME.gconv-…``) of a run."""
+    if _is_staging(name):
+        return True
+    stem = name[: -len(Path(name).suffix)] if name.lower().endswith(MODEL_SUFFIXES) else name
+    return "." in stem and stem.rsplit(".", 1)[1] in OUTPUT_TAGS
+
+
+def _is_staging(name: str) -> bool:
+    """A run's staging folder, superseded output or lock beside an output: ``.OUT.gconv-…``."""
+    return name.startswith(".") and ".gconv" in name
+
+
+def walk(folder: Path, skip: Path | None = None) -> Iterator[Path]:
+    """Models under ``folder``, sorted: files by suffix, SavedModel directories (not entered).
+    Left out: every name the tool writes (``is_own_output``) and the folder ``skip`` (the run's
+    own output folder, which may lie inside the input folder: mirroring it again would nest)."""
+    skipped = skip.resolve() if skip is not None and skip.is_dir() else None
     for root, dirs, files in os.walk(folder):
         root_path = Path(root)
         dirs.sort()
         for d in list(dirs):
-            if _is_savedmodel(root_path / d):
+            path = root_path / d
+            if _is_staging(d) or (skipped is not None and path.resolve() == skipped):
                 dirs.remove(d)
-                if not any(m in d for m in OUTPUT_MARKERS):
-                    yield root_path / d
+            elif _is_savedmodel(path):
+                dirs.remove(d)
+                if not is_own_output(d):
+                    yield path
         for name in sorted(files):
-            if name.lower().endswith(MODEL_SUFFIXES) and not any(m in name for m in OUTPUT_MARKERS):
+            if name.lower().endswith(MODEL_SUFFIXES) and not is_own_output(name):
                 yield root_path / name
 
 
@@ -80,7 +102,7 @@ def plan_jobs(models: tuple[Path, ...], output: Path | None, *, mode: str, to: s
     jobs: list[Job] = []
     for model in models:
         if model.is_dir() and not _is_savedmodel(model):
-            found = list(walk(model))
+            found = list(walk(model, skip=output))
             jobs.extend(Job(p, _mirror(p, p.relative_to(model), output, mode, to) if write else None,
                             mirrored=output is not None) for p in found)
         else:
