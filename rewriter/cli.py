@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from rewriter import __version__, batch, config, formats, quiet, targets
+from rewriter import __version__, batch, config, formats, quiet, targets, workers
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
 from rewriter.verify import parse_shapes
@@ -45,7 +46,7 @@ def _list_targets(ctx: click.Context, param, value: bool):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+@click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
               callback=_load_config,
               help="TOML file of defaults (default: ./pyproject.toml [tool.gconv-rewrite]); flags win.")
 @click.option("--fuse", "mode", flag_value="fuse", default=True,
@@ -228,7 +229,7 @@ def _show_phase(phase: str, seconds: float) -> None:
 
 def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **run_args) -> list[batch.JobResult]:
     """Run every job; with ``show_each``, one progress line per finished model on stderr. Ctrl-C
-    exits 130: what was not complete was not written."""
+    exits 130, SIGTERM during a --jobs run 143: what was not complete was not written."""
     def on_done(index: int, result: batch.JobResult) -> None:
         if show_each:
             click.echo(f"[{index + 1}/{len(job_list)}] {result.input}: {result.status} ({result.seconds:.1f} s)",
@@ -239,6 +240,10 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
     except KeyboardInterrupt:
         click.echo("gconv-rewrite: interrupted; outputs not yet complete were not written", err=True)
         sys.exit(130)
+    except workers.Stopped as stopped:  # SIGTERM during a --jobs run
+        click.echo(f"gconv-rewrite: stopped by {signal.Signals(stopped.signum).name}; outputs not yet complete "
+                   "were not written", err=True)
+        sys.exit(stopped.exit_code)
 
 
 def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,

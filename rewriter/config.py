@@ -54,10 +54,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file; a config file must be a TOML file")
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: not a regular file; a config file must be a TOML file")
         data = file.read(MAX_CONFIG_BYTES + 1)  # st_size may lie (procfs) or the file may grow
     if max(len(data), info.st_size) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; "
