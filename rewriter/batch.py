@@ -6,24 +6,27 @@ exit code and the one-line error. The run's exit code is the worst of its models
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewriter import formats
+from rewriter import formats, targets, workers
 from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
 from rewriter.report import format_summary, format_verification
 
 MODEL_SUFFIXES = (".onnx", ".keras", ".h5")
-# Our own outputs, when a folder is walked again: rewriting them would rewrite the rewrite.
-OUTPUT_MARKERS = (".fused.", ".expanded.")
+# The last dotted part of every name the tool writes beside an input: NAME.fused.onnx,
+# NAME.expanded.keras, NAME.auto.onnx, NAME.TARGET.onnx, NAME.fused/ (a SavedModel). A folder
+# walked again must not rewrite the rewrite (m.onnxruntime-cpu.onnxruntime-cpu.onnx).
+OUTPUT_TAGS = frozenset({"fused", "expanded", "auto", *targets.names()})
 
 
 @dataclass
@@ -54,18 +57,38 @@ def _is_savedmodel(path: Path) -> bool:
     return path.is_dir() and (path / "saved_model.pb").is_file()
 
 
-def walk(folder: Path) -> Iterator[Path]:
-    """Models under ``folder``, sorted: files by suffix, SavedModel directories (not entered)."""
+def is_own_output(name: str) -> bool:
+    """Whether ``name`` (a file or a SavedModel folder) is one the tool writes: NAME.TAG.EXT or
+    NAME.TAG with TAG in ``OUTPUT_TAGS``, or a staging / lock name (``.NAME.gconv-…``) of a run."""
+    if _is_staging(name):
+        return True
+    stem = name[: -len(Path(name).suffix)] if name.lower().endswith(MODEL_SUFFIXES) else name
+    return "." in stem and stem.rsplit(".", 1)[1] in OUTPUT_TAGS
+
+
+def _is_staging(name: str) -> bool:
+    """A run's staging folder, superseded output or lock beside an output: ``.OUT.gconv-…``."""
+    return name.startswith(".") and ".gconv" in name
+
+
+def walk(folder: Path, skip: Path | None = None) -> Iterator[Path]:
+    """Models under ``folder``, sorted: files by suffix, SavedModel directories (not entered).
+    Left out: every name the tool writes (``is_own_output``) and the folder ``skip`` (the run's
+    own output folder, which may lie inside the input folder: mirroring it again would nest)."""
+    skipped = skip.resolve() if skip is not None and skip.is_dir() else None
     for root, dirs, files in os.walk(folder):
         root_path = Path(root)
         dirs.sort()
         for d in list(dirs):
-            if _is_savedmodel(root_path / d):
+            path = root_path / d
+            if _is_staging(d) or (skipped is not None and path.resolve() == skipped):
                 dirs.remove(d)
-                if not any(m in d for m in OUTPUT_MARKERS):
-                    yield root_path / d
+            elif _is_savedmodel(path):
+                dirs.remove(d)
+                if not is_own_output(d):
+                    yield path
         for name in sorted(files):
-            if name.lower().endswith(MODEL_SUFFIXES) and not any(m in name for m in OUTPUT_MARKERS):
+            if name.lower().endswith(MODEL_SUFFIXES) and not is_own_output(name):
                 yield root_path / name
 
 
@@ -80,7 +103,7 @@ def plan_jobs(models: tuple[Path, ...], output: Path | None, *, mode: str, to: s
     jobs: list[Job] = []
     for model in models:
         if model.is_dir() and not _is_savedmodel(model):
-            found = list(walk(model))
+            found = list(walk(model, skip=output))
             jobs.extend(Job(p, _mirror(p, p.relative_to(model), output, mode, to) if write else None,
                             mirrored=output is not None) for p in found)
         else:
@@ -142,52 +165,103 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
 
 
 def run_all(jobs: list[Job], *, processes: int, on_done: Callable[[int, JobResult], None], **kwargs) -> list[JobResult]:
-    """Run every job, in ``processes`` worker processes when more than one; results in job order."""
+    """Run every job, in ``processes`` worker processes when more than one; results in job order.
+
+    Stopped by Ctrl-C (``KeyboardInterrupt``) or SIGTERM (``workers.Stopped``) in a parallel run:
+    nothing more is dispatched, every worker is stopped (what it had not committed is not
+    written), and the exception goes on to the caller."""
     results: list[JobResult | None] = [None] * len(jobs)
     if processes <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
             results[i] = run_job(job, **kwargs)
             on_done(i, results[i])
-    else:
-        import multiprocessing
+        return [r for r in results if r is not None]
+    import multiprocessing
 
-        # spawn: TensorFlow and onnxruntime thread pools do not survive fork.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-            futures = {pool.submit(run_job, job, **kwargs): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except BrokenProcessPool:
-                    continue  # a worker died (OOM killer, kill -9): which model killed it is found below
-                on_done(i, results[i])
+    # spawn: TensorFlow and onnxruntime thread pools do not survive fork.
+    context = multiprocessing.get_context("spawn")
+    with workers.stop_on_sigterm(), workers.stopping_workers():
+        _run_pool(context, jobs, processes, kwargs, results, on_done)
         # Once a worker dies the pool fails every model it had not finished, without saying whose
         # worker it was: run each of those again alone in its own process, so a death is that
         # model's row and the others get their results.
         unfinished = [i for i, r in enumerate(results) if r is None]
-        if unfinished:
-            with ThreadPoolExecutor(max_workers=processes) as threads:
-                futures = {threads.submit(_run_alone, context, jobs[i], kwargs): i for i in unfinished}
-                for future in as_completed(futures):
-                    i = futures[future]
-                    results[i] = future.result()
-                    on_done(i, results[i])
+        _run_each_alone(context, jobs, unfinished, processes, kwargs, results, on_done)
     return [r for r in results if r is not None]
 
 
-def _child(connection, job: Job, kwargs: dict) -> None:
-    connection.send(run_job(job, **kwargs))
+def _run_pool(context, jobs: list[Job], processes: int, kwargs: dict, results: list[JobResult | None],
+              on_done: Callable[[int, JobResult], None]) -> None:
+    """The jobs in a pool of ``processes`` workers, each started by ``workers.start_worker``."""
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=workers.start_worker,
+                               initargs=(os.getpid(),))
+    try:
+        with workers.spawning():  # the pool starts its workers on submit
+            futures = {pool.submit(_worker_job, job, kwargs, os.getpid()): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except BrokenProcessPool:
+                continue  # a worker died (OOM killer, kill -9): which model killed it is found after
+            on_done(i, results[i])
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # dispatch nothing more; the caller stops the workers
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker_job(job: Job, kwargs: dict, parent_pid: int) -> JobResult:
+    """``run_job`` in a worker: not started, and not committed, once the main process is gone
+    (the progress hook runs after each phase, the last one right before the commit). A worker
+    told to stop ends here, after its staging was removed on the way out."""
+    try:
+        workers.check_parent(parent_pid)
+        options = kwargs["options"]
+        report_phase = options.progress
+
+        def check_then_report(phase: str, seconds: float) -> None:
+            workers.check_parent(parent_pid)
+            if report_phase is not None:
+                report_phase(phase, seconds)
+
+        return run_job(job, **{**kwargs, "options": dataclasses.replace(options, progress=check_then_report)})
+    except workers.WorkerStop as stop:
+        os._exit(stop.code)  # the pool would take this for a result and start the next model
+
+
+def _child(connection, job: Job, kwargs: dict, parent_pid: int) -> None:
+    workers.start_worker(parent_pid)
+    connection.send(_worker_job(job, kwargs, parent_pid))
     connection.close()
 
 
-def _run_alone(context, job: Job, kwargs: dict) -> JobResult:
-    """``run_job`` in a process of its own; its death becomes the model's error row (exit 2)."""
-    start = time.perf_counter()
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, job, kwargs), daemon=True)
-    process.start()
-    sender.close()
+def _run_each_alone(context, jobs: list[Job], indices: list[int], processes: int, kwargs: dict,
+                    results: list[JobResult | None], on_done: Callable[[int, JobResult], None]) -> None:
+    """``run_job`` for each of ``indices`` in a process of its own, at most ``processes`` at once;
+    a death becomes that model's error row (exit 2). Processes are started here, in the main
+    thread: PR_SET_PDEATHSIG follows the thread that started a worker."""
+    from multiprocessing.connection import wait
+
+    pending = list(indices)
+    running: dict[Any, tuple[int, Any, float]] = {}  # result pipe → (job index, process, start time)
+    while pending or running:
+        while pending and len(running) < processes:
+            i = pending.pop(0)
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_child, args=(sender, jobs[i], kwargs, os.getpid()), daemon=True)
+            with workers.spawning():
+                process.start()
+            sender.close()
+            running[receiver] = (i, process, time.perf_counter())
+        for receiver in wait(list(running)):
+            i, process, start = running.pop(receiver)
+            results[i] = _collect(receiver, process, jobs[i], start)
+            on_done(i, results[i])
+
+
+def _collect(receiver, process, job: Job, start: float) -> JobResult:
+    """The result a process sent, or its death as the model's error row."""
     try:
         result = receiver.recv()
     except (EOFError, OSError):

@@ -11,57 +11,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import click
 
-from rewriter import __version__, batch, formats, quiet, targets
+from rewriter import __version__, batch, config, formats, quiet, targets, workers
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
 from rewriter.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
 
-CONFIG_SECTION = "gconv-rewrite"
-# Settings that let the model's own code run (or change what it computes) are a decision about
-# trusting one file, made on the command line or in the Python API: a config file travels with
-# a repository, and the pre-commit hook reads ./pyproject.toml of whatever repository it runs in.
-TRUST_SETTINGS = ("trust-lambdas", "repair-late-binding")
-
 
 def _load_config(ctx: click.Context, _param, value: Path | None):
-    """Defaults from ``--config FILE`` or ./pyproject.toml's [tool.gconv-rewrite]; flags win."""
-    path = value
-    if path is None and Path("pyproject.toml").is_file():
-        path = Path("pyproject.toml")
-    if path is None:
-        return None
+    """Defaults from ``--config FILE`` or ./pyproject.toml's [tool.gconv-rewrite]; flags win. A
+    config that cannot be used is one line and exit 2, like every other bad input."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise click.BadParameter(f"{path}: cannot read it as TOML ({exc})") from None
-    section = data.get("tool", {}).get(CONFIG_SECTION, {}) if Path(path).name == "pyproject.toml" else \
-        data.get("tool", {}).get(CONFIG_SECTION, data)
-    # Settings are named like the long flags: "atol", "shape", "keep-depthwise", "format"...
-    known = {}
-    for param in ctx.command.params:
-        for opt in getattr(param, "opts", []):
-            if opt.startswith("--") and param.name not in ("models", "config", "version"):
-                known[opt[2:]] = param.name
-    defaults = {}
-    for key, setting in section.items():
-        if key in TRUST_SETTINGS:
-            click.echo(f"gconv-rewrite: error: {path}: {key!r} may not be set in a config file (it lets the model's "
-                       f"code run); give --{key} on the command line for the files you trust", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
-        if key not in known:
-            raise click.BadParameter(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        name = known[key]
-        if name == "shapes" and isinstance(setting, dict):
-            setting = [f"{k}={','.join(map(str, v))}" for k, v in setting.items()]
-        defaults[name] = setting
+        path, defaults = config.load(ctx, value)
+    except RewriteError as error:
+        click.echo(f"gconv-rewrite: error: {error.message}", err=True)
+        ctx.exit(EXIT_BAD_INPUT)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
 
@@ -75,7 +46,7 @@ def _list_targets(ctx: click.Context, param, value: bool):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+@click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
               callback=_load_config,
               help="TOML file of defaults (default: ./pyproject.toml [tool.gconv-rewrite]); flags win.")
 @click.option("--fuse", "mode", flag_value="fuse", default=True,
@@ -147,6 +118,8 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     them), verify that the outputs did not change, and write the result. A folder is walked for
     .onnx, .keras, .h5 files and SavedModel directories."""
     _configure_logging(verbose)
+    if check or dry_run:
+        report_path = _report_asked(report_path)
     _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
                  target=target, auto=auto, benchmark=benchmark)
     as_json = output_format == "json"
@@ -239,6 +212,14 @@ def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | 
     return job_list
 
 
+def _report_asked(report_path: Path | None) -> Path | None:
+    """--check and --dry-run write nothing unless the command line asks: a config's ``report``
+    (the pre-commit hook runs ``--check`` under whatever pyproject.toml a repository has) is not
+    written."""
+    source = click.get_current_context().get_parameter_source("report_path")
+    return report_path if source == click.core.ParameterSource.COMMANDLINE else None
+
+
 def _show_phase(phase: str, seconds: float) -> None:
     """Progress of one model run in this process: per phase, for phases that take more than a
     second (worker processes report per model instead)."""
@@ -248,7 +229,7 @@ def _show_phase(phase: str, seconds: float) -> None:
 
 def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **run_args) -> list[batch.JobResult]:
     """Run every job; with ``show_each``, one progress line per finished model on stderr. Ctrl-C
-    exits 130: what was not complete was not written."""
+    exits 130, SIGTERM during a --jobs run 143: what was not complete was not written."""
     def on_done(index: int, result: batch.JobResult) -> None:
         if show_each:
             click.echo(f"[{index + 1}/{len(job_list)}] {formats.shown(result.input)}: {result.status} "
@@ -260,6 +241,10 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
     except KeyboardInterrupt:
         click.echo("gconv-rewrite: interrupted; outputs not yet complete were not written", err=True)
         sys.exit(130)
+    except workers.Stopped as stopped:  # SIGTERM during a --jobs run
+        click.echo(f"gconv-rewrite: stopped by {signal.Signals(stopped.signum).name}; outputs not yet complete "
+                   "were not written", err=True)
+        sys.exit(stopped.exit_code)
 
 
 def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,
