@@ -26,7 +26,8 @@ What it exports (no downloads: every model is built with random weights):
 * torch (torchvision + timm), exported with the TorchScript exporter (``dynamo=False``, opset 17, "ts") and
   the dynamo exporter ("dynamo"), static batch and ``dynamic_axes``/``dynamic_shapes`` batch ("-dyn"):
   - natively grouped: ResNeXt (torchvision layout, one block a stage), RegNetX/Y-400MF, ResNeSt-14d, DPN-68,
-    ShuffleNetV2 x0.5, MobileNetV3-Small, ConvNeXt-atto;
+    timm ResNeXt26-ts and RegNetZ-B16 (ByobNet blocks: the grouped 3x3 is a ConvNormAct whose BatchNormAct2d
+    applies SiLU), ShuffleNetV2 x0.5, MobileNetV3-Small, ConvNeXt-atto;
   - parallel branches that must stay: GoogLeNet, SqueezeNet 1.1, Inception v3, Res2Net-50 14w8s (one block a
     stage), GhostNet-050, MixNet-S (its MixedConv2d splits with *different* kernels must stay; its pointwise
     MixedConv2d with equal 1x1 kernels is a genuine hand-made grouped conv and may fuse);
@@ -38,13 +39,19 @@ What it exports (no downloads: every model is built with random weights):
     Each legacy file is compared with its native twin from the same exporter: the original model for
     "chunk", and for "chunkbn" the model with each grouped conv followed by one BatchNorm2d holding the
     branches' BN parameters ("nativebn"), which is what a fused + BN-folded legacy export should equal.
+    "chunkbnact" (models with timm ConvNormAct blocks around a grouped conv): ``torch.chunk -> N (Conv2d ->
+    BatchNorm2d -> SiLU) -> torch.cat``, the block's activation moved into each branch (issue #20, finding 7).
+    Each branch's BN holds the channel slice of the block's BN parameters and SiLU is channel-wise, so the
+    legacy model computes what the native one does and its twin is the native export from the same exporter
+    (TorchScript and dynamo, static batch): fused, it must end with the same Conv count and groups.
 * keras.applications (Keras 3): MobileNetV3Small, ConvNeXtTiny (Conv2D groups=channels), Xception
   (SeparableConv2D and parallel branches; nothing to do) as .keras, .h5 and SavedModel (``model.export``);
   tf_keras.applications: RegNetX002/RegNetY002 (Conv2D groups, group width 8; Keras 3 has no RegNet), and the
   same three, as .keras, .h5 and SavedModel (``model.save(dir, save_format="tf")``). tf-keras writes TFOpLambda
   layers (tf.__operators__.add, tf.nn.relu6, tf.math.reduce_mean, ...): valuable inputs. Legacy tf-keras
   variants of the RegNets (.h5): each grouped Conv2D as ``tf.split`` (a TFOpLambda) → N Conv2D → Concatenate
-  ("split"), and with a BatchNormalization per branch ("splitbn"); their twin is the native .h5.
+  ("split"), with a BatchNormalization per branch ("splitbn"), and joined by ``tf.concat`` (another
+  TFOpLambda) instead of a Concatenate layer ("splitconcat", issue #20, finding 8); their twin is the native .h5.
   Which saves each model gets is KERAS_FORMATS (each Keras CLI call pays TensorFlow's import and a rebuild).
   Depthwise-only Keras models get no --expand (C one-channel Conv2D layers take Keras minutes; ONNX covers it).
 
@@ -52,7 +59,16 @@ What it runs per file (the CLI in a subprocess, ``--format json --report``, veri
 ``--check``, ``--fuse``, and for natively grouped files ``--expand`` then ``--fuse`` of the expanded file.
 It records exit codes, the one-line error, rewrites/skips, node and op counts, Conv count and the multiset of
 ``group`` attributes of every written ONNX (Keras: Conv layers and their ``groups``) against the native twin,
-and the wall time of each call. Beside it, OpenVINO (``openvino.convert_model`` → compile on CPU →
+and the wall time of each call. "silent" (issue #20: clean means looked): for each ONNX/.keras/.h5 file
+that gets ``--check`` or ``--fuse`` (the expanded files' fuse included), the Concats (Keras: ``Concatenate``
+layers and ``tf.concat`` TFOpLambdas) behind whose inputs (through channel-wise ops: activations, BN, Q/DQ,
+Add/Mul...) at least two distinct convs read Split/Slice outputs (Keras: ``tf.split``/getitem/``GetItem``/
+``Lambda``) of one tensor, and that the report neither lists in a rewrite's ``nodes`` (or ``location``) nor
+names as a ``skipped`` ``location``. It is read from the file and the report here, apart from the tool's
+own matcher, so that it checks it; any is a problem. Network structure (U-Net skips, DenseNet, Inception,
+CSP concats of convs of one whole tensor) is not counted: the tool leaves that silent by design. SavedModels
+are not read ("–"). ``meta.commit`` is the commit of the checkout the CLI imports (``pip install -e``), not
+this script's. Beside it, OpenVINO (``openvino.convert_model`` → compile on CPU →
 ``get_runtime_model()``): how many grouped (5-D weights / GroupConvolution) and plain convolutions it ends with
 on the same legacy files, and what its converted (pre-plugin) model holds.
 """
