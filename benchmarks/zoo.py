@@ -261,11 +261,13 @@ def _chunk_norm_act_module(conv_norm_act):
 
 
 def _is_grouped_conv_norm_act(module) -> bool:
-    """A timm ConvNormAct around a grouped (not depthwise) Conv2d, with nothing after its BatchNormAct2d."""
+    """A timm ConvNormAct (conv, then BatchNormAct2d) around a grouped (not depthwise) Conv2d, with nothing
+    after its BatchNormAct2d. By class name: DPN's BnActConv2d has the same ``conv`` and ``bn`` attributes but
+    runs them the other way round (pre-activation), and moving its BN behind the conv would change the model."""
     import torch.nn as nn
 
     conv, norm = getattr(module, "conv", None), getattr(module, "bn", None)
-    return (type(conv) is nn.Conv2d and 1 < conv.groups < conv.in_channels
+    return (type(module).__name__ == "ConvNormAct" and type(conv) is nn.Conv2d and 1 < conv.groups < conv.in_channels
             and isinstance(norm, nn.BatchNorm2d) and hasattr(norm, "act") and hasattr(norm, "drop")
             and isinstance(getattr(module, "aa", None), (nn.Identity, type(None))))
 
