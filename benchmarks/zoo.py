@@ -784,10 +784,10 @@ def keras_group_like_concats(path: str) -> list[str]:
     return found
 
 
-def silent_concats(path: str, report: dict) -> list[str] | None:
-    """The group-like Concats of the file at ``path`` that ``report`` (the CLI's JSON report of a --check or
-    --fuse of that file) neither lists among a rewrite's replaced nodes nor names as a skipped location;
-    None where the format is not read here (SavedModels)."""
+def silent_concats(path: str, report: dict) -> tuple[list[str], list[str]] | None:
+    """The group-like Concats of the file at ``path``, and those of them that ``report`` (the CLI's JSON
+    report of a --check or --fuse of that file) neither lists among a rewrite's replaced nodes nor names as
+    a skipped location (the silent ones); None where the format is not read here (SavedModels)."""
     if path.endswith(".onnx"):
         candidates = onnx_group_like_concats(path)
     elif path.endswith((".keras", ".h5")):
@@ -797,7 +797,7 @@ def silent_concats(path: str, report: dict) -> list[str] | None:
     accounted = {name for rewrite in report.get("rewrites", []) for name in rewrite.get("nodes") or []}
     accounted |= {rewrite.get("location") for rewrite in report.get("rewrites", [])}
     accounted |= {skip.get("location") if isinstance(skip, dict) else skip for skip in report.get("skipped", [])}
-    return [name for name in candidates if name not in accounted]
+    return candidates, [name for name in candidates if name not in accounted]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -886,7 +886,9 @@ def run_cli(models: list[str], mode: str, out_dir: Path | None) -> dict[str, dic
         one = _parse_model(entry)
         if mode in ("check", "fuse") and entry.get("report"):
             try:
-                one["silent"] = silent_concats(model, entry["report"])
+                found = silent_concats(model, entry["report"])
+                if found is not None:
+                    one["group_like"], one["silent"] = len(found[0]), found[1]
             except Exception as exc:  # noqa: BLE001 - a file this reader cannot parse is a note, not a crash
                 one["silent_error"] = f"{type(exc).__name__}: {exc}"[:300]
         output = None if mode == "check" else str(out_dir / _mirror_name(model))
@@ -1126,7 +1128,9 @@ def markdown(results: dict) -> str:
         f"`python benchmarks/zoo.py` — {meta['date']} · {meta['machine']} · torch {meta.get('torch', '–')}, "
         f"torchvision {meta.get('torchvision', '–')}, timm {meta.get('timm', '–')}, keras {meta.get('keras', '–')}, "
         f"tf-keras {meta.get('tf_keras', '–')}, openvino {meta.get('openvino', '–')} · gconv-rewrite at "
-        f"`{meta.get('commit', '?')}` · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
+        f"`{meta.get('commit_at_start') or meta.get('commit', '?')}`"
+        + (f" (`{meta['commit']}` by the end)" if meta.get("commit_at_start") not in (None, meta.get("commit"))
+           else "") + f" · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
         "",
         "Random weights, no downloads. `ts` = `torch.onnx.export(dynamo=False)` opset 17, `dynamo` = the dynamo "
         "exporter, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
@@ -1176,8 +1180,8 @@ def markdown(results: dict) -> str:
     lines += ["", "## Per model", ""] + compact(results)
     lines += ["", f"**Summary**: {s['files']} files, {s['cli_calls']} CLI calls, {s['crashes']} crashes, "
               f"{s['exit2']} exit 2, {s['verify_failed']} verification failures, {s['false_positives']} false "
-              f"positives, {s['silent']} silent Concats ({s['silent_files']} files; "
-              f"{s['silent_read']} files read), legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
+              f"positives, {s['silent']} silent Concats of {s['group_like']} group-like ones read after check/fuse "
+              f"({s['silent_read']} files read, {s['silent_files']} with a silent one), legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
               f"ONNX ones op for op: {s['legacy_op_match']}/{s['legacy_onnx']} (ignoring Identity: "
               f"{s['legacy_op_match_but_identity']}/{s['legacy_onnx']}); round trips restoring every grouped conv: "
               f"{s['roundtrip_ok']}/{s['roundtrips']} (op for op: {s['roundtrip_ops']}/{s['roundtrips']}); files with a problem: {s['with_problems']}.", ""]
@@ -1192,7 +1196,7 @@ def short_problem(problem: str) -> str:
 def compact(results: dict) -> list[str]:
     """One row a model: the README's table."""
     rows = ["| model | source | native Conv (grouped) | legacy files fused like native | expand → fuse restores | "
-            "verification | silent | OpenVINO on legacy ts / dynamo (plain/grouped) | problems |",
+            "verification | silent (of group-like, all calls) | OpenVINO on legacy ts / dynamo (plain/grouped) | problems |",
             "|---|---|---|---|---|---|---|---|---|"]
     models = collections.OrderedDict()
     for e in results["entries"]:
@@ -1220,7 +1224,8 @@ def compact(results: dict) -> list[str]:
         problems = sorted({short_problem(p) for e in group for p in e.get("problems", [])} |
                           ({"export failed"} if any(e.get("export_error") for e in group) else set()))
         silent = [c["silent"] for e in live for c in e.get("calls", {}).values() if c.get("silent") is not None]
-        silent_total = str(sum(map(len, silent))) if silent else "–"
+        group_like = sum(c.get("group_like") or 0 for e in live for c in e.get("calls", {}).values())
+        silent_total = f"{sum(map(len, silent))} of {group_like}" if silent else "–"
         native_cell = f"{src['conv']} ({src['grouped']})" if src else "–"
         legacy_cell = f"{matched}/{len(legacy)}" if legacy else "–"
         trip_cell = f"{restored}/{len(trips)}" if trips else "–"
@@ -1263,6 +1268,7 @@ def summarize(results: dict) -> dict:
                              and (e["calls"].get("roundtrip") or {}).get("exit") == 0),
         "with_problems": sum(1 for e in entries if e.get("problems")),
         "silent": sum(len(c.get("silent") or []) for c in calls),
+        "group_like": sum(c.get("group_like") or 0 for c in calls),
         "silent_files": sum(1 for e in entries if any(c.get("silent") for c in e.get("calls", {}).values())),
         "silent_read": sum(1 for e in entries if any(c.get("silent") is not None
                                                       for c in e.get("calls", {}).values())),
@@ -1338,6 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gconv-zoo-"))
     out.mkdir(parents=True, exist_ok=True)
+    tool_at_start = versions().get("commit")
     start = time.perf_counter()
     entries = _battery_entries(args, out)
     export_seconds = time.perf_counter() - start
@@ -1353,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                         "battery_seconds": battery_seconds, "cli_seconds": cli_seconds, "export_seconds": export_seconds, "out": str(out),
-                        **versions()},
+                        **versions(), "commit_at_start": tool_at_start},
                "entries": entries, "stats": stats}
     results["summary"] = summarize(results)
     args.results.parent.mkdir(parents=True, exist_ok=True)
