@@ -26,7 +26,8 @@ What it exports (no downloads: every model is built with random weights):
 * torch (torchvision + timm), exported with the TorchScript exporter (``dynamo=False``, opset 17, "ts") and
   the dynamo exporter ("dynamo"), static batch and ``dynamic_axes``/``dynamic_shapes`` batch ("-dyn"):
   - natively grouped: ResNeXt (torchvision layout, one block a stage), RegNetX/Y-400MF, ResNeSt-14d, DPN-68,
-    ShuffleNetV2 x0.5, MobileNetV3-Small, ConvNeXt-atto;
+    timm ResNeXt26-ts and RegNetZ-B16 (ByobNet blocks: the grouped 3x3 is a ConvNormAct whose BatchNormAct2d
+    applies SiLU), ShuffleNetV2 x0.5, MobileNetV3-Small, ConvNeXt-atto;
   - parallel branches that must stay: GoogLeNet, SqueezeNet 1.1, Inception v3, Res2Net-50 14w8s (one block a
     stage), GhostNet-050, MixNet-S (its MixedConv2d splits with *different* kernels must stay; its pointwise
     MixedConv2d with equal 1x1 kernels is a genuine hand-made grouped conv and may fuse);
@@ -38,13 +39,19 @@ What it exports (no downloads: every model is built with random weights):
     Each legacy file is compared with its native twin from the same exporter: the original model for
     "chunk", and for "chunkbn" the model with each grouped conv followed by one BatchNorm2d holding the
     branches' BN parameters ("nativebn"), which is what a fused + BN-folded legacy export should equal.
+    "chunkbnact" (models with timm ConvNormAct blocks around a grouped conv): ``torch.chunk -> N (Conv2d ->
+    BatchNorm2d -> SiLU) -> torch.cat``, the block's activation moved into each branch (issue #20, finding 7).
+    Each branch's BN holds the channel slice of the block's BN parameters and SiLU is channel-wise, so the
+    legacy model computes what the native one does and its twin is the native export from the same exporter
+    (TorchScript and dynamo, static batch): fused, it must end with the same Conv count and groups.
 * keras.applications (Keras 3): MobileNetV3Small, ConvNeXtTiny (Conv2D groups=channels), Xception
   (SeparableConv2D and parallel branches; nothing to do) as .keras, .h5 and SavedModel (``model.export``);
   tf_keras.applications: RegNetX002/RegNetY002 (Conv2D groups, group width 8; Keras 3 has no RegNet), and the
   same three, as .keras, .h5 and SavedModel (``model.save(dir, save_format="tf")``). tf-keras writes TFOpLambda
   layers (tf.__operators__.add, tf.nn.relu6, tf.math.reduce_mean, ...): valuable inputs. Legacy tf-keras
   variants of the RegNets (.h5): each grouped Conv2D as ``tf.split`` (a TFOpLambda) → N Conv2D → Concatenate
-  ("split"), and with a BatchNormalization per branch ("splitbn"); their twin is the native .h5.
+  ("split"), with a BatchNormalization per branch ("splitbn"), and joined by ``tf.concat`` (another
+  TFOpLambda) instead of a Concatenate layer ("splitconcat", issue #20, finding 8); their twin is the native .h5.
   Which saves each model gets is KERAS_FORMATS (each Keras CLI call pays TensorFlow's import and a rebuild).
   Depthwise-only Keras models get no --expand (C one-channel Conv2D layers take Keras minutes; ONNX covers it).
 
@@ -52,7 +59,16 @@ What it runs per file (the CLI in a subprocess, ``--format json --report``, veri
 ``--check``, ``--fuse``, and for natively grouped files ``--expand`` then ``--fuse`` of the expanded file.
 It records exit codes, the one-line error, rewrites/skips, node and op counts, Conv count and the multiset of
 ``group`` attributes of every written ONNX (Keras: Conv layers and their ``groups``) against the native twin,
-and the wall time of each call. Beside it, OpenVINO (``openvino.convert_model`` → compile on CPU →
+and the wall time of each call. "silent" (issue #20: clean means looked): for each ONNX/.keras/.h5 file
+that gets ``--check`` or ``--fuse`` (the expanded files' fuse included), the Concats (Keras: ``Concatenate``
+layers and ``tf.concat`` TFOpLambdas) behind whose inputs (through channel-wise ops: activations, BN, Q/DQ,
+Add/Mul...) at least two distinct convs read Split/Slice outputs (Keras: ``tf.split``/getitem/``GetItem``/
+``Lambda``) of one tensor, and that the report neither lists in a rewrite's ``nodes`` (or ``location``) nor
+names as a ``skipped`` ``location``. It is read from the file and the report here, apart from the tool's
+own matcher, so that it checks it; any is a problem. Network structure (U-Net skips, DenseNet, Inception,
+CSP concats of convs of one whole tensor) is not counted: the tool leaves that silent by design. SavedModels
+are not read ("–"). ``meta.commit`` is the commit of the checkout the CLI imports (``pip install -e``), not
+this script's. Beside it, OpenVINO (``openvino.convert_model`` → compile on CPU →
 ``get_runtime_model()``): how many grouped (5-D weights / GroupConvolution) and plain convolutions it ends with
 on the same legacy files, and what its converted (pre-plugin) model holds.
 """
@@ -94,6 +110,9 @@ TORCH_MODELS = {
     "regnet_y_400mf": ("torchvision", 64, "grouped"),
     "resnest14d": ("timm", 64, "grouped"),
     "dpn68": ("timm", 64, "grouped"),
+    # timm ByobNet blocks: the grouped 3x3 is a ConvNormAct whose BatchNormAct2d applies SiLU ("chunkbnact")
+    "resnext26ts": ("timm", 64, "grouped"),
+    "regnetz_b16": ("timm", 64, "grouped"),
     "shufflenet_v2_x0_5": ("torchvision", 64, "depthwise"),
     "mobilenet_v3_small": ("torchvision", 64, "depthwise"),
     "convnext_atto": ("timm", 64, "depthwise"),
@@ -205,8 +224,59 @@ def _chunk_module(conv, with_bn: bool):
     return ChunkConv()
 
 
+def _chunk_norm_act_module(conv_norm_act):
+    """timm's ConvNormAct (grouped Conv2d -> BatchNormAct2d: BN, then its activation) as ``torch.chunk`` ->
+    N (Conv2d -> BatchNorm2d -> activation) -> ``torch.cat``: the activation moved into each branch.
+
+    Each branch's BN holds the channel slice of the block's BN parameters and the activation is channel-wise,
+    so the module computes exactly what the native block computes: its twin is the unchanged model."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    conv, norm = conv_norm_act.conv, conv_norm_act.bn
+    width = conv.out_channels // conv.groups
+
+    class ChunkConvNormAct(nn.Module):
+        """torch.chunk(x, N, 1) -> N (Conv2d -> BatchNorm2d -> activation) -> torch.cat."""
+
+        def __init__(self):
+            super().__init__()
+            self.groups = conv.groups
+            self.convs = _chunk_module(conv, with_bn=False).convs
+            self.bns = nn.ModuleList(nn.BatchNorm2d(width, eps=norm.eps) for _ in range(conv.groups))
+            for g, bn in enumerate(self.bns):
+                with torch.no_grad():
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(bn, name).copy_(getattr(norm, name)[g * width:(g + 1) * width])
+            self.acts = nn.ModuleList(nn.Sequential(copy.deepcopy(norm.drop), copy.deepcopy(norm.act))
+                                      for _ in range(conv.groups))
+
+        def forward(self, x):
+            parts = torch.chunk(x, self.groups, 1)
+            return torch.cat([a(b(c(p))) for c, p, b, a in zip(self.convs, parts, self.bns, self.acts)], 1)
+
+    return ChunkConvNormAct()
+
+
+def _is_grouped_conv_norm_act(module) -> bool:
+    """A timm ConvNormAct (conv, then BatchNormAct2d) around a grouped (not depthwise) Conv2d, with nothing
+    after its BatchNormAct2d. By class name: DPN's BnActConv2d has the same ``conv`` and ``bn`` attributes but
+    runs them the other way round (pre-activation), and moving its BN behind the conv would change the model."""
+    import torch.nn as nn
+
+    conv, norm = getattr(module, "conv", None), getattr(module, "bn", None)
+    return (type(module).__name__ == "ConvNormAct" and type(conv) is nn.Conv2d and 1 < conv.groups < conv.in_channels
+            and isinstance(norm, nn.BatchNorm2d) and hasattr(norm, "act") and hasattr(norm, "drop")
+            and isinstance(getattr(module, "aa", None), (nn.Identity, type(None))))
+
+
 def legacy_variant(model, variant: str):
-    """Copy of ``model`` with its grouped convs rewritten by hand; returns (model, native twin, count)."""
+    """Copy of ``model`` with its grouped convs rewritten by hand; returns (model, native twin, count).
+
+    "chunkbnact" rewrites only timm ConvNormAct blocks (grouped conv -> BN -> SiLU) and its twin is the model
+    itself: the branches' BN and activation together compute what the block's did."""
     import copy
 
     import torch.nn as nn
@@ -215,6 +285,11 @@ def legacy_variant(model, variant: str):
     count = 0
     for (_name, module), (_, twin_module) in zip(list(legacy.named_modules()), list(twin.named_modules())):
         for child_name, child in list(module.named_children()):
+            if variant == "chunkbnact":
+                if _is_grouped_conv_norm_act(child):
+                    count += 1
+                    setattr(module, child_name, _chunk_norm_act_module(child))
+                continue
             if type(child) is not nn.Conv2d or child.groups <= 1:
                 continue
             depthwise = child.groups == child.in_channels
@@ -285,7 +360,8 @@ class _TorchExports:
             return True
         return (variant, exporter, dynamic) in {("chunk", "ts", False), ("chunk", "ts", True),
                                                 ("chunk", "dynamo", False), ("chunkbn", "ts", False),
-                                                ("nativebn", "ts", False)}
+                                                ("nativebn", "ts", False), ("chunkbnact", "ts", False),
+                                                ("chunkbnact", "dynamo", False)}
 
 
 def torch_entries(name: str, out: Path) -> list[dict]:
@@ -323,6 +399,11 @@ def _export_legacy_grouped(exports: _TorchExports, model) -> None:
             continue
         twin = exports.export(twin_model, "nativebn", exporter, False, role="twin")
         exports.export(legacy, "chunkbn", exporter, False, twin, count)
+    legacy, _, count = legacy_variant(model, "chunkbnact")
+    if count:  # timm blocks whose BN applies an activation: the native export is the twin
+        for exporter in ("ts", "dynamo"):
+            if exports.wanted("chunkbnact", exporter, False):
+                exports.export(legacy, "chunkbnact", exporter, False, exports.file("native", exporter, False), count)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,14 +451,14 @@ def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
         entries.append(entry)
     if flavour == "tfkeras" and kind == "grouped":
         native_h5 = folder / f"{name}.h5"
-        for variant, with_bn in (("split", False), ("splitbn", True)):
+        for variant, with_bn in (("split", False), ("splitbn", True), ("splitconcat", False)):
             path = folder / f"{name}.{variant}.h5"
             entry = {"name": name, "framework": flavour, "family": f"{flavour}.applications", "kind": kind,
                      "variant": variant, "exporter": "h5", "dynamic": True, "format": "h5", "path": str(path),
                      "twin": str(native_h5), "role": "legacy", "input": f"{size}x{size}x3"}
             start = time.perf_counter()
             try:
-                legacy, count = legacy_tfkeras(model, with_bn)
+                legacy, count = legacy_tfkeras(model, with_bn, tf_concat=variant == "splitconcat")
                 entry["legacy_convs"] = count
                 entry["layers"] = dict(collections.Counter(type(layer).__name__ for layer in legacy.layers))
                 if not path.exists():
@@ -389,9 +470,10 @@ def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
     return entries
 
 
-def legacy_tfkeras(model, with_bn=False):
-    """tf-keras: every grouped Conv2D as tf.split (a TFOpLambda) -> N Conv2D [-> BN] -> Concatenate, as code
-    written before Keras had ``groups`` looks; returns (model, count). Other layers are reused (same weights)."""
+def legacy_tfkeras(model, with_bn=False, tf_concat=False):
+    """tf-keras: every grouped Conv2D as tf.split (a TFOpLambda) -> N Conv2D [-> BN] -> Concatenate (or, with
+    ``tf_concat``, ``tf.concat``: another TFOpLambda), as code written before Keras had ``groups`` looks;
+    returns (model, count). Other layers are reused (same weights)."""
     import tensorflow as tf
     import tf_keras as keras
     from tf_keras.src.engine.keras_tensor import KerasTensor
@@ -429,7 +511,10 @@ def legacy_tfkeras(model, with_bn=False):
                     if with_bn:
                         y = keras.layers.BatchNormalization(name=f"{layer.name}_g{i}_bn")(y)
                     outs.append(y)
-                out = keras.layers.Concatenate(axis=-1, name=f"{layer.name}_cat")(outs)
+                if tf_concat:
+                    out = tf.concat(outs, axis=-1, name=f"{layer.name}_cat")
+                else:
+                    out = keras.layers.Concatenate(axis=-1, name=f"{layer.name}_cat")(outs)
             else:
                 out = layer(*args, **kwargs)
             outs_old = tf.nest.flatten(node.outputs)
@@ -510,6 +595,209 @@ def file_stats(path: str | None) -> dict | None:
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"}
     return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Silent candidates: a Concat that looks like hand-made groups, neither rewritten nor left alone in the report
+# --------------------------------------------------------------------------------------------------------------
+
+# What may stand between a branch conv and the Concat: channel-wise ops (activation formulas, BN, Q/DQ, a
+# tf2onnx Transpose). Binary ops are followed through every non-constant input, the others through input 0.
+ONNX_CHANNELWISE = {"Relu", "Sigmoid", "Tanh", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal",
+                    "Softplus", "Softsign", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu",
+                    "Mish", "ThresholdedRelu", "Identity", "Cast", "Clip", "PRelu", "BatchNormalization",
+                    "QuantizeLinear", "DequantizeLinear", "Transpose", "Add", "Sub", "Mul", "Div", "Pow", "Max",
+                    "Min", "Sum"}
+ONNX_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum"}
+ONNX_CONVS = {"Conv", "ConvTranspose", "QLinearConv"}
+ONNX_READERS = {"Split", "Slice"}
+SILENT_WALK_NODES = 16  # nodes walked back from one Concat input: a BN + GELU (erf form) is 6
+SILENT_WALK_TO_READER = 4  # single-input nodes between a conv and the Split/Slice it reads (Pad, Transpose, Q/DQ)
+
+
+def _onnx_group_like_concats(graph, constants: set[str]) -> list[str]:
+    """Names of the Concats in ``graph`` (an onnx GraphProto or FunctionProto) behind whose inputs at least
+    two distinct convs read Split/Slice outputs of one tensor: hand-made groups, whatever else the branches
+    do. Written apart from the tool's matcher, so that it checks it. Network structure (U-Net skips, DenseNet
+    or Inception concats of convs of one whole tensor) is not counted: the tool stays silent there by design."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+
+    def variable_inputs(node):
+        return [name for name in node.input if name and name not in constants]
+
+    def split_source(name: str) -> str | None:
+        for _ in range(SILENT_WALK_TO_READER):
+            node = producer.get(name)
+            if node is None:
+                return None
+            if node.op_type in ONNX_READERS:
+                return node.input[0]
+            inputs = variable_inputs(node)
+            if node.op_type in ONNX_CONVS or len(inputs) != 1:
+                return None
+            name = inputs[0]
+        return None
+
+    found = []
+    for concat in graph.node:
+        if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx"):
+            continue
+        convs_by_source: dict[str, set[int]] = collections.defaultdict(set)
+        for start in concat.input:
+            pending, seen = [start], set()
+            while pending and len(seen) < SILENT_WALK_NODES:
+                node = producer.get(pending.pop(0))
+                if node is None or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type in ONNX_CONVS:
+                    source = split_source(node.input[0])
+                    if source is not None:
+                        convs_by_source[source].add(id(node))
+                elif node.op_type in ONNX_CHANNELWISE:
+                    inputs = variable_inputs(node)
+                    pending.extend(inputs if node.op_type in ONNX_BINARY else inputs[:1])
+        if any(len(convs) >= 2 for convs in convs_by_source.values()):
+            found.append(concat.name or concat.output[0])
+    return found
+
+
+def onnx_group_like_concats(path: str) -> list[str]:
+    """Every group-like Concat of an ONNX file: its main graph, subgraphs and local functions."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    found = []
+
+    def walk(graph, constants: set[str]):
+        constants = constants | {t.name for t in getattr(graph, "initializer", [])}
+        constants |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
+        found.extend(_onnx_group_like_concats(graph, constants))
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    walk(sub, constants)
+
+    walk(model.graph, set())
+    for function in model.functions:
+        walk(function, set())
+    return found
+
+
+KERAS_CONVS = {"Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"}
+KERAS_CHANNELWISE = {"BatchNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Dropout",
+                     "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "Add", "Subtract", "Multiply",
+                     "Maximum", "Minimum", "TFOpLambda"}
+KERAS_READER_FUNCTIONS = {"split", "tf.split", "__operators__.getitem", "getitem"}
+KERAS_CONCAT_FUNCTIONS = {"concat", "tf.concat", "concatenate"}
+
+
+def _keras_config(path: str) -> dict:
+    if path.endswith(".h5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs["model_config"]
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("config.json"))
+
+
+def _keras_inbound(layer: dict) -> list[str]:
+    """The layers whose outputs ``layer`` reads, in order, from either config dialect: Keras 3's
+    ``{"args": [..{"keras_history": [name, node, index]}..]}`` or Keras 2's ``[[name, node, index, kwargs]]``."""
+    names: list[str] = []
+
+    def collect(item):
+        if isinstance(item, dict):
+            history = item.get("config", {}).get("keras_history") if item.get("class_name") == "__keras_tensor__" \
+                else None
+            if history:
+                names.append(history[0])
+                return
+            for value in item.values():
+                collect(value)
+        elif isinstance(item, list):
+            if len(item) in (3, 4) and isinstance(item[0], str) and isinstance(item[1], int):
+                names.append(item[0])
+                if len(item) == 4:
+                    collect(item[3])  # TFOpLambda keyword tensors (``y=``)
+                return
+            for value in item:
+                collect(value)
+
+    collect(layer.get("inbound_nodes", []))
+    return list(dict.fromkeys(names))
+
+
+def keras_group_like_concats(path: str) -> list[str]:
+    """Names of the join layers of a .keras/.h5 file (``Concatenate``, or a TFOpLambda ``tf.concat``) behind
+    whose inputs at least two distinct Conv layers read slices (``tf.split``, a getitem, a ``GetItem``
+    operation, a ``Lambda``) of one tensor: the Keras side of ``_onnx_group_like_concats``."""
+    config = _keras_config(path)
+    layers = {layer.get("name") or layer["config"].get("name"): layer
+              for layer in config.get("config", {}).get("layers", [])}
+    inbound = {name: _keras_inbound(layer) for name, layer in layers.items()}
+
+    def function(layer) -> str:
+        return str(layer["config"].get("function", "")) if layer["class_name"] in ("TFOpLambda",
+                                                                                    "SlicingOpLambda") else ""
+
+    def is_reader(layer) -> bool:
+        return layer["class_name"] in ("GetItem", "Lambda", "SlicingOpLambda") or \
+            function(layer) in KERAS_READER_FUNCTIONS
+
+    def split_source(name: str) -> str | None:
+        for _ in range(SILENT_WALK_TO_READER):
+            layer = layers.get(name)
+            if layer is None or not inbound[name]:
+                return None
+            if is_reader(layer):
+                return inbound[name][0]
+            if layer["class_name"] in KERAS_CONVS or len(inbound[name]) != 1:
+                return None
+            name = inbound[name][0]
+        return None
+
+    found = []
+    for join_name, join in layers.items():
+        if join["class_name"] != "Concatenate" and function(join) not in KERAS_CONCAT_FUNCTIONS:
+            continue
+        convs_by_source: dict[str, set[str]] = collections.defaultdict(set)
+        for start in inbound[join_name]:
+            pending, seen = [start], set()
+            while pending and len(seen) < SILENT_WALK_NODES:
+                name = pending.pop(0)
+                layer = layers.get(name)
+                if layer is None or name in seen:
+                    continue
+                seen.add(name)
+                if layer["class_name"] in KERAS_CONVS:
+                    source = split_source(inbound[name][0]) if inbound[name] else None
+                    if source is not None:
+                        convs_by_source[source].add(name)
+                elif layer["class_name"] in KERAS_CHANNELWISE and not is_reader(layer) \
+                        and function(layer) not in KERAS_CONCAT_FUNCTIONS:
+                    pending.extend(inbound[name])
+        if any(len(convs) >= 2 for convs in convs_by_source.values()):
+            found.append(join_name)
+    return found
+
+
+def silent_concats(path: str, report: dict) -> tuple[list[str], list[str]] | None:
+    """The group-like Concats of the file at ``path``, and those of them that ``report`` (the CLI's JSON
+    report of a --check or --fuse of that file) neither lists among a rewrite's replaced nodes nor names as
+    a skipped location (the silent ones); None where the format is not read here (SavedModels)."""
+    if path.endswith(".onnx"):
+        candidates = onnx_group_like_concats(path)
+    elif path.endswith((".keras", ".h5")):
+        candidates = keras_group_like_concats(path)
+    else:
+        return None
+    accounted = {name for rewrite in report.get("rewrites", []) for name in rewrite.get("nodes") or []}
+    accounted |= {rewrite.get("location") for rewrite in report.get("rewrites", [])}
+    accounted |= {skip.get("location") if isinstance(skip, dict) else skip for skip in report.get("skipped", [])}
+    return candidates, [name for name in candidates if name not in accounted]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -596,6 +884,13 @@ def run_cli(models: list[str], mode: str, out_dir: Path | None) -> dict[str, dic
             results[model] = {"mode": mode, "exit": "missing", "error": "not in the CLI's JSON document"}
             continue
         one = _parse_model(entry)
+        if mode in ("check", "fuse") and entry.get("report"):
+            try:
+                found = silent_concats(model, entry["report"])
+                if found is not None:
+                    one["group_like"], one["silent"] = len(found[0]), found[1]
+            except Exception as exc:  # noqa: BLE001 - a file this reader cannot parse is a note, not a crash
+                one["silent_error"] = f"{type(exc).__name__}: {exc}"[:300]
         output = None if mode == "check" else str(out_dir / _mirror_name(model))
         one.update(mode=mode, process_seconds=wall, batch=len(models),
                    command=" ".join(cli_executable() + [model] + (["--check"] if mode == "check" else
@@ -725,6 +1020,9 @@ def _call_problems(calls: dict) -> list[str]:
             problems.append(f"{mode}: verification failed")
         if mode in ("fuse", "roundtrip", "expand") and call.get("exit") == 1:
             problems.append(f"{mode}: exit 1 ({call.get('error')})")
+        if call.get("silent"):
+            names = ", ".join(call["silent"][:5]) + (", …" if len(call["silent"]) > 5 else "")
+            problems.append(f"{mode}: {len(call['silent'])} silent Concat (neither rewritten nor left alone: {names})")
     return problems
 
 
@@ -815,6 +1113,13 @@ def summarize_groups(stats: dict | None) -> str:
     return f"{stats['conv']}" + (f" (g>1: {sum(grouped.values())})" if grouped else "")
 
 
+def silent_cell(calls: dict) -> str:
+    """Silent Concats found after --check / --fuse / the fuse of the expanded file ("–": not read)."""
+    counts = [str(len(calls[m]["silent"])) if (calls.get(m) or {}).get("silent") is not None else "–"
+              for m in ("check", "fuse", "roundtrip") if m in calls]
+    return "/".join(counts) if any(c != "–" for c in counts) else "–"
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -823,24 +1128,31 @@ def markdown(results: dict) -> str:
         f"`python benchmarks/zoo.py` — {meta['date']} · {meta['machine']} · torch {meta.get('torch', '–')}, "
         f"torchvision {meta.get('torchvision', '–')}, timm {meta.get('timm', '–')}, keras {meta.get('keras', '–')}, "
         f"tf-keras {meta.get('tf_keras', '–')}, openvino {meta.get('openvino', '–')} · gconv-rewrite at "
-        f"`{meta.get('commit', '?')}` · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
+        f"`{meta.get('commit_at_start') or meta.get('commit', '?')}`"
+        + (f" (`{meta['commit']}` by the end)" if meta.get("commit_at_start") not in (None, meta.get("commit"))
+           else "") + f" · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
         "",
         "Random weights, no downloads. `ts` = `torch.onnx.export(dynamo=False)` opset 17, `dynamo` = the dynamo "
         "exporter, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
         "Conv2d → `torch.cat`; `chunkbn`: a BatchNorm2d per branch; `chunkdw`: depthwise ones too. The twin is "
         "the native export the fused legacy file should equal. Exit codes: check / fuse / expand / fuse of the "
-        "expanded file. Conv = Conv nodes (g>1: how many grouped). OpenVINO: convolutions its CPU runtime model "
-        "ends with, plain / grouped.",
+        "expanded file. Conv = Conv nodes (g>1: how many grouped). silent: Concats (Keras: Concatenate / tf.concat) "
+        "behind which two or more convs read Split/Slice outputs of one tensor, yet which the report neither "
+        "rewrote nor left alone, after check / fuse / fuse of the expanded file (– : SavedModel, not read). "
+        "`chunkbnact` (timm ConvNormAct blocks): `torch.chunk` → N (Conv2d → BatchNorm2d → SiLU) → `torch.cat`, "
+        "each branch's BN a channel slice of the block's, so the twin is the native export itself. "
+        "OpenVINO: convolutions its CPU runtime model ends with, plain / grouped.",
         "",
-        "| model | variant | exporter | check | fuse | rewrites | Conv after fuse | Conv twin | expand | round trip | "
-        "Conv after round trip | verify | OpenVINO plain/grouped | time check/fuse/expand/rt (s) | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | exporter | check | fuse | rewrites | silent | Conv after fuse | Conv twin | expand | "
+        "round trip | Conv after round trip | verify | OpenVINO plain/grouped | time check/fuse/expand/rt (s) | "
+        "problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["entries"]:
         calls = entry.get("calls", {})
         if entry.get("export_error"):
             lines.append(f"| {entry['name']} | {entry['variant']} | {entry['exporter']}{'-dyn' if entry['dynamic'] and entry['format'] == 'onnx' else ''} "
-                         f"| export failed: {entry['export_error'][:120]} |" + " |" * 11)
+                         f"| export failed: {entry['export_error'][:120]} |" + " |" * 12)
             continue
         fuse = calls.get("fuse", {})
         twin = results["stats"].get(entry.get("twin") or "", None)
@@ -859,7 +1171,8 @@ def markdown(results: dict) -> str:
             problems += " (note: " + "; ".join(entry["notes"]) + ")"
         lines.append(
             f"| {entry['name']} | {entry['variant']} | {exporter} | {cell_exit(calls.get('check'))} | "
-            f"{cell_exit(fuse)} | {fuse.get('rewrite_count', 0)} | {summarize_groups(fuse.get('stats'))} | "
+            f"{cell_exit(fuse)} | {fuse.get('rewrite_count', 0)} | {silent_cell(calls)} | "
+            f"{summarize_groups(fuse.get('stats'))} | "
             f"{summarize_groups(twin) if twin else '–'} | {cell_exit(calls.get('expand'))} | "
             f"{cell_exit(calls.get('roundtrip'))} | {summarize_groups((calls.get('roundtrip') or {}).get('stats'))} | "
             f"{','.join(verify) or '–'} | {ov_cell} | {times} | {problems.replace('|', '/')} |")
@@ -867,7 +1180,8 @@ def markdown(results: dict) -> str:
     lines += ["", "## Per model", ""] + compact(results)
     lines += ["", f"**Summary**: {s['files']} files, {s['cli_calls']} CLI calls, {s['crashes']} crashes, "
               f"{s['exit2']} exit 2, {s['verify_failed']} verification failures, {s['false_positives']} false "
-              f"positives, legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
+              f"positives, {s['silent']} silent Concats of {s['group_like']} group-like ones read after check/fuse "
+              f"({s['silent_read']} files read, {s['silent_files']} with a silent one), legacy files fused to the twin's Conv/groups: {s['legacy_conv_match']}/{s['legacy']}, "
               f"ONNX ones op for op: {s['legacy_op_match']}/{s['legacy_onnx']} (ignoring Identity: "
               f"{s['legacy_op_match_but_identity']}/{s['legacy_onnx']}); round trips restoring every grouped conv: "
               f"{s['roundtrip_ok']}/{s['roundtrips']} (op for op: {s['roundtrip_ops']}/{s['roundtrips']}); files with a problem: {s['with_problems']}.", ""]
@@ -882,8 +1196,8 @@ def short_problem(problem: str) -> str:
 def compact(results: dict) -> list[str]:
     """One row a model: the README's table."""
     rows = ["| model | source | native Conv (grouped) | legacy files fused like native | expand → fuse restores | "
-            "verification | OpenVINO on legacy ts / dynamo (plain/grouped) | problems |",
-            "|---|---|---|---|---|---|---|---|"]
+            "verification | silent (of group-like, all calls) | OpenVINO on legacy ts / dynamo (plain/grouped) | problems |",
+            "|---|---|---|---|---|---|---|---|---|"]
     models = collections.OrderedDict()
     for e in results["entries"]:
         models.setdefault((e["framework"], e["name"]), []).append(e)
@@ -909,12 +1223,15 @@ def compact(results: dict) -> list[str]:
                 ov.setdefault(e["exporter"], f"{o['convolution']}/{o['group_convolution']}")
         problems = sorted({short_problem(p) for e in group for p in e.get("problems", [])} |
                           ({"export failed"} if any(e.get("export_error") for e in group) else set()))
+        silent = [c["silent"] for e in live for c in e.get("calls", {}).values() if c.get("silent") is not None]
+        group_like = sum(c.get("group_like") or 0 for e in live for c in e.get("calls", {}).values())
+        silent_total = f"{sum(map(len, silent))} of {group_like}" if silent else "–"
         native_cell = f"{src['conv']} ({src['grouped']})" if src else "–"
         legacy_cell = f"{matched}/{len(legacy)}" if legacy else "–"
         trip_cell = f"{restored}/{len(trips)}" if trips else "–"
         problem_cell = "; ".join(problems).replace("|", "/") or "ok"
         rows.append(f"| {name} | {framework} ({len(live)} files) | {native_cell} | {legacy_cell} | {trip_cell} | "
-                    f"{passed}/{len(ran)} | {ov.get('ts', '–')} / {ov.get('dynamo', '–')} | {problem_cell} |")
+                    f"{passed}/{len(ran)} | {silent_total} | {ov.get('ts', '–')} / {ov.get('dynamo', '–')} | {problem_cell} |")
     return rows
 
 
@@ -950,6 +1267,11 @@ def summarize(results: dict) -> dict:
                                                              for p in e.get("problems", []))
                              and (e["calls"].get("roundtrip") or {}).get("exit") == 0),
         "with_problems": sum(1 for e in entries if e.get("problems")),
+        "silent": sum(len(c.get("silent") or []) for c in calls),
+        "group_like": sum(c.get("group_like") or 0 for c in calls),
+        "silent_files": sum(1 for e in entries if any(c.get("silent") for c in e.get("calls", {}).values())),
+        "silent_read": sum(1 for e in entries if any(c.get("silent") is not None
+                                                      for c in e.get("calls", {}).values())),
     }
 
 
@@ -1000,9 +1322,14 @@ def versions() -> dict:
             found[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
+    # The commit of the tool the CLI runs: the checkout this environment installed (``pip install -e``), which
+    # need not be the one this script lies in.
     try:
+        where = subprocess.run([sys.executable, "-c", "import os, rewriter; print(os.path.dirname(rewriter.__file__))"],
+                               capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.strip() or str(REPO)
         found["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                         cwd=REPO).stdout.strip()
+                                         cwd=where).stdout.strip()
+        found["tool"] = str(Path(where).parent)
     except OSError:
         pass
     return found
@@ -1017,6 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="gconv-zoo-"))
     out.mkdir(parents=True, exist_ok=True)
+    tool_at_start = versions().get("commit")
     start = time.perf_counter()
     entries = _battery_entries(args, out)
     export_seconds = time.perf_counter() - start
@@ -1032,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                         "battery_seconds": battery_seconds, "cli_seconds": cli_seconds, "export_seconds": export_seconds, "out": str(out),
-                        **versions()},
+                        **versions(), "commit_at_start": tool_at_start},
                "entries": entries, "stats": stats}
     results["summary"] = summarize(results)
     args.results.parent.mkdir(parents=True, exist_ok=True)
