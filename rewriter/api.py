@@ -187,7 +187,7 @@ def _check_output(model, fmt: str, source: Path, output: Path, hops, options: Op
     then an existing file without --force, or a file the input reads."""
     if hops:  # the output is the last conversion's
         hops[-1].check_output(output)
-    if fmt == "keras" and not hops and output.suffix.lower() != ".keras":
+    if fmt == "keras" and not hops and output.suffix.lower() != formats.WRITE_SUFFIX["keras"]:
         raise BadInput(f"{output}: Keras models are written as .keras files; name the output NAME.keras")
     read = [] if _in_memory(model) else [source, *_user_inputs(options)]
     # ONNX's external data is compared once the model is loaded (check_not_read in _drive).

@@ -22,7 +22,7 @@ from rewriter import formats, targets, workers
 from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
 from rewriter.report import format_summary, format_verification
 
-MODEL_SUFFIXES = (".onnx", ".keras", ".h5")
+MODEL_SUFFIXES = formats.MODEL_SUFFIXES  # the files a walk picks up: every suffix the tool reads
 # The last dotted part of every name the tool writes beside an input: NAME.fused.onnx,
 # NAME.expanded.keras, NAME.auto.onnx, NAME.TARGET.onnx, NAME.fused/ (a SavedModel). A folder
 # walked again must not rewrite the rewrite (m.onnxruntime-cpu.onnxruntime-cpu.onnx).
@@ -122,8 +122,9 @@ def _mirror(path: Path, relative: Path, output: Path | None, mode: str, to: str 
     if output is None:
         return formats.default_output(path, mode, to)
     named = formats.default_output(Path(relative.name), mode, to).name if to else relative.name
-    if to is None and relative.suffix.lower() in (".h5", ".hdf5"):
-        named = Path(relative.name).with_suffix(".keras").name  # Keras models are written as .keras
+    fmt = formats.format_of_suffix(relative.suffix)
+    if to is None and fmt is not None:  # the same name, with the suffix its format writes (.h5 → .keras)
+        named = Path(relative.name).with_suffix(formats.WRITE_SUFFIX[fmt]).name
     return output / relative.parent / named
 
 

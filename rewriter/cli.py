@@ -116,7 +116,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
          signature, trust_lambdas, repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
-    .onnx, .keras, .h5 files and SavedModel directories."""
+    .onnx, .keras, .h5, .hdf5 files and SavedModel directories."""
     _configure_logging(verbose)
     if check or dry_run:
         report_path = _report_asked(report_path)
@@ -208,7 +208,7 @@ def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | 
         job_list[0].output = output
     if not job_list:
         raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
-                           "models in it (.onnx, .keras, .h5, SavedModel directories)")
+                           f"models in it ({formats.suffixes_shown()}, SavedModel directories)")
     return job_list
 
 
@@ -314,7 +314,7 @@ def _print_findings(result: batch.JobResult, *, say, check: bool) -> None:
 
 def _target_output(path: Path, name: str, to: str | None) -> Path:
     """NAME.TARGET with the extension the fused output would have: m.TARGET.onnx, m.TARGET.keras
-    (from .keras or .h5), sm.TARGET/ (a SavedModel), m.TARGET.tflite (--to tflite)."""
+    (from .keras, .h5 or .hdf5), sm.TARGET/ (a SavedModel), m.TARGET.tflite (--to tflite)."""
     fused = formats.default_output(path, "fuse", to)  # NAME.fused.EXT, NAME.fused/ or NAME.tflite
     stem = path.name if path.is_dir() else path.stem
     return fused.with_name(f"{stem}.{name}{fused.name[len(stem):].removeprefix('.fused')}")

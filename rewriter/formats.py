@@ -34,7 +34,32 @@ except ImportError:  # not POSIX: no advisory locks, the pid alone tells a dead 
 
 from rewriter.errors import BadInput, OutputError
 
-ONNX_SUFFIXES = (".onnx",)
+# The one table of file formats and suffixes. Detection (``detect_format``), the default output
+# name (``default_output``), folder walks (``rewriter.batch.walk``) and the CLI's help all read it,
+# so a suffix the tool reads is also one it walks and one whose default output it accepts
+# (``.hdf5`` was read as Keras but walked past, and its default ``m.fused.hdf5`` refused).
+# SavedModels are folders (``saved_model.pb`` inside), not suffixes.
+READ_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "onnx": (".onnx",),
+    "keras": (".keras", ".h5", ".hdf5"),  # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3
+}
+# What each format's outputs are named with ("" for a SavedModel folder). Keras writes only the
+# Keras 3 archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
+WRITE_SUFFIX: dict[str, str] = {"onnx": ".onnx", "keras": ".keras", "savedmodel": "", "tflite": ".tflite"}
+ONNX_SUFFIXES = READ_SUFFIXES["onnx"]
+# Every file suffix a folder walk picks up: the model files the tool reads.
+MODEL_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in READ_SUFFIXES.values() for s in suffixes)
+
+
+def format_of_suffix(suffix: str) -> str | None:
+    """The format whose files end in ``suffix`` (any case), or None for a suffix in no row."""
+    suffix = suffix.lower()
+    return next((fmt for fmt, suffixes in READ_SUFFIXES.items() if suffix in suffixes), None)
+
+
+def suffixes_shown() -> str:
+    """The model file suffixes, as help and errors list them: '.onnx, .keras, .h5, .hdf5'."""
+    return ", ".join(MODEL_SUFFIXES)
 
 
 def detect_format(path: Path) -> str:
@@ -46,12 +71,8 @@ def detect_format(path: Path) -> str:
         if (path / "saved_model.pb").is_file():
             return "savedmodel"
         raise BadInput(f"{path}: a directory, but not a SavedModel (no saved_model.pb in it)")
-    suffix = path.suffix.lower()
-    if suffix in (".keras", ".h5", ".hdf5"):
-        return "keras"
-    if suffix in ONNX_SUFFIXES or suffix == "":
-        return "onnx"
-    return "onnx"  # anything else is tried as ONNX; the loader says clearly if it is not
+    # A suffix in no row (or none) is tried as ONNX; the loader says clearly if it is not.
+    return format_of_suffix(path.suffix) or "onnx"
 
 
 def shown(path) -> str:
@@ -256,12 +277,14 @@ def default_output(path: Path, mode: str, to: str | None = None) -> Path:
     suffix = ".fused" if mode == "fuse" else ".expanded"
     if to == "tflite":
         stem = path.name if path.is_dir() else path.stem
-        return path.with_name(stem + ("" if mode == "fuse" else suffix) + ".tflite")
-    extension = {"onnx": ".onnx", "savedmodel": "", "keras": ".keras"}.get(to or "")
+        return path.with_name(stem + ("" if mode == "fuse" else suffix) + WRITE_SUFFIX["tflite"])
     if path.is_dir():
-        return path.with_name(path.name + suffix + (extension or ""))
-    if extension is None:
-        extension = path.suffix if path.suffix.lower() != ".h5" else ".keras"
+        return path.with_name(path.name + suffix + WRITE_SUFFIX.get(to or "savedmodel", ""))
+    if to is not None:
+        extension = WRITE_SUFFIX[to]
+    else:  # the input's own format: a Keras file of any suffix is written as .keras
+        fmt = format_of_suffix(path.suffix)
+        extension = WRITE_SUFFIX[fmt] if fmt is not None else path.suffix
     return path.with_name(path.stem + suffix + extension)
 
 
@@ -621,7 +644,9 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
     in its folder): what a new commit supersedes."""
     folder = output.parent if str(output.parent) else Path(".")
     referenced: set[str] = set()
-    if output.is_file() and output.suffix.lower() not in (".keras", ".h5", ".hdf5", ".json", ".tflite"):
+    # A Keras file, a report or a TFLite file reads no external data; anything else may be ONNX.
+    reads_no_data = format_of_suffix(output.suffix) == "keras" or output.suffix.lower() in (".json", ".tflite")
+    if output.is_file() and not reads_no_data:
         try:
             proto = onnx.load(str(output), load_external_data=False)
             referenced = {entry.value for tensor in onnx.external_data_helper._get_all_tensors(proto)
