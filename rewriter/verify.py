@@ -509,7 +509,7 @@ class OnnxRunner:
         import onnx
 
         self.role = role
-        model_bytes, added = None, []
+        added: list[str] = []
         self.extra: list[str] = []
         if extra:
             model = onnx.load(str(path), load_external_data=False)  # external tensors stay on disk
@@ -517,24 +517,29 @@ class OnnxRunner:
             computed = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
             declared = {o.name for o in graph.output}
             added = [name for name in dict.fromkeys(extra) if name in computed and name not in declared]
-            # An output without a type is legal for onnxruntime: it types it from the graph.
-            graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-            model_bytes = model.SerializeToString() if added else None
             self.extra = [name for name in dict.fromkeys(extra) if name in declared or name in added]
-        if model_bytes is not None and not _has_external_data(model):
-            # A copy in scratch (onnxruntime reads it while the session is made); only a model
-            # with external data goes in as bytes, its tensors read from beside the original.
+        if added and not _has_external_data(model):
+            # The weights are in the file: copy it to scratch and append the extra outputs as a
+            # second serialized graph field, which protobuf merges into the first (its repeated
+            # outputs concatenate) -- the 100 MB of weights are never parsed or written again.
+            import shutil
+
             from rewriter.formats import scratch_dir
 
+            # An output without a type is legal for onnxruntime: it types it from the graph.
+            more = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))
             with scratch_dir() as scratch:
                 copy = scratch / Path(path).name
-                copy.write_bytes(model_bytes)
+                shutil.copyfile(path, copy)
+                with open(copy, "ab") as stream:
+                    stream.write(more.SerializeToString())
                 self.session = _session(copy, role)
+        elif added:  # weights outside: the proto is small; small tensors inline for shape inference
+            model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+            _inline_small_tensors(model, Path(path).resolve().parent)
+            self.session = _session(path, role, model.SerializeToString())
         else:
-            if model_bytes is not None:  # small tensors inline: onnxruntime's shape inference reads them
-                _inline_small_tensors(model, Path(path).resolve().parent)
-                model_bytes = model.SerializeToString()
-            self.session = _session(path, role, model_bytes)
+            self.session = _session(path, role)
         self.output_specs = _input_specs(self.session.get_outputs())
         self.outputs = [spec.name for spec in self.output_specs if spec.name not in added]
         self.inputs = _input_specs(self.session.get_inputs())
