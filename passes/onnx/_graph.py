@@ -3,6 +3,9 @@ and which channel range of which tensor a Split or Slice output holds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx_ir as ir
 
@@ -96,10 +99,49 @@ def _opset_of_graph(node: ir.Node) -> int:
 # How a reason names an initializer that is also a graph input: the user may feed another value.
 GRAPH_INPUT = "a graph input (replaceable at run time)"
 
+# From IR version 4 on, an initializer may also be a graph input, and then the user may feed another
+# value for it. Before IR 4 every initializer had to be listed among the graph inputs, and
+# onnxruntime treats those as constants (it refuses a feed for one): listing says nothing there.
+OVERRIDABLE_INITIALIZERS_IR = 4
+
+
+@contextmanager
+def initializers_as_constants(model: ir.Model) -> Iterator[None]:
+    """Inside: an IR < 4 model's initializers are not graph inputs (as the runtime reads them,
+    constants), so every pass treats them as it does in a newer file. On leaving, every
+    initializer a graph then holds is listed among its inputs again, as IR < 4 requires: the
+    file's own inputs in their order (less removed initializers), new initializers after them.
+    A model of IR 4 or newer is left exactly as it is."""
+    if model.ir_version is None or model.ir_version >= OVERRIDABLE_INITIALIZERS_IR:
+        yield
+        return
+    listed = []
+    for graph in model.graphs():
+        constant = {id(v) for v in graph.inputs if graph.initializers.get(v.name) is v}
+        listed.append((graph, list(graph.inputs), constant))
+        kept = [v for v in graph.inputs if id(v) not in constant]
+        graph.inputs.clear()
+        graph.inputs.extend(kept)
+    try:
+        yield
+    finally:
+        for graph, inputs, constant in listed:
+            # An initializer a pass removed (a weight it replaced) is no input any more either.
+            alive = [v for v in inputs if id(v) not in constant or graph.initializers.get(v.name) is v]
+            known = {id(v) for v in alive}
+            added = [v for v in graph.initializers.values() if id(v) not in known]
+            for value in added:  # a graph input is declared with its type and shape
+                if value.type is None and value.const_value is not None:
+                    value.type = ir.TensorType(value.const_value.dtype)
+                    value.shape = ir.Shape(value.const_value.shape.dims)
+            graph.inputs.clear()
+            graph.inputs.extend(alive + added)
+
 
 def is_replaceable(value: ir.Value | None) -> bool:
     """Whether a constant can be replaced at run time: it is (or is computed from) a graph input.
-    (Before IR 4 every initializer is listed among the graph inputs: those count too.)"""
+    (Before IR 4 every initializer is listed among the graph inputs and is still a constant: the
+    passes run inside ``initializers_as_constants``, where those are no inputs.)"""
     return _graph_input_behind(value, initializers_only=False) is not None
 
 

@@ -62,6 +62,11 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         self.skipped: list[Skip] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             modified |= self._expand_graph(model, graph)

@@ -35,6 +35,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.skipped: list[Skip] = []  # ops not folded because they read a value the user may feed
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         names_by_graph: dict[int, g.Names] = {}
         for conv in self.convs:

@@ -116,6 +116,11 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
         self.fused_convs: list[ir.Node] = []  # nothing folds into an integer conv: always empty
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             label = "" if graph is model.graph else (graph.name or "subgraph")

@@ -143,6 +143,11 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         self.fused_convs: list[ir.Node] = []  # what onnx.fold-batchnorm may fold into
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             modified |= self._fuse_graph(model, graph)
