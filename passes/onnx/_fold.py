@@ -65,8 +65,8 @@ def channels_of(value: ir.Value) -> int | None:
         if node is None:
             return None
         if node.op_type == "Conv":
-            weight = g.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            return int(weight.shape[0]) if weight is not None else None
+            weight = g.const_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+            return int(weight[0]) if weight is not None else None
         if node.op_type not in _CHANNEL_PRESERVING:
             return None
         value = node.inputs[0]
@@ -83,10 +83,10 @@ def _static_shape(value: ir.Value, known: dict[int, tuple[int, int]] | None = No
     shape = value.shape
     if shape is None:
         conv = _conv_behind(value)
-        weight = g.const_array(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
+        weight = g.const_shape(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
         if weight is None and rank is None:
             return None
-        shape = [None] * (weight.ndim if weight is not None else rank)
+        shape = [None] * (len(weight) if weight is not None else rank)
     channels = channels_of(value) or channels
     dims, dynamic = [], {}
     for axis, dim in enumerate(shape):

@@ -140,8 +140,10 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             return ("weights are quantized (DequantizeLinear); expanding quantized weights is not supported",
                     None, None)
         if weight is None:
-            return "weights are not constants (initializer or Constant node); cannot split them ahead of time", \
-                None, None
+            why = g.not_constant_reason(weight_value)
+            if why == "are not constants":
+                why += " (initializer or Constant node)"
+            return f"weights {why}; cannot split them ahead of time", None, None
         if g.is_replaceable(weight_value):
             return ("weights are an initializer that is also a graph input (replaceable at run time); "
                     "cannot split them ahead of time"), None, None

@@ -524,7 +524,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are not constants")
+                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} "
+                               f"{g.not_constant_reason(conv.inputs[1])}")
             if g.is_replaceable(conv.inputs[1]):
                 overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
                 return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
