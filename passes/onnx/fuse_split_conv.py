@@ -181,6 +181,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
+            if _combines_without_groups(chains, fused):
+                continue  # native structure (parallel branches of different widths): nothing to report
             verdict = self._judge(fused)
             if verdict is not None and not verdict[0]:
                 convs = [op.name for c in chains for op in c.ops if op.op_type in CONV_OPS and op.name]
@@ -243,6 +245,14 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             raise NotACandidate
         if len(with_conv) != len(chains):
             raise Refused("the Concat also joins inputs that are not branch convolutions")
+        # What the branch convolutions do differently is the cause a user can act on; how the
+        # branches are wired (a value read outside the Concat, different inputs) comes after it.
+        structural = _structural_refusal([next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains], None)
+        if structural is not None:
+            entries = list(dict.fromkeys(c.entry.name or "an unnamed tensor" for c in chains))
+            wiring = "" if len(entries) == 1 or all(_is_reader_output(c.entry) for c in chains) else \
+                f"; and the branches read different tensors ({', '.join(entries)})"
+            raise Refused(structural.reason + wiring)
         for value in concat.inputs:
             if value.is_graph_output() or len(value.uses()) != 1:
                 raise Refused(f"branch output {value.name} is used outside the Concat")
@@ -683,6 +693,11 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
     if len(set(groups)) > 1:
         return Refusal("branches have different group counts: " + ",".join(map(str, groups)))
     shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
+    kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
+    if None in shapes and None not in kernels and len({tuple(k) for k in kernels}) > 1:
+        # Weights computed at run time have no shape to read, but the kernel attribute tells.
+        return Refusal("different kernel shapes between branches: "
+                       + " vs ".join(_describe(tuple(k)) for k in dict.fromkeys(tuple(k) for k in kernels)))
     if all(shape is not None for shape in shapes):
         if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
             kernels = [shape[1:] for shape in shapes]
@@ -695,6 +710,17 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
             if len(distinct) > 1:
                 return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
     return None
+
+
+def _combines_without_groups(chains: list[_Chain], fused: _Fused) -> bool:
+    """Whether a candidate is parallel branches on one input that would only become one wide
+    conv, never a grouped one: their first convs differ in width (16, 16, 12 in an RFB face
+    detector), so no later layer can group them. That is network structure, not hand-made
+    groups: combining it is no finding, and is not done (it is not shown to pay)."""
+    if chains[0].read is not None or any(layer.groups > 1 for layer in fused.layers):
+        return False
+    widths = [_out_channels(next(op for op in c.ops if op.op_type in CONV_OPS)) for c in chains]
+    return len(set(widths)) > 1
 
 
 def _describe(value) -> str:
