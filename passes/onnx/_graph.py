@@ -214,6 +214,16 @@ def _describe_op(node: ir.Node, data: ir.Value | None) -> str:
     return f"{node.op_type} {node.name}".strip()
 
 
+def node_label(node: ir.Node) -> str:
+    """What identifies a node in a report: its name, or, for the unnamed nodes of many graphs
+    (OpenVINO's and onnx-mlir's tests, hand-built models), its op type and first output's name
+    ("Conv:conv_out"), which ONNX requires to be unique in a graph."""
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs and node.outputs[0].name else None
+    return f"{node.op_type}:{output}" if output else node.op_type
+
+
 def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """A constant's shape without reading its data where possible (its tensor or recorded
     shape, through Identity, or the target of a Reshape that names every dim: a weight computed

@@ -96,7 +96,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
                                        "form": "split" if expands else "native",
                                        "action": "expand" if expands else "keep", "rule": rule})
             if reason is not None:
-                self.skipped.append(Skip(location, reason, [conv.name] if conv.name else [], graph_label))
+                self.skipped.append(Skip(location, reason, [g.node_label(conv)], graph_label))
                 continue
             split_name = names.node(f"{location}_split")
             branch_names = [names.node(f"{location}_g{i}") for i in range(plan.branches)]

@@ -177,7 +177,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
                 continue
             except Refused as refusal:
-                convs = [n.name for v in concat.inputs if v is not None
+                convs = [g.node_label(n) for v in concat.inputs if v is not None
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
@@ -185,7 +185,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 continue  # native structure (parallel branches of different widths): nothing to report
             verdict = self._judge(fused)
             if verdict is not None and not verdict[0]:
-                convs = [op.name for c in chains for op in c.ops if op.op_type in CONV_OPS and op.name]
+                convs = [g.node_label(op) for c in chains for op in c.ops if op.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, verdict[1], convs, label))
                 self.decisions.append({"location": location, "graph": label, "form": "split", "action": "keep",
                                        "rule": verdict[1]})
@@ -201,7 +201,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             self.rewrites.append(Rewrite(
                 kind=kind, location=fused.location, groups=fused.groups,
                 channels={"in": fused.in_channels, "out": fused.out_channels},
-                nodes=[n.name for n in replaced if n.name], graph=label,
+                nodes=[g.node_label(n) for n in replaced], graph=label,
                 # The Concat's output stands in both models, whether the fusion is complete or splits back.
                 boundary=[{"tensor": concat.outputs[0].name}]))
             if not fused.complete:
@@ -776,7 +776,7 @@ def _split_read_convs(concat: ir.Node) -> list[str]:
     """The convs behind a Concat's inputs that read a Split/Slice output: see
     ``_unmatched_group_reason``."""
     groups = _convs_by_split_source(concat)
-    return [conv.name for convs in groups.values() if len(convs) >= 2 for conv in convs]
+    return [g.node_label(conv) for convs in groups.values() if len(convs) >= 2 for conv in convs]
 
 
 def _convs_by_split_source(concat: ir.Node) -> dict[int, list[ir.Node]]:
