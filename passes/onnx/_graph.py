@@ -290,6 +290,8 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
+    if attr is not None and attr.is_ref():  # inside a local function: each call site sets it
+        raise Refused(f"{node.op_type} {node_label(node)} takes its {name} from the call site (@{attr.ref_attr_name})")
     return default if attr is None else int(attr.as_int())
 
 
