@@ -34,7 +34,7 @@ CONSTANT_EXPRESSION_OPS = frozenset({"Identity", "Cast", "CastLike", "Reshape", 
 # it (0.08 apart on a 1x4x9 weight, onnxruntime 1.32, onnx 1.23), so a folded copy would not
 # compute what the original runs; such a weight is refused with that reason (``not_constant_reason``).
 WEIGHT_COMPUTING_OPS = frozenset({"ConstantOfShape", "Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Reciprocal",
-                                  "ReduceMean", "ReduceSum", "ReduceSumSquare", "Abs", "Max", "Min", "Clip"})
+                                  "ReduceMean", "ReduceSum", "ReduceSumSquare"})
 _MAX_CONSTANT_DEPTH = 16  # a deeper chain is not "a small constant expression"
 
 
