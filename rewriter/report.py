@@ -226,14 +226,19 @@ def format_summary(report: Report) -> str:
 
 
 def model_stats(model) -> ModelStats:
-    """Node, op and parameter counts of an onnx-ir model (every graph, subgraphs included)."""
+    """Node, op and parameter counts of an onnx-ir model (every graph, subgraphs included).
+    Parameters are the float tensors held by initializers and by ``Constant`` nodes (Paddle2ONNX
+    and many exporters keep weights in Constant nodes; an expand writes initializers instead)."""
     op_types, parameters = [], 0
     for graph in model.graphs():
         op_types.extend(n.op_type for n in graph)
-        for value in graph.initializers.values():
+        tensors = [value.const_value for value in graph.initializers.values()]
+        tensors += [node.attributes["value"].value for node in graph
+                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes]
+        for tensor in tensors:
             # Parameters are the float tensors; int64 Split sizes and Slice bounds are not.
-            if value.const_value is not None and value.const_value.dtype.is_floating_point():
-                parameters += math.prod(value.const_value.shape.dims)
+            if tensor is not None and tensor.dtype.is_floating_point():
+                parameters += math.prod(tensor.shape.dims)
     return ModelStats(nodes=len(op_types), parameters=parameters, op_counts=count_ops(op_types))
 
 

@@ -40,37 +40,59 @@ _CHANNEL_PRESERVING = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "BatchNor
                        "Add", "Mul", "Sub", "Div", "Dropout")
 
 
+# Ops with several inputs that broadcast: the output's channels are the widest of their tensors'.
+_BROADCASTING = ("Add", "Mul", "Sub", "Div")
+
+
+def _tensor_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs of a channel-preserving op that carry the tensor: the first one, or for an op
+    that broadcasts, every input that is no constant (a layer scale ``Mul(gamma[C,1,1], y)`` or
+    a bias puts the constant first; its shape says nothing about the tensor's axis 1)."""
+    if node.op_type not in _BROADCASTING:
+        return [node.inputs[0]] if node.inputs and node.inputs[0] is not None else []
+    return [v for v in node.inputs if v is not None and g.const_array(v) is None]
+
+
 def _conv_behind(value: ir.Value) -> ir.Node | None:
     """The Conv that produced ``value``, through ops that keep rank and channels."""
-    for _ in range(32):
-        node = value.producer()
+    pending, seen = [value], 0
+    while pending and seen < 64:
+        node = pending.pop(0).producer()
+        seen += 1
         if node is None:
-            return None
+            continue
         if node.op_type == "Conv":
             return node
-        if node.op_type not in _CHANNEL_PRESERVING:
-            return None
-        value = node.inputs[0]
+        if node.op_type in _CHANNEL_PRESERVING:
+            pending.extend(_tensor_inputs(node))
     return None
 
 
-def channels_of(value: ir.Value) -> int | None:
+def channels_of(value: ir.Value, _budget: list[int] | None = None) -> int | None:
     """The channel count (axis 1) of an NCHW value: its recorded shape, or read off what
-    produced it (a Conv's weight, a shaped input) through channel-preserving ops."""
-    for _ in range(32):
-        known = g.static_dim(value, 1)
-        if known is not None:
-            return known
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "Conv":
-            weight = g.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            return int(weight.shape[0]) if weight is not None else None
-        if node.op_type not in _CHANNEL_PRESERVING:
-            return None
-        value = node.inputs[0]
-    return None
+    produced it (a Conv's weight, a shaped input) through channel-preserving ops. Where such an
+    op broadcasts (a residual Add, a layer-scale Mul), its tensor inputs are read, and a count
+    is given only where it is sure: all known (the widest), or one known wider than 1."""
+    budget = _budget if _budget is not None else [64]  # nodes visited, shared by the whole walk
+    known = g.static_dim(value, 1)
+    if known is not None:
+        return known
+    node = value.producer()
+    budget[0] -= 1
+    if node is None or budget[0] < 0:
+        return None
+    if node.op_type == "Conv":
+        weight = g.const_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        return int(weight[0]) if weight is not None else None
+    if node.op_type not in _CHANNEL_PRESERVING:
+        return None
+    counts = [channels_of(v, budget) for v in _tensor_inputs(node)]
+    found = [c for c in counts if c is not None]
+    if not found:
+        return None
+    if len(found) == len(counts) or max(found) > 1:  # broadcasting: the output has the widest count
+        return max(found)
+    return None  # a 1 beside an unknown count: it may broadcast to anything
 
 
 def _static_shape(value: ir.Value, known: dict[int, tuple[int, int]] | None = None
@@ -83,10 +105,10 @@ def _static_shape(value: ir.Value, known: dict[int, tuple[int, int]] | None = No
     shape = value.shape
     if shape is None:
         conv = _conv_behind(value)
-        weight = g.const_array(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
+        weight = g.const_shape(conv.inputs[1]) if conv is not None and len(conv.inputs) > 1 else None
         if weight is None and rank is None:
             return None
-        shape = [None] * (weight.ndim if weight is not None else rank)
+        shape = [None] * (len(weight) if weight is not None else rank)
     channels = channels_of(value) or channels
     dims, dynamic = [], {}
     for axis, dim in enumerate(shape):

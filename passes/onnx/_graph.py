@@ -3,6 +3,9 @@ and which channel range of which tensor a Split or Slice output holds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx_ir as ir
 
@@ -24,20 +27,33 @@ def opset_of(node: ir.Node, model: ir.Model) -> int:
 # exporters write small constant expressions (Cast, Reshape, Unsqueeze...) over weights.
 CONSTANT_EXPRESSION_OPS = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze",
                                      "Transpose", "Concat", "Flatten", "Neg", "Expand"})
+# Ops that compute a weight from constants at run time, folded where all their inputs are constants:
+# Caffe2 builds weights and biases with ConstantOfShape; NF-Nets' ScaledStdConv2d standardises its
+# weight in the graph (ReduceMean, Sub, Mul, Div, Sqrt). Not BatchNormalization in training mode
+# (timm's other form of it): onnxruntime's CPU kernel gives other numbers than the ONNX reference for
+# it (0.08 apart on a 1x4x9 weight, onnxruntime 1.32, onnx 1.23), so a folded copy would not
+# compute what the original runs; such a weight is refused with that reason (``not_constant_reason``).
+WEIGHT_COMPUTING_OPS = frozenset({"ConstantOfShape", "Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Reciprocal",
+                                  "ReduceMean", "ReduceSum", "ReduceSumSquare"})
 _MAX_CONSTANT_DEPTH = 16  # a deeper chain is not "a small constant expression"
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind a value, or None: an initializer, a ``Constant`` node, or a small
     constant expression over them (``Identity`` chains, Cast, Reshape, Squeeze/Unsqueeze,
-    Transpose, Concat...), evaluated with onnx's reference implementation of each op. Nothing in
-    the graph changes: a constant read elsewhere stays where it is."""
-    return _resolve(value, _MAX_CONSTANT_DEPTH)
+    Transpose, Concat, ConstantOfShape, a weight standardised by arithmetic...), evaluated with
+    onnx's reference implementation of each op. Nothing in the graph changes: a constant read
+    elsewhere stays where it is."""
+    return _resolve(value, _MAX_CONSTANT_DEPTH, {})
 
 
-def _resolve(value: ir.Value | None, depth: int) -> np.ndarray | None:
+def _resolve(value: ir.Value | None, depth: int, done: dict[int, np.ndarray | None]) -> np.ndarray | None:
+    """``const_array`` with what this call already resolved (by value id): a standardised weight
+    reads its centred copy twice, and each read must not evaluate it again."""
     if value is None:
         return None
+    if id(value) in done:
+        return done[id(value)]
     try:
         tensor = ir.convenience.get_const_tensor(value)
     except ValueError:
@@ -45,22 +61,25 @@ def _resolve(value: ir.Value | None, depth: int) -> np.ndarray | None:
     if tensor is not None:
         return tensor.numpy()
     node = value.producer()
-    if (node is None or depth <= 0 or node.op_type not in CONSTANT_EXPRESSION_OPS
+    if (node is None or depth <= 0 or node.op_type not in CONSTANT_EXPRESSION_OPS | WEIGHT_COMPUTING_OPS
             or node.domain not in ("", "ai.onnx") or value.is_graph_input()):
         return None
     if node.op_type == "Identity":
-        return _resolve(node.inputs[0], depth - 1)
+        return _resolve(node.inputs[0], depth - 1, done)
     arrays = []
     for v in node.inputs:  # stop at the first input that is not constant: activations often pass these ops
-        array = None if v is None else _resolve(v, depth - 1)
+        array = None if v is None else _resolve(v, depth - 1, done)
         if v is not None and array is None:
+            done[id(value)] = None
             return None
         arrays.append(array)
-    return _evaluate(node, arrays)
+    done[id(value)] = _evaluate(node, arrays, value.index() or 0)
+    return done[id(value)]
 
 
-def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    """One node of a constant expression, run by ``onnx.reference`` on its constant inputs."""
+def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], output: int = 0) -> np.ndarray | None:
+    """Output ``output`` of one node of a constant expression, run by ``onnx.reference`` on its
+    constant inputs."""
     import onnx
     from onnx.reference import ReferenceEvaluator
 
@@ -68,10 +87,11 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | No
     proto = ir.serde.serialize_node(node)
     del proto.input[:]
     proto.input.extend(names)
-    del proto.output[1:]
-    proto.output[0] = "out"
+    outputs = [f"out{i}" for i in range(len(proto.output))]
+    del proto.output[:]
+    proto.output.extend(outputs)
     initializers = [onnx.numpy_helper.from_array(a, n) for a, n in zip(arrays, names) if a is not None]
-    graph = onnx.helper.make_graph([proto], "constant", [], [onnx.helper.make_tensor_value_info("out", 0, None)],
+    graph = onnx.helper.make_graph([proto], "constant", [], [onnx.helper.make_tensor_value_info(outputs[output], 0, None)],
                                    initializer=initializers)
     opset = _opset_of_graph(node)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
@@ -96,10 +116,49 @@ def _opset_of_graph(node: ir.Node) -> int:
 # How a reason names an initializer that is also a graph input: the user may feed another value.
 GRAPH_INPUT = "a graph input (replaceable at run time)"
 
+# From IR version 4 on, an initializer may also be a graph input, and then the user may feed another
+# value for it. Before IR 4 every initializer had to be listed among the graph inputs, and
+# onnxruntime treats those as constants (it refuses a feed for one): listing says nothing there.
+OVERRIDABLE_INITIALIZERS_IR = 4
+
+
+@contextmanager
+def initializers_as_constants(model: ir.Model) -> Iterator[None]:
+    """Inside: an IR < 4 model's initializers are not graph inputs (as the runtime reads them,
+    constants), so every pass treats them as it does in a newer file. On leaving, every
+    initializer a graph then holds is listed among its inputs again, as IR < 4 requires: the
+    file's own inputs in their order (less removed initializers), new initializers after them.
+    A model of IR 4 or newer is left exactly as it is."""
+    if model.ir_version is None or model.ir_version >= OVERRIDABLE_INITIALIZERS_IR:
+        yield
+        return
+    listed = []
+    for graph in model.graphs():
+        constant = {id(v) for v in graph.inputs if graph.initializers.get(v.name) is v}
+        listed.append((graph, list(graph.inputs), constant))
+        kept = [v for v in graph.inputs if id(v) not in constant]
+        graph.inputs.clear()
+        graph.inputs.extend(kept)
+    try:
+        yield
+    finally:
+        for graph, inputs, constant in listed:
+            # An initializer a pass removed (a weight it replaced) is no input any more either.
+            alive = [v for v in inputs if id(v) not in constant or graph.initializers.get(v.name) is v]
+            known = {id(v) for v in alive}
+            added = [v for v in graph.initializers.values() if id(v) not in known]
+            for value in added:  # a graph input is declared with its type and shape
+                if value.type is None and value.const_value is not None:
+                    value.type = ir.TensorType(value.const_value.dtype)
+                    value.shape = ir.Shape(value.const_value.shape.dims)
+            graph.inputs.clear()
+            graph.inputs.extend(alive + added)
+
 
 def is_replaceable(value: ir.Value | None) -> bool:
     """Whether a constant can be replaced at run time: it is (or is computed from) a graph input.
-    (Before IR 4 every initializer is listed among the graph inputs: those count too.)"""
+    (Before IR 4 every initializer is listed among the graph inputs and is still a constant: the
+    passes run inside ``initializers_as_constants``, where those are no inputs.)"""
     return _graph_input_behind(value, initializers_only=False) is not None
 
 
@@ -121,7 +180,7 @@ def _graph_input_behind(value: ir.Value | None, *, initializers_only: bool) -> i
         if current.is_graph_input() and (current.const_value is not None or not initializers_only):
             return current
         node = current.producer()
-        if node is not None and node.op_type in CONSTANT_EXPRESSION_OPS and len(seen) < 256:
+        if node is not None and node.op_type in CONSTANT_EXPRESSION_OPS | WEIGHT_COMPUTING_OPS and len(seen) < 256:
             pending.extend(node.inputs)
     return None
 
@@ -155,9 +214,20 @@ def _describe_op(node: ir.Node, data: ir.Value | None) -> str:
     return f"{node.op_type} {node.name}".strip()
 
 
+def node_label(node: ir.Node) -> str:
+    """What identifies a node in a report: its name, or, for the unnamed nodes of many graphs
+    (OpenVINO's and onnx-mlir's tests, hand-built models), its op type and first output's name
+    ("Conv:conv_out"), which ONNX requires to be unique in a graph."""
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs and node.outputs[0].name else None
+    return f"{node.op_type}:{output}" if output else node.op_type
+
+
 def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """A constant's shape without reading its data where possible (its tensor or recorded
-    shape, through Identity), else from its value."""
+    shape, through Identity, or the target of a Reshape that names every dim: a weight computed
+    at run time and reshaped back to its own shape), else from its value."""
     current = value
     for _ in range(_MAX_CONSTANT_DEPTH):
         if current is None:
@@ -166,11 +236,36 @@ def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
         if shape is not None and all(isinstance(d, int) for d in shape):
             return tuple(int(d) for d in shape)
         node = current.producer()
+        if node is not None and node.op_type == "Reshape" and len(node.inputs) > 1:
+            target = const_ints(node.inputs[1])
+            if target and all(d > 0 for d in target):
+                return tuple(target)
         if node is None or node.op_type != "Identity":
             break
         current = node.inputs[0]
     array = const_array(value)
     return None if array is None else tuple(array.shape)
+
+
+def not_constant_reason(value: ir.Value | None) -> str:
+    """Why a weight or bias is no constant, as the end of a sentence about it: "are computed at
+    run time by ...", naming the op that computes it from initializers where that is what stops
+    the fold (a BatchNormalization in training mode), else "are not constants"."""
+    pending, seen = [value], set()
+    while pending and len(seen) < 64:
+        current = pending.pop()
+        node = current.producer() if current is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "BatchNormalization" and attr_int(node, "training_mode", 0) == 1:
+            if all(v is None or const_array(v) is not None for v in node.inputs):
+                return ("are computed at run time from initializers by a BatchNormalization in training mode "
+                        "(weight standardisation), which onnxruntime computes differently from the ONNX "
+                        "reference: not folded ahead of time")
+        if node.op_type in CONSTANT_EXPRESSION_OPS | WEIGHT_COMPUTING_OPS:
+            pending.extend(v for v in node.inputs if v is not None)
+    return "are not constants"
 
 
 def const_ints(value: ir.Value | None) -> list[int] | None:
@@ -195,6 +290,8 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
+    if attr is not None and attr.is_ref():  # inside a local function: each call site sets it
+        raise Refused(f"{node.op_type} {node_label(node)} takes its {name} from the call site (@{attr.ref_attr_name})")
     return default if attr is None else int(attr.as_int())
 
 

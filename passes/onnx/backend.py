@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 import passes.onnx  # noqa: F401  (registers the ONNX passes)
 from passes import registered
+from passes.onnx import _graph as g
 from rewriter import formats
 from rewriter.errors import VerificationFailed
 from rewriter.proof import prove
@@ -76,8 +77,10 @@ class OnnxBackend:
         return model_stats(model)
 
     def input_specs(self, model: ir.Model) -> list[InputSpec]:
+        # Before IR 4 the initializers are listed as inputs too, but the runtime takes no feed for them.
+        constants = model.graph.initializers if model.ir_version < g.OVERRIDABLE_INITIALIZERS_IR else {}
         return [InputSpec(v.name, None if v.shape is None else [d if isinstance(d, int) else None for d in v.shape],
-                          str(v.dtype)) for v in model.graph.inputs]
+                          str(v.dtype)) for v in model.graph.inputs if constants.get(v.name) is not v]
 
     # -- passes (reader + planner + emitter in one onnx-ir pass each) ------------------------------
 

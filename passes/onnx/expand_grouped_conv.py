@@ -62,10 +62,41 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         self.skipped: list[Skip] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             modified |= self._expand_graph(model, graph)
+        for function in model.functions.values():
+            self._report_function(model, function)
         return ir.passes.PassResult(model, modified)
+
+    def _report_function(self, model: ir.Model, function: ir.Function) -> None:
+        """Grouped convs inside a local function stay, each with a line saying why: the body is
+        shared by every call site, and the dynamo exporter's ``_aten_convolution_onnx`` even takes
+        ``group`` from the call site (``group=@groups``) and its weight as a function input."""
+        label = f"function {function.name}"
+        calls = sum(1 for graph in [*model.graphs(), *(f.graph for f in model.functions.values())] for node in graph
+                    if node.op_type == function.name and node.domain == function.domain)
+        sites = f"{calls} call site{'s' if calls != 1 else ''}"
+        for graph in [function.graph, *function.graph.subgraphs()]:
+            for conv in graph:
+                group = conv.attributes.get("group")
+                if conv.op_type not in EXPANDABLE_OPS or conv.domain not in ("", "ai.onnx") or group is None:
+                    continue
+                if group.is_ref():
+                    reason = (f"its group is the attribute '{group.ref_attr_name}' of local function {function.name}, "
+                              f"set at each of its {sites}: expanding it needs a copy of the function per call site, "
+                              "which this pass does not make")
+                elif group.as_int() >= 2 and id(conv) not in self.exclude:
+                    reason = (f"it is inside local function {function.name}, whose body its {sites} share: grouped "
+                              "convolutions in local functions are not expanded")
+                else:
+                    continue
+                self.skipped.append(Skip(g.node_label(conv), reason, [g.node_label(conv)], label))
 
     def _expand_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
         names = g.Names(graph)
@@ -91,7 +122,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
                                        "form": "split" if expands else "native",
                                        "action": "expand" if expands else "keep", "rule": rule})
             if reason is not None:
-                self.skipped.append(Skip(location, reason, [conv.name] if conv.name else [], graph_label))
+                self.skipped.append(Skip(location, reason, [g.node_label(conv)], graph_label))
                 continue
             split_name = names.node(f"{location}_split")
             branch_names = [names.node(f"{location}_g{i}") for i in range(plan.branches)]
@@ -135,8 +166,10 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             return ("weights are quantized (DequantizeLinear); expanding quantized weights is not supported",
                     None, None)
         if weight is None:
-            return "weights are not constants (initializer or Constant node); cannot split them ahead of time", \
-                None, None
+            why = g.not_constant_reason(weight_value)
+            if why == "are not constants":
+                why += " (initializer or Constant node)"
+            return f"weights {why}; cannot split them ahead of time", None, None
         if g.is_replaceable(weight_value):
             return ("weights are an initializer that is also a graph input (replaceable at run time); "
                     "cannot split them ahead of time"), None, None

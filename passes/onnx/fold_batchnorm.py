@@ -35,6 +35,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.skipped: list[Skip] = []  # ops not folded because they read a value the user may feed
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         names_by_graph: dict[int, g.Names] = {}
         for conv in self.convs:
@@ -67,7 +72,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             where = f"{op.op_type} {op.name}" if op.name else op.op_type
             self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
                                      f"the {where} after the fused conv reads '{overridden}', {g.GRAPH_INPUT}; "
-                                     "it is not folded", [op.name] if op.name else [], label))
+                                     "it is not folded", [g.node_label(op)], label))
             return False
         folded = _fold(op, output, weight, bias if bias is not None else np.zeros(weight.shape[0], weight.dtype))
         if folded is None:
@@ -78,7 +83,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             where = f"{op.op_type} {op.name}" if op.name else op.op_type
             self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
                                      f"the {where} after the fused conv is not folded: the folded weights would "
-                                     f"overflow {weight.dtype}", [op.name] if op.name else [], label))
+                                     f"overflow {weight.dtype}", [g.node_label(op)], label))
             return False
         old_weight = conv.inputs[1]
         base = conv.name or "conv"
@@ -100,7 +105,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.rewrites.append(Rewrite(
             kind="fold-batchnorm", location=conv.name or name, groups=g.attr_int(conv, "group", 1),
             channels={"in": int(weight.shape[1]) * g.attr_int(conv, "group", 1), "out": int(weight.shape[0])},
-            nodes=[op.name] if op.name else [], graph=label, boundary=[{"tensor": name}]))
+            nodes=[g.node_label(op)], graph=label, boundary=[{"tensor": name}]))
         return True
 
 

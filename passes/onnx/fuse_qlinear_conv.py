@@ -116,6 +116,11 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
         self.fused_convs: list[ir.Node] = []  # nothing folds into an integer conv: always empty
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             label = "" if graph is model.graph else (graph.name or "subgraph")
@@ -137,7 +142,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
             except NotACandidate:
                 continue
             except Refused as refusal:
-                convs = [n.name for v in join.branch_values if v is not None
+                convs = [g.node_label(n) for v in join.branch_values if v is not None
                          for n in [v.producer()] if n is not None and n.op_type == "QLinearConv"]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
@@ -148,7 +153,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
             self.rewrites.append(Rewrite(
                 kind=KIND, location=name, groups=plan.fusion.groups,
                 channels={"in": plan.fusion.in_channels, "out": plan.fusion.out_channels},
-                nodes=[n.name for n in replaced if n.name], graph=label,
+                nodes=[g.node_label(n) for n in replaced], graph=label,
                 boundary=[{"tensor": join.node.outputs[0].name}]))  # the fused conv's output takes its name
             if self.rewrite:
                 self.created.append(_emit(graph, position, names, name, candidate, plan, in_function=in_function))
@@ -164,7 +169,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
         ok, rule = self.accept(ConvProps(groups=fusion.groups, in_channels=fusion.in_channels,
                                          out_channels=fusion.out_channels, kernel_rank=fusion.weight.ndim - 2))
         if not ok:
-            self.skipped.append(Skip(location, rule, [c.name for c in candidate.convs if c.name], label))
+            self.skipped.append(Skip(location, rule, [g.node_label(c) for c in candidate.convs], label))
         self.decisions.append({"location": name if ok else location, "graph": label, "form": "native" if ok else "split",
                                "action": "fuse" if ok else "keep", "rule": rule})
         return ok

@@ -143,6 +143,11 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         self.fused_convs: list[ir.Node] = []  # what onnx.fold-batchnorm may fold into
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.
+        with g.initializers_as_constants(model):
+            return self._rewrite_model(model)
+
+    def _rewrite_model(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             modified |= self._fuse_graph(model, graph)
@@ -172,13 +177,15 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                     self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
                 continue
             except Refused as refusal:
-                convs = [n.name for v in concat.inputs if v is not None
+                convs = [g.node_label(n) for v in concat.inputs if v is not None
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, str(refusal), convs, label))
                 continue
+            if _combines_without_groups(chains, fused):
+                continue  # native structure (parallel branches of different widths): nothing to report
             verdict = self._judge(fused)
             if verdict is not None and not verdict[0]:
-                convs = [op.name for c in chains for op in c.ops if op.op_type in CONV_OPS and op.name]
+                convs = [g.node_label(op) for c in chains for op in c.ops if op.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, verdict[1], convs, label))
                 self.decisions.append({"location": location, "graph": label, "form": "split", "action": "keep",
                                        "rule": verdict[1]})
@@ -194,7 +201,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             self.rewrites.append(Rewrite(
                 kind=kind, location=fused.location, groups=fused.groups,
                 channels={"in": fused.in_channels, "out": fused.out_channels},
-                nodes=[n.name for n in replaced if n.name], graph=label,
+                nodes=[g.node_label(n) for n in replaced], graph=label,
                 # The Concat's output stands in both models, whether the fusion is complete or splits back.
                 boundary=[{"tensor": concat.outputs[0].name}]))
             if not fused.complete:
@@ -238,6 +245,14 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             raise NotACandidate
         if len(with_conv) != len(chains):
             raise Refused("the Concat also joins inputs that are not branch convolutions")
+        # What the branch convolutions do differently is the cause a user can act on; how the
+        # branches are wired (a value read outside the Concat, different inputs) comes after it.
+        structural = _structural_refusal([next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains], None)
+        if structural is not None:
+            entries = list(dict.fromkeys(c.entry.name or "an unnamed tensor" for c in chains))
+            wiring = "" if len(entries) == 1 or all(_is_reader_output(c.entry) for c in chains) else \
+                f"; and the branches read different tensors ({', '.join(entries)})"
+            raise Refused(structural.reason + wiring)
         for value in concat.inputs:
             if value.is_graph_output() or len(value.uses()) != 1:
                 raise Refused(f"branch output {value.name} is used outside the Concat")
@@ -519,7 +534,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} are not constants")
+                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} "
+                               f"{g.not_constant_reason(conv.inputs[1])}")
             if g.is_replaceable(conv.inputs[1]):
                 overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
                 return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
@@ -677,6 +693,11 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
     if len(set(groups)) > 1:
         return Refusal("branches have different group counts: " + ",".join(map(str, groups)))
     shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
+    kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
+    if None in shapes and None not in kernels and len({tuple(k) for k in kernels}) > 1:
+        # Weights computed at run time have no shape to read, but the kernel attribute tells.
+        return Refusal("different kernel shapes between branches: "
+                       + " vs ".join(_describe(tuple(k)) for k in dict.fromkeys(tuple(k) for k in kernels)))
     if all(shape is not None for shape in shapes):
         if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
             kernels = [shape[1:] for shape in shapes]
@@ -689,6 +710,17 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
             if len(distinct) > 1:
                 return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
     return None
+
+
+def _combines_without_groups(chains: list[_Chain], fused: _Fused) -> bool:
+    """Whether a candidate is parallel branches on one input that would only become one wide
+    conv, never a grouped one: their first convs differ in width (16, 16, 12 in an RFB face
+    detector), so no later layer can group them. That is network structure, not hand-made
+    groups: combining it is no finding, and is not done (it is not shown to pay)."""
+    if chains[0].read is not None or any(layer.groups > 1 for layer in fused.layers):
+        return False
+    widths = [_out_channels(next(op for op in c.ops if op.op_type in CONV_OPS)) for c in chains]
+    return len(set(widths)) > 1
 
 
 def _describe(value) -> str:
@@ -744,7 +776,7 @@ def _split_read_convs(concat: ir.Node) -> list[str]:
     """The convs behind a Concat's inputs that read a Split/Slice output: see
     ``_unmatched_group_reason``."""
     groups = _convs_by_split_source(concat)
-    return [conv.name for convs in groups.values() if len(convs) >= 2 for conv in convs]
+    return [g.node_label(conv) for convs in groups.values() if len(convs) >= 2 for conv in convs]
 
 
 def _convs_by_split_source(concat: ir.Node) -> dict[int, list[ir.Node]]:
