@@ -194,11 +194,10 @@ def test_huawei_uneven_splitv_is_refused(fusion):
 def test_huawei_concat_reading_one_conv_twice_is_refused(fusion):
     """Peer (negative, as its graph is wired): the Concat's third input is the second conv again,
     so the third conv's output is read by nothing. Not a grouped conv: unchanged.
-    FINDING (reason wording): the reason says the branch output "is used outside the Concat",
-    where it is the Concat itself that reads it twice."""
+    The reason says the Concat itself reads it twice."""
     case = split_conv_concat(36, [12, 12, 12], [16, 16, 16], kernel=(3, 3), spatial=(7, 7), batch=1,
                              concat_order=[0, 1, 1])
-    outcome = fusion.untouched(case, "conv1")
+    outcome = fusion.untouched(case, "the Concat reads branch output", "2 times")
     assert outcome.after == {"Split": 1, "Conv": 3, "Concat": 1}
 
 

@@ -254,6 +254,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 f"; and the branches read different tensors ({', '.join(entries)})"
             raise Refused(structural.reason + wiring)
         for value in concat.inputs:
+            if concat.inputs.count(value) > 1:
+                raise Refused(f"the Concat reads branch output {value.name} {concat.inputs.count(value)} times")
             if value.is_graph_output() or len(value.uses()) != 1:
                 raise Refused(f"branch output {value.name} is used outside the Concat")
         for chain in chains:
