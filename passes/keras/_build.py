@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from passes.keras import _compat
+from passes.keras import _compat, _lambdas
 from passes.keras._config import (
     Call,
     KerasGraph,
@@ -237,7 +237,8 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
                     output_shape = options.on_lambda(call, inputs[0] if len(inputs) == 1 else None)
                     if len(layer.calls) != 1:
                         output_shape = None
-                obj = keras.layers.Lambda(function, output_shape=output_shape, arguments=arguments or None,
+                # Written so that the saved file loads and runs it again (a named def, K, tf...).
+                obj = keras.layers.Lambda(_lambdas.portable(function), output_shape=output_shape, arguments=arguments or None,
                                           name=keras_name(layer.name))
             else:
                 try:
