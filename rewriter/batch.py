@@ -151,7 +151,9 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
         return JobResult(str(job.input), report.output, status, code, report=report.to_dict(),
                          summary=format_summary(report), seconds=time.perf_counter() - start)
     except VerificationFailed as failure:
-        details = format_verification(failure.verification) if failure.verification is not None else []
+        # The table where the models ran; else (the written file does not load...) the traceback with -v.
+        details = format_verification(failure.verification) if failure.verification is not None else \
+            (traceback.format_exc().splitlines() if verbose else [])
         return JobResult(str(job.input), None, "verification-failed", failure.exit_code, error=failure.message,
                          seconds=time.perf_counter() - start, details=details)
     except RewriteError as error:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from passes.keras import _compat
+from passes.keras import _compat, _lambdas
 from passes.keras._config import (
     Call,
     KerasGraph,
@@ -171,7 +171,7 @@ def _build_model(graph: KerasGraph, options: BuildOptions) -> Built:
                     with _compat.unrandom_initial_values():  # load_weights replaces them all
                         _run_call(graph, call, tensors, objects, options)
                 except BadInput as exc:
-                    if not options.lenient or call.layer.class_name in ("Lambda", "InputLayer"):
+                    if not options.lenient or call.layer.class_name == "InputLayer":
                         raise
                     unbuilt[call.key] = exc
                 progress = True
@@ -237,7 +237,8 @@ def _run_call(graph: KerasGraph, call: Call, tensors, objects, options: BuildOpt
                     output_shape = options.on_lambda(call, inputs[0] if len(inputs) == 1 else None)
                     if len(layer.calls) != 1:
                         output_shape = None
-                obj = keras.layers.Lambda(function, output_shape=output_shape, arguments=arguments or None,
+                # Written so that the saved file loads and runs it again (a named def, K, tf...).
+                obj = keras.layers.Lambda(_lambdas.portable(function), output_shape=output_shape, arguments=arguments or None,
                                           name=keras_name(layer.name))
             else:
                 try:
@@ -340,8 +341,9 @@ def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) 
         function(tf.zeros(shape), **arguments)
         cause = "Keras cannot infer its output shape"
     except NameError as exc:
-        cause = (f"NameError: {exc} (a Lambda made in a loop at module level reads its loop variable as a "
-                 "global, which the file does not hold; --repair-late-binding re-binds it per branch)")
+        cause = (f"NameError: {exc}: a global the file does not hold (a helper defined beside the model, or "
+                 "the loop variable of Lambdas made in a loop at module level, which --repair-late-binding "
+                 "re-binds per branch)")
     except Exception as exc:
         cause = f"{type(exc).__name__}: {one_line(exc)}"
     return f"Lambda layer {name!r} fails when run: {cause}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import functools
 import marshal
 import types
 from collections.abc import Callable
@@ -93,11 +94,16 @@ def code_object(source: LambdaSource) -> types.CodeType:
 
 
 def lambda_globals() -> dict[str, Any]:
-    """What Lambda code commonly refers to (Keras's own loaders offer their module's globals)."""
+    """What Lambda code commonly refers to (Keras's own loaders offer their module's globals).
+    ``K`` is the Keras 2 backend legacy code was written for (``K.reshape``, ``K.int_shape``...;
+    Keras 3's ``keras.backend`` has none of them): tf-keras's where installed, else a mapping
+    onto ``keras.ops`` (``passes.keras._keras2_backend``)."""
     import keras
     import tensorflow as tf
 
-    return {"__builtins__": builtins, "tf": tf, "keras": keras, "K": keras.backend, "ops": keras.ops,
+    from passes.keras._keras2_backend import keras2_backend
+
+    return {"__builtins__": builtins, "tf": tf, "keras": keras, "K": keras2_backend(), "ops": keras.ops,
             "np": np, "numpy": np}
 
 
@@ -123,6 +129,87 @@ def make_function(source: LambdaSource, *, bind: dict[str, Any] | None = None) -
         names = code.co_varnames[:code.co_argcount][-len(defaults):]
         defaults = tuple(bind.get(n, v) for n, v in zip(names, defaults))
     return types.FunctionType(code, globs, code.co_name, defaults, closure)
+
+
+# -- writing a kept Lambda -----------------------------------------------------------------------
+
+# What Keras 3 does with a Lambda's function when it saves and loads it: bytecode only when the
+# function is named "<lambda>" (a named ``def`` is written by name, which no loader finds again);
+# its defaults come back as a list, which Python refuses ("arg 4 (defaults) must be None or
+# tuple"); its closure values come back as cells; and the code runs with the globals of
+# ``keras.src.utils.python_utils``: no ``K``, ``tf`` or ``np``. So a kept Lambda is written as
+# this small carrier (its own bytecode, named "<lambda>"), whose closure holds the original's
+# bytecode, defaults, closure values and any global a late-binding repair bound, and which
+# rebuilds the original with the environment the file's code was run with here
+# (``lambda_globals``). Where tf-keras is not installed at load time, ``K`` is this tool's
+# mapping onto keras.ops if the tool is installed, else Keras 3's ``keras.backend``.
+_CARRIER_SOURCE = """
+def carry(_gconv_code, _gconv_defaults, _gconv_closure, _gconv_globals):
+    def carrier(inputs, **arguments):
+        import base64
+        import builtins
+        import marshal
+        import types
+
+        import keras
+        import numpy as np
+        import tensorflow as tf
+        try:
+            from tf_keras import backend as K
+        except ImportError:
+            try:
+                from passes.keras._keras2_backend import Keras2Backend
+                K = Keras2Backend()
+            except ImportError:
+                K = keras.backend
+        names = {"__builtins__": builtins, "tf": tf, "keras": keras, "K": K, "ops": keras.ops, "np": np,
+                 "numpy": np}
+        names.update(_gconv_globals or {})
+        cells = None if _gconv_closure is None else tuple(types.CellType(v) for v in _gconv_closure)
+        function = types.FunctionType(marshal.loads(base64.b64decode(_gconv_code)), names, "<lambda>",
+                                      None if _gconv_defaults is None else tuple(_gconv_defaults), cells)
+        return function(inputs, **arguments)
+    return carrier
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _carrier_code() -> types.CodeType:
+    namespace: dict[str, Any] = {}
+    exec(compile(_CARRIER_SOURCE, "<gconv-rewrite lambda>", "exec"), {"__builtins__": builtins}, namespace)
+    code = namespace["carry"](None, None, None, None).__code__
+    return code.replace(co_name="<lambda>", co_qualname="<lambda>")
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Every global the code (and the code it nests: comprehensions, inner functions) reads."""
+    names = set(_global_loads(code))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return {n for n in names if not hasattr(builtins, n)}
+
+
+def portable(function: Callable) -> Callable:
+    """``function`` in a form Keras 3 writes as bytecode that loads and runs again from the
+    written file (under ``safe_mode=False``, as the input needed ``--trust-lambdas``): a
+    "<lambda>" without defaults or globals as it is, anything else in the carrier above (a named
+    ``def`` helper, ``lambda z, c=c: ...``, code calling ``K``/``tf``/``np``)."""
+    code = function.__code__
+    reads = _global_names(code)
+    if not reads and code.co_name == "<lambda>" and function.__defaults__ is None:
+        return function
+    environment = lambda_globals()
+    bound = {n: function.__globals__[n] for n in sorted(reads)
+             if n in function.__globals__ and n not in environment}
+    payload = {"_gconv_code": base64.b64encode(marshal.dumps(code)).decode("ascii"),
+               "_gconv_defaults": function.__defaults__,
+               "_gconv_closure": None if function.__closure__ is None else
+               tuple(cell.cell_contents for cell in function.__closure__),
+               "_gconv_globals": bound or None}
+    carrier = _carrier_code()
+    return types.FunctionType(carrier, {"__builtins__": builtins}, "<lambda>", None,
+                              tuple(types.CellType(payload[name]) for name in carrier.co_freevars))
 
 
 def bindable_names(source: LambdaSource) -> list[tuple[str, Any]]:

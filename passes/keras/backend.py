@@ -194,6 +194,11 @@ class KerasBackend:
         nothing to rewrite, the accepted .keras archive is written as it was read (as the ONNX
         path writes an unchanged model); an .h5 cannot become a .keras without the rebuild."""
         converted = options.to in _FORMAT_NAMES
+        first = next(iter(source.analysis.built.unbuilt))[0]
+        if source.graph.layers[first].class_name == "Lambda":
+            # --check and --dry-run report it and go on; a file whose Lambda cannot run cannot be
+            # run either, so nothing (not even the file as it was) is written as if proven.
+            raise BadInput(f"{source.path}: {failure.message}") from failure
         if source.replacements or converted:
             what = (f"the {'fused' if self.report.mode == 'fuse' else 'expanded'} model" if source.replacements
                     else f"the {_FORMAT_NAMES[options.to]} model")

@@ -24,6 +24,11 @@ from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
 
 KIND = "keras-expand-grouped-conv"
+# Keras's depthwise layers are no grouped Conv layer to expand: they hold the depthwise kernel
+# itself, the op that runtimes without grouped convolutions (TFLite, MNN...) run natively.
+DEPTHWISE_CLASSES = ("DepthwiseConv1D", "DepthwiseConv2D")
+DEPTHWISE_LAYER_KEPT = ("depthwise ({cls}) kept: it is already the depthwise kernel, which runtimes without "
+                        "grouped convolutions run as their own op; nothing to expand")
 
 
 @dataclass
@@ -93,6 +98,12 @@ class ExpandGroupedConv:
     def run(self) -> ExpandGroupedConv:
         for call in self.graph.calls():
             layer = call.layer
+            if layer.class_name in DEPTHWISE_CLASSES and self.accept is None and call.key not in self.exclude:
+                # Said once per layer (a shared layer has several calls), as the ONNX side says it.
+                if call.index == 0:
+                    self.skipped.append(Skip(layer.name, DEPTHWISE_LAYER_KEPT.format(cls=layer.class_name),
+                                             [layer.name]))
+                continue
             groups = int(layer.config.get("groups", 1) or 1)
             if layer.class_name not in CONV_CLASSES or groups < 2 or call.key in self.exclude:
                 continue

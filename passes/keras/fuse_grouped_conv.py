@@ -763,10 +763,10 @@ class FuseGroupedConv:
         if channels is None:
             raise _LateBound(message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
-        for name, _value in cells:
+        for name, step in _binding_steps(cells, len(sources)):
             functions, found = [], []
             for position, source in enumerate(sources):
-                function = _lambdas.make_function(source, bind={name: position})
+                function = _lambdas.make_function(source, bind={name: position * step})
                 probed = _lambdas.probe_slice(function, source.arguments, shape)
                 if isinstance(probed, str) or len(probed.ranges) != 1:
                     break
@@ -779,11 +779,23 @@ class FuseGroupedConv:
                         rebound[source.layer] = function
                         b.slice = SliceCall(b.slice.call, b.slice.source, b.slice.axis, [channel_range], "Lambda")
                         b.tensor = 0
-                    log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to i)",
-                                concat.layer.name, message, name)
+                    log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to %s)",
+                                concat.layer.name, message, name, "i" if step == 1 else f"i*{step}")
                     return rebound
         raise _LateBound(message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
+
+
+def _binding_steps(cells: list[tuple[str, Any]], branches: int) -> list[tuple[str, int]]:
+    """Per bindable variable, the values to try for branch i: ``i`` (the loop variable itself),
+    then ``i * step`` where the late-bound value is the last of such a sequence (ShuffleNet's
+    ``offset = i * channels_per_group`` is captured, not ``i``: it holds ``(N-1) * step``)."""
+    steps = []
+    for name, value in cells:
+        steps.append((name, 1))
+        if isinstance(value, int) and branches > 1 and value > branches - 1 and value % (branches - 1) == 0:
+            steps.append((name, value // (branches - 1)))
+    return steps
 
 
 def is_join(call: Call) -> bool:

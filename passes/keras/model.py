@@ -178,7 +178,7 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
         result = _slices.read_slice(call, analysis.shape_of, analysis.lambda_results)
         if result is not None:
             analysis.slices[call.key] = result
-        if call.layer.class_name == "Lambda" and isinstance(result, str):
+        if call.layer.class_name == "Lambda" and isinstance(result, str) and call.key not in analysis.built.unbuilt:
             analysis.lambda_skips.append((call.layer.name, f"Lambda left as it is: not a channel slice ({result})"))
     _lambdas.release_probes()  # every Lambda is probed: their memory is not held past the analysis
     return analysis
@@ -245,15 +245,19 @@ def _tf_keras_load(path: Path, kfile: _config.KerasFile, *, run_code: bool) -> t
     except ImportError:
         return ""
     safe = not run_code
+    # tf-keras runs Lambda code with its own module's globals and the custom objects: given the
+    # names the rebuild gives it (``K``, ``tf``, ``np``...), code written for them loads here too.
+    names = {k: v for k, v in _lambdas.lambda_globals().items() if k != "__builtins__"} if run_code else None
     try:
         with SafeModeScope(safe), paused_gc():
             if kfile.kind == "keras":
                 with formats.scratch_dir() as scratch:
                     accepted = Path(scratch) / "accepted.keras"
                     kfile.write_accepted(accepted)
-                    model = tf_keras.models.load_model(accepted, compile=False, safe_mode=safe)
+                    model = tf_keras.models.load_model(accepted, compile=False, safe_mode=safe,
+                                                       custom_objects=names)
             else:
-                model = tf_keras.models.load_model(path, compile=False, safe_mode=safe)
+                model = tf_keras.models.load_model(path, compile=False, safe_mode=safe, custom_objects=names)
     except Exception as exc:
         return f"tf-keras cannot load the file ({one_line(exc)[:80]})"
     unreadable = _keras3_unreadable(kfile.config)
@@ -284,7 +288,20 @@ def _load_written(target: Path, *, trusted: bool):
         with _compat.unrandom_initial_values(), paused_gc():
             return keras.models.load_model(target, compile=False, safe_mode=not trusted)
     except Exception as exc:
-        raise VerificationFailed(f"the written model does not load in Keras ({one_line(exc)}); nothing was written") from exc
+        raise VerificationFailed(f"the written model does not load in Keras ({root_cause(exc)}); "
+                                 "nothing was written") from exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """The exception a failure started from, whole: ``TYPE: its first line``. Keras wraps a
+    layer's failure in a message that repeats the whole layer config; the cause is at the end of
+    the chain (``raise ... from``, or raised while handling), and is never cut mid-word."""
+    seen = {id(exc)}
+    while (exc.__cause__ or exc.__context__) is not None and id(exc.__cause__ or exc.__context__) not in seen:
+        exc = exc.__cause__ or exc.__context__
+        seen.add(id(exc))
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None], str]]:
