@@ -257,6 +257,12 @@ def save_onnx(model: ir.Model, path: Path, *, external_data: str | None = None, 
             ir.save(model, path)
         else:
             ir.save(model, path, external_data=external_data, size_threshold_bytes=threshold)
+    except ir.serde.SerdeError as exc:  # what the file held cannot be written back (a damaged attribute)
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise BadInput(f"the model cannot be written (as {shown(path.name)}): part of the input is malformed "
+                       f"({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})") from exc
     finally:
         for value, type_, shape in hidden:
             value.type, value.shape = type_, shape

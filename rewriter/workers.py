@@ -133,6 +133,7 @@ def start_worker(parent_pid: int) -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # inherited from ``spawning``
     signal.signal(signal.SIGTERM, _on_stop)
+    sys.unraisablehook = _stop_where_it_cannot_unwind
     if not _ask_death_with_parent():
         threading.Thread(target=_watch_parent, args=(parent_pid,), name="gconv-parent-watch", daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the request above was made
@@ -147,6 +148,15 @@ def check_parent(parent_pid: int) -> None:
 
 def _on_stop(signum, _frame):
     raise WorkerStop(128 + signum)
+
+
+def _stop_where_it_cannot_unwind(unraisable) -> None:
+    """A stop that lands inside a callback (an import lock's weakref, a finalizer) cannot unwind:
+    Python would print "Exception ignored" and carry on. End the worker there, quietly; its staging
+    is swept by the next run (its owner is gone)."""
+    if isinstance(unraisable.exc_value, WorkerStop):
+        os._exit(unraisable.exc_value.code if isinstance(unraisable.exc_value.code, int) else 1)
+    sys.__unraisablehook__(unraisable)
 
 
 def _ask_death_with_parent() -> bool:

@@ -285,14 +285,20 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     attr = node.attributes.get(name)
     if attr is None:
         return None
-    return [int(v) for v in attr.as_ints()]
+    try:
+        return [int(v) for v in attr.as_ints()]
+    except TypeError:  # a damaged or hand-written attribute of another type
+        raise Refused(f"{node.op_type} {node_label(node)} has a {name} attribute that is not a list of ints") from None
 
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     if attr is not None and attr.is_ref():  # inside a local function: each call site sets it
         raise Refused(f"{node.op_type} {node_label(node)} takes its {name} from the call site (@{attr.ref_attr_name})")
-    return default if attr is None else int(attr.as_int())
+    try:
+        return default if attr is None else int(attr.as_int())
+    except TypeError:
+        raise Refused(f"{node.op_type} {node_label(node)} has a {name} attribute that is not an int") from None
 
 
 def attr_str(node: ir.Node, name: str, default: str) -> str:
