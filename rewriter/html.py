@@ -421,7 +421,9 @@ def _benchmark_chart(benchmark: dict | None) -> dict | None:
 def page_context(report: dict) -> dict:
     """Everything the page template shows, computed once (the template only lays it out)."""
     before_wiring = read_wiring(report.get("input"))
-    after_wiring = read_wiring(report.get("output")) if report.get("written") else Wiring()
+    # An expansion's pattern is what it wrote: only then is the output read.
+    expanded = any(r["kind"].startswith("expand") for r in report.get("rewrites", []))
+    after_wiring = read_wiring(report.get("output")) if expanded and report.get("written") else Wiring()
     rewrites = [{"rewrite": r, "drawing": draw_rewrite(r, before_wiring, after_wiring),
                  "where": f"{r['graph']}: {r['location']}" if r.get("graph") else r["location"]}
                 for r in report.get("rewrites", [])]
