@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rewriter import formats, proof, quiet, targets
+from rewriter import formats, html, proof, quiet, targets
 from rewriter.backend import Unwritable, conversions
 from rewriter.backend import backend as backend_for
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
@@ -58,6 +58,8 @@ class Options:
     # --benchmark: time the original and the written model on the output format's runtime.
     benchmark: bool = False
     threads: int | None = None  # intra-op threads of the timed runtime (--threads); None: its default
+    # --html: the review page of this run (rewriter.html), written after the run like the output.
+    html: Path | str | None = None
     # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
     progress: Callable[[str, float], None] | None = field(default=None, compare=False)
 
@@ -99,10 +101,18 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
     options = _options(options, overrides)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
+    read = [] if _in_memory(model) else formats.input_files(Path(model))
+    if options.html is not None:  # refused before anything is loaded, like a bad -o
+        html.check_page_path(Path(options.html), read, options.force, [Path(output)] if output is not None else [])
     result = _drive(model, fmt, mode=mode, output=Path(output) if output is not None else None,
                     apply=apply, options=options)
     if options.benchmark and apply:
         _benchmark(model, fmt, result, options)
+    if options.html is not None:
+        page = Path(options.html)
+        with result.report.timed("html"):
+            text = html.render_page(result.report.to_dict())
+            html.write_page(page, text, protected=read, force=options.force)
     return result
 
 

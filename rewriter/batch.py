@@ -293,15 +293,22 @@ def worst(codes: list[int]) -> int:
     return max(codes, default=EXIT_OK)
 
 
+def table_row(r: JobResult) -> dict[str, Any]:
+    """One model's row of the batch table (and of the --html index page)."""
+    report = r.report or {}
+    verification = report.get("verification") or {}
+    verified = ("passed" if verification.get("passed") else "skipped" if verification and not verification.get("ran")
+                else "FAILED" if r.status == "verification-failed" else "-")
+    return {"input": r.input, "status": r.status, "rewrites": len(report.get("rewrites", [])), "verified": verified,
+            "exit_code": r.exit_code, "error": r.error, "output": r.output}
+
+
 def table(results: list[JobResult]) -> str:
     rows = []
     for r in results:
-        report = r.report or {}
-        rewrites = len(report.get("rewrites", [])) if report else 0
-        verification = (report.get("verification") or {}) if report else {}
-        verified = ("passed" if verification.get("passed") else "skipped" if verification and not verification.get("ran")
-                    else "FAILED" if r.status == "verification-failed" else "-")
-        rows.append([r.input, r.status, str(rewrites), verified, str(r.exit_code), r.error or (r.output or "")])
+        row = table_row(r)
+        rows.append([r.input, r.status, str(row["rewrites"]), row["verified"], str(r.exit_code),
+                     r.error or (r.output or "")])
     headers = ["model", "status", "rewrites", "verified", "exit", "output / error"]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()

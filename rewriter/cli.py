@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from rewriter import __version__, batch, config, formats, quiet, targets, workers
+from rewriter import __version__, batch, config, formats, html, quiet, targets, workers
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, RewriteError
 from rewriter.verify import parse_shapes
@@ -62,6 +62,10 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("--dry-run", is_flag=True, help="List what would change; write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the run's report as JSON to this file.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path),
+              help="Write a review page (self-contained HTML: each rewrite drawn before and after, the "
+                   "verification, the near misses) to this file; for several models, an index page linking "
+                   "one page per model (INDEX-NNN-MODEL.html beside it).")
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="stdout: human summary, or one JSON document (logs and progress go to stderr).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
@@ -111,7 +115,7 @@ def _list_targets(ctx: click.Context, param, value: bool):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
-def main(models, mode, output, force, check, dry_run, report_path, output_format, jobs, verify, inputs, shapes,
+def main(models, mode, output, force, check, dry_run, report_path, html_path, output_format, jobs, verify, inputs, shapes,
          atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, target, auto, benchmark, threads, to,
          signature, trust_lambdas, repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
@@ -120,6 +124,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
     _configure_logging(verbose)
     if check or dry_run:
         report_path = _report_asked(report_path)
+        html_path = _report_asked(html_path, "html_path")
     _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
                  target=target, auto=auto, benchmark=benchmark)
     as_json = output_format == "json"
@@ -139,6 +144,7 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         job_list = _plan_jobs(models, output, many=many, mode=mode, to=to, write=not (check or dry_run),
                               target=target, auto=auto)
         report_protected = _check_report_path(report_path, job_list, inputs)
+        html_pages = _check_html_path(html_path, job_list, inputs, report_path, force=force, many=many)
     except RewriteError as error:
         _fail(error, verbose)
 
@@ -151,6 +157,8 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
 
     if report_path is not None:
         _write_report(report_path, report_protected, results, code, single=not many, verbose=verbose)
+    if html_path is not None:
+        _write_html(html_path, html_pages, results, code, mode=mode, force=force, verbose=verbose)
     if as_json:  # (JSON escapes control characters itself)
         click.echo(json.dumps(_document(results, code, single=False), indent=2))
     elif many:
@@ -159,6 +167,8 @@ def main(models, mode, output, force, check, dry_run, report_path, output_format
         (result,) = [_printable(r) for r in results]
         _print_single(result, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
                       per_node=target is not None or auto)
+    if html_path is not None:
+        say(f"review page: {formats.shown(html_path)}")
     sys.exit(code)
 
 
@@ -212,11 +222,11 @@ def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | 
     return job_list
 
 
-def _report_asked(report_path: Path | None) -> Path | None:
+def _report_asked(report_path: Path | None, parameter: str = "report_path") -> Path | None:
     """--check and --dry-run write nothing unless the command line asks: a config's ``report``
-    (the pre-commit hook runs ``--check`` under whatever pyproject.toml a repository has) is not
-    written."""
-    source = click.get_current_context().get_parameter_source("report_path")
+    or ``html`` (the pre-commit hook runs ``--check`` under whatever pyproject.toml a repository
+    has) is not written."""
+    source = click.get_current_context().get_parameter_source(parameter)
     return report_path if source == click.core.ParameterSource.COMMANDLINE else None
 
 
@@ -349,6 +359,56 @@ def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: 
                                        or formats.same_file(report_path, job.output)):
             raise RewriteError(f"{report_path}: it is also the output of {job.input}; choose another --report")
     return read
+
+
+def _check_html_path(html_path: Path | None, jobs: list[batch.Job], inputs: Path | None, report_path: Path | None,
+                     *, force: bool, many: bool) -> dict:
+    """--html may name nothing a model reads, no model output nor the --report file, and replaces
+    a page only with --force. Returns each page to write (the index first, for several models)
+    and what none of them may replace. Several models: one page per model beside the index."""
+    if html_path is None:
+        return {}
+    read = [f for job in jobs for f in formats.input_files(job.input)]
+    if inputs is not None and inputs.exists():
+        read.append(inputs)
+    outputs = [job.output for job in jobs if job.output is not None] + ([report_path] if report_path else [])
+    pages = [html_path] + (html.model_page_names(html_path, [str(job.input) for job in jobs]) if many else [])
+    for page in pages:
+        html.check_page_path(page, read, force, outputs)
+    return {"read": read, "pages": pages}
+
+
+def _page_report(result: batch.JobResult, mode: str) -> dict:
+    """What a model's page shows: its report, or (a failed model) its error and the details."""
+    if result.report is not None:
+        return result.report
+    return {"input": result.input, "mode": mode, "error": result.error, "details": result.details,
+            "exit_code": result.exit_code}
+
+
+def _write_html(html_path: Path, planned: dict, results: list[batch.JobResult], code: int, *, mode: str,
+                force: bool, verbose: bool) -> None:
+    """--html: each model's review page, then (several models) the index linking them; each file
+    written atomically once the models are committed, like --report."""
+    pages, read = planned["pages"], planned["read"]
+    try:
+        if len(pages) == 1:
+            (result,) = results
+            html.write_page(html_path, html.render_page(_page_report(result, mode)), protected=read, force=force)
+            return
+        rows = []
+        for result, page in zip(results, pages[1:]):
+            html.write_page(page, html.render_page(_page_report(result, mode)), protected=read, force=force)
+            row = batch.table_row(result)
+            rows.append({**row, "page": page.name})
+        html.write_page(html_path, html.render_index(rows, code), protected=read, force=force)
+    except RewriteError as error:
+        written = [r.output for r in results if r.output is not None and (r.report or {}).get("written")]
+        if written:
+            error = RewriteError(error.message + f"; the review page was not written, but the model output"
+                                 f"{'s' if len(written) > 1 else ''} {', '.join(written)} "
+                                 f"{'were' if len(written) > 1 else 'was'} written")
+        _fail(error, verbose)
 
 
 def _printable(result: batch.JobResult) -> batch.JobResult:

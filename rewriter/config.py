@@ -7,7 +7,7 @@ whatever repository it runs in, so the file is read as untrusted data:
   is refused before anything is read into memory);
 - every setting must be a known long flag with a value of that flag's type;
 - settings that let the model's code run are refused (``TRUST_SETTINGS``);
-- a path setting (``report``, ``output``, ``inputs``) is taken relative to the config's folder and
+- a path setting (``report``, ``html``, ``output``, ``inputs``) is taken relative to the config's folder and
   must stay inside it, so a repository's config cannot make a run write over ``~/.bashrc``.
 
 Every refusal is a ``ConfigError``: one line, exit 2.
