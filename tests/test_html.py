@@ -219,3 +219,22 @@ def test_bad_page_paths_are_one_line(tmp_path):
     config.write_text('html = "../outside.html"\n')
     result = CliRunner().invoke(main, [str(source), "--config", str(config)])
     assert result.exit_code == 2 and "leads outside the config's folder" in result.output
+
+
+def test_target_decisions_and_the_benchmark_chart(tmp_path):
+    """--target's decisions grouped by rule, and --benchmark's bars (before/after) with their numbers."""
+    source = tmp_path / "block.onnx"
+    onnx.save(models.grouped_block("split", groups=4, channels=16, out_channels=16), source)
+    page = tmp_path / "target.html"
+    result = CliRunner().invoke(main, [str(source), "--target", "onnxruntime-cpu", "--benchmark", "--threads", "1",
+                                       "-o", str(tmp_path / "out.onnx"), "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    assert_same_outputs(source, tmp_path / "out.onnx")
+    dom = render(page, tmp_path, "target_benchmark")
+    elements = assert_reviewable(dom, [line.split(":")[0].strip() for line in result.output.splitlines()
+                                       if "fuse-split-conv" in line])
+    text = " ".join(elements.text)
+    assert "Target onnxruntime-cpu" in text and "because" in text
+    chart = [a for a in elements.tags("svg") if a.get("aria-label") == "benchmark"]
+    assert len(chart) == 1 and len(elements.tags("rect", "bar")) == 2
+    assert " ms" in text
