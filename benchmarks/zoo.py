@@ -1226,14 +1226,15 @@ def markdown(results: dict) -> str:
            else "") + f" · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
         "",
         "Random weights, no downloads. `ts` = `torch.onnx.export(dynamo=False)` opset 17, `dynamo` = the dynamo "
-        "exporter, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
+        "exporter, `-opN` = the TorchScript exporter at opset N, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
         "Conv2d → `torch.cat`; `chunkbn`: a BatchNorm2d per branch; `chunkdw`: depthwise ones too. The twin is "
         "the native export the fused legacy file should equal. Exit codes: check / fuse / expand / fuse of the "
         "expanded file. Conv = Conv nodes (g>1: how many grouped). silent: Concats (Keras: Concatenate / tf.concat) "
         "behind which two or more convs read Split/Slice outputs of one tensor, yet which the report neither "
         "rewrote nor left alone, after check / fuse / fuse of the expanded file (– : SavedModel, not read). "
         "`chunkbnact` (timm ConvNormAct blocks): `torch.chunk` → N (Conv2d → BatchNorm2d → SiLU) → `torch.cat`, "
-        "each branch's BN a channel slice of the block's, so the twin is the native export itself. "
+        "each branch's BN a channel slice of the block's, so the twin is the native export itself. `slice`: "
+        "`x[:, a:b]` per branch, `split`: `torch.split` (the second zoo, issue #21). "
         "OpenVINO: convolutions its CPU runtime model ends with, plain / grouped.",
         "",
         "| model | variant | exporter | check | fuse | rewrites | silent | Conv after fuse | Conv twin | expand | "
