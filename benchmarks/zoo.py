@@ -44,6 +44,19 @@ What it exports (no downloads: every model is built with random weights):
     Each branch's BN holds the channel slice of the block's BN parameters and SiLU is channel-wise, so the
     legacy model computes what the native one does and its twin is the native export from the same exporter
     (TorchScript and dynamo, static batch): fused, it must end with the same Conv count and groups.
+* the second zoo (issue #21, TORCH_PLAN): timm's SE-ResNeXt-26d, SK-ResNeXt-50, RegNetX/Y-002, CSPResNeXt-50,
+  DLA-46x-C, Res2NeXt-50, GC-ResNeXt-26ts, NF-RegNet-B0 (ScaledStdConv2d: grouped weights standardised at run
+  time), ESE-VoVNet-19b-dw, ReXNet-100 (partial residual: slices joined by a Concat), HGNetV2-B0 and
+  HRNet-W18-small, each TorchScript export at its own opset (11 to 20) and by the dynamo exporter, with a
+  few hand-made forms each (chunk, chunkbnact, "slice" = ``x[:, a:b]``, "split" = ``torch.split``; static
+  and dynamic batch) instead of every form on every model.
+* legacy Keras code (``benchmarks/zoo_keras_legacy.py``, framework "legacy"): ResNeXt, SE-ResNeXt, ShuffleNet
+  v1, AlexNet's two channels_first towers and DPN written in the idioms of public Keras repositories (late-
+  and correctly bound Lambda slices, Lambdas wrapping named functions, Keras 2 backend calls, tf.split /
+  tf.concat), .h5 by tf-keras and .keras by Keras 3 where the code runs there; --check, --fuse, --to onnx and
+  --to tflite (with --trust-lambdas, and --repair-late-binding where late-bound), every written file run and
+  compared with the model as its author meant it, at the features before the classifier. Its docstring says
+  more; its table closes zoo_results.md.
 * keras.applications (Keras 3): MobileNetV3Small, ConvNeXtTiny (Conv2D groups=channels), Xception
   (SeparableConv2D and parallel branches; nothing to do) as .keras, .h5 and SavedModel (``model.export``);
   tf_keras.applications: RegNetX002/RegNetY002 (Conv2D groups, group width 8; Keras 3 has no RegNet), and the
@@ -122,6 +135,46 @@ TORCH_MODELS = {
     "res2net50_14w_8s": ("timm", 64, "branches"),
     "ghostnet_050": ("timm", 64, "branches"),
     "mixnet_s": ("timm", 64, "mixed"),
+    # issue #21, the second zoo: each brings a grouped-conv idiom the ones above lack (kwargs in TIMM_KWARGS)
+    "seresnext26d_32x4d": ("timm", 64, "grouped"),  # deep stem, avg-pool shortcut, SE after the grouped 3x3
+    "skresnext50_32x4d": ("timm", 64, "grouped"),  # selective kernel: two grouped convs (3x3, dilated) on one input
+    "regnetx_002": ("timm", 64, "grouped"),  # timm's RegNet: grouped ConvNormAct (BN + ReLU) blocks
+    "regnety_002": ("timm", 64, "grouped"),  # + SE
+    "cspresnext50": ("timm", 64, "grouped"),  # CSP: half the channels bypass ResNeXt blocks, then a Concat
+    "dla46x_c": ("timm", 64, "grouped"),  # DLA tree aggregation (Concat of whole tensors) with ResNeXt blocks
+    "res2next50": ("timm", 64, "grouped"),  # Res2Net scales chained, each scale's conv grouped (cardinality 8)
+    "gcresnext26ts": ("timm", 64, "grouped"),  # ByobNet + global context attention, grouped ConvNormAct + SiLU
+    "nf_regnet_b0": ("timm", 64, "grouped"),  # ScaledStdConv2d: grouped weights standardised at run time
+    "ese_vovnet19b_dw": ("timm", 64, "depthwise"),  # OSA: a Concat of every layer's output, depthwise + 1x1
+    "rexnet_100": ("timm", 64, "depthwise"),  # partial residual: x[:, :c] + shortcut, concat x[:, c:] (slices!)
+    "hgnetv2_b0": ("timm", 64, "depthwise"),  # HG blocks: a Concat of a chain of light (1x1 + depthwise) convs
+    "hrnet_w18_small": ("timm", 64, "branches"),  # parallel resolutions, fuse layers, no groups
+}
+
+# timm kwargs that keep the second zoo's deep models small (one block a stage; same blocks, same convs)
+TIMM_KWARGS = {"seresnext26d_32x4d": {"layers": [1, 1, 1, 1]}, "skresnext50_32x4d": {"layers": [1, 1, 1, 1]},
+               "res2next50": {"layers": [1, 1, 1, 1]}}
+
+# The second zoo's export plan: the TorchScript exporter's opset (11-20 across models: Split has a ``split``
+# attribute below 13, an input from 13) and which hand-made forms (variant, exporter, dynamic batch) each model
+# gets, spread across models instead of every form on every model (the dynamo exporter takes minutes on a model
+# with hundreds of branch convs). "slice": ``x[:, a:b]`` per branch (Slice nodes); "split": ``torch.split``
+# (one Split); "chunk" / "chunkbnact" as above. Each form's twin is the native export by the same exporter,
+# opset and batch, which is exported too.
+TORCH_PLAN = {
+    "seresnext26d_32x4d": (11, [("chunk", "ts", False), ("slice", "ts", True)]),
+    "skresnext50_32x4d": (12, [("chunkbnact", "ts", False), ("split", "dynamo", False)]),
+    "regnetx_002": (13, [("chunkbnact", "ts", False), ("chunkbnact", "dynamo", False), ("split", "ts", True)]),
+    "regnety_002": (14, [("slice", "ts", False), ("chunk", "dynamo", True)]),
+    "cspresnext50": (15, [("chunkbnact", "ts", False)]),
+    "dla46x_c": (16, [("chunk", "ts", True), ("split", "dynamo", False), ("slice", "ts", False)]),
+    "res2next50": (18, [("chunk", "ts", False), ("split", "dynamo", False)]),
+    "gcresnext26ts": (19, [("chunkbnact", "ts", False), ("slice", "dynamo", False)]),
+    "nf_regnet_b0": (20, []),  # ScaledStdConv2d is no nn.Conv2d: native only (expand -> fuse round trip)
+    "ese_vovnet19b_dw": (11, []),
+    "rexnet_100": (13, []),
+    "hgnetv2_b0": (20, []),
+    "hrnet_w18_small": (17, []),
 }
 
 # Keras saves per model (each Keras CLI call costs TensorFlow's import and a Keras rebuild: keep it lean)
@@ -185,18 +238,28 @@ def build_torch(name: str):
         return getattr(tv.models, name)(weights=None)
     import timm
 
-    kwargs = {}
+    kwargs = dict(TIMM_KWARGS.get(name, {}))
     if name == "res2net50_14w_8s":
         kwargs["layers"] = [1, 1, 1, 1]
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _chunk_module(conv, with_bn: bool):
+def _chunk_module(conv, with_bn: bool, form: str = "chunk"):
+    """A grouped ``conv`` written by hand: its input cut into N channel ranges by ``torch.chunk`` (``form``
+    "chunk"), by indexing ``x[:, a:b]`` ("slice") or by ``torch.split`` with the group width ("split"), N Conv2d
+    [-> BatchNorm2d], ``torch.cat``."""
     import torch
     import torch.nn as nn
 
     groups = conv.groups
     cin, cout = conv.in_channels // groups, conv.out_channels // groups
+
+    def cut(x):
+        if form == "slice":
+            return [x[:, g * cin:(g + 1) * cin] for g in range(groups)]
+        if form == "split":
+            return torch.split(x, cin, 1)
+        return torch.chunk(x, groups, 1)
 
     class ChunkConv(nn.Module):
         """torch.chunk(x, N, 1) -> N Conv2d [-> BatchNorm2d] -> torch.cat: a grouped conv written by hand."""
@@ -216,7 +279,7 @@ def _chunk_module(conv, with_bn: bool):
             self.bns = nn.ModuleList(nn.BatchNorm2d(cout) for _ in range(groups)) if with_bn else None
 
         def forward(self, x):
-            parts = torch.chunk(x, self.groups, 1)
+            parts = cut(x)
             if self.bns is None:
                 return torch.cat([c(p) for c, p in zip(self.convs, parts)], 1)
             return torch.cat([b(c(p)) for c, p, b in zip(self.convs, parts, self.bns)], 1)
@@ -275,6 +338,7 @@ def _is_grouped_conv_norm_act(module) -> bool:
 def legacy_variant(model, variant: str):
     """Copy of ``model`` with its grouped convs rewritten by hand; returns (model, native twin, count).
 
+    "chunk", "slice", "split": the three ways to cut the input (``_chunk_module``), no BN per branch.
     "chunkbnact" rewrites only timm ConvNormAct blocks (grouped conv -> BN -> SiLU) and its twin is the model
     itself: the branches' BN and activation together compute what the block's did."""
     import copy
@@ -296,14 +360,15 @@ def legacy_variant(model, variant: str):
             if depthwise and variant != "chunkdw":
                 continue
             count += 1
-            setattr(module, child_name, _chunk_module(child, variant == "chunkbn"))
+            form = variant if variant in ("slice", "split") else "chunk"
+            setattr(module, child_name, _chunk_module(child, variant == "chunkbn", form))
             if variant == "chunkbn":
                 twin_child = getattr(twin_module, child_name)
                 setattr(twin_module, child_name, nn.Sequential(twin_child, nn.BatchNorm2d(child.out_channels)))
     return legacy, twin, count
 
 
-def export_torch(model, path: Path, size: int, exporter: str, dynamic: bool) -> None:
+def export_torch(model, path: Path, size: int, exporter: str, dynamic: bool, opset: int = 17) -> None:
     import torch
 
     model.eval()
@@ -311,7 +376,7 @@ def export_torch(model, path: Path, size: int, exporter: str, dynamic: bool) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if exporter == "ts":
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
                               output_names=["y"],
                               dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None)
         else:
@@ -333,9 +398,11 @@ class _TorchExports:
         # matrix runs on ResNeXt; the other grouped models get the forms that differ (a variant already on disk
         # from an earlier --full run is kept in the battery all the same).
         self.full = name in FULL_MATRIX or os.environ.get("ZOO_FULL_MATRIX") == "1"
+        self.opset = TORCH_PLAN[name][0] if name in TORCH_PLAN else 17  # the TorchScript exporter's
 
     def file(self, variant, exporter, dynamic) -> Path:
-        return self.folder / f"{self.name}.{variant}.{exporter}{'-dyn' if dynamic else ''}.onnx"
+        opset = f"-op{self.opset}" if exporter == "ts" and self.opset != 17 else ""
+        return self.folder / f"{self.name}.{variant}.{exporter}{opset}{'-dyn' if dynamic else ''}.onnx"
 
     def export(self, model, variant, exporter, dynamic, twin=None, expected=0, role=None) -> Path:
         """Export ``model`` as this variant (unless on disk already) and record its entry; returns the file."""
@@ -344,11 +411,14 @@ class _TorchExports:
         entry = {"name": name, "framework": "torch", "family": self.family, "kind": self.kind, "variant": variant,
                  "exporter": exporter, "dynamic": dynamic, "format": "onnx", "path": str(file),
                  "input": f"x=1,3,{size},{size}", "twin": str(twin) if twin else None,
-                 "legacy_convs": expected, "role": role or ("legacy" if variant.startswith("chunk") else "native")}
+                 "legacy_convs": expected, "role": role or ("legacy" if variant.startswith(("chunk", "slice", "split"))
+                                                            else "native")}
+        if exporter == "ts":
+            entry["opset"] = self.opset
         start = time.perf_counter()
         try:
             if not file.exists():
-                export_torch(model, file, size, exporter, dynamic)
+                export_torch(model, file, size, exporter, dynamic, self.opset)
             entry["export_seconds"] = round(time.perf_counter() - start, 2)
         except Exception as exc:  # noqa: BLE001 - an exporter failure is a result, not a crash
             entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -371,6 +441,9 @@ def torch_entries(name: str, out: Path) -> list[dict]:
     warnings.filterwarnings("ignore")
     exports = _TorchExports(name, out)
     model = build_torch(name).eval()
+    if name in TORCH_PLAN:
+        _export_planned(exports, model)
+        return exports.entries
     exports.export(model, "native", "ts", False)
     exports.export(model, "native", "dynamo", False)
     if exports.kind in ("grouped", "depthwise"):
@@ -381,6 +454,26 @@ def torch_entries(name: str, out: Path) -> list[dict]:
         legacy, _, count = legacy_variant(model, "chunkdw")
         exports.export(legacy, "chunkdw", "ts", False, exports.file("native", "ts", False), count)
     return exports.entries
+
+
+def _export_planned(exports: _TorchExports, model) -> None:
+    """The second zoo (TORCH_PLAN): the native model by both exporters (and with a dynamic batch by the
+    TorchScript one, for grouped and depthwise models), then each planned hand-made form beside its twin."""
+    exports.export(model, "native", "ts", False)
+    exports.export(model, "native", "dynamo", False)
+    if exports.kind in ("grouped", "depthwise"):
+        exports.export(model, "native", "ts", True)
+    legacy_models = {}
+    for variant, exporter, dynamic in TORCH_PLAN[exports.name][1]:
+        if variant not in legacy_models:
+            legacy_models[variant] = legacy_variant(model, variant)
+        legacy, _, count = legacy_models[variant]
+        if not count:
+            continue
+        twin = exports.file("native", exporter, dynamic)
+        if not any(e["path"] == str(twin) for e in exports.entries):
+            exports.export(model, "native", exporter, dynamic)
+        exports.export(legacy, variant, exporter, dynamic, twin, count)
 
 
 def _export_legacy_grouped(exports: _TorchExports, model) -> None:
@@ -1133,14 +1226,15 @@ def markdown(results: dict) -> str:
            else "") + f" · battery {meta['battery_seconds']:.0f} s (exports {meta['export_seconds']:.0f} s)",
         "",
         "Random weights, no downloads. `ts` = `torch.onnx.export(dynamo=False)` opset 17, `dynamo` = the dynamo "
-        "exporter, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
+        "exporter, `-opN` = the TorchScript exporter at opset N, `-dyn` = dynamic batch. `chunk`: every grouped (non-depthwise) `nn.Conv2d` as `torch.chunk` → N "
         "Conv2d → `torch.cat`; `chunkbn`: a BatchNorm2d per branch; `chunkdw`: depthwise ones too. The twin is "
         "the native export the fused legacy file should equal. Exit codes: check / fuse / expand / fuse of the "
         "expanded file. Conv = Conv nodes (g>1: how many grouped). silent: Concats (Keras: Concatenate / tf.concat) "
         "behind which two or more convs read Split/Slice outputs of one tensor, yet which the report neither "
         "rewrote nor left alone, after check / fuse / fuse of the expanded file (– : SavedModel, not read). "
         "`chunkbnact` (timm ConvNormAct blocks): `torch.chunk` → N (Conv2d → BatchNorm2d → SiLU) → `torch.cat`, "
-        "each branch's BN a channel slice of the block's, so the twin is the native export itself. "
+        "each branch's BN a channel slice of the block's, so the twin is the native export itself. `slice`: "
+        "`x[:, a:b]` per branch, `split`: `torch.split` (the second zoo, issue #21). "
         "OpenVINO: convolutions its CPU runtime model ends with, plain / grouped.",
         "",
         "| model | variant | exporter | check | fuse | rewrites | silent | Conv after fuse | Conv twin | expand | "
@@ -1165,7 +1259,8 @@ def markdown(results: dict) -> str:
         ov_cell = "–" if not ov else ("error" if "error" in ov else f"{ov['convolution']}/{ov['group_convolution']}")
         times = "/".join(f"{calls[m]['seconds']:.1f}" if m in calls else "–"
                          for m in ("check", "fuse", "expand", "roundtrip"))
-        exporter = entry["exporter"] + ("-dyn" if entry["dynamic"] and entry["format"] == "onnx" else "")
+        exporter = entry["exporter"] + (f"-op{entry['opset']}" if entry.get("opset", 17) != 17 else "") + \
+            ("-dyn" if entry["dynamic"] and entry["format"] == "onnx" else "")
         problems = "; ".join(entry.get("problems", [])) or "ok"
         if entry.get("notes"):
             problems += " (note: " + "; ".join(entry["notes"]) + ")"
@@ -1185,6 +1280,8 @@ def markdown(results: dict) -> str:
               f"ONNX ones op for op: {s['legacy_op_match']}/{s['legacy_onnx']} (ignoring Identity: "
               f"{s['legacy_op_match_but_identity']}/{s['legacy_onnx']}); round trips restoring every grouped conv: "
               f"{s['roundtrip_ok']}/{s['roundtrips']} (op for op: {s['roundtrip_ops']}/{s['roundtrips']}); files with a problem: {s['with_problems']}.", ""]
+    if results.get("legacy_keras"):
+        lines += results["legacy_keras"]["markdown"]
     return "\n".join(lines)
 
 
@@ -1355,6 +1452,12 @@ def main(argv: list[str] | None = None) -> int:
     run_battery(entries, out)
     cli_seconds = time.perf_counter() - start
     stats = _judge_entries(entries, openvino=not args.no_openvino)
+    legacy_keras = None
+    if "legacy" in args.frameworks.split(","):  # issue #21: the legacy Keras code battery (its own exports)
+        sys.path.insert(0, str(HERE.parent))
+        import zoo_keras_legacy
+
+        legacy_keras = zoo_keras_legacy.run(out, args.only)
     battery_seconds = time.perf_counter() - start
 
     results = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -1363,6 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
                         **versions(), "commit_at_start": tool_at_start},
                "entries": entries, "stats": stats}
     results["summary"] = summarize(results)
+    if legacy_keras is not None:
+        results["legacy_keras"] = legacy_keras
     args.results.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.results}.json").write_text(json.dumps(results, indent=1, default=str))
     Path(f"{args.results}.md").write_text(markdown(results))
@@ -1386,7 +1491,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="work folder (models and outputs); default a fresh tmp dir")
     parser.add_argument("--only", action="append", default=[], help="substring of model names to run (repeatable)")
     parser.add_argument("--variant", action="append", default=[], help="only these variants (native, chunk, ...)")
-    parser.add_argument("--frameworks", default="torch,keras,tfkeras", help="comma list: torch, keras, tfkeras")
+    parser.add_argument("--frameworks", default="torch,keras,tfkeras,legacy",
+                        help="comma list: torch, keras, tfkeras, legacy (the legacy Keras code battery, "
+                             "benchmarks/zoo_keras_legacy.py)")
     parser.add_argument("--full-matrix", action="store_true",
                         help="every exporter/batch/BN variant for every grouped torch model (slow: dynamo)")
     parser.add_argument("--skip-export", action="store_true", help="reuse the manifest in --out")
@@ -1411,7 +1518,8 @@ def _battery_entries(args, out: Path) -> list[dict]:
     else:
         entries = []
         for framework in frameworks:
-            entries += run_exports(framework, out / "models", args.only, args.full_matrix)
+            if framework != "legacy":  # zoo_keras_legacy exports its own
+                entries += run_exports(framework, out / "models", args.only, args.full_matrix)
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else []
         keep = {e["path"]: e for e in previous}
         keep.update({e["path"]: e for e in entries})
