@@ -302,3 +302,25 @@ def test_constant_node_parameters_are_counted(tmp_path):
     assert [r.groups for r in report.rewrites] == [4]
     assert report.before.parameters == report.after.parameters == 16 * 4 * 9 + 16
     assert groups_of(expanded) == [1] * 4
+
+
+def test_two_groups_reading_one_split_both_fuse(tmp_path):
+    """SK-ResNeXt as the dynamo exporter writes it: one Split feeds two hand-made groups (3×3 and a
+    dilated 3×3 path), each joined by its own Concat. Both fuse; the Split goes once neither reads it."""
+    b = GraphBuilder(opset=18, seed=9)
+    parts = b.split("x", 16, 4)
+    paths = []
+    for dilation in (1, 2):
+        outs = [b.conv(p, b.weight((4, 4, 3, 3), 36), None, kernel_shape=[3, 3], pads=[dilation] * 4,
+                       dilations=[dilation] * 2) for p in parts]
+        paths.append(b.node("Concat", outs, axis=1)[0])
+    b.nodes.append(helper.make_node("Add", paths, ["y"], name="sum"))
+    path = tmp_path / "sk.onnx"
+    onnx.save(b.model([("x", ["N", 16, 8, 8])], [("y", ["N", 16, 8, 8])]), path)
+    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    assert [r.groups for r in report.rewrites] == [4, 4] and report.skipped == []
+    fused = onnx.load(str(tmp_path / "out.onnx"))
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Conv") == 2 and "Split" not in ops and "Concat" not in ops
+    assert report.verification.passed and all(e["passed"] for r in report.rewrites for e in r.boundary)
+    assert_same_outputs(path, tmp_path / "out.onnx", shapes={"x": [2, 16, 8, 8]})

@@ -284,7 +284,12 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _read_ranges(self, model: ir.Model, chains: list[_Chain]) -> None:
         for chain in chains:
-            if chain.entry.is_graph_output() or len(chain.entry.uses()) != 1:
+            # Another group's branch conv may read the same Split output (the dynamo exporter merges
+            # equal torch.split calls: SK-ResNeXt's kernel paths): the Split stays for it. Any other
+            # reader is outside the pattern.
+            others = [use.node for use in chain.entry.uses() if use.node is not chain.ops[0]]
+            if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
+                    or len(others) + 1 != len(chain.entry.uses()):
                 raise Refused(f"branch input {chain.entry.name} is used outside its branch")
         first_reader = chains[0].entry.producer()
         source = first_reader.inputs[0]
@@ -610,7 +615,11 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _emit(self, graph: ir.Graph, position: dict[int, int], concat: ir.Node, chains: list[_Chain],
               readers: list[ir.Node], fused: _Fused) -> None:
-        old_nodes = readers + _nodes_of([op for c in chains for op in c.ops[:fused.length]])
+        branch_ops = _nodes_of([op for c in chains for op in c.ops[:fused.length]])
+        # A reader another group's convs still read stays until that group is fused too.
+        replaced = {id(op) for op in branch_ops}
+        old_nodes = [r for r in readers if all(id(use.node) in replaced for out in r.outputs for use in out.uses())] \
+            + branch_ops
         # In front of the first node of the structure: the source is ready there, and every
         # node that reads the fused result comes later.
         first = min(old_nodes, key=lambda node: position.get(id(node), len(position)))
