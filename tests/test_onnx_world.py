@@ -324,3 +324,25 @@ def test_two_groups_reading_one_split_both_fuse(tmp_path):
     assert ops.count("Conv") == 2 and "Split" not in ops and "Concat" not in ops
     assert report.verification.passed and all(e["passed"] for r in report.rewrites for e in r.boundary)
     assert_same_outputs(path, tmp_path / "out.onnx", shapes={"x": [2, 16, 8, 8]})
+
+
+def test_a_weight_standardised_by_an_inference_batchnorm_is_folded(tmp_path):
+    """NF-RegNet as the dynamo exporter writes ScaledStdConv2d: the grouped conv's weight is
+    Reshape(BatchNormalization(Reshape(W), gain, 0, mean, var)) over initializers, inference mode.
+    It folds, so the grouped conv expands (it was "weights are not constants")."""
+    b = GraphBuilder(opset=18, seed=3)
+    w = b.weight((8, 2, 3, 3), 18)
+    flat = b.node("Reshape", [b.const("W", w), b.const("flat", np.array([1, 8, 18], np.int64))])[0]
+    mean, var = w.reshape(8, -1).mean(1), w.reshape(8, -1).var(1)
+    standard = b.node("BatchNormalization", [flat, b.const("gain", np.full(8, 0.5, np.float32)),
+                                             b.const("zero", np.zeros(8, np.float32)), b.const("mean", mean),
+                                             b.const("var", var)], epsilon=1e-5)[0]
+    weight = b.node("Reshape", [standard, b.const("shape", np.array([8, 2, 3, 3], np.int64))])[0]
+    b.nodes.append(helper.make_node("Conv", ["x", weight], ["y"], name="conv", group=4, kernel_shape=[3, 3],
+                                    pads=[1, 1, 1, 1]))
+    path = tmp_path / "nf.onnx"
+    onnx.save(b.model([("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])]), path)
+    report = rewriter.expand(path, output=tmp_path / "out.onnx").report
+    assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
+    assert op_counts(onnx.load(str(tmp_path / "out.onnx")))["Conv"] == 4
+    assert_same_outputs(path, tmp_path / "out.onnx")

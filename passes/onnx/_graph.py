@@ -38,6 +38,15 @@ WEIGHT_COMPUTING_OPS = frozenset({"ConstantOfShape", "Add", "Sub", "Mul", "Div",
 _MAX_CONSTANT_DEPTH = 16  # a deeper chain is not "a small constant expression"
 
 
+def _int_attribute(node: ir.Node, name: str) -> int | None:
+    """An int attribute's value, None when absent or not a plain int."""
+    attr = node.attributes.get(name)
+    try:
+        return None if attr is None or attr.is_ref() else int(attr.as_int())
+    except TypeError:
+        return -1
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind a value, or None: an initializer, a ``Constant`` node, or a small
     constant expression over them (``Identity`` chains, Cast, Reshape, Squeeze/Unsqueeze,
@@ -61,8 +70,12 @@ def _resolve(value: ir.Value | None, depth: int, done: dict[int, np.ndarray | No
     if tensor is not None:
         return tensor.numpy()
     node = value.producer()
+    # BatchNormalization in inference mode over constants (the dynamo exporter's ScaledStdConv2d) is
+    # a plain affine map, computed the same by onnxruntime and the reference; training mode is not.
+    inference_bn = node is not None and node.op_type == "BatchNormalization" and len(node.outputs) == 1 \
+        and _int_attribute(node, "training_mode") in (None, 0)
     if (node is None or depth <= 0 or node.op_type not in CONSTANT_EXPRESSION_OPS | WEIGHT_COMPUTING_OPS
-            or node.domain not in ("", "ai.onnx") or value.is_graph_input()):
+            and not inference_bn or node.domain not in ("", "ai.onnx") or value.is_graph_input()):
         return None
     if node.op_type == "Identity":
         return _resolve(node.inputs[0], depth - 1, done)
