@@ -284,13 +284,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _read_ranges(self, model: ir.Model, chains: list[_Chain]) -> None:
         for chain in chains:
-            # Another group's branch conv may read the same Split output (the dynamo exporter merges
-            # equal torch.split calls: SK-ResNeXt's kernel paths): the Split stays for it. Any other
-            # reader is outside the pattern.
-            others = [use.node for use in chain.entry.uses() if use.node is not chain.ops[0]]
-            if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
-                    or len(others) + 1 != len(chain.entry.uses()):
-                raise Refused(f"branch input {chain.entry.name} is used outside its branch")
+            _check_read_only_by_branches(chain)
         first_reader = chains[0].entry.producer()
         source = first_reader.inputs[0]
         convs = [next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains]
@@ -732,6 +726,16 @@ def _combines_without_groups(chains: list[_Chain], fused: _Fused) -> bool:
         return False
     widths = [_out_channels(next(op for op in c.ops if op.op_type in CONV_OPS)) for c in chains]
     return len(set(widths)) > 1
+
+
+def _check_read_only_by_branches(chain: _Chain) -> None:
+    """A branch's input (a Split or Slice output) may be read by its first op, and by branch convs of
+    another group (the dynamo exporter merges equal torch.split calls: SK-ResNeXt's kernel paths),
+    for which the Split stays; any other reader is outside the pattern."""
+    others = [use.node for use in chain.entry.uses() if use.node is not chain.ops[0]]
+    if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
+            or len(others) + 1 != len(chain.entry.uses()):
+        raise Refused(f"branch input {chain.entry.name} is used outside its branch")
 
 
 def _describe(value) -> str:
