@@ -19,7 +19,7 @@ import click
 
 from rewriter import __version__, batch, config, formats, html, quiet, targets, workers
 from rewriter.api import Options
-from rewriter.errors import EXIT_BAD_INPUT, RewriteError
+from rewriter.errors import EXIT_BAD_INPUT, BadInput, RewriteError
 from rewriter.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
@@ -204,9 +204,23 @@ def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_gr
         raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
 
 
+def _check_model_paths(models, output: Path | None) -> None:
+    """Habits of other tools, answered before anything runs: ``-`` for stdin, and onnxsim's
+    ``TOOL IN OUT`` (a second path that does not exist and is named like an output)."""
+    if any(str(model) == "-" for model in models):
+        raise BadInput("-: models are read from files (standard input is not supported); pass the model's path")
+    last = models[-1] if len(models) == 2 else None
+    written = set(formats.WRITE_SUFFIX.values()) | set(formats.MODEL_SUFFIXES)
+    if last is not None and output is None and models[0].exists() and not last.exists() \
+            and last.suffix.lower() in written - {""}:
+        raise BadInput(f"{formats.shown(last)}: no such model; to write the output there, "
+                       f"pass it with -o: gconv-rewrite {formats.shown(models[0])} -o {formats.shown(last)}")
+
+
 def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | None, write: bool,
                target: str | None, auto: bool) -> list[batch.Job]:
     """The jobs of this run, each with the output it writes (None: writes nothing)."""
+    _check_model_paths(models, output)
     if many and output is not None and output.exists() and not output.is_dir():
         raise RewriteError(f"{output}: with several models, -o names a folder")
     job_list = batch.plan_jobs(models, output if many else None, mode=mode, to=to, write=write)
