@@ -183,6 +183,12 @@ def overridable_input(value: ir.Value | None) -> str | None:
     return None if found is None else found.name or "an unnamed input"
 
 
+def graph_input_name(value: ir.Value | None) -> str | None:
+    """The name of the graph input (initializer or not) a value is or is computed from, or None."""
+    found = _graph_input_behind(value, initializers_only=False)
+    return None if found is None else found.name or "an unnamed input"
+
+
 def _graph_input_behind(value: ir.Value | None, *, initializers_only: bool) -> ir.Value | None:
     pending, seen = [value], set()
     while pending:

@@ -210,7 +210,7 @@ def _read_ranges(model: ir.Model, convs: list[ir.Node]) -> tuple[list[ChannelRea
     readers = list(dict.fromkeys(conv.inputs[X].producer() for conv in convs))
     for reader in readers:
         for value in list(reader.inputs)[1:]:  # split sizes, slice bounds: never baked in if overridable
-            graph_input = _graph_input_behind(value)
+            graph_input = g.graph_input_name(value)
             if graph_input is not None:
                 label = f"{reader.op_type} {reader.name}" if reader.name else reader.op_type
                 raise Refused(f"{label} reads its bounds from graph input {graph_input} (replaceable at run time)")
@@ -315,7 +315,7 @@ def _shared(values: list[tuple[str, ir.Value]], role: str, join_label: str) -> i
     every branch (and the join) reads; Refused with the first difference otherwise."""
     same_value = len({id(v) for _, v in values}) == 1
     for label, value in values:
-        graph_input = _graph_input_behind(value)
+        graph_input = g.graph_input_name(value)
         if graph_input is not None and not same_value:
             raise Refused(f"{label} is graph input {graph_input} (replaceable at run time), "
                           "not read by every branch alike")
@@ -343,7 +343,7 @@ def _branch_constants(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None, np.
         value = inputs[index]
         if value is None:
             continue
-        graph_input = _graph_input_behind(value)
+        graph_input = g.graph_input_name(value)
         if graph_input is not None:
             raise Refused(f"{_label(conv)} reads its {role} from graph input {graph_input} (replaceable at run time)")
         arrays[index] = g.const_array(value)
@@ -448,25 +448,6 @@ def _weight_rank(conv: ir.Node) -> int | None:
 def _in_channels(conv: ir.Node) -> int | None:
     shape = _weight_shape(conv)
     return None if shape is None else int(shape[1]) * g.attr_int(conv, "group", 1)
-
-
-def _graph_input_behind(value: ir.Value | None) -> str | None:
-    """The name of the graph input a constant is (or is computed from), or None: such a value
-    can be replaced at run time, so it must never be stacked, folded or removed."""
-    if not g.is_replaceable(value):
-        return None
-    pending, seen = [value], set()
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.is_graph_input():
-            return current.name
-        producer = current.producer()
-        if producer is not None:
-            pending.extend(producer.inputs)
-    return value.name
 
 
 def _label(conv: ir.Node) -> str:
