@@ -102,6 +102,11 @@ class Report:
 
     @contextmanager
     def timed(self, phase: str):
+        # A plain attribute, not a field: progress display is not part of the report's data. A
+        # listener with ``started`` hears of each phase as it starts, too (rewriter.progress).
+        started = getattr(getattr(self, "on_phase", None), "started", None)
+        if started is not None:
+            started(phase)
         start = time.perf_counter()
         try:
             yield
