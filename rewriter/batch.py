@@ -138,7 +138,10 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
     try:
         if job.output is not None and job.mirrored:
             job.output.parent.mkdir(parents=True, exist_ok=True)
-        result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
+        if dry_run:
+            result = _dry_run(job.input, mode, options)
+        else:
+            result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
         report = result.report
         found = len(report.rewrites)
         # A finding (late binding) is a fault to fix like a group to fuse: not clean.
@@ -169,6 +172,21 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
                          seconds=time.perf_counter() - start,
                          details=traceback.format_exc().splitlines() if verbose else [],
                          error_kind=envelope.INTERNAL)
+
+
+def _dry_run(path: Path, mode: str, options):
+    """--dry-run: the rewrite done in memory for its true counts after (rewriter.api.dry_run);
+    where the model cannot be rebuilt (a Keras file read only as data), what a find-only run sees,
+    with the reason the counts after are missing."""
+    from rewriter.api import dry_run, rewrite
+
+    try:
+        return dry_run(path, mode=mode, options=options)
+    except RewriteError as error:
+        result = rewrite(path, mode=mode, output=None, apply=False, options=options)
+        result.report.after = None
+        result.report.dry_run_note = f"the counts after were not computed (the rewrite needs: {error.message})"
+        return result
 
 
 def run_all(jobs: list[Job], *, processes: int, on_done: Callable[[int, JobResult], None], **kwargs) -> list[JobResult]:

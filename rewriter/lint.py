@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass
 
 from rewriter import formats
+from rewriter.report import rewrite_kind
 
 NEAR_MISS = "near-miss"  # the code of a skip record that carries none of its own
 
@@ -26,13 +27,6 @@ class Finding:
     # "error": --check fails on it (or the model failed); "warning": a near miss left alone;
     # "notice": a rewrite a real run made.
     severity: str
-
-
-def rewrite_kind(kind: str) -> str:
-    """What a rewrite record is: a "fusion", an "expansion" or a "batchnorm fold"."""
-    if "fold" in kind:
-        return "batchnorm fold"
-    return "expansion" if "expand" in kind else "fusion"
 
 
 def rewrite_code(kind: str) -> str:
