@@ -34,6 +34,10 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
     try:
         path, defaults = config.load(ctx, value)
     except RewriteError as error:
+        if ctx.meta.get("gconv_json"):
+            document = envelope.document([], EXIT_BAD_INPUT, error={"kind": envelope.error_kind(error),
+                                                                    "message": error.message})
+            click.echo(json.dumps(document, indent=2))
         click.echo(f"gconv-rewrite: error: {error.message}", err=True)
         ctx.exit(EXIT_BAD_INPUT)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

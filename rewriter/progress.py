@@ -36,7 +36,8 @@ class Phases:
 
     def started(self, phase: str) -> None:
         now = time.perf_counter()
-        self.first = now if self.first is None else self.first
+        if self.first is None or phase == "load":  # "load": the first phase of each model's run
+            self.first = now
         self.phase_start = now
         if now - self.first >= QUIET_START_S:
             self.say(f"  {self.prefix}{phase} … ({now - self.first:.1f} s)")

@@ -111,6 +111,16 @@ def test_a_run_level_error_answers_in_json(tmp_path):
     assert result.stderr.startswith("gconv-rewrite: error: ")
 
 
+def test_a_bad_config_answers_in_json(model, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("this is not toml = = =")
+    result = invoke(model, "--config", config, "--format", "json")
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    check_envelope(document, 2)
+    assert document["error"]["kind"] == "bad-input" and str(config) in document["error"]["message"]
+
+
 def test_list_targets_in_json():
     result = invoke("--list-targets", "--format", "json")
     assert result.exit_code == 0, result.output

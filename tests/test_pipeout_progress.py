@@ -101,6 +101,11 @@ def test_phases_are_announced_as_they_start_once_the_model_is_slow(monkeypatch):
     phases("verify", 63.5)
     assert said == ["  m.keras: load done (28.0 s)", "  m.keras: rewrite … (28.0 s)",
                     "  m.keras: verify … (28.5 s)", "  m.keras: verify done (35.0 s)"]
+    phases.started("load")  # the next model of a batch: its clock starts again
+    clock.now += 0.5
+    phases("load", 0.5)
+    phases.started("rewrite")
+    assert len(said) == 4
 
 
 def test_report_timed_tells_a_listener_when_a_phase_starts():
