@@ -237,10 +237,14 @@ def _print_results(results: list[batch.JobResult], code: int, *, output_format: 
         click.echo(json.dumps(envelope.document(results, code), indent=2))
         return
     findings = [f for r in results for f in lint.model_findings(r, check=check or dry_run)]
+    failed_alone = not many and results[0].error is not None  # one model: its one-line error says it all
+    footer = lint.footer(results, mode=mode, check=check, fix=fix) if (check or dry_run) and not failed_alone \
+        else None
     if output_format == "github":
         for finding in findings:
             click.echo(lint.github_line(finding))
-        footer = lint.footer(results, mode=mode, check=check, fix=fix)
+        if failed_alone:
+            click.echo(f"gconv-rewrite: error: {formats.shown(results[0].error)}", err=True)
         if footer is not None and not quiet:
             click.echo(footer)
         return
@@ -251,7 +255,6 @@ def _print_results(results: list[batch.JobResult], code: int, *, output_format: 
         (result,) = printable
         _print_single(result, findings, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
                       per_node=per_node)
-    footer = lint.footer(results, mode=mode, check=check, fix=fix) if check or dry_run else None
     if footer is not None:
         say(footer)
     if not many and results[0].error is None:

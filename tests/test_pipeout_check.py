@@ -141,3 +141,18 @@ def test_the_command_line_check_of_a_folder_exits_1_with_the_location(folder):
     location = rewrite_location(folder / "fusable.onnx")
     assert f"{folder / 'fusable.onnx'}: {location}: fusable-group " in done.stdout
     assert "run: gconv-rewrite" in done.stdout.splitlines()[-1]
+
+
+def test_one_failed_model_is_its_one_line_error_only(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not protobuf at all" * 4)
+    for flags in ([], ["--format", "github"]):
+        result = invoke(broken, "--check", *flags)
+        assert result.exit_code == 2
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("gconv-rewrite: error: ") and "not a valid ONNX model" in line
+        if flags:  # the annotation, and no footer
+            (annotation,) = result.stdout.splitlines()
+            assert annotation.startswith(f"::error file={broken},title=error::-: ")
+        else:
+            assert result.stdout == ""
