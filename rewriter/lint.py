@@ -54,7 +54,7 @@ def model_findings(result, *, check: bool) -> list[Finding]:
     real run) and each skip (a near miss, or a finding such as late binding)."""
     path = result.input
     if result.error is not None:
-        return [Finding(path, "-", result.status, result.error, "error")]
+        return [Finding(path, "-", result.error_kind or result.status, result.error, "error")]
     report = result.report or {}
     found = [Finding(path, _where(r), rewrite_code(r["kind"]) if check else r["kind"], _rewrite_message(r),
                      "error" if check else "notice")

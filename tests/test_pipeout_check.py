@@ -83,7 +83,7 @@ def test_a_failed_model_is_a_line_too(folder):
     result = invoke(folder, "--check", "-q")
     assert result.exit_code == 2
     (broken,) = [line for line in result.stdout.splitlines() if "broken.onnx" in line]
-    assert broken.startswith(f"{folder / 'broken.onnx'}: -: error ") and "not a valid ONNX model" in broken
+    assert broken.startswith(f"{folder / 'broken.onnx'}: -: bad-input ") and "not a valid ONNX model" in broken
 
 
 def test_github_annotations(folder):
@@ -153,6 +153,6 @@ def test_one_failed_model_is_its_one_line_error_only(tmp_path):
         assert line.startswith("gconv-rewrite: error: ") and "not a valid ONNX model" in line
         if flags:  # the annotation, and no footer
             (annotation,) = result.stdout.splitlines()
-            assert annotation.startswith(f"::error file={broken},title=error::-: ")
+            assert annotation.startswith(f"::error file={broken},title=bad-input::-: ")
         else:
             assert result.stdout == ""
