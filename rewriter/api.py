@@ -188,7 +188,7 @@ def dry_run(model: str | Path | ir.Model, *, mode: str = "fuse", options: Option
     memory (BatchNorm folds too, counted as their own rewrites), the counts after are taken from
     it, and it is saved in scratch only to measure its size. Nothing is verified or converted
     (``--to``: the sizes are the input format's)."""
-    options = replace(_options(options, overrides), verify=False, benchmark=False, html=None)
+    options = _options(options, overrides)  # (the driver returns before verifying; --html, --benchmark: rewrite's)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
     return _drive(model, fmt, mode=mode, output=None, apply=True, options=options, measure_only=True)
