@@ -86,7 +86,7 @@ class _Command(click.Command):
 
 
 def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
-    if ctx.meta.get("gconv_json"):
+    if ctx.meta.get("gconv_json") or ctx.params.get("output_format") == "json":  # the flag, or a config's format
         document = envelope.document([], error.exit_code, error={"kind": envelope.USAGE, "message": error.format_message()})
         click.echo(json.dumps(document, indent=2))
 

@@ -96,6 +96,14 @@ def test_usage_errors_answer_in_json_too(model, args, says):
     assert says in result.stderr  # the one-line error stays on stderr
 
 
+def test_usage_error_under_a_config_format_json(model, tmp_path):
+    config = tmp_path / "gconv.toml"
+    config.write_text('format = "json"\n')
+    result = invoke(model, "--config", config, "--check", "--dry-run")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["kind"] == "usage"
+
+
 def test_usage_error_without_json_prints_no_json(model):
     result = invoke(model, "--check", "--dry-run")
     assert result.exit_code == 2 and result.stdout == ""
