@@ -102,7 +102,7 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="Intra-op threads of the runtime --benchmark and --auto time on (default: the runtime's).")
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
               help="Print the targets and what each wants per grouped conv, then exit.")
-@click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras", "tflite"]), default=None,
+@click.option("--to", "to", type=click.Choice(formats.output_formats()), default=None,
               help="Output format for SavedModel/Keras inputs (default: same as the input); savedmodel "
                    "from Keras: exported, frozen, verified in TF, NAME.fused/; tflite: "
                    "TensorFlow's converter, verified in the TFLite interpreter, NAME.tflite.")
@@ -120,7 +120,7 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
          signature, trust_lambdas, repair_late_binding, quiet, verbose):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
-    .onnx, .keras, .h5, .hdf5 files and SavedModel directories."""
+    {suffixes} files and SavedModel directories."""
     _configure_logging(verbose)
     if check or dry_run:
         report_path = _report_asked(report_path)
@@ -172,6 +172,10 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
     sys.exit(code)
 
 
+# The help names the suffixes a folder walk picks up, from the format table.
+main.help = main.help.replace("{suffixes}", formats.suffixes_shown())
+
+
 def _configure_logging(verbose: bool) -> None:
     """Logs go to stderr (stdout may hold the one JSON document); debug level only with -v."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -210,7 +214,7 @@ def _check_model_paths(models, output: Path | None) -> None:
     if any(str(model) == "-" for model in models):
         raise BadInput("-: models are read from files (standard input is not supported); pass the model's path")
     last = models[-1] if len(models) == 2 else None
-    written = set(formats.WRITE_SUFFIX.values()) | set(formats.MODEL_SUFFIXES)
+    written = {f.write_suffix for f in formats.FORMATS} | set(formats.model_suffixes())
     if last is not None and output is None and models[0].exists() and not last.exists() \
             and last.suffix.lower() in written - {""}:
         raise BadInput(f"{formats.shown(last)}: no such model; to write the output there, "

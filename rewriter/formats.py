@@ -17,8 +17,9 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rewriter.lazy import lazy_module
@@ -34,32 +35,100 @@ except ImportError:  # not POSIX: no advisory locks, the pid alone tells a dead 
 
 from rewriter.errors import BadInput, OutputError
 
-# The one table of file formats and suffixes. Detection (``detect_format``), the default output
-# name (``default_output``), folder walks (``rewriter.batch.walk``) and the CLI's help all read it,
-# so a suffix the tool reads is also one it walks and one whose default output it accepts
-# (``.hdf5`` was read as Keras but walked past, and its default ``m.fused.hdf5`` refused).
-# SavedModels are folders (``saved_model.pb`` inside), not suffixes.
-READ_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "onnx": (".onnx",),
-    "keras": (".keras", ".h5", ".hdf5"),  # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3
-}
-# What each format's outputs are named with ("" for a SavedModel folder). Keras writes only the
-# Keras 3 archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
-WRITE_SUFFIX: dict[str, str] = {"onnx": ".onnx", "keras": ".keras", "savedmodel": "", "tflite": ".tflite"}
-ONNX_SUFFIXES = READ_SUFFIXES["onnx"]
-# Every file suffix a folder walk picks up: the model files the tool reads.
-MODEL_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in READ_SUFFIXES.values() for s in suffixes)
+# The one table of model formats. Detection (``detect_format``), the default output name
+# (``default_output``), folder walks (``rewriter.batch.walk``), the CLI's ``--to`` choices and help,
+# the benchmark's runtimes (``rewriter.benchmark.RUNTIMES``) and the driver's backend and
+# conversion lookup (``rewriter.backend``) all read it: a new format is its package plus one row.
+# (When each kept its own list, ``.hdf5`` was read as Keras but walked past, and its default
+# output ``m.fused.hdf5`` refused.)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # as --to and reports name it
+    read_suffixes: tuple[str, ...]  # files read as this format (lower case); () for none
+    folder_marker: str | None  # a folder holding this file is one model of this format
+    write_suffix: str  # of what it writes ("" for a folder)
+    backend: str  # "module:Class" of its rewriter.backend.Backend
+    runtime: str  # the runtime --benchmark times it on, as reported
+    runtime_loader: str  # "module:function": (path, threads, options) -> rewriter.benchmark.Loaded
+    # --to FORMAT from an input of this format: the conversion hops the driver chains, each "module:Class".
+    conversions: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the tool takes it as input (TFLite is an output format only)."""
+        return bool(self.read_suffixes) or self.folder_marker is not None
+
+
+_TF_TO_ONNX = "passes.tf.to_onnx:SavedModelToOnnx"
+_KERAS_TO_SAVEDMODEL = "passes.keras.to_savedmodel:KerasToSavedModel"
+
+FORMATS: tuple[Format, ...] = (
+    Format("onnx", (".onnx",), None, ".onnx", "passes.onnx.backend:OnnxBackend",
+           "onnxruntime", "rewriter.benchmark:_load_onnx"),
+    Format("savedmodel", (), "saved_model.pb", "", "passes.tf.backend:SavedModelBackend",
+           "tensorflow", "rewriter.benchmark:_load_savedmodel",
+           {"onnx": (_TF_TO_ONNX,), "tflite": ("passes.tflite.from_savedmodel:SavedModelToTFLite",)}),
+    # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3. Keras writes only the Keras 3
+    # archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
+    Format("keras", (".keras", ".h5", ".hdf5"), None, ".keras", "passes.keras.backend:KerasBackend",
+           "keras", "rewriter.benchmark:_load_keras",
+           {"onnx": (_KERAS_TO_SAVEDMODEL, _TF_TO_ONNX), "savedmodel": (_KERAS_TO_SAVEDMODEL,),
+            "tflite": ("passes.tflite.from_keras:KerasToTFLite",)}),
+    Format("tflite", (), None, ".tflite", "passes.tflite.backend:TFLiteBackend",
+           "tflite", "rewriter.benchmark:_load_tflite"),
+)
+
+# Views of the table as it was at import (tests and callers that want a constant); the functions
+# below read ``FORMATS`` itself, so a row added at run time is detected and walked too.
+READ_SUFFIXES: dict[str, tuple[str, ...]] = {f.name: f.read_suffixes for f in FORMATS if f.read_suffixes}
+WRITE_SUFFIX: dict[str, str] = {f.name: f.write_suffix for f in FORMATS}
+ONNX_SUFFIXES = FORMATS[0].read_suffixes
+MODEL_SUFFIXES: tuple[str, ...] = tuple(s for f in FORMATS for s in f.read_suffixes)
+
+
+def row(name: str) -> Format:
+    """The table's row for format ``name`` (KeyError for a name in no row)."""
+    found = next((f for f in FORMATS if f.name == name), None)
+    if found is None:
+        raise KeyError(name)
+    return found
+
+
+def model_suffixes() -> tuple[str, ...]:
+    """Every file suffix a folder walk picks up: the model files the tool reads."""
+    return tuple(s for f in FORMATS for s in f.read_suffixes)
+
+
+def output_formats() -> list[str]:
+    """What ``--to`` offers, in the table's order: every format read (``--to`` its own format
+    changes nothing) and every format some input converts to."""
+    reached = {to for f in FORMATS for to in f.conversions}
+    return [f.name for f in FORMATS if f.readable or f.name in reached]
+
+
+def folder_format(path: Path) -> str | None:
+    """The format of a folder that is one model (a SavedModel: ``saved_model.pb`` inside), or None."""
+    return next((f.name for f in FORMATS if f.folder_marker and (path / f.folder_marker).is_file()), None)
 
 
 def format_of_suffix(suffix: str) -> str | None:
     """The format whose files end in ``suffix`` (any case), or None for a suffix in no row."""
     suffix = suffix.lower()
-    return next((fmt for fmt, suffixes in READ_SUFFIXES.items() if suffix in suffixes), None)
+    return next((f.name for f in FORMATS if suffix in f.read_suffixes), None)
+
+
+def written_format_of_suffix(suffix: str) -> str | None:
+    """The format a file named with ``suffix`` holds, read or written (``.tflite`` too), or None."""
+    suffix = suffix.lower()
+    return format_of_suffix(suffix) or next((f.name for f in FORMATS if f.write_suffix and f.write_suffix == suffix),
+                                            None)
 
 
 def suffixes_shown() -> str:
     """The model file suffixes, as help and errors list them: '.onnx, .keras, .h5, .hdf5'."""
-    return ", ".join(MODEL_SUFFIXES)
+    return ", ".join(model_suffixes())
 
 
 def detect_format(path: Path) -> str:
@@ -68,8 +137,9 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "savedmodel"
+        fmt = folder_format(path)
+        if fmt is not None:
+            return fmt
         raise BadInput(f"{path}: a directory, but not a SavedModel (no saved_model.pb in it)")
     # A suffix in no row (or none) is tried as ONNX; the loader says clearly if it is not.
     return format_of_suffix(path.suffix) or "onnx"
@@ -283,14 +353,14 @@ def default_output(path: Path, mode: str, to: str | None = None) -> Path:
     suffix = ".fused" if mode == "fuse" else ".expanded"
     if to == "tflite":
         stem = path.name if path.is_dir() else path.stem
-        return path.with_name(stem + ("" if mode == "fuse" else suffix) + WRITE_SUFFIX["tflite"])
+        return path.with_name(stem + ("" if mode == "fuse" else suffix) + row("tflite").write_suffix)
     if path.is_dir():
-        return path.with_name(path.name + suffix + WRITE_SUFFIX.get(to or "savedmodel", ""))
+        return path.with_name(path.name + suffix + row(to or folder_format(path) or "savedmodel").write_suffix)
     if to is not None:
-        extension = WRITE_SUFFIX[to]
+        extension = row(to).write_suffix
     else:  # the input's own format: a Keras file of any suffix is written as .keras
         fmt = format_of_suffix(path.suffix)
-        extension = WRITE_SUFFIX[fmt] if fmt is not None else path.suffix
+        extension = row(fmt).write_suffix if fmt is not None else path.suffix
     return path.with_name(path.stem + suffix + extension)
 
 
@@ -651,7 +721,7 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
     folder = output.parent if str(output.parent) else Path(".")
     referenced: set[str] = set()
     # A Keras file, a report or a TFLite file reads no external data; anything else may be ONNX.
-    reads_no_data = format_of_suffix(output.suffix) == "keras" or output.suffix.lower() in (".json", ".tflite")
+    reads_no_data = written_format_of_suffix(output.suffix) not in (None, "onnx") or output.suffix.lower() == ".json"
     if output.is_file() and not reads_no_data:
         try:
             proto = onnx.load(str(output), load_external_data=False)
