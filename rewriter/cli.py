@@ -9,6 +9,7 @@ progress and logs go to stderr, progress only on a terminal.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -61,7 +62,8 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="Write nothing; exit 1 if fusable patterns remain, 0 if none (for CI).")
 @click.option("--dry-run", is_flag=True, help="List what would change; write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the run's report as JSON to this file.")
+              help="Write the run's report as JSON to this file ('-': to stdout, the text summary then going to "
+                   "stderr). A symlink is written through (its target replaced, the link kept).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path),
               help="Write a review page (self-contained HTML: each rewrite drawn before and after, the "
                    "verification, the near misses) to this file; for several models, an index page linking "
@@ -125,10 +127,10 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
     if check or dry_run:
         report_path = _report_asked(report_path)
         html_path = _report_asked(html_path, "html_path")
+    as_json, report_to_stdout = output_format == "json", str(report_path) == "-"
     _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
-                 target=target, auto=auto, benchmark=benchmark)
-    as_json = output_format == "json"
-    say = (lambda *a, **k: None) if quiet or as_json else click.echo
+                 target=target, auto=auto, benchmark=benchmark, two_documents=as_json and report_to_stdout)
+    say = (lambda *a, **k: None) if quiet or as_json else functools.partial(click.echo, err=report_to_stdout)
     try:
         if target is not None:
             targets.get(target)  # an unknown name: one line listing the known ones
@@ -190,10 +192,12 @@ def _mode_given() -> bool:
 
 
 def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_groups: int, max_groups: int | None,
-                 target: str | None, auto: bool, benchmark: bool) -> None:
+                 target: str | None, auto: bool, benchmark: bool, two_documents: bool = False) -> None:
     """Flag combinations that make no sense: a usage error (exit 2) before any model is read."""
     if check and dry_run:
         raise click.UsageError("--check and --dry-run are exclusive")
+    if two_documents:
+        raise click.UsageError("--report - and --format json both write one JSON document to stdout; give one")
     if atol < 0 or rtol < 0:
         raise click.UsageError("--atol and --rtol must be non-negative")
     if max_groups is not None and max_groups < min_groups:
@@ -234,10 +238,20 @@ def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | 
                 job.output = _target_output(job.input, target or "auto", to)
     if not many and output is not None and write:
         job_list[0].output = output
+        _check_output_suffix(job_list[0].input, output, to)
     if not job_list:
         raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
                            f"models in it ({formats.suffixes_shown()}, SavedModel directories)")
     return job_list
+
+
+def _check_output_suffix(model: Path, output: Path, to: str | None) -> None:
+    """-o named like another format than the one this run writes: refused before anything runs."""
+    try:
+        input_format = formats.detect_format(model)
+    except BadInput:
+        return  # a model that cannot be read: its own error comes when the run reads it
+    formats.check_output_suffix(output, input_format, to)
 
 
 def _report_asked(report_path: Path | None, parameter: str = "report_path") -> Path | None:
@@ -281,6 +295,9 @@ def _write_report(report_path: Path, protected: list[Path], results: list[batch.
     It is written once the models are committed (it says what was written); if it fails then, the
     error says which models were written all the same."""
     document = _document(results, code, single=single)
+    if str(report_path) == "-":  # stdout: the text summary went to stderr
+        click.echo(json.dumps(document, indent=2))
+        return
     try:
         with formats.atomic_output(report_path, protected=protected) as staging:
             (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
@@ -366,7 +383,7 @@ def _document(results: list[batch.JobResult], code: int, single: bool) -> dict:
 def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: Path | None) -> list[Path]:
     """--report may name nothing a model reads (the model, its external data, its SavedModel
     folder, the --inputs file) nor a model's output; returns what it must never replace."""
-    if report_path is None:
+    if report_path is None or str(report_path) == "-":
         return []
     read = [f for job in jobs for f in formats.input_files(job.input)]
     if inputs is not None and inputs.exists():

@@ -364,6 +364,28 @@ def default_output(path: Path, mode: str, to: str | None = None) -> Path:
     return path.with_name(path.stem + suffix + extension)
 
 
+_SHOWN_NAMES = {"onnx": "ONNX", "savedmodel": "SavedModel", "keras": "Keras", "tflite": "TFLite"}
+
+
+def check_output_suffix(output: Path, input_format: str, to: str | None) -> None:
+    """Refuse an output named like another format than the one written (an ONNX model under
+    ``out.keras`` would be ONNX bytes a Keras loader chokes on), with the flag that writes that
+    format where ``--to`` has it, else the suffix this format is written with. A suffix of no
+    format (``out.bin``) is the user's choice and stays allowed."""
+    written = to or input_format
+    named = written_format_of_suffix(output.suffix)
+    if named is None or named == written:
+        return
+    what, wanted = _SHOWN_NAMES.get(written, written), _SHOWN_NAMES.get(named, named)
+    own = row(written).write_suffix
+    keep = f"name it NAME{own}" if own else "name the folder without a model file suffix"
+    start = f"{shown(output)}: named like a {wanted} file ({output.suffix}), but this run writes {what}"
+    if named in row(input_format).conversions or named == input_format:
+        raise BadInput(f"{start}: use --to {named} to write {wanted}, or {keep}")
+    raise BadInput(f"{start} (a{'n' if input_format == 'onnx' else ''} {_SHOWN_NAMES.get(input_format, input_format)} "
+                   f"input is not converted to {wanted}); {keep}")
+
+
 def input_files(path: Path, model: ir.Model | None = None, *, deep: bool = True) -> list[Path]:
     """Every file (and folder) reading ``path`` depends on: an ONNX file and its external data
     (from ``model`` when it is already loaded), a SavedModel folder and everything in it, a Keras
@@ -401,6 +423,7 @@ def check_not_read(written: Path, read: list[Path], what: str = "-o") -> None:
     anything the input reads is that file, inside that folder, or the folder it would go in; or
     when it is no regular file or folder (a device, a FIFO, a socket: ``check_target_kind``)."""
     check_name_length(written, what)
+    follow_output_link(written, what)  # a link to a stream (/dev/stdout): refused before anything runs
     check_target_kind(written, what)
     if written.exists() or written.is_symlink():
         for item in read:
@@ -479,6 +502,31 @@ def data_stem(output_name: str) -> str:
     return _stem(output_name, _DATA_EXTRA)
 
 
+# Folders whose entries stand for a process's open files: /dev/stdout leads here (/proc/self/fd/1).
+_STREAM_FOLDERS = ("/proc/", "/dev/fd")
+_MAX_LINKS = 40
+
+
+def follow_output_link(path: Path, what: str = "-o") -> Path:
+    """Where writing ``path`` lands. A symlink is written through, never replaced: the result is
+    its final target (created if it does not exist yet), so the commit replaces the target and
+    keeps the link, as ``>`` in a shell does. A link into /proc or /dev/fd (``-o /dev/stdout``)
+    is refused: outputs are files committed by a rename, and a rename cannot reach a stream."""
+    hop = Path(os.path.abspath(path))
+    for _ in range(_MAX_LINKS):
+        folder = os.path.realpath(hop.parent)
+        if any((folder + "/").startswith(prefix if prefix.endswith("/") else prefix + "/")
+               for prefix in _STREAM_FOLDERS):
+            instead = "; --report - writes the report to stdout" if what == "--report" else ""
+            raise OutputError(f"{shown(path)}: leads to a stream of a process ({shown(hop)}); outputs are files "
+                              f"written whole and renamed into place, never streams; choose a file for {what}"
+                              + instead)
+        if not hop.is_symlink():
+            return path if hop == Path(os.path.abspath(path)) else hop
+        hop = Path(folder) / os.readlink(hop)
+    raise OutputError(f"{shown(path)}: too many levels of symbolic links; choose another {what}")
+
+
 _KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO (named pipe)",
           stat.S_IFSOCK: "a socket"}
 
@@ -490,7 +538,7 @@ def check_target_kind(path: Path, what: str = "-o") -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return  # nothing there, or a dangling symlink (the link itself is replaced, never followed)
+        return  # nothing there, or a dangling symlink (written through: its target is created)
     except OSError as exc:
         raise OutputError(f"{path}: cannot be examined ({exc.strerror or exc}); choose another {what}") from exc
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
@@ -817,12 +865,23 @@ def _put_in_place(main: Path, output: Path, staging: Path, token: str, replace: 
 
 @contextmanager
 def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = True) -> Iterator[Path]:
-    """Yield a staging folder beside ``output``; on success move what was written there into
-    place (companions, then the main file or folder, then the superseded data), on any failure
-    or interrupt remove it all. A reader sees the old output or the new one, each complete.
+    """Yield a staging folder beside ``output``; the caller writes ``STAGING/<output's name>``
+    (and companions). On success what was written moves into place (companions, then the main
+    file or folder, then the superseded data), on any failure or interrupt it is all removed. A
+    reader sees the old output or the new one, each complete.
 
+    A symlink given as ``output`` is written through: its target is replaced, atomically, and the
+    link kept (``follow_output_link``); a link to a stream (/dev/stdout) is refused.
     ``protected``: files the input reads, never removed even when the old output read them.
     ``replace=False`` (no --force): the commit itself refuses an output that exists by then."""
+    with _commit(follow_output_link(output), output.name, protected, replace) as staging:
+        yield staging
+
+
+@contextmanager
+def _commit(output: Path, staged_name: str, protected: list[Path], replace: bool) -> Iterator[Path]:
+    """``atomic_output`` once links are followed: ``output`` is the path replaced, and the caller
+    stages its file as ``staged_name`` (the name it was given, a link's own name)."""
     folder = output.parent if str(output.parent) else Path(".")
     sweep_staging(output)
     token = _token()
@@ -835,7 +894,7 @@ def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = T
     moved: list[Path] = []
     try:
         yield staging
-        main = staging / output.name
+        main = staging / staged_name
         if not (main.exists() or main.is_symlink()):
             raise OutputError(f"{output}: nothing was staged to write")
         companions = sorted(p for p in staging.iterdir() if p != main)
