@@ -8,6 +8,7 @@ progress and logs go to stderr, progress only on a terminal.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import json
@@ -24,6 +25,34 @@ from rewriter.errors import EXIT_BAD_INPUT, BadInput, RewriteError
 from rewriter.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
+
+# What a console that is not UTF-8 (cp1252 on Windows, LANG=C) cannot show, said in ASCII
+# instead of a UnicodeEncodeError: the help's arrows, the summaries' ellipses and dashes.
+_ASCII_FOR = {"→": "->", "←": "<-", "…": "...", "—": "--", "–": "-", "×": "x", "≤": "<=", "≥": ">=", "±": "+/-"}
+
+
+def _ascii_fallback(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII_FOR.get(c, "?") for c in text), error.end
+
+
+def survive_console() -> None:
+    """Make stdout and stderr write what their encoding cannot hold as ASCII (``_ASCII_FOR``, else
+    ``?``) instead of crashing; streams that are UTF-8 are left as they are."""
+    codecs.register_error("gconv-ascii", _ascii_fallback)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            utf = codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name.startswith("utf")
+        except LookupError:
+            utf = False
+        if not utf:
+            try:
+                stream.reconfigure(errors="gconv-ascii")
+            except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture): left alone
+                pass
+
+
+survive_console()  # before click prints anything, --help included
 
 
 def _load_config(ctx: click.Context, _param, value: Path | None):

@@ -562,13 +562,61 @@ def _token() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (its leftovers are not to be swept). POSIX: signal 0,
+    which sends nothing; on Linux a zombie (exited, not yet reaped) counts as gone. Windows asks
+    the process's exit code instead: there ``os.kill(pid, 0)`` *sends* CTRL_C_EVENT to the console
+    group. A pid that cannot be asked about counts as alive: sweeping a live run's files is worse
+    than leaving a dead run's for later."""
+    if isinstance(pid, bool) or pid <= 0:
+        return False
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):
-        return pid > 0 and not isinstance(pid, bool)
-    return True
+        return True  # someone else's process (or a pid this system cannot name): assume alive
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Linux: the process has exited and waits to be reaped (state Z, or X: dead). Elsewhere, or
+    when /proc cannot be read, False."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_line = handle.read()
+    except OSError:
+        return False
+    # "PID (COMMAND) STATE ...": the command may hold spaces and parentheses; the state follows the last ")".
+    fields = stat_line[stat_line.rfind(b")") + 1:].split()
+    return bool(fields) and fields[0] in (b"Z", b"X")
+
+
+_PROCESS_QUERY_LIMITED_INFORMATION, _STILL_ACTIVE, _ERROR_ACCESS_DENIED = 0x1000, 259, 5
+
+
+def _kernel32():
+    return ctypes.WinDLL("kernel32", use_last_error=True)
+
+
+def _last_error() -> int:
+    return ctypes.get_last_error()
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Windows: open the process for a query and ask whether it has an exit code yet."""
+    kernel32 = _kernel32()
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return _last_error() == _ERROR_ACCESS_DENIED  # exists, but not ours to open; else: no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _hold(folder: Path) -> int | None:
