@@ -55,16 +55,67 @@ def survive_console() -> None:
 survive_console()  # before click prints anything, --help included
 
 
-def _load_config(ctx: click.Context, _param, value: Path | None):
-    """Defaults from ``--config FILE`` or ./pyproject.toml's [tool.gconv-rewrite]; flags win. A
-    config that cannot be used is one line and exit 2, like every other bad input."""
+_CONFIG_PATH = "gconv-rewrite.config"  # ctx.meta: the config file read (None: none)
+_SHOW_CONFIG = "gconv-rewrite.show-config"
+
+
+class _Command(click.Command):
+    """The command, with its configuration read before the flags are parsed: the config file is
+    found from the models named (``config.find``), which click knows only after parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first_pass = [a for a in args[: args.index("--")] if a in ("--fuse", "--expand")] if "--" in args \
+            else [a for a in args if a in ("--fuse", "--expand")]
+        if len(set(first_pass)) > 1:
+            raise click.UsageError("--fuse and --expand are exclusive; give one", ctx)
+        if not {"-h", "--help", "--version"} & set(args):
+            # A first, raw pass (no types, no callbacks) for the config's path and the models.
+            raw, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+            _load_config(ctx, raw.get("config"), tuple(Path(p) for p in raw.get("models") or ()))
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        if ctx.meta.get(_SHOW_CONFIG):
+            click.echo(_settings_in_force(ctx))
+            ctx.exit(0)
+        return super().invoke(ctx)
+
+
+def _load_config(ctx: click.Context, given: str | None, models: tuple[Path, ...]) -> None:
+    """Defaults from ``--config FILE`` or the nearest pyproject.toml's [tool.gconv-rewrite]; flags
+    win. A config that cannot be used is one line and exit 2, like every other bad input."""
     try:
-        path, defaults = config.load(ctx, value)
+        path, defaults = config.load(ctx, Path(given) if given is not None else None, models)
     except RewriteError as error:
         click.echo(f"gconv-rewrite: error: {error.message}", err=True)
         ctx.exit(EXIT_BAD_INPUT)
+    ctx.meta[_CONFIG_PATH] = path
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return path
+
+
+def _settings_in_force(ctx: click.Context) -> str:
+    """--show-config: every setting's value and where it came from (default, the config file, the
+    command line), one per line, as a config file names them."""
+    origin = {click.core.ParameterSource.COMMANDLINE: "command line",
+              click.core.ParameterSource.DEFAULT_MAP: formats.shown(ctx.meta.get(_CONFIG_PATH) or "config"),
+              click.core.ParameterSource.ENVIRONMENT: "environment"}
+    found = ctx.meta.get(_CONFIG_PATH)
+    lines = [f"config file: {formats.shown(found) if found else 'none'}"]
+    shown_names = set()
+    for param in ctx.command.params:
+        if param.name in config.NOT_SETTINGS or param.name not in ctx.params or param.name in shown_names:
+            continue
+        shown_names.add(param.name)  # --fuse and --expand set one value: the mode
+        value = ctx.params[param.name]
+        value = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+        key = "mode" if param.name == "mode" else next(o[2:] for o in param.opts if o.startswith("--"))
+        source = origin.get(ctx.get_parameter_source(param.name), "default")
+        lines.append(f"{key} = {json.dumps(value)}  # {source}")
+    return "\n".join(lines)
+
+
+def _show_config(ctx: click.Context, _param, value: bool) -> None:
+    ctx.meta[_SHOW_CONFIG] = value
 
 
 def _list_targets(ctx: click.Context, param, value: bool):
@@ -74,11 +125,15 @@ def _list_targets(ctx: click.Context, param, value: bool):
         ctx.exit(0)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
-              callback=_load_config,
-              help="TOML file of defaults (default: ./pyproject.toml [tool.gconv-rewrite]); flags win.")
+@click.option("--config", type=click.Path(path_type=Path), expose_value=False,
+              help="TOML file of defaults (default: the nearest pyproject.toml with [tool.gconv-rewrite], "
+                   "searched upward from the first model to the repository's root, else ./pyproject.toml); "
+                   "flags win.")
+@click.option("--show-config", is_flag=True, expose_value=False, callback=_show_config,
+              help="Print the settings in force for MODEL and where each came from (default, the config "
+                   "file, the command line), then exit.")
 @click.option("--fuse", "mode", flag_value="fuse", default=True,
               help="Fuse Split/Slice → N Conv → Concat into Conv(group=N) (default).")
 @click.option("--expand", "mode", flag_value="expand",
@@ -176,6 +231,7 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
                               target=target, auto=auto)
         report_protected = _check_report_path(report_path, job_list, inputs)
         html_pages = _check_html_path(html_path, job_list, inputs, report_path, force=force, many=many)
+        _warn_inapplicable(job_list, quiet=quiet)
     except RewriteError as error:
         _fail(error, verbose)
 
@@ -239,6 +295,52 @@ def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_gr
         raise click.UsageError("--auto chooses fuse or expand per node; drop --fuse / --expand")
     if benchmark and (check or dry_run):
         raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
+
+
+def _inapplicable(params: dict, input_formats: set[str]) -> dict[str, str]:
+    """Parameter name → why it does nothing in this run, for every option that does nothing here."""
+    per_node = params["target"] is not None or params["auto"]
+    fusing, expanding = params["mode"] == "fuse" and not per_node, params["mode"] == "expand" and not per_node
+    why = {}
+    for name in ("keep_depthwise", "min_groups", "max_groups"):
+        if fusing:
+            why[name] = "it applies with --expand only"
+    if expanding:
+        why["fold_bn"] = "it applies with --fuse only"
+    if "savedmodel" not in input_formats and params["to"] not in ("savedmodel", "tflite"):
+        why["signature"] = "it applies to SavedModel inputs (and --to savedmodel / tflite) only"
+    if not (params["benchmark"] or params["auto"]):
+        why["threads"] = "it sets the threads --benchmark and --auto time with, and neither is given"
+    if not params["verify"]:
+        for name in ("atol", "rtol", "seed"):
+            why[name] = "--no-verify turns the verification off"
+    if "keras" not in input_formats:
+        for name in ("trust_lambdas", "repair_late_binding"):
+            why[name] = "it applies to Keras inputs only"
+    if params["check"] or params["dry_run"]:
+        why["force"] = "--check and --dry-run write nothing"
+    return why
+
+
+def _warn_inapplicable(job_list: list[batch.Job], *, quiet: bool) -> None:
+    """One warning on stderr per option given (on the command line or in the config) that does
+    nothing in this run: an option silently ignored reads as one that worked."""
+    ctx = click.get_current_context()
+    given = {click.core.ParameterSource.COMMANDLINE: "", click.core.ParameterSource.DEFAULT_MAP:
+             f" (set in {formats.shown(ctx.meta.get(_CONFIG_PATH) or 'the config')})"}
+    input_formats = set()
+    for job in job_list:
+        try:
+            input_formats.add(formats.detect_format(job.input))
+        except BadInput:
+            pass  # its own error comes when the run reads it
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    for name, why in _inapplicable(ctx.params, input_formats).items():
+        source, value, option = ctx.get_parameter_source(name), ctx.params[name], options[name]
+        if source not in given or quiet or (value in (False, None) and not option.secondary_opts):
+            continue  # not given, or given as "off" (``keep-depthwise = false``): nothing to ignore
+        flag = option.secondary_opts[0] if value is False and option.secondary_opts else option.opts[-1]
+        click.echo(f"gconv-rewrite: warning: {flag}{given[source]} ignored: {why}", err=True)
 
 
 def _check_model_paths(models, output: Path | None) -> None:
