@@ -64,11 +64,10 @@ class _Command(click.Command):
     found from the models named (``config.find``), which click knows only after parsing."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        first_pass = [a for a in args[: args.index("--")] if a in ("--fuse", "--expand")] if "--" in args \
-            else [a for a in args if a in ("--fuse", "--expand")]
-        if len(set(first_pass)) > 1:
+        flags = set(args[: args.index("--")] if "--" in args else args)  # after "--": file names
+        if {"--fuse", "--expand"} <= flags:  # click would keep the last one, silently
             raise click.UsageError("--fuse and --expand are exclusive; give one", ctx)
-        if not {"-h", "--help", "--version"} & set(args):
+        if not {"-h", "--help", "--version", "--list-targets"} & flags:  # these answer without a config
             # A first, raw pass (no types, no callbacks) for the config's path and the models.
             raw, _, _ = self.make_parser(ctx).parse_args(args=list(args))
             _load_config(ctx, raw.get("config"), tuple(Path(p) for p in raw.get("models") or ()))

@@ -376,10 +376,13 @@ def check_output_suffix(output: Path, input_format: str, to: str | None) -> None
     named = written_format_of_suffix(output.suffix)
     if named is None or named == written:
         return
+    if to not in (None, input_format) and not row(written).write_suffix:
+        return  # a conversion to a folder: its own check_output names the folder it writes
     what, wanted = _SHOWN_NAMES.get(written, written), _SHOWN_NAMES.get(named, named)
     own = row(written).write_suffix
     keep = f"name it NAME{own}" if own else "name the folder without a model file suffix"
-    start = f"{shown(output)}: named like a {wanted} file ({output.suffix}), but this run writes {what}"
+    article = "an" if wanted[0] in "AEIOU" else "a"
+    start = f"{shown(output)}: named like {article} {wanted} file ({output.suffix}), but this run writes {what}"
     if named in row(input_format).conversions or named == input_format:
         raise BadInput(f"{start}: use --to {named} to write {wanted}, or {keep}")
     raise BadInput(f"{start} (a{'n' if input_format == 'onnx' else ''} {_SHOWN_NAMES.get(input_format, input_format)} "

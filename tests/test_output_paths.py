@@ -171,7 +171,7 @@ def test_report_dash_with_json_format_is_a_usage_error(model):
 def test_onnx_written_under_another_formats_suffix_is_refused(tmp_path, model, name, named):
     result = invoke(model, "-o", tmp_path / name)
     assert result.exit_code == 2
-    assert f"named like a {named} file" in result.stderr and "this run writes ONNX" in result.stderr
+    assert f"named like a {named} file" in result.stderr  # (a Keras, a TFLite) and "this run writes ONNX" in result.stderr
     assert "name it NAME.onnx" in result.stderr
     assert not (tmp_path / name).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
@@ -184,8 +184,8 @@ def test_an_unknown_suffix_is_the_users_choice(tmp_path, model):
 
 
 @pytest.mark.parametrize("input_format, to, name, says", [
-    ("keras", None, "out.onnx", "named like a ONNX file (.onnx), but this run writes Keras: use --to onnx to write "
-                                "ONNX, or name it NAME.keras"),
+    ("keras", None, "out.onnx", "named like an ONNX file (.onnx), but this run writes Keras: use --to onnx to "
+                                "write ONNX, or name it NAME.keras"),
     ("keras", None, "out.tflite", "use --to tflite to write TFLite, or name it NAME.keras"),
     ("savedmodel", None, "out.onnx", "use --to onnx to write ONNX, or name the folder without a model file suffix"),
     ("savedmodel", None, "out.keras", "(a SavedModel input is not converted to Keras); name the folder without"),
@@ -200,6 +200,7 @@ def test_the_hint_names_the_flag_that_writes_that_format(input_format, to, name,
 
 
 @pytest.mark.parametrize("input_format, to, name", [("keras", None, "out.keras"), ("keras", "onnx", "out.onnx"),
+                                                   ("keras", "savedmodel", "out.onnx"),  # to_savedmodel's own check
                                                    ("savedmodel", None, "out"), ("savedmodel", None, "sm.v2"),
                                                    ("keras", "tflite", "m.tflite"), ("onnx", None, "m.onnx")])
 def test_matching_suffixes_pass(input_format, to, name):
