@@ -70,10 +70,11 @@ def _start_folder(model: Path) -> Path:
 def search_upward(folder: Path) -> Path | None:
     """The first pyproject.toml with a ``[tool.gconv-rewrite]`` table in ``folder`` or above it,
     up to the repository's root (a folder holding ``.git``) or the filesystem's. A pyproject.toml
-    without the table is passed by, as ruff passes one without ``[tool.ruff]``."""
+    without the table is passed by, as ruff passes one without ``[tool.ruff]``, and so is one
+    another user owns."""
     for candidate_folder in (folder, *folder.parents):
         candidate = candidate_folder / PYPROJECT
-        if os.path.lexists(candidate):
+        if os.path.lexists(candidate) and not _someone_elses(candidate):
             tool = read_toml(candidate).get("tool", {})
             if isinstance(tool, dict) and CONFIG_SECTION in tool:
                 return candidate
@@ -119,6 +120,18 @@ def section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: [tool.{CONFIG_SECTION}] must be a table of settings")
     return settings
+
+
+def _someone_elses(path: Path) -> bool:
+    """POSIX: a file neither this user nor root owns (another user's /tmp/pyproject.toml above a
+    model in /tmp): passed by, as git passes by a repository another user owns."""
+    if not hasattr(os, "getuid"):
+        return False
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return False  # read_toml says why it cannot be read
+    return owner not in (os.getuid(), 0)
 
 
 def load(ctx: click.Context, given: Path | None, models: tuple[Path, ...] = ()) -> tuple[Path | None, dict[str, Any]]:

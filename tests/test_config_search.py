@@ -102,6 +102,21 @@ def test_find_starts_in_a_folder_given_as_the_model(repo):
     assert config.find(None, (repo / "m.onnx",)) is None  # not above the repository; no ./pyproject.toml
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners")
+def test_a_pyproject_another_user_owns_is_passed_by(repo, tmp_path, monkeypatch):
+    """A model in a shared folder (/tmp): another user's pyproject.toml above it is not its config."""
+    (repo / "sub" / "pyproject.toml").write_text(SECTION + 'mode = "expand"\n')
+    (repo / "pyproject.toml").write_text(SECTION + "seed = 3\n")
+    me = os.stat(repo / "pyproject.toml").st_uid
+    monkeypatch.setattr(os, "getuid", lambda: me if me != 0 else 4321)  # root's files are trusted: be someone
+    if me == 0:
+        os.chown(repo / "pyproject.toml", 4321, -1)
+        os.chown(repo / "sub" / "pyproject.toml", 9876, -1)
+    else:
+        pytest.skip("needs root to give a file to another user")
+    assert config.find(None, (repo / "sub" / "deep" / "m.onnx",)) == repo / "pyproject.toml"
+
+
 # -- mode ---------------------------------------------------------------------------------------------
 
 
