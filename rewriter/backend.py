@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rewriter import formats
 from rewriter.errors import BadInput
 from rewriter.report import ModelStats, Report, Rewrite, Skip, Verification
 from rewriter.targets import ConvProps
@@ -112,21 +113,10 @@ class Unwritable:
     skips: list[Skip] = field(default_factory=list)
 
 
-_BACKENDS = {
-    "onnx": ("passes.onnx.backend", "OnnxBackend"),
-    "savedmodel": ("passes.tf.backend", "SavedModelBackend"),
-    "keras": ("passes.keras.backend", "KerasBackend"),
-    "tflite": ("passes.tflite.backend", "TFLiteBackend"),
-}
-
-# --to: (input format, output format) → the hops the driver chains, each "module:Class".
+# --to: (input format, output format) → the hops the driver chains, each "module:Class"; both
+# this and the backend lookup read the one format table (``rewriter.formats.FORMATS``).
 ROUTES: dict[tuple[str, str], list[str]] = {
-    ("savedmodel", "onnx"): ["passes.tf.to_onnx:SavedModelToOnnx"],
-    ("savedmodel", "tflite"): ["passes.tflite.from_savedmodel:SavedModelToTFLite"],
-    ("keras", "onnx"): ["passes.keras.to_savedmodel:KerasToSavedModel", "passes.tf.to_onnx:SavedModelToOnnx"],
-    ("keras", "savedmodel"): ["passes.keras.to_savedmodel:KerasToSavedModel"],
-    ("keras", "tflite"): ["passes.tflite.from_keras:KerasToTFLite"],
-}
+    (fmt.name, to): list(hops) for fmt in formats.FORMATS for to, hops in fmt.conversions.items()}
 
 
 _NO_ROUTE = {
@@ -137,7 +127,7 @@ _NO_ROUTE = {
 
 
 def backend(fmt: str, report: Report) -> Backend:
-    module, name = _BACKENDS[fmt]
+    module, name = formats.row(fmt).backend.split(":")
     return getattr(importlib.import_module(module), name)(report)
 
 
@@ -145,10 +135,13 @@ def conversions(fmt: str, to: str | None, where: str) -> list[Conversion]:
     """The hops from ``fmt`` to ``to`` (none when ``to`` is the input's own format)."""
     if to in (None, fmt):
         return []
-    if (fmt, to) not in ROUTES:
-        raise BadInput(f"{where}: " + _NO_ROUTE[fmt].format(to=to))
+    routes = formats.row(fmt).conversions  # the table itself, not ROUTES (its view at import)
+    if to not in routes:
+        reached = ", ".join(routes) or "no other format"
+        no_route = _NO_ROUTE.get(fmt, f"--to {{to}} is not supported for {fmt} inputs (they convert to {reached})")
+        raise BadInput(f"{where}: " + no_route.format(to=to))
     hops = []
-    for spec in ROUTES[(fmt, to)]:
+    for spec in routes[to]:
         module, name = spec.split(":")
         hops.append(getattr(importlib.import_module(module), name)())
     return hops

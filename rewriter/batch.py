@@ -22,7 +22,7 @@ from rewriter import envelope, formats, targets, workers
 from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
 from rewriter.report import format_summary, format_verification
 
-MODEL_SUFFIXES = formats.MODEL_SUFFIXES  # the files a walk picks up: every suffix the tool reads
+MODEL_SUFFIXES = formats.MODEL_SUFFIXES  # (the table at import; walks ask formats.model_suffixes())
 # The last dotted part of every name the tool writes beside an input: NAME.fused.onnx,
 # NAME.expanded.keras, NAME.auto.onnx, NAME.TARGET.onnx, NAME.fused/ (a SavedModel). A folder
 # walked again must not rewrite the rewrite (m.onnxruntime-cpu.onnxruntime-cpu.onnx).
@@ -55,7 +55,8 @@ class JobResult:
 
 
 def _is_savedmodel(path: Path) -> bool:
-    return path.is_dir() and (path / "saved_model.pb").is_file()
+    """A folder that is one model (the format table's folder formats: a SavedModel), not one to walk."""
+    return path.is_dir() and formats.folder_format(path) is not None
 
 
 def is_own_output(name: str) -> bool:
@@ -63,7 +64,7 @@ def is_own_output(name: str) -> bool:
     NAME.TAG with TAG in ``OUTPUT_TAGS``, or a staging / lock name (``.NAME.gconv-…``) of a run."""
     if _is_staging(name):
         return True
-    stem = name[: -len(Path(name).suffix)] if name.lower().endswith(MODEL_SUFFIXES) else name
+    stem = name[: -len(Path(name).suffix)] if name.lower().endswith(formats.model_suffixes()) else name
     return "." in stem and stem.rsplit(".", 1)[1] in OUTPUT_TAGS
 
 
@@ -89,7 +90,7 @@ def walk(folder: Path, skip: Path | None = None) -> Iterator[Path]:
                 if not is_own_output(d):
                     yield path
         for name in sorted(files):
-            if name.lower().endswith(MODEL_SUFFIXES) and not is_own_output(name):
+            if name.lower().endswith(formats.model_suffixes()) and not is_own_output(name):
                 yield root_path / name
 
 
@@ -125,7 +126,7 @@ def _mirror(path: Path, relative: Path, output: Path | None, mode: str, to: str 
     named = formats.default_output(Path(relative.name), mode, to).name if to else relative.name
     fmt = formats.format_of_suffix(relative.suffix)
     if to is None and fmt is not None:  # the same name, with the suffix its format writes (.h5 → .keras)
-        named = Path(relative.name).with_suffix(formats.WRITE_SUFFIX[fmt]).name
+        named = Path(relative.name).with_suffix(formats.row(fmt).write_suffix).name
     return output / relative.parent / named
 
 

@@ -24,6 +24,7 @@ else the machine is doing.
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import time
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from rewriter import formats
 from rewriter.errors import BadInput, RewriteError
 from rewriter.verify import InputSpec, load_inputs_file, make_inputs
 
@@ -200,14 +202,21 @@ def _load_tflite(path: Path, threads: int | None, options) -> Loaded:
     return Loaded(lambda feeds: runner(**feeds), convert.input_specs(runner), threads)
 
 
-# The runtime of each output format; for .tflite (--to tflite) "before" is the original model's
-# own TFLite conversion, hand-made groups and all (rewriter.api._benchmark).
-RUNTIMES: dict[str, Runtime] = {
-    "onnx": Runtime("onnxruntime", _load_onnx),
-    "savedmodel": Runtime("tensorflow", _load_savedmodel),
-    "keras": Runtime("keras", _load_keras),
-    "tflite": Runtime("tflite", _load_tflite),
-}
+def _loader(spec: str) -> Callable[[Path, int | None, Any], Loaded]:
+    """A format row's ``runtime_loader`` ("module:function"), imported when first called: the
+    table names loaders of other packages, which an ONNX run must not import."""
+    module, name = spec.split(":")
+
+    def load(path: Path, threads: int | None, options) -> Loaded:
+        return getattr(importlib.import_module(module), name)(path, threads, options)
+
+    return load
+
+
+# The runtime of each output format, from the format table; for .tflite (--to tflite) "before" is
+# the original model's own TFLite conversion, hand-made groups and all (rewriter.api._benchmark).
+RUNTIMES: dict[str, Runtime] = {fmt.name: Runtime(fmt.runtime, _loader(fmt.runtime_loader))
+                                for fmt in formats.FORMATS}
 
 
 # -- timing ---------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ stderr (rewriter.progress). ``--check`` prints like a linter (rewriter.lint).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,12 +29,77 @@ from rewriter.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
 
+# What a console that is not UTF-8 (cp1252 on Windows, LANG=C) cannot show, said in ASCII
+# instead of a UnicodeEncodeError: the help's arrows, the summaries' ellipses and dashes.
+_ASCII_FOR = {"→": "->", "←": "<-", "…": "...", "—": "--", "–": "-", "×": "x", "≤": "<=", "≥": ">=", "±": "+/-"}
 
-def _load_config(ctx: click.Context, _param, value: Path | None):
-    """Defaults from ``--config FILE`` or ./pyproject.toml's [tool.gconv-rewrite]; flags win. A
-    config that cannot be used is one line and exit 2, like every other bad input."""
+
+def _ascii_fallback(error: UnicodeEncodeError) -> tuple[str, int]:
+    text = error.object[error.start:error.end]
+    return "".join(_ASCII_FOR.get(c, "?") for c in text), error.end
+
+
+def survive_console() -> None:
+    """Make stdout and stderr write what their encoding cannot hold as ASCII (``_ASCII_FOR``, else
+    ``?``) instead of crashing; streams that are UTF-8 are left as they are."""
+    codecs.register_error("gconv-ascii", _ascii_fallback)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            utf = codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name.startswith("utf")
+        except LookupError:
+            utf = False
+        if not utf:
+            try:
+                stream.reconfigure(errors="gconv-ascii")
+            except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture): left alone
+                pass
+
+
+survive_console()  # before click prints anything, --help included
+
+
+_CONFIG_PATH = "gconv-rewrite.config"  # ctx.meta: the config file read (None: none)
+_SHOW_CONFIG = "gconv-rewrite.show-config"
+
+
+class _Command(click.Command):
+    """The command, with its configuration read before the flags are parsed: the config file is
+    found from the models named (``config.find``), which click knows only after parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["gconv_json"] = _json_asked(args)
+        try:
+            return self._parse_with_config(ctx, args)
+        except click.UsageError as error:  # under --format json, answered as a JSON envelope too
+            _usage_json(ctx, error)
+            raise
+
+    def _parse_with_config(self, ctx: click.Context, args: list[str]) -> list[str]:
+        flags = set(args[: args.index("--")] if "--" in args else args)  # after "--": file names
+        if {"--fuse", "--expand"} <= flags:  # click would keep the last one, silently
+            raise click.UsageError("--fuse and --expand are exclusive; give one", ctx)
+        if not {"-h", "--help", "--version", "--list-targets"} & flags:  # these answer without a config
+            # A first, raw pass (no types, no callbacks) for the config's path and the models.
+            raw, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+            _load_config(ctx, raw.get("config"), tuple(Path(p) for p in raw.get("models") or ()))
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        if ctx.meta.get(_SHOW_CONFIG):
+            click.echo(_settings_in_force(ctx))
+            ctx.exit(0)
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            _usage_json(ctx, error)
+            raise
+
+
+def _load_config(ctx: click.Context, given: str | None, models: tuple[Path, ...]) -> None:
+    """Defaults from ``--config FILE`` or the nearest pyproject.toml's [tool.gconv-rewrite]; flags
+    win. A config that cannot be used is one line and exit 2, like every other bad input."""
     try:
-        path, defaults = config.load(ctx, value)
+        path, defaults = config.load(ctx, Path(given) if given is not None else None, models)
     except RewriteError as error:
         if ctx.meta.get("gconv_json"):
             document = envelope.document([], EXIT_BAD_INPUT, error={"kind": envelope.error_kind(error),
@@ -40,8 +107,33 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
             click.echo(json.dumps(document, indent=2))
         click.echo(f"gconv-rewrite: error: {error.message}", err=True)
         ctx.exit(EXIT_BAD_INPUT)
+    ctx.meta[_CONFIG_PATH] = path
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return path
+
+
+def _settings_in_force(ctx: click.Context) -> str:
+    """--show-config: every setting's value and where it came from (default, the config file, the
+    command line), one per line, as a config file names them."""
+    origin = {click.core.ParameterSource.COMMANDLINE: "command line",
+              click.core.ParameterSource.DEFAULT_MAP: formats.shown(ctx.meta.get(_CONFIG_PATH) or "config"),
+              click.core.ParameterSource.ENVIRONMENT: "environment"}
+    found = ctx.meta.get(_CONFIG_PATH)
+    lines = [f"config file: {formats.shown(found) if found else 'none'}"]
+    shown_names = set()
+    for param in ctx.command.params:
+        if param.name in config.NOT_SETTINGS or param.name not in ctx.params or param.name in shown_names:
+            continue
+        shown_names.add(param.name)  # --fuse and --expand set one value: the mode
+        value = ctx.params[param.name]
+        value = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+        key = "mode" if param.name == "mode" else next(o[2:] for o in param.opts if o.startswith("--"))
+        source = origin.get(ctx.get_parameter_source(param.name), "default")
+        lines.append(f"{key} = {json.dumps(value)}  # {source}")
+    return "\n".join(lines)
+
+
+def _show_config(ctx: click.Context, _param, value: bool) -> None:
+    ctx.meta[_SHOW_CONFIG] = value
 
 
 def _list_targets(ctx: click.Context, param, value: bool):
@@ -65,26 +157,6 @@ def _json_asked(args) -> bool:
     return "--format=json" in args or any(a == "--format" and b == "json" for a, b in pairs)
 
 
-class _Command(click.Command):
-    """The command, with a usage error under ``--format json`` answered as a JSON envelope on
-    stdout too (exit 2; the one-line error still goes to stderr)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["gconv_json"] = _json_asked(args)
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as error:
-            _usage_json(ctx, error)
-            raise
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as error:
-            _usage_json(ctx, error)
-            raise
-
-
 def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
     if ctx.meta.get("gconv_json") or ctx.params.get("output_format") == "json":  # the flag, or a config's format
         document = envelope.document([], error.exit_code, error={"kind": envelope.USAGE, "message": error.format_message()})
@@ -93,9 +165,13 @@ def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
-              callback=_load_config,
-              help="TOML file of defaults (default: ./pyproject.toml [tool.gconv-rewrite]); flags win.")
+@click.option("--config", type=click.Path(path_type=Path), expose_value=False,
+              help="TOML file of defaults (default: the nearest pyproject.toml with [tool.gconv-rewrite], "
+                   "searched upward from the first model to the repository's root, else ./pyproject.toml); "
+                   "flags win.")
+@click.option("--show-config", is_flag=True, expose_value=False, callback=_show_config,
+              help="Print the settings in force for MODEL and where each came from (default, the config "
+                   "file, the command line), then exit.")
 @click.option("--fuse", "mode", flag_value="fuse", default=True,
               help="Fuse Split/Slice → N Conv → Concat into Conv(group=N) (default).")
 @click.option("--expand", "mode", flag_value="expand",
@@ -108,7 +184,8 @@ def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
               help="Write nothing; exit 1 if fusable patterns remain, 0 if none (for CI).")
 @click.option("--dry-run", is_flag=True, help="List what would change; write nothing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the run's report as JSON to this file.")
+              help="Write the run's report as JSON to this file ('-': to stdout, the text summary then going to "
+                   "stderr). A symlink is written through (its target replaced, the link kept).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path),
               help="Write a review page (self-contained HTML: each rewrite drawn before and after, the "
                    "verification, the near misses) to this file; for several models, an index page linking "
@@ -156,7 +233,7 @@ def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
               help="Intra-op threads of the runtime --benchmark and --auto time on (default: the runtime's).")
 @click.option("--list-targets", is_flag=True, is_eager=True, expose_value=False, callback=_list_targets,
               help="Print the targets and what each wants per grouped conv, then exit.")
-@click.option("--to", "to", type=click.Choice(["onnx", "savedmodel", "keras", "tflite"]), default=None,
+@click.option("--to", "to", type=click.Choice(formats.output_formats()), default=None,
               help="Output format for SavedModel/Keras inputs (default: same as the input); savedmodel "
                    "from Keras: exported, frozen, verified in TF, NAME.fused/; tflite: "
                    "TensorFlow's converter, verified in the TFLite interpreter, NAME.tflite.")
@@ -174,15 +251,15 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
          signature, trust_lambdas, repair_late_binding, quiet, verbose, progress_choice):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
-    .onnx, .keras, .h5, .hdf5 files and SavedModel directories."""
+    {suffixes} files and SavedModel directories."""
     _configure_logging(verbose)
     if check or dry_run:
         report_path = _report_asked(report_path)
         html_path = _report_asked(html_path, "html_path")
+    as_json, report_to_stdout = output_format == "json", str(report_path) == "-"
     _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
-                 target=target, auto=auto, benchmark=benchmark)
-    as_json = output_format == "json"
-    say = (lambda *a, **k: None) if quiet or output_format != "text" else click.echo
+                 target=target, auto=auto, benchmark=benchmark, two_documents=as_json and report_to_stdout)
+    say = (lambda *a, **k: None) if quiet or output_format != "text" else functools.partial(click.echo, err=report_to_stdout)
     try:
         if target is not None:
             targets.get(target)  # an unknown name: one line listing the known ones
@@ -199,6 +276,7 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
                               target=target, auto=auto)
         report_protected = _check_report_path(report_path, job_list, inputs)
         html_pages = _check_html_path(html_path, job_list, inputs, report_path, force=force, many=many)
+        _warn_inapplicable(job_list, quiet=quiet)
     except RewriteError as error:
         _fail(error, verbose, as_json=as_json)
 
@@ -259,6 +337,8 @@ def _print_results(results: list[batch.JobResult], code: int, *, output_format: 
         say(footer)
     if not many and results[0].error is None:
         _print_findings(printable[0], say=say, check=check)
+# The help names the suffixes a folder walk picks up, from the format table.
+main.help = main.help.replace("{suffixes}", formats.suffixes_shown())
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -275,10 +355,12 @@ def _mode_given() -> bool:
 
 
 def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_groups: int, max_groups: int | None,
-                 target: str | None, auto: bool, benchmark: bool) -> None:
+                 target: str | None, auto: bool, benchmark: bool, two_documents: bool = False) -> None:
     """Flag combinations that make no sense: a usage error (exit 2) before any model is read."""
     if check and dry_run:
         raise click.UsageError("--check and --dry-run are exclusive")
+    if two_documents:
+        raise click.UsageError("--report - and --format json both write one JSON document to stdout; give one")
     if atol < 0 or rtol < 0:
         raise click.UsageError("--atol and --rtol must be non-negative")
     if max_groups is not None and max_groups < min_groups:
@@ -293,13 +375,59 @@ def _check_usage(*, check: bool, dry_run: bool, atol: float, rtol: float, min_gr
         raise click.UsageError("--benchmark times the written model; not with --check / --dry-run")
 
 
+def _inapplicable(params: dict, input_formats: set[str]) -> dict[str, str]:
+    """Parameter name → why it does nothing in this run, for every option that does nothing here."""
+    per_node = params["target"] is not None or params["auto"]
+    fusing, expanding = params["mode"] == "fuse" and not per_node, params["mode"] == "expand" and not per_node
+    why = {}
+    for name in ("keep_depthwise", "min_groups", "max_groups"):
+        if fusing:
+            why[name] = "it applies with --expand only"
+    if expanding:
+        why["fold_bn"] = "it applies with --fuse only"
+    if "savedmodel" not in input_formats and params["to"] not in ("savedmodel", "tflite"):
+        why["signature"] = "it applies to SavedModel inputs (and --to savedmodel / tflite) only"
+    if not (params["benchmark"] or params["auto"]):
+        why["threads"] = "it sets the threads --benchmark and --auto time with, and neither is given"
+    if not params["verify"]:
+        for name in ("atol", "rtol", "seed"):
+            why[name] = "--no-verify turns the verification off"
+    if "keras" not in input_formats:
+        for name in ("trust_lambdas", "repair_late_binding"):
+            why[name] = "it applies to Keras inputs only"
+    if params["check"] or params["dry_run"]:
+        why["force"] = "--check and --dry-run write nothing"
+    return why
+
+
+def _warn_inapplicable(job_list: list[batch.Job], *, quiet: bool) -> None:
+    """One warning on stderr per option given (on the command line or in the config) that does
+    nothing in this run: an option silently ignored reads as one that worked."""
+    ctx = click.get_current_context()
+    given = {click.core.ParameterSource.COMMANDLINE: "", click.core.ParameterSource.DEFAULT_MAP:
+             f" (set in {formats.shown(ctx.meta.get(_CONFIG_PATH) or 'the config')})"}
+    input_formats = set()
+    for job in job_list:
+        try:
+            input_formats.add(formats.detect_format(job.input))
+        except BadInput:
+            pass  # its own error comes when the run reads it
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    for name, why in _inapplicable(ctx.params, input_formats).items():
+        source, value, option = ctx.get_parameter_source(name), ctx.params[name], options[name]
+        if source not in given or quiet or (value in (False, None) and not option.secondary_opts):
+            continue  # not given, or given as "off" (``keep-depthwise = false``): nothing to ignore
+        flag = option.secondary_opts[0] if value is False and option.secondary_opts else option.opts[-1]
+        click.echo(f"gconv-rewrite: warning: {flag}{given[source]} ignored: {why}", err=True)
+
+
 def _check_model_paths(models, output: Path | None) -> None:
     """Habits of other tools, answered before anything runs: ``-`` for stdin, and onnxsim's
     ``TOOL IN OUT`` (a second path that does not exist and is named like an output)."""
     if any(str(model) == "-" for model in models):
         raise BadInput("-: models are read from files (standard input is not supported); pass the model's path")
     last = models[-1] if len(models) == 2 else None
-    written = set(formats.WRITE_SUFFIX.values()) | set(formats.MODEL_SUFFIXES)
+    written = {f.write_suffix for f in formats.FORMATS} | set(formats.model_suffixes())
     if last is not None and output is None and models[0].exists() and not last.exists() \
             and last.suffix.lower() in written - {""}:
         raise BadInput(f"{formats.shown(last)}: no such model; to write the output there, "
@@ -319,10 +447,20 @@ def _plan_jobs(models, output: Path | None, *, many: bool, mode: str, to: str | 
                 job.output = _target_output(job.input, target or "auto", to)
     if not many and output is not None and write:
         job_list[0].output = output
+        _check_output_suffix(job_list[0].input, output, to)
     if not job_list:
         raise RewriteError(f"{', '.join(map(str, models))}: not a SavedModel (no saved_model.pb) and no "
                            f"models in it ({formats.suffixes_shown()}, SavedModel directories)")
     return job_list
+
+
+def _check_output_suffix(model: Path, output: Path, to: str | None) -> None:
+    """-o named like another format than the one this run writes: refused before anything runs."""
+    try:
+        input_format = formats.detect_format(model)
+    except BadInput:
+        return  # a model that cannot be read: its own error comes when the run reads it
+    formats.check_output_suffix(output, input_format, to)
 
 
 def _report_asked(report_path: Path | None, parameter: str = "report_path") -> Path | None:
@@ -360,6 +498,9 @@ def _write_report(report_path: Path, protected: list[Path], results: list[batch.
     It is written once the models are committed (it says what was written); if it fails then, the
     error says which models were written all the same."""
     document = envelope.document(results, code)
+    if str(report_path) == "-":  # stdout: the text summary went to stderr
+        click.echo(json.dumps(document, indent=2))
+        return
     try:
         with formats.atomic_output(report_path, protected=protected) as staging:
             (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
@@ -450,7 +591,7 @@ def _count(items) -> dict[str, int]:
 def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: Path | None) -> list[Path]:
     """--report may name nothing a model reads (the model, its external data, its SavedModel
     folder, the --inputs file) nor a model's output; returns what it must never replace."""
-    if report_path is None:
+    if report_path is None or str(report_path) == "-":
         return []
     _check_report_folder(report_path)
     read = [f for job in jobs for f in formats.input_files(job.input)]

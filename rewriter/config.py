@@ -1,4 +1,11 @@
-"""Defaults from a config file: ``--config FILE`` or ./pyproject.toml's ``[tool.gconv-rewrite]``.
+"""Defaults from a config file: ``--config FILE``, else the nearest ``pyproject.toml`` with a
+``[tool.gconv-rewrite]`` table found upward from the first model (as ruff and black search: from
+the model's folder to the repository's root, a folder holding ``.git``, or the filesystem's), else
+./pyproject.toml.
+
+The mode is ``mode = "fuse"`` or ``mode = "expand"``; the older ``fuse = true`` / ``expand = true``
+are still read where they say one thing. Values take the command line's forms too
+(``shape = "x=1,3,224,224"`` as well as a list or a table).
 
 A config file travels with a repository, and the pre-commit hook reads ./pyproject.toml of
 whatever repository it runs in, so the file is read as untrusted data:
@@ -40,11 +47,40 @@ class ConfigError(BadInput):
     """The config file cannot be used: unreadable, not TOML, an unknown or untrusted setting."""
 
 
-def find(given: Path | None) -> Path | None:
-    """The config file of this run: ``--config``, else ./pyproject.toml when there is one."""
+MODES = ("fuse", "expand")
+
+
+def find(given: Path | None, models: tuple[Path, ...] = ()) -> Path | None:
+    """The config file of this run: ``--config``; else the nearest pyproject.toml with a
+    ``[tool.gconv-rewrite]`` table upward from the first model; else ./pyproject.toml."""
     if given is not None:
         return given
+    if models:
+        found = search_upward(_start_folder(models[0]))
+        if found is not None:
+            return found
     return Path(PYPROJECT) if os.path.lexists(PYPROJECT) else None
+
+
+def _start_folder(model: Path) -> Path:
+    path = Path(os.path.abspath(model))
+    return path if path.is_dir() else path.parent
+
+
+def search_upward(folder: Path) -> Path | None:
+    """The first pyproject.toml with a ``[tool.gconv-rewrite]`` table in ``folder`` or above it,
+    up to the repository's root (a folder holding ``.git``) or the filesystem's. A pyproject.toml
+    without the table is passed by, as ruff passes one without ``[tool.ruff]``, and so is one
+    another user owns."""
+    for candidate_folder in (folder, *folder.parents):
+        candidate = candidate_folder / PYPROJECT
+        if os.path.lexists(candidate) and not _someone_elses(candidate):
+            tool = read_toml(candidate).get("tool", {})
+            if isinstance(tool, dict) and CONFIG_SECTION in tool:
+                return candidate
+        if os.path.lexists(candidate_folder / ".git"):
+            return None
+    return None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -86,12 +122,25 @@ def section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def load(ctx: click.Context, given: Path | None) -> tuple[Path | None, dict[str, Any]]:
+def _someone_elses(path: Path) -> bool:
+    """POSIX: a file neither this user nor root owns (another user's /tmp/pyproject.toml above a
+    model in /tmp): passed by, as git passes by a repository another user owns."""
+    if not hasattr(os, "getuid"):
+        return False
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return False  # read_toml says why it cannot be read
+    return owner not in (os.getuid(), 0)
+
+
+def load(ctx: click.Context, given: Path | None, models: tuple[Path, ...] = ()) -> tuple[Path | None, dict[str, Any]]:
     """The config file and its settings as click defaults (parameter name → value); flags win."""
-    path = find(given)
+    path = find(given, models)
     if path is None:
         return None, {}
-    settings = section(path, read_toml(path))
+    settings = dict(section(path, read_toml(path)))
+    mode = _mode(path, settings)  # takes mode, fuse and expand out of ``settings``
     # Settings are named like the long flags: "atol", "shape", "keep-depthwise", "format"...
     known: dict[str, click.Parameter] = {}
     for param in ctx.command.params:
@@ -107,7 +156,31 @@ def load(ctx: click.Context, given: Path | None) -> tuple[Path | None, dict[str,
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
         param = known[key]
         defaults[param.name] = _value(ctx, path, key, param, setting)
+    if mode is not None:
+        defaults["mode"] = mode
     return path, defaults
+
+
+def _mode(path: Path, settings: dict[str, Any]) -> str | None:
+    """``mode = "fuse" | "expand"``, or the older ``fuse = true`` / ``expand = true`` where they
+    say one thing; both, or ``mode`` and a flag that says otherwise, contradict: refused."""
+    said: dict[str, str] = {}
+    if "mode" in settings:
+        mode = settings.pop("mode")
+        if mode not in MODES:
+            raise ConfigError(f"{path}: mode = {mode!r}: must be \"fuse\" or \"expand\"")
+        said["mode"] = mode
+    for flag in MODES:
+        if flag in settings:
+            value = settings.pop(flag)
+            if value is not True:
+                raise ConfigError(f"{path}: {flag} = {value!r}: only `{flag} = true` can be set (it is a flag); "
+                                  f"better, set mode = \"fuse\" or mode = \"expand\"")
+            said[flag] = flag
+    if len(set(said.values())) > 1:
+        keys = " and ".join(f"mode = {v!r}" if k == "mode" else f"{k} = true" for k, v in said.items())
+        raise ConfigError(f"{path}: {keys} contradict; set one: mode = \"fuse\" or mode = \"expand\"")
+    return next(iter(said.values()), None)
 
 
 def _value(ctx: click.Context, path: Path, key: str, param: click.Parameter, setting: Any) -> Any:

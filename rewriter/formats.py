@@ -17,8 +17,9 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rewriter.lazy import lazy_module
@@ -34,32 +35,100 @@ except ImportError:  # not POSIX: no advisory locks, the pid alone tells a dead 
 
 from rewriter.errors import BadInput, OutputError
 
-# The one table of file formats and suffixes. Detection (``detect_format``), the default output
-# name (``default_output``), folder walks (``rewriter.batch.walk``) and the CLI's help all read it,
-# so a suffix the tool reads is also one it walks and one whose default output it accepts
-# (``.hdf5`` was read as Keras but walked past, and its default ``m.fused.hdf5`` refused).
-# SavedModels are folders (``saved_model.pb`` inside), not suffixes.
-READ_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "onnx": (".onnx",),
-    "keras": (".keras", ".h5", ".hdf5"),  # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3
-}
-# What each format's outputs are named with ("" for a SavedModel folder). Keras writes only the
-# Keras 3 archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
-WRITE_SUFFIX: dict[str, str] = {"onnx": ".onnx", "keras": ".keras", "savedmodel": "", "tflite": ".tflite"}
-ONNX_SUFFIXES = READ_SUFFIXES["onnx"]
-# Every file suffix a folder walk picks up: the model files the tool reads.
-MODEL_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in READ_SUFFIXES.values() for s in suffixes)
+# The one table of model formats. Detection (``detect_format``), the default output name
+# (``default_output``), folder walks (``rewriter.batch.walk``), the CLI's ``--to`` choices and help,
+# the benchmark's runtimes (``rewriter.benchmark.RUNTIMES``) and the driver's backend and
+# conversion lookup (``rewriter.backend``) all read it: a new format is its package plus one row.
+# (When each kept its own list, ``.hdf5`` was read as Keras but walked past, and its default
+# output ``m.fused.hdf5`` refused.)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # as --to and reports name it
+    read_suffixes: tuple[str, ...]  # files read as this format (lower case); () for none
+    folder_marker: str | None  # a folder holding this file is one model of this format
+    write_suffix: str  # of what it writes ("" for a folder)
+    backend: str  # "module:Class" of its rewriter.backend.Backend
+    runtime: str  # the runtime --benchmark times it on, as reported
+    runtime_loader: str  # "module:function": (path, threads, options) -> rewriter.benchmark.Loaded
+    # --to FORMAT from an input of this format: the conversion hops the driver chains, each "module:Class".
+    conversions: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the tool takes it as input (TFLite is an output format only)."""
+        return bool(self.read_suffixes) or self.folder_marker is not None
+
+
+_TF_TO_ONNX = "passes.tf.to_onnx:SavedModelToOnnx"
+_KERAS_TO_SAVEDMODEL = "passes.keras.to_savedmodel:KerasToSavedModel"
+
+FORMATS: tuple[Format, ...] = (
+    Format("onnx", (".onnx",), None, ".onnx", "passes.onnx.backend:OnnxBackend",
+           "onnxruntime", "rewriter.benchmark:_load_onnx"),
+    Format("savedmodel", (), "saved_model.pb", "", "passes.tf.backend:SavedModelBackend",
+           "tensorflow", "rewriter.benchmark:_load_savedmodel",
+           {"onnx": (_TF_TO_ONNX,), "tflite": ("passes.tflite.from_savedmodel:SavedModelToTFLite",)}),
+    # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3. Keras writes only the Keras 3
+    # archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
+    Format("keras", (".keras", ".h5", ".hdf5"), None, ".keras", "passes.keras.backend:KerasBackend",
+           "keras", "rewriter.benchmark:_load_keras",
+           {"onnx": (_KERAS_TO_SAVEDMODEL, _TF_TO_ONNX), "savedmodel": (_KERAS_TO_SAVEDMODEL,),
+            "tflite": ("passes.tflite.from_keras:KerasToTFLite",)}),
+    Format("tflite", (), None, ".tflite", "passes.tflite.backend:TFLiteBackend",
+           "tflite", "rewriter.benchmark:_load_tflite"),
+)
+
+# Views of the table as it was at import (tests and callers that want a constant); the functions
+# below read ``FORMATS`` itself, so a row added at run time is detected and walked too.
+READ_SUFFIXES: dict[str, tuple[str, ...]] = {f.name: f.read_suffixes for f in FORMATS if f.read_suffixes}
+WRITE_SUFFIX: dict[str, str] = {f.name: f.write_suffix for f in FORMATS}
+ONNX_SUFFIXES = FORMATS[0].read_suffixes
+MODEL_SUFFIXES: tuple[str, ...] = tuple(s for f in FORMATS for s in f.read_suffixes)
+
+
+def row(name: str) -> Format:
+    """The table's row for format ``name`` (KeyError for a name in no row)."""
+    found = next((f for f in FORMATS if f.name == name), None)
+    if found is None:
+        raise KeyError(name)
+    return found
+
+
+def model_suffixes() -> tuple[str, ...]:
+    """Every file suffix a folder walk picks up: the model files the tool reads."""
+    return tuple(s for f in FORMATS for s in f.read_suffixes)
+
+
+def output_formats() -> list[str]:
+    """What ``--to`` offers, in the table's order: every format read (``--to`` its own format
+    changes nothing) and every format some input converts to."""
+    reached = {to for f in FORMATS for to in f.conversions}
+    return [f.name for f in FORMATS if f.readable or f.name in reached]
+
+
+def folder_format(path: Path) -> str | None:
+    """The format of a folder that is one model (a SavedModel: ``saved_model.pb`` inside), or None."""
+    return next((f.name for f in FORMATS if f.folder_marker and (path / f.folder_marker).is_file()), None)
 
 
 def format_of_suffix(suffix: str) -> str | None:
     """The format whose files end in ``suffix`` (any case), or None for a suffix in no row."""
     suffix = suffix.lower()
-    return next((fmt for fmt, suffixes in READ_SUFFIXES.items() if suffix in suffixes), None)
+    return next((f.name for f in FORMATS if suffix in f.read_suffixes), None)
+
+
+def written_format_of_suffix(suffix: str) -> str | None:
+    """The format a file named with ``suffix`` holds, read or written (``.tflite`` too), or None."""
+    suffix = suffix.lower()
+    return format_of_suffix(suffix) or next((f.name for f in FORMATS if f.write_suffix and f.write_suffix == suffix),
+                                            None)
 
 
 def suffixes_shown() -> str:
     """The model file suffixes, as help and errors list them: '.onnx, .keras, .h5, .hdf5'."""
-    return ", ".join(MODEL_SUFFIXES)
+    return ", ".join(model_suffixes())
 
 
 def detect_format(path: Path) -> str:
@@ -68,8 +137,9 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "savedmodel"
+        fmt = folder_format(path)
+        if fmt is not None:
+            return fmt
         raise BadInput(f"{path}: a directory, but not a SavedModel (no saved_model.pb in it)")
     # A suffix in no row (or none) is tried as ONNX; the loader says clearly if it is not.
     return format_of_suffix(path.suffix) or "onnx"
@@ -283,15 +353,40 @@ def default_output(path: Path, mode: str, to: str | None = None) -> Path:
     suffix = ".fused" if mode == "fuse" else ".expanded"
     if to == "tflite":
         stem = path.name if path.is_dir() else path.stem
-        return path.with_name(stem + ("" if mode == "fuse" else suffix) + WRITE_SUFFIX["tflite"])
+        return path.with_name(stem + ("" if mode == "fuse" else suffix) + row("tflite").write_suffix)
     if path.is_dir():
-        return path.with_name(path.name + suffix + WRITE_SUFFIX.get(to or "savedmodel", ""))
+        return path.with_name(path.name + suffix + row(to or folder_format(path) or "savedmodel").write_suffix)
     if to is not None:
-        extension = WRITE_SUFFIX[to]
+        extension = row(to).write_suffix
     else:  # the input's own format: a Keras file of any suffix is written as .keras
         fmt = format_of_suffix(path.suffix)
-        extension = WRITE_SUFFIX[fmt] if fmt is not None else path.suffix
+        extension = row(fmt).write_suffix if fmt is not None else path.suffix
     return path.with_name(path.stem + suffix + extension)
+
+
+_SHOWN_NAMES = {"onnx": "ONNX", "savedmodel": "SavedModel", "keras": "Keras", "tflite": "TFLite"}
+
+
+def check_output_suffix(output: Path, input_format: str, to: str | None) -> None:
+    """Refuse an output named like another format than the one written (an ONNX model under
+    ``out.keras`` would be ONNX bytes a Keras loader chokes on), with the flag that writes that
+    format where ``--to`` has it, else the suffix this format is written with. A suffix of no
+    format (``out.bin``) is the user's choice and stays allowed."""
+    written = to or input_format
+    named = written_format_of_suffix(output.suffix)
+    if named is None or named == written:
+        return
+    if to not in (None, input_format) and not row(written).write_suffix:
+        return  # a conversion to a folder: its own check_output names the folder it writes
+    what, wanted = _SHOWN_NAMES.get(written, written), _SHOWN_NAMES.get(named, named)
+    own = row(written).write_suffix
+    keep = f"name it NAME{own}" if own else "name the folder without a model file suffix"
+    article = "an" if wanted[0] in "AEIOU" else "a"
+    start = f"{shown(output)}: named like {article} {wanted} file ({output.suffix}), but this run writes {what}"
+    if named in row(input_format).conversions or named == input_format:
+        raise BadInput(f"{start}: use --to {named} to write {wanted}, or {keep}")
+    raise BadInput(f"{start} (a{'n' if input_format == 'onnx' else ''} {_SHOWN_NAMES.get(input_format, input_format)} "
+                   f"input is not converted to {wanted}); {keep}")
 
 
 def input_files(path: Path, model: ir.Model | None = None, *, deep: bool = True) -> list[Path]:
@@ -331,6 +426,7 @@ def check_not_read(written: Path, read: list[Path], what: str = "-o") -> None:
     anything the input reads is that file, inside that folder, or the folder it would go in; or
     when it is no regular file or folder (a device, a FIFO, a socket: ``check_target_kind``)."""
     check_name_length(written, what)
+    follow_output_link(written, what)  # a link to a stream (/dev/stdout): refused before anything runs
     check_target_kind(written, what)
     if written.exists() or written.is_symlink():
         for item in read:
@@ -409,6 +505,31 @@ def data_stem(output_name: str) -> str:
     return _stem(output_name, _DATA_EXTRA)
 
 
+# Folders whose entries stand for a process's open files: /dev/stdout leads here (/proc/self/fd/1).
+_STREAM_FOLDERS = ("/proc/", "/dev/fd")
+_MAX_LINKS = 40
+
+
+def follow_output_link(path: Path, what: str = "-o") -> Path:
+    """Where writing ``path`` lands. A symlink is written through, never replaced: the result is
+    its final target (created if it does not exist yet), so the commit replaces the target and
+    keeps the link, as ``>`` in a shell does. A link into /proc or /dev/fd (``-o /dev/stdout``)
+    is refused: outputs are files committed by a rename, and a rename cannot reach a stream."""
+    hop = Path(os.path.abspath(path))
+    for _ in range(_MAX_LINKS):
+        folder = os.path.realpath(hop.parent)
+        if any((folder + "/").startswith(prefix if prefix.endswith("/") else prefix + "/")
+               for prefix in _STREAM_FOLDERS):
+            instead = "; --report - writes the report to stdout" if what == "--report" else ""
+            raise OutputError(f"{shown(path)}: leads to a stream of a process ({shown(hop)}); outputs are files "
+                              f"written whole and renamed into place, never streams; choose a file for {what}"
+                              + instead)
+        if not hop.is_symlink():
+            return path if hop == Path(os.path.abspath(path)) else hop
+        hop = Path(folder) / os.readlink(hop)
+    raise OutputError(f"{shown(path)}: too many levels of symbolic links; choose another {what}")
+
+
 _KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO (named pipe)",
           stat.S_IFSOCK: "a socket"}
 
@@ -420,7 +541,7 @@ def check_target_kind(path: Path, what: str = "-o") -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return  # nothing there, or a dangling symlink (the link itself is replaced, never followed)
+        return  # nothing there, or a dangling symlink (written through: its target is created)
     except OSError as exc:
         raise OutputError(f"{path}: cannot be examined ({exc.strerror or exc}); choose another {what}") from exc
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
@@ -444,13 +565,61 @@ def _token() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (its leftovers are not to be swept). POSIX: signal 0,
+    which sends nothing; on Linux a zombie (exited, not yet reaped) counts as gone. Windows asks
+    the process's exit code instead: there ``os.kill(pid, 0)`` *sends* CTRL_C_EVENT to the console
+    group. A pid that cannot be asked about counts as alive: sweeping a live run's files is worse
+    than leaving a dead run's for later."""
+    if isinstance(pid, bool) or pid <= 0:
+        return False
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):
-        return pid > 0 and not isinstance(pid, bool)
-    return True
+        return True  # someone else's process (or a pid this system cannot name): assume alive
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Linux: the process has exited and waits to be reaped (state Z, or X: dead). Elsewhere, or
+    when /proc cannot be read, False."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat_line = handle.read()
+    except OSError:
+        return False
+    # "PID (COMMAND) STATE ...": the command may hold spaces and parentheses; the state follows the last ")".
+    fields = stat_line[stat_line.rfind(b")") + 1:].split()
+    return bool(fields) and fields[0] in (b"Z", b"X")
+
+
+_PROCESS_QUERY_LIMITED_INFORMATION, _STILL_ACTIVE, _ERROR_ACCESS_DENIED = 0x1000, 259, 5
+
+
+def _kernel32():
+    return ctypes.WinDLL("kernel32", use_last_error=True)
+
+
+def _last_error() -> int:
+    return ctypes.get_last_error()
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Windows: open the process for a query and ask whether it has an exit code yet."""
+    kernel32 = _kernel32()
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return _last_error() == _ERROR_ACCESS_DENIED  # exists, but not ours to open; else: no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _hold(folder: Path) -> int | None:
@@ -651,7 +820,7 @@ def _own_data_files(output: Path) -> tuple[set[str], set[str]]:
     folder = output.parent if str(output.parent) else Path(".")
     referenced: set[str] = set()
     # A Keras file, a report or a TFLite file reads no external data; anything else may be ONNX.
-    reads_no_data = format_of_suffix(output.suffix) == "keras" or output.suffix.lower() in (".json", ".tflite")
+    reads_no_data = written_format_of_suffix(output.suffix) not in (None, "onnx") or output.suffix.lower() == ".json"
     if output.is_file() and not reads_no_data:
         try:
             proto = onnx.load(str(output), load_external_data=False)
@@ -747,12 +916,23 @@ def _put_in_place(main: Path, output: Path, staging: Path, token: str, replace: 
 
 @contextmanager
 def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = True) -> Iterator[Path]:
-    """Yield a staging folder beside ``output``; on success move what was written there into
-    place (companions, then the main file or folder, then the superseded data), on any failure
-    or interrupt remove it all. A reader sees the old output or the new one, each complete.
+    """Yield a staging folder beside ``output``; the caller writes ``STAGING/<output's name>``
+    (and companions). On success what was written moves into place (companions, then the main
+    file or folder, then the superseded data), on any failure or interrupt it is all removed. A
+    reader sees the old output or the new one, each complete.
 
+    A symlink given as ``output`` is written through: its target is replaced, atomically, and the
+    link kept (``follow_output_link``); a link to a stream (/dev/stdout) is refused.
     ``protected``: files the input reads, never removed even when the old output read them.
     ``replace=False`` (no --force): the commit itself refuses an output that exists by then."""
+    with _commit(follow_output_link(output), output.name, protected, replace) as staging:
+        yield staging
+
+
+@contextmanager
+def _commit(output: Path, staged_name: str, protected: list[Path], replace: bool) -> Iterator[Path]:
+    """``atomic_output`` once links are followed: ``output`` is the path replaced, and the caller
+    stages its file as ``staged_name`` (the name it was given, a link's own name)."""
     folder = output.parent if str(output.parent) else Path(".")
     sweep_staging(output)
     token = _token()
@@ -765,7 +945,7 @@ def atomic_output(output: Path, *, protected: list[Path] = (), replace: bool = T
     moved: list[Path] = []
     try:
         yield staging
-        main = staging / output.name
+        main = staging / staged_name
         if not (main.exists() or main.is_symlink()):
             raise OutputError(f"{output}: nothing was staged to write")
         companions = sorted(p for p in staging.iterdir() if p != main)
