@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rewriter import formats, html, proof, quiet, targets
-from rewriter.backend import Unwritable, conversions
-from rewriter.backend import backend as backend_for
+from rewriter.backend import Unwritable, conversions, format_backend, rewriter_backend
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
 from rewriter.memory import frozen_heap, paused_gc
 from rewriter.report import Report, Verification
@@ -158,13 +157,13 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
         target = _target(source, options, report)
         with report.timed("rewrite"):
             for rewrite_pass in _passes(backend, loaded, mode, apply, options, target):
-                loaded = rewrite_pass(loaded)
+                loaded = backend.apply(rewrite_pass, loaded)
                 _record(rewrite_pass, report, target)
             rewritten = backend.emit(loaded, report, options, apply=apply)
             if not isinstance(rewritten, Unwritable):
                 report.after = backend.stats(rewritten) if apply else report.before
         if not apply:
-            return Result(_result_model(backend, rewritten), report)
+            return Result(backend.result(rewritten), report)
         if isinstance(rewritten, Unwritable):
             _write_unchanged(rewritten, output, report, options)
             return Result(None, report)
@@ -173,8 +172,8 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
             for r in report.rewrites:  # those in no subgraph: the verification run ran every one
                 if r.exercised is None:
                     r.exercised, r.exercised_by = True, "model run"
-        final_backend = backend_for(hops[-1].target, report) if hops else backend
-        return Result(_result_model(final_backend, final), report)
+        final_backend = format_backend(hops[-1].target, report) if hops else backend
+        return Result(final_backend.result(final), report)
 
 
 def _collector_for(fmt: str):
@@ -217,14 +216,14 @@ def _source_path(model, scratch: Path) -> Path:
 def _backends(fmt: str, source: Path, options: Options, report: Report):
     """The input format's backend and the ``--to`` hops; TensorFlow is imported here, quietly."""
     if fmt == "onnx":
-        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+        return rewriter_backend(fmt, report), conversions(fmt, options.to, str(source))
     try:
         quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
         if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
             from rewriter.benchmark import set_tensorflow_threads
 
             set_tensorflow_threads(options.threads)
-        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+        return rewriter_backend(fmt, report), conversions(fmt, options.to, str(source))
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         raise BadInput(f"{source}: {fmt} models need the TensorFlow extra "
@@ -257,14 +256,14 @@ def _passes(backend, model, mode: str, apply: bool, options: Options, target):
         yield backend.expand_pass(model, rewrite=apply, options=options)
         return
     accept = targets.target_accept(target, targets.NATIVE) if target is not None else None
-    fuse_pass = backend.fuse_pass(model, rewrite=apply, options=options, accept=accept)
-    yield fuse_pass
+    fuse_passes = backend.fuse_passes(model, rewrite=apply, options=options, accept=accept)
+    yield from fuse_passes
     if apply and options.fold_bn:
-        fold_pass = backend.fold_pass(model, fuse_pass, options)
+        fold_pass = backend.fold_pass(model, fuse_passes, options)
         if fold_pass is not None:
             yield fold_pass
     if target is not None:
-        yield backend.expand_pass(model, rewrite=apply, options=options, exclude=fuse_pass.created,
+        yield backend.expand_pass(model, rewrite=apply, options=options, after=fuse_passes,
                                   accept=targets.target_accept(target, targets.SPLIT))
 
 
@@ -272,16 +271,10 @@ def _record(rewrite_pass, report: Report, target) -> None:
     report.rewrites.extend(rewrite_pass.rewrites)
     report.skipped.extend(rewrite_pass.skipped)
     if target is not None:  # per node: the form the target wants, and why
-        judged = targets.target_nodes(getattr(rewrite_pass, "decisions", []), target.name)
+        judged = targets.target_nodes(rewrite_pass.decisions, target.name)
         if hasattr(target, "annotate"):  # --auto: both timings per node
             target.annotate(judged)
-        report.target["nodes"].extend(judged)
-
-
-def _result_model(backend, model):
-    """What ``Result.model`` holds: the backend's own form of it (a GraphDef for a SavedModel)."""
-    result = getattr(backend, "result", None)
-    return result(model) if result is not None else model
+        report.target["nodes"].extend(decision.to_json() for decision in judged)
 
 
 def _write(backend, hops, source: Path, rewritten, output: Path | None, read: list[Path], scratch: Path,
@@ -307,10 +300,9 @@ def _save_and_check(backend, model, path: Path, report: Report) -> None:
     """The backend writes ``model`` at ``path``; its format checker (if it has one) reads it back."""
     with report.timed("save"):
         backend.save(model, path)
-    check = getattr(backend, "check", None)
-    if check is not None:
+    if backend.check is not None:
         with report.timed("checker"):
-            check(path)
+            backend.check(path)
 
 
 def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Options, report: Report) -> None:
@@ -357,7 +349,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
         previous, current = current, hop.convert(current, written, scratch, options, report)
         written = None  # a later hop converts from memory
     last = hops[-1]
-    writer = backend_for(last.target, report)
+    writer = format_backend(last.target, report)
 
     def save_and_verify(path: Path) -> None:
         _save_and_check(writer, current, path, report)
