@@ -2,6 +2,12 @@
 an output format with no rewrite of its own).
 
 Each format's backend (``passes.FORMAT.backend``) builds its passes by class; the driver
-(``rewriter.api``) reaches them through the backend only. Nothing is imported here, so importing
-one pass loads that pass and what it needs, never the driver.
+(``rewriter.api``) reaches them through the backend only. No module of the project is imported here,
+so importing one pass loads that pass and what it needs, never the driver.
 """
+
+import logging
+
+# Log records (a late-bound Lambda found, a repair made) reach a handler only where the
+# application configured one: the CLI shows them on stderr; a library caller decides.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

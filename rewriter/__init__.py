@@ -7,6 +7,7 @@ runs this file, and must not load the driver (``rewriter.api``) with it.
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
@@ -15,6 +16,10 @@ try:
     __version__ = _version("gconv-rewrite")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+# The library prints nothing: its modules log under "rewriter.*" (and "passes.*"), which reach a
+# handler only where the application configured one (the CLI does, on stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # public name → the module that defines it
 _PUBLIC = {
@@ -36,6 +41,14 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported her
         VerificationFailed,
         VerificationImpossible,
     )
+
+
+# ``verify`` names both a submodule (rewriter/verify.py) and the API's function. Importing the
+# submodule sets the package's attribute to it, after which ``__getattr__`` is never asked; so it
+# is imported here first (it loads no driver) and the attribute dropped: ``rewriter.verify`` is the
+# function, as it was when this file imported the API eagerly.
+importlib.import_module("rewriter.verify")
+del verify  # noqa: F821  (bound by the import above, as the submodule)
 
 
 def __getattr__(name: str):

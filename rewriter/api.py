@@ -4,16 +4,23 @@
     >>> result = fuse("model.onnx", output="model.fused.onnx")
     >>> result.report.rewrites[0].groups
     32
+
+A model is a path, or an ONNX model in memory: an ``onnx.ModelProto`` (as onnxsim and onnxslim
+take it; ``Result.model`` is then a ModelProto too) or an ``onnx_ir.Model``. The caller's object
+is never changed; it is saved to a scratch file, read from there, and verified as a file is.
+The library prints nothing: what it has to say is in the report, in the errors it raises
+(``rewriter.errors``) and in log records (module loggers under ``rewriter`` and ``passes``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +32,10 @@ from rewriter.report import Report, Verification
 from rewriter.verify import load_inputs_file, verify_onnx
 
 if TYPE_CHECKING:
+    import onnx
     import onnx_ir as ir
+
+    ModelInput = str | Path | ir.Model | onnx.ModelProto  # a file, or an ONNX model in memory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +75,7 @@ class Options:
 
 @dataclass
 class Result:
-    model: ir.Model
+    model: ir.Model | onnx.ModelProto | Any  # the input's kind: a ModelProto in, a ModelProto out
     report: Report
 
     @property
@@ -80,6 +90,23 @@ def _in_memory(model) -> bool:
     return ir is not None and isinstance(model, ir.Model)
 
 
+def _is_proto(model) -> bool:
+    onnx = sys.modules.get("onnx")  # a ModelProto exists only once onnx is imported
+    return onnx is not None and isinstance(model, onnx.ModelProto)
+
+
+def _in_ir(model):
+    """The model as the driver reads it: a path, or an onnx-ir model (a ModelProto becomes one;
+    the proto itself is left as it is); anything else is refused with a TypeError, as Python does."""
+    if _is_proto(model):
+        from onnx_ir import serde
+
+        return serde.deserialize_model(model)
+    if _in_memory(model) or isinstance(model, (str, os.PathLike)):
+        return model
+    raise TypeError(f"a model is a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+
+
 def _options(options: Options | None, overrides: dict) -> Options:
     base = options or Options()
     return Options(**{**base.__dict__, **overrides}) if overrides else base
@@ -91,13 +118,14 @@ def _resolve_inputs(options: Options):
     return load_inputs_file(Path(options.inputs))
 
 
-def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | Path | None = None,
+def rewrite(model: ModelInput, *, mode: str = "fuse", output: str | Path | None = None,
             apply: bool = True, options: Options | None = None, **overrides) -> Result:
     """Find, plan and (with ``apply``) rewrite; verify; write ``output`` atomically if given.
 
     Raises ``VerificationFailed`` (nothing written) when the rewritten model differs.
     """
     options = _options(options, overrides)
+    given_proto, model = _is_proto(model), _in_ir(model)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
     read = [] if _in_memory(model) else formats.input_files(Path(model))
@@ -112,6 +140,10 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
         with result.report.timed("html"):
             text = html.render_page(result.report.to_dict())
             html.write_page(page, text, protected=read, force=options.force)
+    if given_proto and result.model is not None:  # what came in goes out
+        from onnx_ir import serde
+
+        result.model = serde.serialize_model(result.model)
     return result
 
 
@@ -450,30 +482,33 @@ def _skipped_verification(report: Report, options: Options) -> Verification:
     return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
 
 
-def fuse(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+def fuse(model: ModelInput, *, output: str | Path | None = None, options: Options | None = None,
          **overrides) -> Result:
     """Fuse every hand-made grouped convolution into a native one. See ``rewrite``."""
     return rewrite(model, mode="fuse", output=output, options=options, **overrides)
 
 
-def expand(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+def expand(model: ModelInput, *, output: str | Path | None = None, options: Options | None = None,
            **overrides) -> Result:
     """Expand native grouped convolutions into Split → N Conv → Concat. See ``rewrite``."""
     return rewrite(model, mode="expand", output=output, options=options, **overrides)
 
 
-def check(model: str | Path | ir.Model, *, mode: str = "fuse") -> Report:
-    """Find what ``fuse`` would rewrite, without changing or writing anything."""
-    return rewrite(model, mode=mode, apply=False).report
+def check(model: ModelInput, *, mode: str = "fuse", options: Options | None = None,
+          **overrides) -> Report:
+    """Find what ``fuse`` (or ``expand``, or a target: ``target=NAME``) would rewrite, without
+    changing or writing anything; the options are ``fuse``'s and ``expand``'s."""
+    return rewrite(model, mode=mode, apply=False, options=options, **overrides).report
 
 
-def verify(original: str | Path | ir.Model, rewritten: str | Path | ir.Model, *,
+def verify(original: ModelInput, rewritten: ModelInput, *,
            options: Options | None = None, **overrides) -> Verification:
     """Run both models in onnxruntime on the same inputs and compare every output."""
     options = _options(options, overrides)
     with formats.scratch_dir() as scratch_dir:
         paths = []
         for i, model in enumerate((original, rewritten)):
+            model = _in_ir(model)
             if _in_memory(model):
                 path = Path(scratch_dir) / f"model{i}.onnx"
                 formats.save_onnx(model, path)

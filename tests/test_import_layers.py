@@ -93,3 +93,10 @@ def test_the_lazy_faces_say_no_to_unknown_names():
     assert out.splitlines() == ["module 'rewriter' has no attribute 'nothing'",
                                 "module 'passes.onnx' has no attribute 'NoPass'",
                                 "rewriter.formats passes.onnx.fuse_split_conv"]
+
+
+def test_rewriter_verify_is_the_api_function_once_the_submodule_is_loaded():
+    """``verify`` names a submodule and the API's function: the package keeps the function."""
+    out = _fresh("import rewriter, rewriter.verify\nfrom rewriter.verify import compare\n"
+                 "import rewriter.api\nprint(rewriter.verify is rewriter.api.verify, compare.__module__)")
+    assert out.split() == ["True", "rewriter.verify"]
