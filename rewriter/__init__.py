@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as if imported her
 # is imported here first (it loads no driver) and the attribute dropped: ``rewriter.verify`` is the
 # function, as it was when this file imported the API eagerly.
 importlib.import_module("rewriter.verify")
-del verify  # noqa: F821  (bound by the import above, as the submodule)
+del verify  # bound by the import above, as the submodule
 
 
 def __getattr__(name: str):
