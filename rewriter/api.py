@@ -140,7 +140,12 @@ def rewrite(model: ModelInput, *, mode: str = "fuse", output: str | Path | None 
         with result.report.timed("html"):
             text = html.render_page(result.report.to_dict())
             html.write_page(page, text, protected=read, force=options.force)
-    if given_proto and result.model is not None:  # what came in goes out
+    return _as_given(result, given_proto)
+
+
+def _as_given(result: Result, given_proto: bool) -> Result:
+    """What came in goes out: a ModelProto given, a ModelProto in ``Result.model``."""
+    if given_proto and result.model is not None:
         from onnx_ir import serde
 
         result.model = serde.serialize_model(result.model)
@@ -165,7 +170,8 @@ def _check_options(model, fmt: str, options: Options) -> None:
 
 # -- the driver: options → backend → passes → staging → verification → atomic commit → report ------
 
-def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options) -> Result:
+def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options,
+           measure_only: bool = False) -> Result:
     report = Report(input=str(model) if not _in_memory(model) else "<model>", mode=mode)
     report.on_phase = options.progress
     with formats.scratch_dir() as scratch, ExitStack() as collector:
@@ -196,16 +202,52 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
                 report.after = backend.stats(rewritten) if apply else report.before
         if not apply:
             return Result(backend.result(rewritten), report)
+        if measure_only:  # dry_run: the counts after are taken; the size too, from scratch
+            return _measured(backend, source, rewritten, scratch, report)
         if isinstance(rewritten, Unwritable):
             _write_unchanged(rewritten, output, report, options)
             return Result(None, report)
         final = _write(backend, hops, source, rewritten, output, read, scratch, options, report)
+        if report.written:
+            report.sizes = {"before": _bytes(source), "after": _bytes(Path(report.output))}
         if report.verification is not None and report.verification.ran and report.verification.passed:
             for r in report.rewrites:  # those in no subgraph: the verification run ran every one
                 if r.exercised is None:
                     r.exercised, r.exercised_by = True, "model run"
         final_backend = format_backend(hops[-1].target, report) if hops else backend
         return Result(final_backend.result(final), report)
+
+
+def dry_run(model: ModelInput, *, mode: str = "fuse", options: Options | None = None,
+            **overrides) -> Result:
+    """What ``rewrite`` would do, found without writing anything: the passes rewrite the model in
+    memory (BatchNorm folds too, counted as their own rewrites), the counts after are taken from
+    it, and it is saved in scratch only to measure its size. Nothing is verified or converted
+    (``--to``: the sizes are the input format's)."""
+    options = _options(options, overrides)  # (the driver returns before verifying; --html, --benchmark: rewrite's)
+    given_proto, model = _is_proto(model), _in_ir(model)
+    fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
+    _check_options(model, fmt, options)
+    result = _drive(model, fmt, mode=mode, output=None, apply=True, options=options, measure_only=True)
+    return _as_given(result, given_proto)
+
+
+def _bytes(path: Path) -> int:
+    """The bytes a model occupies: its file and external data, or every file of its folder."""
+    return sum(f.stat().st_size for f in formats.input_files(path) if f.is_file())
+
+
+def _measured(backend, source: Path, rewritten, scratch: Path, report: Report) -> Result:
+    """dry_run's end: the rewritten model saved in scratch, only to measure it."""
+    before = _bytes(source)
+    if isinstance(rewritten, Unwritable):
+        report.after, report.sizes = report.before, {"before": before, "after": before}
+        return Result(None, report)
+    path = scratch / f"dry-run{backend.suffix}"
+    with report.timed("save"):
+        backend.save(rewritten, path)
+    report.sizes = {"before": before, "after": _bytes(path)}
+    return Result(backend.result(rewritten), report)
 
 
 def _collector_for(fmt: str):

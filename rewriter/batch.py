@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewriter import formats, targets, workers
+from rewriter import envelope, formats, targets, workers
 from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
 from rewriter.report import format_summary, format_verification
 
@@ -47,6 +47,7 @@ class JobResult:
     summary: str = ""
     seconds: float = 0.0
     details: list[str] = field(default_factory=list)
+    error_kind: str | None = None  # the JSON error's kind (rewriter.envelope), with ``error``
 
     def to_dict(self) -> dict[str, Any]:
         return {"input": self.input, "output": self.output, "status": self.status, "exit_code": self.exit_code,
@@ -137,7 +138,10 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
     try:
         if job.output is not None and job.mirrored:
             job.output.parent.mkdir(parents=True, exist_ok=True)
-        result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
+        if dry_run:
+            result = _dry_run(job.input, mode, options)
+        else:
+            result = rewrite(job.input, mode=mode, output=job.output, apply=not find_only, options=options)
         report = result.report
         found = len(report.rewrites)
         # A finding (late binding) is a fault to fix like a group to fuse: not clean.
@@ -155,16 +159,34 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
         details = format_verification(failure.verification) if failure.verification is not None else \
             (traceback.format_exc().splitlines() if verbose else [])
         return JobResult(str(job.input), None, "verification-failed", failure.exit_code, error=failure.message,
-                         seconds=time.perf_counter() - start, details=details)
+                         seconds=time.perf_counter() - start, details=details,
+                         error_kind=envelope.error_kind(failure))
     except RewriteError as error:
         return JobResult(str(job.input), None, "error", error.exit_code, error=error.message,
                          seconds=time.perf_counter() - start,
-                         details=traceback.format_exc().splitlines() if verbose else [])
+                         details=traceback.format_exc().splitlines() if verbose else [],
+                         error_kind=envelope.error_kind(error))
     except Exception as error:  # a bug in one model's run must not stop the others
         return JobResult(str(job.input), None, "error", EXIT_BAD_INPUT,
                          error=f"internal error: {type(error).__name__}: {error}",
                          seconds=time.perf_counter() - start,
-                         details=traceback.format_exc().splitlines() if verbose else [])
+                         details=traceback.format_exc().splitlines() if verbose else [],
+                         error_kind=envelope.INTERNAL)
+
+
+def _dry_run(path: Path, mode: str, options):
+    """--dry-run: the rewrite done in memory for its true counts after (rewriter.api.dry_run);
+    where the model cannot be rebuilt (a Keras file read only as data), what a find-only run sees,
+    with the reason the counts after are missing."""
+    from rewriter.api import dry_run, rewrite
+
+    try:
+        return dry_run(path, mode=mode, options=options)
+    except RewriteError as error:
+        result = rewrite(path, mode=mode, output=None, apply=False, options=options)
+        result.report.after = None
+        result.report.dry_run_note = f"the counts after were not computed (the rewrite needs: {error.message})"
+        return result
 
 
 def run_all(jobs: list[Job], *, processes: int, on_done: Callable[[int, JobResult], None], **kwargs) -> list[JobResult]:
@@ -275,7 +297,7 @@ def _collect(receiver, process, job: Job, start: float) -> JobResult:
     if result is not None:
         return result
     return JobResult(str(job.input), None, "error", EXIT_BAD_INPUT, error=_death(process.exitcode),
-                     seconds=time.perf_counter() - start)
+                     seconds=time.perf_counter() - start, error_kind=envelope.WORKER_DIED)
 
 
 def _death(exitcode: int | None) -> str:

@@ -2,8 +2,9 @@
 
 Only this module prints. Errors are one line on stderr with the exit code their type carries
 (0 ok, 1 verification failed or --check found work, 2 bad input or usage); ``-v`` shows the
-traceback as well. With ``--format json`` stdout holds one JSON document and nothing else;
-progress and logs go to stderr, progress only on a terminal.
+traceback as well. With ``--format json`` stdout holds one JSON document and nothing else (a
+usage error too: the envelope of rewriter.envelope, docs/JSON.md); progress and logs go to
+stderr (rewriter.progress). ``--check`` prints like a linter (rewriter.lint).
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 import click
 
-from rewriter import __version__, batch, config, formats, html, quiet, targets, workers
+from rewriter import __version__, batch, config, envelope, formats, html, lint, quiet, targets, workers
+from rewriter import progress as progress_lines
 from rewriter.api import Options
 from rewriter.errors import EXIT_BAD_INPUT, BadInput, RewriteError
 from rewriter.verify import parse_shapes
@@ -31,6 +34,10 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
     try:
         path, defaults = config.load(ctx, value)
     except RewriteError as error:
+        if ctx.meta.get("gconv_json"):
+            document = envelope.document([], EXIT_BAD_INPUT, error={"kind": envelope.error_kind(error),
+                                                                    "message": error.message})
+            click.echo(json.dumps(document, indent=2))
         click.echo(f"gconv-rewrite: error: {error.message}", err=True)
         ctx.exit(EXIT_BAD_INPUT)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -38,13 +45,53 @@ def _load_config(ctx: click.Context, _param, value: Path | None):
 
 
 def _list_targets(ctx: click.Context, param, value: bool):
-    """--list-targets: print the table and exit, with no model needed (eager, like --version)."""
+    """--list-targets: print the table (or, under --format json, the JSON) and exit, with no model
+    needed (eager, like --version)."""
     if value and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
-        click.echo(targets.format_table())
+        if ctx.meta.get("gconv_json"):
+            rows = [{"name": t.name, "native_when": t.native_when, "runtime": t.runtime, "evidence": t.evidence}
+                    for t in targets.TARGETS.values()]
+            click.echo(json.dumps(envelope.targets_document(rows), indent=2))
+        else:
+            click.echo(targets.format_table())
         ctx.exit(0)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _json_asked(args) -> bool:
+    """Whether the raw command line asks for ``--format json`` (read before click parses it, so
+    that a usage error can still answer in JSON)."""
+    args = list(args)
+    pairs = zip(args, args[1:])
+    return "--format=json" in args or any(a == "--format" and b == "json" for a, b in pairs)
+
+
+class _Command(click.Command):
+    """The command, with a usage error under ``--format json`` answered as a JSON envelope on
+    stdout too (exit 2; the one-line error still goes to stderr)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["gconv_json"] = _json_asked(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            _usage_json(ctx, error)
+            raise
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            _usage_json(ctx, error)
+            raise
+
+
+def _usage_json(ctx: click.Context, error: click.UsageError) -> None:
+    if ctx.meta.get("gconv_json") or ctx.params.get("output_format") == "json":  # the flag, or a config's format
+        document = envelope.document([], error.exit_code, error={"kind": envelope.USAGE, "message": error.format_message()})
+        click.echo(json.dumps(document, indent=2))
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
               callback=_load_config,
@@ -66,8 +113,15 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="Write a review page (self-contained HTML: each rewrite drawn before and after, the "
                    "verification, the near misses) to this file; for several models, an index page linking "
                    "one page per model (INDEX-NNN-MODEL.html beside it).")
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="stdout: human summary, or one JSON document (logs and progress go to stderr).")
+@click.option("--format", "output_format", type=click.Choice(["text", "json", "github"]), default="text",
+              show_default=True,
+              help="stdout: human summary, one JSON document (docs/JSON.md; logs and progress go to stderr), or "
+                   "GitHub workflow annotations (::error for findings, ::warning for near misses).")
+@click.option("--progress", "progress_choice", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True,
+              help="Progress on stderr, in whole lines: each phase of a slow model as it starts; one line per "
+                   "finished model with a done count and ETA. auto: on, but off under --format json when stderr "
+                   "is not a terminal, and under -q.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Process several models in this many worker processes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -112,12 +166,12 @@ def _list_targets(ctx: click.Context, param, value: bool):
               help="Allow running the Python code of Keras Lambda layers in the model file (only for files you trust).")
 @click.option("--repair-late-binding", is_flag=True,
               help="Rebuild late-bound Lambda slices with each branch's intended channels.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and findings.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(__version__, "--version", prog_name="gconv-rewrite")
 def main(models, mode, output, force, check, dry_run, report_path, html_path, output_format, jobs, verify, inputs, shapes,
          atol, rtol, seed, fold_bn, keep_depthwise, min_groups, max_groups, target, auto, benchmark, threads, to,
-         signature, trust_lambdas, repair_late_binding, quiet, verbose):
+         signature, trust_lambdas, repair_late_binding, quiet, verbose, progress_choice):
     """Fuse hand-made grouped convolutions in MODEL(s) into native grouped convolutions (or expand
     them), verify that the outputs did not change, and write the result. A folder is walked for
     .onnx, .keras, .h5, .hdf5 files and SavedModel directories."""
@@ -128,7 +182,7 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
     _check_usage(check=check, dry_run=dry_run, atol=atol, rtol=rtol, min_groups=min_groups, max_groups=max_groups,
                  target=target, auto=auto, benchmark=benchmark)
     as_json = output_format == "json"
-    say = (lambda *a, **k: None) if quiet or as_json else click.echo
+    say = (lambda *a, **k: None) if quiet or output_format != "text" else click.echo
     try:
         if target is not None:
             targets.get(target)  # an unknown name: one line listing the known ones
@@ -146,30 +200,65 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
         report_protected = _check_report_path(report_path, job_list, inputs)
         html_pages = _check_html_path(html_path, job_list, inputs, report_path, force=force, many=many)
     except RewriteError as error:
-        _fail(error, verbose)
+        _fail(error, verbose, as_json=as_json)
 
-    progress = sys.stderr.isatty() and not quiet
-    if progress and jobs == 1:
-        options = dataclasses.replace(options, progress=_show_phase)
-    results = _run_jobs(job_list, processes=jobs, show_each=progress and many, mode=mode, check=check,
+    show = progress_lines.enabled(progress_choice, tty=sys.stderr.isatty(), quiet=quiet, as_json=as_json)
+    if show and jobs == 1 and (not many or sys.stderr.isatty()):
+        options = dataclasses.replace(options, progress=progress_lines.Phases(lambda line: click.echo(line, err=True)))
+    results = _run_jobs(job_list, processes=jobs, show_each=show and many, mode=mode, check=check,
                         dry_run=dry_run, options=options, verbose=verbose)
     code = batch.worst([r.exit_code for r in results])
 
     if report_path is not None:
-        _write_report(report_path, report_protected, results, code, single=not many, verbose=verbose)
+        _write_report(report_path, report_protected, results, code, verbose=verbose)
     if html_path is not None:
         _write_html(html_path, html_pages, results, code, mode=mode, force=force, verbose=verbose)
-    if as_json:  # (JSON escapes control characters itself)
-        click.echo(json.dumps(_document(results, code, single=False), indent=2))
-    elif many:
-        _print_batch([_printable(r) for r in results], code, quiet=quiet, say=say)
-    else:
-        (result,) = [_printable(r) for r in results]
-        _print_single(result, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
-                      per_node=target is not None or auto)
+    fix = lint.fix_command(models, _fix_flags(mode=mode, target=target, auto=auto, trust_lambdas=trust_lambdas,
+                                              repair_late_binding=repair_late_binding))
+    _print_results(results, code, output_format=output_format, many=many, quiet=quiet, say=say, mode=mode,
+                   check=check, dry_run=dry_run, per_node=target is not None or auto, fix=fix)
     if html_path is not None:
         say(f"review page: {formats.shown(html_path)}")
     sys.exit(code)
+
+
+def _fix_flags(*, mode: str, target: str | None, auto: bool, trust_lambdas: bool,
+               repair_late_binding: bool) -> list[str]:
+    """The flags of the command that applies what --check found: the same choice of forms."""
+    flags = ["--target", target] if target is not None else ["--auto"] if auto else [f"--{mode}"]
+    return flags + ["--trust-lambdas"] * trust_lambdas + ["--repair-late-binding"] * repair_late_binding
+
+
+def _print_results(results: list[batch.JobResult], code: int, *, output_format: str, many: bool, quiet: bool,
+                   say, mode: str, check: bool, dry_run: bool, per_node: bool, fix: str) -> None:
+    """stdout: the JSON document, the GitHub annotations, or the text (linter lines for findings
+    and near misses, which -q keeps; the summary or table; the footer)."""
+    if output_format == "json":  # (JSON escapes control characters itself)
+        click.echo(json.dumps(envelope.document(results, code), indent=2))
+        return
+    findings = [f for r in results for f in lint.model_findings(r, check=check or dry_run)]
+    failed_alone = not many and results[0].error is not None  # one model: its one-line error says it all
+    footer = lint.footer(results, mode=mode, check=check, fix=fix) if (check or dry_run) and not failed_alone \
+        else None
+    if output_format == "github":
+        for finding in findings:
+            click.echo(lint.github_line(finding))
+        if failed_alone:
+            click.echo(f"gconv-rewrite: error: {formats.shown(results[0].error)}", err=True)
+        if footer is not None and not quiet:
+            click.echo(footer)
+        return
+    printable = [_printable(r) for r in results]
+    if many:
+        _print_batch(printable, findings, code, quiet=quiet, say=say, check=check)
+    else:
+        (result,) = printable
+        _print_single(result, findings, quiet=quiet, say=say, mode=mode, check=check, dry_run=dry_run,
+                      per_node=per_node)
+    if footer is not None:
+        say(footer)
+    if not many and results[0].error is None:
+        _print_findings(printable[0], say=say, check=check)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -244,21 +333,15 @@ def _report_asked(report_path: Path | None, parameter: str = "report_path") -> P
     return report_path if source == click.core.ParameterSource.COMMANDLINE else None
 
 
-def _show_phase(phase: str, seconds: float) -> None:
-    """Progress of one model run in this process: per phase, for phases that take more than a
-    second (worker processes report per model instead)."""
-    if seconds > 1.0:
-        click.echo(f"  … {phase} done ({seconds:.1f} s)", err=True)
-
-
 def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **run_args) -> list[batch.JobResult]:
-    """Run every job; with ``show_each``, one progress line per finished model on stderr. Ctrl-C
-    exits 130, SIGTERM during a --jobs run 143: what was not complete was not written."""
-    def on_done(index: int, result: batch.JobResult) -> None:
+    """Run every job; with ``show_each``, one progress line per finished model on stderr, counting
+    the models finished (with --jobs they finish out of order). Ctrl-C exits 130, SIGTERM during
+    a --jobs run 143: what was not complete was not written."""
+    finished = progress_lines.Finished(lambda line: click.echo(line, err=True), len(job_list))
+
+    def on_done(_index: int, result: batch.JobResult) -> None:
         if show_each:
-            click.echo(f"[{index + 1}/{len(job_list)}] {formats.shown(result.input)}: {result.status} "
-                       f"({result.seconds:.1f} s)",
-                       err=True)
+            finished(formats.shown(result.input), result.status, result.seconds)
 
     try:
         return batch.run_all(job_list, processes=processes, on_done=on_done, **run_args)
@@ -272,11 +355,11 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
 
 
 def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,
-                  single: bool, verbose: bool) -> None:
+                  verbose: bool) -> None:
     """--report: the run's JSON document, written atomically and never over a file a model reads.
     It is written once the models are committed (it says what was written); if it fails then, the
     error says which models were written all the same."""
-    document = _document(results, code, single=single)
+    document = envelope.document(results, code)
     try:
         with formats.atomic_output(report_path, protected=protected) as staging:
             (staging / report_path.name).write_text(json.dumps(document, indent=2) + "\n")
@@ -289,20 +372,33 @@ def _write_report(report_path: Path, protected: list[Path], results: list[batch.
         _fail(error, verbose)
 
 
-def _print_batch(results: list[batch.JobResult], code: int, *, quiet: bool, say) -> None:
-    """Several models: each one's details on stderr, then the table and a count per status."""
+def _print_lines(findings: list[lint.Finding], *, quiet: bool, near_misses: bool = True) -> None:
+    """``path: location: CODE message`` on stdout, one per finding; -q keeps the findings and the
+    errors (severity "error") and drops the near misses."""
+    for finding in findings:
+        if finding.severity == "error" or (near_misses and finding.severity == "warning" and not quiet):
+            click.echo(lint.text_line(finding))
+
+
+def _print_batch(results: list[batch.JobResult], findings: list[lint.Finding], code: int, *, quiet: bool, say,
+                 check: bool) -> None:
+    """Several models: each one's details on stderr; a line per finding, near miss and failed
+    model; then (not --check, which prints like a linter) the table; and a count per status."""
     for r in results:
         if r.details and not quiet:
             click.echo("\n".join([f"{r.input}:"] + r.details), err=True)
-    say(batch.table(results))
+    _print_lines(findings, quiet=quiet)
+    if not check:
+        say(batch.table(results))
     say(f"{len(results)} models: " + ", ".join(
         f"{n} {s}" for s, n in sorted(_count(r.status for r in results).items())) + f"; exit {code}")
 
 
-def _print_single(result: batch.JobResult, *, quiet: bool, say, mode: str, check: bool, dry_run: bool,
-                  per_node: bool) -> None:
-    """One model: its error (with the verification table or traceback), or its summary and what
-    --check / --dry-run found. ``per_node``: --target or --auto chose the form of each conv."""
+def _print_single(result: batch.JobResult, findings: list[lint.Finding], *, quiet: bool, say, mode: str,
+                  check: bool, dry_run: bool, per_node: bool) -> None:
+    """One model: its error (with the verification table or traceback), or its summary, and
+    what --check (a line per finding and near miss, kept under -q) / --dry-run found.
+    ``per_node``: --target or --auto chose the form of each conv."""
     if result.error is not None:
         if result.details and not quiet:  # the verification table, or the traceback with -v
             click.echo("\n".join(result.details), err=result.status != "verification-failed")
@@ -311,13 +407,13 @@ def _print_single(result: batch.JobResult, *, quiet: bool, say, mode: str, check
     say(result.summary)
     found = len((result.report or {}).get("rewrites", []))
     if check:
+        _print_lines(findings, quiet=quiet)
         noun = "fusable pattern" if mode == "fuse" else "expandable convolution"
         if per_node:  # "check: 2 changes found": convs not yet in the target's form
             noun = "change"
         say(f"check: {found} {noun}{'s' if found != 1 else ''} found")
     elif dry_run:
         say("dry run: nothing written")
-    _print_findings(result, say=say, check=check)
 
 
 def _print_findings(result: batch.JobResult, *, say, check: bool) -> None:
@@ -351,19 +447,12 @@ def _count(items) -> dict[str, int]:
     return counts
 
 
-def _document(results: list[batch.JobResult], code: int, single: bool) -> dict:
-    if single:  # --report for one model: that model's report, as the API returns it
-        (result,) = results
-        return result.report or {"input": result.input, "error": result.error, "exit_code": result.exit_code}
-    return {"tool": "gconv-rewrite", "version": __version__, "exit_code": code,
-            "models": [r.to_dict() for r in results]}
-
-
 def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: Path | None) -> list[Path]:
     """--report may name nothing a model reads (the model, its external data, its SavedModel
     folder, the --inputs file) nor a model's output; returns what it must never replace."""
     if report_path is None:
         return []
+    _check_report_folder(report_path)
     read = [f for job in jobs for f in formats.input_files(job.input)]
     if inputs is not None and inputs.exists():
         read.append(inputs)
@@ -373,6 +462,18 @@ def _check_report_path(report_path: Path | None, jobs: list[batch.Job], inputs: 
                                        or formats.same_file(report_path, job.output)):
             raise RewriteError(f"{report_path}: it is also the output of {job.input}; choose another --report")
     return read
+
+
+def _check_report_folder(report_path: Path) -> None:
+    """--report's place, before any model is read or written: a file in a folder that exists and
+    can be written (found after the run, the models would be written and the report lost)."""
+    folder = report_path.parent if str(report_path.parent) else Path(".")
+    if report_path.is_dir():
+        raise BadInput(f"{formats.shown(report_path)}: --report names a folder; give a file name")
+    if not folder.is_dir():
+        raise BadInput(f"{formats.shown(report_path)}: --report's folder {formats.shown(folder)} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadInput(f"{formats.shown(report_path)}: --report's folder {formats.shown(folder)} is not writable")
 
 
 def _check_html_path(html_path: Path | None, jobs: list[batch.Job], inputs: Path | None, report_path: Path | None,
@@ -438,8 +539,14 @@ def _printable(result: batch.JobResult) -> batch.JobResult:
                                error=None if result.error is None else formats.shown(result.error))
 
 
-def _fail(error: RewriteError, verbose: bool):
+def _fail(error: RewriteError, verbose: bool, *, as_json: bool = False):
+    """A failure of the whole run: one line on stderr (the traceback with -v) and, under
+    --format json, the envelope with the error on stdout."""
+    code = error.exit_code if error.exit_code else EXIT_BAD_INPUT
+    if as_json:
+        document = envelope.document([], code, error={"kind": envelope.error_kind(error), "message": error.message})
+        click.echo(json.dumps(document, indent=2))
     if verbose:
         raise error
     click.echo(f"gconv-rewrite: error: {formats.shown(error.message)}", err=True)
-    sys.exit(error.exit_code if error.exit_code else EXIT_BAD_INPUT)
+    sys.exit(code)

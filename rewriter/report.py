@@ -96,12 +96,22 @@ class Report:
     # "before_spread_ms", "after_spread_ms", "ratio_spread", "sessions" (fresh session pairs),
     # "pair_ratios", "ratio_ci" (95% t interval across the pairs), "verdict", "interval"} (rewriter.benchmark).
     benchmark: dict[str, Any] | None = None
+    # Bytes on disk, {"before", "after"}: the input and the written output (a dry run: the rewritten
+    # model saved in scratch to measure it); None where nothing was written or measured.
+    sizes: dict[str, int] | None = None
+    # A dry run whose counts after could not be computed (the model could not be rebuilt): why.
+    dry_run_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @contextmanager
     def timed(self, phase: str):
+        # A plain attribute, not a field: progress display is not part of the report's data. A
+        # listener with ``started`` hears of each phase as it starts, too (rewriter.progress).
+        started = getattr(getattr(self, "on_phase", None), "started", None)
+        if started is not None:
+            started(phase)
         start = time.perf_counter()
         try:
             yield
@@ -186,7 +196,7 @@ def format_summary(report: Report) -> str:
     heading = report.mode if report.target is None else f"target {report.target['name']}"
     lines = [f"{report.input}: {heading}"]
     if report.rewrites:
-        lines.append(f"rewrites ({len(report.rewrites)}):")
+        lines.append(f"rewrites ({rewrite_counts(report.rewrites)}):")
         for r in report.rewrites:
             if r.kind.startswith("expand"):
                 lines.append(f"  {r.location}: {r.kind}, group={r.groups} -> {len(r.nodes)} nodes, "
@@ -205,12 +215,7 @@ def format_summary(report: Report) -> str:
             lines.append(f"  {s.location}: {s.reason}")
     if report.target is not None:
         lines.extend(format_target(report.target))
-    if report.before and report.after:
-        b, a = report.before, report.after
-        lines.append(f"nodes: {b.nodes} -> {a.nodes}   parameters: {b.parameters:,} -> {a.parameters:,}")
-        changed = sorted(k for k in set(b.op_counts) | set(a.op_counts) if b.op_counts.get(k) != a.op_counts.get(k))
-        if changed:
-            lines.append("ops: " + ", ".join(f"{k} {b.op_counts.get(k, 0)}->{a.op_counts.get(k, 0)}" for k in changed))
+    lines.extend(format_changes(report))
     if report.verification is not None:
         lines.extend(format_verification(report.verification))
         lines.extend(format_boundaries(report))
@@ -223,6 +228,63 @@ def format_summary(report: Report) -> str:
     if report.timings:
         lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     return "\n".join(lines)
+
+
+def rewrite_kind(kind: str) -> str:
+    """What a rewrite record is: a "fusion", an "expansion" or a "batchnorm fold"."""
+    if "fold" in kind:
+        return "batchnorm fold"
+    return "expansion" if "expand" in kind else "fusion"
+
+
+def rewrite_counts(rewrites: list[Rewrite]) -> str:
+    """``3``, or per kind where there are several: ``16 fusions, 16 batchnorm folds``."""
+    counts = collections.Counter(rewrite_kind(r.kind) for r in rewrites)
+    if len(counts) == 1:
+        return str(len(rewrites))
+    return ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in counts.items())
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if count < 1000 or unit == "MB":
+            return f"{count:,} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+def _parameters_note(report: Report, delta: int) -> str:
+    """Why the parameter count changed, where a reader would expect a rewrite to keep it."""
+    kinds = {rewrite_kind(r.kind) for r in report.rewrites}
+    why = []
+    if "batchnorm fold" in kinds:
+        why.append("each BatchNorm fold replaces its scale, offset, mean and variance by the conv's bias")
+    if "fusion" in kinds and delta > 0:
+        why.append("a fused conv holds one weight and one bias for every branch: zeros where a branch had no bias, "
+                   "or a smaller kernel or depthwise branch padded")
+    if "expansion" in kinds:
+        why.append("an expansion gives each group its own bias")
+    return f"  parameters {delta:+,}: " + ("; ".join(why) or "the rewritten model holds them differently")
+
+
+def format_changes(report: Report) -> list[str]:
+    """Nodes, parameters and bytes on disk before -> after, the ops that changed, and why the
+    parameters changed when they did."""
+    if not (report.before and report.after):
+        return [f"dry run: {report.dry_run_note}"] if report.dry_run_note else []
+    b, a = report.before, report.after
+    line = f"nodes: {b.nodes} -> {a.nodes}   parameters: {b.parameters:,} -> {a.parameters:,}"
+    if report.sizes:
+        line += f"   size: {_size(report.sizes['before'])} -> {_size(report.sizes['after'])}"
+    lines = [line]
+    changed = sorted(k for k in set(b.op_counts) | set(a.op_counts) if b.op_counts.get(k) != a.op_counts.get(k))
+    if changed:
+        lines.append("ops: " + ", ".join(f"{k} {b.op_counts.get(k, 0)}->{a.op_counts.get(k, 0)}" for k in changed))
+    if a.parameters != b.parameters and report.rewrites:
+        lines.append(_parameters_note(report, a.parameters - b.parameters))
+    if report.dry_run_note:
+        lines.append(f"dry run: {report.dry_run_note}")
+    return lines
 
 
 def model_stats(model) -> ModelStats:

@@ -177,3 +177,11 @@ def test_a_late_binding_warning_is_a_log_record_not_a_print():
     told = _late_binding_run("configured")
     assert told.returncode == 0, told.stderr
     assert "passes.keras.fuse_grouped_conv: concatenate: LATE BINDING: Lambdas" in told.stderr, told.stderr
+
+
+def test_dry_run_takes_a_model_proto_too():
+    from rewriter.api import dry_run
+
+    result = dry_run(grouped_block("split", groups=4))
+    assert isinstance(result.model, onnx.ModelProto) and _group(result.model) == 4
+    assert [r.groups for r in result.report.rewrites] == [4]

@@ -85,7 +85,7 @@ def test_benchmark_fills_the_report_keys(small_split, tmp_path):
     report = tmp_path / "report.json"
     result = invoke(small_split, "--benchmark", "--threads", "1", "--report", report)
     assert result.exit_code == 0, result.output
-    bench = json.loads(report.read_text())["benchmark"]
+    bench = json.loads(report.read_text())["models"][0]["report"]["benchmark"]
     assert {"runtime", "threads", "runs", "before_ms", "after_ms", "ratio"} <= set(bench)
     assert bench["runtime"] == "onnxruntime"
     assert bench["threads"] == 1  # read back from the timed session's options
@@ -153,7 +153,7 @@ def test_auto_keeps_a_big_grouped_conv_native(tmp_path):
     result = invoke(path, "--auto", "--threads", "2", "--report", report)
     assert result.exit_code == 0, result.output
     assert convs(path.with_name("big_native.auto.onnx")) == [64]
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     assert data["rewrites"] == []
     (node,) = data["target"]["nodes"]
     assert data["target"]["name"] == "auto"
@@ -172,7 +172,7 @@ def test_auto_fuses_the_same_conv_made_by_hand(tmp_path):
     assert result.exit_code == 0, result.output
     out = path.with_name("big_split.auto.onnx")
     assert convs(out) == [64] and "Split" not in op_types(out)
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     (node,) = data["target"]["nodes"]
     assert node["action"] == "fuse" and node["verdict"] in ("native", "tie")
     assert data["verification"]["passed"] is True
@@ -187,7 +187,7 @@ def test_auto_keeps_every_group_of_a_split_resnext_fused(tmp_path):
     out = path.with_name("resnext.auto.onnx")
     assert sorted(convs(out)) == [1] * 6 + [8] * 3
     assert not {"Split", "Concat"} & set(op_types(out))
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     assert [n["action"] for n in data["target"]["nodes"]] == ["fuse"] * 3
     # The three blocks have the same shapes: measured once, reported for each.
     layers = [n["measurements"][0] for n in data["target"]["nodes"]]
@@ -217,7 +217,7 @@ def test_auto_applies_a_split_verdict_both_ways(tmp_path, monkeypatch, form):
     assert result.exit_code == 0, result.output
     out = path.with_name(f"m_{form}.auto.onnx")
     assert convs(out) == [1, 1, 1, 1] and "Split" in op_types(out)
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     (node,) = data["target"]["nodes"]
     assert node["form"] == "split" and node["verdict"] == "split"
     assert node["action"] == ("expand" if form == "native" else "keep")
@@ -334,7 +334,7 @@ def test_benchmark_times_a_keras_model_in_keras(tmp_path):
     report = tmp_path / "r.json"
     result = invoke(path, "--benchmark", "--threads", "1", "--report", report)
     assert result.exit_code == 0, result.output
-    bench = json.loads(report.read_text())["benchmark"]
+    bench = json.loads(report.read_text())["models"][0]["report"]["benchmark"]
     assert bench["runtime"] == "keras" and isinstance(bench["before_ms"], float) and isinstance(bench["ratio"], float)
     # TensorFlow's threads are fixed once it ran in this process: what is in force is reported.
     assert bench["threads"] is None or isinstance(bench["threads"], int)
@@ -354,7 +354,7 @@ def test_auto_measures_every_grouped_layer_of_a_chain(tmp_path, monkeypatch, ver
     report = tmp_path / "r.json"
     result = invoke(path, "--auto", "--report", report)
     assert result.exit_code == 0, result.output
-    (node,) = json.loads(report.read_text())["target"]["nodes"]
+    (node,) = json.loads(report.read_text())["models"][0]["report"]["target"]["nodes"]
     assert [m["input_shape"] for m in node["measurements"]] == [[1, 16, 6, 6], [1, 16, 6, 6]]
     if verdict == NATIVE:
         assert node["action"] == "fuse" and sorted(convs(path.with_name("chain.auto.onnx"))) == [1, 4, 4]

@@ -210,7 +210,7 @@ def test_auto_keeps_native_through_the_cli_under_session_bias(tmp_path, monkeypa
         result = invoke(path, "--auto", "--force", "--report", report)
         assert result.exit_code == 0, result.output
         assert convs(path.with_name("m.auto.onnx")) == [4]
-        data = json.loads(report.read_text())
+        data = json.loads(report.read_text())["models"][0]["report"]
         assert data["verification"]["passed"] is True
         (node,) = data["target"]["nodes"]
         (layer,) = node["measurements"]
@@ -270,7 +270,7 @@ def test_benchmark_report_has_sessions_and_the_ratio_interval(small_split, tmp_p
     report = tmp_path / "report.json"
     result = invoke(small_split, "--benchmark", "--threads", "1", "--report", report)
     assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     assert data["verification"]["passed"] is True
     bench = data["benchmark"]
     assert bench["sessions"] == benchmark.SESSIONS >= 3
@@ -290,7 +290,7 @@ def test_auto_reports_each_layer_timed_across_session_pairs(small_split, tmp_pat
     report = tmp_path / "r.json"
     result = invoke(small_split, "--auto", "--report", report)
     assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text())["models"][0]["report"]
     assert data["verification"]["passed"] is True
     (node,) = data["target"]["nodes"]
     (layer,) = node["measurements"]

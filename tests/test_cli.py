@@ -107,7 +107,7 @@ def test_report_json(split_model, tmp_path):
     report_path = tmp_path / "report.json"
     result = invoke(split_model, "--report", report_path)
     assert result.exit_code == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     assert report["input"] == str(split_model)
     assert report["output"] == str(split_model.with_name("block.fused.onnx"))
     (rewrite,) = report["rewrites"]
@@ -129,7 +129,7 @@ def test_report_lists_skips_with_reasons(tmp_path):
     report_path = tmp_path / "r.json"
     result = invoke(near_miss, "--dry-run", "--report", report_path)
     assert result.exit_code == 0
-    (skip,) = json.loads(report_path.read_text())["skipped"]
+    (skip,) = json.loads(report_path.read_text())["models"][0]["report"]["skipped"]
     assert "different dilations between branches" in skip["reason"]
     assert "different dilations" in result.output
 
@@ -174,7 +174,7 @@ def test_tolerances_and_seed_are_used(split_model, tmp_path):
     report_path = tmp_path / "r.json"
     result = invoke(split_model, "--atol", "0.5", "--rtol", "0.25", "--seed", "7", "--report", report_path)
     assert result.exit_code == 0
-    verification = json.loads(report_path.read_text())["verification"]
+    verification = json.loads(report_path.read_text())["models"][0]["report"]["verification"]
     assert verification["atol"] == 0.5 and verification["rtol"] == 0.25
     assert invoke(split_model, "--atol", "-1").exit_code == 2
 

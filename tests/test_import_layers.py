@@ -100,3 +100,14 @@ def test_rewriter_verify_is_the_api_function_once_the_submodule_is_loaded():
     out = _fresh("import rewriter, rewriter.verify\nfrom rewriter.verify import compare\n"
                  "import rewriter.api\nprint(rewriter.verify is rewriter.api.verify, compare.__module__)")
     assert out.split() == ["True", "rewriter.verify"]
+
+
+def test_every_module_of_rewriter_has_a_layer():
+    """A module in no layer is held by no layer contract: a new one must be given its place."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    placed = {name.strip() for layer in layers for name in layer.replace("|", ":").split(":")}
+    modules = {f"rewriter.{path.stem}" for path in (ROOT / "rewriter").glob("*.py") if path.stem != "__init__"}
+    assert "passes" in placed and not modules - placed, sorted(modules - placed)

@@ -156,7 +156,7 @@ def test_report_json_has_layer_counts_and_timings(models, tmp_path):
     report_path = tmp_path / "report.json"
     result = invoke(models["getitem"], "-o", tmp_path / "out.keras", "--report", report_path)
     assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     assert report["before"]["op_counts"]["Conv2D"] == 5 and report["after"]["op_counts"]["Conv2D"] == 2
     assert report["before"]["nodes"] == 21 and report["after"]["nodes"] == 7
     assert report["before"]["parameters"] == report["after"]["parameters"]

@@ -121,7 +121,7 @@ def test_check_fails_on_late_binding_and_names_the_repair(late_files, name, tmp_
     assert "check: 0 fusable patterns found" in result.output
     assert re.search(r"check: late binding at concatenate(_\d+)?: every branch reads the same group", result.output)
     assert "--repair-late-binding" in result.output.splitlines()[-1]
-    (skip,) = json.loads(report_path.read_text())["skipped"]
+    (skip,) = json.loads(report_path.read_text())["models"][0]["report"]["skipped"]
     assert skip["finding"] == "late-binding" and skip["reason"].startswith("LATE BINDING")
     # With the repair the same group is work to do: fusable, still exit 1 under --check.
     repaired = invoke(late_files[name], "--check", "--trust-lambdas", "--repair-late-binding")
@@ -257,7 +257,7 @@ def test_conversion_reports_the_tf_keras_reference(tmp_path):
     report_path = tmp_path / "report.json"
     result = invoke(source, "--to", "savedmodel", "-o", tmp_path / "sm", "--report", report_path)
     assert result.exit_code == 0, result.output
-    verification = json.loads(report_path.read_text())["verification"]
+    verification = json.loads(report_path.read_text())["models"][0]["report"]["verification"]
     assert verification["passed"] and verification["reference"] == f"tf-keras {tf_keras.__version__} (load_model)"
     assert any(o["name"].startswith("savedmodel:") for o in verification["outputs"])
 

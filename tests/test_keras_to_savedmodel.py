@@ -80,7 +80,7 @@ def test_keras3_getitem_group_becomes_one_grouped_conv2d_savedmodel(tmp_path):
     expected = np.asarray(keras.models.load_model(source)(x, training=False))
     (actual,) = function(image=tf.constant(x)).values()
     np.testing.assert_allclose(actual.numpy(), expected, atol=TOLERANCE, rtol=1e-3)
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     rows = {row["name"]: row for row in report["verification"]["outputs"]}
     assert report["verification"]["passed"] and rows["savedmodel:head"]["passed"] and rows["head"]["passed"]
     assert report["output"] == str(out) and report["rewrites"]

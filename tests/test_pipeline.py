@@ -43,7 +43,7 @@ def test_folder_with_jobs_json_and_a_broken_model(models_dir, tmp_path):
     rows = {Path(m["input"]).relative_to(models_dir).as_posix(): m for m in document["models"]}
     assert sorted(rows) == ["a.onnx", "broken.onnx", "vision/b.onnx", "vision/c.onnx"]
     assert rows["broken.onnx"]["status"] == "error" and rows["broken.onnx"]["exit_code"] == 2
-    assert "not a valid ONNX model" in rows["broken.onnx"]["error"]
+    assert "not a valid ONNX model" in rows["broken.onnx"]["error"]["message"]
     for name in ("a.onnx", "vision/b.onnx"):
         assert rows[name]["status"] == "rewritten"
         assert rows[name]["report"]["verification"]["passed"] is True
@@ -90,11 +90,11 @@ def test_config_file_and_pyproject_defaults_flags_win(models_dir, tmp_path, monk
     config.write_text('atol = 0.5\nrtol = 0.25\nseed = 3\n')
     report = tmp_path / "r.json"
     assert invoke(models_dir / "a.onnx", "--config", config, "--report", report, "-o", tmp_path / "1.onnx").exit_code == 0
-    verification = json.loads(report.read_text())["verification"]
+    verification = json.loads(report.read_text())["models"][0]["report"]["verification"]
     assert (verification["atol"], verification["rtol"]) == (0.5, 0.25)
     assert invoke(models_dir / "a.onnx", "--config", config, "--atol", "0.125", "--report", report,
                   "-o", tmp_path / "2.onnx").exit_code == 0
-    assert json.loads(report.read_text())["verification"]["atol"] == 0.125
+    assert json.loads(report.read_text())["models"][0]["report"]["verification"]["atol"] == 0.125
     project = tmp_path / "project"
     project.mkdir()
     (project / "pyproject.toml").write_text('[tool.gconv-rewrite]\nrtol = 0.0625\nformat = "json"\n')

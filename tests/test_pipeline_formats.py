@@ -32,7 +32,7 @@ def test_mixed_formats_folder_with_jobs(tmp_path):
     rows = {os.path.relpath(m["input"], models): m for m in document["models"]}
     assert sorted(rows) == ["block.onnx", "keras/broken.keras", "keras/sliced.keras", "tf_block"]
     broken = rows["keras/broken.keras"]
-    assert broken["status"] == "error" and broken["exit_code"] == 2 and "broken.keras" in broken["error"]
+    assert broken["status"] == "error" and broken["exit_code"] == 2 and "broken.keras" in broken["error"]["message"]
     for name in ("block.onnx", "keras/sliced.keras", "tf_block"):
         row = rows[name]
         assert row["status"] == "rewritten", row

@@ -384,10 +384,10 @@ def test_check_writes_a_report_only_where_the_command_line_asks(repository):
     assert invoke("model.onnx", "--dry-run").exit_code == 0
     assert not (repository / "from-config.json").exists()
     assert invoke("model.onnx", "--check", "--report", "asked.json").exit_code == 1
-    assert json.loads((repository / "asked.json").read_text())["rewrites"][0]["kind"] == "fuse-split-conv"
+    assert json.loads((repository / "asked.json").read_text())["models"][0]["report"]["rewrites"][0]["kind"] == "fuse-split-conv"
     # A run that writes the model writes the config's report too.
     assert invoke("model.onnx", "-o", "fused.onnx").exit_code == 0
-    assert json.loads((repository / "from-config.json").read_text())["verification"]["passed"] is True
+    assert json.loads((repository / "from-config.json").read_text())["models"][0]["report"]["verification"]["passed"] is True
     assert_fused_and_equal(repository / "model.onnx", repository / "fused.onnx")
 
 

@@ -361,7 +361,7 @@ def test_a_killed_worker_is_one_row_and_the_others_stay(tmp_path):
     assert document["exit_code"] == 2
     assert (rows["a.onnx"]["status"], rows["c.onnx"]["status"]) == ("rewritten", "rewritten")
     assert rows["b.onnx"]["status"] == "error" and rows["b.onnx"]["exit_code"] == 2
-    assert "SIGKILL" in rows["b.onnx"]["error"] and "worker" in rows["b.onnx"]["error"]
+    assert "SIGKILL" in rows["b.onnx"]["error"]["message"] and "worker" in rows["b.onnx"]["error"]["message"]
     assert (tmp_path / "out" / "a.onnx").is_file() and (tmp_path / "out" / "c.onnx").is_file()
     assert not (tmp_path / "out" / "b.onnx").exists()
 

@@ -171,7 +171,7 @@ def test_tflite_gpu_expands_exactly_the_conv_without_multiples_of_four(two_nativ
     assert sum(1 for _, group in written if group == 1) == 8  # conv_b: 8 plain convs
     assert op_counts(out)["Split"] == 1 and op_counts(out)["Concat"] == 1
 
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     assert [r["location"] for r in report["rewrites"]] == ["conv_b"]
     assert report["rewrites"][0]["kind"] == "expand-grouped-conv"
     nodes = {n["location"]: n for n in report["target"]["nodes"]}
@@ -207,7 +207,7 @@ def test_onnxruntime_cpu_fuses_a_split_resnext_completely(tmp_path):
     assert "Split" not in counts and "Concat" not in counts
     written = convs(path.with_name("resnext.onnxruntime-cpu.onnx"))
     assert sorted(group for _, group in written if group > 1) == [8, 8, 8]
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     assert len(report["rewrites"]) == 3 and not report["skipped"]
     assert [(n["form"], n["action"]) for n in report["target"]["nodes"]] == [("native", "fuse")] * 3
 
@@ -221,7 +221,7 @@ def test_a_hand_made_group_the_target_wants_split_stays_split(tmp_path):
     assert result.exit_code == 0, result.output
     written = convs(path.with_name("two_split.tflite-gpu.onnx"))
     assert sorted(group for _, group in written) == [1] * 8 + [4]
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     nodes = report["target"]["nodes"]
     assert [(n["form"], n["action"]) for n in nodes] == [("native", "fuse"), ("split", "keep")]
     assert nodes[1]["location"] == "concat_b"

@@ -133,7 +133,7 @@ def test_keras_cli_default_output_and_json_report(models, tmp_path):
     result = invoke(source, "--target", "tflite-gpu", "--report", report_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.tflite-gpu.keras").exists()
-    document = json.loads(report_path.read_text())
+    document = json.loads(report_path.read_text())["models"][0]["report"]
     assert document["target"]["name"] == "tflite-gpu" and len(document["target"]["nodes"]) == 4
     assert "target tflite-gpu" in result.output
 

@@ -141,7 +141,7 @@ def test_the_json_report_carries_the_boundary(models, tmp_path):
     result = CliRunner().invoke(main, [str(models["split"]), "-o", str(tmp_path / "out"),
                                        "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]
     (entry,) = report["rewrites"][0]["boundary"]
     assert entry["tensor"] == "StatefulPartitionedCall/concat:0" and entry["passed"] is True
     assert entry["max_abs_error"] < 1e-5 and entry["informative"] is True

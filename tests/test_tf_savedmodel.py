@@ -390,6 +390,6 @@ def test_cli_inputs_file_and_json_report(models, tmp_path):
     result = CliRunner().invoke(main, [str(models["keras"]), "--expand", "-o", str(tmp_path / "out"),
                                        "--inputs", str(tmp_path / "inputs.npz"), "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]
     assert report["verification"]["inputs"] == {"img": [3, 8, 8, 16]}
     assert report["rewrites"][0]["kind"] == "expand-grouped-conv" and report["written"]

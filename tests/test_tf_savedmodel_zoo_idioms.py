@@ -106,7 +106,7 @@ for name, model in (("mixed", mixed), ("native_only", native_only)):
     result = CliRunner().invoke(main, [model, "--fuse", "-o", target, "--report", report])
     facts[name] = {"exit": result.exit_code, "output": result.output[-600:]}
     if result.exit_code == 0:
-        facts[name]["report"] = json.load(open(report))
+        facts[name]["report"] = json.load(open(report))["models"][0]["report"]
 x = tf.constant(np.load(f"{out}/x.npy"))
 with remapper_off():
     expected = tf.saved_model.load(mixed).signatures["serving_default"](x=x)["y"].numpy()

@@ -74,7 +74,7 @@ def test_keras3_getitem_group_becomes_one_grouped_conv_2d(tmp_path):
     expected = np.asarray(keras.models.load_model(source)(x, training=False))
     (actual,) = run_tflite(out, {"image": x})
     np.testing.assert_allclose(actual, expected, atol=TOLERANCE, rtol=1e-3)
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())["models"][0]["report"]
     rows = {row["name"]: row for row in report["verification"]["outputs"]}
     assert report["verification"]["passed"] and rows["tflite:head"]["passed"]
     assert rows["tflite:head"]["max_abs_error"] <= TOLERANCE
@@ -269,7 +269,7 @@ def test_benchmark_times_the_original_tflite_against_the_fused_one(tmp_path):
     report_path = tmp_path / "r.json"
     result = invoke(source, "--to", "tflite", "--benchmark", "--threads", "1", "--report", report_path)
     assert result.exit_code == 0, result.output
-    bench = json.loads(report_path.read_text())["benchmark"]
+    bench = json.loads(report_path.read_text())["models"][0]["report"]["benchmark"]
     assert bench["runtime"] == "tflite" and bench["threads"] == 1 and bench["runs"] >= 10
     assert bench["before_ms"] > 0 and bench["after_ms"] > 0 and bench["ratio"] > 0
     assert "benchmark (tflite, 1 thread" in result.output

@@ -50,7 +50,7 @@ def test_onnx_dynamic_batch_needs_no_flag(tmp_path, param):
     result = invoke(path, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "verification: passed at x=1x8x8x8 (batch set to 1)" in result.output
-    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    verification = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]["verification"]
     assert verification["inputs"] == {"x": [1, 8, 8, 8]}
     assert verification["defaulted"] == {"x": [0]}
 
@@ -61,7 +61,7 @@ def test_shape_flag_wins_over_the_batch_default(tmp_path):
     result = invoke(path, "--shape", "x=3,8,8,8", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "batch set to 1" not in result.output and "3x8x8x8" in result.output
-    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    verification = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]["verification"]
     assert verification["inputs"] == {"x": [3, 8, 8, 8]} and verification["defaulted"] == {}
 
 
@@ -113,9 +113,9 @@ def test_savedmodel_none_batch_needs_no_flag(tmp_path):
     result = invoke(path, "-o", tmp_path / "out", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "verification: passed at x=1x8x8x16 (batch set to 1)" in result.output
-    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    verification = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]["verification"]
     assert verification["inputs"] == {"x": [1, 8, 8, 16]} and verification["defaulted"] == {"x": [0]}
-    assert all(r["exercised"] for r in json.loads((tmp_path / "r.json").read_text())["rewrites"])
+    assert all(r["exercised"] for r in json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]["rewrites"])
 
 
 def test_savedmodel_other_none_dims_need_shape(tmp_path):
@@ -140,7 +140,7 @@ def test_keras_none_batch_needs_no_flag(tmp_path):
     result = invoke(path, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert "verification: passed at img=1x8x8x8 (batch set to 1)" in result.output
-    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    verification = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]["verification"]
     assert verification["inputs"] == {"img": [1, 8, 8, 8]} and verification["defaulted"] == {"img": [0]}
     assert invoke(path, "--shape", "img=2,8,8,8", "-o", tmp_path / "b.keras").exit_code == 0
 
@@ -287,7 +287,7 @@ def test_both_branches_of_an_if_are_verified(tmp_path):
     path = _save(_if_model(), tmp_path / "if.onnx")
     result = invoke(path, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())["models"][0]["report"]
     assert len(report["rewrites"]) == 2
     assert [r["exercised"] for r in report["rewrites"]] == [True, True]
     assert sorted(r["exercised_by"] for r in report["rewrites"]) == [
