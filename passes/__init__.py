@@ -1,30 +1,13 @@
-"""The rewrites, one module each, grouped by format, with a registry of named passes.
+"""The rewrites, one module each, grouped by format (``onnx``, ``tf``, ``keras``; ``tflite`` is
+an output format with no rewrite of its own).
 
-Names are what ``--only``-style options and reports use; registering a name twice is an error
-so two passes can never shadow each other.
+Each format's backend (``passes.FORMAT.backend``) builds its passes by class; the driver
+(``rewriter.api``) reaches them through the backend only. No module of the project is imported here,
+so importing one pass loads that pass and what it needs, never the driver.
 """
 
-from __future__ import annotations
+import logging
 
-from collections.abc import Callable
-
-PASS_REGISTRY: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def decorate(factory):
-        if name in PASS_REGISTRY:
-            raise ValueError(f"pass {name!r} is registered twice")
-        PASS_REGISTRY[name] = factory
-        factory.pass_name = name
-        return factory
-
-    return decorate
-
-
-def registered(name: str) -> Callable:
-    """The pass registered as ``name`` (its module must be imported: each backend imports its own)."""
-    try:
-        return PASS_REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no pass {name!r} (registered: {', '.join(sorted(PASS_REGISTRY))})") from None
+# Log records (a late-bound Lambda found, a repair made) reach a handler only where the
+# application configured one: the CLI shows them on stderr; a library caller decides.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

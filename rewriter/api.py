@@ -4,29 +4,38 @@
     >>> result = fuse("model.onnx", output="model.fused.onnx")
     >>> result.report.rewrites[0].groups
     32
+
+A model is a path, or an ONNX model in memory: an ``onnx.ModelProto`` (as onnxsim and onnxslim
+take it; ``Result.model`` is then a ModelProto too) or an ``onnx_ir.Model``. The caller's object
+is never changed; it is saved to a scratch file, read from there, and verified as a file is.
+The library prints nothing: what it has to say is in the report, in the errors it raises
+(``rewriter.errors``) and in log records (module loggers under ``rewriter`` and ``passes``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rewriter import formats, html, proof, quiet, targets
-from rewriter.backend import Unwritable, conversions
-from rewriter.backend import backend as backend_for
+from rewriter.backend import Unwritable, conversions, format_backend, rewriter_backend
 from rewriter.errors import BadInput, RewriteError, VerificationFailed
 from rewriter.memory import frozen_heap, paused_gc
 from rewriter.report import Report, Verification
 from rewriter.verify import load_inputs_file, verify_onnx
 
 if TYPE_CHECKING:
+    import onnx
     import onnx_ir as ir
+
+    ModelInput = str | Path | ir.Model | onnx.ModelProto  # a file, or an ONNX model in memory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +75,7 @@ class Options:
 
 @dataclass
 class Result:
-    model: ir.Model
+    model: ir.Model | onnx.ModelProto | Any  # the input's kind: a ModelProto in, a ModelProto out
     report: Report
 
     @property
@@ -81,6 +90,23 @@ def _in_memory(model) -> bool:
     return ir is not None and isinstance(model, ir.Model)
 
 
+def _is_proto(model) -> bool:
+    onnx = sys.modules.get("onnx")  # a ModelProto exists only once onnx is imported
+    return onnx is not None and isinstance(model, onnx.ModelProto)
+
+
+def _in_ir(model):
+    """The model as the driver reads it: a path, or an onnx-ir model (a ModelProto becomes one;
+    the proto itself is left as it is); anything else is refused with a TypeError, as Python does."""
+    if _is_proto(model):
+        from onnx_ir import serde
+
+        return serde.deserialize_model(model)
+    if _in_memory(model) or isinstance(model, (str, os.PathLike)):
+        return model
+    raise TypeError(f"a model is a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+
+
 def _options(options: Options | None, overrides: dict) -> Options:
     base = options or Options()
     return Options(**{**base.__dict__, **overrides}) if overrides else base
@@ -92,13 +118,14 @@ def _resolve_inputs(options: Options):
     return load_inputs_file(Path(options.inputs))
 
 
-def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | Path | None = None,
+def rewrite(model: ModelInput, *, mode: str = "fuse", output: str | Path | None = None,
             apply: bool = True, options: Options | None = None, **overrides) -> Result:
     """Find, plan and (with ``apply``) rewrite; verify; write ``output`` atomically if given.
 
     Raises ``VerificationFailed`` (nothing written) when the rewritten model differs.
     """
     options = _options(options, overrides)
+    given_proto, model = _is_proto(model), _in_ir(model)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
     read = [] if _in_memory(model) else formats.input_files(Path(model))
@@ -113,6 +140,15 @@ def rewrite(model: str | Path | ir.Model, *, mode: str = "fuse", output: str | P
         with result.report.timed("html"):
             text = html.render_page(result.report.to_dict())
             html.write_page(page, text, protected=read, force=options.force)
+    return _as_given(result, given_proto)
+
+
+def _as_given(result: Result, given_proto: bool) -> Result:
+    """What came in goes out: a ModelProto given, a ModelProto in ``Result.model``."""
+    if given_proto and result.model is not None:
+        from onnx_ir import serde
+
+        result.model = serde.serialize_model(result.model)
     return result
 
 
@@ -159,13 +195,13 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
         target = _target(source, options, report)
         with report.timed("rewrite"):
             for rewrite_pass in _passes(backend, loaded, mode, apply, options, target):
-                loaded = rewrite_pass(loaded)
+                loaded = backend.apply(rewrite_pass, loaded)
                 _record(rewrite_pass, report, target)
             rewritten = backend.emit(loaded, report, options, apply=apply)
             if not isinstance(rewritten, Unwritable):
                 report.after = backend.stats(rewritten) if apply else report.before
         if not apply:
-            return Result(_result_model(backend, rewritten), report)
+            return Result(backend.result(rewritten), report)
         if measure_only:  # dry_run: the counts after are taken; the size too, from scratch
             return _measured(backend, source, rewritten, scratch, report)
         if isinstance(rewritten, Unwritable):
@@ -178,20 +214,22 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
             for r in report.rewrites:  # those in no subgraph: the verification run ran every one
                 if r.exercised is None:
                     r.exercised, r.exercised_by = True, "model run"
-        final_backend = backend_for(hops[-1].target, report) if hops else backend
-        return Result(_result_model(final_backend, final), report)
+        final_backend = format_backend(hops[-1].target, report) if hops else backend
+        return Result(final_backend.result(final), report)
 
 
-def dry_run(model: str | Path | ir.Model, *, mode: str = "fuse", options: Options | None = None,
+def dry_run(model: ModelInput, *, mode: str = "fuse", options: Options | None = None,
             **overrides) -> Result:
     """What ``rewrite`` would do, found without writing anything: the passes rewrite the model in
     memory (BatchNorm folds too, counted as their own rewrites), the counts after are taken from
     it, and it is saved in scratch only to measure its size. Nothing is verified or converted
     (``--to``: the sizes are the input format's)."""
     options = _options(options, overrides)  # (the driver returns before verifying; --html, --benchmark: rewrite's)
+    given_proto, model = _is_proto(model), _in_ir(model)
     fmt = "onnx" if _in_memory(model) else formats.detect_format(Path(model))
     _check_options(model, fmt, options)
-    return _drive(model, fmt, mode=mode, output=None, apply=True, options=options, measure_only=True)
+    result = _drive(model, fmt, mode=mode, output=None, apply=True, options=options, measure_only=True)
+    return _as_given(result, given_proto)
 
 
 def _bytes(path: Path) -> int:
@@ -209,7 +247,7 @@ def _measured(backend, source: Path, rewritten, scratch: Path, report: Report) -
     with report.timed("save"):
         backend.save(rewritten, path)
     report.sizes = {"before": before, "after": _bytes(path)}
-    return Result(_result_model(backend, rewritten), report)
+    return Result(backend.result(rewritten), report)
 
 
 def _collector_for(fmt: str):
@@ -252,14 +290,14 @@ def _source_path(model, scratch: Path) -> Path:
 def _backends(fmt: str, source: Path, options: Options, report: Report):
     """The input format's backend and the ``--to`` hops; TensorFlow is imported here, quietly."""
     if fmt == "onnx":
-        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+        return rewriter_backend(fmt, report), conversions(fmt, options.to, str(source))
     try:
         quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
         if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
             from rewriter.benchmark import set_tensorflow_threads
 
             set_tensorflow_threads(options.threads)
-        return backend_for(fmt, report), conversions(fmt, options.to, str(source))
+        return rewriter_backend(fmt, report), conversions(fmt, options.to, str(source))
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         raise BadInput(f"{source}: {fmt} models need the TensorFlow extra "
@@ -292,14 +330,14 @@ def _passes(backend, model, mode: str, apply: bool, options: Options, target):
         yield backend.expand_pass(model, rewrite=apply, options=options)
         return
     accept = targets.target_accept(target, targets.NATIVE) if target is not None else None
-    fuse_pass = backend.fuse_pass(model, rewrite=apply, options=options, accept=accept)
-    yield fuse_pass
+    fuse_passes = backend.fuse_passes(model, rewrite=apply, options=options, accept=accept)
+    yield from fuse_passes
     if apply and options.fold_bn:
-        fold_pass = backend.fold_pass(model, fuse_pass, options)
+        fold_pass = backend.fold_pass(model, fuse_passes, options)
         if fold_pass is not None:
             yield fold_pass
     if target is not None:
-        yield backend.expand_pass(model, rewrite=apply, options=options, exclude=fuse_pass.created,
+        yield backend.expand_pass(model, rewrite=apply, options=options, after=fuse_passes,
                                   accept=targets.target_accept(target, targets.SPLIT))
 
 
@@ -307,16 +345,10 @@ def _record(rewrite_pass, report: Report, target) -> None:
     report.rewrites.extend(rewrite_pass.rewrites)
     report.skipped.extend(rewrite_pass.skipped)
     if target is not None:  # per node: the form the target wants, and why
-        judged = targets.target_nodes(getattr(rewrite_pass, "decisions", []), target.name)
+        judged = targets.target_nodes(rewrite_pass.decisions, target.name)
         if hasattr(target, "annotate"):  # --auto: both timings per node
             target.annotate(judged)
-        report.target["nodes"].extend(judged)
-
-
-def _result_model(backend, model):
-    """What ``Result.model`` holds: the backend's own form of it (a GraphDef for a SavedModel)."""
-    result = getattr(backend, "result", None)
-    return result(model) if result is not None else model
+        report.target["nodes"].extend(decision.to_json() for decision in judged)
 
 
 def _write(backend, hops, source: Path, rewritten, output: Path | None, read: list[Path], scratch: Path,
@@ -342,10 +374,9 @@ def _save_and_check(backend, model, path: Path, report: Report) -> None:
     """The backend writes ``model`` at ``path``; its format checker (if it has one) reads it back."""
     with report.timed("save"):
         backend.save(model, path)
-    check = getattr(backend, "check", None)
-    if check is not None:
+    if backend.check is not None:
         with report.timed("checker"):
-            check(path)
+            backend.check(path)
 
 
 def _save_and_verify(backend, source: Path, rewritten, path: Path, options: Options, report: Report) -> None:
@@ -392,7 +423,7 @@ def _convert(backend, hops, source: Path, rewritten, output: Path | None, read: 
         previous, current = current, hop.convert(current, written, scratch, options, report)
         written = None  # a later hop converts from memory
     last = hops[-1]
-    writer = backend_for(last.target, report)
+    writer = format_backend(last.target, report)
 
     def save_and_verify(path: Path) -> None:
         _save_and_check(writer, current, path, report)
@@ -493,30 +524,33 @@ def _skipped_verification(report: Report, options: Options) -> Verification:
     return Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol, note=note)
 
 
-def fuse(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+def fuse(model: ModelInput, *, output: str | Path | None = None, options: Options | None = None,
          **overrides) -> Result:
     """Fuse every hand-made grouped convolution into a native one. See ``rewrite``."""
     return rewrite(model, mode="fuse", output=output, options=options, **overrides)
 
 
-def expand(model: str | Path | ir.Model, *, output: str | Path | None = None, options: Options | None = None,
+def expand(model: ModelInput, *, output: str | Path | None = None, options: Options | None = None,
            **overrides) -> Result:
     """Expand native grouped convolutions into Split → N Conv → Concat. See ``rewrite``."""
     return rewrite(model, mode="expand", output=output, options=options, **overrides)
 
 
-def check(model: str | Path | ir.Model, *, mode: str = "fuse") -> Report:
-    """Find what ``fuse`` would rewrite, without changing or writing anything."""
-    return rewrite(model, mode=mode, apply=False).report
+def check(model: ModelInput, *, mode: str = "fuse", options: Options | None = None,
+          **overrides) -> Report:
+    """Find what ``fuse`` (or ``expand``, or a target: ``target=NAME``) would rewrite, without
+    changing or writing anything; the options are ``fuse``'s and ``expand``'s."""
+    return rewrite(model, mode=mode, apply=False, options=options, **overrides).report
 
 
-def verify(original: str | Path | ir.Model, rewritten: str | Path | ir.Model, *,
+def verify(original: ModelInput, rewritten: ModelInput, *,
            options: Options | None = None, **overrides) -> Verification:
     """Run both models in onnxruntime on the same inputs and compare every output."""
     options = _options(options, overrides)
     with formats.scratch_dir() as scratch_dir:
         paths = []
         for i, model in enumerate((original, rewritten)):
+            model = _in_ir(model)
             if _in_memory(model):
                 path = Path(scratch_dir) / f"model{i}.onnx"
                 formats.save_onnx(model, path)

@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from rewriter import benchmark, formats
 from rewriter.errors import VerificationImpossible
-from rewriter.targets import NATIVE, SPLIT, ConvProps
+from rewriter.targets import NATIVE, SPLIT, ConvProps, Decision
 from rewriter.verify import InputSpec, make_inputs, run_session
 
 NAME = "auto"
@@ -127,7 +127,7 @@ class MeasuredTarget:
         self._served.append(chosen)
         return chosen.form, chosen.rule(self.runtime)
 
-    def annotate(self, nodes: list[dict]) -> None:
+    def annotate(self, nodes: list[Decision]) -> None:
         """Add the timings to the report's target entries one pass just judged (in order)."""
         served, self._served = self._served, []
         position = 0
@@ -143,11 +143,11 @@ class MeasuredTarget:
                     group.append(served[position])
                     position += 1
             known = [m for m in group if m.native_ms is not None]
-            node["native_ms"] = round(sum(m.native_ms for m in known), 4) if known else None
-            node["split_ms"] = round(sum(m.split_ms for m in known), 4) if known else None
-            node["verdict"] = SPLIT if any(m.verdict == SPLIT for m in group) else \
+            node.native_ms = round(sum(m.native_ms for m in known), 4) if known else None
+            node.split_ms = round(sum(m.split_ms for m in known), 4) if known else None
+            node.verdict = SPLIT if any(m.verdict == SPLIT for m in group) else \
                 ("tie" if all(m.verdict in ("tie", "not measured") for m in group) else NATIVE)
-            node["measurements"] = [m.to_dict() for m in group]
+            node.measurements = [m.to_dict() for m in group]
 
 
 # -- discovery --------------------------------------------------------------------------------
@@ -190,8 +190,8 @@ def _discover(path: Path, options) -> tuple[ir.Model, list[tuple[Measurement, ir
         if node.op_type in ("Conv", "ConvTranspose"):
             by_location.setdefault(_location(node), node)
     for decision, props in zip(expand.decisions, native):
-        node = by_location.get(decision["location"]) if not decision["graph"] else None
-        found.append((Measurement("expand", decision["location"], props), node))
+        node = by_location.get(decision.location) if not decision.graph else None
+        found.append((Measurement("expand", decision.location, props), node))
     return model, found
 
 

@@ -1,52 +1,59 @@
 """The backend contract: what one model format gives the driver (``rewriter.api``).
 
-    driver:  options → backend.load → passes (fuse | expand | target) → backend.emit
-             → staging → backend.save → backend.verify → [conversion hops] → atomic commit → report
+    driver:  options → backend.load → passes (fuse | expand | target), each by backend.apply
+             → backend.emit → staging → backend.save → backend.check → backend.verify
+             → [conversion hops] → atomic commit → report
 
-A backend is one format's reader and writer; it knows nothing of the CLI, of staging folders or
-of other formats. ``--to`` is the driver handing what one backend wrote to a ``Conversion`` into
-another format (``CONVERSIONS``), whose output the target backend verifies against the original.
+A backend is one format's code; it knows nothing of the CLI, of staging folders or of other
+formats. It has one role or two (``BACKENDS``):
 
-ONNX (``passes.onnx.backend``), SavedModel (``passes.tf.backend``), Keras (``passes.keras.backend``)
-and TFLite (``passes.tflite.backend``, an output format: ``--to tflite``) implement it. Backends
-are imported on first use, so an ONNX run never imports TensorFlow.
+- the model-format role (``ModelFormat``): load, files read, stats, save, check, result;
+- the rewriter role (``Rewriter``): the passes, ``apply``, ``emit``, ``verify``.
+
+ONNX (``passes.onnx.backend``), SavedModel (``passes.tf.backend``) and Keras
+(``passes.keras.backend``) have both; TFLite (``passes.tflite.backend``, an output format:
+``--to tflite``) has the first only. ``--to`` is the driver handing what one backend wrote to a
+``Conversion`` into another format (``ROUTES``), whose output it verifies against the original.
+Backends are imported on first use, so an ONNX run never imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from rewriter import formats
 from rewriter.errors import BadInput
 from rewriter.report import ModelStats, Report, Rewrite, Skip, Verification
-from rewriter.targets import ConvProps
-from rewriter.verify import InputSpec
+from rewriter.targets import ConvProps, Decision
 
 Accept = Callable[[ConvProps], tuple[bool, str]]  # a target's rule: (wanted?, why)
 
 
 class RewritePass(Protocol):
-    """One rewrite of one format. ``__call__`` returns the model (changed in place or anew);
-    what it did, and what it left and why, are in ``rewrites`` and ``skipped``; with a target,
-    ``decisions`` has one entry per grouped conv judged (``rewriter.targets.target_nodes``)."""
+    """One rewrite of one format, as its backend built it (the pass class itself: an onnx-ir pass,
+    a GraphDef pass, a Keras pass); the backend's ``apply`` runs it on the model. What it did, and
+    what it left and why, are in ``rewrites`` and ``skipped``; with a target, ``decisions`` has one
+    record per grouped conv judged (``rewriter.targets.Decision``)."""
 
     rewrites: list[Rewrite]
     skipped: list[Skip]
+    decisions: list[Decision]
 
-    def __call__(self, model: Any) -> Any: ...
 
+class ModelFormat(Protocol):
+    """The model-format role: read, describe and write one format. Every backend has it; TFLite
+    has only this one (it is written by ``--to tflite``, never rewritten). Running a model is
+    the rewriter role's ``verify`` (``rewriter.proof``) or a conversion's."""
 
-class Backend(Protocol):
     name: str  # "onnx", "savedmodel", "keras", "tflite"
     suffix: str  # of a file it writes ("" for a folder)
-    # Verify even when nothing was rewritten (Keras compares its rebuild with Keras's own load).
-    verify_unchanged: bool
+    # A format checker the driver runs on the written file (its "checker" phase); None: the
+    # format has none beyond its own writer.
+    check: Callable[[Path], None] | None
 
     def load(self, path: Path, options) -> Any:
         """The model in memory (None: nothing to rewrite, already reported); may add skips to
@@ -57,23 +64,33 @@ class Backend(Protocol):
 
     def stats(self, model: Any) -> ModelStats: ...
 
-    def input_specs(self, model: Any) -> list[InputSpec]: ...
-
-    def run(self, model_or_path: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
     def save(self, model: Any, path: Path) -> None:
-        """Write ``model`` to ``path`` (in a staging or scratch folder); raise a RewriteError.
-        A backend may also have ``check(path)``, a format checker the driver runs after saving,
-        and ``result(model)``, what ``Result.model`` holds."""
+        """Write ``model`` to ``path`` (in a staging or scratch folder); raise a RewriteError."""
 
-    # The reader/emitter pair: the passes read the graph into candidates and plan them with
-    # ``rewriter.plan``; ``emit`` returns the rewritten model, ready to save.
-    def fuse_pass(self, model: Any, *, rewrite: bool, options, accept: Accept | None = None) -> RewritePass: ...
+    def result(self, model: Any) -> Any:
+        """What ``Result.model`` holds: the format's own form of the model (a GraphDef for a SavedModel)."""
 
-    def fold_pass(self, model: Any, fuse_pass: RewritePass, options) -> RewritePass | None: ...
+
+class Rewriter(ModelFormat, Protocol):
+    """The rewriter role: the input formats (ONNX, SavedModel, Keras). Its passes read the graph
+    into candidates and plan them with ``rewriter.plan``; ``emit`` returns the rewritten model,
+    ready to save; ``verify`` proves what was written."""
+
+    # Verify even when nothing was rewritten (Keras compares its rebuild with Keras's own load).
+    verify_unchanged: bool
+
+    def fuse_passes(self, model: Any, *, rewrite: bool, options, accept: Accept | None = None) -> list[RewritePass]:
+        """The fusions, in the order they run."""
+
+    def fold_pass(self, model: Any, fuse_passes: list[RewritePass], options) -> RewritePass | None:
+        """What folds into the convs ``fuse_passes`` wrote (None: the fusions carry their tails)."""
 
     def expand_pass(self, model: Any, *, rewrite: bool, options, accept: Accept | None = None,
-                    exclude: set | None = None) -> RewritePass: ...
+                    after: list[RewritePass] = ()) -> RewritePass:
+        """The expansion; what the passes ``after`` wrote (a target's fusions) is left alone."""
+
+    def apply(self, rewrite_pass: RewritePass, model: Any) -> Any:
+        """Run one of this backend's passes on ``model``; return the model (changed in place or anew)."""
 
     def emit(self, model: Any, report: Report, options, *, apply: bool = True) -> Any:
         """The rewritten model ready to save (``apply`` False: a find-only run), or ``Unwritable``."""
@@ -81,6 +98,9 @@ class Backend(Protocol):
     def verify(self, source: Path, rewritten: Any, written: Path, options, report: Report) -> Verification:
         """Run the original (read from ``source``) and the written model on the same inputs and
         compare every output; return the table (the driver raises when it did not pass)."""
+
+
+ROLES: dict[str, type] = {"format": ModelFormat, "rewriter": Rewriter}
 
 
 class Conversion(Protocol):
@@ -113,8 +133,12 @@ class Unwritable:
     skips: list[Skip] = field(default_factory=list)
 
 
+# format → (module, class, the roles it has): a view of the one format table (rewriter.formats.FORMATS)
+BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    fmt.name: (*fmt.backend.split(":"), fmt.roles) for fmt in formats.FORMATS}
+
 # --to: (input format, output format) → the hops the driver chains, each "module:Class"; both
-# this and the backend lookup read the one format table (``rewriter.formats.FORMATS``).
+# this and the backend lookup read the one format table.
 ROUTES: dict[tuple[str, str], list[str]] = {
     (fmt.name, to): list(hops) for fmt in formats.FORMATS for to, hops in fmt.conversions.items()}
 
@@ -126,9 +150,17 @@ _NO_ROUTE = {
 }
 
 
-def backend(fmt: str, report: Report) -> Backend:
+def format_backend(fmt: str, report: Report) -> ModelFormat:
+    """The backend that reads and writes ``fmt`` (the writer of a ``--to`` output)."""
     module, name = formats.row(fmt).backend.split(":")
     return getattr(importlib.import_module(module), name)(report)
+
+
+def rewriter_backend(fmt: str, report: Report) -> Rewriter:
+    """The backend that rewrites ``fmt`` (an input format: the driver rewrites only those)."""
+    if "rewriter" not in formats.row(fmt).roles:
+        raise BadInput(f"{fmt} models are written by --to {fmt}, not rewritten")
+    return format_backend(fmt, report)
 
 
 def conversions(fmt: str, to: str | None, where: str) -> list[Conversion]:

@@ -54,6 +54,9 @@ class Format:
     runtime_loader: str  # "module:function": (path, threads, options) -> rewriter.benchmark.Loaded
     # --to FORMAT from an input of this format: the conversion hops the driver chains, each "module:Class".
     conversions: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    # The backend's roles (rewriter.backend): "format" (load, save, stats...) and "rewriter"
+    # (passes, emit, verify); an output-only format has the first.
+    roles: tuple[str, ...] = ("format", "rewriter")
 
     @property
     def readable(self) -> bool:
@@ -77,7 +80,7 @@ FORMATS: tuple[Format, ...] = (
            {"onnx": (_KERAS_TO_SAVEDMODEL, _TF_TO_ONNX), "savedmodel": (_KERAS_TO_SAVEDMODEL,),
             "tflite": ("passes.tflite.from_keras:KerasToTFLite",)}),
     Format("tflite", (), None, ".tflite", "passes.tflite.backend:TFLiteBackend",
-           "tflite", "rewriter.benchmark:_load_tflite"),
+           "tflite", "rewriter.benchmark:_load_tflite", roles=("format",)),
 )
 
 # Views of the table as it was at import (tests and callers that want a constant); the functions

@@ -18,7 +18,8 @@ are fused, native grouped convolutions it does not are expanded, everything else
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rewriter.errors import BadInput
 
@@ -58,6 +59,31 @@ class ConvProps:
         kind = "ConvTranspose" if self.transposed else "Conv"
         return (f"{self.kernel_rank}D {kind} group={self.groups}, channels {self.in_channels}->{self.out_channels} "
                 f"({self.in_per_group}/{self.out_per_group} per group)")
+
+
+@dataclass
+class Decision:
+    """What a target decided for one grouped conv a pass judged: one entry of the report's
+    ``target.nodes`` (``to_json``). Every pass of every format writes these."""
+
+    location: str  # the candidate's or the conv's name, as the report's rewrites and skips name it
+    graph: str  # "" for the main graph, else the subgraph's or function's label
+    form: str  # NATIVE or SPLIT: the form the target wants
+    action: str  # "fuse", "expand" or "keep": what the pass did about it
+    rule: str  # why (the skip reasons carry it with "FORM for TARGET: " in front)
+    # --auto (rewriter.auto): both forms timed; None for a target's rule.
+    native_ms: float | None = None
+    split_ms: float | None = None
+    verdict: str | None = None  # NATIVE, SPLIT or "tie"
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {"location": self.location, "graph": self.graph, "form": self.form, "action": self.action,
+                 "rule": self.rule}
+        if self.verdict is not None:  # measured
+            entry.update(native_ms=self.native_ms, split_ms=self.split_ms, verdict=self.verdict,
+                         measurements=self.measurements)
+        return entry
 
 
 Rule = Callable[[ConvProps], "tuple[str, str]"]
@@ -226,7 +252,7 @@ def target_accept(target, form: str):
     return accept
 
 
-def target_nodes(decisions: list[dict], name: str) -> list[dict]:
-    """A pass's ``decisions`` as the report's ``target.nodes``: the rule without the
-    "native for NAME: " the skip reasons carry."""
-    return [{**d, "rule": d["rule"].removeprefix(f"{d['form']} for {name}: ")} for d in decisions]
+def target_nodes(decisions: list[Decision], name: str) -> list[Decision]:
+    """A pass's ``decisions`` as the report lists them: the rule without the "native for NAME: "
+    the skip reasons carry."""
+    return [replace(d, rule=d.rule.removeprefix(f"{d.form} for {name}: ")) for d in decisions]

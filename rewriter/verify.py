@@ -8,6 +8,7 @@ exceeds both atol and rtol; NaN/Inf, dtype and shape changes are failures.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -868,3 +869,26 @@ def add_rows(report, rows: list[OutputComparison], prefix: str, feeds, options, 
         failing = [o.name for o in current.outputs if not o.passed]
         raise VerificationFailed(f"verification failed: outputs {', '.join(failing)} differ beyond atol/rtol; "
                                  "nothing was written", current)
+
+
+# -- signature outputs (the TF-family conversions) ----------------------------------------------
+
+
+def output_order(keys) -> list[str]:
+    """Signature output keys in the model's output order: ``output_0, output_1, …, output_10``
+    (what Keras's export writes) by number, other keys as TensorFlow orders them (sorted)."""
+    numbered = [re.fullmatch(r"output_(\d+)", k) for k in keys]
+    if keys and all(numbered):
+        return [m.group(0) for m in sorted(numbered, key=lambda m: int(m.group(1)))]
+    return sorted(keys)
+
+
+def compare_outputs(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],
+                    options) -> list[OutputComparison]:
+    """The original's outputs (in its order, named ``names``) against the interpreter's."""
+    if len(expected) != len(actual):
+        note = f"outputs changed: {len(expected)} -> {len(actual)}"
+        raise VerificationFailed(f"verification failed: the .tflite has {len(actual)} outputs, the original "
+                                 f"{len(expected)}; nothing was written",
+                                 Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol, note=note))
+    return [compare(name, e, a, options.atol, options.rtol) for name, e, a in zip(names, expected, actual)]

@@ -17,7 +17,7 @@ import rewriter
 from rewriter import auto, benchmark
 from rewriter.auto import MeasuredTarget, Measurement
 from rewriter.cli import main
-from rewriter.targets import NATIVE, SPLIT, ConvProps
+from rewriter.targets import NATIVE, SPLIT, ConvProps, Decision
 from samples.models import GraphBuilder, grouped_block
 
 
@@ -255,9 +255,9 @@ def test_measured_target_answers_in_order_and_groups_a_candidates_layers():
                     Measurement("expand", "e0", a, verdict=SPLIT, **timed)]
     target = MeasuredTarget(measurements, "onnxruntime CPU, 2 threads", 2)
     assert target.decide(a)[0] == NATIVE and target.decide(b)[0] == NATIVE
-    nodes = [{"location": "f0"}]
+    nodes = [Decision(location="f0", graph="", form=NATIVE, action="fuse", rule="")]
     target.annotate(nodes)
-    assert [m["location"] for m in nodes[0]["measurements"]] == ["f0", "f1"] and nodes[0]["native_ms"] == 2.0
+    assert [m["location"] for m in nodes[0].measurements] == ["f0", "f1"] and nodes[0].native_ms == 2.0
     form, rule = target.decide(a)  # the next measurement of equal properties: the native conv's
     assert form == SPLIT and "split is faster" in rule
     # A conv nobody measured keeps its native form, and says so.

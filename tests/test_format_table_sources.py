@@ -98,7 +98,7 @@ def test_a_new_row_is_detected_walked_and_named(tmp_path, toy_format):
 
 
 def test_a_new_row_is_the_drivers_backend_and_conversion(toy_format):
-    made = backend.backend("toy", Report(input="m.toy", output=None, mode="fuse"))
+    made = backend.rewriter_backend("toy", Report(input="m.toy", output=None, mode="fuse"))
     assert isinstance(made, _ToyBackend)
     hops = backend.conversions("toy", "onnx", "m.toy")
     assert [type(h) for h in hops] == [_ToyToOnnx]

@@ -38,7 +38,8 @@ def test_the_emit_calls_the_analysis_layers_again_with_the_file_weights(tmp_path
     options = Options(trust_lambdas=True)
     backend = KerasBackend(Report(input=str(tmp_path / "grouped.keras"), mode="fuse"))
     source = backend.load(tmp_path / "grouped.keras", options)
-    source = backend.fuse_pass(source, rewrite=True, options=options)(source)
+    (fuse,) = backend.fuse_passes(source, rewrite=True, options=options)
+    source = backend.apply(fuse, source)
     assert len(source.replacements) == 1
     result = backend.emit(source, backend.report, options)
 

@@ -14,24 +14,19 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-
-import passes.keras.expand_grouped_conv  # noqa: F401  (registers the Keras passes)
-import passes.keras.fuse_grouped_conv  # noqa: F401
-from passes import registered
 from passes.keras import _build, _config, _slices
 from passes.keras import model as km
+from passes.keras.expand_grouped_conv import ExpandGroupedConv
+from passes.keras.fuse_grouped_conv import FuseGroupedConv
 from rewriter.backend import Unwritable
 from rewriter.errors import BadInput, OutputError, one_line
 from rewriter.proof import prove
 from rewriter.report import ModelStats, Report, Skip, Verification
-from rewriter.verify import InputSpec
 
 _FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
 
@@ -85,33 +80,11 @@ class KerasResult:
         return self._reference[2]
 
 
-class _KerasPass:
-    """A Keras rewrite as the driver calls passes: it records its replacements on the source."""
-
-    def __init__(self, keras_pass):
-        self.keras_pass = keras_pass
-
-    def __call__(self, source: KerasSource) -> KerasSource:
-        self.keras_pass.names |= source.names  # the layers an earlier pass made are taken too
-        self.keras_pass.run()
-        source.replacements += self.keras_pass.groups
-        source.names |= self.keras_pass.names
-        source.rebound.update(getattr(self.keras_pass, "rebound", {}))
-        return source
-
-    @property
-    def created(self) -> set:
-        """The calls this pass replaced (a target's expand leaves them alone)."""
-        return set().union(*(group.removed for group in self.keras_pass.groups))
-
-    def __getattr__(self, name):  # rewrites, skipped, decisions
-        return getattr(self.keras_pass, name)
-
-
 class KerasBackend:
     name = "keras"
     suffix = ".keras"
     verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
+    check = None  # no checker beyond Keras's own save
 
     def __init__(self, report: Report):
         self.report = report
@@ -136,29 +109,34 @@ class KerasBackend:
             return km._graph_stats(model.graph, model.kfile.weights)
         return km._model_stats(model.model)
 
-    def input_specs(self, model) -> list[InputSpec]:
-        source = model if isinstance(model, KerasSource) else model.source
-        return [InputSpec(name, shape, dtype) for name, shape, dtype in km._input_specs(source.graph)]
-
     def result(self, model):
         return model.model if isinstance(model, KerasResult) else None
 
     # -- passes --------------------------------------------------------------------------------
 
-    def fuse_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None):
-        analysis, fuse = source.analysis, registered("keras.fuse-grouped-conv")
-        return _KerasPass(fuse(source.graph, source.kfile.weights, analysis.slices, analysis.shape_of,
-                               lambda_sources=analysis.lambda_sources,
-                               repair_late_binding=options.repair_late_binding, accept=accept))
+    def fuse_passes(self, source: KerasSource, *, rewrite: bool, options, accept=None) -> list[FuseGroupedConv]:
+        analysis = source.analysis
+        return [FuseGroupedConv(source.graph, source.kfile.weights, analysis.slices, analysis.shape_of,
+                                lambda_sources=analysis.lambda_sources,
+                                repair_late_binding=options.repair_late_binding, accept=accept)]
 
-    def fold_pass(self, source, fuse_pass, options):
+    def fold_pass(self, source, fuse_passes, options):
         return None  # the fuse pass carries BatchNormalization tails itself
 
-    def expand_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None, exclude=None):
-        expand = registered("keras.expand-grouped-conv")
-        return _KerasPass(expand(source.graph, source.kfile.weights, source.analysis.shape_of,
+    def expand_pass(self, source: KerasSource, *, rewrite: bool, options, accept=None, after=()) -> ExpandGroupedConv:
+        replaced = set().union(*(group.removed for fuse in after for group in fuse.groups))  # a target's fusions
+        return ExpandGroupedConv(source.graph, source.kfile.weights, source.analysis.shape_of,
                                  keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
-                                 max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
+                                 max_groups=options.max_groups, accept=accept, exclude=replaced)
+
+    def apply(self, keras_pass, source: KerasSource) -> KerasSource:
+        """A Keras pass finds its rewrites; they are recorded on the source, built by ``emit``."""
+        keras_pass.names |= source.names  # the layers an earlier pass made are taken too
+        keras_pass.run()
+        source.replacements += keras_pass.groups
+        source.names |= keras_pass.names
+        source.rebound.update(getattr(keras_pass, "rebound", {}))
+        return source
 
     def emit(self, source: KerasSource, report: Report, options, *, apply: bool = True):
         """The model rebuilt with every replacement, weights loaded, compile settings carried."""
@@ -217,11 +195,6 @@ class KerasBackend:
             deterministic_archive(path)
         except Exception as exc:
             raise OutputError(f"{path}: cannot write the rewritten model ({one_line(exc)})") from exc
-
-    def run(self, model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keras_model = model.model if isinstance(model, KerasResult) else model
-        names = [t.name for t in keras_model.outputs]
-        return dict(zip(names, km._run(keras_model, feeds)))
 
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
         """``rewriter.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from passes import register
 from passes.keras import _compat
 from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
@@ -21,7 +20,7 @@ from passes.keras.fuse_grouped_conv import CONV_CLASSES
 from rewriter.names import fresh_name
 from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 KIND = "keras-expand-grouped-conv"
 # Keras's depthwise layers are no grouped Conv layer to expand: they hold the depthwise kernel
@@ -68,7 +67,6 @@ class ExpandedConv:
         return {TensorRef(self.conv.layer.name, self.conv.index, 0): joined}
 
 
-@register("keras.expand-grouped-conv")
 class ExpandGroupedConv:
     """Plan the expansion of every grouped ConvND layer call, or say why not.
 
@@ -83,7 +81,7 @@ class ExpandGroupedConv:
                  exclude: Iterable[tuple[str, int]] = ()):
         self.accept = accept
         self.exclude = set(exclude)
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
+        self.decisions: list[Decision] = []  # per judged conv
         self.graph = graph
         self.weights = weights
         self.shape_of = shape_of
@@ -111,8 +109,8 @@ class ExpandGroupedConv:
             reason = verdict[1] if verdict is not None and not verdict[0] else self._refuse(call, groups)
             if verdict is not None and (reason or not verdict[0]):
                 rule = verdict[1] if not verdict[0] else f"{verdict[1]}; but {reason}"
-                self.decisions.append({"location": layer.name, "graph": "", "form": "native", "action": "keep",
-                                       "rule": rule})
+                self.decisions.append(Decision(location=layer.name, graph="", form="native", action="keep",
+                                               rule=rule))
             if reason:
                 self.skipped.append(Skip(layer.name, reason, [layer.name]))
                 continue
@@ -125,13 +123,13 @@ class ExpandGroupedConv:
             plan = plan_expansion(kernel, bias, groups, shape[axis], stack_axis=-1)
             if isinstance(plan, Refusal):
                 if verdict is not None:
-                    self.decisions.append({"location": layer.name, "graph": "", "form": "native", "action": "keep",
-                                           "rule": f"{verdict[1]}; but {plan.reason}"})
+                    self.decisions.append(Decision(location=layer.name, graph="", form="native", action="keep",
+                                                   rule=f"{verdict[1]}; but {plan.reason}"))
                 self.skipped.append(Skip(layer.name, plan.reason, [layer.name]))
                 continue
             if verdict is not None:
-                self.decisions.append({"location": layer.name, "graph": "", "form": "split", "action": "expand",
-                                       "rule": verdict[1]})
+                self.decisions.append(Decision(location=layer.name, graph="", form="split", action="expand",
+                                               rule=verdict[1]))
             names = []
             for i in range(plan.branches):
                 names += [self._fresh(f"{layer.name}_slice{i}"), self._fresh(f"{layer.name}_branch{i}")]

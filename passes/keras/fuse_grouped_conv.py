@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from passes import register
 from passes.keras import _compat, _lambdas
 from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore, first_arg_count, legacy_kwargs
@@ -49,7 +48,7 @@ from rewriter.plan import (
     plan_chain,
 )
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +307,6 @@ class FusedGroup:
         return produced
 
 
-@register("keras.fuse-grouped-conv")
 class FuseGroupedConv:
     """Find every fusable (slice →) Conv → tail (→ Conv → tail…) → Concatenate pattern; plan it or
     say why not.
@@ -322,7 +320,7 @@ class FuseGroupedConv:
                  lambda_sources: dict[str, _lambdas.LambdaSource] | None = None, repair_late_binding: bool = False,
                  accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
         self.accept = accept
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self.decisions: list[Decision] = []  # per judged candidate
         self._verdict: tuple[bool, str] | None = None
         self.graph = graph
         self.weights = weights
@@ -357,8 +355,8 @@ class FuseGroupedConv:
                 self.skipped.append(Skip(location, str(refusal), self._branch_names(call),
                                          finding=LATE_BINDING if isinstance(refusal, _LateBound) else ""))
                 if isinstance(refusal, _Kept):
-                    self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
-                                           "rule": str(refusal)})
+                    self.decisions.append(Decision(location=location, graph="", form="split", action="keep",
+                                                   rule=str(refusal)))
                 continue
             self._record(group)
         return self
@@ -368,8 +366,8 @@ class FuseGroupedConv:
         # Reports point at the first grouped conv (the wide one if none is grouped).
         first = next((level for level in convs if level.plan.groups > 1), convs[0])
         if self._verdict is not None:
-            self.decisions.append({"location": first.name, "graph": "", "form": "native",
-                                   "action": "fuse", "rule": self._verdict[1]})
+            self.decisions.append(Decision(location=first.name, graph="", form="native",
+                                           action="fuse", rule=self._verdict[1]))
         self.groups.append(group)
         replaced = sorted({k[0] for k in group.removed}, key=self.order.__getitem__)
         kind = (KIND if group.branches[0].slice is not None else SHARED_KIND) + \

@@ -76,7 +76,7 @@ def _verify(model, graph, reference, folder: Path, frozen, options, report: Repo
 
     from passes.keras.model import _make_inputs, _run
     from passes.tf import savedmodel as sm
-    from passes.tflite.convert import compare_outputs, output_order
+    from rewriter.verify import compare_outputs, output_order
 
     feeds = _make_inputs(graph, options)
     expected = _run(reference, feeds)

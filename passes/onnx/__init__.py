@@ -1,13 +1,22 @@
-"""ONNX rewrites, each an onnx-ir pass."""
+"""ONNX rewrites, each an onnx-ir pass; the classes are loaded on first use (PEP 562), so
+importing one pass module does not import the others."""
 
-from passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
-from passes.onnx.fold_batchnorm import FoldBatchNormPass
-from passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
-from passes.onnx.fuse_split_conv import FuseSplitConvPass
+from __future__ import annotations
 
-# What ``--fuse`` runs, in order: float (and QDQ) branches, then QOperator (QLinearConv) branches.
-FUSE_PASSES = ("onnx.fuse-split-conv", "onnx.fuse-qlinear-conv")
-EXPAND_PASSES = ("onnx.expand-grouped-conv",)
+import importlib
 
-__all__ = ["ExpandGroupedConvPass", "FoldBatchNormPass", "FuseQLinearConvPass", "FuseSplitConvPass", "FUSE_PASSES",
-           "EXPAND_PASSES"]
+_CLASSES = {
+    "ExpandGroupedConvPass": "passes.onnx.expand_grouped_conv",
+    "FoldBatchNormPass": "passes.onnx.fold_batchnorm",
+    "FuseQLinearConvPass": "passes.onnx.fuse_qlinear_conv",
+    "FuseSplitConvPass": "passes.onnx.fuse_split_conv",
+}
+
+__all__ = list(_CLASSES)
+
+
+def __getattr__(name: str):
+    module = _CLASSES.get(name)
+    if module is None:  # a submodule (``from passes.onnx import _graph``) is imported by Python itself
+        raise AttributeError(f"module 'passes.onnx' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -5,53 +5,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-import passes.onnx  # noqa: F401  (registers the ONNX passes)
-from passes import registered
-from passes.onnx import _graph as g
+from passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
+from passes.onnx.fold_batchnorm import FoldBatchNormPass
+from passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
+from passes.onnx.fuse_split_conv import FuseSplitConvPass
 from rewriter import formats
 from rewriter.errors import VerificationFailed
 from rewriter.proof import prove
 from rewriter.report import ModelStats, Report, Verification, model_stats
-from rewriter.verify import InputSpec, OnnxRunner, run_session, verify_subgraphs
+from rewriter.verify import OnnxRunner, verify_subgraphs
 
-
-class _InPlace:
-    """An onnx-ir pass as the driver calls passes: ``pass(model) → model``; its findings read through."""
-
-    def __init__(self, onnx_pass: ir.passes.PassBase):
-        self.onnx_pass = onnx_pass
-
-    def __call__(self, model: ir.Model) -> ir.Model:
-        self.onnx_pass(model)
-        return model
-
-    def __getattr__(self, name):  # rewrites, skipped, decisions, created, fused_convs
-        return getattr(self.onnx_pass, name)
-
-
-class _Sequence:
-    """Several fuse passes run one after the other as the one pass the driver calls: their
-    findings read as one (``rewrites``, ``skipped``, ``decisions``, ``created``, ``fused_convs``)."""
-
-    def __init__(self, steps: list[_InPlace]):
-        self.steps = steps
-
-    def __call__(self, model: ir.Model) -> ir.Model:
-        for step in self.steps:
-            model = step(model)
-        return model
-
-    def __getattr__(self, name):  # rewrites, skipped, decisions, created, fused_convs: concatenated
-        if name.startswith("__") or name == "steps":
-            raise AttributeError(name)
-        return [item for step in self.steps for item in getattr(step, name)]
+# What ``--fuse`` runs, in order: float (and QDQ) branches, then QOperator (QLinearConv) branches.
+FUSE_PASSES = (FuseSplitConvPass, FuseQLinearConvPass)
 
 
 class OnnxBackend:
@@ -76,25 +46,25 @@ class OnnxBackend:
     def stats(self, model: ir.Model) -> ModelStats:
         return model_stats(model)
 
-    def input_specs(self, model: ir.Model) -> list[InputSpec]:
-        # Before IR 4 the initializers are listed as inputs too, but the runtime takes no feed for them.
-        constants = model.graph.initializers if model.ir_version < g.OVERRIDABLE_INITIALIZERS_IR else {}
-        return [InputSpec(v.name, None if v.shape is None else [d if isinstance(d, int) else None for d in v.shape],
-                          str(v.dtype)) for v in model.graph.inputs if constants.get(v.name) is not v]
+    def result(self, model: ir.Model) -> ir.Model:
+        return model
 
     # -- passes (reader + planner + emitter in one onnx-ir pass each) ------------------------------
 
-    def fuse_pass(self, model, *, rewrite: bool, options, accept=None):
-        return _Sequence([_InPlace(registered(name)(rewrite=rewrite, accept=accept))
-                          for name in passes.onnx.FUSE_PASSES])
+    def fuse_passes(self, model, *, rewrite: bool, options, accept=None) -> list[ir.passes.InPlacePass]:
+        return [fuse(rewrite=rewrite, accept=accept) for fuse in FUSE_PASSES]
 
-    def fold_pass(self, model, fuse_pass, options):
-        return _InPlace(registered("onnx.fold-batchnorm")(fuse_pass.fused_convs))
+    def fold_pass(self, model, fuse_passes, options) -> FoldBatchNormPass:
+        return FoldBatchNormPass([conv for fuse in fuse_passes for conv in fuse.fused_convs])
 
-    def expand_pass(self, model, *, rewrite: bool, options, accept=None, exclude=None):
-        expand = registered("onnx.expand-grouped-conv")
-        return _InPlace(expand(rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
-                               max_groups=options.max_groups, accept=accept, exclude=exclude or ()))
+    def expand_pass(self, model, *, rewrite: bool, options, accept=None, after=()) -> ExpandGroupedConvPass:
+        return ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
+                                     min_groups=options.min_groups, max_groups=options.max_groups, accept=accept,
+                                     exclude=[conv for fuse in after for conv in fuse.created])
+
+    def apply(self, rewrite_pass: ir.passes.InPlacePass, model: ir.Model) -> ir.Model:
+        rewrite_pass(model)  # in place
+        return model
 
     def emit(self, model: ir.Model, report: Report, options, *, apply: bool = True) -> ir.Model:
         return model  # the passes rewrote it in place
@@ -116,13 +86,6 @@ class OnnxBackend:
         except Exception as exc:
             raise VerificationFailed(f"the rewritten model fails onnx.checker: "
                                      f"{str(exc).strip().splitlines()[0][:200]}") from exc
-
-    def run(self, model_or_path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from rewriter.verify import _session
-
-        session = _session(Path(model_or_path), "rewritten")
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, run_session(session, feeds, "rewritten")))
 
     def runner(self, path: Path, role: str, extra=()) -> OnnxRunner:
         """The file run in onnxruntime with ``extra`` tensors exposed (``rewriter.proof``)."""

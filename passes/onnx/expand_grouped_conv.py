@@ -25,18 +25,16 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from rewriter.plan import DEPTHWISE_KEPT, ExpansionPlan, Refusal, expansion_refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 EXPANDABLE_OPS = ("Conv", "ConvTranspose")
 
 
 
-@register("onnx.expand-grouped-conv")
 class ExpandGroupedConvPass(ir.passes.InPlacePass):
     """Rewrite every grouped Conv/ConvTranspose (within the group range) into Split → N Conv →
     Concat; record rewrites and skips.
@@ -56,7 +54,7 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
         self.max_groups = max_groups
         self.accept = accept
         self.exclude = {id(node) for node in exclude}
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
+        self.decisions: list[Decision] = []  # per judged conv
         self._verdict: tuple[bool, str] | None = None
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
@@ -118,9 +116,9 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
                 expands = accepted and reason is None
                 if accepted and reason is not None:  # the target wants it split, but it cannot be
                     rule = f"{rule}; but {reason}"
-                self.decisions.append({"location": location, "graph": graph_label,
-                                       "form": "split" if expands else "native",
-                                       "action": "expand" if expands else "keep", "rule": rule})
+                self.decisions.append(Decision(location=location, graph=graph_label,
+                                               form="split" if expands else "native",
+                                               action="expand" if expands else "keep", rule=rule))
             if reason is not None:
                 self.skipped.append(Skip(location, reason, [g.node_label(conv)], graph_label))
                 continue

@@ -17,14 +17,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes import register
 from passes.onnx import _graph as g
 from rewriter.report import Rewrite, Skip
 
 FOLDABLE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
 
-@register("onnx.fold-batchnorm")
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold BN / per-channel Mul, Add, Sub, Div into each of ``convs`` (the fused convolutions)."""
 
@@ -33,6 +31,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.convs = convs
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []  # ops not folded because they read a value the user may feed
+        self.decisions: list = []  # a fold is no target's choice: always empty
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # Before IR 4 every initializer is listed as a graph input, yet the runtime holds it constant.

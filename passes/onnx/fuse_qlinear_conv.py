@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from passes.onnx._fold import channels_of
 from rewriter.candidate import ChannelRead, NotACandidate, Refused
 from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 KIND = "fuse-qlinear-conv"
 READERS = ("Split", "Slice")
@@ -97,7 +96,6 @@ def _read_join(node: ir.Node) -> _Join | None:
     return None
 
 
-@register("onnx.fuse-qlinear-conv")
 class FuseQLinearConvPass(ir.passes.InPlacePass):
     """Rewrite every exactly fusable set of QLinearConv branches; record rewrites and skips.
 
@@ -109,7 +107,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
         super().__init__()
         self.rewrite = rewrite
         self.accept = accept
-        self.decisions: list[dict] = []
+        self.decisions: list[Decision] = []
         self.created: list[ir.Node] = []  # every QLinearConv this pass wrote
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
@@ -170,8 +168,8 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
                                          out_channels=fusion.out_channels, kernel_rank=fusion.weight.ndim - 2))
         if not ok:
             self.skipped.append(Skip(location, rule, [g.node_label(c) for c in candidate.convs], label))
-        self.decisions.append({"location": name if ok else location, "graph": label, "form": "native" if ok else "split",
-                               "action": "fuse" if ok else "keep", "rule": rule})
+        self.decisions.append(Decision(location=name if ok else location, graph=label, form="native" if ok else "split",
+                                       action="fuse" if ok else "keep", rule=rule))
         return ok
 
 

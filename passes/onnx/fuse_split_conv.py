@@ -30,7 +30,6 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from passes import register
 from passes.onnx import _graph as g
 from passes.onnx import _qdq
 from passes.onnx._fold import channels_of, fold_explained, fold_many
@@ -58,7 +57,7 @@ from rewriter.plan import (
     plan_tail_graph,
 )
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 CONV_OPS = ("Conv", "ConvTranspose")
 CHAIN_OPS = set(CONV_OPS) | UNARY_OPS | BINARY_OPS | {"BatchNormalization", "Clip", "Transpose"}
@@ -124,7 +123,6 @@ class _Stop(NamedTuple):
     where: str
 
 
-@register("onnx.fuse-split-conv")
 class FuseSplitConvPass(ir.passes.InPlacePass):
     """Rewrite every fusable branch structure joined by a Concat; record rewrites and skips.
 
@@ -136,7 +134,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         super().__init__()
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
         self.accept = accept
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self.decisions: list[Decision] = []  # per judged candidate
         self.created: list[ir.Node] = []  # every conv this pass wrote (a later expand pass leaves them)
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
@@ -187,12 +185,12 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             if verdict is not None and not verdict[0]:
                 convs = [g.node_label(op) for c in chains for op in c.ops if op.op_type in CONV_OPS]
                 self.skipped.append(Skip(location, verdict[1], convs, label))
-                self.decisions.append({"location": location, "graph": label, "form": "split", "action": "keep",
-                                       "rule": verdict[1]})
+                self.decisions.append(Decision(location=location, graph=label, form="split", action="keep",
+                                               rule=verdict[1]))
                 continue
             if verdict is not None:
-                self.decisions.append({"location": fused.location, "graph": label, "form": "native",
-                                       "action": "fuse", "rule": verdict[1]})
+                self.decisions.append(Decision(location=fused.location, graph=label, form="native",
+                                               action="fuse", rule=verdict[1]))
             readers = list(dict.fromkeys(c.read.reader for c in chains if c.read is not None))
             replaced = readers + _nodes_of([op for c in chains for op in c.ops[:fused.length]])
             if fused.complete:

@@ -5,21 +5,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-import passes.tf.expand_grouped_conv  # noqa: F401  (registers the TF passes)
-import passes.tf.fuse_split_conv  # noqa: F401
-from passes import registered
 from passes.tf import savedmodel as sm
+from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
+from passes.tf.fuse_split_conv import FuseSplitConvPass
 from rewriter.errors import VerificationFailed
 from rewriter.proof import prove
 from rewriter.report import ModelStats, Report, Skip, Verification
-from rewriter.verify import InputSpec
 
 
 @dataclass
@@ -30,23 +26,11 @@ class SavedModelGraph:
     graph_def: graph_pb2.GraphDef
 
 
-class _OnGraph:
-    """A TF pass (``pass(graph_def, protected) → graph_def``) as the driver calls passes."""
-
-    def __init__(self, tf_pass):
-        self.tf_pass = tf_pass
-
-    def __call__(self, model: SavedModelGraph) -> SavedModelGraph:
-        return SavedModelGraph(model.frozen, self.tf_pass(model.graph_def, model.frozen.protected))
-
-    def __getattr__(self, name):  # rewrites, skipped, decisions, created
-        return getattr(self.tf_pass, name)
-
-
 class SavedModelBackend:
     name = "savedmodel"
     suffix = ""  # a folder
     verify_unchanged = False
+    check = None  # no checker beyond TensorFlow's own save
 
     def __init__(self, report: Report):
         self.report = report
@@ -66,24 +50,25 @@ class SavedModelBackend:
     def stats(self, model: SavedModelGraph) -> ModelStats:
         return sm.graph_stats(model.graph_def)
 
-    def input_specs(self, model: SavedModelGraph) -> list[InputSpec]:
-        return [InputSpec(i.key, i.shape, i.dtype.name) for i in model.frozen.inputs]
-
     def result(self, model: SavedModelGraph) -> graph_pb2.GraphDef:
         return model.graph_def
 
     # -- passes --------------------------------------------------------------------------------
 
-    def fuse_pass(self, model, *, rewrite: bool, options, accept=None):
-        return _OnGraph(registered("tf.fuse-split-conv")(rewrite=rewrite, accept=accept))
+    def fuse_passes(self, model, *, rewrite: bool, options, accept=None) -> list[FuseSplitConvPass]:
+        return [FuseSplitConvPass(rewrite=rewrite, accept=accept)]
 
-    def fold_pass(self, model, fuse_pass, options):
+    def fold_pass(self, model, fuse_passes, options):
         return None  # the fuse pass carries FusedBatchNorm tails itself
 
-    def expand_pass(self, model, *, rewrite: bool, options, accept=None, exclude=None):
-        expand = registered("tf.expand-grouped-conv")
-        return _OnGraph(expand(rewrite=rewrite, keep_depthwise=options.keep_depthwise, min_groups=options.min_groups,
-                               max_groups=options.max_groups, accept=accept, exclude=exclude or set()))
+    def expand_pass(self, model, *, rewrite: bool, options, accept=None, after=()) -> ExpandGroupedConvPass:
+        return ExpandGroupedConvPass(rewrite=rewrite, keep_depthwise=options.keep_depthwise,
+                                     min_groups=options.min_groups, max_groups=options.max_groups, accept=accept,
+                                     exclude={name for fuse in after for name in fuse.created})
+
+    def apply(self, rewrite_pass, model: SavedModelGraph) -> SavedModelGraph:
+        """A TF pass rewrites the GraphDef (``pass(graph_def, protected) → graph_def``)."""
+        return SavedModelGraph(model.frozen, rewrite_pass(model.graph_def, model.frozen.protected))
 
     def emit(self, model: SavedModelGraph, report: Report, options, *, apply: bool = True) -> SavedModelGraph:
         return model
@@ -96,13 +81,6 @@ class SavedModelBackend:
         except Exception as exc:
             raise VerificationFailed(f"the rewritten graph cannot be saved as a SavedModel ({sm.one_line(exc)}); "
                                      "nothing was written") from exc
-
-    def run(self, model_or_path, feeds: Mapping[str, np.ndarray], signature: str = "serving_default"):
-        import tensorflow as tf
-
-        function = model_or_path.frozen.function if isinstance(model_or_path, SavedModelGraph) else \
-            tf.saved_model.load(str(model_or_path)).signatures[signature]
-        return sm.run_function(function, feeds, "rewritten")
 
     def verify(self, original: Path, rewritten: SavedModelGraph, written: Path, options,
                report: Report) -> Verification:

@@ -19,14 +19,12 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from passes import register
 from passes.tf import _graph as g
 from rewriter.plan import Refusal, expansion_refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 
-@register("tf.expand-grouped-conv")
 class ExpandGroupedConvPass:
     """Rewrite every grouped Conv2D (filter depth C/N, N ≥ 2) into Split → N Conv2D → ConcatV2.
 
@@ -44,7 +42,7 @@ class ExpandGroupedConvPass:
         self.max_groups = max_groups
         self.accept = accept
         self.exclude = set(exclude)
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged conv
+        self.decisions: list[Decision] = []  # per judged conv
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
 
@@ -82,8 +80,8 @@ class ExpandGroupedConvPass:
             if verdict is not None:
                 expands = reason is None
                 rule = verdict[1] if expands or not verdict[0] else f"{verdict[1]}; but {reason}"
-                self.decisions.append({"location": conv.name, "graph": "", "form": "split" if expands else "native",
-                                       "action": "expand" if expands else "keep", "rule": rule})
+                self.decisions.append(Decision(location=conv.name, graph="", form="split" if expands else "native",
+                                               action="expand" if expands else "keep", rule=rule))
             if reason is not None:
                 self.skipped.append(Skip(conv.name, reason, [conv.name]))
                 continue

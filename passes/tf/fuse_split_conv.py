@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
 
-from passes import register
 from passes.tf import _graph as g
 from rewriter.candidate import ChannelRead, NotACandidate, Refused, resolve_sizes
 from rewriter.plan import (
@@ -55,7 +54,7 @@ from rewriter.plan import (
     tail_concat_axis,
 )
 from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps
+from rewriter.targets import ConvProps, Decision
 
 CONV_OPS = ("Conv2D", "Conv3D")
 CONV_KINDS = ("Conv1D", "Conv2D", "Conv3D")  # a layer's kind: Conv1D is ExpandDims → Conv2D → Squeeze
@@ -174,7 +173,6 @@ class _Candidate:
         return self.reads is None
 
 
-@register("tf.fuse-split-conv")
 class FuseSplitConvPass:
     """Rewrite every fusable branch structure joined by a ConcatV2; record rewrites and skips.
 
@@ -185,7 +183,7 @@ class FuseSplitConvPass:
     def __init__(self, *, rewrite: bool = True, accept: Callable[[ConvProps], tuple[bool, str]] | None = None):
         self.rewrite = rewrite  # False: only find and plan (for --check / --dry-run)
         self.accept = accept
-        self.decisions: list[dict] = []  # {location, graph, form, action, rule} per judged candidate
+        self.decisions: list[Decision] = []  # per judged candidate
         self.created: list[str] = []  # the names of the convs this pass wrote (a later expand pass leaves them)
         self.rewrites: list[Rewrite] = []
         self.skipped: list[Skip] = []
@@ -233,14 +231,14 @@ class FuseSplitConvPass:
         verdict = self._judge(chains[0], plan)
         if verdict is not None and not verdict[0]:
             self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for ch in chains for c in ch.convs]))
-            self.decisions.append({"location": concat.name, "graph": "", "form": "split", "action": "keep",
-                                   "rule": verdict[1]})
+            self.decisions.append(Decision(location=concat.name, graph="", form="split", action="keep",
+                                           rule=verdict[1]))
             return []
         conv_names = _conv_names(names, candidate, plan)
         location = next((name for name, conv in zip(conv_names, plan.convs) if conv.groups > 1), conv_names[0])
         if verdict is not None:
-            self.decisions.append({"location": location, "graph": "", "form": "native", "action": "fuse",
-                                   "rule": verdict[1]})
+            self.decisions.append(Decision(location=location, graph="", form="native", action="fuse",
+                                           rule=verdict[1]))
         old = candidate.readers + [n for c in chains for layer in c.layers[:len(plan.steps)] for n in layer.nodes]
         old += [concat] if plan.stopped is None else []
         new_nodes = []

@@ -4,26 +4,21 @@
     .tflite flatbuffer ─ ops read back (describe) ─ LiteRT interpreter (XNNPACK, as deployed)
 
 TFLite files are an output: nothing here rewrites one (onnx2tf and TF's converter make them;
-this tool fuses before converting), so the pass hooks refuse in one line.
+this tool fuses before converting), so this backend has the model-format role only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
-from passes.tflite.convert import TFLiteModel, describe, input_specs, interpreter, run, signature_runner
-from rewriter.errors import BadInput
+from passes.tflite.convert import TFLiteModel, describe, interpreter
 from rewriter.report import ModelStats, Report
-from rewriter.verify import InputSpec
 
 
 class TFLiteBackend:
     name = "tflite"
     suffix = ".tflite"
-    verify_unchanged = False
+    check = None  # the conversion's own interpreter run reads the file back
 
     def __init__(self, report: Report):
         self.report = report
@@ -39,18 +34,8 @@ class TFLiteBackend:
     def stats(self, model: TFLiteModel) -> ModelStats:
         return describe(model.content)[0]
 
-    def input_specs(self, model: TFLiteModel) -> list[InputSpec]:
-        return input_specs(signature_runner(interpreter(model.content), model.signature))
-
-    def run(self, model_or_path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        model = model_or_path if isinstance(model_or_path, TFLiteModel) else self.load(Path(model_or_path), None)
-        return run(model.content, feeds, model.signature)
-
     def save(self, model: TFLiteModel, path: Path) -> None:
         path.write_bytes(model.content)
 
-    def _output_only(self, *args, **kwargs):
-        raise BadInput("TFLite files are written by --to tflite, not rewritten: fuse the SavedModel or Keras "
-                       "model they come from")
-
-    fuse_pass = fold_pass = expand_pass = emit = verify = _output_only
+    def result(self, model: TFLiteModel) -> TFLiteModel:
+        return model

@@ -25,9 +25,9 @@ import numpy as np
 
 from passes.tf import _compat as tf_compat
 from rewriter import quiet
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
-from rewriter.report import ModelStats, OutputComparison, Report, Verification, count_ops
-from rewriter.verify import InputSpec, compare
+from rewriter.errors import BadInput, VerificationImpossible
+from rewriter.report import ModelStats, Report, count_ops
+from rewriter.verify import InputSpec, output_order
 
 SUFFIX = ".tflite"
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
@@ -196,15 +196,6 @@ def input_specs(runner) -> list[InputSpec]:
     return specs
 
 
-def output_order(keys) -> list[str]:
-    """Signature output keys in the model's output order: ``output_0, output_1, …, output_10``
-    (what Keras's export writes) by number, other keys as TensorFlow orders them (sorted)."""
-    numbered = [re.fullmatch(r"output_(\d+)", k) for k in keys]
-    if keys and all(numbered):
-        return [m.group(0) for m in sorted(numbered, key=lambda m: int(m.group(1)))]
-    return sorted(keys)
-
-
 def run(content: bytes, feeds: Mapping[str, np.ndarray], signature: str, role: str = "converted") -> dict[str, np.ndarray]:
     """Run the flatbuffer's signature on ``feeds`` (keyed by the signature's input names)."""
     try:
@@ -224,17 +215,6 @@ def run(content: bytes, feeds: Mapping[str, np.ndarray], signature: str, role: s
 
 
 # -- proving and writing ------------------------------------------------------------------------
-
-
-def compare_outputs(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],
-                    options) -> list[OutputComparison]:
-    """The original's outputs (in its order, named ``names``) against the interpreter's."""
-    if len(expected) != len(actual):
-        note = f"outputs changed: {len(expected)} -> {len(actual)}"
-        raise VerificationFailed(f"verification failed: the .tflite has {len(actual)} outputs, the original "
-                                 f"{len(expected)}; nothing was written",
-                                 Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol, note=note))
-    return [compare(name, e, a, options.atol, options.rtol) for name, e, a in zip(names, expected, actual)]
 
 
 def inspect(result: TFLiteModel, report: Report) -> None:

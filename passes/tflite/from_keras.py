@@ -16,7 +16,6 @@ from pathlib import Path
 from passes.tflite.convert import (
     TFLiteModel,
     check_output,
-    compare_outputs,
     convert_savedmodel,
     grouped_note,
     inspect,
@@ -24,7 +23,7 @@ from passes.tflite.convert import (
 )
 from rewriter.errors import BadInput, RewriteError
 from rewriter.report import Report
-from rewriter.verify import add_rows
+from rewriter.verify import add_rows, compare_outputs
 
 SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 

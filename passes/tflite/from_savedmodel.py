@@ -14,7 +14,6 @@ from pathlib import Path
 from passes.tflite.convert import (
     TFLiteModel,
     check_output,
-    compare_outputs,
     convert_savedmodel,
     grouped_note,
     inspect,
@@ -22,7 +21,7 @@ from passes.tflite.convert import (
 )
 from rewriter.errors import RewriteError, VerificationFailed
 from rewriter.report import Report
-from rewriter.verify import add_rows
+from rewriter.verify import add_rows, compare_outputs
 
 
 class SavedModelToTFLite:
