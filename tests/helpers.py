@@ -105,7 +105,7 @@ def dead_constants(model: onnx.ModelProto) -> list[str]:
 # -- ONNX: running models ------------------------------------------------------------------------
 
 
-def feeds_for(model: onnx.ModelProto, seed: int, shapes: Mapping[str, list[int]] | None = None):
+def feeds_for(model: onnx.ModelProto, seed: int = 0, shapes: Mapping[str, list[int]] | None = None):
     rng = np.random.default_rng(seed)
     initializers = {i.name for i in model.graph.initializer}
     feeds = {}
@@ -270,3 +270,8 @@ def keras_outputs(model, x) -> list[np.ndarray]:
     """The model's outputs on ``x`` (inference mode), always as a list."""
     result = model(x, training=False)
     return [np.asarray(r) for r in (result if isinstance(result, (list, tuple)) else [result])]
+
+
+def image(shape, seed: int = 7) -> np.ndarray:
+    """A float32 array of standard-normal values: an input batch for a model."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

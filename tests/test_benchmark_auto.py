@@ -10,15 +10,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
 import rewriter
 from rewriter import auto, benchmark
 from rewriter.auto import MeasuredTarget, Measurement
-from rewriter.cli import main
 from rewriter.targets import NATIVE, SPLIT, ConvProps
 from samples.models import GraphBuilder, grouped_block
+from tests.helpers import error_lines, invoke
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +27,6 @@ def short_timings(monkeypatch):
     monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
     monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
     monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.strip()]
 
 
 def convs(path: Path) -> list[int]:
@@ -271,7 +262,7 @@ def test_measured_target_answers_in_order_and_groups_a_candidates_layers():
 def test_auto_without_verification_is_one_line_exit_2(small_split):
     result = invoke(small_split, "--auto", "--no-verify")
     assert result.exit_code == 2
-    lines = error_lines(result)
+    lines = error_lines(result, prefix="")
     assert len(lines) == 1 and lines[0].startswith("gconv-rewrite: error: --auto needs verification")
     with pytest.raises(rewriter.RewriteError, match="--auto needs verification"):
         rewriter.rewrite(small_split, options=rewriter.Options(auto=True, verify=False))
@@ -294,7 +285,7 @@ def test_auto_when_inputs_cannot_be_made_is_one_line_exit_2(tmp_path):
     onnx.save(model, path)
     result = invoke(path, "--auto")
     assert result.exit_code == 2
-    lines = error_lines(result)
+    lines = error_lines(result, prefix="")
     assert len(lines) == 1 and "--shape x=" in lines[0]
     assert not path.with_name("dynamic.auto.onnx").exists()
 
@@ -308,7 +299,7 @@ def test_auto_refuses_keras_and_savedmodel_inputs_in_one_line(tmp_path):
     for path in (keras_file, saved):
         result = invoke(path, "--auto")
         assert result.exit_code == 2
-        lines = error_lines(result)
+        lines = error_lines(result, prefix="")
         assert len(lines) == 1 and "--auto measures on onnxruntime and works on ONNX models only" in lines[0]
 
 

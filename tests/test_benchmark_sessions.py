@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 import rewriter
 from rewriter import auto, benchmark
-from rewriter.cli import main
 from rewriter.targets import NATIVE, SPLIT
 from rewriter.verify import InputSpec
 from samples.models import grouped_block
+from tests.helpers import invoke
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +33,6 @@ def short_timings(monkeypatch):
     monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
     monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
     monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def convs(path: Path) -> list[int]:
