@@ -25,20 +25,21 @@ from onnx import TensorProto, helper
 from tests.helpers import nodes
 from tests.test_fuse_split_conv import candidate
 
-OUT_PER_BRANCH = 4
-
 
 @dataclass(frozen=True)
 class NearMiss:
-    """Four branches reading ``widths`` channels each, side by side, from one tensor; branch i
-    runs a ``kernels[i]``×``kernels[i]`` conv with stride ``strides[i]`` ("same" padding); the
-    concat joins them in ``order``; ``used_outside``: branch 0's conv output is also a model output."""
+    """Four branches reading ``widths`` channels each, side by side, from one tensor that has
+    ``unread`` more channels after them; branch i runs a ``kernels[i]``×``kernels[i]`` conv with
+    stride ``strides[i]`` ("same" padding) writing ``outs[i]`` channels; the concat joins them in
+    ``order``; ``used_outside``: branch 0's conv output is also a model output."""
 
     code: str  # the stable code of the skip (rewriter.reasons.CODES)
     reason: str  # words every format's skip reason holds
     widths: tuple[int, ...] = (4, 4, 4, 4)
     kernels: tuple[int, ...] = (3, 3, 3, 3)
     strides: tuple[int, ...] = (1, 1, 1, 1)
+    outs: tuple[int, ...] = (4, 4, 4, 4)
+    unread: int = 0
     order: tuple[int, ...] = (0, 1, 2, 3)
     used_outside: bool = False
     spatial: int = 5
@@ -47,7 +48,7 @@ class NearMiss:
 
     @property
     def channels(self) -> int:
-        return sum(self.widths)
+        return sum(self.widths) + self.unread
 
     def ranges(self) -> list[tuple[int, int]]:
         starts = np.cumsum((0, *self.widths))
@@ -66,6 +67,10 @@ NEAR_MISSES = {
     "used-outside": NearMiss(
         "used-outside", "is used outside", used_outside=True,
         details={"onnx": "outside the Concat", "tf": "outside the ConcatV2", "keras": "the output of branch0"}),
+    "out-channels-differ": NearMiss("out-channels-differ", "different output channel counts: 4,6,4,4",
+                                    outs=(4, 6, 4, 4)),
+    "partial-cover": NearMiss("partial-cover", "branches read channels 0:16 of 20; a grouped convolution needs them all",
+                              unread=4),
     "out-of-order": NearMiss("out-of-order", "branches are concatenated out of channel order (4:8,0:4,8:12,12:16)",
                              order=(1, 0, 2, 3)),
 }
@@ -75,15 +80,16 @@ NEAR_MISSES = {
 
 
 def onnx_model(miss: NearMiss) -> onnx.ModelProto:
-    per_branch = {i: {"kernel": (k, k), "attrs": {"strides": [s, s]}}
-                  for i, (k, s) in enumerate(zip(miss.kernels, miss.strides))}
-    model = candidate(form="split", channels=miss.channels, groups=len(miss.widths), ranges=miss.ranges(),
-                      spatial=(miss.spatial, miss.spatial), out=OUT_PER_BRANCH, per_branch=per_branch,
-                      order=list(miss.order))
+    per_branch = {i: {"kernel": (k, k), "attrs": {"strides": [s, s]}, "out": out}
+                  for i, (k, s, out) in enumerate(zip(miss.kernels, miss.strides, miss.outs))}
+    # Slices where channels stay unread (a Split hands out every channel).
+    model = candidate(form="slice" if miss.unread else "split", open_end=False, channels=miss.channels,
+                      groups=len(miss.widths), ranges=miss.ranges(), spatial=(miss.spatial, miss.spatial),
+                      per_branch=per_branch, order=list(miss.order))
     if miss.used_outside:
         first = nodes(model, "Conv")[0].output[0]
         model.graph.output.append(helper.make_tensor_value_info(
-            first, TensorProto.FLOAT, [1, OUT_PER_BRANCH, miss.spatial, miss.spatial]))
+            first, TensorProto.FLOAT, [1, miss.outs[0], miss.spatial, miss.spatial]))
     return model
 
 
@@ -94,8 +100,8 @@ def tf_module(miss: NearMiss):
         def __init__(self):
             super().__init__()
             rng = np.random.default_rng(0)
-            self.kernels = [tf.Variable(rng.standard_normal((k, k, w, OUT_PER_BRANCH)).astype(np.float32) * 0.3)
-                            for k, w in zip(miss.kernels, miss.widths)]
+            self.kernels = [tf.Variable(rng.standard_normal((k, k, w, out)).astype(np.float32) * 0.3)
+                            for k, w, out in zip(miss.kernels, miss.widths, miss.outs)]
 
         def serve(self, x):
             ys = [tf.nn.conv2d(x[..., a:b], kernel, stride, "SAME")
@@ -114,8 +120,8 @@ def keras_model(miss: NearMiss):
     keras.utils.set_random_seed(0)
     L = keras.layers
     x = keras.Input((miss.spatial, miss.spatial, miss.channels), name="x")
-    ys = [L.Conv2D(OUT_PER_BRANCH, k, strides=s, padding="same", name=f"branch{i}")(x[..., a:b])
-          for i, ((a, b), k, s) in enumerate(zip(miss.ranges(), miss.kernels, miss.strides))]
+    ys = [L.Conv2D(out, k, strides=s, padding="same", name=f"branch{i}")(x[..., a:b])
+          for i, ((a, b), k, s, out) in enumerate(zip(miss.ranges(), miss.kernels, miss.strides, miss.outs))]
     y = L.ReLU()(L.Concatenate()([ys[i] for i in miss.order]))
     return keras.Model(x, [y, ys[0]] if miss.used_outside else y)
 
