@@ -50,3 +50,27 @@ def tf_fusion(tmp_path: Path) -> TFFusion:
 def keras_fusion(tmp_path: Path) -> KerasFusion:
     """Keras files: ``keras_fusion.fused(path_or_model, groups=...)`` / ``.untouched``."""
     return KerasFusion(tmp_path)
+
+
+@pytest.fixture
+def short_timings(monkeypatch):
+    """Keep every timing loop short, for tests that check what a benchmark reports, never how fast
+    (``pytestmark = pytest.mark.usefixtures("short_timings")``)."""
+    from rewriter import auto, benchmark
+
+    monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
+    monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
+    monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
+    monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
+
+
+@pytest.fixture
+def small_split(tmp_path: Path) -> Path:
+    """small.onnx: one hand-made grouped conv (Split → 4 Conv → Concat, 16 channels)."""
+    import onnx
+
+    from samples.models import grouped_block
+
+    path = tmp_path / "small.onnx"
+    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
+    return path

@@ -275,3 +275,8 @@ def keras_outputs(model, x) -> list[np.ndarray]:
 def image(shape, seed: int = 7) -> np.ndarray:
     """A float32 array of standard-normal values: an input batch for a model."""
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def onnx_conv_groups(path: Path) -> list[int]:
+    """The group of every Conv in an ONNX file's main graph, in graph order."""
+    return [group_of(n) for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]

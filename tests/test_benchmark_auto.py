@@ -18,21 +18,10 @@ from rewriter.auto import MeasuredTarget, Measurement
 from rewriter.targets import NATIVE, SPLIT, ConvProps
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import error_lines, invoke
+from tests.helpers import onnx_conv_groups as convs
 
-
-@pytest.fixture(autouse=True)
-def short_timings(monkeypatch):
-    """Keep every timing loop short: the tests check what is reported, never how fast."""
-    monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
-    monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
-    monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
-    monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
-
-
-def convs(path: Path) -> list[int]:
-    """The group of every Conv in the file."""
-    return [next((a.i for a in n.attribute if a.name == "group"), 1)
-            for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+# Every timing loop short: these tests check what is reported, never how fast.
+pytestmark = pytest.mark.usefixtures("short_timings")
 
 
 def op_types(path: Path) -> list[str]:
@@ -52,13 +41,6 @@ def resnext_blocks(form: str = "split", *, blocks: int = 3, groups: int = 8, wid
         x = b.node("Relu", [b.node("Add", [y, x])[0]])[0]
     b.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
     return b.model([("x", [1, channels, 8, 8])], [("y", [1, channels, 8, 8])], name="resnext_blocks")
-
-
-@pytest.fixture
-def small_split(tmp_path) -> Path:
-    path = tmp_path / "small.onnx"
-    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
-    return path
 
 
 def big_grouped(tmp_path: Path, form: str) -> Path:
