@@ -10,38 +10,18 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
 import rewriter
 from rewriter import auto, benchmark
 from rewriter.auto import MeasuredTarget, Measurement
-from rewriter.cli import main
 from rewriter.targets import NATIVE, SPLIT, ConvProps, Decision
 from samples.models import GraphBuilder, grouped_block
+from tests.helpers import error_lines, invoke
+from tests.helpers import onnx_conv_groups as convs
 
-
-@pytest.fixture(autouse=True)
-def short_timings(monkeypatch):
-    """Keep every timing loop short: the tests check what is reported, never how fast."""
-    monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
-    monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
-    monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
-    monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.strip()]
-
-
-def convs(path: Path) -> list[int]:
-    """The group of every Conv in the file."""
-    return [next((a.i for a in n.attribute if a.name == "group"), 1)
-            for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+# Every timing loop short: these tests check what is reported, never how fast.
+pytestmark = pytest.mark.usefixtures("short_timings")
 
 
 def op_types(path: Path) -> list[str]:
@@ -61,13 +41,6 @@ def resnext_blocks(form: str = "split", *, blocks: int = 3, groups: int = 8, wid
         x = b.node("Relu", [b.node("Add", [y, x])[0]])[0]
     b.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
     return b.model([("x", [1, channels, 8, 8])], [("y", [1, channels, 8, 8])], name="resnext_blocks")
-
-
-@pytest.fixture
-def small_split(tmp_path) -> Path:
-    path = tmp_path / "small.onnx"
-    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
-    return path
 
 
 def big_grouped(tmp_path: Path, form: str) -> Path:
@@ -271,7 +244,7 @@ def test_measured_target_answers_in_order_and_groups_a_candidates_layers():
 def test_auto_without_verification_is_one_line_exit_2(small_split):
     result = invoke(small_split, "--auto", "--no-verify")
     assert result.exit_code == 2
-    lines = error_lines(result)
+    lines = error_lines(result, prefix="")
     assert len(lines) == 1 and lines[0].startswith("gconv-rewrite: error: --auto needs verification")
     with pytest.raises(rewriter.RewriteError, match="--auto needs verification"):
         rewriter.rewrite(small_split, options=rewriter.Options(auto=True, verify=False))
@@ -294,7 +267,7 @@ def test_auto_when_inputs_cannot_be_made_is_one_line_exit_2(tmp_path):
     onnx.save(model, path)
     result = invoke(path, "--auto")
     assert result.exit_code == 2
-    lines = error_lines(result)
+    lines = error_lines(result, prefix="")
     assert len(lines) == 1 and "--shape x=" in lines[0]
     assert not path.with_name("dynamic.auto.onnx").exists()
 
@@ -308,7 +281,7 @@ def test_auto_refuses_keras_and_savedmodel_inputs_in_one_line(tmp_path):
     for path in (keras_file, saved):
         result = invoke(path, "--auto")
         assert result.exit_code == 2
-        lines = error_lines(result)
+        lines = error_lines(result, prefix="")
         assert len(lines) == 1 and "--auto measures on onnxruntime and works on ONNX models only" in lines[0]
 
 

@@ -17,39 +17,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 import rewriter
 from rewriter import auto, benchmark
-from rewriter.cli import main
 from rewriter.targets import NATIVE, SPLIT
 from rewriter.verify import InputSpec
 from samples.models import grouped_block
+from tests.helpers import invoke
+from tests.helpers import onnx_conv_groups as convs
 
-
-@pytest.fixture(autouse=True)
-def short_timings(monkeypatch):
-    """Keep the real timing loops short: what is reported is checked, never how fast."""
-    monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
-    monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)
-    monkeypatch.setattr(benchmark, "MIN_ROUNDS", 3)
-    monkeypatch.setattr(auto, "NODE_SECONDS", 1.5)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def convs(path: Path) -> list[int]:
-    return [next((a.i for a in n.attribute if a.name == "group"), 1)
-            for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
-
-
-@pytest.fixture
-def small_split(tmp_path) -> Path:
-    path = tmp_path / "small.onnx"
-    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
-    return path
+# Every timing loop short: these tests check what is reported, never how fast.
+pytestmark = pytest.mark.usefixtures("short_timings")
 
 
 # -- a simulated runtime ----------------------------------------------------------------------------

@@ -4,14 +4,9 @@ Each is answered in one line, exit 2, before anything is written."""
 from __future__ import annotations
 
 import onnx
-from click.testing import CliRunner
 
-from rewriter.cli import main
 from samples.models import grouped_block
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.helpers import invoke
 
 
 def test_a_second_path_named_like_an_output_gets_the_o_hint(tmp_path):

@@ -25,6 +25,7 @@ import rewriter
 from passes.keras._config import parse_graph, read_file
 from passes.keras.fuse_grouped_conv import is_join
 from passes.tf.savedmodel import graph_stats, load_signature
+from tests.helpers import saved_model_output
 from tests.tf_models import save_module
 
 X = np.random.default_rng(5).standard_normal((2, 6, 6, 8)).astype(np.float32)
@@ -132,7 +133,7 @@ def _tf_concats(path) -> list[str]:
 
 
 def _tf_run(path, x=X) -> np.ndarray:
-    return next(iter(tf.saved_model.load(str(path)).signatures["serving_default"](x=tf.constant(x)).values())).numpy()
+    return saved_model_output(path, x)
 
 
 @pytest.mark.parametrize("idiom", TF_FUSED + sorted(TF_LEFT_ALONE))

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from rewriter import config
-from rewriter.cli import main
 from tests.conftest import op_counts
+from tests.helpers import invoke
 from tests.test_formats_table import onnx_split_model
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "[tool.gconv-rewrite]\n"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def header(result) -> str:

@@ -3,12 +3,9 @@ round trips through onnx.fuse-split-conv; property tests; a ResNeXt-50-shaped mo
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass, expand_grouped_conv
 from passes.onnx.expand_grouped_conv import DEPTHWISE_KEPT
 from samples.models import GraphBuilder, grouped_block, resnext50
+from tests.helpers import feeds_for, group_of, op_counts
+from tests.helpers import run_onnx as run
 
 CONV_OPS = ("Conv", "ConvTranspose")
 
@@ -41,14 +40,6 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseSplitConvPass]:
     return apply(pass_, model), pass_
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(collections.Counter(n.op_type for n in model.graph.node))
-
-
-def group_of(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
-
-
 def conv_groups(model: onnx.ModelProto) -> list[tuple[str, int]]:
     """(op, group) of every convolution, in graph order."""
     return [(n.op_type, group_of(n)) for n in model.graph.node if n.op_type in CONV_OPS]
@@ -56,26 +47,6 @@ def conv_groups(model: onnx.ModelProto) -> list[tuple[str, int]]:
 
 def structure(model: onnx.ModelProto):
     return op_counts(model), conv_groups(model)
-
-
-def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    initializers = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
-        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    # onnxruntime's own fusions must not hide a difference.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def assert_same_numbers(original: onnx.ModelProto, rewritten: onnx.ModelProto, atol: float = 1e-4) -> None:

@@ -17,22 +17,14 @@ import onnx
 import pytest
 import tensorflow as tf
 import tf_keras
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import batch, cli, formats  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from tests.conftest import attribute, op_counts, run_onnx  # noqa: E402
+from tests.helpers import conv2d_groups as grouped
+from tests.helpers import invoke
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def grouped(model) -> list[int]:
-    return sorted(layer.groups for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.groups > 1)
 
 
 def tf_keras_split_model(path: Path) -> Path:

@@ -4,7 +4,6 @@ and be deterministic and idempotent. Run with --hypothesis-show-statistics to se
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 import rewriter
 from samples.models import GraphBuilder
+from tests.helpers import digest
 
 segment = st.one_of(
     st.tuples(st.just("candidate"), st.sampled_from(["split", "slice"]), st.sampled_from([2, 4]),
@@ -60,10 +60,6 @@ def build(segments, channels: int, opset: int) -> tuple[onnx.ModelProto, int]:
             fusable += 1
     b.nodes.append(onnx.helper.make_node("Identity", [x], ["y"], name="out"))
     return b.model([("x", [1, channels, 6, 6])], [("y", [1, channels, 6, 6])]), fusable
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

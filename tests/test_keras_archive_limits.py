@@ -14,21 +14,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import h5py
 import pytest
-from click.testing import CliRunner
 
 from passes.keras import _config  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import BadInput  # noqa: E402
+from tests.helpers import error_lines, invoke
 
 BOMB_BYTES = 200 << 20  # 200 MiB of zeros: ~200 KB deflated, far over 50x and the 64 MiB floor
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.startswith("gconv-rewrite")]
 
 
 def _tiny_config() -> str:

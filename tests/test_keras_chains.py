@@ -21,26 +21,16 @@ from click.testing import CliRunner
 
 from rewriter.api import fuse  # noqa: E402
 from rewriter.cli import main  # noqa: E402
+from tests.helpers import classes
+from tests.helpers import keras_outputs as run
 
 L = keras.layers
-
-
-def classes(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in model.operations:
-        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-    return counts
 
 
 def convs(model) -> list[tuple[str, int, int, tuple]]:
     """(class, groups, filters, kernel_size) of every convolution, in model order."""
     return [(type(layer).__name__, layer.groups, layer.filters, tuple(layer.kernel_size)) for layer in model.layers
             if type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D")]
-
-
-def run(model, x) -> list[np.ndarray]:
-    y = model(x, training=False)
-    return [np.asarray(t) for t in (y if isinstance(y, (list, tuple)) else [y])]
 
 
 def randomise_bn(model, seed: int = 0):

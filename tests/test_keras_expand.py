@@ -12,13 +12,7 @@ import numpy as np
 import pytest
 
 from rewriter.api import Options, expand, fuse  # noqa: E402
-
-
-def classes(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in model.operations:
-        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-    return counts
+from tests.helpers import classes
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -14,27 +13,11 @@ import keras
 import numpy as np
 import pytest
 import tf_keras
-from click.testing import CliRunner
 
 from rewriter.api import Options, fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import BadInput, VerificationFailed  # noqa: E402
 from samples import keras_models as km  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def digest(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def classes(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in model.operations:
-        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-    return counts
+from tests.helpers import classes, digest, invoke
 
 
 def outputs(model, x):

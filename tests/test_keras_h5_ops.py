@@ -29,24 +29,12 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from rewriter.cli import main  # noqa: E402
+from tests.helpers import conv2d_groups as grouped
+from tests.helpers import error_lines, invoke
 
 L = keras.layers
 ops = keras.ops
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.startswith("gconv-rewrite")]
-
-
-def grouped(model) -> list[int]:
-    return sorted(layer.groups for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.groups > 1)
 
 
 def ops_model():

@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf  # noqa: E402
 import tf_keras
-from click.testing import CliRunner
 
 from passes.keras import _lambdas  # noqa: E402
 from rewriter.api import Options, fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import BadInput  # noqa: E402
 from samples import keras_models as km  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def classes(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in model.operations:
-        counts[type(op).__name__] = counts.get(type(op).__name__, 0) + 1
-    return counts
+from tests.helpers import classes, invoke
 
 
 @pytest.fixture(scope="module")

@@ -14,26 +14,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from click.testing import CliRunner
 
 from rewriter.api import Options, check, fuse
-from rewriter.cli import main
 from samples import keras_models as km
+from tests.helpers import conv2d_groups as grouped
+from tests.helpers import invoke
+from tests.helpers import keras_outputs as outputs
 
 TL = tf_keras.layers
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def grouped(model) -> list[int]:
-    return sorted(layer.groups for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.groups > 1)
-
-
-def outputs(model, x) -> list[np.ndarray]:
-    result = model(x, training=False)
-    return [np.asarray(r) for r in (result if isinstance(result, (list, tuple)) else [result])]
 
 
 def tf_concat_model(path, *, groups: int = 4, tails: bool = True, axis: int = -1):

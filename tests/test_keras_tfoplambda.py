@@ -15,37 +15,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from click.testing import CliRunner
 
 from passes.keras import _config  # noqa: E402
 from passes.keras._tf_ops import REBUILT  # noqa: E402
-from rewriter.cli import main  # noqa: E402
+from tests.helpers import conv2d_groups as grouped
+from tests.helpers import error_lines, invoke
+from tests.helpers import keras_outputs as run
 
 L = tf_keras.layers
 UNKNOWN = "math.cumsum"  # a TF function tf-keras records that has no rebuild here
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.startswith("gconv-rewrite")]
 
 
 def tfop_functions(path) -> set[str]:
     config = _config.read_file(path).config
     return {layer["config"]["function"] for layer in config["config"]["layers"]
             if layer["class_name"] in ("TFOpLambda", "SlicingOpLambda")}
-
-
-def grouped(model) -> list[int]:
-    return sorted(layer.groups for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.groups > 1)
-
-
-def run(model, x):
-    result = model(x, training=False)
-    return [np.asarray(r) for r in (result if isinstance(result, (list, tuple)) else [result])]
 
 
 def everyday_model(path, *, unknown: str | None = None, unknown_after: bool = True):

@@ -19,36 +19,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
 from passes.keras.to_savedmodel import SIGNATURE  # noqa: E402
 from passes.tf import savedmodel as sm  # noqa: E402
 from rewriter.api import fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import VerificationFailed  # noqa: E402
 from samples import keras_models as km  # noqa: E402
+from tests.helpers import image, invoke
+from tests.helpers import saved_model_conv_groups as conv_groups
 
 TOLERANCE = 1e-4
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def image(shape, seed: int = 7) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
 def signature(folder):
     return tf.saved_model.load(str(folder)).signatures[SIGNATURE]
-
-
-def conv_groups(folder) -> list[int]:
-    """Each Conv2D of the written signature's frozen graph: its group count (1: not grouped)."""
-    frozen = sm.load_signature(folder, SIGNATURE)
-    index = sm.g.GraphIndex(frozen.graph_def)
-    return [index.shape(node.input[0])[3] // index.shape(node.input[1])[2]
-            for node in frozen.graph_def.node if node.op == "Conv2D"]
 
 
 def written_ops(folder) -> set[str]:

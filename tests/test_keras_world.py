@@ -17,27 +17,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
 from tf_keras import backend as K  # noqa: E402  (the Keras 2 backend, as the legacy code imports it)
 
 from passes.keras import _lambdas  # noqa: E402
 from passes.keras._keras2_backend import Keras2Backend  # noqa: E402
 from rewriter.api import Options, expand, fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
+from tests.helpers import conv2d_groups as grouped
+from tests.helpers import invoke
 
 L = tf_keras.layers
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
 def layer_classes(model) -> list[str]:
     return [type(layer).__name__ for layer in model.layers]
-
-
-def grouped(model) -> list[int]:
-    return sorted(layer.groups for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.groups > 1)
 
 
 def inputs_for(model, seed: int = 0) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 import rewriter
 from samples.models import INT64_MAX, GraphBuilder
 from tests.conftest import attribute, constants, nodes
+from tests.helpers import saved_model_output
 
 SQRT2 = np.float32(np.sqrt(2.0))
 TANH_SCALE = np.float32(np.sqrt(2.0 / np.pi))
@@ -241,13 +242,6 @@ def tf_models(tmp_path_factory):
     return saved
 
 
-def _tf_run(path, x):
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return next(iter(fn(x=tf.constant(x)).values())).numpy()
-
-
 @pytest.mark.parametrize("name", ["silu", "sigmoid-times-y", "gelu-erf", "gelu-tanh", "mish", "gate", "silu-conv1d"])
 def test_tf_multi_op_tail_fuses_once(tf_models, tmp_path, name):
     report = rewriter.fuse(tf_models[name], output=tmp_path / "fused").report
@@ -259,7 +253,7 @@ def test_tf_multi_op_tail_fuses_once(tf_models, tmp_path, name):
     assert report.verification.passed
     shape = (1, 8, 16) if name.endswith("conv1d") else (1, 8, 8, 16)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    np.testing.assert_allclose(_tf_run(tmp_path / "fused", x), _tf_run(tf_models[name], x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(saved_model_output(tmp_path / "fused", x), saved_model_output(tf_models[name], x), rtol=1e-4, atol=1e-4)
 
 
 def test_tf_different_activation_graphs_split_back(tf_models, tmp_path):
@@ -270,4 +264,4 @@ def test_tf_different_activation_graphs_split_back(tf_models, tmp_path):
         "the rest stays per branch"]
     assert report.after.op_counts["SplitV"] == 1 and report.verification.passed
     x = np.random.default_rng(2).standard_normal((1, 8, 8, 16)).astype(np.float32)
-    np.testing.assert_allclose(_tf_run(tmp_path / "fused", x), _tf_run(tf_models["differ"], x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(saved_model_output(tmp_path / "fused", x), saved_model_output(tf_models["differ"], x), rtol=1e-4, atol=1e-4)

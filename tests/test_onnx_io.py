@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from click.testing import CliRunner
 from onnx import helper
 
 import rewriter
 from rewriter.cli import main
 from samples.models import grouped_block, resnext50
-
-
-def run_ort(path: Path, feeds: dict) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+from tests.helpers import run_onnx as run_ort
 
 
 def decorated_model() -> onnx.ModelProto:

@@ -4,8 +4,6 @@ axis; the model stays quantized), refused with a reason where that is not exact;
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
 from tests.conftest import assert_same_outputs
+from tests.helpers import op_counts as ops
 
 
 def qdq_model(*, per_channel: bool = True, equal_scales: bool = False, quantized_bias: bool = True,
@@ -52,10 +51,6 @@ def qdq_model(*, per_channel: bool = True, equal_scales: bool = False, quantized
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
-
-
-def ops(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
 @pytest.mark.parametrize("per_channel,equal_scales", [(True, False), (False, True), (False, False)])

@@ -8,29 +8,22 @@ miss is left as it was, with its reason."""
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
 from rewriter.cli import main
+from tests.helpers import group_of, op_counts
+from tests.helpers import run_onnx as run
 
 BRANCHES, WIDTH, OUT = 4, 2, 4  # 4 branches of 2 input channels, 4 output channels each
 SPATIAL = 6
 
 
 # -- running ---------------------------------------------------------------------------------------
-
-
-def run(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion may hide a difference
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def assert_identical_outputs(original, fused, make_feeds, trials: int = 3) -> None:
@@ -53,10 +46,6 @@ def float_feeds(rng) -> dict[str, np.ndarray]:
     return {"x": rng.standard_normal((1, BRANCHES * WIDTH, SPATIAL, SPATIAL)).astype(np.float32)}
 
 
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(collections.Counter(n.op_type for n in model.graph.node))
-
-
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
@@ -64,10 +53,6 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def the_qlinear_conv(model: onnx.ModelProto) -> onnx.NodeProto:
     (conv,) = [n for n in model.graph.node if n.op_type == "QLinearConv"]
     return conv
-
-
-def group_of(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 # -- models from onnxruntime's quantizer -------------------------------------------------------------

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from rewriter import formats
-from rewriter.cli import main
 from rewriter.errors import BadInput, OutputError
 from tests.conftest import attribute, op_counts
+from tests.helpers import invoke
 from tests.test_formats_table import onnx_split_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def fused_groups(path: Path) -> list[int]:

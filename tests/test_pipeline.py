@@ -11,16 +11,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from rewriter.cli import main
 from samples.models import grouped_block
+from tests.helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
 @pytest.fixture

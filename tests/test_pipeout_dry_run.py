@@ -11,17 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
 import rewriter
 from rewriter.api import dry_run
-from rewriter.cli import main
 from samples.models import GraphBuilder, grouped_block
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.helpers import invoke
 
 
 @pytest.fixture

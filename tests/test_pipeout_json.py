@@ -12,18 +12,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from rewriter import __version__, envelope
-from rewriter.cli import main
 from samples.models import grouped_block
+from tests.helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 ENVELOPE_KEYS = {"schema_version", "tool", "version", "environment", "exit_code", "models"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture

@@ -26,29 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import rewriter
 from rewriter import formats
-from rewriter.cli import main
 from rewriter.errors import BadInput, OutputError
 from samples.models import GraphBuilder, grouped_block
+from tests.helpers import error_lines, invoke, run_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(7).standard_normal((1, 32, 8, 8)).astype(np.float32)
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [a if isinstance(a, bytes) else str(a) for a in args])
-
-
 def run_ort(path: Path, x: np.ndarray = X) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run_onnx(path, {"x": x})[0]
 
 
 def save_block(path: Path, seed: int = 1, *, external: bool = False) -> Path:
@@ -72,10 +64,6 @@ def assert_fused_and_equal(source: Path, written: Path) -> None:
     (conv,) = [n for n in onnx.load(str(written)).graph.node if n.op_type == "Conv"]
     assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == 4
     np.testing.assert_allclose(run_ort(written), run_ort(source), atol=1e-5)
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("gconv-rewrite: error:")]
 
 
 # -- 3. a killed run's subgraph scratch is swept ---------------------------------------------------
@@ -251,7 +239,7 @@ def test_the_cli_says_so_in_one_line(tmp_path, monkeypatch):
     with meanwhile(monkeypatch, lambda out: out.write_bytes(b"theirs")):
         result = invoke(source, "-o", output)
     assert result.exit_code == 2, result.output
-    assert error_lines(result.output) == [
+    assert error_lines(result.output, "gconv-rewrite: error:") == [
         f"gconv-rewrite: error: {output}: already exists (written by another run since this one began; use "
         "--force to overwrite); nothing was written"]
     assert output.read_bytes() == b"theirs"
@@ -283,7 +271,7 @@ def test_report_over_the_file_size_limit_says_the_model_was_written(tmp_path):
     done = subprocess.run([sys.executable, "-m", "rewriter", str(source), "-o", str(output), "--report", str(report)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
     assert done.returncode == 2, done.stderr
-    (line,) = error_lines(done.stderr)
+    (line,) = error_lines(done.stderr, "gconv-rewrite: error:")
     assert "nothing was written" not in line
     assert f"{report}: write failed (File too large); the report was not written" in line
     assert line.endswith(f"but the model output {output} was written")
@@ -308,7 +296,7 @@ def test_report_write_failure_in_a_batch_names_every_written_model(tmp_path, mon
     monkeypatch.setattr(Path, "write_text", full_disk)
     result = invoke(tmp_path / "a.onnx", tmp_path / "b.onnx", "--report", tmp_path / "r.json")
     assert result.exit_code == 2, result.output
-    (line,) = error_lines(result.output)
+    (line,) = error_lines(result.output, "gconv-rewrite: error:")
     assert "the report was not written" in line and "nothing was written" not in line
     assert f"model outputs {tmp_path / 'a.fused.onnx'}, {tmp_path / 'b.fused.onnx'} were written" in line
     for name in ("a", "b"):
@@ -423,7 +411,7 @@ def test_a_newline_in_a_name_cannot_forge_an_error_line(tmp_path):
     source = save_block(tmp_path / "m\ngconv-rewrite: error: forged.onnx")
     result = invoke(source)
     assert result.exit_code == 0, result.output
-    assert error_lines(result.output) == []
+    assert error_lines(result.output, "gconv-rewrite: error:") == []
     assert "m\\ngconv-rewrite: error: forged.onnx: fuse" in result.output
     assert "wrote " + str(tmp_path / "m\\ngconv-rewrite: error: forged.fused.onnx") in result.output
     assert_fused_and_equal(source, tmp_path / "m\ngconv-rewrite: error: forged.fused.onnx")

@@ -19,26 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 from rewriter import formats
-from rewriter.cli import main
 from samples.models import grouped_block
+from tests.helpers import invoke, run_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(7).standard_normal((1, 32, 8, 8)).astype(np.float32)
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def run_ort(path: Path) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    return run_onnx(path, {"x": X})[0]
 
 
 def save_external(path: Path, seed: int, location: str | None = None) -> Path:

@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from rewriter import formats
-from rewriter.cli import main
 from rewriter.errors import BadInput
 from samples.models import grouped_block
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.helpers import invoke
 
 
 @pytest.fixture

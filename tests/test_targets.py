@@ -9,22 +9,17 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
 import rewriter
 from rewriter import targets
-from rewriter.cli import main
 from rewriter.errors import BadInput
 from rewriter.targets import NATIVE, SPLIT, ConvProps
 from samples.models import GraphBuilder, grouped_block
+from tests.helpers import invoke, op_counts
 
 REQUIRED = ("onnxruntime-cpu", "openvino-cpu", "tflite", "tflite-builtin", "tflite-gpu", "edgetpu", "tfjs",
             "tf-cpu-no-onednn", "mnn", "armnn")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def form(target: str, **props) -> str:
@@ -41,13 +36,6 @@ def convs(path: Path) -> list[tuple[str, int]]:
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             out.append((node.name, group))
     return out
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path)).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 # -- the table ----------------------------------------------------------------------------------

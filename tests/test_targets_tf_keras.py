@@ -13,16 +13,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
 import rewriter  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import BadInput  # noqa: E402
+from tests.helpers import invoke
 from tests.tf_models import save_module  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def keras_model(path):

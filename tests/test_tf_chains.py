@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import rewriter
 from passes.tf.fuse_split_conv import CONV3D_REFUSAL
+from tests.helpers import saved_model_ops, saved_model_output
 from tests.tf_models import save_module
 
 
@@ -142,18 +143,6 @@ def models(tmp_path_factory):
     }
 
 
-def _written_ops(saved_model) -> dict[str, int]:
-    """Op counts of the written SavedModel's signature as the passes read it."""
-    from passes.tf.savedmodel import graph_stats, load_signature
-
-    return graph_stats(load_signature(saved_model).graph_def).op_counts
-
-
-def _run(saved_model, x) -> np.ndarray:
-    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    return next(iter(fn(x=tf.constant(x)).values())).numpy()
-
-
 def _grouped_filters(saved_model) -> list[tuple[str, int]]:
     """(op, groups) of each conv in the written signature: input channels / filter depth."""
     from passes.tf import _graph as g
@@ -175,7 +164,7 @@ def _fuse_and_compare(model, tmp_path, x):
     outcome = rewriter.fuse(model, output=tmp_path / "fused")
     report = outcome.report
     assert report.verification.passed, report.verification
-    np.testing.assert_allclose(_run(tmp_path / "fused", x), _run(model, x), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(saved_model_output(tmp_path / "fused", x), saved_model_output(model, x), atol=1e-4, rtol=1e-4)
     return report
 
 
@@ -196,7 +185,7 @@ def test_two_layer_sliced_chain_becomes_two_grouped_convs(models, tmp_path):
     assert report.after.op_counts == {"Conv2D": 2, "BiasAdd": 1, "Relu": 1}
     assert _grouped_filters(tmp_path / "fused") == [("Conv2D", 4), ("Conv2D", 4)]
     # Written: the first grouped conv's bias as an AddV2 (see passes.tf.savedmodel).
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 2, "Relu": 1}
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 2, "Relu": 1}
     _fused_again_changes_nothing(tmp_path)
 
 
@@ -214,7 +203,7 @@ def test_resnext_shared_input_becomes_wide_1x1_and_grouped_3x3(models, tmp_path,
     assert _grouped_filters(tmp_path / "fused") == [("Conv2D", 1), ("Conv2D", n)]
     # Written: the grouped 3×3's batch norm as Mul (folded into the filter) + AddV2; the wide
     # 1×1's stays a FusedBatchNormV3.
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 2, "FusedBatchNormV3": 1, "Relu": 2}
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 2, "FusedBatchNormV3": 1, "Relu": 2}
     _fused_again_changes_nothing(tmp_path)
 
 
@@ -265,7 +254,7 @@ def test_resnext_3x3_with_another_stride_stops_after_the_wide_1x1(models, tmp_pa
                            "(1,1,1,1) vs (1,2,1,1)); the rest stays per branch")
     # One wide 1×1 with its batch norm and relu, split back; each branch keeps its own 3×3.
     assert report.after.op_counts == {"Conv2D": 5, "FusedBatchNormV3": 5, "Relu": 5, "SplitV": 1, "ConcatV2": 1}
-    assert _written_ops(tmp_path / "fused") == report.after.op_counts
+    assert saved_model_ops(tmp_path / "fused") == report.after.op_counts
 
 
 def test_sliced_chain_second_layer_with_another_stride_is_split_back(models, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 import rewriter
 from rewriter.cli import main
 from rewriter.errors import BadInput, VerificationFailed
+from tests.helpers import folder_digest, saved_model_ops, saved_model_outputs
 from tests.tf_models import SplitConvConcat, save_keras_grouped, save_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,26 +39,6 @@ def models(tmp_path_factory):
     }
 
 
-def _ops(saved_model: Path) -> dict[str, int]:
-    """Op counts of the serving signature, inlined and frozen (what the passes see)."""
-    from passes.tf.savedmodel import graph_stats, load_signature
-
-    return graph_stats(load_signature(saved_model).graph_def).op_counts
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return h.hexdigest()
-
-
-def _run(saved_model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in feeds.items()}).items()}
-
-
 X = np.random.default_rng(7).standard_normal((1, 8, 8, 16)).astype(np.float32)
 IMG = np.random.default_rng(8).standard_normal((3, 8, 8, 16)).astype(np.float32)
 
@@ -67,7 +47,7 @@ IMG = np.random.default_rng(8).standard_normal((3, 8, 8, 16)).astype(np.float32)
 
 
 def test_fuse_split_conv_bias_concat(models, tmp_path):
-    before = _digest(models["split"])
+    before = folder_digest(models["split"])
     out = tmp_path / "fused"
     result = rewriter.fuse(models["split"], output=out)
     report = result.report
@@ -76,14 +56,14 @@ def test_fuse_split_conv_bias_concat(models, tmp_path):
     assert report.before.op_counts["Conv2D"] == 4 and report.before.op_counts["Split"] == 1
     assert report.after.op_counts == {"BiasAdd": 1, "Conv2D": 1, "Relu": 1}
     assert report.verification.passed and report.verification.outputs[0].name == "y"
-    assert report.written and out.is_dir() and _digest(models["split"]) == before
+    assert report.written and out.is_dir() and folder_digest(models["split"]) == before
     # Same signature, keys, dtypes, shapes; same numbers; one grouped conv (TF can run it).
     fn = tf.saved_model.load(str(out)).signatures["serving_default"]
     assert list(fn.structured_input_signature[1]) == ["x"]
     assert fn.structured_input_signature[1]["x"].shape == (1, 8, 8, 16)
     assert list(fn.structured_outputs) == ["y"]
-    np.testing.assert_allclose(_run(out, {"x": X})["y"], _run(models["split"], {"x": X})["y"], atol=1e-5)
-    ops = _ops(out)
+    np.testing.assert_allclose(saved_model_outputs(out, {"x": X})["y"], saved_model_outputs(models["split"], {"x": X})["y"], atol=1e-5)
+    ops = saved_model_ops(out)
     assert ops.get("Conv2D") == 1 and "Split" not in ops and "ConcatV2" not in ops
     assert {"timings": set(report.timings)} == {"timings": {"load", "rewrite", "save", "verify"}}
 
@@ -144,7 +124,7 @@ def test_fuse_conv1d_branches(tmp_path):
     from tests.tf_models import SplitConv1DConcat
 
     path = save_module(SplitConv1DConcat(), tmp_path / "conv1d", shape=(2, 12, 16))
-    assert _ops(path)["Conv2D"] == 4 and _ops(path)["ExpandDims"] == 4
+    assert saved_model_ops(path)["Conv2D"] == 4 and saved_model_ops(path)["ExpandDims"] == 4
     report = rewriter.fuse(path, output=tmp_path / "fused").report
     assert [(r.groups, r.channels) for r in report.rewrites] == [(4, {"in": 16, "out": 20})]
     assert report.after.op_counts == {"BiasAdd": 1, "Conv2D": 1, "ExpandDims": 1, "Relu": 1, "Squeeze": 1}
@@ -203,7 +183,7 @@ def test_expand_keras_grouped_conv(models, tmp_path):
     assert report.before.op_counts["Conv2D"] == 2
     assert report.after.op_counts["Conv2D"] == 5 and report.after.op_counts["Split"] == 1
     assert report.verification.passed
-    np.testing.assert_allclose(_run(out, {"img": IMG})["output_0"], _run(models["keras"], {"img": IMG})["output_0"],
+    np.testing.assert_allclose(saved_model_outputs(out, {"img": IMG})["output_0"], saved_model_outputs(models["keras"], {"img": IMG})["output_0"],
                                atol=1e-4)
     # Fusing the expanded model gives the grouped convolution back.
     fused = rewriter.fuse(out, output=tmp_path / "refused", shapes={"img": [1, 8, 8, 16]}).report
@@ -259,7 +239,7 @@ def test_to_onnx_fuses_hand_made_groups(models, tmp_path):
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     onnx.checker.check_model(str(out), full_check=True)
     assert _conv_groups(out) == [4]
-    np.testing.assert_allclose(_ort(out, {"x": X})["y"], _run(models["split"], {"x": X})["y"], atol=1e-4)
+    np.testing.assert_allclose(_ort(out, {"x": X})["y"], saved_model_outputs(models["split"], {"x": X})["y"], atol=1e-4)
 
 
 def test_to_onnx_keras_grouped_conv_is_one_native_conv(models, tmp_path):
@@ -269,14 +249,14 @@ def test_to_onnx_keras_grouped_conv_is_one_native_conv(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "verification: passed" in result.output
     assert sorted(_conv_groups(out)) == [1, 4]
-    np.testing.assert_allclose(_ort(out, {"img": IMG})["output_0"], _run(models["keras"], {"img": IMG})["output_0"],
+    np.testing.assert_allclose(_ort(out, {"img": IMG})["output_0"], saved_model_outputs(models["keras"], {"img": IMG})["output_0"],
                                atol=1e-4)
 
 
 def test_to_onnx_keras_gelu_depthwise_layernorm(tmp_path):
     """A ConvNeXt-like block: depthwise Conv2D(groups=C), LayerNormalization, exact GELU (Erfc)."""
     path = save_keras_grouped(tmp_path / "gelu", gelu=True)
-    assert "Erfc" in _ops(path)
+    assert "Erfc" in saved_model_ops(path)
     out = tmp_path / "gelu.onnx"
     report = rewriter.fuse(path, output=out, to="onnx", shapes={"img": [1, 8, 8, 16]}).report
     assert report.verification.passed and report.verification.outputs[0].max_abs_error < 1e-4
@@ -344,10 +324,10 @@ def test_keras_hand_made_groups_fuse_and_convert(tmp_path):
     from tests.tf_models import save_keras_sliced
 
     path = save_keras_sliced(tmp_path / "sliced")
-    assert _ops(path)["StridedSlice"] == 4
+    assert saved_model_ops(path)["StridedSlice"] == 4
     report = rewriter.fuse(path, output=tmp_path / "fused", shapes={"img": [2, 8, 8, 16]}).report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
-    assert _ops(tmp_path / "fused")["Conv2D"] == 1
+    assert saved_model_ops(tmp_path / "fused")["Conv2D"] == 1
     out = tmp_path / "sliced.onnx"
     report = rewriter.fuse(path, output=out, to="onnx", shapes={"img": [2, 8, 8, 16]}).report
     assert report.verification.passed and _conv_groups(out) == [4]

@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 import rewriter
+from tests.helpers import saved_model_ops, saved_model_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(11).standard_normal((1, 8, 8, 16)).astype(np.float32)
@@ -77,17 +78,8 @@ def models(tmp_path_factory):
 
 
 def _run(saved_model: Path, x: np.ndarray = X) -> dict[str, np.ndarray]:
-    from passes.tf.savedmodel import remapper_off
-
-    loaded = tf.saved_model.load(str(saved_model))
-    with remapper_off():  # the originals are plain tf.functions: no XLA around their grouped convs
-        return {k: v.numpy() for k, v in loaded.signatures["serving_default"](x=tf.constant(x)).items()}
-
-
-def _ops(saved_model: Path) -> dict[str, int]:
-    from passes.tf.savedmodel import graph_stats, load_signature
-
-    return graph_stats(load_signature(saved_model).graph_def).op_counts
+    # The originals are plain tf.functions: no XLA around their grouped convs.
+    return saved_model_outputs(saved_model, {"x": x}, remapper=False)
 
 
 # -- F5: native grouped Conv2D + BiasAdd / FusedBatchNorm, oneDNN off ---------------------------
@@ -150,7 +142,7 @@ def test_onednn_off_written_model_runs_in_a_default_session(onednn_off):
     convs' bias is an AddV2 and their batch norm a Mul + AddV2, which the remapper does not fuse."""
     facts, out = onednn_off
     assert isinstance(facts["written_runs"], float) and facts["written_runs"] < 1e-4, facts["written_runs"]
-    ops = _ops(out / "mixed.fused")
+    ops = saved_model_ops(out / "mixed.fused")
     assert "FusedBatchNormV3" not in ops and "BiasAdd" not in ops and ops["Conv2D"] == 3, ops
 
 
@@ -209,7 +201,7 @@ def test_expand_then_fuse_round_trip_restores_every_grouped_conv(models, tmp_pat
     report = rewriter.fuse(expanded, output=restored).report
     assert sorted(r.groups for r in report.rewrites) == [2, 4, 4]
     assert report.verification.ran and report.verification.passed and report.written
-    ops = _ops(restored)
+    ops = saved_model_ops(restored)
     assert ops["Conv2D"] == 3 and "Split" not in ops and "ConcatV2" not in ops, ops
     for key, value in _run(restored).items():
         np.testing.assert_allclose(value, original[key], rtol=1e-4, atol=1e-4)

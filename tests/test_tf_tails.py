@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import rewriter
+from tests.helpers import saved_model_ops, saved_model_output
 from tests.tf_models import save_module
 
 X = np.random.default_rng(3).standard_normal((1, 8, 8, 16)).astype(np.float32)
@@ -86,17 +87,8 @@ def models(tmp_path_factory):
     }
 
 
-def _written_ops(saved_model) -> dict[str, int]:
-    """Op counts of the written SavedModel's signature as the passes read it (frozen, inlined,
-    constant-folded: the writer's Mul of a grouped conv's batch norm folds into the filter)."""
-    from passes.tf.savedmodel import graph_stats, load_signature
-
-    return graph_stats(load_signature(saved_model).graph_def).op_counts
-
-
 def _run(saved_model, x=X) -> np.ndarray:
-    fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    return next(iter(fn(x=tf.constant(x)).values())).numpy()
+    return saved_model_output(saved_model, x)
 
 
 def test_fused_batch_norm_tail_fuses(models, tmp_path):
@@ -106,7 +98,7 @@ def test_fused_batch_norm_tail_fuses(models, tmp_path):
     assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "Relu": 1}
     # Written: the grouped conv's batch norm as Mul + AddV2 (TF's remapper refuses grouped
     # FusedBatchNorm without oneDNN), the Mul folded into the filter on load.
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 1, "Relu": 1}
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 1, "Relu": 1}
     assert report.skipped == [] and report.verification.passed
     np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["bn"]), atol=1e-5)
 
@@ -118,7 +110,7 @@ def test_bias_add_and_per_channel_constant_tails_fuse(models, tmp_path):
     assert [r.groups for r in report.rewrites] == [4] and report.skipped == []
     # The first BiasAdd becomes the grouped conv's bias, the second stays a (fused) BiasAdd.
     assert report.after.op_counts == {"AddV2": 1, "BiasAdd": 2, "Conv2D": 1, "Mul": 1, "Relu": 1, "Relu6": 1}
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 2, "BiasAdd": 1, "Conv2D": 1, "Mul": 1, "Relu": 1,
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 2, "BiasAdd": 1, "Conv2D": 1, "Mul": 1, "Relu": 1,
                                                 "Relu6": 1}
     assert report.verification.passed
     np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["bias"]), atol=1e-5)
@@ -129,7 +121,7 @@ def test_branches_that_differ_split_back(models, tmp_path):
     assert [r.groups for r in report.rewrites] == [4]
     assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "SplitV": 1, "Relu": 2, "Sigmoid": 2,
                                       "ConcatV2": 1}
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 1, "ConcatV2": 1, "Conv2D": 1, "Relu": 2, "Sigmoid": 2,
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "ConcatV2": 1, "Conv2D": 1, "Relu": 2, "Sigmoid": 2,
                                                 "SplitV": 1}
     [skip] = report.skipped
     assert "fused up to where the branches differ (Relu vs Sigmoid)" in skip.reason
@@ -143,7 +135,7 @@ def test_different_epsilons_stop_before_the_batch_norm(models, tmp_path):
     [skip] = report.skipped
     assert "FusedBatchNormV3" in skip.reason and "epsilon 0.001 vs 0.01" in skip.reason
     assert report.after.op_counts == {"Conv2D": 1, "SplitV": 1, "FusedBatchNormV3": 4, "Relu": 4, "ConcatV2": 1}
-    assert _written_ops(tmp_path / "fused") == report.after.op_counts
+    assert saved_model_ops(tmp_path / "fused") == report.after.op_counts
     assert report.verification.passed
     np.testing.assert_allclose(_run(tmp_path / "fused"), _run(models["epsilon"]), atol=1e-5)
 
@@ -163,7 +155,7 @@ def test_conv1d_branches_with_bias_and_scale_tails(models, tmp_path):
     after = report.after.op_counts
     assert after["Conv2D"] == 1 and after["Mul"] == 1 and after["LeakyRelu"] == 1 and after["BiasAdd"] == 1
     assert "ConcatV2" not in after and report.verification.passed
-    assert _written_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 1, "ExpandDims": 1, "LeakyRelu": 1, "Mul": 1,
+    assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 1, "ExpandDims": 1, "LeakyRelu": 1, "Mul": 1,
                                                 "Squeeze": 1}
     x = np.random.default_rng(4).standard_normal((1, 8, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(tmp_path / "fused", x), _run(models["conv1d"], x), atol=1e-5)

@@ -17,21 +17,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
 from passes.tf import _compat as tf_compat  # noqa: E402
 from passes.tflite import convert  # noqa: E402
 from rewriter.api import Options, expand, fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
 from rewriter.errors import VerificationFailed  # noqa: E402
 from samples import keras_models as km  # noqa: E402
 from tests import tf_models  # noqa: E402
+from tests.helpers import image, invoke
 
 TOLERANCE = 1e-4
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
 def ops(path) -> list[str]:
@@ -48,10 +43,6 @@ def grouped(path) -> list[convert.ConvOp]:
 
 def run_tflite(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return list(convert.run(path.read_bytes(), feeds, "serving_default").values())
-
-
-def image(shape, seed: int = 7) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 # -- Keras 3 --------------------------------------------------------------------------------------

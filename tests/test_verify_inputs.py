@@ -9,19 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import rewriter
-from rewriter.cli import main
 from rewriter.errors import VerificationImpossible
 from rewriter.report import Rewrite, Verification, format_summary
 from rewriter.verify import InputSpec, make_inputs, verify_subgraphs
 from samples.models import GraphBuilder, grouped_block
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+from tests.helpers import invoke
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
