@@ -51,11 +51,11 @@ from rewriter.plan import (
     Refusal,
     TailGraphLayer,
     TailLayer,
-    check_channel_ranges,
+    channel_ranges_refusal,
     plan_fusion,
-    plan_shared_input,
     plan_tail,
     plan_tail_graph,
+    tail_refusal,
 )
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps
@@ -89,6 +89,7 @@ class _Fused:
     length: int = 0  # how many ops of each chain are fused
     branch_channels: list[int] = field(default_factory=list)
     stopped_because: str | None = None  # where and why the branches stop agreeing
+    stopped_code: str = ""  # the code of why (rewriter.reasons)
     complete: bool = False  # every op of every branch fused: the result replaces the Concat
     location: str = ""  # the fused node that stands for the pattern in reports
     location_is_grouped: bool = False
@@ -120,7 +121,7 @@ class _Stop(NamedTuple):
     """Why the branches cannot fuse at a step: ``reason`` refuses the candidate when no conv has
     fused yet; ``where`` says, in the report, where the fused part stops otherwise."""
 
-    reason: str
+    refusal: Refusal
     where: str
 
 
@@ -174,19 +175,20 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 # Never silence where the Concat looks like hand-made groups all the same.
                 reason = _unmatched_group_reason(concat)
                 if reason is not None:
-                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
+                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label,
+                                             code="unmatched-branches"))
                 continue
             except Refused as refusal:
                 convs = [g.node_label(n) for v in concat.inputs if v is not None
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
-                self.skipped.append(Skip(location, str(refusal), convs, label))
+                self.skipped.append(Skip.refused(location, refusal, convs, label))
                 continue
             if _combines_without_groups(chains, fused):
                 continue  # native structure (parallel branches of different widths): nothing to report
             verdict = self._judge(fused)
             if verdict is not None and not verdict[0]:
                 convs = [g.node_label(op) for c in chains for op in c.ops if op.op_type in CONV_OPS]
-                self.skipped.append(Skip(location, verdict[1], convs, label))
+                self.skipped.append(Skip(location, verdict[1], convs, label, code="target-keeps"))
                 self.decisions.append({"location": location, "graph": label, "form": "split", "action": "keep",
                                        "rule": verdict[1]})
                 continue
@@ -206,7 +208,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 boundary=[{"tensor": concat.outputs[0].name}]))
             if not fused.complete:
                 self.skipped.append(Skip(location, f"fused up to {fused.stopped_because}; "
-                                     "the rest stays per branch", [], label))
+                                     "the rest stays per branch", [], label, code=fused.stopped_code))
             if self.rewrite:
                 self._emit(graph, position, concat, chains, readers, fused)
                 self.created.extend(fused.convs)
@@ -244,7 +246,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         if len(read) < 2 and max((len(v) for v in shared.values()), default=0) < 2:
             raise NotACandidate
         if len(with_conv) != len(chains):
-            raise Refused("the Concat also joins inputs that are not branch convolutions")
+            raise Refused("concat-extra-inputs", "the Concat also joins inputs that are not branch convolutions")
         # What the branch convolutions do differently is the cause a user can act on; how the
         # branches are wired (a value read outside the Concat, different inputs) comes after it.
         structural = _structural_refusal([next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains], None)
@@ -252,32 +254,32 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             entries = list(dict.fromkeys(c.entry.name or "an unnamed tensor" for c in chains))
             wiring = "" if len(entries) == 1 or all(_is_reader_output(c.entry) for c in chains) else \
                 f"; and the branches read different tensors ({', '.join(entries)})"
-            raise Refused(structural.reason + wiring)
+            raise Refused(structural.with_reason(structural.reason + wiring))
         for value in concat.inputs:
             if concat.inputs.count(value) > 1:
-                raise Refused(f"the Concat reads branch output {value.name} {concat.inputs.count(value)} times")
+                raise Refused("concat-twice", f"the Concat reads branch output {value.name} {concat.inputs.count(value)} times")
             if value.is_graph_output() or len(value.uses()) != 1:
-                raise Refused(f"branch output {value.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch output {value.name} is used outside the Concat")
         for chain in chains:
             if chain.used_outside is not None:
-                raise Refused(f"branch value {chain.used_outside.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch value {chain.used_outside.name} is used outside the Concat")
         if len({id(v) for v in concat.inputs}) != len(concat.inputs):
-            raise Refused("a branch is concatenated twice")
+            raise Refused("concat-twice", "a branch is concatenated twice")
         reading = [_is_reader_output(c.entry) for c in chains]
         shared = not any(reading) and len({id(c.entry) for c in chains}) == 1
         for chain, reads in zip(chains, reading):
             # The walk stops early where a branch value has other users than the next op.
             start = chain.entry.producer()
             if not reads and not shared and start is not None and start.op_type in CHAIN_OPS:
-                raise Refused(f"branch value {chain.entry.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch value {chain.entry.name} is used outside the Concat")
             first = next(i for i, op in enumerate(chain.ops) if op.op_type in CONV_OPS)
             if any(op.op_type != "Transpose" for op in chain.ops[:first]):
                 before = next(op.op_type for op in chain.ops[:first] if op.op_type != "Transpose")
-                raise Refused(f"a branch applies {before} before its convolution")
+                raise Refused("op-before-conv", f"a branch applies {before} before its convolution")
         if any(reading) and not all(reading):
-            raise Refused("some branches read a Split/Slice, others do not")
+            raise Refused("mixed-readers", "some branches read a Split/Slice, others do not")
         if not any(reading) and not shared:
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         if all(reading):
             self._read_ranges(model, chains)
         return chains
@@ -314,24 +316,24 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             try:
                 chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
             except g.UnreadableRange as exc:
-                raise Refused(str(exc)) from None
+                raise Refused(exc.refusal) from None
         reads = [c.read for c in chains]
         if len({id(r.source) for r in reads}) != 1:
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         if len({r.reader.op_type for r in reads}) > 1:
-            raise Refused("branches mix Split and Slice")
+            raise Refused("mixed-readers", "branches mix Split and Slice")
         if reads[0].reader.op_type == "Split":
             if len({id(r.reader) for r in reads}) != 1:
-                raise Refused("branches read from different Split nodes")
+                raise Refused("mixed-readers", "branches read from different Split nodes")
             if len(reads[0].reader.outputs) != len(chains):
-                raise Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
+                raise Refused("mixed-readers", f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
                                "feed the Concat")
         rank = weights[0].ndim if weights[0] is not None else None
         for read, width in zip(reads, widths):
             if read.start is None:
-                raise Refused("cannot tell the Split sizes (computed at run time)")
+                raise Refused("not-constant", "cannot tell the Split sizes (computed at run time)")
             if rank is not None and read.axis % rank != reader_axis:
-                raise Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
+                raise Refused("not-channel-axis", f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
             if rank is not None:
                 read.axis %= rank
             if read.open_end and width is not None:
@@ -388,8 +390,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             node = self._fuse_step(model, names, chains, step, fused, walk)
             if isinstance(node, _Stop):
                 if walk.conv_layers == 0:
-                    raise Refused(node.reason)
-                fused.stopped_because = node.where
+                    raise Refused(node.refusal)
+                fused.stopped_because, fused.stopped_code = node.where, node.refusal.code
                 break
             new_nodes = node if isinstance(node, list) else [node]  # a tail graph is several nodes
             fused.nodes.extend(new_nodes)
@@ -405,7 +407,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         kinds = {op.op_type for op in ops}
         if len(kinds) > 1:
             # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
-            return _Stop("branches differ here: " + " vs ".join(sorted(kinds)),
+            return _Stop(Refusal("branches-differ", "branches differ here: " + " vs ".join(sorted(kinds))),
                          "where the branches differ (" + " vs ".join(sorted(kinds)) + ")")
         if ops[0].op_type in CONV_OPS:
             return self._fuse_conv_step(names, chains, ops, fused, walk)
@@ -419,7 +421,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         kind = ops[0].op_type
         outcome = self._plan_conv(ops, chains, walk.conv_layers, walk.branch_channels, walk.axis)
         if isinstance(outcome, Refusal):
-            return _Stop(outcome.reason, f"the convolution after ({outcome.reason})")
+            return _Stop(outcome, f"the convolution after ({outcome.reason})")
         plan = outcome
         if walk.conv_layers == 0:
             fused.in_channels = plan.in_channels
@@ -463,11 +465,11 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
             tail = read_tail(op, data, walk.axis, walk.rank or 4, channels or 0, model)
             if isinstance(tail, str):
-                return _Stop(tail, f"{kind} ({tail})")
+                return _Stop(tail_refusal(tail), f"{kind} ({tail})")
             tails.append(tail)
         params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
         if isinstance(params, Refusal):
-            return _Stop(params.reason, f"{kind} ({params.reason})")
+            return _Stop(params, f"{kind} ({params.reason})")
         node = self._build_tail(fused, names, tails[0], walk.current, params)
         walk.axis = moved_axis(tails[0], walk.axis)
         return node
@@ -481,14 +483,14 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for graph, channels in zip(graphs, walk.branch_channels or [None] * len(graphs)):
             ops = read_tail_graph(graph, walk.axis, walk.rank or 4, channels or 0, model)
             if isinstance(ops, str):
-                return _Stop(ops, f"{kind} ({ops})")
+                return _Stop(tail_refusal(ops), f"{kind} ({ops})")
             branch_ops.append(ops)
         layer = TailGraphLayer(kind, [graph.wiring() for graph in graphs], [
             TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
             for same in zip(*branch_ops)])
         params = plan_tail_graph(layer)
         if isinstance(params, Refusal):
-            return _Stop(params.reason, f"{kind} ({params.reason})")
+            return _Stop(params, f"{kind} ({params.reason})")
         built: dict[int, ir.Node] = {}  # branch 0's node → its fused copy
         for op, op_params in zip(branch_ops[0], params):
             wired = {}
@@ -512,15 +514,16 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         if fused.complete:
             concat_axis = g.attr_int(concat, "axis", 1)
             if walk.rank is not None and concat_axis % walk.rank != walk.axis:
-                raise Refused(f"Concat on axis {concat_axis}, not the channel axis")
+                raise Refused("not-channel-axis", f"Concat on axis {concat_axis}, not the channel axis")
         else:
-            fused.stopped_because = fused.stopped_because or "the end of the shortest branch"
+            if fused.stopped_because is None:
+                fused.stopped_because, fused.stopped_code = "the end of the shortest branch", "branches-differ"
             fused.nodes.append(self._split_back(model, graph, names, fused))
 
     def _plan_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
                    branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:
         if len({c.op_type for c in convs}) > 1:
-            return Refusal("branches mix Conv and ConvTranspose")
+            return Refusal("mixed-ops", "branches mix Conv and ConvTranspose")
         # Why a near miss is one: what the branches do differently comes before whether their
         # values are constants, so that the reason names the real cause.
         structural = _structural_refusal(convs, chains if layer == 0 else None)
@@ -535,30 +538,30 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} "
+                return Refusal("not-constant", f"weights of {conv.name or 'a branch ' + conv.op_type} "
                                f"{g.not_constant_reason(conv.inputs[1])}")
             if g.is_replaceable(conv.inputs[1]):
                 overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
+                return Refusal("overridable-input", f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
                                f"{g.GRAPH_INPUT}")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2]) if quantized["bias"] is None else quantized["bias"][i].data
                 if bias is None or g.is_replaceable(conv.inputs[2]):
-                    return Refusal(f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
+                    return Refusal("not-constant", f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
             width = _in_channels(conv, weight)
             if layer == 0 and chain.read is not None:
                 if axis != 1:
-                    return Refusal(f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
+                    return Refusal("not-channel-axis", f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
                 channel_start, channel_stop = chain.read.start, chain.read.stop
                 if channel_stop - channel_start != width:
-                    return Refusal(f"{conv.name} reads {channel_stop - channel_start} channels but its weight "
+                    return Refusal("width-mismatch", f"{conv.name} reads {channel_stop - channel_start} channels but its weight "
                                    f"expects {width}")
             elif layer == 0:
                 channel_start, channel_stop = 0, width
             else:
                 if branch_channels[i] != width:
-                    return Refusal(f"{conv.name} expects {width} channels, its branch has {branch_channels[i]}")
+                    return Refusal("width-mismatch", f"{conv.name} expects {width} channels, its branch has {branch_channels[i]}")
                 channel_start, channel_stop = start, start + width
                 start += width
             branches.append(Branch(
@@ -567,8 +570,8 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 attributes=g.conv_shape_attributes(conv, weight.ndim - 2)))
         if layer == 0 and chains[0].read is None:
             if convs[0].op_type != "Conv":
-                return Refusal("branches that read the whole input must be Conv, not ConvTranspose")
-            return plan_shared_input(branches, stack_axis=0)
+                return Refusal("unsupported-form", "branches that read the whole input must be Conv, not ConvTranspose")
+            return plan_fusion(branches, None, stack_axis=0, shared_input=True)
         source_channels = self._source_channels if layer == 0 else start
         return plan_fusion(branches, source_channels, stack_axis=0)
 
@@ -650,18 +653,18 @@ def _read_quantization(convs: list[ir.Node]) -> dict | Refusal:
             parts = [_qdq.read_quantized(conv.inputs[index]) if len(conv.inputs) > index else None
                      for conv in convs]
         except _qdq.NotExact as exc:
-            return Refusal(str(exc))
+            return exc.refusal
         if all(p is None for p in parts):
             found[role] = None
             continue
         if any(p is None for p in parts):
-            return Refusal(f"some branches have a quantized {role} (DequantizeLinear), others not")
+            return Refusal("quantization-mismatch", f"some branches have a quantized {role} (DequantizeLinear), others not")
         if convs[0].op_type != "Conv":
-            return Refusal(f"quantized {convs[0].op_type} {role}s are not fused")
+            return Refusal("unsupported-form", f"quantized {convs[0].op_type} {role}s are not fused")
         try:
             _qdq.stack(parts)
         except _qdq.NotExact as exc:
-            return Refusal(str(exc))
+            return exc.refusal
         found[role] = parts
     return found
 
@@ -691,29 +694,29 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
                                   for c in chains):
         ranges = [(c.read.start, c.read.stop) for c in chains]
         if sorted(ranges) != ranges or any(b[0] < a[1] for a, b in zip(sorted(ranges), sorted(ranges)[1:])):
-            reason = check_channel_ranges(ranges, None)
-            if reason is not None:
-                return Refusal(reason)
+            refusal = channel_ranges_refusal(ranges, None)
+            if refusal is not None:
+                return refusal
     groups = [g.attr_int(conv, "group", 1) for conv in convs]
     if len(set(groups)) > 1:
-        return Refusal("branches have different group counts: " + ",".join(map(str, groups)))
+        return Refusal("groups-differ", "branches have different group counts: " + ",".join(map(str, groups)))
     shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
     kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
     if None in shapes and None not in kernels and len({tuple(k) for k in kernels}) > 1:
         # Weights computed at run time have no shape to read, but the kernel attribute tells.
-        return Refusal("different kernel shapes between branches: "
+        return Refusal("kernel-mismatch", "different kernel shapes between branches: "
                        + " vs ".join(_describe(tuple(k)) for k in dict.fromkeys(tuple(k) for k in kernels)))
     if all(shape is not None for shape in shapes):
         if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
             kernels = [shape[1:] for shape in shapes]
-            return Refusal("different kernel shapes between branches: "
+            return Refusal("kernel-mismatch", "different kernel shapes between branches: "
                            + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
         rank = len(shapes[0]) - 2
         attributes = [g.conv_shape_attributes(conv, rank) for conv in convs]
         for key in sorted(set().union(*attributes)):
             distinct = list(dict.fromkeys(_describe(a.get(key)) for a in attributes))
             if len(distinct) > 1:
-                return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
+                return Refusal("attribute-mismatch", f"different {key} between branches: " + " vs ".join(distinct))
     return None
 
 
@@ -735,7 +738,7 @@ def _check_read_only_by_branches(chain: _Chain) -> None:
     others = [use.node for use in chain.entry.uses() if use.node is not chain.ops[0]]
     if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
             or len(others) + 1 != len(chain.entry.uses()):
-        raise Refused(f"branch input {chain.entry.name} is used outside its branch")
+        raise Refused("used-outside", f"branch input {chain.entry.name} is used outside its branch")
 
 
 def _describe(value) -> str:
