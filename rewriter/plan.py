@@ -399,19 +399,21 @@ def plan_chain(kinds: Sequence[Sequence[str]],
                conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
     """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
 
-    ``kinds[i]`` are branch i's op kinds in order (the first a conv); ``read_step(step,
-    branch_channels)`` reads step ``step`` of every branch as a ``ConvLayer``, a ``TailLayer`` or
-    a ``Refusal`` (``branch_channels``: each branch's channels before that step). The first conv
-    layer reads channel ranges of the source (``plan_fusion``) or, with ``shared_input``, the whole
-    source (``plan_fusion(shared_input=True)``: one wide conv); later conv layers each become one grouped conv.
-    A refusal of the first layer refuses the candidate; after it the plan stops there and says
-    where and why (the format splits the fused tensor back into the branches' parts)."""
+    The walk is written once, here; each format hands in its reader. ``kinds[i]`` are branch i's
+    op kinds in order (a conv first, or after layout ops such as ONNX's Transpose of tf2onnx's
+    NHWC branches); ``read_step(step, branch_channels)`` reads step ``step`` of every branch as
+    a ``ConvLayer``, a ``TailLayer``, a ``TailGraphLayer`` or a ``Refusal`` (``branch_channels``:
+    each branch's channels after the last conv, None before it); the steps are read in order,
+    each once. The first conv layer reads channel ranges of the source (``plan_fusion``) or,
+    with ``shared_input``, the whole source (one wide conv); later conv layers each become one
+    grouped conv. A refusal up to the first conv refuses the candidate; after it the plan stops
+    there and says where and why (the format splits the fused tensor back into the branches' parts)."""
     steps: list[FusionPlan | list[np.ndarray]] = []
     channels: list[int] = []
     for step in range(min(len(k) for k in kinds)):
         here = sorted({k[step] for k in kinds})
         if len(here) > 1:
-            if not steps:
+            if not channels:  # no conv fused yet
                 return Refusal("branches-differ", "branches differ here: " + " vs ".join(here))
             return ChainPlan(steps, channels, "where the branches differ (" + " vs ".join(here) + ")",
                              "branches-differ")
@@ -425,7 +427,7 @@ def plan_chain(kinds: Sequence[Sequence[str]],
         else:
             outcome = layer
         if isinstance(outcome, Refusal):
-            if not steps:
+            if not channels:
                 return outcome
             where = "the convolution after" if here[0] in conv_kinds else here[0]
             return ChainPlan(steps, channels, f"{where} ({outcome.reason})", outcome.code)

@@ -23,9 +23,9 @@ branches), walks each input back to where the branch starts, and hands every lay
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -47,14 +47,13 @@ from passes.onnx._tails import (
 from rewriter.candidate import ChannelRead, NotACandidate, Refused
 from rewriter.plan import (
     Branch,
+    ConvLayer,
     FusionPlan,
     Refusal,
     TailGraphLayer,
     TailLayer,
     channel_ranges_refusal,
-    plan_fusion,
-    plan_tail,
-    plan_tail_graph,
+    plan_chain,
     tail_refusal,
 )
 from rewriter.report import Rewrite, Skip
@@ -110,19 +109,23 @@ class _Walk:
     channel axis there, each branch's channel count (None: the branches read the source whole),
     the rank once a conv or Transpose tells it, and how many conv layers fused so far."""
 
-    current: ir.Value
+    current: ir.Value | None  # None while planning: only the builder makes values
     axis: int
     branch_channels: list[int] | None
     rank: int | None = None
     conv_layers: int = 0
 
 
-class _Stop(NamedTuple):
-    """Why the branches cannot fuse at a step: ``reason`` refuses the candidate when no conv has
-    fused yet; ``where`` says, in the report, where the fused part stops otherwise."""
+@dataclass
+class _StepRead:
+    """What reading one step of every branch found, for the builder: where the walk stands after
+    the step, and the step's own reading (a conv step's quantization, a tail's op as branch 0
+    has it, a tail graph's ops as branch 0 has them)."""
 
-    refusal: Refusal
-    where: str
+    after: _Walk
+    quantization: dict | None = None
+    tail: TailOp | None = None
+    graph_ops: list[TailOp] | None = None
 
 
 @register("onnx.fuse-split-conv")
@@ -375,55 +378,106 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             return None
         return [r.stop - r.start for r in reads]
 
-    # -- planning and building ---------------------------------------------------------------
+    # -- planning (rewriter.plan.plan_chain, with this format's readers) ----------------------
 
     def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
-        """Walk the chains in step, planning each op across the branches; build the fused nodes
-        as far as the branches agree. Raises Refused if not even the first conv fuses."""
+        """Plan the chains step by step with ``plan_chain`` (this pass reads each step of every
+        branch: ``_read_step``), then build the fused nodes as far as the branches agree. Raises
+        Refused if not even the first conv fuses."""
         reading = chains[0].read is not None
-        fused = _Fused(length=0)
-        walk = _Walk(current=chains[0].read.source if reading else chains[0].entry,
-                     axis=chains[0].read.axis if reading else 1,
-                     branch_channels=[r.stop - r.start for r in (c.read for c in chains)] if reading else None)
-        shortest = min(len(c.ops) for c in chains)
-        for step in range(shortest):
-            node = self._fuse_step(model, names, chains, step, fused, walk)
-            if isinstance(node, _Stop):
-                if walk.conv_layers == 0:
-                    raise Refused(node.refusal)
-                fused.stopped_because, fused.stopped_code = node.where, node.refusal.code
-                break
-            new_nodes = node if isinstance(node, list) else [node]  # a tail graph is several nodes
+        start = _Walk(current=chains[0].read.source if reading else chains[0].entry,
+                      axis=chains[0].read.axis if reading else 1,
+                      branch_channels=[r.stop - r.start for r in (c.read for c in chains)] if reading else None)
+        reads: list[_StepRead] = []  # what each step read, and where the walk stands after it
+        plan = plan_chain([[op.op_type for op in c.ops] for c in chains],
+                          functools.partial(self._read_step, model, chains, start, reads),
+                          self._source_channels if reading else None,
+                          conv_kinds=CONV_OPS, shared_input=not reading, stack_axis=0)
+        if isinstance(plan, Refusal):
+            raise Refused(plan)
+        fused = _Fused(length=len(plan.steps), stopped_because=plan.stopped, stopped_code=plan.stopped_code or "")
+        current = start.current
+        for step, outcome in enumerate(plan.steps):
+            new_nodes = self._build_step(names, chains, step, outcome, reads[step], fused, current)
             fused.nodes.extend(new_nodes)
-            walk.current = new_nodes[-1].outputs[0]
-            fused.length = step + 1
+            current = new_nodes[-1].outputs[0]
+        walk = reads[len(plan.steps) - 1].after
+        walk.current = current
         self._finish(model, graph, names, concat, chains, fused, walk)
         return fused
 
-    def _fuse_step(self, model, names: g.Names, chains: list[_Chain], step: int, fused: _Fused,
-                   walk: _Walk) -> ir.Node | list[ir.Node] | _Stop:
-        """The fused node for op ``step`` of every branch, or where and why fusing stops there."""
+    def _read_step(self, model, chains: list[_Chain], start: _Walk, reads: list[_StepRead], step: int,
+                   _branch_channels: list[int] | None) -> ConvLayer | TailLayer | TailGraphLayer | Refusal:
+        """Step ``step`` of every branch as ``plan_chain`` reads it; records what the builder needs
+        (``reads[step]``). ``plan_chain`` reads the steps in order, each once."""
+        before = reads[step - 1].after if step else start
         ops = [c.ops[step] for c in chains]
-        kinds = {op.op_type for op in ops}
-        if len(kinds) > 1:
-            # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
-            return _Stop(Refusal("branches-differ", "branches differ here: " + " vs ".join(sorted(kinds))),
-                         "where the branches differ (" + " vs ".join(sorted(kinds)) + ")")
         if ops[0].op_type in CONV_OPS:
-            return self._fuse_conv_step(names, chains, ops, fused, walk)
-        if isinstance(ops[0], TailGraph):
-            return self._fuse_tail_graph_step(model, names, ops, fused, walk)
-        return self._fuse_tail_step(model, names, chains, step, ops, fused, walk)
+            layer, read = self._read_conv_step(ops, chains, before)
+        elif isinstance(ops[0], TailGraph):
+            layer, read = self._read_tail_graph_step(model, ops, before)
+        else:
+            layer, read = self._read_tail_step(model, chains, step, ops, before)
+        if read is not None:
+            reads.append(read)
+        return layer
 
-    def _fuse_conv_step(self, names: g.Names, chains: list[_Chain], ops: list[ir.Node], fused: _Fused,
-                        walk: _Walk) -> ir.Node | _Stop:
+    def _read_conv_step(self, convs: list[ir.Node], chains: list[_Chain], before: _Walk):
+        """The branches' convs at this step as a ``ConvLayer`` (and the walk after them)."""
+        layer = self._read_conv(convs, chains, before.conv_layers, before.axis)
+        if isinstance(layer, Refusal):
+            return layer, None
+        quantization, layer = layer
+        after = _Walk(None, axis=1, branch_channels=[b.out_channels for b in layer.branches],
+                      rank=layer.branches[0].weight.ndim, conv_layers=before.conv_layers + 1)
+        return layer, _StepRead(after, quantization=quantization)
+
+    def _read_tail_step(self, model, chains: list[_Chain], step: int, ops: list[ir.Node], before: _Walk):
+        """One channel-wise op per branch as a ``TailLayer`` (its parameters, to concatenate)."""
+        kind = ops[0].op_type
+        rank = before.rank if before.rank is not None or kind != "Transpose" else len(g.attr_ints(ops[0], "perm") or [])
+        tails = []
+        for op, chain, channels in zip(ops, chains, before.branch_channels or [None] * len(chains)):
+            data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
+            tail = read_tail(op, data, before.axis, rank or 4, channels or 0, model)
+            if isinstance(tail, str):
+                return tail_refusal(tail), None
+            tails.append(tail)
+        after = _Walk(None, moved_axis(tails[0], before.axis), before.branch_channels, rank, before.conv_layers)
+        layer = TailLayer(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
+        return layer, _StepRead(after, tail=tails[0])
+
+    def _read_tail_graph_step(self, model, graphs: list[TailGraph], before: _Walk):
+        """A multi-op tail (SiLU, GELU, Mish...) of every branch as a ``TailGraphLayer``."""
+        branch_ops = []
+        for graph, channels in zip(graphs, before.branch_channels or [None] * len(graphs)):
+            ops = read_tail_graph(graph, before.axis, before.rank or 4, channels or 0, model)
+            if isinstance(ops, str):
+                return tail_refusal(ops), None
+            branch_ops.append(ops)
+        layer = TailGraphLayer(graphs[0].op_type, [graph.wiring() for graph in graphs], [
+            TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
+            for same in zip(*branch_ops)])
+        after = _Walk(None, before.axis, before.branch_channels, before.rank, before.conv_layers)
+        return layer, _StepRead(after, graph_ops=branch_ops[0])
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _build_step(self, names: g.Names, chains: list[_Chain], step: int, outcome, read: _StepRead, fused: _Fused,
+                    current: ir.Value) -> list[ir.Node]:
+        """The fused node(s) for a planned step, reading ``current``."""
+        ops = [c.ops[step] for c in chains]
+        if isinstance(outcome, FusionPlan):
+            return [self._build_conv(names, ops, outcome, read, fused, current)]
+        if isinstance(ops[0], TailGraph):
+            return self._build_tail_graph(names, ops[0], read.graph_ops, outcome, fused, current)
+        return [self._build_tail(fused, names, read.tail, current, outcome)]
+
+    def _build_conv(self, names: g.Names, ops: list[ir.Node], plan: FusionPlan, read: _StepRead, fused: _Fused,
+                    current: ir.Value) -> ir.Node:
         """One grouped (or, for a shared input, wide) conv for the branches' convs at this step."""
         kind = ops[0].op_type
-        outcome = self._plan_conv(ops, chains, walk.conv_layers, walk.branch_channels, walk.axis)
-        if isinstance(outcome, Refusal):
-            return _Stop(outcome, f"the convolution after ({outcome.reason})")
-        plan = outcome
-        if walk.conv_layers == 0:
+        if not fused.convs:
             fused.in_channels = plan.in_channels
             # Shared input: the wide conv (group 1) until a grouped layer follows; the
             # report must not say "groups=0" when the wide conv is all that fuses.
@@ -431,17 +485,16 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         elif fused.groups <= 1:
             fused.groups = plan.groups
         fused.out_channels = plan.out_channels
-        walk.rank = plan.weight.ndim
         fused.layers.append(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
-                                      out_channels=plan.out_channels, kernel_rank=walk.rank - 2,
+                                      out_channels=plan.out_channels, kernel_rank=plan.weight.ndim - 2,
                                       transposed=kind == "ConvTranspose"))
         base = ops[0].name or kind
         name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
-        inputs = [walk.current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
+        inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
         if plan.bias is not None:
             inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
         for index, role in ((1, "weight"), (2, "bias")):
-            parts = self._quantization[role]
+            parts = read.quantization[role]
             if parts is not None:  # QDQ: the stacked integers, dequantized as the branches were
                 inputs[index] = _dequantize(fused, names, f"{name}.{role}", inputs[index], parts)
         node = _clone_with(ops[0], inputs, name, group=plan.groups)
@@ -449,58 +502,21 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         # Reports point at the first grouped conv (the wide one if none is grouped).
         if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
             fused.location, fused.location_is_grouped = name, plan.groups > 1
-        walk.branch_channels = [_out_channels(op) for op in ops]
-        walk.axis = 1
-        walk.conv_layers += 1
         return node
 
-    def _fuse_tail_step(self, model, names: g.Names, chains: list[_Chain], step: int, ops: list[ir.Node],
-                        fused: _Fused, walk: _Walk) -> ir.Node | _Stop:
-        """One channel-wise op (its parameters concatenated) for the branches' ops at this step."""
-        kind = ops[0].op_type
-        if walk.rank is None and kind == "Transpose":
-            walk.rank = len(g.attr_ints(ops[0], "perm") or [])
-        tails = []
-        for op, chain, channels in zip(ops, chains, walk.branch_channels or [None] * len(chains)):
-            data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
-            tail = read_tail(op, data, walk.axis, walk.rank or 4, channels or 0, model)
-            if isinstance(tail, str):
-                return _Stop(tail_refusal(tail), f"{kind} ({tail})")
-            tails.append(tail)
-        params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
-        if isinstance(params, Refusal):
-            return _Stop(params, f"{kind} ({params.reason})")
-        node = self._build_tail(fused, names, tails[0], walk.current, params)
-        walk.axis = moved_axis(tails[0], walk.axis)
-        return node
-
-    def _fuse_tail_graph_step(self, model, names: g.Names, graphs: list[TailGraph], fused: _Fused,
-                              walk: _Walk) -> list[ir.Node] | _Stop:
-        """A multi-op tail (SiLU, GELU, Mish...) of every branch, applied once: branch 0's graph
-        rebuilt on the fused tensor, each op's per-channel parameters concatenated."""
-        kind = graphs[0].op_type
-        branch_ops = []
-        for graph, channels in zip(graphs, walk.branch_channels or [None] * len(graphs)):
-            ops = read_tail_graph(graph, walk.axis, walk.rank or 4, channels or 0, model)
-            if isinstance(ops, str):
-                return _Stop(tail_refusal(ops), f"{kind} ({ops})")
-            branch_ops.append(ops)
-        layer = TailGraphLayer(kind, [graph.wiring() for graph in graphs], [
-            TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
-            for same in zip(*branch_ops)])
-        params = plan_tail_graph(layer)
-        if isinstance(params, Refusal):
-            return _Stop(params, f"{kind} ({params.reason})")
+    def _build_tail_graph(self, names: g.Names, graph: TailGraph, ops: list[TailOp], params, fused: _Fused,
+                          current: ir.Value) -> list[ir.Node]:
+        """Branch 0's tail graph rebuilt on the fused tensor, each op's parameters concatenated."""
         built: dict[int, ir.Node] = {}  # branch 0's node → its fused copy
-        for op, op_params in zip(branch_ops[0], params):
+        for op, op_params in zip(ops, params):
             wired = {}
             for index, value in enumerate(op.node.inputs):
                 producer = value.producer() if value is not None else None
-                if value is graphs[0].input:
-                    wired[index] = walk.current
+                if value is graph.input:
+                    wired[index] = current
                 elif producer is not None and id(producer) in built:
                     wired[index] = built[id(producer)].outputs[value.index()]
-            built[id(op.node)] = self._build_tail(fused, names, op, walk.current, op_params, wired)
+            built[id(op.node)] = self._build_tail(fused, names, op, current, op_params, wired)
         return list(built.values())
 
     def _finish(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain], fused: _Fused,
@@ -516,25 +532,22 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             if walk.rank is not None and concat_axis % walk.rank != walk.axis:
                 raise Refused("not-channel-axis", f"Concat on axis {concat_axis}, not the channel axis")
         else:
-            if fused.stopped_because is None:
-                fused.stopped_because, fused.stopped_code = "the end of the shortest branch", "branches-differ"
             fused.nodes.append(self._split_back(model, graph, names, fused))
 
-    def _plan_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
-                   branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:
-        if len({c.op_type for c in convs}) > 1:
-            return Refusal("mixed-ops", "branches mix Conv and ConvTranspose")
+    def _read_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
+                   axis: int) -> tuple[dict, ConvLayer] | Refusal:
+        """The convs of one step as ``rewriter.plan`` reads them (a first layer reads its channel
+        range of the source, or all of it; a later one ``0:`` its input width, placed by
+        ``plan_chain``), with their quantization; or why they cannot be read."""
         # Why a near miss is one: what the branches do differently comes before whether their
         # values are constants, so that the reason names the real cause.
         structural = _structural_refusal(convs, chains if layer == 0 else None)
         if structural is not None:
             return structural
-        branches = []
-        start = 0
         quantized = _read_quantization(convs)
         if isinstance(quantized, Refusal):
             return quantized
-        self._quantization = quantized
+        branches = []
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
@@ -542,38 +555,29 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                                f"{g.not_constant_reason(conv.inputs[1])}")
             if g.is_replaceable(conv.inputs[1]):
                 overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
-                return Refusal("overridable-input", f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
-                               f"{g.GRAPH_INPUT}")
+                return Refusal("overridable-input", f"weights of {conv.name or 'a branch ' + conv.op_type} read "
+                               f"'{overridden}', {g.GRAPH_INPUT}")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2]) if quantized["bias"] is None else quantized["bias"][i].data
                 if bias is None or g.is_replaceable(conv.inputs[2]):
                     return Refusal("not-constant", f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
-            width = _in_channels(conv, weight)
+            channel_start, channel_stop = 0, _in_channels(conv, weight)
             if layer == 0 and chain.read is not None:
                 if axis != 1:
-                    return Refusal("not-channel-axis", f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
+                    return Refusal("not-channel-axis",
+                                   f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
                 channel_start, channel_stop = chain.read.start, chain.read.stop
-                if channel_stop - channel_start != width:
-                    return Refusal("width-mismatch", f"{conv.name} reads {channel_stop - channel_start} channels but its weight "
-                                   f"expects {width}")
-            elif layer == 0:
-                channel_start, channel_stop = 0, width
-            else:
-                if branch_channels[i] != width:
-                    return Refusal("width-mismatch", f"{conv.name} expects {width} channels, its branch has {branch_channels[i]}")
-                channel_start, channel_stop = start, start + width
-                start += width
+                if channel_stop - channel_start != _in_channels(conv, weight):
+                    return Refusal("width-mismatch", f"{conv.name} reads {channel_stop - channel_start} channels but "
+                                   f"its weight expects {_in_channels(conv, weight)}")
             branches.append(Branch(
                 name=conv.name or "", channel_start=channel_start, channel_stop=channel_stop, weight=weight,
                 bias=bias, groups=g.attr_int(conv, "group", 1), out_channels=_out_channels(conv),
                 attributes=g.conv_shape_attributes(conv, weight.ndim - 2)))
-        if layer == 0 and chains[0].read is None:
-            if convs[0].op_type != "Conv":
-                return Refusal("unsupported-form", "branches that read the whole input must be Conv, not ConvTranspose")
-            return plan_fusion(branches, None, stack_axis=0, shared_input=True)
-        source_channels = self._source_channels if layer == 0 else start
-        return plan_fusion(branches, source_channels, stack_axis=0)
+        if layer == 0 and chains[0].read is None and convs[0].op_type != "Conv":
+            return Refusal("unsupported-form", "branches that read the whole input must be Conv, not ConvTranspose")
+        return quantized, ConvLayer(branches)
 
     def _build_tail(self, fused: _Fused, names: g.Names, tail: TailOp, current: ir.Value, params,
                     wired: dict[int, ir.Value] | None = None) -> ir.Node:
