@@ -131,9 +131,7 @@ def plan_fusion(branches: Sequence[Branch], source_channels: int | None, *, stac
 def fusion_refusal(branches: Sequence[Branch], source_channels: int | None, *, stack_axis: int,
                    shared_input: bool = False) -> Refusal | None:
     """Why the branches cannot become one grouped (``shared_input``: one wide) convolution, read
-    from their channel ranges, shapes and attributes only, never their weight values; or None.
-    A reader whose weights are not all constants asks this first: what the branches do
-    differently is the cause a user can act on, before whether their values can be read."""
+    from their channel ranges, shapes and attributes only, never their weight values; or None."""
     if len(branches) < 2:
         return Refusal("fewer-branches", "fewer than two branches")
     if shared_input:
@@ -143,25 +141,46 @@ def fusion_refusal(branches: Sequence[Branch], source_channels: int | None, *, s
         refusal = channel_ranges_refusal([(b.channel_start, b.channel_stop) for b in branches], source_channels)
         if refusal is not None:
             return refusal
-        listed = lambda values: ",".join(map(str, values))
-        widths, outs, groups = ([b.width for b in branches], [b.out_channels for b in branches],
-                                [b.groups for b in branches])
+        widths, outs = [b.width for b in branches], [b.out_channels for b in branches]
         if len(set(widths)) > 1:
-            return Refusal("uneven-split", f"uneven split: {listed(widths)} channels")
+            return Refusal("uneven-split", "uneven split: " + ",".join(map(str, widths)) + " channels")
         if len(set(outs)) > 1:
-            return Refusal("out-channels-differ", f"branches have different output channel counts: {listed(outs)}")
-        if len(set(groups)) > 1:
-            return Refusal("groups-differ", f"branches have different group counts: {listed(groups)}")
-    kernels = [tuple(np.delete(b.weight.shape, [stack_axis % b.weight.ndim])) for b in branches]
-    if len(set(kernels)) > 1:
-        return Refusal("kernel-mismatch", "different kernel shapes between branches: "
-                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
+            return Refusal("out-channels-differ", "branches have different output channel counts: "
+                           + ",".join(map(str, outs)))
+    return settings_refusal(branches, stack_axis=stack_axis)
+
+
+def settings_refusal(branches: Sequence[Branch], *, stack_axis: int, kernel_axes: Sequence[int] | None = None
+                     ) -> Refusal | None:
+    """What the branch convolutions do differently by their settings: group counts, kernel
+    shapes, weight dtypes, strides/pads/dilations and the rest; or None. Channel counts are not
+    judged here, so a reader may ask this first, with weights known only by their shapes
+    (``kernel_axes``: the weight axes that make a kernel different, default all but the stack
+    axis; the sentence shows the shape less the stack axis), before it reads their values: what
+    the branches do differently is the cause a user can act on."""
+    groups = [b.groups for b in branches]
+    if len(set(groups)) > 1:
+        return Refusal("groups-differ", "branches have different group counts: " + ",".join(map(str, groups)))
+    shapes = [tuple(b.weight.shape) for b in branches]
+    axes = kernel_axes if kernel_axes is not None else \
+        [axis for axis in range(len(shapes[0])) if axis != stack_axis % len(shapes[0])]
+    if len({tuple(shape[a] for a in axes) if len(shape) == len(shapes[0]) else shape for shape in shapes}) > 1:
+        return kernel_refusal([tuple(np.delete(shape, [stack_axis % len(shape)])) for shape in shapes])
     if len({b.weight.dtype for b in branches}) > 1:
         return Refusal("dtype-mismatch", "branches have weights of different dtypes")
     for key in sorted(set().union(*(b.attributes for b in branches))):
         distinct = list(dict.fromkeys(_describe(b.attributes.get(key)) for b in branches))
         if len(distinct) > 1:
             return Refusal("attribute-mismatch", f"different {key} between branches: " + " vs ".join(distinct))
+    return None
+
+
+def kernel_refusal(kernels: Sequence[tuple[int, ...]]) -> Refusal | None:
+    """Branch kernels (weight shapes less the stack axis, or a format's kernel attribute) that
+    differ, in the words every format uses; or None."""
+    if len(set(kernels)) > 1:
+        return Refusal("kernel-mismatch", "different kernel shapes between branches: "
+                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
     return None
 
 

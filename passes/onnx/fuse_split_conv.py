@@ -54,6 +54,7 @@ from rewriter.plan import (
     TailLayer,
     channel_ranges_refusal,
     plan_chain,
+    settings_refusal,
     tail_refusal,
 )
 from rewriter.report import Rewrite, Skip
@@ -691,9 +692,11 @@ def _dequantize(fused: _Fused, names: g.Names, name: str, data: ir.Value, parts:
 
 
 def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Refusal | None:
-    """What the branch convolutions do differently, read from their attributes and weight shapes
-    only (no weight data): group, kernel, strides, pads, dilations; and, for the first layer, the
-    channel ranges they read (order, gaps, overlaps)."""
+    """What the branch convolutions do differently, judged by the planner from their attributes
+    and weight shapes only (no weight data): for the first layer the order and overlaps of the
+    channel ranges they read, then ``plan.settings_refusal`` (group, kernel, strides, pads,
+    dilations...) with the kernel judged by its spatial axes (a different channel count is the
+    plan's later, more precise sentence)."""
     if chains is not None and all(c.read is not None and c.read.start is not None and c.read.stop is not None
                                   for c in chains):
         ranges = [(c.read.start, c.read.stop) for c in chains]
@@ -701,27 +704,19 @@ def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Re
             refusal = channel_ranges_refusal(ranges, None)
             if refusal is not None:
                 return refusal
-    groups = [g.attr_int(conv, "group", 1) for conv in convs]
-    if len(set(groups)) > 1:
-        return Refusal("groups-differ", "branches have different group counts: " + ",".join(map(str, groups)))
     shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
-    kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
-    if None in shapes and None not in kernels and len({tuple(k) for k in kernels}) > 1:
+    if None in shapes:
         # Weights computed at run time have no shape to read, but the kernel attribute tells.
-        return Refusal("kernel-mismatch", "different kernel shapes between branches: "
-                       + " vs ".join(_describe(tuple(k)) for k in dict.fromkeys(tuple(k) for k in kernels)))
-    if all(shape is not None for shape in shapes):
-        if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
-            kernels = [shape[1:] for shape in shapes]
-            return Refusal("kernel-mismatch", "different kernel shapes between branches: "
-                           + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
-        rank = len(shapes[0]) - 2
-        attributes = [g.conv_shape_attributes(conv, rank) for conv in convs]
-        for key in sorted(set().union(*attributes)):
-            distinct = list(dict.fromkeys(_describe(a.get(key)) for a in attributes))
-            if len(distinct) > 1:
-                return Refusal("attribute-mismatch", f"different {key} between branches: " + " vs ".join(distinct))
-    return None
+        kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
+        shapes = [(0, *k) for k in kernels] if None not in kernels else [(0,)] * len(convs)
+        with_settings, kernel_axes = False, range(1, len(shapes[0]))
+    else:
+        with_settings, kernel_axes = True, range(2, len(shapes[0]))
+    branches = [Branch(conv.name or "", 0, 0, np.broadcast_to(np.float32(0), shape), None,
+                       g.attr_int(conv, "group", 1), 0,
+                       g.conv_shape_attributes(conv, len(shape) - 2) if with_settings else {})
+                for conv, shape in zip(convs, shapes)]
+    return settings_refusal(branches, stack_axis=0, kernel_axes=kernel_axes)
 
 
 def _combines_without_groups(chains: list[_Chain], fused: _Fused) -> bool:
@@ -743,12 +738,6 @@ def _check_read_only_by_branches(chain: _Chain) -> None:
     if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
             or len(others) + 1 != len(chain.entry.uses()):
         raise Refused("used-outside", f"branch input {chain.entry.name} is used outside its branch")
-
-
-def _describe(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(str(v) for v in value) + ")"
-    return str(value)
 
 
 def _walk_back(value: ir.Value) -> _Chain:
