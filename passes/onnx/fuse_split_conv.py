@@ -17,8 +17,11 @@ The same pass fuses what real exporters write around that core:
 - ConvTranspose branches (weights ``[I, O/g, k...]``), depthwise (C branches of one channel).
 
 The matcher starts at each Concat (onnxscript's pattern rules cannot match a variable number of
-branches), walks each input back to where the branch starts, and hands every layer to
-``rewriter.plan``, which owns the rules and the weight arithmetic.
+branches) and walks each input back to where the branch starts. The branches are then planned
+step by step by ``rewriter.plan.plan_chain``, the walk every format shares, which owns the rules,
+the words of every refusal and the weight arithmetic; this pass only reads each step of every
+branch for it (``_read_step``: a conv layer, a channel-wise tail, a tail graph) and builds what
+the plan says.
 """
 
 from __future__ import annotations
