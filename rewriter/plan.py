@@ -415,7 +415,8 @@ class ChainPlan:
 def plan_chain(kinds: Sequence[Sequence[str]],
                read_step: Callable[[int, list[int] | None], ConvLayer | TailLayer | TailGraphLayer | Refusal],
                source_channels: int | None, *,
-               conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
+               conv_kinds: Sequence[str], shared_input: bool, stack_axis: int,
+               fuse: Callable[..., FusionPlan | Refusal] | None = None) -> ChainPlan | Refusal:
     """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
 
     The walk is written once, here; each format hands in its reader. ``kinds[i]`` are branch i's
@@ -426,7 +427,8 @@ def plan_chain(kinds: Sequence[Sequence[str]],
     each once. The first conv layer reads channel ranges of the source (``plan_fusion``) or,
     with ``shared_input``, the whole source (one wide conv); later conv layers each become one
     grouped conv. A refusal up to the first conv refuses the candidate; after it the plan stops
-    there and says where and why (the format splits the fused tensor back into the branches' parts)."""
+    there and says where and why (the format splits the fused tensor back into the branches' parts).
+    ``fuse`` plans each conv layer (default ``plan_fusion``)."""
     steps: list[FusionPlan | list[np.ndarray]] = []
     channels: list[int] = []
     for step in range(min(len(k) for k in kinds)):
@@ -438,13 +440,10 @@ def plan_chain(kinds: Sequence[Sequence[str]],
                              "branches-differ")
         layer = read_step(step, channels or None)
         if isinstance(layer, ConvLayer):
-            outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis)
-        elif isinstance(layer, TailLayer):
-            outcome = plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
-        elif isinstance(layer, TailGraphLayer):
-            outcome = plan_tail_graph(layer)
+            outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis,
+                                       fuse or plan_fusion)
         else:
-            outcome = layer
+            outcome = _plan_tail_layer(layer)
         if isinstance(outcome, Refusal):
             if not channels:
                 return outcome
@@ -459,10 +458,18 @@ def plan_chain(kinds: Sequence[Sequence[str]],
     return ChainPlan(steps, channels)
 
 
+def _plan_tail_layer(layer: TailLayer | TailGraphLayer | Refusal) -> list | Refusal:
+    if isinstance(layer, TailLayer):
+        return plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
+    if isinstance(layer, TailGraphLayer):
+        return plan_tail_graph(layer)
+    return layer
+
+
 def _plan_conv_layer(branches: list[Branch], channels: list[int], source_channels: int | None, shared_input: bool,
-                     stack_axis: int) -> FusionPlan | Refusal:
+                     stack_axis: int, fuse: Callable[..., FusionPlan | Refusal]) -> FusionPlan | Refusal:
     if not channels:
-        return plan_fusion(branches, source_channels, stack_axis=stack_axis, shared_input=shared_input)
+        return fuse(branches, source_channels, stack_axis=stack_axis, shared_input=shared_input)
     placed, start = [], 0
     for branch, width in zip(branches, channels):
         if branch.width != width:
@@ -470,4 +477,4 @@ def _plan_conv_layer(branches: list[Branch], channels: list[int], source_channel
         placed.append(Branch(branch.name, start, start + width, branch.weight, branch.bias, branch.groups,
                              branch.out_channels, branch.attributes))
         start += width
-    return plan_fusion(placed, start, stack_axis=stack_axis)
+    return fuse(placed, start, stack_axis=stack_axis)

@@ -57,6 +57,7 @@ from rewriter.plan import (
     TailLayer,
     channel_ranges_refusal,
     plan_chain,
+    plan_fusion,
     settings_refusal,
     tail_refusal,
 )
@@ -396,7 +397,10 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         plan = plan_chain([[op.op_type for op in c.ops] for c in chains],
                           functools.partial(self._read_step, model, chains, start, reads),
                           self._source_channels if reading else None,
-                          conv_kinds=CONV_OPS, shared_input=not reading, stack_axis=0)
+                          conv_kinds=CONV_OPS, shared_input=not reading, stack_axis=0,
+                          # The arithmetic by this module's name for it, read at each call: tests
+                          # corrupt it to prove that verification catches a wrong rewrite.
+                          fuse=plan_fusion)
         if isinstance(plan, Refusal):
             raise Refused(plan)
         fused = _Fused(length=len(plan.steps), stopped_because=plan.stopped, stopped_code=plan.stopped_code or "")
