@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A code written where a refusal or a skip is made: Refusal("code", ...), Refused("code", ...) and
 # its subclasses, Skip(..., code="code"), and the conditional of ``plan.tail_refusal``.
-CODE_SITES = re.compile(r'\b(?:Refusal|Refused|UnreadableRange|NotExact|_Kept|_LateBound)\(\s*"([^"]*)"'
+CODE_SITES = re.compile(r'\b(?:Refusal|Refused|UnreadableRange|NotExact)\(\s*"([^"]*)"'
                         r'|\bcode="([^"]*)"'
                         r'|Refusal\("[a-z-]+" if \w+ else "([a-z-]+)"')
 

@@ -189,16 +189,7 @@ def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
     return layer(inputs if len(inputs) == 2 else inputs[0])
 
 
-class _Kept(Refused):
-    """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
-
-
-class _LateBound(Refused):
-    """Branches whose Lambdas were bound late (all read one group), left as they are: a fault of
-    the model, which --check reports as a finding."""
-
-
-LATE_BINDING = "late-binding"  # the Skip.finding of a late-bound group
+LATE_BINDING = "late-binding"  # the code, and the Skip.finding, of a late-bound group: a fault of the model
 
 
 @dataclass
@@ -356,8 +347,8 @@ class FuseGroupedConv:
                 continue
             except Refused as refusal:
                 self.skipped.append(Skip.refused(location, refusal, self._branch_names(call),
-                                                 finding=LATE_BINDING if isinstance(refusal, _LateBound) else ""))
-                if isinstance(refusal, _Kept):
+                                                 finding=LATE_BINDING if refusal.code == LATE_BINDING else ""))
+                if refusal.code == "target-keeps":  # the --target keeps it: a decision too
                     self.decisions.append({"location": location, "graph": "", "form": "split", "action": "keep",
                                            "rule": str(refusal)})
                 continue
@@ -648,7 +639,7 @@ class FuseGroupedConv:
             return
         refused = next((v for v in verdicts if not v[0]), None)
         if refused is not None:
-            raise _Kept("target-keeps", refused[1])
+            raise Refused("target-keeps", refused[1])
         self._verdict = (True, "; ".join(dict.fromkeys(rule for _, rule in verdicts)))
 
     def _check_slices_consumed(self, branches: list[BranchMatch]) -> None:
@@ -760,9 +751,9 @@ class FuseGroupedConv:
                        f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            raise _LateBound("late-binding", message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
+            raise Refused("late-binding", message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
-            raise _LateBound("late-binding", message + "; cannot repair: the channel count is unknown")
+            raise Refused("late-binding", message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
         for name, step in _binding_steps(cells, len(sources)):
             functions, found = [], []
@@ -783,7 +774,7 @@ class FuseGroupedConv:
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to %s)",
                                 concat.layer.name, message, name, "i" if step == 1 else f"i*{step}")
                     return rebound
-        raise _LateBound("late-binding", message + "; cannot repair: re-binding no closure variable to the branch positions "
+        raise Refused("late-binding", message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
 
 
