@@ -15,7 +15,8 @@ _original_init = Skip.__init__
 def _recording_init(self, *args, **kwargs):
     _original_init(self, *args, **kwargs)
     with open(os.environ["REASON_CODES_LOG"], "a", encoding="utf-8") as log:
-        log.write(json.dumps({"location": self.location, "code": self.code, "reason": self.reason}) + "\n")
+        log.write(json.dumps({"location": self.location, "code": self.code, "reason": self.reason,
+                              "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\n")
 
 
 Skip.__init__ = _recording_init
