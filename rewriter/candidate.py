@@ -4,7 +4,8 @@
 
 A reader (one per format: ``passes/*/fuse_*.py``) finds where each branch reads its channels
 (``ChannelRead``), hands the branches to ``rewriter.plan``, and says why a candidate is none
-(``NotACandidate``: nothing to report) or cannot fuse (``Refused``: the reason is the message).
+(``NotACandidate``: nothing to report) or cannot fuse (``Refused``, from ``rewriter.reasons``: a
+stable code and the sentence the user reads).
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-class NotACandidate(Exception):
-    """The concat does not join branch convolutions at all (nothing to report)."""
-
-
-class Refused(Exception):
-    """A candidate that cannot fuse; the message is the reason the user reads."""
+from rewriter.reasons import NotACandidate, Refused  # noqa: F401  (the readers' words, kept here)
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from rewriter.reasons import Refusal
+
 
 @dataclass
 class Branch:
@@ -50,10 +52,6 @@ class FusionPlan:
     attributes: dict[str, Any]
 
 
-@dataclass
-class Refusal:
-    reason: str
-
 
 def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
@@ -72,60 +70,46 @@ def _describe_setting(value: Any) -> str:
 
 def check_channel_ranges(ranges: Sequence[tuple[int, int]], source_channels: int | None) -> str | None:
     """Why the ranges, in concat order, do not tile the source's channels exactly once, or None."""
+    refusal = channel_ranges_refusal(ranges, source_channels)
+    return refusal.reason if refusal is not None else None
+
+
+def channel_ranges_refusal(ranges: Sequence[tuple[int, int]], source_channels: int | None) -> Refusal | None:
+    """``check_channel_ranges`` as a refusal with its code."""
     starts = [start for start, _ in ranges]
     for (start, stop) in ranges:
         if stop <= start:
-            return f"empty channel range {start}:{stop}"
+            return Refusal("empty-range", f"empty channel range {start}:{stop}")
     ordered = sorted(ranges)
     for (a_start, a_stop), (b_start, b_stop) in zip(ordered, ordered[1:]):
         if b_start < a_stop:
-            return f"channel ranges overlap: {a_start}:{a_stop} and {b_start}:{b_stop}"
+            return Refusal("ranges-overlap", f"channel ranges overlap: {a_start}:{a_stop} and {b_start}:{b_stop}")
         if b_start > a_stop:
-            return f"channel ranges leave a gap: channels {a_stop}:{b_start} are read by no branch"
+            return Refusal("ranges-gap", f"channel ranges leave a gap: channels {a_stop}:{b_start} are read by no branch")
     if starts != sorted(starts):
         order = ",".join(f"{s}:{e}" for s, e in ranges)
-        return f"branches are concatenated out of channel order ({order})"
+        return Refusal("out-of-order", f"branches are concatenated out of channel order ({order})")
     if ordered[0][0] != 0:
-        return f"channels 0:{ordered[0][0]} are read by no branch"
+        return Refusal("ranges-gap", f"channels 0:{ordered[0][0]} are read by no branch")
     if source_channels is None:
-        return "cannot prove the branches cover every channel of the source (its channel count is unknown)"
+        return Refusal("unknown-channels",
+                       "cannot prove the branches cover every channel of the source (its channel count is unknown)")
     if ordered[-1][1] != source_channels:
-        return (f"branches read channels 0:{ordered[-1][1]} of {source_channels}; "
-                "a grouped convolution needs them all")
+        return Refusal("partial-cover", f"branches read channels 0:{ordered[-1][1]} of {source_channels}; "
+                       "a grouped convolution needs them all")
     return None
 
 
-def plan_fusion(branches: Sequence[Branch], source_channels: int | None, *, stack_axis: int) -> FusionPlan | Refusal:
-    """Fuse N branch convolutions into one grouped convolution, or say why not."""
-    if len(branches) < 2:
-        return Refusal("fewer than two branches")
-    reason = check_channel_ranges([(b.channel_start, b.channel_stop) for b in branches], source_channels)
-    if reason:
-        return Refusal(reason)
+def plan_fusion(branches: Sequence[Branch], source_channels: int | None, *, stack_axis: int,
+                shared_input: bool = False) -> FusionPlan | Refusal:
+    """Fuse N branch convolutions into one grouped convolution, or say why not.
 
-    widths = [b.width for b in branches]
-    if len(set(widths)) > 1:
-        return Refusal("uneven split: " + ",".join(map(str, widths)) + " channels")
-    outs = [b.out_channels for b in branches]
-    if len(set(outs)) > 1:
-        return Refusal("branches have different output channel counts: " + ",".join(map(str, outs)))
-    inner_groups = [b.groups for b in branches]
-    if len(set(inner_groups)) > 1:
-        return Refusal("branches have different group counts: " + ",".join(map(str, inner_groups)))
-    kernels = [tuple(np.delete(b.weight.shape, [stack_axis % b.weight.ndim])) for b in branches]
-    if len(set(kernels)) > 1:
-        return Refusal("different kernel shapes between branches: "
-                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
-    dtypes = [b.weight.dtype for b in branches]
-    if len(set(dtypes)) > 1:
-        return Refusal("branches have weights of different dtypes")
-    for key in sorted(set().union(*(b.attributes for b in branches))):
-        values = [b.attributes.get(key) for b in branches]
-        distinct = list(dict.fromkeys(_describe(v) for v in values))
-        if len(distinct) > 1:
-            return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
-
-    n = len(branches)
+    With ``shared_input`` the branches all read the *same* whole tensor (ResNeXt fig. 3 a/b,
+    Inception-like 1×1s): they become one wide convolution, kernels stacked on the output axis,
+    group unchanged (1); ``source_channels`` is then not read."""
+    refusal = fusion_refusal(branches, source_channels, stack_axis=stack_axis, shared_input=shared_input)
+    if refusal is not None:
+        return refusal
     weight = np.concatenate([b.weight for b in branches], axis=stack_axis)
     bias = None
     if any(b.bias is not None for b in branches):
@@ -135,13 +119,69 @@ def plan_fusion(branches: Sequence[Branch], source_channels: int | None, *, stac
             b.bias if b.bias is not None else np.zeros(b.out_channels, dtype=dtype) for b in branches
         ])
     return FusionPlan(
-        groups=n * inner_groups[0],
-        in_channels=sum(widths),
-        out_channels=sum(outs),
+        groups=1 if shared_input else len(branches) * branches[0].groups,
+        in_channels=branches[0].width if shared_input else sum(b.width for b in branches),
+        out_channels=sum(b.out_channels for b in branches),
         weight=weight,
         bias=bias,
         attributes=dict(branches[0].attributes),
     )
+
+
+def fusion_refusal(branches: Sequence[Branch], source_channels: int | None, *, stack_axis: int,
+                   shared_input: bool = False) -> Refusal | None:
+    """Why the branches cannot become one grouped (``shared_input``: one wide) convolution, read
+    from their channel ranges, shapes and attributes only, never their weight values; or None."""
+    if len(branches) < 2:
+        return Refusal("fewer-branches", "fewer than two branches")
+    if shared_input:
+        if any(b.groups != 1 for b in branches):
+            return Refusal("groups-differ", "branches that read the whole input must be plain convolutions (group=1)")
+    else:
+        refusal = channel_ranges_refusal([(b.channel_start, b.channel_stop) for b in branches], source_channels)
+        if refusal is not None:
+            return refusal
+        widths, outs = [b.width for b in branches], [b.out_channels for b in branches]
+        if len(set(widths)) > 1:
+            return Refusal("uneven-split", "uneven split: " + ",".join(map(str, widths)) + " channels")
+        if len(set(outs)) > 1:
+            return Refusal("out-channels-differ", "branches have different output channel counts: "
+                           + ",".join(map(str, outs)))
+    return settings_refusal(branches, stack_axis=stack_axis)
+
+
+def settings_refusal(branches: Sequence[Branch], *, stack_axis: int, kernel_axes: Sequence[int] | None = None
+                     ) -> Refusal | None:
+    """What the branch convolutions do differently by their settings: group counts, kernel
+    shapes, weight dtypes, strides/pads/dilations and the rest; or None. Channel counts are not
+    judged here, so a reader may ask this first, with weights known only by their shapes
+    (``kernel_axes``: the weight axes that make a kernel different, default all but the stack
+    axis; the sentence shows the shape less the stack axis), before it reads their values: what
+    the branches do differently is the cause a user can act on."""
+    groups = [b.groups for b in branches]
+    if len(set(groups)) > 1:
+        return Refusal("groups-differ", "branches have different group counts: " + ",".join(map(str, groups)))
+    shapes = [tuple(b.weight.shape) for b in branches]
+    axes = kernel_axes if kernel_axes is not None else \
+        [axis for axis in range(len(shapes[0])) if axis != stack_axis % len(shapes[0])]
+    if len({tuple(shape[a] for a in axes) if len(shape) == len(shapes[0]) else shape for shape in shapes}) > 1:
+        return kernel_refusal([tuple(np.delete(shape, [stack_axis % len(shape)])) for shape in shapes])
+    if len({b.weight.dtype for b in branches}) > 1:
+        return Refusal("dtype-mismatch", "branches have weights of different dtypes")
+    for key in sorted(set().union(*(b.attributes for b in branches))):
+        distinct = list(dict.fromkeys(_describe(b.attributes.get(key)) for b in branches))
+        if len(distinct) > 1:
+            return Refusal("attribute-mismatch", f"different {key} between branches: " + " vs ".join(distinct))
+    return None
+
+
+def kernel_refusal(kernels: Sequence[tuple[int, ...]]) -> Refusal | None:
+    """Branch kernels (weight shapes less the stack axis, or a format's kernel attribute) that
+    differ, in the words every format uses; or None."""
+    if len(set(kernels)) > 1:
+        return Refusal("kernel-mismatch", "different kernel shapes between branches: "
+                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
+    return None
 
 
 @dataclass
@@ -160,12 +200,12 @@ def plan_expansion(weight: np.ndarray, bias: np.ndarray | None, groups: int, in_
     """Split a grouped convolution into ``branches`` convolutions (default: one per group)."""
     branches = groups if branches is None else branches
     if groups < 2:
-        return Refusal("not a grouped convolution (group=1)")
+        return Refusal("not-grouped", "not a grouped convolution (group=1)")
     # One "branch" would rewrite the conv as itself, and zero would divide by zero.
     if branches < 2 or groups % branches:
-        return Refusal(f"group={groups} cannot be split into {branches} branches")
+        return Refusal("indivisible-groups", f"group={groups} cannot be split into {branches} branches")
     if in_channels % branches or weight.shape[stack_axis] % branches:
-        return Refusal(f"channels do not divide into {branches} branches")
+        return Refusal("indivisible-groups", f"channels do not divide into {branches} branches")
     width = in_channels // branches
     weights = np.split(weight, branches, axis=stack_axis)
     biases = list(np.split(bias, branches)) if bias is not None else [None] * branches
@@ -182,16 +222,22 @@ DEPTHWISE_KEPT = "depthwise (group == channels) kept: --keep-depthwise"
 
 
 def expansion_refusal(groups: int, *, depthwise: bool | None, keep_depthwise: bool, min_groups: int,
-                      max_groups: int | None) -> str | None:
+                      max_groups: int | None) -> Refusal | None:
     """Why ``--expand`` leaves a grouped conv as it is, in the same words for every format (the
     --min-groups/--max-groups range first; ``depthwise`` None: not known yet), or None."""
     if groups < min_groups:
-        return f"group={groups} is below --min-groups {min_groups}"
+        return Refusal("below-min-groups", f"group={groups} is below --min-groups {min_groups}")
     if max_groups is not None and groups > max_groups:
-        return f"group={groups} is above --max-groups {max_groups}"
+        return Refusal("above-max-groups", f"group={groups} is above --max-groups {max_groups}")
     if depthwise and keep_depthwise:
-        return DEPTHWISE_KEPT
+        return Refusal("depthwise-kept", DEPTHWISE_KEPT)
     return None
+
+
+def tail_refusal(sentence: str) -> Refusal:
+    """A format's reason why an op after a branch conv is no channel-wise tail, with its code."""
+    constant = "are not constant" in sentence or "bounds are not constants" in sentence
+    return Refusal("not-constant" if constant else "not-channel-wise", sentence)
 
 
 def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Sequence[np.ndarray]],
@@ -207,47 +253,20 @@ def plan_tail(kind: str, configs: Sequence[dict[str, Any]], weights: Sequence[Se
     for key in sorted(set().union(*(c.keys() for c in configs))):
         distinct = list(dict.fromkeys(_describe_setting(c.get(key)) for c in configs))
         if len(distinct) > 1:
-            return Refusal(f"tails disagree between branches: {kind} {key} " + " vs ".join(distinct[:3]))
+            return Refusal("tails-differ", f"tails disagree between branches: {kind} {key} " + " vs ".join(distinct[:3]))
     counts = {len(w) for w in weights}
     if len(counts) > 1:
-        return Refusal(f"tails disagree between branches: {kind} parameter counts differ")
+        return Refusal("tails-differ", f"tails disagree between branches: {kind} parameter counts differ")
     fused: list[np.ndarray] = []
     for i, axis in enumerate(concat_axes[:next(iter(counts), 0)]):
         arrays = [np.asarray(w[i]) for w in weights]
         if axis is None:
             if any(a.shape != arrays[0].shape or not np.array_equal(a, arrays[0]) for a in arrays[1:]):
-                return Refusal(f"tails disagree between branches: {kind} parameter {i} differs")
+                return Refusal("tails-differ", f"tails disagree between branches: {kind} parameter {i} differs")
             fused.append(arrays[0])
         else:
             fused.append(np.concatenate(arrays, axis=axis))
     return fused
-
-
-def plan_shared_input(branches: Sequence[Branch], *, stack_axis: int) -> FusionPlan | Refusal:
-    """N convolutions that all read the *same* whole tensor (ResNeXt fig. 3 a/b, Inception-like
-    1×1s) are one wide convolution: kernels stacked on the output axis, group unchanged (1)."""
-    if len(branches) < 2:
-        return Refusal("fewer than two branches")
-    if any(b.groups != 1 for b in branches):
-        return Refusal("branches that read the whole input must be plain convolutions (group=1)")
-    kernels = [tuple(np.delete(b.weight.shape, [stack_axis % b.weight.ndim])) for b in branches]
-    if len(set(kernels)) > 1:
-        return Refusal("different kernel shapes between branches: "
-                       + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
-    if len({b.weight.dtype for b in branches}) > 1:
-        return Refusal("branches have weights of different dtypes")
-    for key in sorted(set().union(*(b.attributes for b in branches))):
-        distinct = list(dict.fromkeys(_describe(b.attributes.get(key)) for b in branches))
-        if len(distinct) > 1:
-            return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
-    weight = np.concatenate([b.weight for b in branches], axis=stack_axis)
-    bias = None
-    if any(b.bias is not None for b in branches):
-        dtype = next(b.bias.dtype for b in branches if b.bias is not None)
-        bias = np.concatenate([b.bias if b.bias is not None else np.zeros(b.out_channels, dtype=dtype)
-                               for b in branches])
-    return FusionPlan(groups=1, in_channels=branches[0].width, out_channels=sum(b.out_channels for b in branches),
-                      weight=weight, bias=bias, attributes=dict(branches[0].attributes))
 
 
 # -- tails: how each channel-wise op's parameters concatenate ---------------------------------
@@ -341,12 +360,12 @@ def plan_tail_graph(layer: TailGraphLayer) -> list[list[np.ndarray]] | Refusal:
     ``plan_tail`` (per-channel parameters concatenated, shared ones equal). Returns each op's
     fused parameters, in the graph's order."""
     if any(wiring != layer.wirings[0] for wiring in layer.wirings[1:]):
-        return Refusal(f"tails disagree between branches: the {layer.kind} is not wired the same way in every branch")
+        return Refusal("tails-differ", f"tails disagree between branches: the {layer.kind} is not wired the same way in every branch")
     fused = []
     for op in layer.ops:
         params = plan_tail(op.kind, op.configs, op.weights, op.concat_axes)
         if isinstance(params, Refusal):
-            return Refusal(f"{params.reason} (inside the {layer.kind})")
+            return params.with_reason(f"{params.reason} (inside the {layer.kind})")
         fused.append(params)
     return fused
 
@@ -381,6 +400,7 @@ class ChainPlan:
     steps: list[FusionPlan | list[np.ndarray] | list[list[np.ndarray]]]
     branch_channels: list[int]  # each branch's channels after the last fused step (for a split back)
     stopped: str | None = None  # where and why the branches stop agreeing; None: every step fused
+    stopped_code: str | None = None  # the code of why they stop (rewriter.reasons)
 
     @property
     def convs(self) -> list[FusionPlan]:
@@ -395,56 +415,66 @@ class ChainPlan:
 def plan_chain(kinds: Sequence[Sequence[str]],
                read_step: Callable[[int, list[int] | None], ConvLayer | TailLayer | TailGraphLayer | Refusal],
                source_channels: int | None, *,
-               conv_kinds: Sequence[str], shared_input: bool, stack_axis: int) -> ChainPlan | Refusal:
+               conv_kinds: Sequence[str], shared_input: bool, stack_axis: int,
+               fuse: Callable[..., FusionPlan | Refusal] | None = None) -> ChainPlan | Refusal:
     """Fuse branches that are chains of convolutions and channel-wise tails, step by step.
 
-    ``kinds[i]`` are branch i's op kinds in order (the first a conv); ``read_step(step,
-    branch_channels)`` reads step ``step`` of every branch as a ``ConvLayer``, a ``TailLayer`` or
-    a ``Refusal`` (``branch_channels``: each branch's channels before that step). The first conv
-    layer reads channel ranges of the source (``plan_fusion``) or, with ``shared_input``, the whole
-    source (``plan_shared_input``: one wide conv); later conv layers each become one grouped conv.
-    A refusal of the first layer refuses the candidate; after it the plan stops there and says
-    where and why (the format splits the fused tensor back into the branches' parts)."""
+    The walk is written once, here; each format hands in its reader. ``kinds[i]`` are branch i's
+    op kinds in order (a conv first, or after layout ops such as ONNX's Transpose of tf2onnx's
+    NHWC branches); ``read_step(step, branch_channels)`` reads step ``step`` of every branch as
+    a ``ConvLayer``, a ``TailLayer``, a ``TailGraphLayer`` or a ``Refusal`` (``branch_channels``:
+    each branch's channels after the last conv, None before it); the steps are read in order,
+    each once. The first conv layer reads channel ranges of the source (``plan_fusion``) or,
+    with ``shared_input``, the whole source (one wide conv); later conv layers each become one
+    grouped conv. A refusal up to the first conv refuses the candidate; after it the plan stops
+    there and says where and why (the format splits the fused tensor back into the branches' parts).
+    ``fuse`` plans each conv layer (default ``plan_fusion``)."""
     steps: list[FusionPlan | list[np.ndarray]] = []
     channels: list[int] = []
     for step in range(min(len(k) for k in kinds)):
         here = sorted({k[step] for k in kinds})
         if len(here) > 1:
-            if not steps:
-                return Refusal("branches differ here: " + " vs ".join(here))
-            return ChainPlan(steps, channels, "where the branches differ (" + " vs ".join(here) + ")")
+            if not channels:  # no conv fused yet
+                return Refusal("branches-differ", "branches differ here: " + " vs ".join(here))
+            return ChainPlan(steps, channels, "where the branches differ (" + " vs ".join(here) + ")",
+                             "branches-differ")
         layer = read_step(step, channels or None)
         if isinstance(layer, ConvLayer):
-            outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis)
-        elif isinstance(layer, TailLayer):
-            outcome = plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
-        elif isinstance(layer, TailGraphLayer):
-            outcome = plan_tail_graph(layer)
+            outcome = _plan_conv_layer(layer.branches, channels, source_channels, shared_input, stack_axis,
+                                       fuse or plan_fusion)
         else:
-            outcome = layer
+            outcome = _plan_tail_layer(layer)
         if isinstance(outcome, Refusal):
-            if not steps:
+            if not channels:
                 return outcome
             where = "the convolution after" if here[0] in conv_kinds else here[0]
-            return ChainPlan(steps, channels, f"{where} ({outcome.reason})")
+            return ChainPlan(steps, channels, f"{where} ({outcome.reason})", outcome.code)
         steps.append(outcome)
         if isinstance(layer, ConvLayer):
             channels = [b.out_channels for b in layer.branches]
     ends = {len(k) for k in kinds}
-    return ChainPlan(steps, channels, "the end of the shortest branch" if len(ends) > 1 else None)
+    if len(ends) > 1:
+        return ChainPlan(steps, channels, "the end of the shortest branch", "branches-differ")
+    return ChainPlan(steps, channels)
+
+
+def _plan_tail_layer(layer: TailLayer | TailGraphLayer | Refusal) -> list | Refusal:
+    if isinstance(layer, TailLayer):
+        return plan_tail(layer.kind, layer.configs, layer.weights, layer.concat_axes)
+    if isinstance(layer, TailGraphLayer):
+        return plan_tail_graph(layer)
+    return layer
 
 
 def _plan_conv_layer(branches: list[Branch], channels: list[int], source_channels: int | None, shared_input: bool,
-                     stack_axis: int) -> FusionPlan | Refusal:
+                     stack_axis: int, fuse: Callable[..., FusionPlan | Refusal]) -> FusionPlan | Refusal:
     if not channels:
-        if shared_input:
-            return plan_shared_input(branches, stack_axis=stack_axis)
-        return plan_fusion(branches, source_channels, stack_axis=stack_axis)
+        return fuse(branches, source_channels, stack_axis=stack_axis, shared_input=shared_input)
     placed, start = [], 0
     for branch, width in zip(branches, channels):
         if branch.width != width:
-            return Refusal(f"{branch.name} expects {branch.width} channels, its branch has {width}")
+            return Refusal("width-mismatch", f"{branch.name} expects {branch.width} channels, its branch has {width}")
         placed.append(Branch(branch.name, start, start + width, branch.weight, branch.bias, branch.groups,
                              branch.out_channels, branch.attributes))
         start += width
-    return plan_fusion(placed, start, stack_axis=stack_axis)
+    return fuse(placed, start, stack_axis=stack_axis)

@@ -29,6 +29,10 @@ class Rewrite:
 
 @dataclass
 class Skip:
+    """A pattern left alone: where (``location``, the node or layer that stands for it, in
+    ``graph``), why (``reason``, the sentence users read) and the stable ``code`` of that reason
+    (rewriter.reasons.CODES; docs/REASONS.md), which tools such as ``--check`` read."""
+
     location: str
     reason: str
     nodes: list[str] = field(default_factory=list)
@@ -36,6 +40,15 @@ class Skip:
     # A fault of the model itself, not only a pattern left alone ("late-binding": Lambdas made in a
     # loop all read the last group): --check fails on it (exit 1) as on work to do.
     finding: str = ""
+    code: str = ""
+
+    @classmethod
+    def refused(cls, location: str, refusal, nodes: list[str] | None = None, graph: str = "",
+                finding: str = "") -> Skip:
+        """The skip for a ``rewriter.reasons.Refusal`` (or a raised ``Refused``): its code and reason."""
+        refusal = getattr(refusal, "refusal", refusal)
+        return cls(location, refusal.reason, list(nodes if nodes is not None else refusal.nodes), graph, finding,
+                   refusal.code)
 
 
 @dataclass
@@ -212,7 +225,7 @@ def format_summary(report: Report) -> str:
     if skipped:
         lines.append(f"left alone ({len(skipped)}):")
         for s in skipped:
-            lines.append(f"  {s.location}: {s.reason}")
+            lines.append(f"  {s.location}: {s.reason}" + (f" [{s.code}]" if s.code else ""))
     if report.target is not None:
         lines.extend(format_target(report.target))
     lines.extend(format_changes(report))

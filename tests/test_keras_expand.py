@@ -50,7 +50,7 @@ def test_expand_then_fuse_round_trip(grouped, tmp_path):
 def test_expand_options_keep_depthwise_and_group_bounds(grouped, tmp_path):
     report = expand(grouped, output=tmp_path / "a.keras", options=Options(keep_depthwise=True)).report
     assert [r.location for r in report.rewrites] == ["grouped"]
-    assert [(s.location, s.reason) for s in report.skipped] == [("depthwise", "depthwise (kept: --keep-depthwise)")]
+    assert [(s.location, s.reason) for s in report.skipped] == [("depthwise", "depthwise (group == channels) kept: --keep-depthwise")]
     report = expand(grouped, output=tmp_path / "b.keras", options=Options(min_groups=8)).report
     assert [r.location for r in report.rewrites] == ["depthwise"]
     assert "below --min-groups 8" in report.skipped[0].reason

@@ -49,7 +49,7 @@ def test_folder_check_prints_each_finding_with_its_location_and_the_fix(folder):
     assert fusable.startswith(f"{folder / 'fusable.onnx'}: {location}: fusable-group fuse-split-conv: ")
     assert "Conv(group=4)" in fusable
     (near,) = [line for line in lines if line.startswith(f"{folder / 'near.onnx'}: ")]
-    assert near == f"{folder / 'near.onnx'}: Concat_9: near-miss different dilations between branches: (1,1) vs (2,2)"
+    assert near == f"{folder / 'near.onnx'}: Concat_9: attribute-mismatch different dilations between branches: (1,1) vs (2,2)"
     assert not any(str(folder / "clean.onnx") in line for line in lines)  # a clean model: no line
     assert "3 models: 2 clean, 1 would-rewrite; exit 1" in lines
     assert lines[-1] == f"1 model would be rewritten (1 group); run: gconv-rewrite {folder} --fuse"
@@ -89,7 +89,7 @@ def test_github_annotations(folder):
     assert result.exit_code == 1, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"::error file={folder / 'fusable.onnx'},title=fusable-group::{location}: " + text[len(prefix):]
-    assert lines[1] == (f"::warning file={folder / 'near.onnx'},title=near-miss::Concat_9: different dilations "
+    assert lines[1] == (f"::warning file={folder / 'near.onnx'},title=attribute-mismatch::Concat_9: different dilations "
                         "between branches: (1,1) vs (2,2)")
     assert lines[2].startswith("1 model would be rewritten (1 group); run: gconv-rewrite ")
 

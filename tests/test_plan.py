@@ -439,7 +439,7 @@ def test_chain_first_conv_refusal_refuses_the_candidate():
     read_step = _reader([ConvLayer(layers[0][:1] + [layers[0][1]])])[0]
     assert refusal(plan_chain([["Conv"]] * 2, read_step, 12, conv_kinds=("Conv",), shared_input=False,
                               stack_axis=0)) == "branches read channels 0:8 of 12; a grouped convolution needs them all"
-    steps = [Refusal("weights of conv0_1 are not constants")]
+    steps = [Refusal("not-constant", "weights of conv0_1 are not constants")]
     assert refusal(plan_chain([["Conv"]] * 2, _reader(steps)[0], 8, conv_kinds=("Conv",), shared_input=False,
                               stack_axis=0)) == "weights of conv0_1 are not constants"
 

@@ -147,7 +147,7 @@ class KerasBackend:
             raise BadInput(f"{source.path}: Lambda layer {unrepaired[0]!r} reads {names}, a global the file does "
                            "not hold, and is no late-bound branch slice that can be re-bound to its position; "
                            "it cannot run")
-        report.skipped.extend(Skip(name, reason) for name, reason in analysis.lambda_skips)
+        report.skipped.extend(Skip(name, reason, code="opaque-lambda") for name, reason in analysis.lambda_skips)
         report.skipped.extend(km._unbuilt_skips(analysis.built))
         if not apply:
             return source

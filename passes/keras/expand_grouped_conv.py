@@ -18,7 +18,7 @@ from passes.keras._build import keras_name, layer_object
 from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
 from passes.keras.fuse_grouped_conv import CONV_CLASSES
 from rewriter.names import fresh_name
-from rewriter.plan import ExpansionPlan, Refusal, plan_expansion
+from rewriter.plan import ExpansionPlan, Refusal, expansion_refusal, plan_expansion
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps, Decision
 
@@ -100,19 +100,20 @@ class ExpandGroupedConv:
                 # Said once per layer (a shared layer has several calls), as the ONNX side says it.
                 if call.index == 0:
                     self.skipped.append(Skip(layer.name, DEPTHWISE_LAYER_KEPT.format(cls=layer.class_name),
-                                             [layer.name]))
+                                             [layer.name], code="depthwise-kept"))
                 continue
             groups = int(layer.config.get("groups", 1) or 1)
             if layer.class_name not in CONV_CLASSES or groups < 2 or call.key in self.exclude:
                 continue
             verdict = self._judge(call, groups)
-            reason = verdict[1] if verdict is not None and not verdict[0] else self._refuse(call, groups)
-            if verdict is not None and (reason or not verdict[0]):
-                rule = verdict[1] if not verdict[0] else f"{verdict[1]}; but {reason}"
+            refusal = Refusal("target-keeps", verdict[1]) if verdict is not None and not verdict[0] else \
+                self._refuse(call, groups)
+            if verdict is not None and (refusal or not verdict[0]):
+                rule = verdict[1] if not verdict[0] else f"{verdict[1]}; but {refusal.reason}"
                 self.decisions.append(Decision(location=layer.name, graph="", form="native", action="keep",
                                                rule=rule))
-            if reason:
-                self.skipped.append(Skip(layer.name, reason, [layer.name]))
+            if refusal:
+                self.skipped.append(Skip.refused(layer.name, refusal, [layer.name]))
                 continue
             arrays = self.weights.get(layer.name)
             kernel = arrays[0]
@@ -125,7 +126,7 @@ class ExpandGroupedConv:
                 if verdict is not None:
                     self.decisions.append(Decision(location=layer.name, graph="", form="native", action="keep",
                                                    rule=f"{verdict[1]}; but {plan.reason}"))
-                self.skipped.append(Skip(layer.name, plan.reason, [layer.name]))
+                self.skipped.append(Skip.refused(layer.name, plan, [layer.name]))
                 continue
             if verdict is not None:
                 self.decisions.append(Decision(location=layer.name, graph="", form="split", action="expand",
@@ -141,23 +142,24 @@ class ExpandGroupedConv:
                                          boundary=[{"tensor": layer.name, "written_tensor": keras_name(layer.name)}]))
         return self
 
-    def _refuse(self, call: Call, groups: int) -> str | None:
+    def _refuse(self, call: Call, groups: int) -> Refusal | None:
+        """Why the layer stays grouped: what the Keras graph rules out, then the range and
+        depthwise checks in ``plan.expansion_refusal``'s order and words, as ONNX and TF say them."""
         if len(call.inputs) != 1:
-            return "the convolution reads several tensors"
+            return Refusal("unsupported-form", "the convolution reads several tensors")
         if len(call.layer.calls) != 1:
-            return "the layer is shared by several calls"
+            return Refusal("unsupported-form", "the layer is shared by several calls")
         shape = self.shape_of(call.inputs[0])
         if not shape:
-            return "the shape of its input is unknown"
+            return Refusal("unknown-channels", "the shape of its input is unknown")
         channels_last = (call.layer.config.get("data_format") or "channels_last") == "channels_last"
-        if self.keep_depthwise and groups == shape[-1 if channels_last else 1]:
-            return "depthwise (kept: --keep-depthwise)"
-        if groups < self.min_groups:
-            return f"group={groups} is below --min-groups {self.min_groups}"
-        if self.max_groups is not None and groups > self.max_groups:
-            return f"group={groups} is above --max-groups {self.max_groups}"
+        refusal = expansion_refusal(groups, depthwise=groups == shape[-1 if channels_last else 1],
+                                    keep_depthwise=self.keep_depthwise, min_groups=self.min_groups,
+                                    max_groups=self.max_groups)
+        if refusal is not None:
+            return refusal
         if not self.weights.get(call.layer.name):
-            return "the file holds no weights for it"
+            return Refusal("no-weights", "the file holds no weights for it")
         return None
 
     def _judge(self, call: Call, groups: int) -> tuple[bool, str] | None:

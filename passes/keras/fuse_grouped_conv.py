@@ -188,16 +188,7 @@ def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
     return layer(inputs if len(inputs) == 2 else inputs[0])
 
 
-class _Kept(Refused):
-    """A candidate the ``accept`` hook wants left as it is; the message is the rule."""
-
-
-class _LateBound(Refused):
-    """Branches whose Lambdas were bound late (all read one group), left as they are: a fault of
-    the model, which --check reports as a finding."""
-
-
-LATE_BINDING = "late-binding"  # the Skip.finding of a late-bound group
+LATE_BINDING = "late-binding"  # the code, and the Skip.finding, of a late-bound group: a fault of the model
 
 
 @dataclass
@@ -349,12 +340,13 @@ class FuseGroupedConv:
                 # Never silence where the join looks like hand-made groups all the same.
                 convs = self._slice_read_convs(call)
                 if convs:
-                    self.skipped.append(Skip(location, self._unmatched_group_reason(call), convs))
+                    self.skipped.append(Skip(location, self._unmatched_group_reason(call), convs,
+                                             code="unmatched-branches"))
                 continue
             except Refused as refusal:
-                self.skipped.append(Skip(location, str(refusal), self._branch_names(call),
-                                         finding=LATE_BINDING if isinstance(refusal, _LateBound) else ""))
-                if isinstance(refusal, _Kept):
+                self.skipped.append(Skip.refused(location, refusal, self._branch_names(call),
+                                                 finding=LATE_BINDING if refusal.code == LATE_BINDING else ""))
+                if refusal.code == "target-keeps":  # the --target keeps it: a decision too
                     self.decisions.append(Decision(location=location, graph="", form="split", action="keep",
                                                    rule=str(refusal)))
                 continue
@@ -406,9 +398,9 @@ class FuseGroupedConv:
     def _producer(self, ref: TensorRef) -> Call:
         return self.graph.layers[ref.layer].calls[ref.node]
 
-    def _walk_back(self, ref: TensorRef) -> BranchMatch | str:
+    def _walk_back(self, ref: TensorRef) -> BranchMatch | Refusal:
         """From a Concatenate input back through tails and convolutions, each used only by the
-        next, to where the branch starts: a slice, or a tensor other layers read too."""
+        next, to where the branch starts: a slice, or a tensor other layers read too; else why not."""
         steps: list[Call | Gate] = []
         call = self._producer(ref)
         seen_conv = False
@@ -423,11 +415,11 @@ class FuseGroupedConv:
                 break  # where the branch starts (a shared input, or a use _match reports)
             if (kind in TAIL_CLASSES or gate is not None) and \
                     (not used_here or (gate is None and len(call.inputs) != 1)):
-                return f"tail {call.layer.name} is shared or used elsewhere"
+                return Refusal("used-outside", f"tail {call.layer.name} is shared or used elsewhere")
             if kind in CONV_CLASSES and not used_here:
-                return f"the output of {call.layer.name} is used outside the pattern"
+                return Refusal("used-outside", f"the output of {call.layer.name} is used outside the pattern")
             if gate is None and len(call.inputs) != 1:
-                return f"{call.layer.name} reads several tensors"
+                return Refusal("concat-extra-inputs", f"{call.layer.name} reads several tensors")
             step = gate or call
             steps.append(step)
             seen_conv = seen_conv or kind in CONV_CLASSES
@@ -436,7 +428,7 @@ class FuseGroupedConv:
         steps.reverse()
         convs = [s for s in steps if s.layer.class_name in CONV_CLASSES]
         if not convs:
-            return f"{call.layer.name} ({call.layer.class_name}) is not a convolution"
+            return Refusal("concat-extra-inputs", f"{call.layer.name} ({call.layer.class_name}) is not a convolution")
         sliced = self.slices.get(call.key)
         if isinstance(sliced, SliceCall):
             if self._single_use(ref):
@@ -503,7 +495,7 @@ class FuseGroupedConv:
             if stop.key in self.slices or not stop.inputs:
                 continue  # a channel part joined as it is, or a model input: no branch convolution behind it
             if stop.layer.class_name in CONV_CLASSES or stop.layer.class_name in TAIL_CLASSES:
-                return f"{walk}, so the branches cannot become one grouped convolution"
+                return f"{walk.reason}, so the branches cannot become one grouped convolution"
             return (f"{_label(stop)} after a branch convolution is not a channel-wise op of that branch alone, "
                     "so the branches cannot become one grouped convolution")
         return "the branch convolutions are not joined in a form this pass reads"
@@ -534,10 +526,11 @@ class FuseGroupedConv:
         if len(sliced) < 2 and max(readers.values(), default=0) < 2:
             raise NotACandidate
         if len(found) != len(walks):
-            reason = next(w for w in walks if isinstance(w, str))
-            raise Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
+            inner = next(w for w in walks if isinstance(w, Refusal))  # its code says why (used-outside, ...)
+            raise Refused(inner.code, "the Concatenate also joins inputs that are not sliced convolution branches "
+                                      f"({inner.reason})")
         if len({id(b.steps[-1]) for b in found}) != len(found):
-            raise Refused("a branch is concatenated twice")
+            raise Refused("concat-twice", "a branch is concatenated twice")
         return found
 
     def _source(self, branches: list[BranchMatch]) -> tuple[TensorRef, bool]:
@@ -545,7 +538,7 @@ class FuseGroupedConv:
         source, shared = self._common_source(branches)
         for b in branches:
             if b.steps[0].layer.class_name not in CONV_CLASSES:
-                raise Refused(f"a branch applies {b.steps[0].layer.name} ({b.steps[0].layer.class_name}) "
+                raise Refused("op-before-conv", f"a branch applies {b.steps[0].layer.name} ({b.steps[0].layer.class_name}) "
                                "before its convolution")
         return source, shared
 
@@ -557,12 +550,12 @@ class FuseGroupedConv:
         starts = {b.slice.source for b in sliced} or {max(entries, key=entries.count)}
         for b in branches:  # a branch cut short by a tensor of its own read elsewhere
             if b.slice is None and self._inside_branch(b.entry, starts):
-                raise Refused(f"the output of {b.entry.layer}, inside a branch, is used outside the pattern")
+                raise Refused("used-outside", f"the output of {b.entry.layer}, inside a branch, is used outside the pattern")
         if sliced and len(sliced) != len(branches):
             reason = next(b.not_a_slice for b in branches if b.slice is None)
-            raise Refused(f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
+            raise Refused("concat-extra-inputs", f"the Concatenate also joins inputs that are not sliced convolution branches ({reason})")
         if len({b.slice.source for b in sliced}) > 1 or not sliced:
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         return sliced[0].slice.source, False
 
     def _inside_branch(self, ref: TensorRef, starts: set[TensorRef]) -> bool:
@@ -594,11 +587,11 @@ class FuseGroupedConv:
         axis = _axis(_join_axis(concat), rank)
         if rank is None or axis != channel_axis:
             join = "tf.concat" if concat.layer.class_name == "TFOpLambda" else "Concatenate"
-            raise Refused(f"{join} on axis {_join_axis(concat)}, not the channel axis")
+            raise Refused("not-channel-axis", f"{join} on axis {_join_axis(concat)}, not the channel axis")
         if not shared:
             for b in branches:
                 if b.slice.axis != channel_axis:
-                    raise Refused(f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
+                    raise Refused("not-channel-axis", f"{b.slice.call.layer.name} slices axis {b.slice.axis}, not the channel axis")
             self._check_slices_consumed(branches)
         rebound = {} if shared else self._late_binding(concat, branches, shape[channel_axis])
         chain = self._plan_chain(branches, shape[channel_axis], channel_axis, rank, shared)
@@ -614,7 +607,7 @@ class FuseGroupedConv:
         split_names = [self._fresh(f"{levels[0].name}_split{i}") for i in range(len(branches))] if stopped else []
         if stopped:
             self.skipped.append(Skip(concat.layer.name, f"fused up to {stopped}; the rest stays per branch",
-                                     self._branch_names(concat)))
+                                     self._branch_names(concat), code=chain.stopped_code or ""))
         self.rebound.update(rebound)  # only now: a refused candidate keeps its Lambdas as they were
         return FusedGroup(concat, source, branches, levels, self.graph.legacy, channel_axis, widths,
                           complete=not stopped, split_names=split_names, repaired=bool(rebound), removed=removed)
@@ -645,7 +638,7 @@ class FuseGroupedConv:
             return
         refused = next((v for v in verdicts if not v[0]), None)
         if refused is not None:
-            raise _Kept(refused[1])
+            raise Refused("target-keeps", refused[1])
         self._verdict = (True, "; ".join(dict.fromkeys(rule for _, rule in verdicts)))
 
     def _check_slices_consumed(self, branches: list[BranchMatch]) -> None:
@@ -655,7 +648,7 @@ class FuseGroupedConv:
             call = b.slice.call
             for i in range(len(b.slice.ranges)):
                 if (call.key, i) not in used:
-                    raise Refused(f"{call.layer.name} has outputs that feed no branch of this Concatenate")
+                    raise Refused("concat-extra-inputs", f"{call.layer.name} has outputs that feed no branch of this Concatenate")
 
     def _fresh(self, base: str) -> str:
         return fresh_name(keras_name(base), self.names)
@@ -670,7 +663,7 @@ class FuseGroupedConv:
                           functools.partial(self._read_step, branches, channel_axis, rank), channels,
                           conv_kinds=tuple(CONV_CLASSES), shared_input=shared, stack_axis=-1)
         if isinstance(plan, Refusal):
-            raise Refused(plan.reason)
+            raise Refused(plan)
         return plan
 
     def _read_step(self, branches: list[BranchMatch], channel_axis: int, rank: int, step: int,
@@ -689,13 +682,13 @@ class FuseGroupedConv:
         for call, branch in zip(calls, branches):
             layer = call.layer
             if CONV_CLASSES[layer.class_name] != rank - 2:
-                return Refusal(f"{layer.name} does not match the input's rank")
+                return Refusal("rank-mismatch", f"{layer.name} does not match the input's rank")
             mixing = _activation_name(layer.config.get("activation"))
             if mixing in CHANNEL_MIXING:
-                return Refusal(f"{layer.name} applies {mixing} over each branch's channels; "
+                return Refusal("not-channel-wise", f"{layer.name} applies {mixing} over each branch's channels; "
                                "one grouped conv would mix them all")
             if not self.weights.get(layer.name):
-                return Refusal(f"the file holds no weights for {layer.name}")
+                return Refusal("no-weights", f"the file holds no weights for {layer.name}")
             parts.append(self._branch(call, branch if step == 0 else None))
         return ConvLayer(parts)
 
@@ -719,11 +712,11 @@ class FuseGroupedConv:
         kind = calls[0].layer.class_name
         config = calls[0].layer.config
         if kind == "BatchNormalization" and _axis(config.get("axis", -1), rank) != channel_axis:
-            return Refusal("it normalises another axis than the channels")
+            return Refusal("not-channel-wise", "it normalises another axis than the channels")
         if kind == "PReLU" and channel_axis != rank - 1:
-            return Refusal("PReLU tails are fused only for channels_last")
+            return Refusal("unsupported-form", "PReLU tails are fused only for channels_last")
         if _activation_name(config.get("activation")) in CHANNEL_MIXING:
-            return Refusal(f"{_activation_name(config['activation'])} mixes the channels")
+            return Refusal("not-channel-wise", f"{_activation_name(config['activation'])} mixes the channels")
         configs = [{k: _canonical(v) for k, v in c.layer.config.items() if k not in ("name", "trainable")}
                    for c in calls]
         return TailLayer(kind, configs, [self.weights.get(c.layer.name) for c in calls], TAIL_CLASSES[kind])
@@ -757,9 +750,9 @@ class FuseGroupedConv:
                        f"so every branch reads channels {seen}: the model does not compute what its author meant")
         if not self.repair:
             log.warning("%s: %s", concat.layer.name, message)
-            raise _LateBound(message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
+            raise Refused("late-binding", message + "; pass --repair-late-binding to rebuild each branch with its intended slice")
         if channels is None:
-            raise _LateBound(message + "; cannot repair: the channel count is unknown")
+            raise Refused("late-binding", message + "; cannot repair: the channel count is unknown")
         shape = self.shape_of(branches[0].slice.source)
         for name, step in _binding_steps(cells, len(sources)):
             functions, found = [], []
@@ -780,7 +773,7 @@ class FuseGroupedConv:
                     log.warning("%s: %s; repaired: branch i now reads its own slice (%s re-bound to %s)",
                                 concat.layer.name, message, name, "i" if step == 1 else f"i*{step}")
                     return rebound
-        raise _LateBound(message + "; cannot repair: re-binding no closure variable to the branch positions "
+        raise Refused("late-binding", message + "; cannot repair: re-binding no closure variable to the branch positions "
                                  "makes the slices tile the channels")
 
 

@@ -33,7 +33,8 @@ def _unbuilt_skips(built: _build.Built) -> list[Skip]:
         roots[id(failure)] = (name, failure, count + 1)
     return [Skip(name, failure.message + (f"; {count - 1} layer call(s) after it are not rebuilt: hand-made groups "
                                           "there are checked only where the file records their shapes, and cannot "
-                                          "be rewritten" if count > 1 else "; the model cannot be rewritten"))
+                                          "be rewritten" if count > 1 else "; the model cannot be rewritten"),
+                 code="not-rebuilt")
             for name, failure, count in roots.values()]
 
 
@@ -43,7 +44,8 @@ def _read_graph(path: Path, kfile: _config.KerasFile, options, report: Report) -
     model_class = _config.model_class(kfile.config)
     if model_class not in _config.FUNCTIONAL + _config.SEQUENTIAL:
         report.skipped.append(Skip(model_class or "<model>", f"subclassed model ({model_class or 'unknown class'}): "
-                                   "its computation is Python code, not a graph of layers in the file; left as it is"))
+                                   "its computation is Python code, not a graph of layers in the file; left as it is",
+                                   code="not-rebuilt"))
         report.verification = Verification(ran=False, passed=None, atol=options.atol, rtol=options.rtol,
                                            note="subclassed model: nothing to rewrite")
         return None
@@ -72,7 +74,7 @@ def _carry_compile_settings(model, kfile: _config.KerasFile, report: Report) -> 
                 model.compile_from_config(kfile.compile_config)
     except Exception as exc:
         report.skipped.append(Skip("<compile settings>", "optimizer/loss/metrics settings not carried over "
-                                   f"({one_line(exc)}); the model is written uncompiled"))
+                                   f"({one_line(exc)}); the model is written uncompiled", code="not-carried"))
 
 
 def _has_lambda(model) -> bool:

@@ -9,8 +9,9 @@ from contextlib import contextmanager
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.candidate import ChannelRead, Refused
+from rewriter.candidate import ChannelRead
 from rewriter.names import fresh_name
+from rewriter.reasons import Refused
 
 # Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
 OPEN_END = 2**31 - 1
@@ -214,7 +215,7 @@ def refuse_overridable_inputs(node: ir.Node, data: ir.Value | None = None) -> No
             continue
         name = overridable_input(value)
         if name is not None:
-            raise Refused(f"the {_describe_op(node, data)} reads '{name}', {GRAPH_INPUT}")
+            raise Refused("overridable-input", f"the {_describe_op(node, data)} reads '{name}', {GRAPH_INPUT}")
 
 
 def _describe_op(node: ir.Node, data: ir.Value | None) -> str:
@@ -307,17 +308,17 @@ def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     try:
         return [int(v) for v in attr.as_ints()]
     except TypeError:  # a damaged or hand-written attribute of another type
-        raise Refused(f"{node.op_type} {node_label(node)} has a {name} attribute that is not a list of ints") from None
+        raise Refused("malformed", f"{node.op_type} {node_label(node)} has a {name} attribute that is not a list of ints") from None
 
 
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     if attr is not None and attr.is_ref():  # inside a local function: each call site sets it
-        raise Refused(f"{node.op_type} {node_label(node)} takes its {name} from the call site (@{attr.ref_attr_name})")
+        raise Refused("call-site-attribute", f"{node.op_type} {node_label(node)} takes its {name} from the call site (@{attr.ref_attr_name})")
     try:
         return default if attr is None else int(attr.as_int())
     except TypeError:
-        raise Refused(f"{node.op_type} {node_label(node)} has a {name} attribute that is not an int") from None
+        raise Refused("malformed", f"{node.op_type} {node_label(node)} has a {name} attribute that is not an int") from None
 
 
 def attr_str(node: ir.Node, name: str, default: str) -> str:
@@ -363,7 +364,7 @@ def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[i
         given = split.inputs[1] if len(split.inputs) > 1 else None
         name = overridable_input(given)
         if name is not None:
-            raise UnreadableRange(f"{split.name or 'a Split'} reads its sizes from '{name}', {GRAPH_INPUT}")
+            raise UnreadableRange("overridable-input", f"{split.name or 'a Split'} reads its sizes from '{name}', {GRAPH_INPUT}")
         sizes = const_ints(given) if given is not None else None
         if sizes is None and given is not None:
             return None  # sizes computed at run time
@@ -380,8 +381,9 @@ def split_sizes(split: ir.Node, model: ir.Model, channels: int | None) -> list[i
     return [channels // n] * n
 
 
-class UnreadableRange(ValueError):
-    """A Split or Slice output that is not one constant, contiguous channel range; says why."""
+class UnreadableRange(Refused):
+    """A Split or Slice output that is not one constant, contiguous channel range; says why (a
+    refusal: code and reason)."""
 
 
 def read_channels(value: ir.Value, model: ir.Model, channels: int | None, fold=None) -> ChannelRead | None:
@@ -420,22 +422,22 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None, fold=None)
             (PyTorch's torch.chunk) where that is proven; never a value the user may feed."""
             name = overridable_input(value)
             if name is not None:
-                raise UnreadableRange(f"{label} reads its {role} from '{name}', {GRAPH_INPUT}")
+                raise UnreadableRange("overridable-input", f"{label} reads its {role} from '{name}', {GRAPH_INPUT}")
             found = const_ints(value)
             if found is not None or fold is None:
                 return found
             folded = fold(value)
             if isinstance(folded, str):  # why it is not a constant (a dynamic dim, a graph input)
-                raise UnreadableRange(f"{label} has {role} {folded}: not provably constant")
+                raise UnreadableRange("not-constant", f"{label} has {role} {folded}: not provably constant")
             return _ints(folded)
 
         starts, ends = ints(inputs[1], "starts"), ints(inputs[2], "ends")
         axes = ints(inputs[3], "axes") if inputs[3] is not None else None
         steps = ints(inputs[4], "steps") if inputs[4] is not None else None
         if (inputs[3] is not None and axes is None) or (inputs[4] is not None and steps is None):
-            raise UnreadableRange(f"{label} has axes or steps computed at run time")
+            raise UnreadableRange("not-constant", f"{label} has axes or steps computed at run time")
     if starts is None or ends is None:
-        raise UnreadableRange(f"{label} has starts or ends computed at run time, not provably constant")
+        raise UnreadableRange("not-constant", f"{label} has starts or ends computed at run time, not provably constant")
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     source = node.inputs[0]
@@ -444,19 +446,19 @@ def _read_slice(node: ir.Node, model: ir.Model, channels: int | None, fold=None)
     sliced = []
     for axis, start, end, step in zip(axes, starts, ends, steps):
         if step != 1:
-            raise UnreadableRange(f"{label} has step {step} on axis {axis}: not a contiguous channel range")
+            raise UnreadableRange("not-a-range", f"{label} has step {step} on axis {axis}: not a contiguous channel range")
         whole = start == 0 and end >= OPEN_END
         if not whole:
             sliced.append((axis, start, end))
     if len(sliced) != 1:
-        raise UnreadableRange(f"{label} slices {len(sliced)} axes, not one channel range")
+        raise UnreadableRange("not-a-range", f"{label} slices {len(sliced)} axes, not one channel range")
     axis, start, end = sliced[0]
     if rank is not None and axis < 0:
         axis += rank
     open_end = end >= OPEN_END
     if start < 0 or end < 0:
         if channels is None:
-            raise UnreadableRange(f"{label} counts from the end of a tensor whose channel count is unknown")
+            raise UnreadableRange("unknown-channels", f"{label} counts from the end of a tensor whose channel count is unknown")
         start = start + channels if start < 0 else start
         end = end + channels if end < 0 else end
     if channels is not None:

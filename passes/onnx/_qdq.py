@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.onnx import _graph as g
+from rewriter.reasons import Refused
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Quantized:
         return scale, zero_point
 
 
-class NotExact(ValueError):
-    """Quantized branches that cannot be stacked exactly; the message says why."""
+class NotExact(Refused):
+    """Quantized branches that cannot be stacked exactly; says why (a refusal: code and reason)."""
 
 
 def read_quantized(value: ir.Value | None) -> Quantized | None:
@@ -56,13 +57,13 @@ def read_quantized(value: ir.Value | None) -> Quantized | None:
     for value in inputs:
         name = g.overridable_input(value)
         if name is not None:  # the user may feed another scale or zero point: never stacked
-            raise NotExact(f"the DequantizeLinear {node.name or 'of a weight'} reads '{name}', {g.GRAPH_INPUT}")
+            raise NotExact("overridable-input", f"the DequantizeLinear {node.name or 'of a weight'} reads '{name}', {g.GRAPH_INPUT}")
     if g.attr_int(node, "block_size", 0):
-        raise NotExact("weights are block-quantized (DequantizeLinear block_size)")
+        raise NotExact("quantization-mismatch", "weights are block-quantized (DequantizeLinear block_size)")
     if scale.ndim > 1 or (scale.ndim == 1 and g.attr_int(node, "axis", 1) % max(data.ndim, 1) != 0):
-        raise NotExact("weights are quantized per channel along another axis than the output channels")
+        raise NotExact("quantization-mismatch", "weights are quantized per channel along another axis than the output channels")
     if scale.ndim == 1 and scale.shape[0] != data.shape[0]:
-        raise NotExact("quantization scales do not match the output channels")
+        raise NotExact("quantization-mismatch", "quantization scales do not match the output channels")
     return Quantized(node, data, scale, zero_point)
 
 
@@ -70,9 +71,9 @@ def stack(parts: list[Quantized]) -> tuple[np.ndarray, np.ndarray | None]:
     """The scale and zero point of the stacked data: kept per tensor where every branch has the
     same, else per output channel (each branch's own values, repeated over its channels)."""
     if len({p.data.dtype for p in parts}) > 1 or len({p.scale.dtype for p in parts}) > 1:
-        raise NotExact("branches are quantized to different types")
+        raise NotExact("quantization-mismatch", "branches are quantized to different types")
     if len({p.zero_point is None for p in parts}) > 1:
-        raise NotExact("some branches have a quantization zero point, others not")
+        raise NotExact("quantization-mismatch", "some branches have a quantization zero point, others not")
     if all(p.per_tensor for p in parts):
         same_scale = all(np.array_equal(p.scale, parts[0].scale) for p in parts)
         same_zero = parts[0].zero_point is None or all(np.array_equal(p.zero_point, parts[0].zero_point)

@@ -86,15 +86,15 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
                 if conv.op_type not in EXPANDABLE_OPS or conv.domain not in ("", "ai.onnx") or group is None:
                     continue
                 if group.is_ref():
-                    reason = (f"its group is the attribute '{group.ref_attr_name}' of local function {function.name}, "
+                    code, reason = "call-site-attribute", (f"its group is the attribute '{group.ref_attr_name}' of local function {function.name}, "
                               f"set at each of its {sites}: expanding it needs a copy of the function per call site, "
                               "which this pass does not make")
                 elif group.as_int() >= 2 and id(conv) not in self.exclude:
-                    reason = (f"it is inside local function {function.name}, whose body its {sites} share: grouped "
+                    code, reason = "unsupported-form", (f"it is inside local function {function.name}, whose body its {sites} share: grouped "
                               "convolutions in local functions are not expanded")
                 else:
                     continue
-                self.skipped.append(Skip(g.node_label(conv), reason, [g.node_label(conv)], label))
+                self.skipped.append(Skip(g.node_label(conv), reason, [g.node_label(conv)], label, code=code))
 
     def _expand_graph(self, model: ir.Model, graph: ir.Graph) -> bool:
         names = g.Names(graph)
@@ -110,7 +110,8 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
             # An unnamed conv is reported, and its new nodes named, after its output.
             location = conv.name or conv.outputs[0].name or conv.op_type
             self._verdict = None
-            reason, plan, channels = self._plan(conv, groups)
+            refusal, plan, channels = self._plan(conv, groups)
+            reason = refusal.reason if refusal is not None else None
             if self._verdict is not None:
                 accepted, rule = self._verdict
                 expands = accepted and reason is None
@@ -119,8 +120,8 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
                 self.decisions.append(Decision(location=location, graph=graph_label,
                                                form="split" if expands else "native",
                                                action="expand" if expands else "keep", rule=rule))
-            if reason is not None:
-                self.skipped.append(Skip(location, reason, [g.node_label(conv)], graph_label))
+            if refusal is not None:
+                self.skipped.append(Skip.refused(location, refusal, [g.node_label(conv)], graph_label))
                 continue
             split_name = names.node(f"{location}_split")
             branch_names = [names.node(f"{location}_g{i}") for i in range(plan.branches)]
@@ -136,62 +137,65 @@ class ExpandGroupedConvPass(ir.passes.InPlacePass):
 
     # -- planning ----------------------------------------------------------------------------
 
-    def _plan(self, conv: ir.Node, groups: int) -> tuple[str | None, ExpansionPlan | None, dict | None]:
-        """(reason to skip, None, None) or (None, plan, {"in": C, "out": O})."""
+    def _plan(self, conv: ir.Node, groups: int) -> tuple[Refusal | None, ExpansionPlan | None, dict | None]:
+        """(why to skip, None, None) or (None, plan, {"in": C, "out": O})."""
         refusal = expansion_refusal(groups, depthwise=None, keep_depthwise=self.keep_depthwise,
                                     min_groups=self.min_groups, max_groups=self.max_groups)
         if refusal is not None:
             return refusal, None, None
         if len(conv.inputs) < 2 or conv.inputs[1] is None:
-            return "has no weight input", None, None
+            return Refusal("not-constant", "has no weight input"), None, None
         weight_value = conv.inputs[1]
         transpose = conv.op_type == "ConvTranspose"
 
         # The weight's shape decides depthwise-ness without reading its data.
         shape = g.const_shape(weight_value)
         if shape is not None and self.keep_depthwise and _in_channels(shape, groups, transpose) == groups:
-            return DEPTHWISE_KEPT, None, None
+            return Refusal("depthwise-kept", DEPTHWISE_KEPT), None, None
         if shape is not None and self.accept is not None and len(shape) >= 3:
             out_channels = int(shape[1]) * groups if transpose else int(shape[0])
             self._verdict = self.accept(ConvProps(groups=groups, in_channels=_in_channels(shape, groups, transpose),
                                                   out_channels=out_channels, kernel_rank=len(shape) - 2,
                                                   transposed=transpose))
             if not self._verdict[0]:
-                return self._verdict[1], None, None
+                return Refusal("target-keeps", self._verdict[1]), None, None
 
         weight = g.const_array(weight_value)
         if weight is None and _is_quantized(weight_value):
-            return ("weights are quantized (DequantizeLinear); expanding quantized weights is not supported",
+            return (Refusal("unsupported-form",
+                            "weights are quantized (DequantizeLinear); expanding quantized weights is not supported"),
                     None, None)
         if weight is None:
             why = g.not_constant_reason(weight_value)
             if why == "are not constants":
                 why += " (initializer or Constant node)"
-            return f"weights {why}; cannot split them ahead of time", None, None
+            return Refusal("not-constant", f"weights {why}; cannot split them ahead of time"), None, None
         if g.is_replaceable(weight_value):
-            return ("weights are an initializer that is also a graph input (replaceable at run time); "
-                    "cannot split them ahead of time"), None, None
+            return Refusal("overridable-input", "weights are an initializer that is also a graph input (replaceable "
+                           "at run time); cannot split them ahead of time"), None, None
         if weight.ndim < 3:
-            return f"weight of rank {weight.ndim}; a convolution weight has rank 3 or more", None, None
+            return Refusal("malformed", f"weight of rank {weight.ndim}; a convolution weight has rank 3 or more"), \
+                None, None
         in_channels = _in_channels(weight.shape, groups, transpose)
         if self.keep_depthwise and in_channels == groups:
-            return DEPTHWISE_KEPT, None, None
+            return Refusal("depthwise-kept", DEPTHWISE_KEPT), None, None
         bias = None
         if len(conv.inputs) > 2 and conv.inputs[2] is not None:
             bias_value = conv.inputs[2]
             bias = g.const_array(bias_value)
             if bias is None:
-                return "bias is not a constant (initializer or Constant node); cannot split it ahead of time", \
-                    None, None
+                return Refusal("not-constant", "bias is not a constant (initializer or Constant node); cannot "
+                               "split it ahead of time"), None, None
             if g.is_replaceable(bias_value):
-                return ("bias is an initializer that is also a graph input (replaceable at run time); "
-                        "cannot split it ahead of time"), None, None
+                return Refusal("overridable-input", "bias is an initializer that is also a graph input (replaceable "
+                               "at run time); cannot split it ahead of time"), None, None
         out_channels = weight.shape[1] * groups if transpose else weight.shape[0]
         if bias is not None and bias.shape != (out_channels,):
-            return f"bias of shape {tuple(bias.shape)} does not match {out_channels} output channels", None, None
+            return Refusal("malformed", f"bias of shape {tuple(bias.shape)} does not match {out_channels} output "
+                           "channels"), None, None
         plan = plan_expansion(weight, bias, groups, in_channels, stack_axis=0)
         if isinstance(plan, Refusal):
-            return plan.reason, None, None
+            return plan, None, None
         return None, plan, {"in": int(in_channels), "out": int(out_channels)}
 
     # -- emitting ----------------------------------------------------------------------------

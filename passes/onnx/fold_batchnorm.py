@@ -71,7 +71,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             where = f"{op.op_type} {op.name}" if op.name else op.op_type
             self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
                                      f"the {where} after the fused conv reads '{overridden}', {g.GRAPH_INPUT}; "
-                                     "it is not folded", [g.node_label(op)], label))
+                                     "it is not folded", [g.node_label(op)], label, code="overridable-input"))
             return False
         folded = _fold(op, output, weight, bias if bias is not None else np.zeros(weight.shape[0], weight.dtype))
         if folded is None:
@@ -82,7 +82,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             where = f"{op.op_type} {op.name}" if op.name else op.op_type
             self.skipped.append(Skip(op.name or op.outputs[0].name or op.op_type,
                                      f"the {where} after the fused conv is not folded: the folded weights would "
-                                     f"overflow {weight.dtype}", [g.node_label(op)], label))
+                                     f"overflow {weight.dtype}", [g.node_label(op)], label, code="fold-refused"))
             return False
         old_weight = conv.inputs[1]
         base = conv.name or "conv"

@@ -142,7 +142,7 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
             except Refused as refusal:
                 convs = [g.node_label(n) for v in join.branch_values if v is not None
                          for n in [v.producer()] if n is not None and n.op_type == "QLinearConv"]
-                self.skipped.append(Skip(location, str(refusal), convs, label))
+                self.skipped.append(Skip.refused(location, refusal, convs, label))
                 continue
             name = names.node(f"{candidate.convs[0].name or 'QLinearConv'}_group{plan.fusion.groups}")
             if not self._accepted(candidate, plan, location, name, label):
@@ -167,7 +167,8 @@ class FuseQLinearConvPass(ir.passes.InPlacePass):
         ok, rule = self.accept(ConvProps(groups=fusion.groups, in_channels=fusion.in_channels,
                                          out_channels=fusion.out_channels, kernel_rank=fusion.weight.ndim - 2))
         if not ok:
-            self.skipped.append(Skip(location, rule, [g.node_label(c) for c in candidate.convs], label))
+            self.skipped.append(Skip(location, rule, [g.node_label(c) for c in candidate.convs], label,
+                                     code="target-keeps"))
         self.decisions.append(Decision(location=name if ok else location, graph=label, form="native" if ok else "split",
                                        action="fuse" if ok else "keep", rule=rule))
         return ok
@@ -184,22 +185,22 @@ def _match(model: ir.Model, join: _Join) -> _Candidate:
     if sum(1 for conv in convs if _is_reader_output(conv.inputs[X])) < 2:
         raise NotACandidate
     if len(convs) != len(producers):
-        raise Refused(f"the {join.label} also joins inputs that are not QLinearConv branches")
+        raise Refused("concat-extra-inputs", f"the {join.label} also joins inputs that are not QLinearConv branches")
     if len({id(v) for v in join.branch_values}) != len(join.branch_values):
-        raise Refused("a branch is concatenated twice")
+        raise Refused("concat-twice", "a branch is concatenated twice")
     for value in join.branch_values:
         if value.is_graph_output() or len(value.uses()) != 1:
-            raise Refused(f"branch output {value.name} is used outside the {join.label}")
+            raise Refused("used-outside", f"branch output {value.name} is used outside the {join.label}")
     for conv in convs:
         entry = conv.inputs[X]
         if not _is_reader_output(entry):
-            raise Refused("some branches read a Split/Slice, others do not")
+            raise Refused("mixed-readers", "some branches read a Split/Slice, others do not")
         if entry.is_graph_output() or len(entry.uses()) != 1:
-            raise Refused(f"branch input {entry.name} is used outside its branch")
+            raise Refused("used-outside", f"branch input {entry.name} is used outside its branch")
     reads, channels = _read_ranges(model, convs)
     rank = _weight_rank(convs[0])
     if rank is not None and join.axis % rank != 1:
-        raise Refused(f"{join.label} on axis {join.axis}, not the channel axis")
+        raise Refused("not-channel-axis", f"{join.label} on axis {join.axis}, not the channel axis")
     return _Candidate(join, convs, reads, channels)
 
 
@@ -211,9 +212,9 @@ def _read_ranges(model: ir.Model, convs: list[ir.Node]) -> tuple[list[ChannelRea
             graph_input = g.graph_input_name(value)
             if graph_input is not None:
                 label = f"{reader.op_type} {reader.name}" if reader.name else reader.op_type
-                raise Refused(f"{label} reads its bounds from graph input {graph_input} (replaceable at run time)")
+                raise Refused("overridable-input", f"{label} reads its bounds from graph input {graph_input} (replaceable at run time)")
     if len({r.op_type for r in readers}) > 1:
-        raise Refused("branches mix Split and Slice")
+        raise Refused("mixed-readers", "branches mix Split and Slice")
     widths = [_in_channels(conv) for conv in convs]
     source = readers[0].inputs[0]
     channels = _source_channels(source)
@@ -224,9 +225,9 @@ def _read_ranges(model: ir.Model, convs: list[ir.Node]) -> tuple[list[ChannelRea
         try:
             read = g.read_channels(conv.inputs[X], model, channels)
         except g.UnreadableRange as exc:
-            raise Refused(str(exc)) from None
+            raise Refused(exc.refusal) from None
         if read.start is None:
-            raise Refused("cannot tell the Split sizes (computed at run time)")
+            raise Refused("not-constant", "cannot tell the Split sizes (computed at run time)")
         if read.open_end and width is not None:
             read.stop = read.start + width
         reads.append(read)
@@ -238,17 +239,17 @@ def _read_ranges(model: ir.Model, convs: list[ir.Node]) -> tuple[list[ChannelRea
 
 def _check_reads(reads: list[ChannelRead], readers: list[ir.Node], convs: list[ir.Node]) -> None:
     if len({id(r.source) for r in reads}) != 1:
-        raise Refused("branches read from different tensors")
+        raise Refused("different-sources", "branches read from different tensors")
     if readers[0].op_type == "Split":
         if len(readers) != 1:
-            raise Refused("branches read from different Split nodes")
+            raise Refused("mixed-readers", "branches read from different Split nodes")
         if len(readers[0].outputs) != len(convs):
-            raise Refused(f"Split has {len(readers[0].outputs)} outputs but only {len(convs)} "
+            raise Refused("mixed-readers", f"Split has {len(readers[0].outputs)} outputs but only {len(convs)} "
                           "feed the join")
     rank = _weight_rank(convs[0])
     for read in reads:
         if rank is not None and read.axis % rank != 1:
-            raise Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
+            raise Refused("not-channel-axis", f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
 
 
 def _source_channels(source: ir.Value) -> int | None:
@@ -287,14 +288,14 @@ def _plan(candidate: _Candidate) -> _Plan:
         zero_points.append(zero_point)
     fusion = plan_fusion(branches, candidate.source_channels, stack_axis=0)
     if isinstance(fusion, Refusal):
-        raise Refused(fusion.reason)
+        raise Refused(fusion)
     if fusion.bias is not None and fusion.bias.dtype != np.int32:
-        raise Refused(f"biases are {fusion.bias.dtype}, not int32")
+        raise Refused("quantization-mismatch", f"biases are {fusion.bias.dtype}, not int32")
     parts = [_qdq.Quantized(conv, b.weight, s, z) for conv, b, s, z in zip(convs, branches, scales, zero_points)]
     try:  # one scale and zero point where every branch has the same, else one per output channel
         weight_scale, weight_zero_point = _qdq.stack(parts)
     except _qdq.NotExact as exc:
-        raise Refused(str(exc)) from None
+        raise Refused(exc.refusal) from None
     return _Plan(fusion, weight_scale, weight_zero_point, shared)
 
 
@@ -315,19 +316,19 @@ def _shared(values: list[tuple[str, ir.Value]], role: str, join_label: str) -> i
     for label, value in values:
         graph_input = g.graph_input_name(value)
         if graph_input is not None and not same_value:
-            raise Refused(f"{label} is graph input {graph_input} (replaceable at run time), "
+            raise Refused("overridable-input", f"{label} is graph input {graph_input} (replaceable at run time), "
                           "not read by every branch alike")
     arrays = [g.const_array(v) for _, v in values]
     for (label, _), array in zip(values, arrays):
         if array is None:
-            raise Refused(f"{label} is not a constant")
+            raise Refused("not-constant", f"{label} is not a constant")
     first_label, first = values[0][0], arrays[0]
     for (label, _), array in zip(values[1:], arrays[1:]):
         if array.shape != first.shape or not np.array_equal(array, first):
             why = (f"the {join_label} requantizes, so one QLinearConv would not compute the same integers"
                    if join_label == "QLinearConcat" and role.startswith("y_") else
                    "one QLinearConv has one " + ("output" if role.startswith("y_") else "input") + " quantization")
-            raise Refused(f"{label} is {_describe(array)} but {first_label} is {_describe(first)}: {why}")
+            raise Refused("quantization-mismatch", f"{label} is {_describe(array)} but {first_label} is {_describe(first)}: {why}")
     return values[0][1]
 
 
@@ -343,20 +344,20 @@ def _branch_constants(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None, np.
             continue
         graph_input = g.graph_input_name(value)
         if graph_input is not None:
-            raise Refused(f"{_label(conv)} reads its {role} from graph input {graph_input} (replaceable at run time)")
+            raise Refused("overridable-input", f"{_label(conv)} reads its {role} from graph input {graph_input} (replaceable at run time)")
         arrays[index] = g.const_array(value)
         if arrays[index] is None:
-            raise Refused(f"the {role} of {_label(conv)} {'are' if role == 'weights' else 'is'} not a constant")
+            raise Refused("not-constant", f"the {role} of {_label(conv)} {'are' if role == 'weights' else 'is'} not a constant")
     weight = arrays.get(W)
     if weight is None or W_SCALE not in arrays or W_ZERO_POINT not in arrays:
-        raise Refused(f"{_label(conv)} has no constant weight, weight scale or weight zero point")
+        raise Refused("not-constant", f"{_label(conv)} has no constant weight, weight scale or weight zero point")
     out_channels = int(weight.shape[0])
     scale, zero_point = (_per_tensor_or_channel(arrays[i], out_channels, roles[i], conv) for i in (W_SCALE, W_ZERO_POINT))
     if scale.ndim != zero_point.ndim:  # one per channel, the other per tensor: both per channel
         scale, zero_point = (np.broadcast_to(a, (out_channels,)) for a in (scale, zero_point))
     bias = arrays.get(BIAS)
     if bias is not None and bias.shape != (out_channels,):
-        raise Refused(f"bias of {_label(conv)} has shape {list(bias.shape)}, not one value per output channel")
+        raise Refused("quantization-mismatch", f"bias of {_label(conv)} has shape {list(bias.shape)}, not one value per output channel")
     return weight, bias, scale, zero_point
 
 
@@ -366,7 +367,7 @@ def _per_tensor_or_channel(array: np.ndarray, out_channels: int, role: str, conv
         return array.reshape(())
     if array.shape == (out_channels,):
         return array
-    raise Refused(f"{role} of {_label(conv)} has shape {list(array.shape)}: neither one value nor one per "
+    raise Refused("quantization-mismatch", f"{role} of {_label(conv)} has shape {list(array.shape)}: neither one value nor one per "
                   "output channel")
 
 

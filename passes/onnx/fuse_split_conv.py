@@ -17,15 +17,18 @@ The same pass fuses what real exporters write around that core:
 - ConvTranspose branches (weights ``[I, O/g, k...]``), depthwise (C branches of one channel).
 
 The matcher starts at each Concat (onnxscript's pattern rules cannot match a variable number of
-branches), walks each input back to where the branch starts, and hands every layer to
-``rewriter.plan``, which owns the rules and the weight arithmetic.
+branches) and walks each input back to where the branch starts. The branches are then planned
+step by step by ``rewriter.plan.plan_chain``, the walk every format shares, which owns the rules,
+the words of every refusal and the weight arithmetic; this pass only reads each step of every
+branch for it (``_read_step``: a conv layer, a channel-wise tail, a tail graph) and builds what
+the plan says.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -46,15 +49,16 @@ from passes.onnx._tails import (
 from rewriter.candidate import ChannelRead, NotACandidate, Refused
 from rewriter.plan import (
     Branch,
+    ConvLayer,
     FusionPlan,
     Refusal,
     TailGraphLayer,
     TailLayer,
-    check_channel_ranges,
+    channel_ranges_refusal,
+    plan_chain,
     plan_fusion,
-    plan_shared_input,
-    plan_tail,
-    plan_tail_graph,
+    settings_refusal,
+    tail_refusal,
 )
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps, Decision
@@ -88,6 +92,7 @@ class _Fused:
     length: int = 0  # how many ops of each chain are fused
     branch_channels: list[int] = field(default_factory=list)
     stopped_because: str | None = None  # where and why the branches stop agreeing
+    stopped_code: str = ""  # the code of why (rewriter.reasons)
     complete: bool = False  # every op of every branch fused: the result replaces the Concat
     location: str = ""  # the fused node that stands for the pattern in reports
     location_is_grouped: bool = False
@@ -108,19 +113,23 @@ class _Walk:
     channel axis there, each branch's channel count (None: the branches read the source whole),
     the rank once a conv or Transpose tells it, and how many conv layers fused so far."""
 
-    current: ir.Value
+    current: ir.Value | None  # None while planning: only the builder makes values
     axis: int
     branch_channels: list[int] | None
     rank: int | None = None
     conv_layers: int = 0
 
 
-class _Stop(NamedTuple):
-    """Why the branches cannot fuse at a step: ``reason`` refuses the candidate when no conv has
-    fused yet; ``where`` says, in the report, where the fused part stops otherwise."""
+@dataclass
+class _StepRead:
+    """What reading one step of every branch found, for the builder: where the walk stands after
+    the step, and the step's own reading (a conv step's quantization, a tail's op as branch 0
+    has it, a tail graph's ops as branch 0 has them)."""
 
-    reason: str
-    where: str
+    after: _Walk
+    quantization: dict | None = None
+    tail: TailOp | None = None
+    graph_ops: list[TailOp] | None = None
 
 
 class FuseSplitConvPass(ir.passes.InPlacePass):
@@ -172,19 +181,20 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 # Never silence where the Concat looks like hand-made groups all the same.
                 reason = _unmatched_group_reason(concat)
                 if reason is not None:
-                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label))
+                    self.skipped.append(Skip(location, reason, _split_read_convs(concat), label,
+                                             code="unmatched-branches"))
                 continue
             except Refused as refusal:
                 convs = [g.node_label(n) for v in concat.inputs if v is not None
                          for n in [v.producer()] if n is not None and n.op_type in CONV_OPS]
-                self.skipped.append(Skip(location, str(refusal), convs, label))
+                self.skipped.append(Skip.refused(location, refusal, convs, label))
                 continue
             if _combines_without_groups(chains, fused):
                 continue  # native structure (parallel branches of different widths): nothing to report
             verdict = self._judge(fused)
             if verdict is not None and not verdict[0]:
                 convs = [g.node_label(op) for c in chains for op in c.ops if op.op_type in CONV_OPS]
-                self.skipped.append(Skip(location, verdict[1], convs, label))
+                self.skipped.append(Skip(location, verdict[1], convs, label, code="target-keeps"))
                 self.decisions.append(Decision(location=location, graph=label, form="split", action="keep",
                                                rule=verdict[1]))
                 continue
@@ -204,7 +214,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
                 boundary=[{"tensor": concat.outputs[0].name}]))
             if not fused.complete:
                 self.skipped.append(Skip(location, f"fused up to {fused.stopped_because}; "
-                                     "the rest stays per branch", [], label))
+                                     "the rest stays per branch", [], label, code=fused.stopped_code))
             if self.rewrite:
                 self._emit(graph, position, concat, chains, readers, fused)
                 self.created.extend(fused.convs)
@@ -242,7 +252,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         if len(read) < 2 and max((len(v) for v in shared.values()), default=0) < 2:
             raise NotACandidate
         if len(with_conv) != len(chains):
-            raise Refused("the Concat also joins inputs that are not branch convolutions")
+            raise Refused("concat-extra-inputs", "the Concat also joins inputs that are not branch convolutions")
         # What the branch convolutions do differently is the cause a user can act on; how the
         # branches are wired (a value read outside the Concat, different inputs) comes after it.
         structural = _structural_refusal([next(op for op in c.ops if op.op_type in CONV_OPS) for c in chains], None)
@@ -250,32 +260,32 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             entries = list(dict.fromkeys(c.entry.name or "an unnamed tensor" for c in chains))
             wiring = "" if len(entries) == 1 or all(_is_reader_output(c.entry) for c in chains) else \
                 f"; and the branches read different tensors ({', '.join(entries)})"
-            raise Refused(structural.reason + wiring)
+            raise Refused(structural.with_reason(structural.reason + wiring))
         for value in concat.inputs:
             if concat.inputs.count(value) > 1:
-                raise Refused(f"the Concat reads branch output {value.name} {concat.inputs.count(value)} times")
+                raise Refused("concat-twice", f"the Concat reads branch output {value.name} {concat.inputs.count(value)} times")
             if value.is_graph_output() or len(value.uses()) != 1:
-                raise Refused(f"branch output {value.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch output {value.name} is used outside the Concat")
         for chain in chains:
             if chain.used_outside is not None:
-                raise Refused(f"branch value {chain.used_outside.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch value {chain.used_outside.name} is used outside the Concat")
         if len({id(v) for v in concat.inputs}) != len(concat.inputs):
-            raise Refused("a branch is concatenated twice")
+            raise Refused("concat-twice", "a branch is concatenated twice")
         reading = [_is_reader_output(c.entry) for c in chains]
         shared = not any(reading) and len({id(c.entry) for c in chains}) == 1
         for chain, reads in zip(chains, reading):
             # The walk stops early where a branch value has other users than the next op.
             start = chain.entry.producer()
             if not reads and not shared and start is not None and start.op_type in CHAIN_OPS:
-                raise Refused(f"branch value {chain.entry.name} is used outside the Concat")
+                raise Refused("used-outside", f"branch value {chain.entry.name} is used outside the Concat")
             first = next(i for i, op in enumerate(chain.ops) if op.op_type in CONV_OPS)
             if any(op.op_type != "Transpose" for op in chain.ops[:first]):
                 before = next(op.op_type for op in chain.ops[:first] if op.op_type != "Transpose")
-                raise Refused(f"a branch applies {before} before its convolution")
+                raise Refused("op-before-conv", f"a branch applies {before} before its convolution")
         if any(reading) and not all(reading):
-            raise Refused("some branches read a Split/Slice, others do not")
+            raise Refused("mixed-readers", "some branches read a Split/Slice, others do not")
         if not any(reading) and not shared:
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         if all(reading):
             self._read_ranges(model, chains)
         return chains
@@ -312,24 +322,24 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             try:
                 chain.read = g.read_channels(chain.entry, model, channels, fold=lambda v: folded.get(id(v)))
             except g.UnreadableRange as exc:
-                raise Refused(str(exc)) from None
+                raise Refused(exc.refusal) from None
         reads = [c.read for c in chains]
         if len({id(r.source) for r in reads}) != 1:
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         if len({r.reader.op_type for r in reads}) > 1:
-            raise Refused("branches mix Split and Slice")
+            raise Refused("mixed-readers", "branches mix Split and Slice")
         if reads[0].reader.op_type == "Split":
             if len({id(r.reader) for r in reads}) != 1:
-                raise Refused("branches read from different Split nodes")
+                raise Refused("mixed-readers", "branches read from different Split nodes")
             if len(reads[0].reader.outputs) != len(chains):
-                raise Refused(f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
+                raise Refused("mixed-readers", f"Split has {len(reads[0].reader.outputs)} outputs but only {len(chains)} "
                                "feed the Concat")
         rank = weights[0].ndim if weights[0] is not None else None
         for read, width in zip(reads, widths):
             if read.start is None:
-                raise Refused("cannot tell the Split sizes (computed at run time)")
+                raise Refused("not-constant", "cannot tell the Split sizes (computed at run time)")
             if rank is not None and read.axis % rank != reader_axis:
-                raise Refused(f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
+                raise Refused("not-channel-axis", f"{read.reader.op_type} on axis {read.axis}, not the channel axis")
             if rank is not None:
                 read.axis %= rank
             if read.open_end and width is not None:
@@ -371,55 +381,109 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             return None
         return [r.stop - r.start for r in reads]
 
-    # -- planning and building ---------------------------------------------------------------
+    # -- planning (rewriter.plan.plan_chain, with this format's readers) ----------------------
 
     def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
-        """Walk the chains in step, planning each op across the branches; build the fused nodes
-        as far as the branches agree. Raises Refused if not even the first conv fuses."""
+        """Plan the chains step by step with ``plan_chain`` (this pass reads each step of every
+        branch: ``_read_step``), then build the fused nodes as far as the branches agree. Raises
+        Refused if not even the first conv fuses."""
         reading = chains[0].read is not None
-        fused = _Fused(length=0)
-        walk = _Walk(current=chains[0].read.source if reading else chains[0].entry,
-                     axis=chains[0].read.axis if reading else 1,
-                     branch_channels=[r.stop - r.start for r in (c.read for c in chains)] if reading else None)
-        shortest = min(len(c.ops) for c in chains)
-        for step in range(shortest):
-            node = self._fuse_step(model, names, chains, step, fused, walk)
-            if isinstance(node, _Stop):
-                if walk.conv_layers == 0:
-                    raise Refused(node.reason)
-                fused.stopped_because = node.where
-                break
-            new_nodes = node if isinstance(node, list) else [node]  # a tail graph is several nodes
+        start = _Walk(current=chains[0].read.source if reading else chains[0].entry,
+                      axis=chains[0].read.axis if reading else 1,
+                      branch_channels=[r.stop - r.start for r in (c.read for c in chains)] if reading else None)
+        reads: list[_StepRead] = []  # what each step read, and where the walk stands after it
+        plan = plan_chain([[op.op_type for op in c.ops] for c in chains],
+                          functools.partial(self._read_step, model, chains, start, reads),
+                          self._source_channels if reading else None,
+                          conv_kinds=CONV_OPS, shared_input=not reading, stack_axis=0,
+                          # The arithmetic by this module's name for it, read at each call: tests
+                          # corrupt it to prove that verification catches a wrong rewrite.
+                          fuse=plan_fusion)
+        if isinstance(plan, Refusal):
+            raise Refused(plan)
+        fused = _Fused(length=len(plan.steps), stopped_because=plan.stopped, stopped_code=plan.stopped_code or "")
+        current = start.current
+        for step, outcome in enumerate(plan.steps):
+            new_nodes = self._build_step(names, chains, step, outcome, reads[step], fused, current)
             fused.nodes.extend(new_nodes)
-            walk.current = new_nodes[-1].outputs[0]
-            fused.length = step + 1
+            current = new_nodes[-1].outputs[0]
+        walk = reads[len(plan.steps) - 1].after
+        walk.current = current
         self._finish(model, graph, names, concat, chains, fused, walk)
         return fused
 
-    def _fuse_step(self, model, names: g.Names, chains: list[_Chain], step: int, fused: _Fused,
-                   walk: _Walk) -> ir.Node | list[ir.Node] | _Stop:
-        """The fused node for op ``step`` of every branch, or where and why fusing stops there."""
+    def _read_step(self, model, chains: list[_Chain], start: _Walk, reads: list[_StepRead], step: int,
+                   _branch_channels: list[int] | None) -> ConvLayer | TailLayer | TailGraphLayer | Refusal:
+        """Step ``step`` of every branch as ``plan_chain`` reads it; records what the builder needs
+        (``reads[step]``). ``plan_chain`` reads the steps in order, each once."""
+        before = reads[step - 1].after if step else start
         ops = [c.ops[step] for c in chains]
-        kinds = {op.op_type for op in ops}
-        if len(kinds) > 1:
-            # Read as "fused up to where the branches differ (Relu vs Sigmoid)".
-            return _Stop("branches differ here: " + " vs ".join(sorted(kinds)),
-                         "where the branches differ (" + " vs ".join(sorted(kinds)) + ")")
         if ops[0].op_type in CONV_OPS:
-            return self._fuse_conv_step(names, chains, ops, fused, walk)
-        if isinstance(ops[0], TailGraph):
-            return self._fuse_tail_graph_step(model, names, ops, fused, walk)
-        return self._fuse_tail_step(model, names, chains, step, ops, fused, walk)
+            layer, read = self._read_conv_step(ops, chains, before)
+        elif isinstance(ops[0], TailGraph):
+            layer, read = self._read_tail_graph_step(model, ops, before)
+        else:
+            layer, read = self._read_tail_step(model, chains, step, ops, before)
+        if read is not None:
+            reads.append(read)
+        return layer
 
-    def _fuse_conv_step(self, names: g.Names, chains: list[_Chain], ops: list[ir.Node], fused: _Fused,
-                        walk: _Walk) -> ir.Node | _Stop:
+    def _read_conv_step(self, convs: list[ir.Node], chains: list[_Chain], before: _Walk):
+        """The branches' convs at this step as a ``ConvLayer`` (and the walk after them)."""
+        layer = self._read_conv(convs, chains, before.conv_layers, before.axis)
+        if isinstance(layer, Refusal):
+            return layer, None
+        quantization, layer = layer
+        after = _Walk(None, axis=1, branch_channels=[b.out_channels for b in layer.branches],
+                      rank=layer.branches[0].weight.ndim, conv_layers=before.conv_layers + 1)
+        return layer, _StepRead(after, quantization=quantization)
+
+    def _read_tail_step(self, model, chains: list[_Chain], step: int, ops: list[ir.Node], before: _Walk):
+        """One channel-wise op per branch as a ``TailLayer`` (its parameters, to concatenate)."""
+        kind = ops[0].op_type
+        rank = before.rank if before.rank is not None or kind != "Transpose" else len(g.attr_ints(ops[0], "perm") or [])
+        tails = []
+        for op, chain, channels in zip(ops, chains, before.branch_channels or [None] * len(chains)):
+            data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
+            tail = read_tail(op, data, before.axis, rank or 4, channels or 0, model)
+            if isinstance(tail, str):
+                return tail_refusal(tail), None
+            tails.append(tail)
+        after = _Walk(None, moved_axis(tails[0], before.axis), before.branch_channels, rank, before.conv_layers)
+        layer = TailLayer(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
+        return layer, _StepRead(after, tail=tails[0])
+
+    def _read_tail_graph_step(self, model, graphs: list[TailGraph], before: _Walk):
+        """A multi-op tail (SiLU, GELU, Mish...) of every branch as a ``TailGraphLayer``."""
+        branch_ops = []
+        for graph, channels in zip(graphs, before.branch_channels or [None] * len(graphs)):
+            ops = read_tail_graph(graph, before.axis, before.rank or 4, channels or 0, model)
+            if isinstance(ops, str):
+                return tail_refusal(ops), None
+            branch_ops.append(ops)
+        layer = TailGraphLayer(graphs[0].op_type, [graph.wiring() for graph in graphs], [
+            TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
+            for same in zip(*branch_ops)])
+        after = _Walk(None, before.axis, before.branch_channels, before.rank, before.conv_layers)
+        return layer, _StepRead(after, graph_ops=branch_ops[0])
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _build_step(self, names: g.Names, chains: list[_Chain], step: int, outcome, read: _StepRead, fused: _Fused,
+                    current: ir.Value) -> list[ir.Node]:
+        """The fused node(s) for a planned step, reading ``current``."""
+        ops = [c.ops[step] for c in chains]
+        if isinstance(outcome, FusionPlan):
+            return [self._build_conv(names, ops, outcome, read, fused, current)]
+        if isinstance(ops[0], TailGraph):
+            return self._build_tail_graph(names, ops[0], read.graph_ops, outcome, fused, current)
+        return [self._build_tail(fused, names, read.tail, current, outcome)]
+
+    def _build_conv(self, names: g.Names, ops: list[ir.Node], plan: FusionPlan, read: _StepRead, fused: _Fused,
+                    current: ir.Value) -> ir.Node:
         """One grouped (or, for a shared input, wide) conv for the branches' convs at this step."""
         kind = ops[0].op_type
-        outcome = self._plan_conv(ops, chains, walk.conv_layers, walk.branch_channels, walk.axis)
-        if isinstance(outcome, Refusal):
-            return _Stop(outcome.reason, f"the convolution after ({outcome.reason})")
-        plan = outcome
-        if walk.conv_layers == 0:
+        if not fused.convs:
             fused.in_channels = plan.in_channels
             # Shared input: the wide conv (group 1) until a grouped layer follows; the
             # report must not say "groups=0" when the wide conv is all that fuses.
@@ -427,17 +491,16 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         elif fused.groups <= 1:
             fused.groups = plan.groups
         fused.out_channels = plan.out_channels
-        walk.rank = plan.weight.ndim
         fused.layers.append(ConvProps(groups=plan.groups, in_channels=plan.in_channels,
-                                      out_channels=plan.out_channels, kernel_rank=walk.rank - 2,
+                                      out_channels=plan.out_channels, kernel_rank=plan.weight.ndim - 2,
                                       transposed=kind == "ConvTranspose"))
         base = ops[0].name or kind
         name = names.node(f"{base}_group{plan.groups}" if plan.groups > 1 else f"{base}_wide")
-        inputs = [walk.current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
+        inputs = [current, fused.constant(names.value(f"{name}.weight"), plan.weight)]
         if plan.bias is not None:
             inputs.append(fused.constant(names.value(f"{name}.bias"), plan.bias))
         for index, role in ((1, "weight"), (2, "bias")):
-            parts = self._quantization[role]
+            parts = read.quantization[role]
             if parts is not None:  # QDQ: the stacked integers, dequantized as the branches were
                 inputs[index] = _dequantize(fused, names, f"{name}.{role}", inputs[index], parts)
         node = _clone_with(ops[0], inputs, name, group=plan.groups)
@@ -445,58 +508,21 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         # Reports point at the first grouped conv (the wide one if none is grouped).
         if not fused.location or (plan.groups > 1 and not fused.location_is_grouped):
             fused.location, fused.location_is_grouped = name, plan.groups > 1
-        walk.branch_channels = [_out_channels(op) for op in ops]
-        walk.axis = 1
-        walk.conv_layers += 1
         return node
 
-    def _fuse_tail_step(self, model, names: g.Names, chains: list[_Chain], step: int, ops: list[ir.Node],
-                        fused: _Fused, walk: _Walk) -> ir.Node | _Stop:
-        """One channel-wise op (its parameters concatenated) for the branches' ops at this step."""
-        kind = ops[0].op_type
-        if walk.rank is None and kind == "Transpose":
-            walk.rank = len(g.attr_ints(ops[0], "perm") or [])
-        tails = []
-        for op, chain, channels in zip(ops, chains, walk.branch_channels or [None] * len(chains)):
-            data = chain.entry if step == 0 else chain.ops[step - 1].outputs[0]
-            tail = read_tail(op, data, walk.axis, walk.rank or 4, channels or 0, model)
-            if isinstance(tail, str):
-                return _Stop(tail, f"{kind} ({tail})")
-            tails.append(tail)
-        params = plan_tail(kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
-        if isinstance(params, Refusal):
-            return _Stop(params.reason, f"{kind} ({params.reason})")
-        node = self._build_tail(fused, names, tails[0], walk.current, params)
-        walk.axis = moved_axis(tails[0], walk.axis)
-        return node
-
-    def _fuse_tail_graph_step(self, model, names: g.Names, graphs: list[TailGraph], fused: _Fused,
-                              walk: _Walk) -> list[ir.Node] | _Stop:
-        """A multi-op tail (SiLU, GELU, Mish...) of every branch, applied once: branch 0's graph
-        rebuilt on the fused tensor, each op's per-channel parameters concatenated."""
-        kind = graphs[0].op_type
-        branch_ops = []
-        for graph, channels in zip(graphs, walk.branch_channels or [None] * len(graphs)):
-            ops = read_tail_graph(graph, walk.axis, walk.rank or 4, channels or 0, model)
-            if isinstance(ops, str):
-                return _Stop(ops, f"{kind} ({ops})")
-            branch_ops.append(ops)
-        layer = TailGraphLayer(kind, [graph.wiring() for graph in graphs], [
-            TailLayer(same[0].kind, [op.config for op in same], [op.params for op in same], same[0].param_axes)
-            for same in zip(*branch_ops)])
-        params = plan_tail_graph(layer)
-        if isinstance(params, Refusal):
-            return _Stop(params.reason, f"{kind} ({params.reason})")
+    def _build_tail_graph(self, names: g.Names, graph: TailGraph, ops: list[TailOp], params, fused: _Fused,
+                          current: ir.Value) -> list[ir.Node]:
+        """Branch 0's tail graph rebuilt on the fused tensor, each op's parameters concatenated."""
         built: dict[int, ir.Node] = {}  # branch 0's node → its fused copy
-        for op, op_params in zip(branch_ops[0], params):
+        for op, op_params in zip(ops, params):
             wired = {}
             for index, value in enumerate(op.node.inputs):
                 producer = value.producer() if value is not None else None
-                if value is graphs[0].input:
-                    wired[index] = walk.current
+                if value is graph.input:
+                    wired[index] = current
                 elif producer is not None and id(producer) in built:
                     wired[index] = built[id(producer)].outputs[value.index()]
-            built[id(op.node)] = self._build_tail(fused, names, op, walk.current, op_params, wired)
+            built[id(op.node)] = self._build_tail(fused, names, op, current, op_params, wired)
         return list(built.values())
 
     def _finish(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain], fused: _Fused,
@@ -510,65 +536,54 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
         if fused.complete:
             concat_axis = g.attr_int(concat, "axis", 1)
             if walk.rank is not None and concat_axis % walk.rank != walk.axis:
-                raise Refused(f"Concat on axis {concat_axis}, not the channel axis")
+                raise Refused("not-channel-axis", f"Concat on axis {concat_axis}, not the channel axis")
         else:
-            fused.stopped_because = fused.stopped_because or "the end of the shortest branch"
             fused.nodes.append(self._split_back(model, graph, names, fused))
 
-    def _plan_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
-                   branch_channels: list[int] | None, axis: int) -> FusionPlan | Refusal:
-        if len({c.op_type for c in convs}) > 1:
-            return Refusal("branches mix Conv and ConvTranspose")
+    def _read_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
+                   axis: int) -> tuple[dict, ConvLayer] | Refusal:
+        """The convs of one step as ``rewriter.plan`` reads them (a first layer reads its channel
+        range of the source, or all of it; a later one ``0:`` its input width, placed by
+        ``plan_chain``), with their quantization; or why they cannot be read."""
         # Why a near miss is one: what the branches do differently comes before whether their
         # values are constants, so that the reason names the real cause.
         structural = _structural_refusal(convs, chains if layer == 0 else None)
         if structural is not None:
             return structural
-        branches = []
-        start = 0
         quantized = _read_quantization(convs)
         if isinstance(quantized, Refusal):
             return quantized
-        self._quantization = quantized
+        branches = []
         for i, (conv, chain) in enumerate(zip(convs, chains)):
             weight = _weight(conv)
             if weight is None:
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} "
+                return Refusal("not-constant", f"weights of {conv.name or 'a branch ' + conv.op_type} "
                                f"{g.not_constant_reason(conv.inputs[1])}")
             if g.is_replaceable(conv.inputs[1]):
                 overridden = g.overridable_input(conv.inputs[1]) or conv.inputs[1].name
-                return Refusal(f"weights of {conv.name or 'a branch ' + conv.op_type} read '{overridden}', "
-                               f"{g.GRAPH_INPUT}")
+                return Refusal("overridable-input", f"weights of {conv.name or 'a branch ' + conv.op_type} read "
+                               f"'{overridden}', {g.GRAPH_INPUT}")
             bias = None
             if len(conv.inputs) > 2 and conv.inputs[2] is not None:
                 bias = g.const_array(conv.inputs[2]) if quantized["bias"] is None else quantized["bias"][i].data
                 if bias is None or g.is_replaceable(conv.inputs[2]):
-                    return Refusal(f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
-            width = _in_channels(conv, weight)
+                    return Refusal("not-constant", f"bias of {conv.name or 'a branch ' + conv.op_type} is not a constant")
+            channel_start, channel_stop = 0, _in_channels(conv, weight)
             if layer == 0 and chain.read is not None:
                 if axis != 1:
-                    return Refusal(f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
+                    return Refusal("not-channel-axis",
+                                   f"the sliced axis {chain.read.axis} is not the channel axis of {conv.name}")
                 channel_start, channel_stop = chain.read.start, chain.read.stop
-                if channel_stop - channel_start != width:
-                    return Refusal(f"{conv.name} reads {channel_stop - channel_start} channels but its weight "
-                                   f"expects {width}")
-            elif layer == 0:
-                channel_start, channel_stop = 0, width
-            else:
-                if branch_channels[i] != width:
-                    return Refusal(f"{conv.name} expects {width} channels, its branch has {branch_channels[i]}")
-                channel_start, channel_stop = start, start + width
-                start += width
+                if channel_stop - channel_start != _in_channels(conv, weight):
+                    return Refusal("width-mismatch", f"{conv.name} reads {channel_stop - channel_start} channels but "
+                                   f"its weight expects {_in_channels(conv, weight)}")
             branches.append(Branch(
                 name=conv.name or "", channel_start=channel_start, channel_stop=channel_stop, weight=weight,
                 bias=bias, groups=g.attr_int(conv, "group", 1), out_channels=_out_channels(conv),
                 attributes=g.conv_shape_attributes(conv, weight.ndim - 2)))
-        if layer == 0 and chains[0].read is None:
-            if convs[0].op_type != "Conv":
-                return Refusal("branches that read the whole input must be Conv, not ConvTranspose")
-            return plan_shared_input(branches, stack_axis=0)
-        source_channels = self._source_channels if layer == 0 else start
-        return plan_fusion(branches, source_channels, stack_axis=0)
+        if layer == 0 and chains[0].read is None and convs[0].op_type != "Conv":
+            return Refusal("unsupported-form", "branches that read the whole input must be Conv, not ConvTranspose")
+        return quantized, ConvLayer(branches)
 
     def _build_tail(self, fused: _Fused, names: g.Names, tail: TailOp, current: ir.Value, params,
                     wired: dict[int, ir.Value] | None = None) -> ir.Node:
@@ -648,18 +663,18 @@ def _read_quantization(convs: list[ir.Node]) -> dict | Refusal:
             parts = [_qdq.read_quantized(conv.inputs[index]) if len(conv.inputs) > index else None
                      for conv in convs]
         except _qdq.NotExact as exc:
-            return Refusal(str(exc))
+            return exc.refusal
         if all(p is None for p in parts):
             found[role] = None
             continue
         if any(p is None for p in parts):
-            return Refusal(f"some branches have a quantized {role} (DequantizeLinear), others not")
+            return Refusal("quantization-mismatch", f"some branches have a quantized {role} (DequantizeLinear), others not")
         if convs[0].op_type != "Conv":
-            return Refusal(f"quantized {convs[0].op_type} {role}s are not fused")
+            return Refusal("unsupported-form", f"quantized {convs[0].op_type} {role}s are not fused")
         try:
             _qdq.stack(parts)
         except _qdq.NotExact as exc:
-            return Refusal(str(exc))
+            return exc.refusal
         found[role] = parts
     return found
 
@@ -682,37 +697,31 @@ def _dequantize(fused: _Fused, names: g.Names, name: str, data: ir.Value, parts:
 
 
 def _structural_refusal(convs: list[ir.Node], chains: list[_Chain] | None) -> Refusal | None:
-    """What the branch convolutions do differently, read from their attributes and weight shapes
-    only (no weight data): group, kernel, strides, pads, dilations; and, for the first layer, the
-    channel ranges they read (order, gaps, overlaps)."""
+    """What the branch convolutions do differently, judged by the planner from their attributes
+    and weight shapes only (no weight data): for the first layer the order and overlaps of the
+    channel ranges they read, then ``plan.settings_refusal`` (group, kernel, strides, pads,
+    dilations...) with the kernel judged by its spatial axes (a different channel count is the
+    plan's later, more precise sentence)."""
     if chains is not None and all(c.read is not None and c.read.start is not None and c.read.stop is not None
                                   for c in chains):
         ranges = [(c.read.start, c.read.stop) for c in chains]
         if sorted(ranges) != ranges or any(b[0] < a[1] for a, b in zip(sorted(ranges), sorted(ranges)[1:])):
-            reason = check_channel_ranges(ranges, None)
-            if reason is not None:
-                return Refusal(reason)
-    groups = [g.attr_int(conv, "group", 1) for conv in convs]
-    if len(set(groups)) > 1:
-        return Refusal("branches have different group counts: " + ",".join(map(str, groups)))
+            refusal = channel_ranges_refusal(ranges, None)
+            if refusal is not None:
+                return refusal
     shapes = [g.const_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None for conv in convs]
-    kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
-    if None in shapes and None not in kernels and len({tuple(k) for k in kernels}) > 1:
+    if None in shapes:
         # Weights computed at run time have no shape to read, but the kernel attribute tells.
-        return Refusal("different kernel shapes between branches: "
-                       + " vs ".join(_describe(tuple(k)) for k in dict.fromkeys(tuple(k) for k in kernels)))
-    if all(shape is not None for shape in shapes):
-        if len({shape[2:] for shape in shapes}) > 1:  # worded as the plan words it: weight shape less axis 0
-            kernels = [shape[1:] for shape in shapes]
-            return Refusal("different kernel shapes between branches: "
-                           + " vs ".join(_describe(k) for k in dict.fromkeys(kernels)))
-        rank = len(shapes[0]) - 2
-        attributes = [g.conv_shape_attributes(conv, rank) for conv in convs]
-        for key in sorted(set().union(*attributes)):
-            distinct = list(dict.fromkeys(_describe(a.get(key)) for a in attributes))
-            if len(distinct) > 1:
-                return Refusal(f"different {key} between branches: " + " vs ".join(distinct))
-    return None
+        kernels = [g.attr_ints(conv, "kernel_shape") for conv in convs]
+        shapes = [(0, *k) for k in kernels] if None not in kernels else [(0,)] * len(convs)
+        with_settings, kernel_axes = False, range(1, len(shapes[0]))
+    else:
+        with_settings, kernel_axes = True, range(2, len(shapes[0]))
+    branches = [Branch(conv.name or "", 0, 0, np.broadcast_to(np.float32(0), shape), None,
+                       g.attr_int(conv, "group", 1), 0,
+                       g.conv_shape_attributes(conv, len(shape) - 2) if with_settings else {})
+                for conv, shape in zip(convs, shapes)]
+    return settings_refusal(branches, stack_axis=0, kernel_axes=kernel_axes)
 
 
 def _combines_without_groups(chains: list[_Chain], fused: _Fused) -> bool:
@@ -733,13 +742,7 @@ def _check_read_only_by_branches(chain: _Chain) -> None:
     others = [use.node for use in chain.entry.uses() if use.node is not chain.ops[0]]
     if chain.entry.is_graph_output() or any(node.op_type not in CONV_OPS for node in others) \
             or len(others) + 1 != len(chain.entry.uses()):
-        raise Refused(f"branch input {chain.entry.name} is used outside its branch")
-
-
-def _describe(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(str(v) for v in value) + ")"
-    return str(value)
+        raise Refused("used-outside", f"branch input {chain.entry.name} is used outside its branch")
 
 
 def _walk_back(value: ir.Value) -> _Chain:

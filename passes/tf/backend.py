@@ -41,7 +41,7 @@ class SavedModelBackend:
         where = "the .tflite" if options.to == "tflite" else "the output"
         for name in frozen.others:
             self.report.skipped.append(Skip(f"signature {name}", f"not rewritten, and not in {where}: only "
-                                            f"{written} (choose with --signature)"))
+                                            f"{written} (choose with --signature)", code="not-carried"))
         return SavedModelGraph(frozen, frozen.graph_def)
 
     def files_read(self, path: Path, model) -> list[Path]:

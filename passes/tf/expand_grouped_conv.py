@@ -61,7 +61,7 @@ class ExpandGroupedConvPass:
                 continue  # cannot tell whether it is grouped; TF's shape inference did not know either
             if weight is None:
                 if _filter_depth(index, conv) not in (None, in_channels):
-                    self.skipped.append(Skip(conv.name, "filter is not a constant", [conv.name]))
+                    self.skipped.append(Skip(conv.name, "filter is not a constant", [conv.name], code="not-constant"))
                 continue
             depth = weight.shape[2]
             if in_channels == depth or conv.name in self.exclude:
@@ -72,18 +72,19 @@ class ExpandGroupedConvPass:
                 verdict = self.accept(ConvProps(groups=groups, in_channels=in_channels,
                                                 out_channels=int(weight.shape[3]),
                                                 kernel_rank=1 if _is_conv1d(index, conv) else 2))
-            reason = verdict[1] if verdict is not None and not verdict[0] else \
+            refusal = Refusal("target-keeps", verdict[1]) if verdict is not None and not verdict[0] else \
                 self._refuse(groups, in_channels, weight.shape[3])
-            plan = plan_expansion(weight, None, groups, in_channels, stack_axis=-1) if reason is None else None
+            plan = plan_expansion(weight, None, groups, in_channels, stack_axis=-1) if refusal is None else None
             if isinstance(plan, Refusal):
-                reason = plan.reason
+                refusal = plan
+            reason = refusal.reason if refusal is not None else None
             if verdict is not None:
                 expands = reason is None
                 rule = verdict[1] if expands or not verdict[0] else f"{verdict[1]}; but {reason}"
                 self.decisions.append(Decision(location=conv.name, graph="", form="split" if expands else "native",
                                                action="expand" if expands else "keep", rule=rule))
-            if reason is not None:
-                self.skipped.append(Skip(conv.name, reason, [conv.name]))
+            if refusal is not None:
+                self.skipped.append(Skip.refused(conv.name, refusal, [conv.name]))
                 continue
             if self.rewrite:
                 replaced[conv.name] = self._emit(names, conv, plan, channel_axis)
@@ -102,13 +103,13 @@ class ExpandGroupedConvPass:
         keep = [g.split_input(t)[0] for t in protected] + [n.name for n in nodes if n.op == "Placeholder"]
         return g.prune(graph_def, keep)
 
-    def _refuse(self, groups: int, in_channels: int, out_channels: int) -> str | None:
+    def _refuse(self, groups: int, in_channels: int, out_channels: int) -> Refusal | None:
         refusal = expansion_refusal(groups, depthwise=groups == in_channels, keep_depthwise=self.keep_depthwise,
                                     min_groups=self.min_groups, max_groups=self.max_groups)
         if refusal is not None:
             return refusal
         if out_channels % groups:
-            return f"{out_channels} output channels do not divide into {groups} groups"
+            return Refusal("indivisible-groups", f"{out_channels} output channels do not divide into {groups} groups")
         return None
 
     def _emit(self, names: g.Names, conv, plan, channel_axis: int) -> list[node_def_pb2.NodeDef]:

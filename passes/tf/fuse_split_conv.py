@@ -52,6 +52,7 @@ from rewriter.plan import (
     describe_tail_graph,
     plan_chain,
     tail_concat_axis,
+    tail_refusal,
 )
 from rewriter.report import Rewrite, Skip
 from rewriter.targets import ConvProps, Decision
@@ -204,16 +205,16 @@ class FuseSplitConvPass:
                                   candidate.channels, conv_kinds=CONV_KINDS, shared_input=candidate.shared,
                                   stack_axis=-1)
                 if isinstance(plan, Refusal):
-                    raise Refused(plan.reason)
+                    raise Refused(plan)
             except NotACandidate:
                 # Never silence where the ConcatV2 looks like hand-made groups all the same.
                 convs = _split_read_convs(index, concat)
                 reason = _unmatched_group_reason(index, concat) if convs else None
                 if reason is not None and not replaced.intersection(convs):  # not already rewritten
-                    self.skipped.append(Skip(concat.name, reason, convs))
+                    self.skipped.append(Skip(concat.name, reason, convs, code="unmatched-branches"))
                 continue
             except Refused as refusal:
-                self.skipped.append(Skip(concat.name, str(refusal), _branch_convs(index, concat)))
+                self.skipped.append(Skip.refused(concat.name, refusal, _branch_convs(index, concat)))
                 continue
             new_nodes.extend(self._fuse(names, candidate, plan, replaced, rewired))
         if not new_nodes:
@@ -230,7 +231,8 @@ class FuseSplitConvPass:
         concat, chains = candidate.concat, candidate.chains
         verdict = self._judge(chains[0], plan)
         if verdict is not None and not verdict[0]:
-            self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for ch in chains for c in ch.convs]))
+            self.skipped.append(Skip(concat.name, verdict[1], [c.conv.name for ch in chains for c in ch.convs],
+                                     code="target-keeps"))
             self.decisions.append(Decision(location=concat.name, graph="", form="split", action="keep",
                                            rule=verdict[1]))
             return []
@@ -254,7 +256,8 @@ class FuseSplitConvPass:
             # early, the ConcatV2 stays and joins the split-back branches (rewriter.proof).
             boundary=[{"tensor": g.tensor_name(concat.name)}]))
         if plan.stopped is not None:
-            self.skipped.append(Skip(concat.name, f"fused up to {plan.stopped}; the rest stays per branch", []))
+            self.skipped.append(Skip(concat.name, f"fused up to {plan.stopped}; the rest stays per branch", [],
+                                     code=plan.stopped_code or ""))
         return new_nodes
 
     def _judge(self, first: _Chain, plan: ChainPlan) -> tuple[bool, str] | None:
@@ -277,7 +280,7 @@ class FuseSplitConvPass:
         _check_chains(index, concat, chains)
         before = next((c.before[0] for c in chains if c.before), None)
         if before is not None:
-            raise Refused(f"a branch applies {before.op} before its convolution")
+            raise Refused("op-before-conv", f"a branch applies {before.op} before its convolution")
         reading = [_read_channels(index, c.entry, c.first.channel_axis, rank=c.first.rank) is not None
                    for c in chains]
         if not any(reading) and len({c.entry for c in chains}) == 1:
@@ -285,15 +288,15 @@ class FuseSplitConvPass:
             rank = chains[0].first.rank
             channels = shape[chains[0].first.channel_axis] if shape is not None and len(shape) == rank else None
             if channels is None:  # the wide conv's filter depth must be all of them (group 1)
-                raise Refused("cannot tell the channel count of the tensor every branch reads")
+                raise Refused("unknown-channels", "cannot tell the channel count of the tensor every branch reads")
             return _Candidate(concat, chains, chains[0].entry, channels, None)
         for chain, reads in zip(chains, reading):
             start, _ = index.producer(chain.entry)
             if not reads and start is not None and (start.op in CONV_OPS or start.op in TF_TAIL_KINDS
                                                     or start.op == "Squeeze"):
-                raise Refused(f"branch output {start.name} is used outside the ConcatV2")
+                raise Refused("used-outside", f"branch output {start.name} is used outside the ConcatV2")
         if not any(reading):
-            raise Refused("branches read from different tensors")
+            raise Refused("different-sources", "branches read from different tensors")
         return _read_ranges(index, concat, chains)
 
     def _read_step(self, index: g.GraphIndex, candidate: _Candidate, step: int,
@@ -309,7 +312,7 @@ class FuseSplitConvPass:
                  for layer, c, channels in zip(layers, chains, branch_channels)]
         reason = next((t for t in tails if isinstance(t, str)), None)
         if reason is not None:
-            return Refusal(reason)
+            return tail_refusal(reason)
         candidate.tails[step] = tails[0]
         return TailLayer(layers[0].kind, [t.config for t in tails], [t.params for t in tails], tails[0].param_axes)
 
@@ -458,12 +461,12 @@ def _find_chains(index: g.GraphIndex, concat, replaced: set[str]) -> list[_Chain
     if len(reading) < 2 and max(sharing.values(), default=0) < 2:
         raise NotACandidate
     if any(c is None for c in chains):
-        raise Refused("the ConcatV2 also joins inputs that are not branch convolutions")
+        raise Refused("concat-extra-inputs", "the ConcatV2 also joins inputs that are not branch convolutions")
     if any(n.name in replaced for c in chains for n in c.nodes):
         raise NotACandidate  # already part of a rewrite in this run
     names = [n.name for c in chains for n in c.nodes]
     if len(set(names)) != len(names):
-        raise Refused("a branch is concatenated twice")
+        raise Refused("concat-twice", "a branch is concatenated twice")
     return chains
 
 
@@ -471,15 +474,15 @@ def _check_chains(index: g.GraphIndex, concat, chains: list[_Chain]) -> None:
     """What every candidate must satisfy, whatever its branches read."""
     convs = [layer for c in chains for layer in c.convs]
     if len({layer.channels_last for layer in convs}) > 1:
-        raise Refused("branches mix NHWC and NCHW")
+        raise Refused("mixed-ops", "branches mix NHWC and NCHW")
     if len({(layer.rank, layer.channel_axis) for layer in convs}) > 1:
-        raise Refused("branches mix " + " and ".join(sorted({layer.kind for layer in convs})))
+        raise Refused("mixed-ops", "branches mix " + " and ".join(sorted({layer.kind for layer in convs})))
     channel_axis, rank = convs[0].channel_axis, convs[0].rank
     axis = index.const_ints(concat.input[concat.attr["N"].i])
     if axis is None:
-        raise Refused("ConcatV2 axis is not a constant")
+        raise Refused("not-constant", "ConcatV2 axis is not a constant")
     if axis[0] % rank != channel_axis:
-        raise Refused(f"ConcatV2 on axis {axis[0]}, not the channel axis")
+        raise Refused("not-channel-axis", f"ConcatV2 on axis {axis[0]}, not the channel axis")
     # Each branch's intermediate tensors must feed only the branch's next op(s) (a tail graph reads
     # some twice: Mul(Sigmoid(y), y)); its output only the ConcatV2.
     for chain in chains:
@@ -490,11 +493,11 @@ def _check_chains(index: g.GraphIndex, concat, chains: list[_Chain]) -> None:
             outside = [r for r in readers if r not in members]
             if tensor in index.protected or not readers or (outside and outside != [concat.name]) \
                     or (outside and node is not chain.nodes[-1]):
-                raise Refused(f"branch output {node.name} is used outside the ConcatV2")
+                raise Refused("used-outside", f"branch output {node.name} is used outside the ConcatV2")
     for chain in chains:
         conv = chain.first.conv
         if index.const(conv.input[1]) is None:
-            raise Refused(f"weights of {conv.name} are not constants")
+            raise Refused("not-constant", f"weights of {conv.name} are not constants")
 
 
 def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidate:
@@ -507,28 +510,28 @@ def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidat
     reads = [_read_channels(index, c.entry, channel_axis, channels, rank=rank) for c in chains]
     for chain, read in zip(chains, reads):
         if read is None:
-            raise Refused(f"{chain.first.conv.name} does not read a constant channel range "
+            raise Refused("not-constant", f"{chain.first.conv.name} does not read a constant channel range "
                            "(Split/SplitV/Slice/StridedSlice with constant bounds)")
     if len({r.source for r in reads}) != 1:
-        raise Refused("branches read from different tensors")
+        raise Refused("different-sources", "branches read from different tensors")
     kinds = {r.reader.op for r in reads}
     if len(kinds) > 1:
-        raise Refused("branches mix " + " and ".join(sorted(kinds)))
+        raise Refused("mixed-ops", "branches mix " + " and ".join(sorted(kinds)))
     for read in reads:
         if read.axis % rank != channel_axis:
-            raise Refused(f"{read.reader.op} on axis {read.axis}, not the channel axis")
+            raise Refused("not-channel-axis", f"{read.reader.op} on axis {read.axis}, not the channel axis")
     readers = list({r.reader.name: r.reader for r in reads}.values())
     if kinds & {"Split", "SplitV"}:
         if len(readers) != 1:
-            raise Refused(f"branches read from different {readers[0].op} nodes")
+            raise Refused("mixed-readers", f"branches read from different {readers[0].op} nodes")
         outputs = readers[0].attr["num_split"].i
         if outputs != len(chains):
-            raise Refused(f"{readers[0].op} has {outputs} outputs but only {len(chains)} feed the ConcatV2")
+            raise Refused("mixed-readers", f"{readers[0].op} has {outputs} outputs but only {len(chains)} feed the ConcatV2")
     for chain in chains:
         if index.uses(chain.entry) != 1:
-            raise Refused(f"branch input of {chain.first.conv.name} is used outside its convolution")
+            raise Refused("used-outside", f"branch input of {chain.first.conv.name} is used outside its convolution")
     if any(r.start is None or r.stop is None for r in reads):
-        raise Refused("cannot tell the channel ranges (the source's channel count is unknown)")
+        raise Refused("unknown-channels", "cannot tell the channel ranges (the source's channel count is unknown)")
     return _Candidate(concat, chains, reads[0].source, channels, reads, readers)
 
 
@@ -540,10 +543,10 @@ def _read_conv_layer(index: g.GraphIndex, candidate: _Candidate, layers: list[_L
     for i, layer in enumerate(layers):
         conv = layer.conv
         if conv.op == "Conv3D" and not (branch_channels is None and candidate.shared):
-            return Refusal(CONV3D_REFUSAL)  # only a wide (group 1) Conv3D runs in TF
+            return Refusal("unsupported-form", CONV3D_REFUSAL)  # only a wide (group 1) Conv3D runs in TF
         weight = index.const(conv.input[1])
         if weight is None:
-            return Refusal(f"weights of {conv.name} are not constants")
+            return Refusal("not-constant", f"weights of {conv.name} are not constants")
         depth = weight.shape[-2]
         if branch_channels is not None:
             start, stop = 0, branch_channels[i]
@@ -552,13 +555,13 @@ def _read_conv_layer(index: g.GraphIndex, candidate: _Candidate, layers: list[_L
         else:
             start, stop = candidate.reads[i].start, candidate.reads[i].stop
         if (stop - start) % depth:
-            return Refusal(f"{conv.name} reads {stop - start} channels but its filter expects a multiple of {depth}")
+            return Refusal("width-mismatch", f"{conv.name} reads {stop - start} channels but its filter expects a multiple of {depth}")
         bias = None
         if layer.bias_add is not None:
             bias = (index.const(layer.bias_add.input[1]) if layer.bias_add.op == "BiasAdd"
                     else _bias_vector(index, layer.bias_add))
             if bias is None:
-                return Refusal(f"bias of {conv.name} is not a constant")
+                return Refusal("not-constant", f"bias of {conv.name} is not a constant")
         branches.append(Branch(name=conv.name, channel_start=start, channel_stop=stop, weight=weight, bias=bias,
                                groups=(stop - start) // depth, out_channels=weight.shape[-1],
                                attributes=_conv_attributes(conv, layer.rank)))
@@ -676,7 +679,7 @@ def _read_tail_graph(index: g.GraphIndex, candidate: _Candidate, step: int,
                 continue
             tail = _read_tail(index, node, _layer_axis(chain, step), chain.first.rank, channels)
             if isinstance(tail, str):
-                return Refusal(f"{tail} (inside the {layer.kind})")
+                return tail_refusal(f"{tail} (inside the {layer.kind})")
             tails.append(tail)
         branch_tails.append(tails)
     candidate.tails[step] = branch_tails[0]
