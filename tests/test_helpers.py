@@ -92,9 +92,10 @@ class CodedSkip(Skip):
     code: str = ""
 
 
-def test_assert_skip_checks_reason_count_and_code_where_recorded():
+def test_assert_skip_checks_reason_count_and_code():
     plain = Report(input="m", mode="fuse", skipped=[Skip("c", "uneven split: 4,4,6 channels")])
-    assert_skip(plain, ("uneven split",), code="uneven-split")  # no code recorded: the reason decides
+    with pytest.raises(AssertionError):  # a skip without its code fails: every skip carries one
+        assert_skip(plain, ("uneven split",), code="uneven-split")
     with pytest.raises(AssertionError):
         assert_skip(plain, ("kernel",), code=None)
     coded = Report(input="m", mode="fuse", skipped=[CodedSkip("c", "uneven split: 4,4,6 channels", code="uneven-split")])
