@@ -18,8 +18,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import rewriter  # noqa: E402
-from samples import models  # noqa: E402
+import rewriter
+from samples import models
 
 
 def main() -> None:

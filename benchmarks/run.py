@@ -28,13 +28,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
+import numpy as np
+import onnx
+import onnxruntime as ort
 
-import rewriter  # noqa: E402
-from rewriter.benchmark import SESSIONS, ratio_interval  # noqa: E402
-from samples.models import GraphBuilder, resnext50  # noqa: E402
+import rewriter
+from rewriter.benchmark import SESSIONS, ratio_interval
+from samples.models import GraphBuilder, resnext50
 
 
 def summary(samples: list[float]) -> dict:

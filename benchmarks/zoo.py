@@ -205,15 +205,15 @@ def _import_torchvision():
     import torch
 
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except RuntimeError:
         for mod in [m for m in sys.modules if m.startswith("torchvision")]:
             del sys.modules[mod]
-        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 - kept alive below
+        lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _import_torchvision.lib = lib
-        import torchvision  # noqa: F401
+        import torchvision
     import torchvision
 
     return torchvision
@@ -420,7 +420,7 @@ class _TorchExports:
             if not file.exists():
                 export_torch(model, file, size, exporter, dynamic, self.opset)
             entry["export_seconds"] = round(time.perf_counter() - start, 2)
-        except Exception as exc:  # noqa: BLE001 - an exporter failure is a result, not a crash
+        except Exception as exc:
             entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         self.entries.append(entry)
         return file
@@ -539,7 +539,7 @@ def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
                 else:
                     model.save(str(path))
             entry["export_seconds"] = round(time.perf_counter() - start, 2)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         entries.append(entry)
     if flavour == "tfkeras" and kind == "grouped":
@@ -557,7 +557,7 @@ def keras_entries(name: str, out: Path, flavour: str) -> list[dict]:
                 if not path.exists():
                     legacy.save(str(path))
                 entry["export_seconds"] = round(time.perf_counter() - start, 2)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 entry["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             entries.append(entry)
     return entries
@@ -685,7 +685,7 @@ def file_stats(path: str | None) -> dict | None:
             return onnx_stats(path)
         if path.endswith((".keras", ".h5")):
             return keras_stats(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return None
 
@@ -982,7 +982,7 @@ def run_cli(models: list[str], mode: str, out_dir: Path | None) -> dict[str, dic
                 found = silent_concats(model, entry["report"])
                 if found is not None:
                     one["group_like"], one["silent"] = len(found[0]), found[1]
-            except Exception as exc:  # noqa: BLE001 - a file this reader cannot parse is a note, not a crash
+            except Exception as exc:
                 one["silent_error"] = f"{type(exc).__name__}: {exc}"[:300]
         output = None if mode == "check" else str(out_dir / _mirror_name(model))
         one.update(mode=mode, process_seconds=wall, batch=len(models),
@@ -1075,7 +1075,7 @@ def openvino_counts(path: str, shape: list[int] | None) -> dict:
                               "GroupConvolution": converted.get("GroupConvolution", 0),
                               "nodes": sum(converted.values())},
                 "runtime_nodes": sum(types.values()), "seconds": round(time.perf_counter() - start, 2)}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                 "seconds": round(time.perf_counter() - start, 2)}
 
@@ -1179,7 +1179,7 @@ def _native_problems(entry: dict, calls: dict) -> list[str]:
 
 
 def same_but_identity(got: dict, want: dict) -> bool:
-    strip = lambda ops: {k: v for k, v in ops.items() if k != "Identity"}  # noqa: E731
+    strip = lambda ops: {k: v for k, v in ops.items() if k != "Identity"}
     return strip(got) == strip(want)
 
 
@@ -1388,7 +1388,7 @@ def export_worker(framework: str, out: Path, only: list[str]) -> None:
     for name in names:
         try:
             entries = torch_entries(name, out) if framework == "torch" else keras_entries(name, out, framework)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             traceback.print_exc()
             entries = [{"name": name, "framework": framework, "variant": "native", "exporter": "?", "dynamic": False,
                         "format": "?", "path": "", "role": "native", "kind": "?",

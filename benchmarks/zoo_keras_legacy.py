@@ -385,7 +385,7 @@ def export_one(name, binding, flavour, folder: Path) -> dict:
         model.save(str(path))
         np.savez(entry["reference"], x=x, **{f"out{i}": o for i, o in enumerate(wanted)})
         entry["layers"] = dict(collections.Counter(type(layer).__name__ for layer in model.layers))
-    except Exception as exc:  # noqa: BLE001 - code that does not run in a framework is a result
+    except Exception as exc:
         entry["export_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
     entry["export_seconds"] = round(time.perf_counter() - start, 2)
     return entry
@@ -476,7 +476,7 @@ def _run_written(path: str, x):
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=False)
         return [np.asarray(o) for o in model(x, training=False)], ""
-    except Exception as exc:  # noqa: BLE001 - kept Lambda code may call the Keras 2 backend
+    except Exception as exc:
         import tf_keras
 
         note = f"plain Keras 3 load/run fails ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
@@ -508,7 +508,7 @@ def compare_files(jobs: list[dict]) -> list[dict]:
             limits = [ATOL + RTOL * float(np.max(np.abs(w))) for w in wanted]
             results.append({"errors": errors, "passed": all(e is not None and e <= lim
                                                             for e, lim in zip(errors, limits)), "note": note})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             results.append({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
     return results
 

@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 
-class lazy_module:  # noqa: N801  (stands in for a module name)
+class lazy_module:
     """``name`` imported at the first attribute read (``also``: submodules imported with it)."""
 
     def __init__(self, name: str, *also: str):

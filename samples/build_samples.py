@@ -13,7 +13,7 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from samples.models import grouped_block  # noqa: E402
+from samples.models import grouped_block
 
 
 def build() -> list[Path]:

@@ -89,7 +89,7 @@ class Structure(tf.Module):
         self.half = _variable(40, (3, 3, 4, 4))
 
     def serve(self, x):
-        conv = lambda t, k: tf.nn.conv2d(t, k, 1, "SAME")  # noqa: E731
+        conv = lambda t, k: tf.nn.conv2d(t, k, 1, "SAME")
         if self.kind == "u-net skip":  # convs of two different tensors
             return tf.concat([conv(x, self.kernels[0]), conv(tf.nn.max_pool2d(x, 3, 1, "SAME"), self.kernels[1])], -1)
         if self.kind == "densenet":  # a conv and the tensor it reads
@@ -331,7 +331,7 @@ def _keras_structure(path, kind: str):
     """Keras 3 joins of network structure: none of them is reported (see ``Structure``)."""
     L = keras.layers
     inp = keras.Input((6, 6, 8), name="x")
-    conv = lambda t: L.Conv2D(4, 3, padding="same")(t)  # noqa: E731
+    conv = lambda t: L.Conv2D(4, 3, padding="same")(t)
     if kind == "u-net skip":
         outs = [conv(inp), conv(L.MaxPooling2D(3, 1, padding="same")(inp))]
     elif kind == "densenet":

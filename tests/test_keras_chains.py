@@ -19,8 +19,8 @@ import pytest
 import tf_keras
 from click.testing import CliRunner
 
-from rewriter.api import fuse  # noqa: E402
-from rewriter.cli import main  # noqa: E402
+from rewriter.api import fuse
+from rewriter.cli import main
 from tests.helpers import classes
 from tests.helpers import keras_outputs as run
 

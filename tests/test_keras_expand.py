@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from rewriter.api import Options, expand, fuse  # noqa: E402
+from rewriter.api import Options, expand, fuse
 from tests.helpers import classes
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tf_keras
 
-from rewriter.api import Options, fuse  # noqa: E402
-from rewriter.errors import BadInput, VerificationFailed  # noqa: E402
-from samples import keras_models as km  # noqa: E402
+from rewriter.api import Options, fuse
+from rewriter.errors import BadInput, VerificationFailed
+from samples import keras_models as km
 from tests.helpers import classes, digest, invoke
 
 

@@ -11,13 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 import tf_keras
 
-from passes.keras import _lambdas  # noqa: E402
-from rewriter.api import Options, fuse  # noqa: E402
-from rewriter.errors import BadInput  # noqa: E402
-from samples import keras_models as km  # noqa: E402
+from passes.keras import _lambdas
+from rewriter.api import Options, fuse
+from rewriter.errors import BadInput
+from samples import keras_models as km
 from tests.helpers import classes, invoke
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from passes.keras.to_savedmodel import SIGNATURE  # noqa: E402
-from passes.tf import savedmodel as sm  # noqa: E402
-from rewriter.api import fuse  # noqa: E402
-from rewriter.errors import VerificationFailed  # noqa: E402
-from samples import keras_models as km  # noqa: E402
+from passes.keras.to_savedmodel import SIGNATURE
+from passes.tf import savedmodel as sm
+from rewriter.api import fuse
+from rewriter.errors import VerificationFailed
+from samples import keras_models as km
 from tests.helpers import image, invoke
 from tests.helpers import saved_model_conv_groups as conv_groups
 

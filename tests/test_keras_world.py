@@ -12,16 +12,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
-from tf_keras import backend as K  # noqa: E402  (the Keras 2 backend, as the legacy code imports it)
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+from tf_keras import backend as K
 
-from passes.keras import _lambdas  # noqa: E402
-from passes.keras._keras2_backend import Keras2Backend  # noqa: E402
-from rewriter.api import Options, expand, fuse  # noqa: E402
+from passes.keras import _lambdas
+from passes.keras._keras2_backend import Keras2Backend
+from rewriter.api import Options, expand, fuse
 from tests.helpers import conv2d_groups as grouped
 from tests.helpers import invoke
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter  # noqa: E402
-from rewriter.errors import BadInput  # noqa: E402
+import rewriter
+from rewriter.errors import BadInput
 from tests.helpers import invoke
-from tests.tf_models import save_module  # noqa: E402
+from tests.tf_models import save_module
 
 
 def keras_model(path):
@@ -43,7 +43,7 @@ class Module(tf.Module):
     def __init__(self):
         super().__init__()
         rng = np.random.default_rng(0)
-        w = lambda *s: tf.Variable(rng.standard_normal(s).astype(np.float32) * 0.3)  # noqa: E731
+        w = lambda *s: tf.Variable(rng.standard_normal(s).astype(np.float32) * 0.3)
         self.a, self.b = w(3, 3, 2, 16), w(3, 3, 4, 16)
         self.kernels, self.biases = [w(3, 3, 4, 4) for _ in range(4)], [w(4) for _ in range(4)]
 

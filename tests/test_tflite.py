@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from passes.tf import _compat as tf_compat  # noqa: E402
-from passes.tflite import convert  # noqa: E402
-from rewriter.api import Options, expand, fuse  # noqa: E402
-from rewriter.errors import VerificationFailed  # noqa: E402
-from samples import keras_models as km  # noqa: E402
-from tests import tf_models  # noqa: E402
+from passes.tf import _compat as tf_compat
+from passes.tflite import convert
+from rewriter.api import Options, expand, fuse
+from rewriter.errors import VerificationFailed
+from samples import keras_models as km
+from tests import tf_models
 from tests.helpers import image, invoke
 
 TOLERANCE = 1e-4

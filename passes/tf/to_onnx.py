@@ -54,7 +54,7 @@ def replace_unsupported_ops(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef
 def convert(frozen: FrozenSignature, graph_def: graph_pb2.GraphDef, *, opset: int = OPSET) -> onnx.ModelProto:
     """tf2onnx on the inlined graph; inputs and outputs named by the signature's keys."""
     import tf2onnx
-    import tf2onnx.rewriter  # noqa: F401  (its modules draw names at import; let them do it now)
+    import tf2onnx.rewriter
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf2onnx's v1 calls log deprecations

@@ -34,7 +34,7 @@ import torch.nn as nn
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from describe import describe, op_counts  # noqa: E402
+from describe import describe, op_counts
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
