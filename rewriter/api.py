@@ -139,7 +139,11 @@ def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, opti
     report.on_phase = options.progress
     with formats.scratch_dir() as scratch, ExitStack() as collector:
         source = _source_path(model, scratch)
+        # Keras: the original loads in a process of its own meanwhile, to be compared with at the end.
+        ahead = collector.enter_context(proof.reference_ahead(fmt, source, options, apply=apply))
         backend, hops = _backends(fmt, source, options, report)
+        if ahead is not None:
+            backend.reference_ahead = ahead
         collector.enter_context(_collector_for(fmt))
         if output is not None:
             _check_output(model, fmt, source, output, hops, options)

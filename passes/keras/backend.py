@@ -17,7 +17,6 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ import passes.keras.fuse_grouped_conv  # noqa: F401
 from passes import registered
 from passes.keras import _build, _config, _slices
 from passes.keras import model as km
+from passes.keras.reference import ReferenceRunner
 from rewriter.backend import Unwritable
 from rewriter.errors import BadInput, OutputError, one_line
 from rewriter.proof import prove
@@ -112,6 +112,9 @@ class KerasBackend:
     name = "keras"
     suffix = ".keras"
     verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
+    # A reference process (passes.keras.reference) the driver started for this run (rewriter.proof
+    # .reference_ahead): it loads the original while this process reads and rewrites.
+    reference_ahead = None
 
     def __init__(self, report: Report):
         self.report = report
@@ -225,16 +228,49 @@ class KerasBackend:
 
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
         """``rewriter.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)
-        against the written file loaded back, model outputs and each rewrite's boundary layer."""
-        reference, note = result.reference()
-        candidate = km._load_written(written, trusted=result.lambdas_left)
-        models = {"original": reference, "rewritten": candidate}
-        runners = SimpleNamespace(runner=lambda path, role, extra=(): km.KerasRunner(models[role], result.graph,
-                                                                                      role, extra))
+        against the written file loaded back, model outputs and each rewrite's boundary layer. The
+        reference is run by the reference process where the driver started one
+        (``reference_ahead``), else here."""
+        process, self.reference_ahead = self.reference_ahead, None  # it answers one run
+        runners = _Runners(result, written, process if not result.source.rebound else None)
         verification = prove(runners, original, written, options, report.rewrites)
+        note, verification.reference, verification.reference_pid = runners.reference_info()
         verification.note = "; ".join(n for n in (note, verification.note) if n)
-        verification.reference = result.reference_name
         return verification
+
+
+class _Runners:
+    """``rewriter.proof``'s ``runner(path, role, extra)`` for a Keras run: the original in the
+    reference process (``passes.keras.reference``) or here, the written file loaded back here."""
+
+    def __init__(self, result: KerasResult, written: Path, process):
+        self.result, self.written, self.process = result, written, process
+        self.remote: ReferenceRunner | None = None
+
+    def runner(self, path: Path, role: str, extra=()):
+        result = self.result
+        if role == "rewritten":
+            return km.KerasRunner(km._load_written(self.written, trusted=result.lambdas_left), result.graph, role,
+                                  extra)
+        if self.process is None:
+            return km.KerasRunner(result.reference()[0], result.graph, role, extra)
+        specs = [InputSpec(name, shape, dtype) for name, shape, dtype in km._input_specs(result.graph)]
+        self.remote = ReferenceRunner(self.process, [ref.layer for ref in result.graph.outputs], specs, extra,
+                                      fallback=self._rebuilt)
+        return self.remote
+
+    def _rebuilt(self, note: str, extra: list[str]):
+        """Where the reference process could not load the file (``note`` says why): the rebuild."""
+        s = self.result.source
+        self.result._reference = km.rebuilt_reference(s.graph, s.kfile, s.analysis, note)
+        return km.KerasRunner(self.result._reference[0], s.graph, "original", extra), note, self.result._reference[2]
+
+    def reference_info(self) -> tuple[str, str, int | None]:
+        """(the note on the reference, what ran it, the process that did where not this one)."""
+        if self.remote is not None:
+            return self.remote.note, self.remote.name, self.remote.pid
+        note = self.result.reference()[1]
+        return note, self.result.reference_name, None
 
 
 def deterministic_archive(path: Path) -> None:

@@ -1,0 +1,251 @@
+"""The original Keras model loaded and run in a process of its own, beside the rewrite.
+
+    main process:  import TF ─ read + rebuild ─ rewrite ─ save ─ load + run the written model ─┐
+    reference:     import TF ─ tf-keras (or Keras 3) loads the file ──── run the original ──────┴─ compare
+
+The proof compares the written model with the file as Keras itself loads it: tf-keras for a file
+tf-keras wrote, which costs tf-keras's rebuild of every layer (5.5 s of a 1,199-layer ResNeXt's
+17 s, measured). A process of its own does that while the main process does its own work: it is
+started before the main process imports TensorFlow (``rewriter.proof.reference_ahead``). It only
+loads and runs. The verification inputs (made in the main process, as for every backend), the
+boundary layers to expose, and the comparison stay in the main process; arrays travel as .npz
+files in a scratch folder of the main process, messages through a pipe:
+
+    reference → main   ("loaded", {name, note, pid}) | ("unloaded", note) | ("error", message)
+    main → reference   ("run", boundary layer names, feeds files)
+    reference → main   ("ran", boundary layers exposed, output files) | ("error", message)
+
+Where neither tf-keras nor Keras 3 can load the file ("unloaded"), the main process compares with
+its own rebuild of the config, as it always did. A reference process that dies (the OOM killer) is
+a one-line error, never a hang: the main process reads the end of the pipe. It is started as the
+``--jobs`` workers are (``rewriter.workers``: SIGINT left to the main process, dead with it) and
+killed when the run ends, however it ends; it writes nothing but its answers in the main process's
+scratch folder, so it needs no grace to clean up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from rewriter import workers
+from rewriter.errors import VerificationImpossible, one_line
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceProcess | None]:
+    """A reference process loading ``path``, killed on the way out; None where none can be
+    started (inside a daemonic worker, which may not have children): the run then loads the
+    reference in-process."""
+    from rewriter import formats
+
+    if multiprocessing.current_process().daemon:
+        yield None
+        return
+    with formats.scratch_dir() as scratch:
+        process = ReferenceProcess(path, trust_lambdas=trust_lambdas, scratch=scratch)
+        try:
+            yield process
+        finally:
+            process.close()
+
+
+class ReferenceProcess:
+    """The main process's side: start, ask for one run, read the answers, kill."""
+
+    def __init__(self, path: Path, *, trust_lambdas: bool, scratch: Path):
+        context = multiprocessing.get_context("spawn")  # TensorFlow's thread pools do not survive fork
+        self.scratch = scratch
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=serve, args=(child_end, str(path), trust_lambdas, os.getpid()),
+                                       name="gconv-reference", daemon=True)
+        with workers.spawning():
+            self.process.start()
+        child_end.close()  # the process's death is then the end of this pipe, not a wait forever
+        self.pid = self.process.pid
+
+    def request(self, extra: list[str], sizes: list) -> None:
+        """Ask for the original's outputs and ``extra`` layers' at each of ``sizes`` (Feeds)."""
+        files = []
+        for n, feeds in enumerate(sizes):
+            file = self.scratch / f"feeds-{n}.npz"
+            np.savez(file, *feeds.values())  # by position: the model's input order
+            files.append(str(file))
+        self._send(("run", list(extra), files))
+
+    def receive(self) -> tuple:
+        """The next answer; VerificationImpossible when the process died before giving it."""
+        try:
+            return self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(5.0)
+            raise VerificationImpossible(f"{_death(self.process.exitcode)}; nothing was written (pass --no-verify "
+                                         "to write the model without proof)") from None
+
+    def close(self) -> None:
+        """Kill the process (it holds nothing to clean up) and close the pipe."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5.0)
+        self.connection.close()
+
+    def _send(self, message) -> None:
+        try:
+            self.connection.send(message)
+        except OSError:
+            pass  # it died: receive() says how
+
+
+def _death(exitcode: int | None) -> str:
+    what = "the process running the original model for the comparison"
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? the OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"{what} was killed by {name}{hint}"
+    return f"{what} exited with code {exitcode} without an answer"
+
+
+class ReferenceRunner:
+    """``rewriter.proof``'s runner for the original, run by the reference process: ``start(sizes)``
+    asks for the run and returns the call that awaits it. ``fallback(note, extra)`` makes the
+    in-process runner (the tool's rebuild) for a file the process could not load; ``name``,
+    ``note`` and ``pid`` say what ran the original once it has."""
+
+    def __init__(self, process: ReferenceProcess, outputs: list[str], inputs: list, extra: list[str],
+                 fallback: Callable):
+        self.process, self.outputs, self.inputs, self.output_specs = process, outputs, inputs, None
+        self.wanted, self.extra = list(extra), []
+        self.fallback = fallback
+        self.name = self.note = ""
+        self.pid: int | None = None
+
+    def start(self, sizes: list) -> Callable[[], tuple[list[dict], list[str]]]:
+        self.process.request(self.wanted, sizes)
+        return lambda: self._values(sizes)
+
+    def _values(self, sizes: list) -> tuple[list[dict], list[str]]:
+        from passes.keras.model import named_values
+
+        waited = time.perf_counter()
+        answer = self.process.receive()
+        if answer[0] == "unloaded":
+            runner, self.note, self.name = self.fallback(answer[1], self.wanted)
+            self.extra = list(runner.extra)
+            return [runner(feeds) for feeds in sizes], self.extra
+        if answer[0] == "loaded":
+            self.name, self.note, self.pid = answer[1]["name"], answer[1]["note"], answer[1]["pid"]
+            answer = self.process.receive()
+        if answer[0] != "ran":
+            raise VerificationImpossible(answer[1])
+        self.extra = list(answer[1])
+        log.debug("waited %.2f s for the reference process's run", time.perf_counter() - waited)
+        values = []
+        for file in answer[2]:
+            with np.load(file, allow_pickle=False) as arrays:
+                values.append(named_values(self.outputs, self.extra,
+                                           [arrays[f"arr_{i}"] for i in range(len(arrays.files))]))
+        return values, self.extra
+
+
+# -- in the reference process ---------------------------------------------------------------------
+
+def serve(connection, path: str, trust_lambdas: bool, parent_pid: int) -> None:
+    """The reference process: load the file, answer one run, end."""
+    workers.start_worker(parent_pid)
+    try:
+        model = _load(connection, Path(path), trust_lambdas)
+        if model is not None:
+            _, extra, files = connection.recv()
+            connection.send(_run(model, extra, files, Path(files[0]).parent))
+    except (EOFError, OSError):
+        pass  # the main process needs no more answers (its run ended)
+    finally:
+        connection.close()
+
+
+def _load(connection, path: Path, trust_lambdas: bool):
+    """The original as tf-keras or Keras 3 loads it, announced (None: announced why not)."""
+    from rewriter import quiet
+
+    quiet.import_tensorflow()  # its native log kept off stderr, as in the main process
+    from passes.keras import _config
+    from passes.keras import model as km
+
+    try:
+        kfile = _config.read_file(path)
+        has_lambdas = bool(_config.lambda_names(kfile.config))
+        if has_lambdas and not trust_lambdas:  # the main process refuses the file: run no code
+            connection.send(("unloaded", ""))
+            return None
+        _faster_tf_keras_rebuild()
+        loaded = km.load_reference(path, kfile, has_lambdas=has_lambdas, run_code=has_lambdas)
+    except Exception as exc:
+        connection.send(("error", f"the original model cannot be loaded for the comparison ({one_line(exc)})"))
+        return None
+    if isinstance(loaded, str):
+        connection.send(("unloaded", loaded))
+        return None
+    model, note, name = loaded
+    connection.send(("loaded", {"name": name, "note": note, "pid": os.getpid()}))
+    return model
+
+
+def _run(model, extra: list[str], files: list[str], folder: Path) -> tuple:
+    from passes.keras import model as km
+
+    try:
+        runnable, present = km.with_extra_outputs(model, extra)
+        outputs = []
+        for n, file in enumerate(files):
+            with np.load(file, allow_pickle=False) as arrays:
+                feeds = {key: arrays[key] for key in (f"arr_{i}" for i in range(len(arrays.files)))}
+            values = km._run(runnable, feeds)
+            output = folder / f"reference-{n}.npz"
+            np.savez(output, *values)
+            outputs.append(str(output))
+    except Exception as exc:
+        return ("error", f"the original model cannot run on the verification inputs ({one_line(exc)}); "
+                         "pass --no-verify to write it without proof")
+    return ("ran", present, outputs)
+
+
+def _faster_tf_keras_rebuild() -> None:
+    """tf-keras rebuilds a functional model in time quadratic in its layers: for each layer of the
+    config, ``connect_ancillary_layers`` asks ``layer not in model.layers``, and ``model.layers``
+    walks the whole model every time (1,199 layers: 1.4 million walks, 1.4 s of 5.5). The same
+    test against one walk, in this process only (it only loads the reference), changes nothing
+    in the model built."""
+    try:
+        import tensorflow as tf
+        from tf_keras.src.engine import functional
+    except ImportError:
+        return
+    quadratic = functional.connect_ancillary_layers
+    if getattr(quadratic, "__gconv_linear__", False) or not hasattr(functional, "_should_skip_first_node"):
+        return  # done already, or a tf-keras whose rebuild this was not written for: left as it is
+
+    def connect_ancillary_layers(model, created_layers):
+        known = {id(layer) for layer in model.layers}
+        ancillary = [layer for layer in created_layers.values() if id(layer) not in known]
+        if ancillary:
+            relevant_nodes = tf.nest.flatten([
+                layer.inbound_nodes[1:] if functional._should_skip_first_node(layer) else layer.inbound_nodes
+                for layer in created_layers.values()])
+            model._insert_layers(ancillary, relevant_nodes)
+        return model
+
+    connect_ancillary_layers.__gconv_linear__ = True
+    functional.connect_ancillary_layers = connect_ancillary_layers

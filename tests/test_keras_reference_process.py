@@ -1,0 +1,225 @@
+"""A Keras file's reference (tf-keras's or Keras 3's own load of the original) is loaded and run in
+a process of its own while the main process rewrites (passes.keras.reference): the proof is the
+same, the reference process is gone after the run, and its death is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tf_keras
+from click.testing import CliRunner
+
+import rewriter
+from passes.keras import reference
+from rewriter.cli import main
+from rewriter.errors import VerificationImpossible
+from samples.keras_models import legacy_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _sliced_keras3(path: Path) -> Path:
+    """Keras 3: x[..., a:b] ×4 → Conv2D → Concatenate → pool → Dense (seeded)."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inp = keras.Input((6, 6, 8), name="image")
+    joined = L.Concatenate(name="join")([L.Conv2D(4, 3, padding="same", name=f"c{i}")(inp[..., 2 * i:2 * i + 2])
+                                         for i in range(4)])
+    keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(joined))).save(path)
+    return path
+
+
+def test_the_tf_keras_reference_runs_in_a_process_of_its_own(tmp_path):
+    path = legacy_model(tmp_path / "legacy.h5")
+    report = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
+    verification = report.verification
+    assert verification.passed and verification.reference == f"tf-keras {tf_keras.__version__} (load_model)"
+    assert isinstance(verification.reference_pid, int) and verification.reference_pid != os.getpid()
+    assert not _alive(verification.reference_pid)  # ended with the run
+    assert [run["inputs"][next(iter(run["inputs"]))][0] for run in verification.runs] == [1, 2]
+    (entry,) = report.rewrites[0].boundary
+    assert entry["passed"] is True and entry["informative"] is True and entry["max_abs_error"] < 1e-5
+    assert json.loads(json.dumps(report.to_dict()))["verification"]["reference_pid"] == verification.reference_pid
+
+
+def test_a_keras3_reference_runs_in_a_process_of_its_own(tmp_path):
+    path = _sliced_keras3(tmp_path / "sliced.keras")
+    verification = rewriter.fuse(path, output=tmp_path / "out.keras").report.verification
+    assert verification.passed and verification.reference == f"keras {keras.__version__} (load_model)"
+    assert verification.reference_pid not in (None, os.getpid())
+
+
+def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, monkeypatch):
+    import rewriter.plan as planner
+
+    real = planner.plan_fusion
+
+    def slightly_wrong(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plan.weight = plan.weight * np.float32(1.01)
+        return plan
+
+    path = legacy_model(tmp_path / "legacy.h5")
+    monkeypatch.setattr(planner, "plan_fusion", slightly_wrong)
+    with pytest.raises(rewriter.errors.VerificationFailed) as failure:
+        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+    verification = failure.value.verification
+    assert verification.reference_pid not in (None, os.getpid())
+    assert "differ at their boundary" in verification.note
+    assert not (tmp_path / "out.keras").exists()
+
+
+def _kill_after_request(monkeypatch, pids: list[int]):
+    """The reference process is killed (as the OOM killer would) right after it is asked to run."""
+    real = reference.ReferenceRunner.start
+
+    def start_then_kill(self, sizes):
+        awaited = real(self, sizes)
+        pids.append(self.process.pid)
+        os.kill(self.process.pid, signal.SIGKILL)
+        return awaited
+
+    monkeypatch.setattr(reference.ReferenceRunner, "start", start_then_kill)
+
+
+def test_a_killed_reference_process_is_a_one_line_error(tmp_path, monkeypatch):
+    path, pids = legacy_model(tmp_path / "legacy.h5"), []
+    _kill_after_request(monkeypatch, pids)
+    with pytest.raises(VerificationImpossible) as failure:
+        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+    message = failure.value.message
+    assert "killed by SIGKILL" in message and "nothing was written" in message and "\n" not in message
+    assert not (tmp_path / "out.keras").exists()
+    assert pids and not _alive(pids[0])
+
+
+def test_a_killed_reference_process_in_the_cli(tmp_path, monkeypatch):
+    path = legacy_model(tmp_path / "legacy.h5")
+    _kill_after_request(monkeypatch, [])
+    result = CliRunner().invoke(main, [str(path), "-o", str(tmp_path / "out.keras"), "--trust-lambdas"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "killed by SIGKILL" in lines[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.keras").exists()
+
+
+def test_an_interrupted_run_kills_the_reference_process(tmp_path, monkeypatch):
+    """Ctrl-C reaches the main process alone (the reference process ignores SIGINT); the run's
+    way out kills the reference process."""
+    path, pids = legacy_model(tmp_path / "legacy.h5"), []
+    real = reference.ReferenceRunner.start
+
+    def start_then_interrupt(self, sizes):
+        real(self, sizes)
+        pids.append(self.process.pid)
+        assert _alive(self.process.pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reference.ReferenceRunner, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+    assert pids and not _alive(pids[0])
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_no_reference_process_where_nothing_is_compared_with_keras_load(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference process was started")
+
+    monkeypatch.setattr(reference.ReferenceProcess, "__init__", refuse)
+    path = _sliced_keras3(tmp_path / "sliced.keras")
+    assert rewriter.check(path).rewrites  # --check: nothing is written, nothing proven
+    assert rewriter.fuse(path, output=tmp_path / "a.keras", verify=False).report.written
+    late = legacy_model(tmp_path / "late.h5", style="lambda", late=True)  # --repair-late-binding: the reference is the rebuild
+    repaired = rewriter.fuse(late, output=tmp_path / "b.keras", trust_lambdas=True, repair_late_binding=True)
+    assert repaired.report.verification.passed and repaired.report.verification.reference_pid is None
+
+
+def test_inside_a_daemonic_worker_the_reference_runs_in_process(tmp_path, monkeypatch):
+    """A daemonic process (a ``--jobs`` worker run alone) may not start processes: the reference
+    is then loaded in the run's own process, as before."""
+    import multiprocessing
+
+    class Daemonic:
+        daemon = True
+
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: Daemonic())
+    path = legacy_model(tmp_path / "legacy.h5")
+    verification = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report.verification
+    assert verification.passed and verification.reference.startswith("tf-keras ")
+    assert verification.reference_pid is None
+
+
+class _Unloaded:
+    """A reference process that could not load the file (what it answers, without the process)."""
+
+    pid = 0
+
+    def __init__(self):
+        self.requests = []
+
+    def request(self, extra, sizes):
+        self.requests.append((extra, len(sizes)))
+
+    def receive(self):
+        return ("unloaded", "reference: rebuilt from the file's config, as Keras cannot load it (why)")
+
+
+def test_a_file_the_reference_process_cannot_load_is_compared_with_the_rebuild():
+    class Runner:  # the in-process rebuild's runner
+        extra = ["join"]
+
+        def __call__(self, feeds):
+            return {"head": feeds["image"] * 2, "join": feeds["image"]}
+
+    made = []
+    runner = reference.ReferenceRunner(_Unloaded(), ["head"], [], ["join", "nested"],
+                                       fallback=lambda note, extra: (made.append(extra) or Runner(), note, "rebuild"))
+    sizes = [{"image": np.ones((1, 2), "float32")}, {"image": np.ones((2, 2), "float32")}]
+    values, exposed = runner.start(sizes)()
+    assert made == [["join", "nested"]] and runner.process.requests == [(["join", "nested"], 2)]
+    assert exposed == ["join"] and [v["head"].shape for v in values] == [(1, 2), (2, 2)]
+    assert runner.name == "rebuild" and runner.note.startswith("reference: rebuilt") and runner.pid is None
+
+
+def test_the_linear_ancillary_check_builds_the_same_tf_keras_model(tmp_path):
+    """The reference process's one change to tf-keras (``connect_ancillary_layers`` without its
+    quadratic walk) loads the same model: same layers in the same order, same outputs. Run in a
+    process of its own, as the change is made only there."""
+    path = legacy_model(tmp_path / "legacy.h5")
+    script = textwrap.dedent(f"""
+        import json, numpy as np, tf_keras
+        from passes.keras import reference
+        def load():
+            model = tf_keras.models.load_model({str(path)!r}, compile=False, safe_mode=False)
+            x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype("float32")
+            return [layer.name for layer in model.layers], np.asarray(model(x, training=False))
+        names, values = load()
+        reference._faster_tf_keras_rebuild()
+        patched = tf_keras.src.engine.functional.connect_ancillary_layers.__gconv_linear__
+        names_after, values_after = load()
+        print(json.dumps({{"patched": patched, "same_layers": names == names_after,
+                          "count": len(names), "diff": float(np.abs(values - values_after).max())}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["patched"] and result["same_layers"] and result["count"] > 10 and result["diff"] == 0.0
