@@ -86,7 +86,7 @@ def _label(feeds: Feeds) -> str:
     return ", ".join(f"{name}={'x'.join(map(str, array.shape)) or 'scalar'}" for name, array in feeds.items())
 
 
-def _boundaries(rewrites) -> dict[str, list]:
+def boundaries(rewrites) -> dict[str, list]:
     """original tensor name → the boundary entries (dicts of ``Rewrite.boundary``) that compare it,
     for rewrites in the main graph (those in If/Loop bodies are run as models of their own)."""
     wanted: dict[str, list] = {}
@@ -107,9 +107,9 @@ def prove(backend, original: Path, written: Path, options, rewrites) -> Verifica
     A runner with ``start(sizes)`` (a Keras file's reference process, ``passes.keras.reference``)
     runs the original elsewhere while the written model loads and runs here; its values, and the
     boundary tensors it could expose, are awaited only for the comparison."""
-    wanted = _boundaries(rewrites)
+    wanted = boundaries(rewrites)
     reference = backend.runner(original, "original", list(wanted))
-    sizes = _sizes(reference, options)
+    sizes = verification_sizes(reference.inputs, reference.output_specs, options)
     awaited, exposed = _start_reference(reference, sizes, wanted)
     output_names = list(reference.outputs)
     del reference  # an in-process original is run already: the two sessions never live at once
@@ -146,16 +146,15 @@ def prove(backend, original: Path, written: Path, options, rewrites) -> Verifica
     return verification
 
 
-def _sizes(reference, options) -> list[Feeds]:
-    """The verification inputs: the user's or seeded ones, and a second size where a dynamic dim
-    was chosen (``second_shapes``)."""
-    first = make_inputs(reference.inputs, shapes=options.shapes, seed=options.seed, given=options.inputs,
-                        outputs=reference.output_specs)
+def verification_sizes(inputs, output_specs, options) -> list[Feeds]:
+    """The verification inputs for a model with ``inputs`` (InputSpecs): the user's or seeded
+    ones, and a second size where a dynamic dim was chosen (``second_shapes``). The same options
+    give the same arrays: a reference run elsewhere may be asked for them before ``prove``."""
+    first = make_inputs(inputs, shapes=options.shapes, seed=options.seed, given=options.inputs, outputs=output_specs)
     sizes = [first]
     more = second_shapes(first.shapes(), first.defaulted, options)
     if more is not None:
-        sizes.append(make_inputs(reference.inputs, shapes=more, seed=options.seed + 1, given=None,
-                                 outputs=reference.output_specs))
+        sizes.append(make_inputs(inputs, shapes=more, seed=options.seed + 1, given=None, outputs=output_specs))
     return sizes
 
 

@@ -22,6 +22,7 @@ import rewriter
 from passes.keras import reference
 from rewriter.cli import main
 from rewriter.errors import VerificationImpossible
+from rewriter.verify import Feeds
 from samples.keras_models import legacy_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,3 +224,40 @@ def test_the_linear_ancillary_check_builds_the_same_tf_keras_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["patched"] and result["same_layers"] and result["count"] > 10 and result["diff"] == 0.0
+
+
+def test_the_original_is_asked_for_once_as_soon_as_the_rewrites_are_known(tmp_path, monkeypatch):
+    """The backend asks the reference process for the run when it knows the rewrites (before the
+    rebuild and the save); the proof wants the same run and does not ask again."""
+    asked = []
+    real = reference.ReferenceProcess._send
+
+    def record(self, message):
+        asked.append(message[:2])
+        real(self, message)
+
+    monkeypatch.setattr(reference.ReferenceProcess, "_send", record)
+    path = legacy_model(tmp_path / "legacy.h5")
+    report = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
+    assert asked == [("run", [report.rewrites[0].boundary[0]["tensor"]])]
+    assert report.verification.passed and report.verification.reference_pid is not None
+
+
+def test_a_later_request_is_answered_and_the_earlier_answer_skipped(tmp_path):
+    path = _sliced_keras3(tmp_path / "sliced.keras")
+    x = np.random.default_rng(1).standard_normal((1, 6, 6, 8)).astype("float32")
+    sizes = [Feeds({"image": x}), Feeds({"image": np.concatenate([x, x])})]
+    with reference.reference_process(path, trust_lambdas=False) as process:
+        process.request(["join"], sizes)
+        process.request(["join"], [dict(s) for s in sizes])  # the same run: not asked again
+        assert process.requests == 1
+        runner = reference.ReferenceRunner(process, ["head"], [], ["c0", "nowhere"], fallback=None)
+        values, exposed = runner.start(sizes)()
+        assert process.requests == 2 and process.answered == 2
+    assert exposed == ["c0"] and runner.name == f"keras {keras.__version__} (load_model)"
+    model = keras.models.load_model(path)
+    c0 = keras.Model(model.inputs, model.get_layer("c0").output)
+    for feeds, got in zip(sizes, values):
+        np.testing.assert_allclose(got["head"], np.asarray(model(feeds["image"])), atol=1e-5)
+        np.testing.assert_allclose(got["c0"], np.asarray(c0(feeds["image"])), atol=1e-5)
+    assert not _alive(process.pid)

@@ -29,7 +29,7 @@ from passes.keras import model as km
 from passes.keras.reference import ReferenceRunner
 from rewriter.backend import Unwritable
 from rewriter.errors import BadInput, OutputError, one_line
-from rewriter.proof import prove
+from rewriter.proof import boundaries, prove, verification_sizes
 from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
 
@@ -179,6 +179,7 @@ class KerasBackend:
         failure = analysis.built.first_failure()
         if failure is not None:
             return self._unbuildable(source, options, failure)
+        self._ask_reference(source, report, options)
         lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
                            if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
         # The analysis's layers, given the file's arrays once, are called again where the model
@@ -191,6 +192,14 @@ class KerasBackend:
         _build.load_weights(rebuilt, graph, weights, reused=analysis.built.layers)
         km._carry_compile_settings(rebuilt.model, source.kfile, report)
         return KerasResult(rebuilt.model, source, options, km._has_lambda(rebuilt.model))
+
+    def _ask_reference(self, source: KerasSource, report: Report, options) -> None:
+        """The rewrites are known: the reference process (if any) is asked for the original's run
+        now, so that it runs while the model is rebuilt and written; the proof finds it asked."""
+        if self.reference_ahead is None or source.rebound or not options.verify:
+            return
+        sizes = verification_sizes(self.input_specs(source), None, options)
+        self.reference_ahead.request(list(boundaries(report.rewrites)), sizes)
 
     def _unbuildable(self, source: KerasSource, options, failure: BadInput) -> Unwritable:
         """Keras 3 cannot rebuild the model (a tf-keras TFOpLambda without a rebuild, say): with

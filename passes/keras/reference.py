@@ -73,15 +73,23 @@ class ReferenceProcess:
             self.process.start()
         child_end.close()  # the process's death is then the end of this pipe, not a wait forever
         self.pid = self.process.pid
+        self.asked: tuple[list[str], list] | None = None  # the last request: (extra, sizes)
+        self.requests = self.answered = 0
 
     def request(self, extra: list[str], sizes: list) -> None:
-        """Ask for the original's outputs and ``extra`` layers' at each of ``sizes`` (Feeds)."""
+        """Ask for the original's outputs and ``extra`` layers' at each of ``sizes`` (Feeds). The
+        backend asks as soon as it knows the rewrites (``KerasBackend.emit``), so the original
+        runs while this process writes the model; the proof asks again only if it wants another
+        run, and then the first run's answer is skipped."""
+        if self.asked is not None and self.asked[0] == list(extra) and _same_feeds(self.asked[1], sizes):
+            return
         files = []
         for n, feeds in enumerate(sizes):
-            file = self.scratch / f"feeds-{n}.npz"
+            file = self.scratch / f"feeds-{self.requests}-{n}.npz"
             np.savez(file, *feeds.values())  # by position: the model's input order
             files.append(str(file))
         self._send(("run", list(extra), files))
+        self.asked, self.requests = (list(extra), sizes), self.requests + 1
 
     def receive(self) -> tuple:
         """The next answer; VerificationImpossible when the process died before giving it."""
@@ -91,6 +99,14 @@ class ReferenceProcess:
             self.process.join(5.0)
             raise VerificationImpossible(f"{_death(self.process.exitcode)}; nothing was written (pass --no-verify "
                                          "to write the model without proof)") from None
+
+    def receive_run(self) -> tuple:
+        """The answer to the last request (those to earlier ones are skipped)."""
+        while True:
+            answer = self.receive()
+            self.answered += 1
+            if self.answered >= self.requests:
+                return answer
 
     def close(self) -> None:
         """Kill the process (it holds nothing to clean up) and close the pipe."""
@@ -104,6 +120,11 @@ class ReferenceProcess:
             self.connection.send(message)
         except OSError:
             pass  # it died: receive() says how
+
+
+def _same_feeds(these: list, those: list) -> bool:
+    return len(these) == len(those) and all(
+        list(a) == list(b) and all(np.array_equal(a[name], b[name]) for name in a) for a, b in zip(these, those))
 
 
 def _death(exitcode: int | None) -> str:
@@ -147,7 +168,7 @@ class ReferenceRunner:
             return [runner(feeds) for feeds in sizes], self.extra
         if answer[0] == "loaded":
             self.name, self.note, self.pid = answer[1]["name"], answer[1]["note"], answer[1]["pid"]
-            answer = self.process.receive()
+            answer = self.process.receive_run()
         if answer[0] != "ran":
             raise VerificationImpossible(answer[1])
         self.extra = list(answer[1])
@@ -163,13 +184,13 @@ class ReferenceRunner:
 # -- in the reference process ---------------------------------------------------------------------
 
 def serve(connection, path: str, trust_lambdas: bool, parent_pid: int) -> None:
-    """The reference process: load the file, answer one run, end."""
+    """The reference process: load the file, answer each run asked for, end with the pipe."""
     workers.start_worker(parent_pid)
     try:
         model = _load(connection, Path(path), trust_lambdas)
-        if model is not None:
+        while model is not None:  # until the main process closes the pipe (EOFError)
             _, extra, files = connection.recv()
-            connection.send(_run(model, extra, files, Path(files[0]).parent))
+            connection.send(_run(model, extra, files))
     except (EOFError, OSError):
         pass  # the main process needs no more answers (its run ended)
     finally:
@@ -203,17 +224,17 @@ def _load(connection, path: Path, trust_lambdas: bool):
     return model
 
 
-def _run(model, extra: list[str], files: list[str], folder: Path) -> tuple:
+def _run(model, extra: list[str], files: list[str]) -> tuple:
     from passes.keras import model as km
 
     try:
         runnable, present = km.with_extra_outputs(model, extra)
         outputs = []
-        for n, file in enumerate(files):
+        for file in files:
             with np.load(file, allow_pickle=False) as arrays:
                 feeds = {key: arrays[key] for key in (f"arr_{i}" for i in range(len(arrays.files)))}
             values = km._run(runnable, feeds)
-            output = folder / f"reference-{n}.npz"
+            output = Path(file).with_name(f"reference-{Path(file).name}")
             np.savez(output, *values)
             outputs.append(str(output))
     except Exception as exc:
