@@ -44,16 +44,22 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceProcess | None]:
-    """A reference process loading ``path``, killed on the way out; None where none can be
-    started (inside a daemonic worker, which may not have children): the run then loads the
-    reference in-process."""
+    """A reference process loading ``path``, killed on the way out; None where the run loads the
+    reference in its own process instead: inside a ``--jobs`` worker (the runs are parallel
+    already: a process more each would add memory, not speed; a daemonic one may not start
+    any), or where no process can be started (said at debug level)."""
     from rewriter import formats
 
-    if multiprocessing.current_process().daemon:
+    if multiprocessing.parent_process() is not None:
         yield None
         return
     with formats.scratch_dir() as scratch:
-        process = ReferenceProcess(path, trust_lambdas=trust_lambdas, scratch=scratch)
+        try:
+            process = ReferenceProcess(path, trust_lambdas=trust_lambdas, scratch=scratch)
+        except OSError as exc:
+            log.debug("no reference process (%s): the original loads in this process", exc)
+            yield None
+            return
         try:
             yield process
         finally:
