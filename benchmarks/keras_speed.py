@@ -13,8 +13,13 @@ TensorFlow's import and first-use costs, alternating, best of ``--rounds`` each.
 columns ("warm") time the same work in one process that has imported TensorFlow and run a
 warm-up model (``rewriter.api.fuse/expand`` against ``keras.models.load_model`` + ``save``; the
 tool's phases come from its report's ``timings``): no import on either side, so they show where
-the tool's own time goes; their ratio is reported, not judged (see the README for why the fuse
-cannot reach 2× there while every output is proven).
+the tool's own time goes; their ratio is reported, not judged (see docs/PERFORMANCE.md for why the
+fuse cannot reach 2× there while every output is proven).
+
+Both columns include the proof's reference (tf-keras's or Keras 3's own load and run of the
+original, ``passes.keras.reference``): a process of its own, started when the run starts, so it
+imports TensorFlow and loads the original on the second core while the tool reads, rewrites and
+saves. In the warm columns that process still pays TensorFlow's import (it is a fresh process).
 
     python benchmarks/keras_speed.py [--quick] [--rounds N] [--cli] [--case NAME] [--folder DIR] [--json FILE]
 """

@@ -258,3 +258,18 @@ def test_a_later_request_is_answered_and_the_earlier_answer_skipped(tmp_path):
         np.testing.assert_allclose(got["head"], np.asarray(model(feeds["image"])), atol=1e-5)
         np.testing.assert_allclose(got["c0"], np.asarray(c0(feeds["image"])), atol=1e-5)
     assert not _alive(process.pid)
+
+
+def test_inputs_that_cannot_be_made_are_refused_by_the_proof_as_before(tmp_path):
+    """A dynamic dim besides the batch needs --shape: the backend's early request to the reference
+    process makes no inputs then, and the proof refuses in one line, as without the process."""
+    L = keras.layers
+    inp = keras.Input((None, None, 8), name="image")
+    joined = L.Concatenate(name="join")([L.Conv2D(4, 3, padding="same")(inp[..., 2 * i:2 * i + 2]) for i in range(4)])
+    path = tmp_path / "dynamic.keras"
+    keras.Model(inp, joined).save(path)
+    with pytest.raises(rewriter.errors.RewriteError) as failure:
+        rewriter.fuse(path, output=tmp_path / "out.keras")
+    assert "--shape" in failure.value.message and not (tmp_path / "out.keras").exists()
+    shaped = rewriter.fuse(path, output=tmp_path / "out.keras", shapes={"image": [1, 6, 6, 8]}).report
+    assert shaped.verification.passed and shaped.verification.reference_pid not in (None, os.getpid())

@@ -28,7 +28,7 @@ from passes.keras import _build, _config, _slices
 from passes.keras import model as km
 from passes.keras.reference import ReferenceRunner
 from rewriter.backend import Unwritable
-from rewriter.errors import BadInput, OutputError, one_line
+from rewriter.errors import BadInput, OutputError, RewriteError, one_line
 from rewriter.proof import boundaries, prove, verification_sizes
 from rewriter.report import ModelStats, Report, Skip, Verification
 from rewriter.verify import InputSpec
@@ -198,7 +198,10 @@ class KerasBackend:
         now, so that it runs while the model is rebuilt and written; the proof finds it asked."""
         if self.reference_ahead is None or source.rebound or not options.verify:
             return
-        sizes = verification_sizes(self.input_specs(source), None, options)
+        try:
+            sizes = verification_sizes(self.input_specs(source), None, options)
+        except RewriteError:
+            return  # inputs that cannot be made (a dynamic dim without --shape): the proof says so
         self.reference_ahead.request(list(boundaries(report.rewrites)), sizes)
 
     def _unbuildable(self, source: KerasSource, options, failure: BadInput) -> Unwritable:
