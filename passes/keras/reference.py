@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceProcess | None]:
     """A reference process loading ``path``, killed on the way out; None where the run loads the
     reference in its own process instead: a file not written by tf-keras (``worth_a_process``);
-    inside a ``--jobs`` worker (the runs are parallel
+    a machine without an idle core (``core_to_spare``); inside a ``--jobs`` worker (the runs are parallel
     already: a process more each would add memory, not speed; a daemonic one may not start
     any), or where no process can be started (said at debug level)."""
     from rewriter import formats
 
-    if multiprocessing.parent_process() is not None or not worth_a_process(path):
+    if multiprocessing.parent_process() is not None or not worth_a_process(path) or not core_to_spare():
         yield None
         return
     with formats.scratch_dir() as scratch:
@@ -65,6 +65,18 @@ def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceP
             yield process
         finally:
             process.close()
+
+
+def core_to_spare() -> bool:
+    """Whether a core is likely idle for the reference process: the last minute's load average
+    leaves one beside this run. On a machine whose cores are busy the process only competes with
+    the run for CPU and adds its own TensorFlow import (measured, ResNeXt-50 ``.h5`` on 2 cores:
+    14.2 s against 15.6 s in-process at a load average ~1.5; 19.9 s against 17.9 s at ~2.6)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows): assume the cores are ours
+        return True
+    return load <= (os.cpu_count() or 1) - 1
 
 
 def worth_a_process(path: Path) -> bool:
@@ -250,7 +262,6 @@ def _load(connection, path: Path, trust_lambdas: bool):
         if has_lambdas and not trust_lambdas:  # the main process refuses the file: run no code
             connection.send(("unloaded", ""))
             return None
-        _faster_tf_keras_rebuild()
         loaded = km.load_reference(path, kfile, has_lambdas=has_lambdas, run_code=has_lambdas)
     except Exception as exc:
         connection.send(("error", f"the original model cannot be loaded for the comparison ({one_line(exc)})"))
@@ -280,32 +291,3 @@ def _run(model, extra: list[str], files: list[str]) -> tuple:
         return ("error", f"the original model cannot run on the verification inputs ({one_line(exc)}); "
                          "pass --no-verify to write it without proof")
     return ("ran", present, outputs)
-
-
-def _faster_tf_keras_rebuild() -> None:
-    """tf-keras rebuilds a functional model in time quadratic in its layers: for each layer of the
-    config, ``connect_ancillary_layers`` asks ``layer not in model.layers``, and ``model.layers``
-    walks the whole model every time (1,199 layers: 1.4 million walks, 1.4 s of 5.5). The same
-    test against one walk, in this process only (it only loads the reference), changes nothing
-    in the model built."""
-    try:
-        import tensorflow as tf
-        from tf_keras.src.engine import functional
-    except ImportError:
-        return
-    quadratic = functional.connect_ancillary_layers
-    if getattr(quadratic, "__gconv_linear__", False) or not hasattr(functional, "_should_skip_first_node"):
-        return  # done already, or a tf-keras whose rebuild this was not written for: left as it is
-
-    def connect_ancillary_layers(model, created_layers):
-        known = {id(layer) for layer in model.layers}
-        ancillary = [layer for layer in created_layers.values() if id(layer) not in known]
-        if ancillary:
-            relevant_nodes = tf.nest.flatten([
-                layer.inbound_nodes[1:] if functional._should_skip_first_node(layer) else layer.inbound_nodes
-                for layer in created_layers.values()])
-            model._insert_layers(ancillary, relevant_nodes)
-        return model
-
-    connect_ancillary_layers.__gconv_linear__ = True
-    functional.connect_ancillary_layers = connect_ancillary_layers
