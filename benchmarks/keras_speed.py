@@ -16,10 +16,12 @@ tool's phases come from its report's ``timings``): no import on either side, so 
 the tool's own time goes; their ratio is reported, not judged (see docs/PERFORMANCE.md for why the
 fuse cannot reach 2× there while every output is proven).
 
-Both columns include the proof's reference (tf-keras's or Keras 3's own load and run of the
-original, ``passes.keras.reference``): a process of its own, started when the run starts, so it
-imports TensorFlow and loads the original on the second core while the tool reads, rewrites and
-saves. In the warm columns that process still pays TensorFlow's import (it is a fresh process).
+For a tf-keras file (``resnext-fuse``) the proof's reference, tf-keras's own load and run of the
+original, is a process of its own (``passes.keras.reference``) where a core is idle when the run
+starts (1-minute load average ≤ cores − 1): it imports TensorFlow and loads the original on the
+second core while the tool reads, rewrites and saves; in the warm columns it still pays
+TensorFlow's import (a fresh process). On a busy machine the reference runs in-process. Note the
+load average in ``--json`` output (``load_average``) when comparing runs.
 
     python benchmarks/keras_speed.py [--quick] [--rounds N] [--cli] [--case NAME] [--folder DIR] [--json FILE]
 """
@@ -194,7 +196,7 @@ def main() -> None:
     print(table(results, import_s))
     if args.json:
         args.json.write_text(json.dumps({"results": results, "import_s": import_s, "rounds": rounds,
-                                         "quick": args.quick}, indent=2) + "\n")
+                                         "quick": args.quick, "load_average": os.getloadavg()[0]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
 
 The proof compares the written model with the file as Keras itself loads it: tf-keras for a file
 tf-keras wrote, which costs tf-keras's rebuild of every layer (5.5 s of a 1,199-layer ResNeXt's
-17 s, measured). A process of its own does that while the main process does its own work: it is
-started before the main process imports TensorFlow (``rewriter.proof.reference_ahead``). It only
-loads and runs. The verification inputs (made in the main process, as for every backend), the
+17 s, measured) besides the tool's own rebuild in Keras 3. A process of its own does that while
+the main process does its own work: it is started before the main process imports TensorFlow
+(``rewriter.proof.reference_ahead``), for a tf-keras reference only (``worth_a_process``) and only
+where a core is idle (``core_to_spare``): otherwise it would only compete for CPU and add a second
+TensorFlow import. It only loads and runs. The verification inputs (made in the main process, as for every backend), the
 boundary layers to expose, and the comparison stay in the main process; arrays travel as .npz
 files in a scratch folder of the main process, messages through a pipe:
 
