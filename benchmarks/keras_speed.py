@@ -18,7 +18,7 @@ fuse cannot reach 2× there while every output is proven).
 
 For a tf-keras file (``resnext-fuse``) the proof's reference, tf-keras's own load and run of the
 original, is a process of its own (``passes.keras.reference``) where a core is idle when the run
-starts (1-minute load average ≤ cores − 1): it imports TensorFlow and loads the original on the
+starts (1-minute load average below the core count): it imports TensorFlow and loads the original on the
 second core while the tool reads, rewrites and saves; in the warm columns it still pays
 TensorFlow's import (a fresh process). On a busy machine the reference runs in-process. Note the
 load average in ``--json`` output (``load_average``) when comparing runs.

@@ -70,15 +70,17 @@ def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceP
 
 
 def core_to_spare() -> bool:
-    """Whether a core is likely idle for the reference process: the last minute's load average
-    leaves one beside this run. On a machine whose cores are busy the process only competes with
+    """Whether a core is likely idle for the reference process: the last minute's load average is
+    below the number of cores. On a machine whose cores are busy the process only competes with
     the run for CPU and adds its own TensorFlow import (measured, ResNeXt-50 ``.h5`` on 2 cores:
-    14.2 s against 15.6 s in-process at a load average ~1.5; 19.9 s against 17.9 s at ~2.6)."""
+    11.5 s against 16.9 s in-process at a load average ~0.8, 14.2 s against 15.6 s at ~1.5, 19.9 s
+    against 17.9 s at ~2.6). Not below ``cores - 1``: the average still counts a run that has just
+    ended (a benchmark's or a script's previous run), which no longer takes a core."""
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # no load average (Windows): assume the cores are ours
         return True
-    return load <= (os.cpu_count() or 1) - 1
+    return load < (os.cpu_count() or 1)
 
 
 def worth_a_process(path: Path) -> bool:
