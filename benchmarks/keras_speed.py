@@ -13,8 +13,15 @@ TensorFlow's import and first-use costs, alternating, best of ``--rounds`` each.
 columns ("warm") time the same work in one process that has imported TensorFlow and run a
 warm-up model (``rewriter.api.fuse/expand`` against ``keras.models.load_model`` + ``save``; the
 tool's phases come from its report's ``timings``): no import on either side, so they show where
-the tool's own time goes; their ratio is reported, not judged (see the README for why the fuse
-cannot reach 2× there while every output is proven).
+the tool's own time goes; their ratio is reported, not judged (see docs/PERFORMANCE.md for why the
+fuse cannot reach 2× there while every output is proven).
+
+For a tf-keras file (``resnext-fuse``) the proof's reference, tf-keras's own load and run of the
+original, is a process of its own (``passes.keras.reference``) where a core is idle when the run
+starts (1-minute load average below the core count): it imports TensorFlow and loads the original on the
+second core while the tool reads, rewrites and saves; in the warm columns it still pays
+TensorFlow's import (a fresh process). On a busy machine the reference runs in-process. Note the
+load average in ``--json`` output (``load_average``) when comparing runs.
 
     python benchmarks/keras_speed.py [--quick] [--rounds N] [--cli] [--case NAME] [--folder DIR] [--json FILE]
 """
@@ -189,7 +196,7 @@ def main() -> None:
     print(table(results, import_s))
     if args.json:
         args.json.write_text(json.dumps({"results": results, "import_s": import_s, "rounds": rounds,
-                                         "quick": args.quick}, indent=2) + "\n")
+                                         "quick": args.quick, "load_average": os.getloadavg()[0]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ The library prints nothing: what it has to say is in the report, in the errors i
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,13 +171,26 @@ def _check_options(model, fmt: str, options: Options) -> None:
 
 # -- the driver: options → backend → passes → staging → verification → atomic commit → report ------
 
+def _reference_ahead(fmt: str, source: Path, options: Options, *, apply: bool):
+    """The format's early reference run (its row's ``reference_ahead``), or nothing to start."""
+    hook = formats.row(fmt).reference_ahead
+    if hook is None:
+        return nullcontext(None)
+    module, name = hook.split(":")
+    return getattr(importlib.import_module(module), name)(source, options, apply=apply)
+
+
 def _drive(model, fmt: str, *, mode: str, output: Path | None, apply: bool, options: Options,
            measure_only: bool = False) -> Result:
     report = Report(input=str(model) if not _in_memory(model) else "<model>", mode=mode)
     report.on_phase = options.progress
     with formats.scratch_dir() as scratch, ExitStack() as collector:
         source = _source_path(model, scratch)
+        # Keras: the original loads in a process of its own meanwhile, to be compared with at the end.
+        ahead = collector.enter_context(_reference_ahead(fmt, source, options, apply=apply))
         backend, hops = _backends(fmt, source, options, report)
+        if ahead is not None:
+            backend.reference_ahead = ahead
         collector.enter_context(_collector_for(fmt))
         if output is not None:
             _check_output(model, fmt, source, output, hops, options)

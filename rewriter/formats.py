@@ -57,6 +57,9 @@ class Format:
     # The backend's roles (rewriter.backend): "format" (load, save, stats...) and "rewriter"
     # (passes, emit, verify); an output-only format has the first.
     roles: tuple[str, ...] = ("format", "rewriter")
+    # "module:function" (source, options, apply=) -> a context manager: the original's reference run
+    # started before anything else of the run, in a process of its own (Keras); None: none.
+    reference_ahead: str | None = None
 
     @property
     def readable(self) -> bool:
@@ -78,7 +81,8 @@ FORMATS: tuple[Format, ...] = (
     Format("keras", (".keras", ".h5", ".hdf5"), None, ".keras", "passes.keras.backend:KerasBackend",
            "keras", "rewriter.benchmark:_load_keras",
            {"onnx": (_KERAS_TO_SAVEDMODEL, _TF_TO_ONNX), "savedmodel": (_KERAS_TO_SAVEDMODEL,),
-            "tflite": ("passes.tflite.from_keras:KerasToTFLite",)}),
+            "tflite": ("passes.tflite.from_keras:KerasToTFLite",)},
+           reference_ahead="passes.keras.reference:reference_ahead"),
     Format("tflite", (), None, ".tflite", "passes.tflite.backend:TFLiteBackend",
            "tflite", "rewriter.benchmark:_load_tflite", roles=("format",)),
 )

@@ -66,7 +66,7 @@ def _label(feeds: Feeds) -> str:
     return ", ".join(f"{name}={'x'.join(map(str, array.shape)) or 'scalar'}" for name, array in feeds.items())
 
 
-def _boundaries(rewrites) -> dict[str, list]:
+def boundaries(rewrites) -> dict[str, list]:
     """original tensor name → the boundary entries (dicts of ``Rewrite.boundary``) that compare it,
     for rewrites in the main graph (those in If/Loop bodies are run as models of their own)."""
     wanted: dict[str, list] = {}
@@ -82,57 +82,96 @@ def _boundaries(rewrites) -> dict[str, list]:
 
 def prove(backend, original: Path, written: Path, options, rewrites) -> Verification:
     """Run both models on the same inputs, at one size or two, and compare every model output and
-    every boundary tensor; the boundary results go into each rewrite's ``boundary`` entries."""
-    wanted = _boundaries(rewrites)
+    every boundary tensor; the boundary results go into each rewrite's ``boundary`` entries.
+
+    A runner with ``start(sizes)`` (a Keras file's reference process, ``passes.keras.reference``)
+    runs the original elsewhere while the written model loads and runs here; its values, and the
+    boundary tensors it could expose, are awaited only for the comparison."""
+    wanted = boundaries(rewrites)
     reference = backend.runner(original, "original", list(wanted))
-    first = make_inputs(reference.inputs, shapes=options.shapes, seed=options.seed, given=options.inputs,
-                        outputs=reference.output_specs)
-    sizes = [first]
-    more = second_shapes(first.shapes(), first.defaulted, options)
-    if more is not None:
-        sizes.append(make_inputs(reference.inputs, shapes=more, seed=options.seed + 1, given=None,
-                                 outputs=reference.output_specs))
-    expected = [reference(feeds) for feeds in sizes]  # held, so the two sessions never live at once
+    sizes = verification_sizes(reference.inputs, reference.output_specs, options)
+    awaited, exposed = _start_reference(reference, sizes, wanted)
     output_names = list(reference.outputs)
-    present = [name for name in wanted if name in reference.extra]
+    del reference  # an in-process original is run already: the two sessions never live at once
     # The tensor that stands in the written model: the same name, unless the rewrite says another
     # (a Keras layer that takes a Concatenate's place has a name of its own).
-    written_name = {name: wanted[name][0].get("written_tensor", name) for name in present}
-    del reference
-    used = dict(inputs=first.shapes(), defaulted=first.defaulted)
+    written_name = {name: entries[0].get("written_tensor", name) for name, entries in wanted.items()}
+    used = dict(inputs=sizes[0].shapes(), defaulted=sizes[0].defaulted)
     try:
-        candidate = backend.runner(written, "rewritten", [written_name[name] for name in present])
+        candidate = backend.runner(written, "rewritten",
+                                   [written_name[name] for name in (wanted if exposed is None else exposed)])
     except VerificationImpossible as exc:
         return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol, note=exc.message, **used)
     if list(candidate.outputs) != output_names:
         return Verification(ran=True, passed=False, atol=options.atol, rtol=options.rtol,
                             note=f"outputs changed: {output_names} -> {list(candidate.outputs)}", **used)
+    actual, failure = _run_written(candidate, sizes)
+    expected, reference_extra = awaited()
+    present = [name for name in wanted if name in reference_extra]
     verification = Verification(ran=True, passed=True, atol=options.atol, rtol=options.rtol, **used)
-    for n, (feeds, reference_values) in enumerate(zip(sizes, expected)):
-        try:
-            actual = candidate(feeds)
-        except VerificationImpossible as exc:
-            verification.passed, verification.note = False, exc.message
-            return verification
-        rows = [compare(name, reference_values[name], actual[name], options.atol, options.rtol)
+    for n, (feeds, reference_values, values) in enumerate(zip(sizes, expected, actual)):
+        rows = [compare(name, reference_values[name], values[name], options.atol, options.rtol)
                 for name in output_names]
         _record_run(verification, n, feeds, rows)
         for name in present:
             if written_name[name] in candidate.extra:
-                row = compare(name, reference_values[name], actual[written_name[name]], options.atol, options.rtol)
+                row = compare(name, reference_values[name], values[written_name[name]], options.atol, options.rtol)
                 for entry in wanted[name]:
                     _record_boundary(entry, row, feeds, verification, listed=name in output_names)
+    if failure is not None:
+        verification.passed, verification.note = False, failure
+        return verification
+    _note_unexposed(wanted, present, {written_name[name] for name in present} - set(candidate.extra), written_name)
+    _judge_proof(verification, rewrites)
+    return verification
+
+
+def verification_sizes(inputs, output_specs, options) -> list[Feeds]:
+    """The verification inputs for a model with ``inputs`` (InputSpecs): the user's or seeded
+    ones, and a second size where a dynamic dim was chosen (``second_shapes``). The same options
+    give the same arrays: a reference run elsewhere may be asked for them before ``prove``."""
+    first = make_inputs(inputs, shapes=options.shapes, seed=options.seed, given=options.inputs, outputs=output_specs)
+    sizes = [first]
+    more = second_shapes(first.shapes(), first.defaulted, options)
+    if more is not None:
+        sizes.append(make_inputs(inputs, shapes=more, seed=options.seed + 1, given=None, outputs=output_specs))
+    return sizes
+
+
+def _start_reference(reference, sizes: list[Feeds], wanted: dict):
+    """The original's values at each size, awaited by a call that gives ``(values per size, the
+    boundary names it exposed)``; and the boundary names to ask the written model for (None: all
+    of them, as an original run elsewhere says which it exposed only with its values)."""
+    start = getattr(reference, "start", None)
+    if start is not None:
+        return start(sizes), None
+    expected = [reference(feeds) for feeds in sizes]  # held, so the two sessions never live at once
+    exposed = [name for name in wanted if name in reference.extra]
+    return (lambda: (expected, exposed)), exposed
+
+
+def _run_written(candidate, sizes: list[Feeds]) -> tuple[list[dict], str | None]:
+    """The written model's values at each size, up to the first size it cannot run at (and why)."""
+    actual = []
+    for feeds in sizes:
+        try:
+            actual.append(candidate(feeds))
+        except VerificationImpossible as exc:
+            return actual, exc.message
+    return actual, None
+
+
+def _note_unexposed(wanted: dict, present: list[str], consumed: set[str], written_name: dict) -> None:
+    """Say, in each boundary entry no run compared, why not."""
     for name in wanted:
         if name not in present:  # e.g. a Keras layer inside a nested model, or called twice
             note = "the original's run cannot expose this tensor; proven at the model outputs"
-        elif written_name[name] not in candidate.extra:  # a later rewrite (a fold) consumed it
+        elif written_name[name] in consumed:  # a later rewrite (a fold) consumed it
             note = "not in the written model (a later rewrite replaced it); proven at that rewrite's boundary"
         else:
             continue
         for entry in wanted[name]:
             entry.setdefault("note", note)
-    _judge_proof(verification, rewrites)
-    return verification
 
 
 def _record_run(verification: Verification, n: int, feeds: Feeds, rows: list[OutputComparison]) -> None:

@@ -81,6 +81,9 @@ class Verification:
     # What ran the original for the comparison, where more than one thing could (Keras files):
     # "tf-keras 2.21.0 (load_model)", "keras 3.x (load_model)", "the tool's rebuild ..."
     reference: str = ""
+    # The process that ran the original, where it was not the run's own (a Keras file's reference
+    # process, passes.keras.reference); None where it ran in the run's process.
+    reference_pid: int | None = None
 
 
 @dataclass

@@ -16,17 +16,18 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from passes.keras import _build, _config, _slices
 from passes.keras import model as km
 from passes.keras.expand_grouped_conv import ExpandGroupedConv
 from passes.keras.fuse_grouped_conv import FuseGroupedConv
+from passes.keras.reference import ReferenceRunner
 from rewriter.backend import Unwritable
-from rewriter.errors import BadInput, OutputError, one_line
-from rewriter.proof import prove
+from rewriter.errors import BadInput, OutputError, RewriteError, one_line
+from rewriter.proof import boundaries, prove, verification_sizes
 from rewriter.report import ModelStats, Report, Skip, Verification
+from rewriter.verify import InputSpec
 
 _FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
 
@@ -85,6 +86,9 @@ class KerasBackend:
     suffix = ".keras"
     verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
     check = None  # no checker beyond Keras's own save
+    # A reference process (passes.keras.reference) the driver started for this run (rewriter.proof
+    # .reference_ahead): it loads the original while this process reads and rewrites.
+    reference_ahead = None
 
     def __init__(self, report: Report):
         self.report = report
@@ -154,6 +158,7 @@ class KerasBackend:
         failure = analysis.built.first_failure()
         if failure is not None:
             return self._unbuildable(source, options, failure)
+        self._ask_reference(source, report, options)
         lambda_as_slice = {key: (s.axis, s.ranges) for key, s in analysis.slices.items()
                            if isinstance(s, _slices.SliceCall) and s.kind == "Lambda"}
         # The analysis's layers, given the file's arrays once, are called again where the model
@@ -166,6 +171,17 @@ class KerasBackend:
         _build.load_weights(rebuilt, graph, weights, reused=analysis.built.layers)
         km._carry_compile_settings(rebuilt.model, source.kfile, report)
         return KerasResult(rebuilt.model, source, options, km._has_lambda(rebuilt.model))
+
+    def _ask_reference(self, source: KerasSource, report: Report, options) -> None:
+        """The rewrites are known: the reference process (if any) is asked for the original's run
+        now, so that it runs while the model is rebuilt and written; the proof finds it asked."""
+        if self.reference_ahead is None or source.rebound or not options.verify:
+            return
+        try:
+            sizes = verification_sizes(_input_specs(source.graph), None, options)
+        except RewriteError:
+            return  # inputs that cannot be made (a dynamic dim without --shape): the proof says so
+        self.reference_ahead.request(list(boundaries(report.rewrites)), sizes)
 
     def _unbuildable(self, source: KerasSource, options, failure: BadInput) -> Unwritable:
         """Keras 3 cannot rebuild the model (a tf-keras TFOpLambda without a rebuild, say): with
@@ -198,16 +214,54 @@ class KerasBackend:
 
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
         """``rewriter.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)
-        against the written file loaded back, model outputs and each rewrite's boundary layer."""
-        reference, note = result.reference()
-        candidate = km._load_written(written, trusted=result.lambdas_left)
-        models = {"original": reference, "rewritten": candidate}
-        runners = SimpleNamespace(runner=lambda path, role, extra=(): km.KerasRunner(models[role], result.graph,
-                                                                                      role, extra))
+        against the written file loaded back, model outputs and each rewrite's boundary layer. The
+        reference is run by the reference process where the driver started one
+        (``reference_ahead``), else here."""
+        process, self.reference_ahead = self.reference_ahead, None  # it answers one run
+        runners = _Runners(result, written, process if not result.source.rebound else None)
         verification = prove(runners, original, written, options, report.rewrites)
+        note, verification.reference, verification.reference_pid = runners.reference_info()
         verification.note = "; ".join(n for n in (note, verification.note) if n)
-        verification.reference = result.reference_name
         return verification
+
+
+class _Runners:
+    """``rewriter.proof``'s ``runner(path, role, extra)`` for a Keras run: the original in the
+    reference process (``passes.keras.reference``) or here, the written file loaded back here."""
+
+    def __init__(self, result: KerasResult, written: Path, process):
+        self.result, self.written, self.process = result, written, process
+        self.remote: ReferenceRunner | None = None
+
+    def runner(self, path: Path, role: str, extra=()):
+        result = self.result
+        if role == "rewritten":
+            return km.KerasRunner(km._load_written(self.written, trusted=result.lambdas_left), result.graph, role,
+                                  extra)
+        if self.process is None:
+            return km.KerasRunner(result.reference()[0], result.graph, role, extra)
+        specs = _input_specs(result.graph)
+        self.remote = ReferenceRunner(self.process, [ref.layer for ref in result.graph.outputs], specs, extra,
+                                      fallback=self._rebuilt)
+        return self.remote
+
+    def _rebuilt(self, note: str, extra: list[str]):
+        """Where the reference process could not load the file (``note`` says why): the rebuild."""
+        s = self.result.source
+        self.result._reference = km.rebuilt_reference(s.graph, s.kfile, s.analysis, note)
+        return km.KerasRunner(self.result._reference[0], s.graph, "original", extra), note, self.result._reference[2]
+
+    def reference_info(self) -> tuple[str, str, int | None]:
+        """(the note on the reference, what ran it, the process that did where not this one)."""
+        if self.remote is not None:
+            return self.remote.note, self.remote.name, self.remote.pid
+        note = self.result.reference()[1]
+        return note, self.result.reference_name, None
+
+
+def _input_specs(graph: _config.KerasGraph) -> list[InputSpec]:
+    """The model's inputs as the proof makes inputs for them (names, shapes with None, dtypes)."""
+    return [InputSpec(name, shape, dtype) for name, shape, dtype in km._input_specs(graph)]
 
 
 def deterministic_archive(path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +206,22 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
         _build.load_weights(built, graph, kfile.weights)
         return (built.model, "reference: the late-bound Lambdas re-bound to their branch positions",
                 "the tool's rebuild, late-bound Lambdas re-bound to their branch positions (--repair-late-binding)")
-    import keras
+    loaded = load_reference(path, kfile, has_lambdas=has_lambdas, run_code=has_lambdas and options.trust_lambdas)
+    return loaded if not isinstance(loaded, str) else rebuilt_reference(graph, kfile, analysis, loaded)
 
-    loaded = _tf_keras_load(path, kfile, run_code=has_lambdas and options.trust_lambdas)
+
+def load_reference(path: Path, kfile: _config.KerasFile, *, has_lambdas: bool,
+                   run_code: bool) -> tuple[Any, str, str] | str:
+    """The original as Keras itself loads it (the model, a note, what it is): tf-keras's load of a
+    file tf-keras (or Keras 2) wrote, where tf-keras is installed, else Keras 3's; or, where
+    neither loads it, the note that says why (the caller then rebuilds it from the config). Also
+    run in the reference process (``passes.keras.reference``), which has only the file."""
+    loaded = _tf_keras_load(path, kfile, run_code=run_code)
     if not isinstance(loaded, str):
         return loaded
     tf_keras_failure = loaded
+    import keras
+
     try:
         if kfile.kind == "keras":
             # Keras's loader extracts every member: it reads the archive as accepted within the
@@ -225,10 +237,15 @@ def _reference(path: Path, graph, kfile, analysis: _Analysis, fuser, options,
         reason = one_line(exc)
     # Keras cannot load it (tf-keras TFOpLambda nodes, Lambdas with list defaults...): compare with
     # the model rebuilt from the file's own config and trusted code.
-    _build.load_weights(analysis.built, graph, kfile.weights)
     note = f"reference: rebuilt from the file's config, as Keras cannot load it ({reason[:80]})"
-    return (analysis.built.model, "; ".join(n for n in (tf_keras_failure, note) if n),
-            "the tool's rebuild of the file's config")
+    return "; ".join(n for n in (tf_keras_failure, note) if n)
+
+
+def rebuilt_reference(graph, kfile: _config.KerasFile, analysis: _Analysis, note: str) -> tuple[Any, str, str]:
+    """The model the analysis rebuilt from the file's config, given the file's weights, as the
+    reference where Keras cannot load the file (``note`` says why)."""
+    _build.load_weights(analysis.built, graph, kfile.weights)
+    return analysis.built.model, note, "the tool's rebuild of the file's config"
 
 
 def _tf_keras_load(path: Path, kfile: _config.KerasFile, *, run_code: bool) -> tuple[Any, str, str] | str:
@@ -251,7 +268,7 @@ def _tf_keras_load(path: Path, kfile: _config.KerasFile, *, run_code: bool) -> t
     # names the rebuild gives it (``K``, ``tf``, ``np``...), code written for them loads here too.
     names = {k: v for k, v in _lambdas.lambda_globals().items() if k != "__builtins__"} if run_code else None
     try:
-        with SafeModeScope(safe), paused_gc():
+        with SafeModeScope(safe), paused_gc(), linear_ancillary_check():
             if kfile.kind == "keras":
                 with formats.scratch_dir() as scratch:
                     accepted = Path(scratch) / "accepted.keras"
@@ -265,6 +282,42 @@ def _tf_keras_load(path: Path, kfile: _config.KerasFile, *, run_code: bool) -> t
     unreadable = _keras3_unreadable(kfile.config)
     note = f"reference: tf-keras's own load{f', as Keras cannot load it ({unreadable})' if unreadable else ''}"
     return model, note, f"tf-keras {tf_keras.__version__} (load_model)"
+
+
+@contextmanager
+def linear_ancillary_check() -> Iterator[None]:
+    """While inside, tf-keras rebuilds a functional model in time linear in its layers, not
+    quadratic: for each layer of the config its ``connect_ancillary_layers`` asks ``layer not in
+    model.layers``, and ``model.layers`` walks the whole model every time (1,199 layers: 1.4
+    million walks, 1.4 s of a 5.5 s load). The same test against one walk (layers compare by
+    identity) builds the same model; tf-keras's own function is back on the way out."""
+    try:
+        import tensorflow as tf
+        from tf_keras.src.engine import functional
+    except ImportError:
+        yield
+        return
+    quadratic = functional.connect_ancillary_layers
+    if getattr(quadratic, "linear", False) or not hasattr(functional, "_should_skip_first_node"):
+        yield  # inside already, or a tf-keras whose rebuild this was not written for: left as it is
+        return
+
+    def connect_ancillary_layers(model, created_layers):
+        known = {id(layer) for layer in model.layers}
+        ancillary = [layer for layer in created_layers.values() if id(layer) not in known]
+        if ancillary:
+            relevant_nodes = tf.nest.flatten([
+                layer.inbound_nodes[1:] if functional._should_skip_first_node(layer) else layer.inbound_nodes
+                for layer in created_layers.values()])
+            model._insert_layers(ancillary, relevant_nodes)
+        return model
+
+    connect_ancillary_layers.linear = True
+    functional.connect_ancillary_layers = connect_ancillary_layers
+    try:
+        yield
+    finally:
+        functional.connect_ancillary_layers = quadratic
 
 
 def _keras3_unreadable(config: dict) -> str:
@@ -342,29 +395,36 @@ def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(r) for r in tree.flatten(result)]
 
 
+def with_extra_outputs(model, extra) -> tuple[Any, list[str]]:
+    """``model`` with the outputs of the layers named in ``extra`` after its own, and the names it
+    could expose. A layer that is not at the model's top level, or is called more than once, has
+    no one output: it is left out."""
+    present, tensors = [], []
+    for name in extra:
+        try:
+            tensors.append(model.get_layer(name).output)
+        except Exception:  # not a top-level layer, or called more than once
+            continue
+        present.append(name)
+    if not tensors:
+        return model, present
+    import importlib
+
+    # The same framework's functional API (tf_keras for a tf-keras reference).
+    framework = importlib.import_module(type(model).__module__.split(".")[0])
+    return framework.Model(model.inputs, [*model.outputs, *tensors]), present
+
+
 class KerasRunner:
     """A Keras (or tf-keras) model run on verification feeds, with the outputs of the layers named
-    in ``extra`` exposed beside its own (``rewriter.proof``'s runner). A layer that is not at the
-    model's top level, or is called more than once, has no one output: it is left out of ``extra``."""
+    in ``extra`` exposed beside its own (``rewriter.proof``'s runner; see ``with_extra_outputs``)."""
 
     def __init__(self, model, graph: _config.KerasGraph, role: str, extra=()):
         self.role = role
         self.outputs = [ref.layer for ref in graph.outputs]
         self.inputs = [InputSpec(name, shape, dtype) for name, shape, dtype in _input_specs(graph)]
         self.output_specs = None
-        self.extra, tensors = [], []
-        for name in extra:
-            try:
-                tensors.append(model.get_layer(name).output)
-            except Exception:  # not a top-level layer, or called more than once
-                continue
-            self.extra.append(name)
-        self.model = model
-        if tensors:  # the same framework's functional API (tf_keras for a tf-keras reference)
-            import importlib
-
-            framework = importlib.import_module(type(model).__module__.split(".")[0])
-            self.model = framework.Model(model.inputs, [*model.outputs, *tensors])
+        self.model, self.extra = with_extra_outputs(model, extra)
 
     def __call__(self, feeds) -> dict[str, np.ndarray]:
         try:
@@ -372,10 +432,14 @@ class KerasRunner:
         except Exception as exc:
             raise VerificationImpossible(f"the {self.role} model cannot run on the verification inputs "
                                          f"({one_line(exc)}); pass --no-verify to write it without proof") from exc
-        names = self.outputs + self.extra
-        if len(values) != len(names):
-            raise VerificationImpossible(f"outputs changed: {len(self.outputs)} -> {len(values) - len(self.extra)}")
-        return dict(zip(names, values))
+        return named_values(self.outputs, self.extra, values)
+
+
+def named_values(outputs: list[str], extra: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A run's arrays by name: the model's outputs, then the exposed layers (``extra``)."""
+    if len(values) != len(outputs) + len(extra):
+        raise VerificationImpossible(f"outputs changed: {len(outputs)} -> {len(values) - len(extra)}")
+    return dict(zip(outputs + extra, values))
 
 
 # -- statistics --------------------------------------------------------------------------------
