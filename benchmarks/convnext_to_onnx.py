@@ -61,7 +61,7 @@ def _check(folder: Path, softmax: bool) -> int:
     output = folder / "convnext_tiny.onnx"
     output.unlink(missing_ok=True)
     start = time.perf_counter()
-    cli = subprocess.run([sys.executable, "-m", "rewriter", str(saved_model), "--to", "onnx", "-o", str(output),
+    cli = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(saved_model), "--to", "onnx", "-o", str(output),
                           "--shape", f"{key}=1,224,224,3"], capture_output=True, text=True, cwd=REPO)
     print(cli.stdout.rstrip())
     print(f"CLI exit {cli.returncode} in {time.perf_counter() - start:.1f}s")

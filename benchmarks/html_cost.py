@@ -18,7 +18,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import rewriter
+import gconv_rewrite
 from samples import models
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         shares, pages, runs, sizes = [], [], [], []
         for n in range(args.rounds):
             page = Path(folder) / f"review{n}.html"
-            result = rewriter.fuse(source, output=Path(folder) / f"out{n}.onnx", html=page)
+            result = gconv_rewrite.fuse(source, output=Path(folder) / f"out{n}.onnx", html=page)
             timings = dict(result.report.timings)
             writing = timings.pop("html")
             rest = sum(timings.values())

@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from passes.keras._build import call_form
+from gconv_rewrite.passes.keras._build import call_form
 
 CANDIDATES = {  # name: input shape (small: random weights, nothing downloaded)
     "MobileNetV3Small": (64, 64, 3), "MobileNetV3Large": (64, 64, 3), "EfficientNetB0": (64, 64, 3),

@@ -50,8 +50,8 @@ def run(size: int = 224, runs: int = 10, batch: int = 1, folder: Path | None = N
     import keras
     import numpy as np
 
-    from passes.keras import _build, _config, _lambdas
-    from rewriter.api import Options, fuse
+    from gconv_rewrite.api import Options, fuse
+    from gconv_rewrite.passes.keras import _build, _config, _lambdas
     from samples.keras_models import resnext50_lambda_model
 
     with tempfile.TemporaryDirectory(prefix="gconv-resnext-") as scratch:

@@ -11,13 +11,13 @@ The goal is judged as a user meets it (``--cli``): the whole ``gconv-rewrite`` r
 ``python -c "load_model(output); save(...)"`` of the file it wrote, each a fresh process paying
 TensorFlow's import and first-use costs, alternating, best of ``--rounds`` each. The in-process
 columns ("warm") time the same work in one process that has imported TensorFlow and run a
-warm-up model (``rewriter.api.fuse/expand`` against ``keras.models.load_model`` + ``save``; the
+warm-up model (``gconv_rewrite.api.fuse/expand`` against ``keras.models.load_model`` + ``save``; the
 tool's phases come from its report's ``timings``): no import on either side, so they show where
 the tool's own time goes; their ratio is reported, not judged (see docs/PERFORMANCE.md for why the
 fuse cannot reach 2× there while every output is proven).
 
 For a tf-keras file (``resnext-fuse``) the proof's reference, tf-keras's own load and run of the
-original, is a process of its own (``passes.keras.reference``) where a core is idle when the run
+original, is a process of its own (``gconv_rewrite.passes.keras.reference``) where a core is idle when the run
 starts (1-minute load average below the core count): it imports TensorFlow and loads the original on the
 second core while the tool reads, rewrites and saves; in the warm columns it still pays
 TensorFlow's import (a fresh process). On a busy machine the reference runs in-process. Note the
@@ -78,7 +78,7 @@ def warm_up(scratch: Path) -> None:
 
 
 def time_tool(source: Path, output: Path, mode: str, overrides: dict) -> tuple[float, dict]:
-    from rewriter import api
+    from gconv_rewrite import api
 
     output.unlink(missing_ok=True)
     gc.collect()  # neither side pays for the other's garbage
@@ -108,7 +108,7 @@ def time_keras(written: Path, scratch: Path) -> tuple[float, dict]:
 def time_cli(source: Path, output: Path, flags: list[str]) -> float:
     output.unlink(missing_ok=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from rewriter.cli import main; main()", str(source), "-o", str(output), "--force", "-q", *flags],
+    subprocess.run([sys.executable, "-c", "from gconv_rewrite.cli import main; main()", str(source), "-o", str(output), "--force", "-q", *flags],
                    check=True, cwd=REPO)
     return time.perf_counter() - start
 

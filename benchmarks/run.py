@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-import rewriter
-from rewriter.benchmark import SESSIONS, ratio_interval
+import gconv_rewrite
+from gconv_rewrite.benchmark import SESSIONS, ratio_interval
 from samples.models import GraphBuilder, resnext50
 
 
@@ -91,7 +91,7 @@ def interleaved_latency_feeds(paths: dict[str, Path], feeds: dict[str, dict], ro
 
 def ratio(latency: dict[str, dict], numerator: str, denominator: str) -> dict:
     """numerator / denominator per session set, their geometric mean and its 95 % t interval
-    (``rewriter.benchmark.ratio_interval``): {"ratio", "ci", "pairs"}."""
+    (``gconv_rewrite.benchmark.ratio_interval``): {"ratio", "ci", "pairs"}."""
     pairs = [a / b for a, b in zip(latency[numerator]["sessions_ms"], latency[denominator]["sessions_ms"])]
     mean, low, high = ratio_interval(pairs)
     return {"ratio": mean, "ci": [low, high], "pairs": pairs}
@@ -148,7 +148,7 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
         src = work / f"resnext_{form}.onnx"
         onnx.save(resnext50(form, image=image), src)
         out = work / f"resnext_{form}.fused.onnx"
-        result = rewriter.fuse(src, output=out, force=True, verify=False)
+        result = gconv_rewrite.fuse(src, output=out, force=True, verify=False)
         assert len(result.report.rewrites) == 16, result.report.skipped
         paths[form], paths[f"{form} → fused"] = src, out
     feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, image, image)).astype(np.float32)}
@@ -160,7 +160,7 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
             real_paths[name] = src
             if name != "torch groups=32":
                 out = work / f"{src.stem}.fused.onnx"
-                result = rewriter.fuse(src, output=out, force=True, verify=False)
+                result = gconv_rewrite.fuse(src, output=out, force=True, verify=False)
                 real_rows[name] = len(result.report.rewrites)
                 real_paths[f"{name} → fused"] = out
         x = {name: {onnx.load(str(path), load_external_data=False).graph.input[0].name:
@@ -195,7 +195,7 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
 _BARE = "import sys, onnx_ir as ir; ir.save(ir.load(sys.argv[1]), sys.argv[2])"
 _BARE_EXTERNAL = ("import sys, os, onnx_ir as ir; "
                   "ir.save(ir.load(sys.argv[1]), sys.argv[2], external_data=os.path.basename(sys.argv[2]) + '.data')")
-_FUSE = ("import sys, rewriter; rewriter.fuse(sys.argv[1], output=sys.argv[2], force=True, verify=False)")
+_FUSE = ("import sys, rewriter; gconv_rewrite.fuse(sys.argv[1], output=sys.argv[2], force=True, verify=False)")
 _SLIM = "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])"
 _SIM = ("import sys, onnx, onnxsim; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); onnx.save(m, sys.argv[2])")
 
@@ -236,7 +236,7 @@ def bench_rewrite_cost(work: Path, quick: bool) -> dict:
     bare = results["onnx_ir load+save"]["wall"]["median"]
     ratios = {name: r["wall"]["median"] / bare for name, r in results.items()}
     # The same in-process, without interpreter start and imports: the work itself.
-    phases = rewriter.fuse(src, output=work / "cost_inproc.onnx", force=True, verify=False).report.timings
+    phases = gconv_rewrite.fuse(src, output=work / "cost_inproc.onnx", force=True, verify=False).report.timings
     return {"model_mb": size_mb, "tools": results, "ratio_to_bare": ratios, "fuse_phases_s": phases}
 
 
@@ -259,7 +259,7 @@ def bench_scale(work: Path, quick: bool) -> dict:
     for nodes in sizes:
         src = work / f"chain_{nodes}.onnx"
         onnx.save(chain_model(nodes // 5), src)
-        result = rewriter.fuse(src, output=work / f"chain_{nodes}.fused.onnx", force=True, verify=False)
+        result = gconv_rewrite.fuse(src, output=work / f"chain_{nodes}.fused.onnx", force=True, verify=False)
         t = result.report.timings
         total = t["load"] + t["rewrite"] + t["save"]
         rows.append({"nodes": nodes, "rewrites": len(result.report.rewrites), "seconds": t,
@@ -330,7 +330,7 @@ def bench_verification(work: Path, quick: bool) -> dict:
     image = 64 if quick else 224
     src = work / "verify_split.onnx"
     onnx.save(resnext50("split", image=image), src)
-    result = rewriter.fuse(src, output=work / "verify_fused.onnx", force=True)
+    result = gconv_rewrite.fuse(src, output=work / "verify_fused.onnx", force=True)
     feeds = {"input": np.zeros((1, 3, image, image), np.float32)}
     s = session(src, optimized=False)
     s.run(None, feeds)

@@ -75,8 +75,8 @@ def build(work: Path, groups: int, image: int, channels: int, blocks: int) -> Pa
 
 
 def variants(work: Path, exported: Path, shape: list[int]) -> dict[str, Path]:
-    import rewriter
-    from passes.tf.savedmodel import load_signature, write_savedmodel
+    import gconv_rewrite
+    from gconv_rewrite.passes.tf.savedmodel import load_signature, write_savedmodel
 
     frozen = load_signature(exported)
     paths = {"keras (XLA)": exported}
@@ -84,7 +84,7 @@ def variants(work: Path, exported: Path, shape: list[int]) -> dict[str, Path]:
     paths["grouped"] = work / "grouped"
     write_savedmodel(frozen, frozen.graph_def, work / "grouped_add")
     paths["grouped, bias as AddV2"] = work / "grouped_add"
-    result = rewriter.expand(exported, output=work / "expanded", shapes={"image": shape})
+    result = gconv_rewrite.expand(exported, output=work / "expanded", shapes={"image": shape})
     print(f"expanded: {len(result.report.rewrites)} grouped convs, verification "
           f"{'passed' if result.report.verification.passed else 'FAILED'}")
     paths["expanded"] = work / "expanded"

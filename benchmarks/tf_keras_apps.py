@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def cli(*args) -> tuple[int, float, str]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", *map(str, args)], capture_output=True, text=True)
     return done.returncode, time.perf_counter() - start, done.stdout + done.stderr
 
 

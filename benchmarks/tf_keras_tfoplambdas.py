@@ -2,7 +2,7 @@
 
 Builds every ``tf_keras.applications`` model with random weights (``weights=None``, no download),
 collects the ``function`` of each TFOpLambda/SlicingOpLambda layer from its config (what a saved
-file holds), and prints, per function, the models that use it and whether ``passes.keras``
+file holds), and prints, per function, the models that use it and whether ``gconv_rewrite.passes.keras``
 rebuilds it in Keras 3. ``--save DIR`` also writes each model that holds any as ``DIR/NAME.h5``
 and ``DIR/NAME.keras`` (tf-keras's two formats) for end-to-end runs of the tool.
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     import tf_keras
 
     try:
-        from passes.keras._tf_ops import REBUILT
+        from gconv_rewrite.passes.keras._tf_ops import REBUILT
     except ImportError:
         REBUILT = {}
 

@@ -2,7 +2,7 @@
 an output format with no rewrite of its own).
 
 Each format's backend (``passes.FORMAT.backend``) builds its passes by class; the driver
-(``rewriter.api``) reaches them through the backend only. No module of the project is imported here,
+(``gconv_rewrite.api``) reaches them through the backend only. No module of the project is imported here,
 so importing one pass loads that pass and what it needs, never the driver.
 """
 

@@ -1,3 +1,3 @@
-from rewriter.cli import main
+from gconv_rewrite.cli import main
 
 main()

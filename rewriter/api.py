@@ -1,6 +1,6 @@
 """The Python API, mirroring the CLI: ``fuse``, ``expand``, ``check``, ``verify``.
 
-    >>> from rewriter import fuse
+    >>> from gconv_rewrite import fuse
     >>> result = fuse("model.onnx", output="model.fused.onnx")
     >>> result.report.rewrites[0].groups
     32
@@ -9,7 +9,7 @@ A model is a path, or an ONNX model in memory: an ``onnx.ModelProto`` (as onnxsi
 take it; ``Result.model`` is then a ModelProto too) or an ``onnx_ir.Model``. The caller's object
 is never changed; it is saved to a scratch file, read from there, and verified as a file is.
 The library prints nothing: what it has to say is in the report, in the errors it raises
-(``rewriter.errors``) and in log records (module loggers under ``rewriter`` and ``passes``).
+(``gconv_rewrite.errors``) and in log records (module loggers under ``rewriter`` and ``passes``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter import formats, html, proof, quiet, targets
-from rewriter.backend import Unwritable, conversions, format_backend, rewriter_backend
-from rewriter.errors import BadInput, RewriteError, VerificationFailed
-from rewriter.memory import frozen_heap, paused_gc
-from rewriter.report import Report, Verification
-from rewriter.verify import load_inputs_file, verify_onnx
+from gconv_rewrite import formats, html, proof, quiet, targets
+from gconv_rewrite.backend import Unwritable, conversions, format_backend, rewriter_backend
+from gconv_rewrite.errors import BadInput, RewriteError, VerificationFailed
+from gconv_rewrite.memory import frozen_heap, paused_gc
+from gconv_rewrite.report import Report, Verification
+from gconv_rewrite.verify import load_inputs_file, verify_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -61,14 +61,14 @@ class Options:
     repair_late_binding: bool = False
     # Fusion: fold a BatchNormalization (or per-channel Mul/Add) that reads only a fused conv.
     fold_bn: bool = True
-    # A deployment target (rewriter.targets): fuse what it runs natively, expand what it does not.
+    # A deployment target (gconv_rewrite.targets): fuse what it runs natively, expand what it does not.
     target: str | None = None
-    # --auto: a measured target (rewriter.auto): each grouped conv timed in both forms on onnxruntime.
+    # --auto: a measured target (gconv_rewrite.auto): each grouped conv timed in both forms on onnxruntime.
     auto: bool = False
     # --benchmark: time the original and the written model on the output format's runtime.
     benchmark: bool = False
     threads: int | None = None  # intra-op threads of the timed runtime (--threads); None: its default
-    # --html: the review page of this run (rewriter.html), written after the run like the output.
+    # --html: the review page of this run (gconv_rewrite.html), written after the run like the output.
     html: Path | str | None = None
     # Called as progress(phase, seconds so far) after each phase (the CLI's terminal display).
     progress: Callable[[str, float], None] | None = field(default=None, compare=False)
@@ -308,7 +308,7 @@ def _backends(fmt: str, source: Path, options: Options, report: Report):
     try:
         quiet.import_tensorflow()  # before any backend module: its native log never reaches stderr
         if options.benchmark and options.threads:  # TensorFlow's threads are fixed once it runs anything
-            from rewriter.benchmark import set_tensorflow_threads
+            from gconv_rewrite.benchmark import set_tensorflow_threads
 
             set_tensorflow_threads(options.threads)
         return rewriter_backend(fmt, report), conversions(fmt, options.to, str(source))
@@ -321,7 +321,7 @@ def _backends(fmt: str, source: Path, options: Options, report: Report):
 def _target(source: Path, options: Options, report: Report):
     """--target's rule, or --auto's measured one (each grouped conv timed in both forms first)."""
     if options.auto:
-        from rewriter import auto
+        from gconv_rewrite import auto
 
         with report.timed("measure"):
             target = auto.measure(source, options, options.inputs)
@@ -339,7 +339,7 @@ def _passes(backend, model, mode: str, apply: bool, options: Options, target):
 
     --target: both directions in one run. Fuse the hand-made groups the target runs natively,
     then expand the native grouped convs it wants split. ``target``: anything with ``name`` and
-    ``decide(props)`` (a rule of rewriter.targets, or --auto's measured target)."""
+    ``decide(props)`` (a rule of gconv_rewrite.targets, or --auto's measured target)."""
     if target is None and mode == "expand":
         yield backend.expand_pass(model, rewrite=apply, options=options)
         return
@@ -488,7 +488,7 @@ def _check_auto(model, fmt: str, options: Options) -> None:
 
 def _benchmark(model, fmt: str, result: Result, options: Options) -> None:
     """--benchmark: the original against the written model on the output format's runtime."""
-    from rewriter import benchmark
+    from gconv_rewrite import benchmark
 
     report = result.report
     out_fmt = benchmark.output_format(fmt, options.to)

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import benchmark, formats
-from rewriter.errors import VerificationImpossible
-from rewriter.targets import NATIVE, SPLIT, ConvProps, Decision
-from rewriter.verify import InputSpec, make_inputs, run_session
+from gconv_rewrite import benchmark, formats
+from gconv_rewrite.errors import VerificationImpossible
+from gconv_rewrite.targets import NATIVE, SPLIT, ConvProps, Decision
+from gconv_rewrite.verify import InputSpec, make_inputs, run_session
 
 NAME = "auto"
 BATCH_SECONDS = 0.02  # one batch runs each form about this long
@@ -158,7 +158,7 @@ def _location(node: ir.Node) -> str:
 
 
 def _discover(path: Path, options) -> tuple[ir.Model, list[tuple[Measurement, ir.Node | None]]]:
-    from passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass
+    from gconv_rewrite.passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass
 
     model = formats.load_onnx(path)
     found: list[tuple[Measurement, ir.Node | None]] = []
@@ -244,7 +244,7 @@ def _input_shapes(model: ir.Model, found, options, given_inputs, scratch: Path) 
 
 
 def _signature(node: ir.Node) -> tuple:
-    from passes.onnx import _graph as g
+    from gconv_rewrite.passes.onnx import _graph as g
 
     weight = g.const_shape(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].shape is not None:
@@ -257,7 +257,7 @@ def _signature(node: ir.Node) -> tuple:
 def _layer_models(node: ir.Node, shape: list[int], dtype: np.dtype, opset: int, scratch: Path,
                   tag: str) -> tuple[Path, Path]:
     """Write ``x → Conv(group=N)`` and its expansion (``--expand``'s own output) for one node."""
-    from passes.onnx import ExpandGroupedConvPass
+    from gconv_rewrite.passes.onnx import ExpandGroupedConvPass
 
     op_type, weight_shape, has_bias, _ = _signature(node)
     if weight_shape is None or any(not isinstance(d, int) for d in weight_shape):

@@ -1,4 +1,4 @@
-"""The backend contract: what one model format gives the driver (``rewriter.api``).
+"""The backend contract: what one model format gives the driver (``gconv_rewrite.api``).
 
     driver:  options → backend.load → passes (fuse | expand | target), each by backend.apply
              → backend.emit → staging → backend.save → backend.check → backend.verify
@@ -10,8 +10,8 @@ formats. It has one role or two (``BACKENDS``):
 - the model-format role (``ModelFormat``): load, files read, stats, save, check, result;
 - the rewriter role (``Rewriter``): the passes, ``apply``, ``emit``, ``verify``.
 
-ONNX (``passes.onnx.backend``), SavedModel (``passes.tf.backend``) and Keras
-(``passes.keras.backend``) have both; TFLite (``passes.tflite.backend``, an output format:
+ONNX (``gconv_rewrite.passes.onnx.backend``), SavedModel (``gconv_rewrite.passes.tf.backend``) and Keras
+(``gconv_rewrite.passes.keras.backend``) have both; TFLite (``gconv_rewrite.passes.tflite.backend``, an output format:
 ``--to tflite``) has the first only. ``--to`` is the driver handing what one backend wrote to a
 ``Conversion`` into another format (``ROUTES``), whose output it verifies against the original.
 Backends are imported on first use, so an ONNX run never imports TensorFlow.
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rewriter import formats
-from rewriter.errors import BadInput
-from rewriter.report import ModelStats, Report, Rewrite, Skip, Verification
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.report import ModelStats, Report, Rewrite, Skip, Verification
+from gconv_rewrite.targets import ConvProps, Decision
 
 Accept = Callable[[ConvProps], tuple[bool, str]]  # a target's rule: (wanted?, why)
 
@@ -37,7 +37,7 @@ class RewritePass(Protocol):
     """One rewrite of one format, as its backend built it (the pass class itself: an onnx-ir pass,
     a GraphDef pass, a Keras pass); the backend's ``apply`` runs it on the model. What it did, and
     what it left and why, are in ``rewrites`` and ``skipped``; with a target, ``decisions`` has one
-    record per grouped conv judged (``rewriter.targets.Decision``)."""
+    record per grouped conv judged (``gconv_rewrite.targets.Decision``)."""
 
     rewrites: list[Rewrite]
     skipped: list[Skip]
@@ -47,7 +47,7 @@ class RewritePass(Protocol):
 class ModelFormat(Protocol):
     """The model-format role: read, describe and write one format. Every backend has it; TFLite
     has only this one (it is written by ``--to tflite``, never rewritten). Running a model is
-    the rewriter role's ``verify`` (``rewriter.proof``) or a conversion's."""
+    the rewriter role's ``verify`` (``gconv_rewrite.proof``) or a conversion's."""
 
     name: str  # "onnx", "savedmodel", "keras", "tflite"
     suffix: str  # of a file it writes ("" for a folder)
@@ -73,7 +73,7 @@ class ModelFormat(Protocol):
 
 class Rewriter(ModelFormat, Protocol):
     """The rewriter role: the input formats (ONNX, SavedModel, Keras). Its passes read the graph
-    into candidates and plan them with ``rewriter.plan``; ``emit`` returns the rewritten model,
+    into candidates and plan them with ``gconv_rewrite.plan``; ``emit`` returns the rewritten model,
     ready to save; ``verify`` proves what was written."""
 
     # Verify even when nothing was rewritten (Keras compares its rebuild with Keras's own load).
@@ -133,7 +133,7 @@ class Unwritable:
     skips: list[Skip] = field(default_factory=list)
 
 
-# format → (module, class, the roles it has): a view of the one format table (rewriter.formats.FORMATS)
+# format → (module, class, the roles it has): a view of the one format table (gconv_rewrite.formats.FORMATS)
 BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     fmt.name: (*fmt.backend.split(":"), fmt.roles) for fmt in formats.FORMATS}
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewriter import envelope, formats, targets, workers
-from rewriter.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
-from rewriter.report import format_summary, format_verification
+from gconv_rewrite import envelope, formats, targets, workers
+from gconv_rewrite.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RewriteError, VerificationFailed
+from gconv_rewrite.report import format_summary, format_verification
 
 MODEL_SUFFIXES = formats.MODEL_SUFFIXES  # (the table at import; walks ask formats.model_suffixes())
 # The last dotted part of every name the tool writes beside an input: NAME.fused.onnx,
@@ -47,7 +47,7 @@ class JobResult:
     summary: str = ""
     seconds: float = 0.0
     details: list[str] = field(default_factory=list)
-    error_kind: str | None = None  # the JSON error's kind (rewriter.envelope), with ``error``
+    error_kind: str | None = None  # the JSON error's kind (gconv_rewrite.envelope), with ``error``
 
     def to_dict(self) -> dict[str, Any]:
         return {"input": self.input, "output": self.output, "status": self.status, "exit_code": self.exit_code,
@@ -132,7 +132,7 @@ def _mirror(path: Path, relative: Path, output: Path | None, mode: str, to: str 
 
 def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose: bool = False) -> JobResult:
     """Run one model; never raises (a failure becomes the row's error)."""
-    from rewriter.api import rewrite
+    from gconv_rewrite.api import rewrite
 
     start = time.perf_counter()
     find_only = check or dry_run
@@ -176,10 +176,10 @@ def run_job(job: Job, *, mode: str, check: bool, dry_run: bool, options, verbose
 
 
 def _dry_run(path: Path, mode: str, options):
-    """--dry-run: the rewrite done in memory for its true counts after (rewriter.api.dry_run);
+    """--dry-run: the rewrite done in memory for its true counts after (gconv_rewrite.api.dry_run);
     where the model cannot be rebuilt (a Keras file read only as data), what a find-only run sees,
     with the reason the counts after are missing."""
-    from rewriter.api import dry_run, rewrite
+    from gconv_rewrite.api import dry_run, rewrite
 
     try:
         return dry_run(path, mode=mode, options=options)

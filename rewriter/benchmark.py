@@ -10,7 +10,7 @@ Each model is therefore loaded ``SESSIONS`` times afresh (a new onnxruntime ``In
 new ``tf.saved_model.load`` / ``keras.models.load_model``, a new TFLite interpreter), one *pair* at
 a time — A1 B1, then B2 A2, then A3 B3, … (who is created first alternates) — and each pair is
 warmed up and timed in interleaved rounds (A B, B A, A B, … so that drift and a neighbour's load hit both
-alike) on the verification inputs (``rewriter.verify.make_inputs``: the same seed, shapes and
+alike) on the verification inputs (``gconv_rewrite.verify.make_inputs``: the same seed, shapes and
 ``--inputs``). TensorFlow's thread pools are per process: a fresh TF/Keras load is a fresh function
 and fresh weights, not fresh threads.
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from rewriter import formats
-from rewriter.errors import BadInput, RewriteError
-from rewriter.verify import InputSpec, load_inputs_file, make_inputs
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput, RewriteError
+from gconv_rewrite.verify import InputSpec, load_inputs_file, make_inputs
 
 # onnxruntime providers used for timing (--benchmark and --auto's per-node measurements).
 ONNX_PROVIDERS = ["CPUExecutionProvider"]
@@ -134,7 +134,7 @@ def session_threads(session) -> int | None:
 
 
 def _load_onnx(path: Path, threads: int | None, options) -> Loaded:
-    from rewriter.verify import run_session
+    from gconv_rewrite.verify import run_session
 
     session = ort_session(path, threads)
     specs = [InputSpec(i.name, None if i.shape is None else list(i.shape), i.type) for i in session.get_inputs()]
@@ -196,7 +196,7 @@ def _load_keras(path: Path, threads: int | None, options) -> Loaded:
 def _load_tflite(path: Path, threads: int | None, options) -> Loaded:
     """A .tflite in the LiteRT interpreter (TensorFlow's where ai-edge-litert is not installed),
     as deployed: the default XNNPACK delegate, ``num_threads=threads``."""
-    from passes.tflite import convert
+    from gconv_rewrite.passes.tflite import convert
 
     runner = convert.signature_runner(convert.interpreter(Path(path).read_bytes(), threads), options.signature)
     return Loaded(lambda feeds: runner(**feeds), convert.input_specs(runner), threads)
@@ -214,7 +214,7 @@ def _loader(spec: str) -> Callable[[Path, int | None, Any], Loaded]:
 
 
 # The runtime of each output format, from the format table; for .tflite (--to tflite) "before" is
-# the original model's own TFLite conversion, hand-made groups and all (rewriter.api._benchmark).
+# the original model's own TFLite conversion, hand-made groups and all (gconv_rewrite.api._benchmark).
 RUNTIMES: dict[str, Runtime] = {fmt.name: Runtime(fmt.runtime, _loader(fmt.runtime_loader))
                                 for fmt in formats.FORMATS}
 

@@ -1,10 +1,10 @@
 """The format-free words every reader uses to describe a group candidate to the planner.
 
-    source ─ ChannelRead(axis, start, stop) per branch ─ branch layers (rewriter.plan) ─ concat
+    source ─ ChannelRead(axis, start, stop) per branch ─ branch layers (gconv_rewrite.plan) ─ concat
 
 A reader (one per format: ``passes/*/fuse_*.py``) finds where each branch reads its channels
-(``ChannelRead``), hands the branches to ``rewriter.plan``, and says why a candidate is none
-(``NotACandidate``: nothing to report) or cannot fuse (``Refused``, from ``rewriter.reasons``: a
+(``ChannelRead``), hands the branches to ``gconv_rewrite.plan``, and says why a candidate is none
+(``NotACandidate``: nothing to report) or cannot fuse (``Refused``, from ``gconv_rewrite.reasons``: a
 stable code and the sentence the user reads).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rewriter.reasons import NotACandidate, Refused  # noqa: F401  (the readers' words, kept here)
+from gconv_rewrite.reasons import NotACandidate, Refused  # noqa: F401  (the readers' words, kept here)
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Only this module prints. Errors are one line on stderr with the exit code their type carries
 (0 ok, 1 verification failed or --check found work, 2 bad input or usage); ``-v`` shows the
 traceback as well. With ``--format json`` stdout holds one JSON document and nothing else (a
-usage error too: the envelope of rewriter.envelope, docs/JSON.md); progress and logs go to
-stderr (rewriter.progress). ``--check`` prints like a linter (rewriter.lint).
+usage error too: the envelope of gconv_rewrite.envelope, docs/JSON.md); progress and logs go to
+stderr (gconv_rewrite.progress). ``--check`` prints like a linter (gconv_rewrite.lint).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import click
 
-from rewriter import __version__, batch, config, envelope, formats, html, lint, quiet, targets, workers
-from rewriter import progress as progress_lines
-from rewriter.api import Options
-from rewriter.errors import EXIT_BAD_INPUT, BadInput, RewriteError
-from rewriter.verify import parse_shapes
+from gconv_rewrite import __version__, batch, config, envelope, formats, html, lint, quiet, targets, workers
+from gconv_rewrite import progress as progress_lines
+from gconv_rewrite.api import Options
+from gconv_rewrite.errors import EXIT_BAD_INPUT, BadInput, RewriteError
+from gconv_rewrite.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
 

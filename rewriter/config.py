@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from rewriter.errors import BadInput
+from gconv_rewrite.errors import BadInput
 
 CONFIG_SECTION = "gconv-rewrite"
 PYPROJECT = "pyproject.toml"

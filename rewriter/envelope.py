@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from typing import Any
 
-from rewriter import __version__, errors
+from gconv_rewrite import __version__, errors
 
 SCHEMA_VERSION = 1
 TOOL = "gconv-rewrite"

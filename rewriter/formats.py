@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rewriter.lazy import lazy_module
+from gconv_rewrite.lazy import lazy_module
 
 # Imported on first use: a Keras or SavedModel run never reads ONNX (about 0.9 s of every CLI run).
 onnx = lazy_module("onnx", "onnx.external_data_helper")
@@ -33,12 +33,12 @@ try:
 except ImportError:  # not POSIX: no advisory locks, the pid alone tells a dead run's leftovers
     fcntl = None
 
-from rewriter.errors import BadInput, OutputError
+from gconv_rewrite.errors import BadInput, OutputError
 
 # The one table of model formats. Detection (``detect_format``), the default output name
-# (``default_output``), folder walks (``rewriter.batch.walk``), the CLI's ``--to`` choices and help,
-# the benchmark's runtimes (``rewriter.benchmark.RUNTIMES``) and the driver's backend and
-# conversion lookup (``rewriter.backend``) all read it: a new format is its package plus one row.
+# (``default_output``), folder walks (``gconv_rewrite.batch.walk``), the CLI's ``--to`` choices and help,
+# the benchmark's runtimes (``gconv_rewrite.benchmark.RUNTIMES``) and the driver's backend and
+# conversion lookup (``gconv_rewrite.backend``) all read it: a new format is its package plus one row.
 # (When each kept its own list, ``.hdf5`` was read as Keras but walked past, and its default
 # output ``m.fused.hdf5`` refused.)
 
@@ -49,12 +49,12 @@ class Format:
     read_suffixes: tuple[str, ...]  # files read as this format (lower case); () for none
     folder_marker: str | None  # a folder holding this file is one model of this format
     write_suffix: str  # of what it writes ("" for a folder)
-    backend: str  # "module:Class" of its rewriter.backend.Backend
+    backend: str  # "module:Class" of its gconv_rewrite.backend.Backend
     runtime: str  # the runtime --benchmark times it on, as reported
-    runtime_loader: str  # "module:function": (path, threads, options) -> rewriter.benchmark.Loaded
+    runtime_loader: str  # "module:function": (path, threads, options) -> gconv_rewrite.benchmark.Loaded
     # --to FORMAT from an input of this format: the conversion hops the driver chains, each "module:Class".
     conversions: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-    # The backend's roles (rewriter.backend): "format" (load, save, stats...) and "rewriter"
+    # The backend's roles (gconv_rewrite.backend): "format" (load, save, stats...) and "rewriter"
     # (passes, emit, verify); an output-only format has the first.
     roles: tuple[str, ...] = ("format", "rewriter")
     # "module:function" (source, options, apply=) -> a context manager: the original's reference run
@@ -67,24 +67,24 @@ class Format:
         return bool(self.read_suffixes) or self.folder_marker is not None
 
 
-_TF_TO_ONNX = "passes.tf.to_onnx:SavedModelToOnnx"
-_KERAS_TO_SAVEDMODEL = "passes.keras.to_savedmodel:KerasToSavedModel"
+_TF_TO_ONNX = "gconv_rewrite.passes.tf.to_onnx:SavedModelToOnnx"
+_KERAS_TO_SAVEDMODEL = "gconv_rewrite.passes.keras.to_savedmodel:KerasToSavedModel"
 
 FORMATS: tuple[Format, ...] = (
-    Format("onnx", (".onnx",), None, ".onnx", "passes.onnx.backend:OnnxBackend",
-           "onnxruntime", "rewriter.benchmark:_load_onnx"),
-    Format("savedmodel", (), "saved_model.pb", "", "passes.tf.backend:SavedModelBackend",
-           "tensorflow", "rewriter.benchmark:_load_savedmodel",
-           {"onnx": (_TF_TO_ONNX,), "tflite": ("passes.tflite.from_savedmodel:SavedModelToTFLite",)}),
+    Format("onnx", (".onnx",), None, ".onnx", "gconv_rewrite.passes.onnx.backend:OnnxBackend",
+           "onnxruntime", "gconv_rewrite.benchmark:_load_onnx"),
+    Format("savedmodel", (), "saved_model.pb", "", "gconv_rewrite.passes.tf.backend:SavedModelBackend",
+           "tensorflow", "gconv_rewrite.benchmark:_load_savedmodel",
+           {"onnx": (_TF_TO_ONNX,), "tflite": ("gconv_rewrite.passes.tflite.from_savedmodel:SavedModelToTFLite",)}),
     # .h5/.hdf5: legacy HDF5 files, read by tf-keras or Keras 3. Keras writes only the Keras 3
     # archive: an HDF5 input's rewrite is NAME.fused.keras, never NAME.fused.h5.
-    Format("keras", (".keras", ".h5", ".hdf5"), None, ".keras", "passes.keras.backend:KerasBackend",
-           "keras", "rewriter.benchmark:_load_keras",
+    Format("keras", (".keras", ".h5", ".hdf5"), None, ".keras", "gconv_rewrite.passes.keras.backend:KerasBackend",
+           "keras", "gconv_rewrite.benchmark:_load_keras",
            {"onnx": (_KERAS_TO_SAVEDMODEL, _TF_TO_ONNX), "savedmodel": (_KERAS_TO_SAVEDMODEL,),
-            "tflite": ("passes.tflite.from_keras:KerasToTFLite",)},
-           reference_ahead="passes.keras.reference:reference_ahead"),
-    Format("tflite", (), None, ".tflite", "passes.tflite.backend:TFLiteBackend",
-           "tflite", "rewriter.benchmark:_load_tflite", roles=("format",)),
+            "tflite": ("gconv_rewrite.passes.tflite.from_keras:KerasToTFLite",)},
+           reference_ahead="gconv_rewrite.passes.keras.reference:reference_ahead"),
+    Format("tflite", (), None, ".tflite", "gconv_rewrite.passes.tflite.backend:TFLiteBackend",
+           "tflite", "gconv_rewrite.benchmark:_load_tflite", roles=("format",)),
 )
 
 # Views of the table as it was at import (tests and callers that want a constant); the functions

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewriter import formats
-from rewriter.report import format_benchmark
+from gconv_rewrite import formats
+from gconv_rewrite.report import format_benchmark
 
 BRANCHES_DRAWN = 3  # branches drawn per rewrite; the rest are "… N more"
 CHAIN_DRAWN = 5  # ops drawn per branch; a longer chain shows its first and last ops around "… N ops"
@@ -357,7 +357,7 @@ def _environment():
     import jinja2
 
     # Autoescaping on for every template, whatever its name: the model's names are untrusted text.
-    return jinja2.Environment(loader=jinja2.PackageLoader("rewriter", "templates"), autoescape=True,
+    return jinja2.Environment(loader=jinja2.PackageLoader("gconv_rewrite", "templates"), autoescape=True,
                               trim_blocks=True, lstrip_blocks=True)
 
 
@@ -462,7 +462,7 @@ def model_page_names(index: Path, inputs: Iterable[str]) -> list[Path]:
 def check_page_path(page: Path, read: list[Path], force: bool, outputs: Iterable[Path] = ()) -> None:
     """Refuse a page path before the run: one that names a file the input reads or a model
     output, is no regular file, lies in a missing folder, or exists without ``force``."""
-    from rewriter.errors import OutputError
+    from gconv_rewrite.errors import OutputError
 
     formats.check_utf8(page, "--html")
     formats.check_not_read(page, read, "--html")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from rewriter import formats
-from rewriter.report import rewrite_kind
+from gconv_rewrite import formats
+from gconv_rewrite.report import rewrite_kind
 
 NEAR_MISS = "near-miss"  # the code of a skip record that carries none of its own
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.reasons import Refusal
+from gconv_rewrite.reasons import Refusal
 
 
 @dataclass
@@ -400,7 +400,7 @@ class ChainPlan:
     steps: list[FusionPlan | list[np.ndarray] | list[list[np.ndarray]]]
     branch_channels: list[int]  # each branch's channels after the last fused step (for a split back)
     stopped: str | None = None  # where and why the branches stop agreeing; None: every step fused
-    stopped_code: str | None = None  # the code of why they stop (rewriter.reasons)
+    stopped_code: str | None = None  # the code of why they stop (gconv_rewrite.reasons)
 
     @property
     def convs(self) -> list[FusionPlan]:

@@ -27,7 +27,7 @@ def enabled(choice: str, *, tty: bool, quiet: bool, as_json: bool) -> bool:
 
 class Phases:
     """The ``Options.progress`` hook of one model run in this process: ``started(phase)`` as a
-    phase starts, ``(phase, seconds)`` after it ends (``rewriter.report.Report.timed``)."""
+    phase starts, ``(phase, seconds)`` after it ends (``gconv_rewrite.report.Report.timed``)."""
 
     def __init__(self, say: Callable[[str], None], name: str = ""):
         self.say, self.prefix = say, f"{name}: " if name else ""

@@ -1,7 +1,7 @@
 """The proof a rewrite is judged by, done once in the driver for every backend that can run a model.
 
     original ─┐                       ┌─ model outputs    ─┐
-              ├─ same inputs, size 1 ─┤                     ├─ compare (rewriter.verify.compare)
+              ├─ same inputs, size 1 ─┤                     ├─ compare (gconv_rewrite.verify.compare)
     written  ─┘   (and size 2)        └─ boundary tensors ─┘
 
 Comparing only the model's outputs is not enough: a head that random weights saturate (a softmax
@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from rewriter.errors import VerificationImpossible
-from rewriter.report import OutputComparison, Verification
-from rewriter.verify import Feeds, compare, make_inputs
+from gconv_rewrite.errors import VerificationImpossible
+from gconv_rewrite.report import OutputComparison, Verification
+from gconv_rewrite.verify import Feeds, compare, make_inputs
 
 
 def second_shapes(shapes: dict[str, list[int]], defaulted: dict[str, list[int]], options) -> dict[str, list[int]] | None:
@@ -46,7 +46,7 @@ def at_second_size(verify, options, verification: Verification | None) -> Verifi
     """For a backend that proves its model outputs itself (``verify(options)``): run it again
     with the defaulted batch at 2, and join that run to the first one's verdict."""
     if verification is None or not verification.ran or verification.runs:
-        return verification  # nothing ran, or the backend ran every size already (rewriter.proof)
+        return verification  # nothing ran, or the backend ran every size already (gconv_rewrite.proof)
     verification.runs.append({"inputs": dict(verification.inputs),
                               "outputs": [_row_dict(r) for r in verification.outputs]})
     more = second_shapes(verification.inputs, verification.defaulted, options) if verification.passed else None
@@ -84,7 +84,7 @@ def prove(backend, original: Path, written: Path, options, rewrites) -> Verifica
     """Run both models on the same inputs, at one size or two, and compare every model output and
     every boundary tensor; the boundary results go into each rewrite's ``boundary`` entries.
 
-    A runner with ``start(sizes)`` (a Keras file's reference process, ``passes.keras.reference``)
+    A runner with ``start(sizes)`` (a Keras file's reference process, ``gconv_rewrite.passes.keras.reference``)
     runs the original elsewhere while the written model loads and runs here; its values, and the
     boundary tensors it could expose, are awaited only for the comparison."""
     wanted = boundaries(rewrites)

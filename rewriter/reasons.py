@@ -98,7 +98,7 @@ class Refused(Exception):
 
     def __init__(self, code: str | Refusal, reason: str | None = None, nodes: tuple[str, ...] = ()):
         if not isinstance(code, Refusal) and reason is None:
-            raise TypeError("Refused(code, reason): a refusal needs a code of rewriter.reasons.CODES and a reason")
+            raise TypeError("Refused(code, reason): a refusal needs a code of gconv_rewrite.reasons.CODES and a reason")
         self.refusal = code if isinstance(code, Refusal) else Refusal(code, reason, tuple(nodes))
         super().__init__(self.refusal.reason)
 

@@ -22,7 +22,7 @@ class Rewrite:
     # early); False for a rewrite in an If/Loop branch that no verification run reached.
     exercised: bool | None = None
     exercised_by: str = ""  # how ("model run", "subgraph ... as its own model"), or why not
-    # The tensor(s) this rewrite replaces, compared directly in both models (rewriter.proof):
+    # The tensor(s) this rewrite replaces, compared directly in both models (gconv_rewrite.proof):
     # [{"tensor", "max_abs_error", "max_rel_error", "passed", "informative", "note"}].
     boundary: list[dict] = field(default_factory=list)
 
@@ -31,7 +31,7 @@ class Rewrite:
 class Skip:
     """A pattern left alone: where (``location``, the node or layer that stands for it, in
     ``graph``), why (``reason``, the sentence users read) and the stable ``code`` of that reason
-    (rewriter.reasons.CODES; docs/REASONS.md), which tools such as ``--check`` read."""
+    (gconv_rewrite.reasons.CODES; docs/REASONS.md), which tools such as ``--check`` read."""
 
     location: str
     reason: str
@@ -45,7 +45,7 @@ class Skip:
     @classmethod
     def refused(cls, location: str, refusal, nodes: list[str] | None = None, graph: str = "",
                 finding: str = "") -> Skip:
-        """The skip for a ``rewriter.reasons.Refusal`` (or a raised ``Refused``): its code and reason."""
+        """The skip for a ``gconv_rewrite.reasons.Refusal`` (or a raised ``Refused``): its code and reason."""
         refusal = getattr(refusal, "refusal", refusal)
         return cls(location, refusal.reason, list(nodes if nodes is not None else refusal.nodes), graph, finding,
                    refusal.code)
@@ -82,7 +82,7 @@ class Verification:
     # "tf-keras 2.21.0 (load_model)", "keras 3.x (load_model)", "the tool's rebuild ..."
     reference: str = ""
     # The process that ran the original, where it was not the run's own (a Keras file's reference
-    # process, passes.keras.reference); None where it ran in the run's process.
+    # process, gconv_rewrite.passes.keras.reference); None where it ran in the run's process.
     reference_pid: int | None = None
 
 
@@ -110,7 +110,7 @@ class Report:
     target: dict[str, Any] | None = None
     # --benchmark: {"runtime", "threads", "runs", "before_ms", "after_ms", "ratio" (before/after),
     # "before_spread_ms", "after_spread_ms", "ratio_spread", "sessions" (fresh session pairs),
-    # "pair_ratios", "ratio_ci" (95% t interval across the pairs), "verdict", "interval"} (rewriter.benchmark).
+    # "pair_ratios", "ratio_ci" (95% t interval across the pairs), "verdict", "interval"} (gconv_rewrite.benchmark).
     benchmark: dict[str, Any] | None = None
     # Bytes on disk, {"before", "after"}: the input and the written output (a dry run: the rewritten
     # model saved in scratch to measure it); None where nothing was written or measured.
@@ -124,7 +124,7 @@ class Report:
     @contextmanager
     def timed(self, phase: str):
         # A plain attribute, not a field: progress display is not part of the report's data. A
-        # listener with ``started`` hears of each phase as it starts, too (rewriter.progress).
+        # listener with ``started`` hears of each phase as it starts, too (gconv_rewrite.progress).
         started = getattr(getattr(self, "on_phase", None), "started", None)
         if started is not None:
             started(phase)
@@ -332,7 +332,7 @@ def format_benchmark(result: dict[str, Any]) -> str:
         said = "n/a"
     elif interval is None or verdict is None:  # one session pair: no interval, no verdict
         said = "one session pair: no verdict"
-    else:  # "faster" only when the whole interval across session pairs is above 1 (rewriter.benchmark)
+    else:  # "faster" only when the whole interval across session pairs is above 1 (gconv_rewrite.benchmark)
         said = {"faster": f"{ratio:.3f}x faster", "slower": f"{1 / ratio:.3f}x slower"}.get(verdict, verdict)
         said = f"95% CI {interval[0]:.3f}-{interval[1]:.3f} across {result['sessions']} session pairs: {said}"
     return (f"{head}, {result.get('sessions', 1)} sessions each, {result['runs']} interleaved runs): before "

@@ -6,7 +6,7 @@ convolution's properties (groups, input and output channels, kernel rank, transp
 that returns the form the target wants and the sentence that says why. Every rule is backed by
 the runtime's own source or by a measurement; docs/TARGETS.md lists each with its evidence.
 
-    >>> from rewriter.targets import ConvProps, get
+    >>> from gconv_rewrite.targets import ConvProps, get
     >>> form, why = get("tflite-gpu").decide(ConvProps(groups=8, in_channels=16, out_channels=16))
     >>> form
     'split'
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rewriter.errors import BadInput
+from gconv_rewrite.errors import BadInput
 
 NATIVE = "native"
 SPLIT = "split"
@@ -71,7 +71,7 @@ class Decision:
     form: str  # NATIVE or SPLIT: the form the target wants
     action: str  # "fuse", "expand" or "keep": what the pass did about it
     rule: str  # why (the skip reasons carry it with "FORM for TARGET: " in front)
-    # --auto (rewriter.auto): both forms timed; None for a target's rule.
+    # --auto (gconv_rewrite.auto): both forms timed; None for a target's rule.
     native_ms: float | None = None
     split_ms: float | None = None
     verdict: str | None = None  # NATIVE, SPLIT or "tie"

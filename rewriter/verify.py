@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
-from rewriter.report import OutputComparison, Verification
+from gconv_rewrite.errors import BadInput, VerificationFailed, VerificationImpossible
+from gconv_rewrite.report import OutputComparison, Verification
 
 # Verification inputs and outputs together may take at most this much memory (both models' outputs
 # are held at once): 4 GiB, or half the memory available now where that is less.
@@ -503,7 +503,7 @@ def _inline_small_tensors(model, folder: Path, limit: int = 1 << 16) -> None:
 
 class OnnxRunner:
     """A model file run in onnxruntime, with ``extra`` tensors of its main graph exposed as outputs
-    (``rewriter.proof``'s runner): ``runner(feeds) → {name: array}``, model outputs and extras.
+    (``gconv_rewrite.proof``'s runner): ``runner(feeds) → {name: array}``, model outputs and extras.
     ``outputs``: the model's own output names; ``extra``: the asked-for names the model computes."""
 
     def __init__(self, path: Path, role: str, extra: Sequence[str] = ()):
@@ -525,7 +525,7 @@ class OnnxRunner:
             # outputs concatenate) -- the 100 MB of weights are never parsed or written again.
             import shutil
 
-            from rewriter.formats import scratch_dir
+            from gconv_rewrite.formats import scratch_dir
 
             # An output without a type is legal for onnxruntime: it types it from the graph.
             more = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in added]))

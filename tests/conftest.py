@@ -56,7 +56,7 @@ def keras_fusion(tmp_path: Path) -> KerasFusion:
 def short_timings(monkeypatch):
     """Keep every timing loop short, for tests that check what a benchmark reports, never how fast
     (``pytestmark = pytest.mark.usefixtures("short_timings")``)."""
-    from rewriter import auto, benchmark
+    from gconv_rewrite import auto, benchmark
 
     monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
     monkeypatch.setattr(benchmark, "BUDGET_SECONDS", 0.05)

@@ -7,7 +7,7 @@
 - ``untouched(model, *reasons, code=...)``: a near miss; nothing rewritten, the same ops or
   layers, and one skip whose reason holds each of ``reasons``.
 
-Each saves or copies the model under tmp_path, runs ``rewriter.fuse`` and checks that the input
+Each saves or copies the model under tmp_path, runs ``gconv_rewrite.fuse`` and checks that the input
 is never modified. TensorFlow and Keras are imported only when their harness runs.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import rewriter
-from rewriter.report import Report
+import gconv_rewrite
+from gconv_rewrite.report import Report
 from tests.helpers import (
     PATTERN_OPS,
     TOLERANCE,
@@ -48,7 +48,7 @@ def assert_skip(report: Report, reasons: tuple[str, ...], code: str | None) -> N
     for reason in reasons:
         assert reason in report.skipped[0].reason, found
     record = asdict(report.skipped[0])
-    if code is not None:  # every skip carries its code (rewriter.reasons)
+    if code is not None:  # every skip carries its code (gconv_rewrite.reasons)
         assert record["code"] == code, record
 
 
@@ -91,7 +91,7 @@ class Outcome:
 
 
 class Fusion:
-    """Save a model under tmp_path, fuse it through ``rewriter.fuse`` and check the numbers."""
+    """Save a model under tmp_path, fuse it through ``gconv_rewrite.fuse`` and check the numbers."""
 
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
@@ -106,8 +106,8 @@ class Fusion:
         fused = self.tmp_path / f"model{self._count}.fused.onnx"
         onnx.save(model, str(original))
         before = original.read_bytes()
-        # verify=False: the comparison below is this test's own, independent of rewriter.verify.
-        result = rewriter.fuse(original, output=fused, verify=False)
+        # verify=False: the comparison below is this test's own, independent of gconv_rewrite.verify.
+        result = gconv_rewrite.fuse(original, output=fused, verify=False)
         assert original.read_bytes() == before, "the input file must never change"
         fused_model = onnx.load(str(fused))
         onnx.checker.check_model(fused_model, full_check=True)
@@ -190,7 +190,7 @@ def _signature_feeds(saved_model: Path, seed: int = 0) -> dict[str, np.ndarray]:
 
 class TFFusion:
     """Save a ``tf.Module`` (``serve(x)``) or take a SavedModel folder, fuse it through
-    ``rewriter.fuse`` (with its verification) and check the numbers again here."""
+    ``gconv_rewrite.fuse`` (with its verification) and check the numbers again here."""
 
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
@@ -204,7 +204,7 @@ class TFFusion:
                                                                      shape=shape)
         fused = self.tmp_path / f"model{self._count}.fused"
         before = folder_digest(original)
-        report = rewriter.fuse(original, output=fused).report
+        report = gconv_rewrite.fuse(original, output=fused).report
         assert folder_digest(original) == before, "the input folder must never change"
         assert report.written and fused.is_dir()
         feeds = _signature_feeds(original)
@@ -215,7 +215,7 @@ class TFFusion:
 
     def fused(self, model, *, groups: int | list[int], shape=(1, 8, 8, 16)) -> FileOutcome:
         """Expect every candidate fused: one grouped Conv2D each, nothing of the pattern left."""
-        from passes.tf.savedmodel import load_signature
+        from gconv_rewrite.passes.tf.savedmodel import load_signature
 
         outcome = self.run(model, shape=shape)
         expected = groups if isinstance(groups, list) else [groups]
@@ -249,7 +249,7 @@ KERAS_CONV_CLASSES = ("Conv1D", "Conv2D", "Conv3D")
 
 class KerasFusion:
     """Take a ``.keras`` / ``.h5`` file (or save a ``keras.Model``), fuse it through
-    ``rewriter.fuse`` (with its verification) into a ``.keras`` file, load that without trust
+    ``gconv_rewrite.fuse`` (with its verification) into a ``.keras`` file, load that without trust
     flags and check the numbers again here against the original (tf-keras for ``.h5``)."""
 
     def __init__(self, tmp_path: Path):
@@ -271,7 +271,7 @@ class KerasFusion:
         original = self._original(model)
         fused = self.tmp_path / f"model{self._count}.fused.keras"
         before = digest(original)
-        report = rewriter.fuse(original, output=fused).report
+        report = gconv_rewrite.fuse(original, output=fused).report
         assert digest(original) == before, "the input file must never change"
         written = keras.models.load_model(fused, safe_mode=True)
         reference = (keras.models.load_model(original, safe_mode=True) if original.suffix == ".keras"

@@ -33,7 +33,7 @@ def invoke(*args, **kwargs):
     in ``result.exception``). Arguments are passed as strings, bytes as they are."""
     from click.testing import CliRunner
 
-    from rewriter.cli import main
+    from gconv_rewrite.cli import main
 
     return CliRunner().invoke(main, [a if isinstance(a, bytes) else str(a) for a in args], **kwargs)
 
@@ -217,7 +217,7 @@ def assert_fused_weights(original: onnx.ModelProto, fused: onnx.ModelProto) -> N
 def saved_model_ops(saved_model: Path) -> dict[str, int]:
     """Op counts of the serving signature as the passes read it (frozen, inlined, constant-folded:
     the writer's Mul of a grouped conv's batch norm folds into the filter)."""
-    from passes.tf.savedmodel import graph_stats, load_signature
+    from gconv_rewrite.passes.tf.savedmodel import graph_stats, load_signature
 
     return graph_stats(load_signature(saved_model).graph_def).op_counts
 
@@ -225,7 +225,7 @@ def saved_model_ops(saved_model: Path) -> dict[str, int]:
 def saved_model_conv_groups(saved_model: Path, signature: str = "serving_default") -> list[int]:
     """Each Conv2D of the signature's frozen graph: its group count (input channels over the
     filter's input channels; 1: not grouped), in graph order."""
-    from passes.tf import savedmodel as sm
+    from gconv_rewrite.passes.tf import savedmodel as sm
 
     frozen = sm.load_signature(saved_model, signature)
     index = sm.g.GraphIndex(frozen.graph_def)
@@ -241,7 +241,7 @@ def saved_model_outputs(saved_model: Path, feeds: Mapping[str, np.ndarray], *,
 
     import tensorflow as tf
 
-    from passes.tf.savedmodel import remapper_off
+    from gconv_rewrite.passes.tf.savedmodel import remapper_off
 
     fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     with contextlib.nullcontext() if remapper else remapper_off():

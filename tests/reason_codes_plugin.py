@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from rewriter.report import Skip
+from gconv_rewrite.report import Skip
 
 _original_init = Skip.__init__
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-import rewriter
-from rewriter import errors
+import gconv_rewrite
+from gconv_rewrite import errors
 from samples.models import grouped_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _group(model: onnx.ModelProto) -> int:
 def test_fuse_takes_a_model_proto_and_returns_one_verified():
     split = grouped_block("split", groups=4)
     before = split.SerializeToString()
-    result = rewriter.fuse(split)
+    result = gconv_rewrite.fuse(split)
     assert isinstance(result.model, onnx.ModelProto)
     assert _ops(split)["Conv"] == 4 and _ops(result.model)["Conv"] == 1 and _group(result.model) == 4
     onnx.checker.check_model(result.model)
@@ -52,22 +52,22 @@ def test_fuse_takes_a_model_proto_and_returns_one_verified():
 
 def test_a_model_proto_is_written_where_output_says(tmp_path):
     out = tmp_path / "fused.onnx"
-    result = rewriter.fuse(grouped_block("split", groups=4), output=out)
+    result = gconv_rewrite.fuse(grouped_block("split", groups=4), output=out)
     assert result.report.written and _group(onnx.load(out)) == 4
     assert isinstance(result.model, onnx.ModelProto) and _group(result.model) == 4
 
 
 def test_expand_and_verify_take_model_protos():
     native = grouped_block("native", groups=4)
-    expanded = rewriter.expand(native).model
+    expanded = gconv_rewrite.expand(native).model
     assert isinstance(expanded, onnx.ModelProto) and _ops(expanded)["Conv"] == 4
-    verification = rewriter.verify(native, expanded)
+    verification = gconv_rewrite.verify(native, expanded)
     assert verification.ran and verification.passed
 
 
 def test_a_model_that_is_not_one_is_a_type_error():
     with pytest.raises(TypeError, match="a model is a path, an onnx.ModelProto or an onnx_ir.Model, not bytes"):
-        rewriter.fuse(grouped_block("split").SerializeToString())
+        gconv_rewrite.fuse(grouped_block("split").SerializeToString())
 
 
 # -- check() takes the options ------------------------------------------------------------------------
@@ -76,19 +76,19 @@ def test_a_model_that_is_not_one_is_a_type_error():
 def test_check_takes_the_options_of_fuse_and_expand(tmp_path):
     path = tmp_path / "native.onnx"
     onnx.save(grouped_block("native", groups=4), path)
-    assert [r.groups for r in rewriter.check(path, mode="expand").rewrites] == [4]
-    assert rewriter.check(path, mode="expand", min_groups=8).rewrites == []  # a keyword override
-    assert rewriter.check(path, mode="expand", options=rewriter.Options(max_groups=2)).rewrites == []
-    report = rewriter.check(path, target="tflite-gpu")  # 4 in/out per group: the GPU delegate wants it native
+    assert [r.groups for r in gconv_rewrite.check(path, mode="expand").rewrites] == [4]
+    assert gconv_rewrite.check(path, mode="expand", min_groups=8).rewrites == []  # a keyword override
+    assert gconv_rewrite.check(path, mode="expand", options=gconv_rewrite.Options(max_groups=2)).rewrites == []
+    report = gconv_rewrite.check(path, target="tflite-gpu")  # 4 in/out per group: the GPU delegate wants it native
     assert report.target["name"] == "tflite-gpu" and [n["action"] for n in report.target["nodes"]] == ["keep"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["native.onnx"]  # nothing written
-    parameters = inspect.signature(rewriter.check).parameters
+    parameters = inspect.signature(gconv_rewrite.check).parameters
     assert {"options", "overrides", "mode"} <= set(parameters)
 
 
 def test_check_refuses_an_unknown_option(tmp_path):
     with pytest.raises(TypeError, match="min_group"):
-        rewriter.check(grouped_block("split"), min_group=8)
+        gconv_rewrite.check(grouped_block("split"), min_group=8)
 
 
 # -- the error types ----------------------------------------------------------------------------------
@@ -98,20 +98,20 @@ ERRORS = ["RewriteError", "BadInput", "OutputError", "VerificationFailed", "Veri
 
 
 def test_the_error_types_are_exported():
-    assert set(ERRORS) <= set(rewriter.__all__)
+    assert set(ERRORS) <= set(gconv_rewrite.__all__)
     for name in ERRORS:
-        error = getattr(rewriter, name)
-        assert issubclass(error, rewriter.RewriteError), name
+        error = getattr(gconv_rewrite, name)
+        assert issubclass(error, gconv_rewrite.RewriteError), name
         assert error.__name__ == name
-    assert rewriter.OutputError is errors.OutputError
-    from rewriter import ConfigError, OutputError  # noqa: F401  (the import form users write)
+    assert gconv_rewrite.OutputError is errors.OutputError
+    from gconv_rewrite import ConfigError, OutputError  # noqa: F401  (the import form users write)
 
 
 def test_a_bad_input_is_caught_by_the_exported_type(tmp_path):
     missing = tmp_path / "nowhere.onnx"
-    with pytest.raises(rewriter.RewriteError) as caught:
-        rewriter.fuse(missing)
-    assert isinstance(caught.value, rewriter.BadInput) and caught.value.exit_code == 2
+    with pytest.raises(gconv_rewrite.RewriteError) as caught:
+        gconv_rewrite.fuse(missing)
+    assert isinstance(caught.value, gconv_rewrite.BadInput) and caught.value.exit_code == 2
 
 
 # -- the library prints nothing -------------------------------------------------------------------------
@@ -151,11 +151,11 @@ _LATE_BINDING = textwrap.dedent("""
     from pathlib import Path
     if sys.argv[1] == "configured":
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    import rewriter
+    import gconv_rewrite
     from samples import keras_models
     folder = Path(tempfile.mkdtemp())
     path = keras_models.lambda_model_keras3(folder / "late.keras", binding="late")
-    result = rewriter.fuse(path, output=folder / "out.keras", trust_lambdas=True)
+    result = gconv_rewrite.fuse(path, output=folder / "out.keras", trust_lambdas=True)
     print("skipped:", [s.finding for s in result.report.skipped])
 """)
 
@@ -176,11 +176,11 @@ def test_a_late_binding_warning_is_a_log_record_not_a_print():
     assert "LATE BINDING" not in quiet.stderr
     told = _late_binding_run("configured")
     assert told.returncode == 0, told.stderr
-    assert "passes.keras.fuse_grouped_conv: concatenate: LATE BINDING: Lambdas" in told.stderr, told.stderr
+    assert "gconv_rewrite.passes.keras.fuse_grouped_conv: concatenate: LATE BINDING: Lambdas" in told.stderr, told.stderr
 
 
 def test_dry_run_takes_a_model_proto_too():
-    from rewriter.api import dry_run
+    from gconv_rewrite.api import dry_run
 
     result = dry_run(grouped_block("split", groups=4))
     assert isinstance(result.model, onnx.ModelProto) and _group(result.model) == 4

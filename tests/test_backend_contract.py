@@ -1,4 +1,4 @@
-"""The backend contract (rewriter.backend): each backend against the roles it claims in
+"""The backend contract (gconv_rewrite.backend): each backend against the roles it claims in
 ``BACKENDS``, the model-format role (``ModelFormat``) and the rewriter role (``Rewriter``); the
 passes as the driver runs them (``apply``), with no wrapper in between; target decisions as one
 typed record whose JSON is the report's."""
@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from rewriter import backend as contract
-from rewriter.errors import BadInput
-from rewriter.report import Report
-from rewriter.targets import Decision, target_nodes
+from gconv_rewrite import backend as contract
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.report import Report
+from gconv_rewrite.targets import Decision, target_nodes
 
 pytest.importorskip("tensorflow")
 
@@ -111,11 +111,11 @@ def test_the_onnx_passes_run_through_apply(tmp_path):
     reads the convs every fuse pass wrote; an expand after a fuse leaves those convs alone."""
     import onnx
 
-    from passes.onnx.backend import OnnxBackend
-    from passes.onnx.fold_batchnorm import FoldBatchNormPass
-    from passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
-    from passes.onnx.fuse_split_conv import FuseSplitConvPass
-    from rewriter.api import Options
+    from gconv_rewrite.api import Options
+    from gconv_rewrite.passes.onnx.backend import OnnxBackend
+    from gconv_rewrite.passes.onnx.fold_batchnorm import FoldBatchNormPass
+    from gconv_rewrite.passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
+    from gconv_rewrite.passes.onnx.fuse_split_conv import FuseSplitConvPass
     from samples.models import grouped_block
 
     path = tmp_path / "m.onnx"
@@ -151,7 +151,7 @@ def test_a_decision_is_the_report_entry():
 def test_a_target_run_reports_decisions_as_json(tmp_path):
     import onnx
 
-    from rewriter.api import fuse
+    from gconv_rewrite.api import fuse
     from samples.models import grouped_block
 
     path = tmp_path / "m.onnx"

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-import rewriter
-from rewriter import auto, benchmark
-from rewriter.auto import MeasuredTarget, Measurement
-from rewriter.targets import NATIVE, SPLIT, ConvProps, Decision
+import gconv_rewrite
+from gconv_rewrite import auto, benchmark
+from gconv_rewrite.auto import MeasuredTarget, Measurement
+from gconv_rewrite.targets import NATIVE, SPLIT, ConvProps, Decision
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import error_lines, invoke
 from tests.helpers import onnx_conv_groups as convs
@@ -78,7 +78,7 @@ def test_benchmark_in_the_json_document_and_the_api(small_split, tmp_path):
     bench = json.loads(result.output)["models"][0]["report"]["benchmark"]
     assert bench["runtime"] == "onnxruntime" and isinstance(bench["after_ms"], float)
     # The API, without an output file: the rewritten model is timed from a scratch copy.
-    report = rewriter.fuse(small_split, benchmark=True, threads=2).report
+    report = gconv_rewrite.fuse(small_split, benchmark=True, threads=2).report
     assert report.benchmark["threads"] == 2 and isinstance(report.benchmark["ratio"], float)
     assert "benchmark" in report.timings
 
@@ -213,7 +213,7 @@ def test_auto_through_the_api(tmp_path, monkeypatch):
     monkeypatch.setattr(auto, "_measure_pair", _fixed(NATIVE))
     path = tmp_path / "m.onnx"
     onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
-    result = rewriter.rewrite(path, options=rewriter.Options(auto=True))
+    result = gconv_rewrite.rewrite(path, options=gconv_rewrite.Options(auto=True))
     assert result.report.target["name"] == "auto"
     assert [n["action"] for n in result.report.target["nodes"]] == ["fuse"]
     assert "measure" in result.report.timings
@@ -246,8 +246,8 @@ def test_auto_without_verification_is_one_line_exit_2(small_split):
     assert result.exit_code == 2
     lines = error_lines(result, prefix="")
     assert len(lines) == 1 and lines[0].startswith("gconv-rewrite: error: --auto needs verification")
-    with pytest.raises(rewriter.RewriteError, match="--auto needs verification"):
-        rewriter.rewrite(small_split, options=rewriter.Options(auto=True, verify=False))
+    with pytest.raises(gconv_rewrite.RewriteError, match="--auto needs verification"):
+        gconv_rewrite.rewrite(small_split, options=gconv_rewrite.Options(auto=True, verify=False))
 
 
 def test_auto_with_target_is_a_usage_error(small_split):

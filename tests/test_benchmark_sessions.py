@@ -18,10 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import rewriter
-from rewriter import auto, benchmark
-from rewriter.targets import NATIVE, SPLIT
-from rewriter.verify import InputSpec
+import gconv_rewrite
+from gconv_rewrite import auto, benchmark
+from gconv_rewrite.targets import NATIVE, SPLIT
+from gconv_rewrite.verify import InputSpec
 from samples.models import grouped_block
 from tests.helpers import invoke
 from tests.helpers import onnx_conv_groups as convs
@@ -80,7 +80,7 @@ def simulate_auto(monkeypatch, latency_ms: dict[str, float], **kwargs) -> Simula
 def measure_layer() -> dict:
     """One conv measured by --auto's timing (paths only name the form: the sessions are simulated)."""
     return auto._measure_pair(Path("layer0.native.onnx"), Path("layer0.split.onnx"), [1, 16, 8, 8], np.float32,
-                              rewriter.Options())
+                              gconv_rewrite.Options())
 
 
 def simulate_benchmark(monkeypatch, latency_ms: dict[str, float], **kwargs) -> SimulatedSessions:
@@ -96,7 +96,7 @@ def simulate_benchmark(monkeypatch, latency_ms: dict[str, float], **kwargs) -> S
 
 
 def time_before_after(tmp_path) -> dict:
-    return benchmark.benchmark(tmp_path / "before.onnx", tmp_path / "after.onnx", "onnx", rewriter.Options())
+    return benchmark.benchmark(tmp_path / "before.onnx", tmp_path / "after.onnx", "onnx", gconv_rewrite.Options())
 
 
 # -- the interval and the verdicts ------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_tolerances_and_seed_are_used(split_model, tmp_path):
 
 def test_verification_failure_writes_nothing_and_exits_1(split_model, monkeypatch):
     """Corrupt one fused weight on purpose: verification must catch it."""
-    import passes.onnx.fuse_split_conv as fusion
+    import gconv_rewrite.passes.onnx.fuse_split_conv as fusion
 
     real_plan = fusion.plan_fusion
 
@@ -253,15 +253,15 @@ def test_version_and_module_entry_point(split_model):
     version = invoke("--version")
     assert version.exit_code == 0 and "gconv-rewrite" in version.output
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "rewriter", str(split_model), "--check"],
+    proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(split_model), "--check"],
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 1, proc.stderr
     assert "check: 1 fusable pattern found" in proc.stdout
 
 
 def test_progress_callback_gets_every_phase(split_model, tmp_path):
-    import rewriter
+    import gconv_rewrite
 
     seen = []
-    rewriter.fuse(split_model, output=tmp_path / "p.onnx", progress=lambda phase, seconds: seen.append(phase))
+    gconv_rewrite.fuse(split_model, output=tmp_path / "p.onnx", progress=lambda phase, seconds: seen.append(phase))
     assert seen == ["load", "rewrite", "save", "checker", "verify"]

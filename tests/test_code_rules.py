@@ -3,7 +3,7 @@
 1. No function or method in ``rewriter/`` or ``passes/`` is longer than 60 lines: a longer one is
    split into helpers whose names say what they hold.
 2. The modules of ``rewriter`` and ``passes`` import each other without a cycle, and no pass
-   imports the layers that drive it (``rewriter.api``, ``rewriter.cli``, ``rewriter.batch``).
+   imports the layers that drive it (``gconv_rewrite.api``, ``gconv_rewrite.cli``, ``gconv_rewrite.batch``).
 
 The import graph is read with ``ast``: every ``import`` and ``from ... import`` anywhere in a
 module (inside functions too: a deferred import is still a dependency), relative imports
@@ -80,14 +80,14 @@ def test_no_function_is_longer_than_60_lines(path: Path):
 
 
 def test_the_cli_imports_no_onnx_until_it_reads_onnx():
-    """A Keras or SavedModel run never pays ONNX's import (about 0.9 s): rewriter.formats loads it
+    """A Keras or SavedModel run never pays ONNX's import (about 0.9 s): gconv_rewrite.formats loads it
     on first use; the ONNX backend and the ONNX passes import it themselves."""
     import subprocess
     import sys
 
-    code = "import sys, rewriter.cli, rewriter.formats; print(sorted(m for m in ('onnx', 'onnx_ir') if m in sys.modules))"
+    code = "import sys, gconv_rewrite.cli, gconv_rewrite.formats; print(sorted(m for m in ('onnx', 'onnx_ir') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
-    code = "import rewriter.formats as f; print(f.ir.Model.__name__, f.onnx.TensorProto.FLOAT)"
+    code = "import gconv_rewrite.formats as f; print(f.ir.Model.__name__, f.onnx.TensorProto.FLOAT)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.stdout.split() == ["Model", "1"], result.stdout + result.stderr

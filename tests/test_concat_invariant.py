@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from passes.onnx import FuseSplitConvPass
+from gconv_rewrite.passes.onnx import FuseSplitConvPass
 from samples.models import GraphBuilder
 from tests.conftest import nodes
 from tests.test_fuse_chains import torch_chunk

@@ -21,10 +21,10 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-import rewriter
-from passes.keras._config import parse_graph, read_file
-from passes.keras.fuse_grouped_conv import is_join
-from passes.tf.savedmodel import graph_stats, load_signature
+import gconv_rewrite
+from gconv_rewrite.passes.keras._config import parse_graph, read_file
+from gconv_rewrite.passes.keras.fuse_grouped_conv import is_join
+from gconv_rewrite.passes.tf.savedmodel import graph_stats, load_signature
 from tests.helpers import saved_model_output
 from tests.tf_models import save_module
 
@@ -138,7 +138,7 @@ def _tf_run(path, x=X) -> np.ndarray:
 
 @pytest.mark.parametrize("idiom", TF_FUSED + sorted(TF_LEFT_ALONE))
 def test_tf_every_concat_of_groups_is_rewritten_or_reported(saved_models, idiom):
-    report = rewriter.check(saved_models[idiom])
+    report = gconv_rewrite.check(saved_models[idiom])
     rewritten = {name for rewrite in report.rewrites for name in rewrite.nodes}
     skipped = {skip.location: skip.reason for skip in report.skipped}
     for concat in _tf_concats(saved_models[idiom]):
@@ -151,7 +151,7 @@ def test_tf_every_concat_of_groups_is_rewritten_or_reported(saved_models, idiom)
 
 @pytest.mark.parametrize("idiom", ["strided slice", "silu tails"])
 def test_tf_fused_idioms_compute_what_the_branches_computed(saved_models, idiom, tmp_path):
-    report = rewriter.fuse(saved_models[idiom], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(saved_models[idiom], output=tmp_path / "fused").report
     assert report.before.op_counts["Conv2D"] == 4 and report.after.op_counts["Conv2D"] == 1
     assert report.verification.passed
     np.testing.assert_allclose(_tf_run(tmp_path / "fused"), _tf_run(saved_models[idiom]), rtol=1e-5, atol=1e-5)
@@ -160,7 +160,7 @@ def test_tf_fused_idioms_compute_what_the_branches_computed(saved_models, idiom,
 @pytest.mark.parametrize("idiom", ["pool after the convs", "pad before the convs", "cross-branch tail",
                                    "tail reads another tensor"])
 def test_tf_unmatched_groups_name_the_branch_convs(saved_models, idiom):
-    report = rewriter.check(saved_models[idiom])
+    report = gconv_rewrite.check(saved_models[idiom])
     (skip,) = report.skipped
     graph_def = load_signature(saved_models[idiom]).graph_def
     # The skip names the four branch convolutions, so that a user finds them.
@@ -170,7 +170,7 @@ def test_tf_unmatched_groups_name_the_branch_convs(saved_models, idiom):
 def test_tf_left_alone_model_is_written_as_it_computes(saved_models, tmp_path):
     # Through the driver: the skip is in the fuse report, and the written model is the original's.
     source = saved_models["pool after the convs"]
-    report = rewriter.fuse(source, output=tmp_path / "out").report
+    report = gconv_rewrite.fuse(source, output=tmp_path / "out").report
     assert report.rewrites == [] and [s.reason.split(" (")[0] for s in report.skipped] == ["MaxPool"]
     assert graph_stats(load_signature(tmp_path / "out").graph_def).op_counts == report.before.op_counts
     np.testing.assert_allclose(_tf_run(tmp_path / "out"), _tf_run(source), rtol=1e-6, atol=1e-6)
@@ -179,7 +179,7 @@ def test_tf_left_alone_model_is_written_as_it_computes(saved_models, tmp_path):
 @pytest.mark.parametrize("kind", TF_STRUCTURE)
 def test_tf_network_structure_stays_silent(saved_models, kind):
     # Not hand-made groups: reporting them would be noise on every real model.
-    report = rewriter.check(saved_models[kind])
+    report = gconv_rewrite.check(saved_models[kind])
     assert report.rewrites == [] and report.skipped == []
     assert report.before.op_counts["ConcatV2"] == 1 and report.before.op_counts["Conv2D"] >= 1
 
@@ -282,7 +282,7 @@ def _joins(path) -> list[str]:
 
 
 def _keras_check(path):
-    return rewriter.rewrite(path, apply=False, trust_lambdas=True).report
+    return gconv_rewrite.rewrite(path, apply=False, trust_lambdas=True).report
 
 
 @pytest.mark.parametrize("idiom", KERAS_FUSED + sorted(KERAS_LEFT_ALONE) + TF_KERAS_FUSED + sorted(TF_KERAS_LEFT_ALONE))
@@ -305,7 +305,7 @@ def test_keras_every_join_of_groups_is_rewritten_or_reported(keras_files, idiom)
 def test_keras_fused_idioms_compute_what_the_branches_computed(keras_files, idiom, tmp_path):
     source = keras_files[idiom]
     out = tmp_path / "fused.keras"
-    report = rewriter.fuse(source, output=out).report
+    report = gconv_rewrite.fuse(source, output=out).report
     assert report.verification.passed
     fused = keras.models.load_model(out, safe_mode=True)
     assert [layer.groups for layer in fused.layers if isinstance(layer, keras.layers.Conv2D)] == [4]
@@ -319,7 +319,7 @@ def test_keras_left_alone_file_is_written_as_it_computes(keras_files, tmp_path):
     # Through the driver: the skip is in the fuse report, and the written model is the original's.
     source = keras_files["pool after the convs"]
     out = tmp_path / "out.keras"
-    report = rewriter.fuse(source, output=out).report
+    report = gconv_rewrite.fuse(source, output=out).report
     assert report.rewrites == [] and [s.location for s in report.skipped] == ["join"]
     written = keras.models.load_model(out, safe_mode=True)
     assert [type(layer).__name__ for layer in written.layers].count("Conv2D") == 4
@@ -349,6 +349,6 @@ def _keras_structure(path, kind: str):
 @pytest.mark.parametrize("kind", [kind for kind in TF_STRUCTURE if kind != "inception"])
 def test_keras_network_structure_stays_silent(kind, tmp_path):
     path = _keras_structure(tmp_path / "structure.keras", kind)
-    report = rewriter.check(path)
+    report = gconv_rewrite.check(path)
     assert report.rewrites == [] and report.skipped == []
     assert report.before.op_counts["Concatenate"] == 1 and report.before.op_counts["Conv2D"] >= 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import config
+from gconv_rewrite import config
 from tests.conftest import op_counts
 from tests.helpers import invoke
 from tests.test_formats_table import onnx_split_model
@@ -172,7 +172,7 @@ def test_the_config_is_read_as_utf8_whatever_the_locale(repo):
     env = {**os.environ, "PYTHONPATH": str(REPO), "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
            "PYTHONCOERCECLOCALE": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("PYTHONIOENCODING", None)
-    done = subprocess.run([sys.executable, "-m", "rewriter", str(repo / "sub" / "deep" / "m.onnx"), "--show-config"],
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(repo / "sub" / "deep" / "m.onnx"), "--show-config"],
                           env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f'signature = {json.dumps("sérvé")}  # {repo / "pyproject.toml"}' in done.stdout.decode("ascii")

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass, expand_grouped_conv
-from passes.onnx.expand_grouped_conv import DEPTHWISE_KEPT
+from gconv_rewrite.passes.onnx import ExpandGroupedConvPass, FuseSplitConvPass, expand_grouped_conv
+from gconv_rewrite.passes.onnx.expand_grouped_conv import DEPTHWISE_KEPT
 from samples.models import GraphBuilder, grouped_block, resnext50
 from tests.helpers import feeds_for, group_of, op_counts
 from tests.helpers import run_onnx as run

@@ -1,5 +1,5 @@
 """One format table (issue 23): loading, folder walks, ``--to``, the benchmark's runtimes and the
-driver's backend and conversion lookup all read ``rewriter.formats.FORMATS``; a new format is its
+driver's backend and conversion lookup all read ``gconv_rewrite.formats.FORMATS``; a new format is its
 package plus one row. Each place that kept its own list is checked against the table, and a row
 added at run time is detected, walked, named and looked up without touching anything else."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 import pytest
 
-from rewriter import backend, batch, benchmark, cli, formats
-from rewriter.errors import BadInput
-from rewriter.report import Report
+from gconv_rewrite import backend, batch, benchmark, cli, formats
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.report import Report
 
 
 def _to_choices() -> list[str]:
@@ -120,3 +120,16 @@ def test_a_row_loader_is_imported_only_when_called(monkeypatch):
 def test_rows_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         formats.FORMATS[0].name = "other"
+
+
+def test_the_pre_commit_hook_matches_every_file_suffix_the_table_reads():
+    """The shipped hook's ``files`` pattern is the one list outside the table: it must take every
+    suffix the table reads (an ``.hdf5`` model was once walked but never hooked)."""
+    import re
+
+    import yaml
+
+    (hook,) = yaml.safe_load((Path(__file__).resolve().parents[1] / ".pre-commit-hooks.yaml").read_text())
+    suffixes = [s for fmt in formats.FORMATS for s in fmt.read_suffixes]
+    assert suffixes and all(re.search(hook["files"], f"models/m{s}") for s in suffixes), (hook["files"], suffixes)
+    assert not re.search(hook["files"], "models/m.fused.json")

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tf_keras
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import batch, cli, formats
+from gconv_rewrite import batch, cli, formats
 from tests.conftest import attribute, op_counts, run_onnx
 from tests.helpers import conv2d_groups as grouped
 from tests.helpers import invoke

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-import rewriter
+import gconv_rewrite
 from samples.models import GraphBuilder
 from tests.conftest import Outcome, attribute, dead_constants, nodes
 
@@ -130,12 +130,12 @@ def convs(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
 
 def stable(fusion, outcome: Outcome) -> Outcome:
     """Fusing the fused model rewrites nothing; fusing the original again gives the same bytes."""
-    again = rewriter.fuse(outcome.fused_path, output=fusion.tmp_path / "again.onnx", verify=False, force=True)
+    again = gconv_rewrite.fuse(outcome.fused_path, output=fusion.tmp_path / "again.onnx", verify=False, force=True)
     assert again.report.rewrites == []
     if not outcome.report.skipped:  # completely fused: nothing left to even look at
         assert again.report.skipped == []
     twice = fusion.tmp_path / "twice.onnx"
-    rewriter.fuse(outcome.original_path, output=twice, verify=False, force=True)
+    gconv_rewrite.fuse(outcome.original_path, output=twice, verify=False, force=True)
     assert twice.read_bytes() == outcome.fused_path.read_bytes()
     return outcome
 

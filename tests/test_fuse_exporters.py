@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-import rewriter
+import gconv_rewrite
 from tests.conftest import TOLERANCE, attribute, dead_constants, op_counts, run_onnx
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -93,9 +93,9 @@ def test_every_fixture_has_a_pattern():
     assert (split.readers, split.branch_ops, split.bound_ops) == (["Split"], ["Conv"], set())
 
 
-def _fuse(path: Path, out: Path, shapes: dict) -> rewriter.api.Result:
+def _fuse(path: Path, out: Path, shapes: dict) -> gconv_rewrite.api.Result:
     # The fusion alone: what follows a Concat is kept here (folding it is test_onnx_constants').
-    return rewriter.fuse(path, output=out, verify=True, shapes=shapes, fold_bn=False)
+    return gconv_rewrite.fuse(path, output=out, verify=True, shapes=shapes, fold_bn=False)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f"{f.parent.name}/{f.stem}" for f in FILES])

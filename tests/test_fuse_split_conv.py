@@ -14,8 +14,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-import rewriter
-from passes.onnx import FuseSplitConvPass
+import gconv_rewrite
+from gconv_rewrite.passes.onnx import FuseSplitConvPass
 from samples.models import INT64_MAX, GraphBuilder, grouped_block
 from tests.conftest import (
     as_constant_nodes,
@@ -725,14 +725,14 @@ def test_deterministic_and_idempotent(fusion, tmp_path, form):
     model = b.model([("x", [1, 8, 4, 4])], [(z, [1, 8, 4, 4])])
     first = fusion.fused(model, groups=[4, 2])
     again = tmp_path / "again.onnx"
-    rewriter.fuse(first.original_path, output=again, verify=False)
+    gconv_rewrite.fuse(first.original_path, output=again, verify=False)
     assert again.read_bytes() == first.fused_path.read_bytes()
 
     second = fusion.run(first.fused)  # fusing the fused model
     assert second.report.rewrites == [] and second.report.skipped == []
     assert second.after == first.after == {"Conv": 2}
     third = tmp_path / "third.onnx"
-    rewriter.fuse(first.fused_path, output=third, verify=False)
+    gconv_rewrite.fuse(first.fused_path, output=third, verify=False)
     assert third.read_bytes() == first.fused_path.read_bytes()
 
 
@@ -747,7 +747,7 @@ def test_check_and_dry_pass_change_nothing(fusion, tmp_path):
     model = candidate(form="split", channels=8, groups=2)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    report = rewriter.check(path)
+    report = gconv_rewrite.check(path)
     assert [r.groups for r in report.rewrites] == [2] and report.skipped == []
     assert report.before == report.after and report.before.op_counts["Split"] == 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter.report import Report, Skip
+from gconv_rewrite.report import Report, Skip
 from samples.models import grouped_block
 from tests.harness import assert_skip
 from tests.helpers import error_lines, onnx_conv_groups, op_counts

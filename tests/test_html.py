@@ -22,8 +22,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from rewriter import expand, fuse
-from rewriter.cli import main
+from gconv_rewrite import expand, fuse
+from gconv_rewrite.cli import main
 from samples import models
 from tests.conftest import assert_same_outputs
 

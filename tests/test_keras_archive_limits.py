@@ -15,8 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import h5py
 import pytest
 
-from passes.keras import _config
-from rewriter.errors import BadInput
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.passes.keras import _config
 from tests.helpers import error_lines, invoke
 
 BOMB_BYTES = 200 << 20  # 200 MiB of zeros: ~200 KB deflated, far over 50x and the 64 MiB floor

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rewriter.cli import main
+from gconv_rewrite.cli import main
 
 
 def _text(path):

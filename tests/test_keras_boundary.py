@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-import rewriter
-from rewriter.errors import VerificationFailed
+import gconv_rewrite
+from gconv_rewrite.errors import VerificationFailed
 from samples.keras_models import legacy_model
 
 
@@ -31,7 +31,7 @@ def _saturated_head(path):
 
 
 def test_a_wrong_fusion_behind_a_saturated_head_fails_at_its_boundary(tmp_path, monkeypatch):
-    import rewriter.plan as planner
+    import gconv_rewrite.plan as planner
 
     real = planner.plan_fusion
 
@@ -43,7 +43,7 @@ def test_a_wrong_fusion_behind_a_saturated_head_fails_at_its_boundary(tmp_path, 
     path = _saturated_head(tmp_path / "head.keras")
     monkeypatch.setattr(planner, "plan_fusion", slightly_wrong)
     with pytest.raises(VerificationFailed) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.keras")
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras")
     verification = failure.value.verification
     head = [o for o in verification.outputs if o.name == "head"][0]
     assert head.passed  # the model output alone would have said "verified"
@@ -54,7 +54,7 @@ def test_a_wrong_fusion_behind_a_saturated_head_fails_at_its_boundary(tmp_path, 
 
 def test_a_correct_fusion_reports_its_boundary_at_both_sizes(tmp_path):
     path = _saturated_head(tmp_path / "head.keras")
-    report = rewriter.fuse(path, output=tmp_path / "out.keras").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.keras").report
     (rewrite,) = report.rewrites
     (entry,) = rewrite.boundary
     assert entry["tensor"] == "join" and entry["written_tensor"] != "join"  # the fused conv takes its place
@@ -65,7 +65,7 @@ def test_a_correct_fusion_reports_its_boundary_at_both_sizes(tmp_path):
 
 def test_tf_keras_reference_is_compared_at_the_boundary_too(tmp_path):
     path = legacy_model(tmp_path / "legacy.h5")
-    report = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
     assert report.verification.reference.startswith("tf-keras")
     (entry,) = report.rewrites[0].boundary
     assert entry["passed"] is True and entry["max_abs_error"] < 1e-5
@@ -77,6 +77,6 @@ def test_an_expansion_is_compared_at_the_grouped_layer(tmp_path):
     y = L.Conv2D(8, 3, padding="same", groups=4, name="grouped")(inp)
     path = tmp_path / "native.keras"
     keras.Model(inp, L.ReLU()(y)).save(path)
-    report = rewriter.expand(path, output=tmp_path / "out.keras").report
+    report = gconv_rewrite.expand(path, output=tmp_path / "out.keras").report
     (entry,) = report.rewrites[0].boundary
     assert entry["tensor"] == "grouped" and entry["passed"] is True and entry["max_abs_error"] < 1e-5

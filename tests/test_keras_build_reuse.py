@@ -11,9 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from passes.keras.backend import KerasBackend
-from rewriter.api import Options
-from rewriter.report import Report
+from gconv_rewrite.api import Options
+from gconv_rewrite.passes.keras.backend import KerasBackend
+from gconv_rewrite.report import Report
 
 L = keras.layers
 

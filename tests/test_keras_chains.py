@@ -19,8 +19,8 @@ import pytest
 import tf_keras
 from click.testing import CliRunner
 
-from rewriter.api import fuse
-from rewriter.cli import main
+from gconv_rewrite.api import fuse
+from gconv_rewrite.cli import main
 from tests.helpers import classes
 from tests.helpers import keras_outputs as run
 

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from rewriter.api import Options, expand, fuse
+from gconv_rewrite.api import Options, expand, fuse
 from tests.helpers import classes
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tf_keras
 
-from rewriter.api import Options, fuse
-from rewriter.errors import BadInput, VerificationFailed
+from gconv_rewrite.api import Options, fuse
+from gconv_rewrite.errors import BadInput, VerificationFailed
 from samples import keras_models as km
 from tests.helpers import classes, digest, invoke
 
@@ -149,7 +149,7 @@ def test_report_json_has_layer_counts_and_timings(models, tmp_path):
 
 @pytest.mark.parametrize("key", ["getitem", "tf_split"])  # reference: Keras's own load / the rebuilt file
 def test_verification_failure_writes_nothing(models, key, tmp_path, monkeypatch):
-    import rewriter.plan as fgc  # the planner every backend's chains go through (plan_chain → plan_fusion)
+    import gconv_rewrite.plan as fgc  # the planner every backend's chains go through (plan_chain → plan_fusion)
 
     real = fgc.plan_fusion
 

@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from passes.keras import _lambdas
-from rewriter.api import Options, fuse
-from rewriter.errors import BadInput
+from gconv_rewrite.api import Options, fuse
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.passes.keras import _lambdas
 from samples import keras_models as km
 from tests.helpers import classes, invoke
 

@@ -1,5 +1,5 @@
 """A Keras file's reference (tf-keras's or Keras 3's own load of the original) is loaded and run in
-a process of its own while the main process rewrites (passes.keras.reference): the proof is the
+a process of its own while the main process rewrites (gconv_rewrite.passes.keras.reference): the proof is the
 same, the reference process is gone after the run, and its death is a one-line error."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 import tf_keras
 from click.testing import CliRunner
 
-import rewriter
-from passes.keras import reference
-from rewriter.cli import main
-from rewriter.errors import VerificationImpossible
-from rewriter.verify import Feeds
+import gconv_rewrite
+from gconv_rewrite.cli import main
+from gconv_rewrite.errors import VerificationImpossible
+from gconv_rewrite.passes.keras import reference
+from gconv_rewrite.verify import Feeds
 from samples.keras_models import legacy_model
 
 
@@ -59,7 +59,7 @@ def _sliced_keras3(path: Path) -> Path:
 
 def test_the_tf_keras_reference_runs_in_a_process_of_its_own(tmp_path):
     path = legacy_model(tmp_path / "legacy.h5")
-    report = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
     verification = report.verification
     assert verification.passed and verification.reference == f"tf-keras {tf_keras.__version__} (load_model)"
     assert isinstance(verification.reference_pid, int) and verification.reference_pid != os.getpid()
@@ -73,7 +73,7 @@ def test_the_tf_keras_reference_runs_in_a_process_of_its_own(tmp_path):
 def test_a_keras3_reference_runs_in_the_run_s_own_process(tmp_path):
     """Keras 3's load of a Keras 3 file costs less in-process than a second TensorFlow import."""
     path = _sliced_keras3(tmp_path / "sliced.keras")
-    verification = rewriter.fuse(path, output=tmp_path / "out.keras").report.verification
+    verification = gconv_rewrite.fuse(path, output=tmp_path / "out.keras").report.verification
     assert verification.passed and verification.reference == f"keras {keras.__version__} (load_model)"
     assert verification.reference_pid is None
 
@@ -90,7 +90,7 @@ def test_only_a_file_tf_keras_wrote_is_worth_a_process(tmp_path):
 
 
 def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, monkeypatch):
-    import rewriter.plan as planner
+    import gconv_rewrite.plan as planner
 
     real = planner.plan_fusion
 
@@ -101,8 +101,8 @@ def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, mon
 
     path = legacy_model(tmp_path / "legacy.h5")
     monkeypatch.setattr(planner, "plan_fusion", slightly_wrong)
-    with pytest.raises(rewriter.errors.VerificationFailed) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+    with pytest.raises(gconv_rewrite.errors.VerificationFailed) as failure:
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
     verification = failure.value.verification
     assert verification.reference_pid not in (None, os.getpid())
     assert "differ at their boundary" in verification.note
@@ -126,7 +126,7 @@ def test_a_killed_reference_process_is_a_one_line_error(tmp_path, monkeypatch):
     path, pids = legacy_model(tmp_path / "legacy.h5"), []
     _kill_after_request(monkeypatch, pids)
     with pytest.raises(VerificationImpossible) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
     message = failure.value.message
     assert "killed by SIGKILL" in message and "nothing was written" in message and "\n" not in message
     assert not (tmp_path / "out.keras").exists()
@@ -157,7 +157,7 @@ def test_an_interrupted_run_kills_the_reference_process(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reference.ReferenceRunner, "start", start_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
     assert pids and not _alive(pids[0])
     assert not (tmp_path / "out.keras").exists()
 
@@ -168,10 +168,10 @@ def test_no_reference_process_where_nothing_is_compared_with_keras_load(tmp_path
 
     monkeypatch.setattr(reference.ReferenceProcess, "__init__", refuse)
     path = _sliced_keras3(tmp_path / "sliced.keras")
-    assert rewriter.check(path).rewrites  # --check: nothing is written, nothing proven
-    assert rewriter.fuse(path, output=tmp_path / "a.keras", verify=False).report.written
+    assert gconv_rewrite.check(path).rewrites  # --check: nothing is written, nothing proven
+    assert gconv_rewrite.fuse(path, output=tmp_path / "a.keras", verify=False).report.written
     late = legacy_model(tmp_path / "late.h5", style="lambda", late=True)  # --repair-late-binding: the reference is the rebuild
-    repaired = rewriter.fuse(late, output=tmp_path / "b.keras", trust_lambdas=True, repair_late_binding=True)
+    repaired = gconv_rewrite.fuse(late, output=tmp_path / "b.keras", trust_lambdas=True, repair_late_binding=True)
     assert repaired.report.verification.passed and repaired.report.verification.reference_pid is None
 
 
@@ -182,7 +182,7 @@ def test_inside_a_jobs_worker_the_reference_runs_in_process(tmp_path, monkeypatc
 
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
     path = legacy_model(tmp_path / "legacy.h5")
-    verification = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report.verification
+    verification = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report.verification
     assert verification.passed and verification.reference == f"tf-keras {tf_keras.__version__} (load_model)"
     assert verification.reference_pid is None
 
@@ -220,11 +220,11 @@ def test_a_file_the_reference_process_cannot_load_is_compared_with_the_rebuild()
 
 
 def test_the_linear_ancillary_check_builds_the_same_tf_keras_model(tmp_path):
-    """tf-keras's load with ``connect_ancillary_layers`` made linear (passes.keras.model) builds the
+    """tf-keras's load with ``connect_ancillary_layers`` made linear (gconv_rewrite.passes.keras.model) builds the
     same model: same layers in the same order, same outputs; tf-keras's own function is back after."""
     from tf_keras.src.engine import functional
 
-    from passes.keras.model import linear_ancillary_check
+    from gconv_rewrite.passes.keras.model import linear_ancillary_check
 
     path = legacy_model(tmp_path / "legacy.h5")
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype("float32")
@@ -255,7 +255,7 @@ def test_the_original_is_asked_for_once_as_soon_as_the_rewrites_are_known(tmp_pa
 
     monkeypatch.setattr(reference.ReferenceProcess, "_send", record)
     path = legacy_model(tmp_path / "legacy.h5")
-    report = rewriter.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report
     assert asked == [("run", [report.rewrites[0].boundary[0]["tensor"]])]
     assert report.verification.passed and report.verification.reference_pid is not None
 
@@ -288,9 +288,9 @@ def test_inputs_that_cannot_be_made_are_refused_by_the_proof_as_before(tmp_path)
     joined = L.Concatenate(name="join")([L.Conv2D(4, 3, padding="same")(inp[..., 2 * i:2 * i + 2]) for i in range(4)])
     path = tmp_path / "dynamic.h5"
     tf_keras.Model(inp, joined).save(path)
-    with pytest.raises(rewriter.errors.RewriteError) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.keras")
+    with pytest.raises(gconv_rewrite.errors.RewriteError) as failure:
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras")
     assert "--shape" in failure.value.message and not (tmp_path / "out.keras").exists()
-    shaped = rewriter.fuse(path, output=tmp_path / "out.keras", shapes={"image": [1, 6, 6, 8]}).report
+    shaped = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", shapes={"image": [1, 6, 6, 8]}).report
     assert shaped.rewrites and shaped.verification.passed
     assert shaped.verification.reference_pid not in (None, os.getpid())

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from rewriter.api import Options, check, fuse
+from gconv_rewrite.api import Options, check, fuse
 from samples import keras_models as km
 from tests.helpers import conv2d_groups as grouped
 from tests.helpers import invoke
@@ -168,7 +168,7 @@ def test_tf_keras_file_is_verified_against_tf_keras(tmp_path, suffix):
 def test_a_rebuild_mistake_fails_verification_against_tf_keras(tmp_path, monkeypatch):
     """The tool's Keras 3 rebuild of tf.math.multiply made wrong on purpose: compared with itself it
     would pass; compared with tf-keras, the run fails and nothing is written."""
-    from passes.keras import _tf_ops
+    from gconv_rewrite.passes.keras import _tf_ops
 
     source = multiply_model(tmp_path / "multiply.h5")
     monkeypatch.setitem(_tf_ops.REBUILT, "math.multiply", lambda x, y, name=None: keras.ops.add(x, y))
@@ -198,8 +198,8 @@ def test_reference_says_what_ran_the_original(late_files, tmp_path):
 def test_tf_keras_never_runs_lambda_code_without_trust(tmp_path):
     """The tf-keras reference loads in a safe-mode scope unless trusted: its .h5 loader would
     otherwise run the Lambda's bytecode (it ignores ``safe_mode=`` for .h5 files)."""
-    from passes.keras import _config
-    from passes.keras.model import _tf_keras_load
+    from gconv_rewrite.passes.keras import _config
+    from gconv_rewrite.passes.keras.model import _tf_keras_load
 
     marker = tmp_path / "ran.txt"
 

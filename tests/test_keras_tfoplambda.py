@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from passes.keras import _config
-from passes.keras._tf_ops import REBUILT
+from gconv_rewrite.passes.keras import _config
+from gconv_rewrite.passes.keras._tf_ops import REBUILT
 from tests.helpers import conv2d_groups as grouped
 from tests.helpers import error_lines, invoke
 from tests.helpers import keras_outputs as run

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from passes.keras.to_savedmodel import SIGNATURE
-from passes.tf import savedmodel as sm
-from rewriter.api import fuse
-from rewriter.errors import VerificationFailed
+from gconv_rewrite.api import fuse
+from gconv_rewrite.errors import VerificationFailed
+from gconv_rewrite.passes.keras.to_savedmodel import SIGNATURE
+from gconv_rewrite.passes.tf import savedmodel as sm
 from samples import keras_models as km
 from tests.helpers import image, invoke
 from tests.helpers import saved_model_conv_groups as conv_groups

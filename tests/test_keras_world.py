@@ -19,9 +19,9 @@ import tensorflow as tf
 import tf_keras
 from tf_keras import backend as K
 
-from passes.keras import _lambdas
-from passes.keras._keras2_backend import Keras2Backend
-from rewriter.api import Options, expand, fuse
+from gconv_rewrite.api import Options, expand, fuse
+from gconv_rewrite.passes.keras import _lambdas
+from gconv_rewrite.passes.keras._keras2_backend import Keras2Backend
 from tests.helpers import conv2d_groups as grouped
 from tests.helpers import invoke
 

@@ -1,4 +1,4 @@
-"""rewriter.memory: the collector's two modes for big models (paused for onnx-ir graphs, the heap
+"""gconv_rewrite.memory: the collector's two modes for big models (paused for onnx-ir graphs, the heap
 frozen for Keras runs, whose conversions leave cyclic garbage that must still be collected)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from rewriter.memory import frozen_heap, paused_gc
+from gconv_rewrite.memory import frozen_heap, paused_gc
 
 
 class _Node:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-import rewriter
+import gconv_rewrite
 from samples.models import INT64_MAX, GraphBuilder
 from tests.conftest import attribute, constants, nodes
 from tests.helpers import saved_model_output
@@ -244,7 +244,7 @@ def tf_models(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["silu", "sigmoid-times-y", "gelu-erf", "gelu-tanh", "mish", "gate", "silu-conv1d"])
 def test_tf_multi_op_tail_fuses_once(tf_models, tmp_path, name):
-    report = rewriter.fuse(tf_models[name], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(tf_models[name], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [4] and report.skipped == []
     before, after = report.before.op_counts, report.after.op_counts
     assert before["Conv2D"] == 4 and after["Conv2D"] == 1 and "ConcatV2" not in after and "Split" not in after
@@ -257,7 +257,7 @@ def test_tf_multi_op_tail_fuses_once(tf_models, tmp_path, name):
 
 
 def test_tf_different_activation_graphs_split_back(tf_models, tmp_path):
-    report = rewriter.fuse(tf_models["differ"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(tf_models["differ"], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [4]
     assert [s.reason for s in report.skipped] == [
         "fused up to where the branches differ (Mish (elementwise graph) vs SiLU (elementwise graph)); "

@@ -33,7 +33,7 @@ class NearMiss:
     stride ``strides[i]`` ("same" padding) writing ``outs[i]`` channels; the concat joins them in
     ``order``; ``used_outside``: branch 0's conv output is also a model output."""
 
-    code: str  # the stable code of the skip (rewriter.reasons.CODES)
+    code: str  # the stable code of the skip (gconv_rewrite.reasons.CODES)
     reason: str  # words every format's skip reason holds
     widths: tuple[int, ...] = (4, 4, 4, 4)
     kernels: tuple[int, ...] = (3, 3, 3, 3)

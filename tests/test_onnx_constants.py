@@ -10,8 +10,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
-from passes.onnx import _graph as g
+import gconv_rewrite
+from gconv_rewrite.passes.onnx import _graph as g
 from samples.models import GraphBuilder
 from tests.conftest import assert_same_outputs, attribute, nodes, op_counts
 
@@ -84,7 +84,7 @@ def test_expand_splits_identity_fed_weights_and_bias_and_keeps_the_shared_one(tm
     model = b.model([("x", [1, 8, 5, 5])], [("conv_b_out", [1, 8, 5, 5]), ("plain_out", [1, 8, 5, 5])])
     source, output = tmp_path / "m.onnx", tmp_path / "m.expanded.onnx"
     onnx.save(model, source)
-    result = rewriter.expand(source, output=output)
+    result = gconv_rewrite.expand(source, output=output)
     assert [r.location for r in result.report.rewrites] == ["conv_a", "conv_b"]
     assert result.report.skipped == []
     expanded = onnx.load(output)
@@ -101,7 +101,7 @@ def test_legacy_chunk_with_bn_per_branch_fuses_through_identity(tmp_path):
     model = chunk_model()
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output, fold_bn=False)
+    result = gconv_rewrite.fuse(source, output=output, fold_bn=False)
     assert [(r.kind, r.groups) for r in result.report.rewrites] == [("fuse-split-conv", 4)]
     assert result.report.skipped == []
     fused = onnx.load(output)
@@ -113,7 +113,7 @@ def test_legacy_chunk_with_bn_per_branch_fuses_through_identity(tmp_path):
 def test_check_reports_the_identity_form_as_a_candidate(tmp_path):
     source = tmp_path / "m.onnx"
     onnx.save(chunk_model(bn_per_branch=False), source)
-    report = rewriter.check(source)
+    report = gconv_rewrite.check(source)
     assert [r.groups for r in report.rewrites] == [4]
 
 
@@ -126,7 +126,7 @@ def test_reasons_name_the_structural_cause_before_the_value_one(tmp_path):
     model.graph.input.append(helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [4]))
     source = tmp_path / "m.onnx"
     onnx.save(model, source)
-    report = rewriter.check(source)
+    report = gconv_rewrite.check(source)
     assert report.rewrites == []
     assert [s.reason for s in report.skipped] == [
         "different kernel shapes between branches: (4,3,3) vs (4,1,1)"]
@@ -140,7 +140,7 @@ def test_identity_of_a_graph_input_initializer_is_replaceable(tmp_path):
     model.ir_version = 8
     source = tmp_path / "m.onnx"
     onnx.save(model, source)
-    report = rewriter.check(source)
+    report = gconv_rewrite.check(source)
     assert report.rewrites == []
     assert report.skipped[0].reason == "bias of conv0 is not a constant"
 
@@ -166,7 +166,7 @@ def test_batchnorm_after_the_fused_concat_is_folded(tmp_path, fold_bn):
     model = b.model([("x", [1, 16, 6, 6])], [("relu_out", [1, 16, 6, 6])])
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output, fold_bn=fold_bn)
+    result = gconv_rewrite.fuse(source, output=output, fold_bn=fold_bn)
     fused = onnx.load(output)
     kinds = [r.kind for r in result.report.rewrites]
     if fold_bn:
@@ -192,7 +192,7 @@ def test_fold_keeps_a_batchnorm_whose_input_is_read_elsewhere(tmp_path):
     model = b.model([("x", [1, 8, 4, 4])], [("bn_out", [1, 8, 4, 4]), ("cat_out", [1, 8, 4, 4])])
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output)
+    result = gconv_rewrite.fuse(source, output=output)
     assert [r.kind for r in result.report.rewrites] == ["fuse-split-conv"]
     assert op_counts(onnx.load(output)) == {"Conv": 1, "BatchNormalization": 1}
     assert_same_outputs(source, output)
@@ -211,7 +211,7 @@ def test_mul_and_add_of_per_channel_constants_fold_too(tmp_path):
     model = b.model([("x", [1, 8, 5, 5])], [("add_out", [1, 8, 5, 5])])
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output)
+    result = gconv_rewrite.fuse(source, output=output)
     assert [r.kind for r in result.report.rewrites] == ["fuse-split-conv", "fold-batchnorm", "fold-batchnorm"]
     fused = onnx.load(output)
     assert op_counts(fused) == {"Conv": 1}
@@ -248,8 +248,8 @@ def function_model() -> onnx.ModelProto:
 def test_patterns_inside_local_functions_are_fused_and_verified(tmp_path):
     source, output = tmp_path / "f.onnx", tmp_path / "f.fused.onnx"
     onnx.save(function_model(), source)
-    assert [(r.groups, r.graph) for r in rewriter.check(source).rewrites] == [(2, "function GroupedBlock")]
-    result = rewriter.fuse(source, output=output)
+    assert [(r.groups, r.graph) for r in gconv_rewrite.check(source).rewrites] == [(2, "function GroupedBlock")]
+    result = gconv_rewrite.fuse(source, output=output)
     assert result.report.verification.passed
     fused = onnx.load(output)
     onnx.checker.check_model(fused, full_check=True)
@@ -288,7 +288,7 @@ def test_chunk_of_a_tensor_whose_channels_no_shape_records(tmp_path, bounds):
     model = b.model([("x", [1, 8, 5, 5])], [("cat_out", [1, 8, 5, 5])])
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output)
+    result = gconv_rewrite.fuse(source, output=output)
     if bounds == "from_the_end":  # not provable: a 12-channel run would read channels 4:12 only
         assert result.report.rewrites == []
         assert [s.reason for s in result.report.skipped] == [

@@ -10,8 +10,8 @@ import onnx_ir as ir
 from click.testing import CliRunner
 from onnx import helper
 
-import rewriter
-from rewriter.cli import main
+import gconv_rewrite
+from gconv_rewrite.cli import main
 from samples.models import grouped_block, resnext50
 from tests.helpers import run_onnx as run_ort
 
@@ -41,7 +41,7 @@ def test_everything_untouched_is_kept(tmp_path):
     source = tmp_path / "m.onnx"
     onnx.save(decorated_model(), source)
     out = tmp_path / "m.fused.onnx"
-    result = rewriter.fuse(source, output=out)
+    result = gconv_rewrite.fuse(source, output=out)
     assert result.report.verification.passed
     fused = onnx.load(str(out))
     assert (fused.producer_name, fused.producer_version) == ("my-exporter", "9.9")
@@ -89,11 +89,11 @@ def test_missing_external_data_is_a_clear_error(tmp_path):
 def test_api_accepts_an_ir_model_and_leaves_it_unchanged():
     model = ir.serde.deserialize_model(grouped_block("split", groups=2, channels=8, out_channels=8))
     before = [n.op_type for n in model.graph]
-    result = rewriter.fuse(model)
+    result = gconv_rewrite.fuse(model)
     assert [n.op_type for n in model.graph] == before
     assert [n.op_type for n in result.model.graph] == ["Conv", "Relu", "Identity"]
     assert result.report.verification.passed and result.changed
-    report = rewriter.check(model)
+    report = gconv_rewrite.check(model)
     assert len(report.rewrites) == 1 and report.rewrites[0].groups == 2
 
 
@@ -101,9 +101,9 @@ def test_api_verify(tmp_path):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(grouped_block("split", seed=0), a)
     onnx.save(grouped_block("native", seed=0), b)  # same weights, native form
-    assert rewriter.verify(a, b).passed
+    assert gconv_rewrite.verify(a, b).passed
     onnx.save(grouped_block("native", seed=1), b)  # other weights
-    verification = rewriter.verify(a, b)
+    verification = gconv_rewrite.verify(a, b)
     assert not verification.passed and verification.outputs[0].max_abs_error > 1e-3
 
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
+import gconv_rewrite
 from tests.conftest import assert_same_outputs
 from tests.helpers import op_counts as ops
 
@@ -57,8 +57,8 @@ def qdq_model(*, per_channel: bool = True, equal_scales: bool = False, quantized
 def test_qdq_branches_fuse_exactly_and_stay_quantized(tmp_path, per_channel, equal_scales):
     source, output = tmp_path / "q.onnx", tmp_path / "q.fused.onnx"
     onnx.save(qdq_model(per_channel=per_channel, equal_scales=equal_scales), source)
-    assert [r.groups for r in rewriter.check(source).rewrites] == [4]  # --check: no crash, a candidate
-    result = rewriter.fuse(source, output=output)
+    assert [r.groups for r in gconv_rewrite.check(source).rewrites] == [4]  # --check: no crash, a candidate
+    result = gconv_rewrite.fuse(source, output=output)
     assert [(r.kind, r.groups) for r in result.report.rewrites] == [("fuse-split-conv", 4)]
     fused = onnx.load(output)
     assert ops(fused) == {"QuantizeLinear": 1, "DequantizeLinear": 3, "Conv": 1}
@@ -77,7 +77,7 @@ def test_qdq_branches_fuse_exactly_and_stay_quantized(tmp_path, per_channel, equ
 def test_mixed_quantized_and_float_branches_are_refused_with_a_reason(tmp_path):
     source = tmp_path / "q.onnx"
     onnx.save(qdq_model(unquantized_branch=True, quantized_bias=False), source)
-    report = rewriter.check(source)
+    report = gconv_rewrite.check(source)
     assert report.rewrites == []
     assert [s.reason for s in report.skipped] == [
         "some branches have a quantized weight (DequantizeLinear), others not"]
@@ -86,8 +86,8 @@ def test_mixed_quantized_and_float_branches_are_refused_with_a_reason(tmp_path):
 def test_expand_of_a_quantized_grouped_conv_says_why_not(tmp_path):
     source, fused = tmp_path / "q.onnx", tmp_path / "q.fused.onnx"
     onnx.save(qdq_model(), source)
-    rewriter.fuse(source, output=fused)
-    report = rewriter.check(fused, mode="expand")
+    gconv_rewrite.fuse(source, output=fused)
+    report = gconv_rewrite.check(fused, mode="expand")
     assert report.rewrites == []
     assert [s.reason for s in report.skipped] == [
         "weights are quantized (DequantizeLinear); expanding quantized weights is not supported"]

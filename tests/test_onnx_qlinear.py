@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
-from rewriter.cli import main
+import gconv_rewrite
+from gconv_rewrite.cli import main
 from tests.helpers import group_of, op_counts
 from tests.helpers import run_onnx as run
 
@@ -104,9 +104,9 @@ def test_quantize_static_qoperator_branches_fuse_into_one_grouped_qlinearconv(tm
     quantized, fused_path = quantize(tmp_path, per_channel=per_channel, shared_output_range=True), tmp_path / "f.onnx"
     assert op_counts(onnx.load(quantized)) == {"QuantizeLinear": 1, "Split": 1, "QLinearConv": 4, "QLinearConcat": 1,
                                                "DequantizeLinear": 1}
-    checked = rewriter.check(quantized)
+    checked = gconv_rewrite.check(quantized)
     assert [(r.kind, r.groups) for r in checked.rewrites] == [("fuse-qlinear-conv", 4)]  # --check lists it
-    result = rewriter.fuse(quantized, output=fused_path)
+    result = gconv_rewrite.fuse(quantized, output=fused_path)
     assert [(r.kind, r.groups, r.channels) for r in result.report.rewrites] == [
         ("fuse-qlinear-conv", 4, {"in": 8, "out": 16})]
     assert result.report.skipped == []
@@ -128,13 +128,13 @@ def test_quantize_static_qoperator_branches_fuse_into_one_grouped_qlinearconv(tm
     onnx.checker.check_model(fused)  # raises on an invalid model
     assert_identical_outputs(quantized, fused_path, float_feeds)
     # Fusing what was fused finds nothing, and says nothing.
-    again = rewriter.check(fused_path)
+    again = gconv_rewrite.check(fused_path)
     assert again.rewrites == [] and again.skipped == []
 
 
 def test_quantize_static_with_calibrated_scales_is_refused_because_the_join_requantizes(tmp_path):
     quantized = quantize(tmp_path, per_channel=False, shared_output_range=False)
-    report = rewriter.check(quantized)
+    report = gconv_rewrite.check(quantized)
     assert report.rewrites == []
     [skip] = report.skipped
     assert skip.reason.startswith("the QLinearConcat's scale for input 0 is ")
@@ -216,7 +216,7 @@ def qlinear_model(*, join: str = "concat", reader: str = "split", weight_type=np
 def fuse_by_hand(tmp_path, model: onnx.ModelProto):
     source, output = tmp_path / "q.onnx", tmp_path / "q.fused.onnx"
     onnx.save(model, source)
-    result = rewriter.fuse(source, output=output)
+    result = gconv_rewrite.fuse(source, output=output)
     return source, output, result
 
 
@@ -283,9 +283,9 @@ def test_one_overridable_x_scale_read_by_every_branch_stays_overridable(tmp_path
 def refusal(tmp_path, model: onnx.ModelProto) -> list[str]:
     source = tmp_path / "q.onnx"
     onnx.save(model, source)
-    report = rewriter.check(source)
+    report = gconv_rewrite.check(source)
     assert report.rewrites == []
-    result = rewriter.fuse(source, output=tmp_path / "q.out.onnx")
+    result = gconv_rewrite.fuse(source, output=tmp_path / "q.out.onnx")
     assert result.report.rewrites == []
     assert op_counts(onnx.load(tmp_path / "q.out.onnx")) == op_counts(model)  # left as it was
     return [s.reason for s in report.skipped]
@@ -324,12 +324,12 @@ def test_an_uneven_split_is_refused_with_the_planner_reason(tmp_path):
 def test_a_target_that_runs_no_grouped_conv_keeps_the_branches_and_says_why(tmp_path):
     source, output = tmp_path / "q.onnx", tmp_path / "q.mnn.onnx"
     onnx.save(qlinear_model(), source)
-    result = rewriter.fuse(source, output=output, target="mnn")
+    result = gconv_rewrite.fuse(source, output=output, target="mnn")
     assert result.report.rewrites == []
     [skip] = result.report.skipped
     assert skip.reason.startswith("split for mnn: MNN runs only depthwise and group=1 convolutions")
     assert [(n["location"], n["action"]) for n in result.report.target["nodes"]] == [("concat", "keep")]
     assert op_counts(onnx.load(output)) == op_counts(onnx.load(source))
-    fused = rewriter.fuse(source, output=tmp_path / "q.ort.onnx", target="onnxruntime-cpu").report
+    fused = gconv_rewrite.fuse(source, output=tmp_path / "q.ort.onnx", target="onnxruntime-cpu").report
     assert [(n["location"], n["action"]) for n in fused.target["nodes"]] == [("conv0_group4", "fuse")]
     assert [r.kind for r in fused.rewrites] == ["fuse-qlinear-conv"]

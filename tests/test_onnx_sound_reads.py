@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import rewriter
+import gconv_rewrite
 from samples.models import GraphBuilder
 from tests.conftest import assert_same_outputs, attribute, nodes, op_counts, run_onnx
 
@@ -56,7 +56,7 @@ def fuse(tmp_path, model: onnx.ModelProto):
     onnx.checker.check_model(model, full_check=True)
     source, output = tmp_path / "m.onnx", tmp_path / "m.fused.onnx"
     onnx.save(model, str(source))
-    result = rewriter.fuse(source, output=output)
+    result = gconv_rewrite.fuse(source, output=output)
     return result, source, output
 
 
@@ -345,7 +345,7 @@ def test_the_dependency_analysis_follows_each_element_of_a_shape():
     says which dim it depends on."""
     import onnx_ir as ir
 
-    from passes.onnx._fold import fold_explained
+    from gconv_rewrite.passes.onnx._fold import fold_explained
 
     b = GraphBuilder(13)
     shape = b.node("Shape", ["x"])[0]

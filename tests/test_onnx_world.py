@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
-from rewriter.report import format_summary
+import gconv_rewrite
+from gconv_rewrite.report import format_summary
 from samples.models import GraphBuilder, grouped_block
 from tests.conftest import as_constant_nodes, assert_same_outputs, attribute, nodes, op_counts
 
@@ -21,7 +21,7 @@ def expand_file(tmp_path: Path, model: onnx.ModelProto, name: str = "model"):
     """Save, expand (verified by the tool), check the written file and compare it ourselves."""
     original, written = tmp_path / f"{name}.onnx", tmp_path / f"{name}.expanded.onnx"
     onnx.save(model, str(original))
-    result = rewriter.expand(original, output=written)
+    result = gconv_rewrite.expand(original, output=written)
     expanded = onnx.load(str(written))
     onnx.checker.check_model(expanded, full_check=True)
     assert_same_outputs(original, written)
@@ -35,7 +35,7 @@ def fuse_file(tmp_path: Path, path_or_model, name: str = "model"):
     else:
         original = path_or_model
     written = original.with_name(original.stem + ".fused.onnx")
-    result = rewriter.fuse(original, output=written)
+    result = gconv_rewrite.fuse(original, output=written)
     fused = onnx.load(str(written))
     onnx.checker.check_model(fused, full_check=True)
     assert_same_outputs(original, written)
@@ -198,7 +198,7 @@ def test_ir4_initializer_that_is_an_input_stays_replaceable(tmp_path):
     model.ir_version = 4
     original, written = tmp_path / "ir4.onnx", tmp_path / "ir4.expanded.onnx"
     onnx.save(model, str(original))
-    report = rewriter.expand(original, output=written).report
+    report = gconv_rewrite.expand(original, output=written).report
     assert report.rewrites == []
     assert "replaceable at run time" in report.skipped[0].reason
     assert op_counts(onnx.load(str(written))) == op_counts(model)
@@ -261,7 +261,7 @@ def test_branches_of_different_widths_are_no_finding(tmp_path):
     model = rfb_model()
     path = tmp_path / "rfb.onnx"
     onnx.save(model, str(path))
-    checked = rewriter.check(path)
+    checked = gconv_rewrite.check(path)
     assert checked.rewrites == [] and checked.skipped == []
     report, fused = fuse_file(tmp_path, path)
     assert report.rewrites == [] and report.skipped == []
@@ -317,7 +317,7 @@ def test_two_groups_reading_one_split_both_fuse(tmp_path):
     b.nodes.append(helper.make_node("Add", paths, ["y"], name="sum"))
     path = tmp_path / "sk.onnx"
     onnx.save(b.model([("x", ["N", 16, 8, 8])], [("y", ["N", 16, 8, 8])]), path)
-    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report
     assert [r.groups for r in report.rewrites] == [4, 4] and report.skipped == []
     fused = onnx.load(str(tmp_path / "out.onnx"))
     ops = [n.op_type for n in fused.graph.node]
@@ -342,7 +342,7 @@ def test_a_weight_standardised_by_an_inference_batchnorm_is_folded(tmp_path):
                                     pads=[1, 1, 1, 1]))
     path = tmp_path / "nf.onnx"
     onnx.save(b.model([("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])]), path)
-    report = rewriter.expand(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.expand(path, output=tmp_path / "out.onnx").report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     assert op_counts(onnx.load(str(tmp_path / "out.onnx")))["Conv"] == 4
     assert_same_outputs(path, tmp_path / "out.onnx")

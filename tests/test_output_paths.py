@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import formats
-from rewriter.errors import BadInput, OutputError
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput, OutputError
 from tests.conftest import attribute, op_counts
 from tests.helpers import invoke
 from tests.test_formats_table import onnx_split_model
@@ -120,7 +120,7 @@ def test_dev_stdout_redirected_to_a_file_is_neither_replaced_nor_written(tmp_pat
             formats.follow_output_link(Path(path))
     out = tmp_path / "captured.txt"
     with open(out, "wb") as stdout:
-        done = subprocess.run([sys.executable, "-m", "rewriter", str(model), "-o", "/dev/stdout", "--force"],
+        done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(model), "-o", "/dev/stdout", "--force"],
                               stdout=stdout, stderr=subprocess.PIPE, cwd=REPO, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert done.returncode == 2 and "leads to a stream of a process" in done.stderr

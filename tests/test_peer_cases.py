@@ -25,7 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
+import gconv_rewrite
 from tests.conftest import assert_same_outputs, attribute, constants, feeds_for, nodes, op_counts, run_onnx
 
 RNG = np.random.default_rng(21)
@@ -75,7 +75,7 @@ def expansion(tmp_path, original: onnx.ModelProto, *, name="native", shapes=None
     """Expand ``original`` through the API (its own verification off) and check the numbers here."""
     source, written = tmp_path / f"{name}.onnx", tmp_path / f"{name}.expanded.onnx"
     onnx.save(original, source)
-    report = rewriter.expand(source, output=written, verify=False, shapes=shapes or {}, **options).report
+    report = gconv_rewrite.expand(source, output=written, verify=False, shapes=shapes or {}, **options).report
     assert_same_outputs(source, written, shapes)
     return report, onnx.load(written)
 
@@ -168,9 +168,9 @@ def test_arm_dynamic_channels_are_read_from_the_weights(tmp_path):
     report, expanded = expansion(tmp_path, _depthwise_1d("C"), shapes=shapes)
     assert [r.groups for r in report.rewrites] == [2]
     assert op_counts(expanded) == {"Split": 1, "Conv": 2, "Concat": 1}
-    with pytest.raises(rewriter.errors.RewriteError, match=r"dynamic dims \(C\): set them with --shape"):
+    with pytest.raises(gconv_rewrite.errors.RewriteError, match=r"dynamic dims \(C\): set them with --shape"):
         onnx.save(_depthwise_1d("C"), tmp_path / "unverifiable.onnx")
-        rewriter.expand(tmp_path / "unverifiable.onnx", output=tmp_path / "out.onnx")
+        gconv_rewrite.expand(tmp_path / "unverifiable.onnx", output=tmp_path / "out.onnx")
 
 
 # -- Huawei CANN ASplitConv2dConcatPass -----------------------------------------------------------
@@ -259,9 +259,9 @@ def test_onnx_mlir_float64_fuses_without_a_runtime_proof(tmp_path):
     original = _onnx_mlir_simple(np.float64, TensorProto.DOUBLE)
     source, written = tmp_path / "f64.onnx", tmp_path / "f64.fused.onnx"
     onnx.save(original, source)
-    with pytest.raises(rewriter.errors.RewriteError, match="onnxruntime cannot run the original model"):
-        rewriter.fuse(source, output=written)
-    report = rewriter.fuse(source, output=written, verify=False).report
+    with pytest.raises(gconv_rewrite.errors.RewriteError, match="onnxruntime cannot run the original model"):
+        gconv_rewrite.fuse(source, output=written)
+    report = gconv_rewrite.fuse(source, output=written, verify=False).report
     assert [r.groups for r in report.rewrites] == [3]
     fused = onnx.load(written)
     (conv,) = nodes(fused, "Conv")
@@ -342,7 +342,7 @@ def test_paddle_round_trip_folds_the_batchnorm_and_writes_initializers(tmp_path)
 
     back = tmp_path / "round.onnx"
     onnx.save(expanded, tmp_path / "expanded.onnx")
-    kinds = [r.kind for r in rewriter.fuse(tmp_path / "expanded.onnx", output=back).report.rewrites]
+    kinds = [r.kind for r in gconv_rewrite.fuse(tmp_path / "expanded.onnx", output=back).report.rewrites]
     assert kinds == ["fuse-split-conv", "fold-batchnorm"]
     round_trip = onnx.load(back)
     assert op_counts(round_trip) == {"Conv": 1}  # the BatchNormalization is folded in
@@ -360,7 +360,7 @@ def test_paddle_round_trip_with_no_fold_bn_keeps_the_batchnorm(tmp_path):
     _, expanded = expansion(tmp_path, native)
     onnx.save(expanded, tmp_path / "expanded.onnx")
     back = tmp_path / "round.onnx"
-    report = rewriter.fuse(tmp_path / "expanded.onnx", output=back, fold_bn=False).report
+    report = gconv_rewrite.fuse(tmp_path / "expanded.onnx", output=back, fold_bn=False).report
     assert [r.kind for r in report.rewrites] == ["fuse-split-conv"]
     round_trip = onnx.load(back)
     assert [n.op_type for n in round_trip.graph.node] == ["Conv", "BatchNormalization"]

@@ -116,7 +116,7 @@ def test_pre_commit_hook_entry_as_pre_commit_runs_it(models_dir):
     command = shlex.split(hook["entry"])
     assert command[0] == "gconv-rewrite"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = lambda names: subprocess.run([sys.executable, "-m", "rewriter", *command[1:], *names],
+    run = lambda names: subprocess.run([sys.executable, "-m", "gconv_rewrite", *command[1:], *names],
                                        capture_output=True, text=True, env=env)
     dirty = run(files)
     assert dirty.returncode == 1, dirty.stderr

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import onnx
 from click.testing import CliRunner
 
-from rewriter.cli import main
+from gconv_rewrite.cli import main
 from samples.keras_models import getitem_model
 from samples.models import grouped_block
 from tests.tf_models import SplitConvConcat, save_module

@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import lint
-from rewriter.batch import JobResult
+from gconv_rewrite import lint
+from gconv_rewrite.batch import JobResult
 from samples.models import grouped_block
 from tests.helpers import invoke
 
@@ -130,7 +130,7 @@ def test_footer_counts_groups_not_batchnorm_folds():
 def test_the_command_line_check_of_a_folder_exits_1_with_the_location(folder):
     """The issue's 'done when': ``gconv-rewrite models/ --check`` in a shell, as CI runs it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "rewriter", str(folder), "--check"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(folder), "--check"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     location = rewrite_location(folder / "fusable.onnx")

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import helper
 
-import rewriter
-from rewriter.api import dry_run
+import gconv_rewrite
+from gconv_rewrite.api import dry_run
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import invoke
 
@@ -96,12 +96,12 @@ def test_the_api_dry_run_leaves_an_in_memory_model_alone(split_model):
     result = dry_run(model)
     assert result.report.before.nodes == nodes == len(list(model.graph))  # the caller's model is untouched
     assert result.report.after.nodes == 3 and result.report.sizes["after"] > 0
-    assert rewriter.check(split_model).after.nodes == nodes  # check(): find only, as before
+    assert gconv_rewrite.check(split_model).after.nodes == nodes  # check(): find only, as before
 
 
 def test_a_dry_run_that_cannot_rebuild_says_so(split_model, monkeypatch):
-    from rewriter import api
-    from rewriter.errors import BadInput
+    from gconv_rewrite import api
+    from gconv_rewrite.errors import BadInput
 
     def cannot(*args, **kwargs):
         raise BadInput("a rebuild this model does not allow")

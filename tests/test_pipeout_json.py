@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import __version__, envelope
+from gconv_rewrite import __version__, envelope
 from samples.models import grouped_block
 from tests.helpers import invoke
 
@@ -67,7 +67,7 @@ def test_a_failed_model_is_an_error_record_in_the_report(tmp_path):
 
 
 def test_error_kinds_follow_the_exception():
-    from rewriter import errors
+    from gconv_rewrite import errors
 
     assert envelope.error_kind(errors.VerificationFailed("x")) == "verification-failed"
     assert envelope.error_kind(errors.VerificationImpossible("x")) == "verification-impossible"
@@ -156,7 +156,7 @@ def test_a_bad_report_place_is_refused_before_anything_is_written(model, tmp_pat
 
 def test_tensorflow_versions_only_where_a_model_needed_it(model):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "rewriter", str(model), "--check", "--format", "json"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(model), "--check", "--format", "json"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     environment = json.loads(done.stdout)["environment"]

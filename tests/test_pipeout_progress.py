@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import progress
-from rewriter.report import Report
+from gconv_rewrite import progress
+from gconv_rewrite.report import Report
 from samples.models import grouped_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def run(*args, tmp_path: Path) -> tuple[subprocess.CompletedProcess, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
-        done = subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], cwd=REPO, env=env,
+        done = subprocess.run([sys.executable, "-m", "gconv_rewrite", *map(str, args)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
     return done, log.read_text()
 

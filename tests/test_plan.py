@@ -1,4 +1,4 @@
-"""rewriter.plan: the format-free fusability rules and weight arithmetic.
+"""gconv_rewrite.plan: the format-free fusability rules and weight arithmetic.
 
 Each fusion plan is checked twice: its shape (groups, channels, stacked arrays, attributes) and
 its numbers (the plan's weights as one grouped ONNX Conv in onnxruntime equal the branch
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewriter.plan import (
+from gconv_rewrite.plan import (
     BROADCAST,
     CHANNEL,
     EQUAL,

@@ -1,4 +1,4 @@
-"""One chain planner for every format: ONNX chains go through ``rewriter.plan.plan_chain`` as TF
+"""One chain planner for every format: ONNX chains go through ``gconv_rewrite.plan.plan_chain`` as TF
 and Keras chains do; ``plan_fusion(shared_input=True)`` is the wide conv of branches that read one
 whole tensor; the planner's sentences exist once (ONNX's structural pre-check asks it)."""
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rewriter
-from passes.onnx import fuse_split_conv
-from rewriter import plan as plan_module
-from rewriter.plan import Branch, ChainPlan, ConvLayer, FusionPlan, Refusal, TailLayer, plan_chain, plan_fusion
+import gconv_rewrite
+from gconv_rewrite import plan as plan_module
+from gconv_rewrite.passes.onnx import fuse_split_conv
+from gconv_rewrite.plan import Branch, ChainPlan, ConvLayer, FusionPlan, Refusal, TailLayer, plan_chain, plan_fusion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_onnx_chains_are_planned_by_plan_chain(monkeypatch, sample, groups):
         return result
 
     monkeypatch.setattr(fuse_split_conv, "plan_chain", counting)
-    report = rewriter.check(REPO / "samples" / sample)
+    report = gconv_rewrite.check(REPO / "samples" / sample)
     assert report.rewrites, "the sample holds a hand-made group"
     assert len(calls) == len(report.rewrites)
     assert all(isinstance(c, ChainPlan) and c.stopped is None for c in calls)
@@ -42,12 +42,12 @@ def test_onnx_chains_are_planned_by_plan_chain(monkeypatch, sample, groups):
 
 def test_onnx_near_miss_refusal_comes_from_the_planner(monkeypatch):
     # The planner's words, with its code: nothing in the ONNX pass restates them.
-    report = rewriter.check(REPO / "samples" / "near_miss_strides.onnx")
+    report = gconv_rewrite.check(REPO / "samples" / "near_miss_strides.onnx")
     (skip,) = report.skipped
     assert (skip.code, skip.reason) == ("attribute-mismatch", "different dilations between branches: (1,1) vs (2,2)")
     monkeypatch.setattr(plan_module, "_describe", lambda value: f"<{value}>")
     # settings_refusal is the planner's: rewording it there rewords the ONNX skip.
-    (skip,) = rewriter.check(REPO / "samples" / "near_miss_strides.onnx").skipped
+    (skip,) = gconv_rewrite.check(REPO / "samples" / "near_miss_strides.onnx").skipped
     assert skip.reason == "different dilations between branches: <(1, 1)> vs <(2, 2)>"
 
 

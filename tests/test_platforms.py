@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from rewriter import formats
+from gconv_rewrite import formats
 from tests.conftest import op_counts
 from tests.test_formats_table import onnx_split_model
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cp1252(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "cp1252", "PYTHONUTF8": "0",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "gconv_rewrite", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, timeout=300)
 
 
@@ -51,7 +51,7 @@ def test_a_run_survives_a_cp1252_console(tmp_path):
 
 
 def test_ascii_fallback_names_what_it_knows_and_marks_the_rest():
-    from rewriter import cli
+    from gconv_rewrite import cli
 
     cli.survive_console()  # registers the handler
     assert "a → b … c — d ✓".encode("cp1252", errors="gconv-ascii") == "a -> b … c — d ?".encode("cp1252")

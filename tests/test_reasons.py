@@ -1,4 +1,4 @@
-"""One way to say no: every refusal carries a stable code, listed once (``rewriter.reasons.CODES``),
+"""One way to say no: every refusal carries a stable code, listed once (``gconv_rewrite.reasons.CODES``),
 documented in docs/REASONS.md, and carried by every skip of a report (JSON ``code``, and the text
 line), in every format."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.cli import main as cli_main
-from rewriter.plan import Branch, Refusal, plan_chain, plan_fusion
-from rewriter.reasons import CODES, Refused
-from rewriter.report import Report, Skip, format_summary
+from gconv_rewrite.cli import main as cli_main
+from gconv_rewrite.plan import Branch, Refusal, plan_chain, plan_fusion
+from gconv_rewrite.reasons import CODES, Refused
+from gconv_rewrite.report import Report, Skip, format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_a_chain_says_the_code_where_it_stops():
     later = [_branch("c", 0, 4), _branch("d", 0, 4, kernel=1)]
 
     def read_step(step, _channels):
-        from rewriter.plan import ConvLayer
+        from gconv_rewrite.plan import ConvLayer
 
         return ConvLayer(first if step == 0 else later)
 

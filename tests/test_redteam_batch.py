@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rewriter import batch, workers
+from gconv_rewrite import batch, workers
 from samples.models import grouped_block
 from tests.helpers import invoke, run_onnx
 
@@ -61,8 +61,8 @@ import os
 import time
 
 if os.environ.get("GCONV_TEST_MARKS"):
-    import rewriter.api as api
-    import rewriter.formats as formats
+    import gconv_rewrite.api as api
+    import gconv_rewrite.formats as formats
 
     marks = os.environ["GCONV_TEST_MARKS"]
     real_rewrite, real_atomic_output = api.rewrite, formats.atomic_output
@@ -100,7 +100,7 @@ class Batch:
             self.models.append(tmp_path / name)
         env = {**os.environ, "GCONV_TEST_MARKS": str(self.marks), "GCONV_TEST_HOLD_SECONDS": str(HOLD_SECONDS),
                "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen([sys.executable, "-m", "rewriter", *map(str, self.models), "--jobs", "2",
+        self.process = subprocess.Popen([sys.executable, "-m", "gconv_rewrite", *map(str, self.models), "--jobs", "2",
                                          "-o", str(self.out), "-q"], cwd=REPO, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -403,7 +403,7 @@ def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "rewriter", *map(str, args)], cwd=REPO, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "gconv_rewrite", *map(str, args)], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout, preexec_fn=cap_memory)
 
 

@@ -29,9 +29,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import rewriter
-from rewriter import formats
-from rewriter.errors import BadInput, OutputError
+import gconv_rewrite
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput, OutputError
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import error_lines, invoke, run_onnx
 
@@ -97,15 +97,15 @@ def test_sigkill_while_a_branch_is_verified_leaves_nothing_a_later_run_does_not_
     temp.mkdir()
     script = """
         import os, signal, sys
-        import passes.onnx.backend as backend
-        import rewriter
+        import gconv_rewrite.passes.onnx.backend as backend
+        import gconv_rewrite
 
         def killed(*args, scratch, **kwargs):
             (scratch / "branch.onnx").write_bytes(b"half written")  # as the real one writes there
             os.kill(os.getpid(), signal.SIGKILL)
 
         backend.verify_subgraphs = killed
-        rewriter.fuse(sys.argv[1], output=sys.argv[2])
+        gconv_rewrite.fuse(sys.argv[1], output=sys.argv[2])
     """
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(source), str(tmp_path / "out.onnx")],
@@ -127,7 +127,7 @@ def test_a_run_with_subgraphs_leaves_no_scratch(tmp_path, monkeypatch):
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(temp))
-    result = rewriter.fuse(source, output=tmp_path / "out.onnx")
+    result = gconv_rewrite.fuse(source, output=tmp_path / "out.onnx")
     assert [r.exercised for r in result.report.rewrites] == [True, True]
     assert [p.name for p in temp.iterdir() if p.name.startswith("gconv")] == []
     written = onnx.load(str(tmp_path / "out.onnx"))
@@ -207,7 +207,7 @@ def test_a_fifo_made_between_the_check_and_the_commit_is_not_replaced(tmp_path, 
     source = save_block(tmp_path / "m.onnx")
     output = tmp_path / "out.onnx"
     with meanwhile(monkeypatch, os.mkfifo), pytest.raises(OutputError, match="FIFO"):
-        rewriter.fuse(source, output=output, force=True)
+        gconv_rewrite.fuse(source, output=output, force=True)
     assert stat.S_ISFIFO(os.lstat(output).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
 
@@ -226,7 +226,7 @@ def test_an_output_another_run_committed_meanwhile_is_not_replaced(tmp_path, mon
         monkeypatch.setattr(formats, "_renameat2", lambda a, b, flags: False)
     with meanwhile(monkeypatch, lambda out: out.write_bytes(theirs)), \
             pytest.raises(OutputError, match="already exists .*another run.*--force"):
-        rewriter.fuse(source, output=output)
+        gconv_rewrite.fuse(source, output=output)
     assert output.read_bytes() == theirs
     # Nothing of this run stays: no staging folder, no external data of its own.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -249,7 +249,7 @@ def test_with_force_the_commit_replaces_it(tmp_path, monkeypatch):
     source = save_block(tmp_path / "m.onnx")
     output = tmp_path / "out.onnx"
     with meanwhile(monkeypatch, lambda out: out.write_bytes(b"theirs")):
-        rewriter.fuse(source, output=output, force=True)
+        gconv_rewrite.fuse(source, output=output, force=True)
     assert_fused_and_equal(source, output)
 
 
@@ -268,7 +268,7 @@ def test_report_over_the_file_size_limit_says_the_model_was_written(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-m", "rewriter", str(source), "-o", str(output), "--report", str(report)],
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(source), "-o", str(output), "--report", str(report)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr, "gconv-rewrite: error:")
@@ -356,7 +356,7 @@ def test_corrupt_tensor_data_is_one_line_naming_the_tensor(tmp_path, how, says):
     assert f"tensor {name!r} (float, shape [8, 8, 3, 3])" in lines[0] and says in lines[0], lines[0]
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(BadInput, match="not a valid ONNX model"):
-        rewriter.check(source)
+        gconv_rewrite.check(source)
 
 
 def test_intact_tensors_of_every_layout_still_load(tmp_path):
@@ -365,14 +365,14 @@ def test_intact_tensors_of_every_layout_still_load(tmp_path):
     for external in (False, True):
         source = save_block(tmp_path / f"m{int(external)}.onnx", external=external)
         output = tmp_path / f"out{int(external)}.onnx"
-        rewriter.fuse(source, output=output)
+        gconv_rewrite.fuse(source, output=output)
         assert_fused_and_equal(source, output)
     model = grouped_block("split", groups=4, channels=32, out_channels=32, seed=1)
     for tensor in model.graph.initializer:  # typed fields instead of raw bytes
         array = onnx.numpy_helper.to_array(tensor)
         tensor.CopyFrom(helper.make_tensor(tensor.name, tensor.data_type, tensor.dims, array.ravel().tolist()))
     onnx.save(model, tmp_path / "typed.onnx")
-    rewriter.fuse(tmp_path / "typed.onnx", output=tmp_path / "typed.out.onnx")
+    gconv_rewrite.fuse(tmp_path / "typed.onnx", output=tmp_path / "typed.out.onnx")
     assert_fused_and_equal(tmp_path / "typed.onnx", tmp_path / "typed.out.onnx")
 
 
@@ -481,9 +481,9 @@ def test_the_same_keras_input_gives_the_same_bytes(tmp_path):
 
     source = keras_models.getitem_model(tmp_path / "g.keras")
     first, second = tmp_path / "one.keras", tmp_path / "two.keras"
-    rewriter.fuse(source, output=first)
+    gconv_rewrite.fuse(source, output=first)
     time.sleep(2.1)  # past the zip format's 2-second and date_saved's 1-second resolution
-    rewriter.fuse(source, output=second)
+    gconv_rewrite.fuse(source, output=second)
     assert first.read_bytes() == second.read_bytes()
     with zipfile.ZipFile(first) as archive:
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}

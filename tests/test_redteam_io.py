@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rewriter import formats
+from gconv_rewrite import formats
 from samples.models import grouped_block
 from tests.helpers import invoke, run_onnx
 
@@ -171,7 +171,7 @@ def replace(src, dst, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 os.replace = replace
-from rewriter.cli import main
+from gconv_rewrite.cli import main
 sys.argv = ["gconv-rewrite", *sys.argv[3:]]
 main()
 """
@@ -231,7 +231,7 @@ def replace(src, dst, *args, **kwargs):
         (flags / "B-done").touch()
 
 fcntl.flock, os.replace = flock, replace
-from rewriter.cli import main
+from gconv_rewrite.cli import main
 sys.argv = ["gconv-rewrite", *sys.argv[4:]]
 main()
 """
@@ -321,7 +321,7 @@ KILLER_SITECUSTOMIZE = """
 import os
 if os.environ.get("GCONV_TEST_KILL_MODEL"):
     import signal
-    import rewriter.api as api
+    import gconv_rewrite.api as api
     real_rewrite = api.rewrite
 
     def rewrite(model, *args, **kwargs):
@@ -343,7 +343,7 @@ def test_a_killed_worker_is_one_row_and_the_others_stay(tmp_path):
         models.append(tmp_path / name)
     env = {**os.environ, "GCONV_TEST_KILL_MODEL": "b.onnx",
            "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "rewriter", *map(str, models), "--jobs", "2", "--format", "json",
+    result = subprocess.run([sys.executable, "-m", "gconv_rewrite", *map(str, models), "--jobs", "2", "--format", "json",
                              "-o", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=300)
     assert "Traceback" not in result.stderr and "BrokenProcessPool" not in result.stderr, result.stderr
@@ -367,7 +367,7 @@ def test_garbage_saved_model_gives_exactly_one_stderr_line(tmp_path):
     folder.mkdir()
     (folder / "saved_model.pb").write_bytes(os.urandom(300))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "GLOG", "ABSL"))}
-    result = subprocess.run([sys.executable, "-m", "rewriter", str(folder)], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(folder)], cwd=REPO, capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -381,7 +381,7 @@ def test_batch_workers_are_silent_too(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "saved_model.pb").write_bytes(os.urandom(300))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "GLOG", "ABSL"))}
-    result = subprocess.run([sys.executable, "-m", "rewriter", str(tmp_path / "sm1"), str(tmp_path / "sm2"),
+    result = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(tmp_path / "sm1"), str(tmp_path / "sm2"),
                              "--jobs", "2", "--format", "json"], cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 2
@@ -401,7 +401,7 @@ def test_a_keras_fuse_with_many_grouped_convs_writes_nothing_to_stderr(tmp_path)
             y[..., i * 4:(i + 1) * 4]) for i in range(2)])
     keras.Model(inputs, y).save(tmp_path / "six.keras")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "GLOG", "ABSL"))}
-    result = subprocess.run([sys.executable, "-m", "rewriter", str(tmp_path / "six.keras"), "-o",
+    result = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(tmp_path / "six.keras"), "-o",
                              str(tmp_path / "out.keras"), "-q"], cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -429,7 +429,7 @@ def test_folder_output_is_replaced_in_one_step(tmp_path):
 SET_ASIDE_THEN_KILLED = """
 import os, signal, sys
 from pathlib import Path
-from rewriter import formats
+from gconv_rewrite import formats
 out = Path(sys.argv[1]).absolute()
 formats._exchange = lambda a, b: False  # a system that cannot swap two folders in one step
 real_replace = os.replace

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from rewriter import formats
-from rewriter.errors import BadInput
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput
 from samples.models import grouped_block
 from tests.helpers import invoke
 

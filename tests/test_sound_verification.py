@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import rewriter
-from rewriter.errors import VerificationFailed
-from rewriter.verify import compare
+import gconv_rewrite
+from gconv_rewrite.errors import VerificationFailed
+from gconv_rewrite.verify import compare
 from samples.models import GraphBuilder
 from tests.conftest import run_onnx
 
@@ -41,7 +41,7 @@ def test_non_finite_values_match_only_where_identical(expected, actual, passed):
 def test_relative_error_where_the_expected_value_is_zero_stays_finite():
     row = compare("y", np.array([0.0, 1.0], np.float32), np.array([1e-9, 1.0], np.float32), 1e-4, 1e-3)
     assert row.passed and row.max_rel_error == pytest.approx(1e-9 / 1e-4)  # against max(|expected|, atol)
-    text = "\n".join(rewriter.report.format_verification(rewriter.report.Verification(
+    text = "\n".join(gconv_rewrite.report.format_verification(gconv_rewrite.report.Verification(
         ran=True, passed=True, atol=1e-4, rtol=1e-3, outputs=[row])))
     assert "e+2" not in text  # the old floor printed 9.9e+266
 
@@ -86,7 +86,7 @@ def test_a_fold_that_would_overflow_is_not_made(tmp_path):
     (reference,) = run_onnx(path, feeds)
     assert np.isinf(reference).any()  # the model itself overflows: the rewrite must keep each inf's sign
     output = tmp_path / "out.onnx"
-    result = rewriter.fuse(path, output=output)
+    result = gconv_rewrite.fuse(path, output=output)
     # The fold would overflow float32 the other way: the BN stays, and the model computes the same infinities.
     assert [r.kind for r in result.report.rewrites] == ["fuse-split-conv"]
     assert any("would overflow float32" in s.reason for s in result.report.skipped)
@@ -112,7 +112,7 @@ def _saturated_head_model() -> onnx.ModelProto:
 
 
 def test_a_wrong_rewrite_behind_a_saturated_head_fails_at_its_boundary(tmp_path, monkeypatch):
-    import passes.onnx.fuse_split_conv as fusion
+    import gconv_rewrite.passes.onnx.fuse_split_conv as fusion
 
     real_plan = fusion.plan_fusion
 
@@ -125,7 +125,7 @@ def test_a_wrong_rewrite_behind_a_saturated_head_fails_at_its_boundary(tmp_path,
     onnx.save(_saturated_head_model(), path)
     monkeypatch.setattr(fusion, "plan_fusion", slightly_wrong)
     with pytest.raises(VerificationFailed) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.onnx")
+        gconv_rewrite.fuse(path, output=tmp_path / "out.onnx")
     verification = failure.value.verification
     probs = [o for o in verification.outputs if o.name == "probs"][0]
     assert probs.passed  # the model output alone would have said "verified"
@@ -137,7 +137,7 @@ def test_a_wrong_rewrite_behind_a_saturated_head_fails_at_its_boundary(tmp_path,
 def test_each_rewrite_reports_its_boundary(tmp_path):
     path = tmp_path / "head.onnx"
     onnx.save(_saturated_head_model(), path)
-    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report
     (rewrite,) = report.rewrites
     (entry,) = rewrite.boundary
     assert entry["tensor"] == onnx.load(str(path)).graph.node[5].output[0]  # the Concat's output
@@ -154,7 +154,7 @@ def test_a_folded_fusion_is_proven_at_the_fold(tmp_path):
                                                            b.const("m", zeros), b.const("v", ones)], ["y"]))
     path = tmp_path / "fold.onnx"
     onnx.save(b.model([("x", [1, 8, 4, 4])], [("y", [1, 8, 4, 4])]), path)
-    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report
     fuse, fold = report.rewrites
     assert (fuse.kind, fold.kind) == ("fuse-split-conv", "fold-batchnorm")
     assert "a later rewrite replaced it" in fuse.boundary[0]["note"]
@@ -167,7 +167,7 @@ def test_a_folded_fusion_is_proven_at_the_fold(tmp_path):
 def test_a_defaulted_batch_is_verified_at_two_sizes(tmp_path):
     path = tmp_path / "head.onnx"
     onnx.save(_saturated_head_model(), path)
-    verification = rewriter.fuse(path, output=tmp_path / "out.onnx").report.verification
+    verification = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report.verification
     assert [run["inputs"] for run in verification.runs] == [{"x": [1, 8, 6, 6]}, {"x": [2, 8, 6, 6]}]
     assert verification.inputs == {"x": [1, 8, 6, 6]}  # the first run's, as before
     assert all(o["passed"] for run in verification.runs for o in run["outputs"])
@@ -176,7 +176,7 @@ def test_a_defaulted_batch_is_verified_at_two_sizes(tmp_path):
 def test_given_shapes_and_fixed_shapes_run_once(tmp_path):
     path = tmp_path / "head.onnx"
     onnx.save(_saturated_head_model(), path)
-    verification = rewriter.fuse(path, output=tmp_path / "out.onnx", shapes={"x": [3, 8, 6, 6]}).report.verification
+    verification = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx", shapes={"x": [3, 8, 6, 6]}).report.verification
     assert [run["inputs"] for run in verification.runs] == [{"x": [3, 8, 6, 6]}]
 
 
@@ -189,7 +189,7 @@ def test_a_rewrite_wrong_only_at_batch_two_is_caught(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
 
-    import passes.onnx.backend as onnx_backend
+    import gconv_rewrite.passes.onnx.backend as onnx_backend
 
     real_save = onnx_backend.OnnxBackend.save
 
@@ -210,7 +210,7 @@ def test_a_rewrite_wrong_only_at_batch_two_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_backend.OnnxBackend, "save", save_wrong_past_batch_one)
     with pytest.raises(VerificationFailed) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.onnx")
+        gconv_rewrite.fuse(path, output=tmp_path / "out.onnx")
     verification = failure.value.verification
     assert [run["inputs"]["x"][0] for run in verification.runs] == [1, 2]
     assert verification.runs[0]["outputs"][0]["passed"] and not verification.runs[1]["outputs"][0]["passed"]
@@ -238,7 +238,7 @@ def test_values_that_are_not_probabilities_are_not_compared_in_log_space():
 def test_boundaries_of_a_model_with_external_data(tmp_path):
     path = tmp_path / "head.onnx"
     onnx.save(_saturated_head_model(), path, save_as_external_data=True, location="head.data", size_threshold=0)
-    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report
     (entry,) = report.rewrites[0].boundary
     assert entry["passed"] is True and entry["max_abs_error"] < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("out")) == ["head.data", "head.onnx"]
@@ -247,7 +247,7 @@ def test_boundaries_of_a_model_with_external_data(tmp_path):
 def test_the_summary_says_each_rewrite_was_compared_at_its_boundary_and_both_sizes(tmp_path):
     from click.testing import CliRunner
 
-    from rewriter.cli import main
+    from gconv_rewrite.cli import main
 
     path = tmp_path / "head.onnx"
     onnx.save(_saturated_head_model(), path)
@@ -259,13 +259,13 @@ def test_the_summary_says_each_rewrite_was_compared_at_its_boundary_and_both_siz
 
 def test_an_infinity_of_the_other_sign_fails_verification(tmp_path, monkeypatch):
     """Even when a rewrite does overflow: +inf against -inf is a mismatch, never a NaN that passes."""
-    import passes.onnx.fold_batchnorm as fold
+    import gconv_rewrite.passes.onnx.fold_batchnorm as fold
 
     monkeypatch.setattr(fold, "_overflows", lambda *args: False)  # the fold's own guard off
     path = tmp_path / "bn.onnx"
     onnx.save(_bn_overflow_model(), path)
     with pytest.raises(VerificationFailed) as failure:
-        rewriter.fuse(path, output=tmp_path / "out.onnx")
+        gconv_rewrite.fuse(path, output=tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
     notes = [o.note for o in failure.value.verification.outputs if not o.passed]
     assert any("non-finite values differ" in n for n in notes)

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import helper
 
-import rewriter
-from rewriter import targets
-from rewriter.errors import BadInput
-from rewriter.targets import NATIVE, SPLIT, ConvProps
+import gconv_rewrite
+from gconv_rewrite import targets
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.targets import NATIVE, SPLIT, ConvProps
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import invoke, op_counts
 
@@ -224,7 +224,7 @@ def test_edgetpu_expands_grouped_and_keeps_depthwise_through_the_api(tmp_path):
     b.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
     path = tmp_path / "dw.onnx"
     onnx.save(b.model([("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])]), path)
-    result = rewriter.rewrite(path, options=rewriter.Options(target="edgetpu"))
+    result = gconv_rewrite.rewrite(path, options=gconv_rewrite.Options(target="edgetpu"))
     assert [r.location for r in result.report.rewrites] == ["grouped"]
     assert result.report.verification.passed
     actions = {n["location"]: (n["form"], n["action"]) for n in result.report.target["nodes"]}
@@ -301,7 +301,7 @@ def test_tflite_splits_a_grouped_conv_transpose_and_keeps_the_conv(tmp_path):
     b.nodes.append(helper.make_node("Identity", [y], ["y"], name="output"))
     path = tmp_path / "up.onnx"
     onnx.save(b.model([("x", [1, 16, 8, 8])], [("y", [1, 16, 16, 16])]), path)
-    result = rewriter.rewrite(path, options=rewriter.Options(target="tflite"))
+    result = gconv_rewrite.rewrite(path, options=gconv_rewrite.Options(target="tflite"))
     assert [r.location for r in result.report.rewrites] == ["up"]
     assert result.report.verification.passed
     rules = {n["location"]: n["rule"] for n in result.report.target["nodes"]}
@@ -326,7 +326,7 @@ def mixed_model() -> onnx.ModelProto:
 def test_every_target_leaves_every_grouped_conv_in_its_form(tmp_path, name):
     path = tmp_path / "mixed.onnx"
     onnx.save(mixed_model(), path)
-    result = rewriter.rewrite(path, output=tmp_path / "out.onnx", options=rewriter.Options(target=name))
+    result = gconv_rewrite.rewrite(path, output=tmp_path / "out.onnx", options=gconv_rewrite.Options(target=name))
     assert result.report.rewrites and result.report.verification.passed  # every target changes something here
     target = targets.get(name)
     # Every grouped conv left native is one the target wants native...
@@ -339,6 +339,6 @@ def test_every_target_leaves_every_grouped_conv_in_its_form(tmp_path, name):
             props = ConvProps(groups=group, in_channels=weight[1] * group, out_channels=weight[0])
             assert target.decide(props)[0] == NATIVE, (node.name, props)
     # ...and nothing is left to change: a second run is a no-op (hand-made groups it wants split stay).
-    again = rewriter.rewrite(tmp_path / "out.onnx", apply=False, options=rewriter.Options(target=name))
+    again = gconv_rewrite.rewrite(tmp_path / "out.onnx", apply=False, options=gconv_rewrite.Options(target=name))
     assert again.report.rewrites == []
     assert all(n["action"] == "keep" for n in again.report.target["nodes"])

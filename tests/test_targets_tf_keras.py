@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter
-from rewriter.errors import BadInput
+import gconv_rewrite
+from gconv_rewrite.errors import BadInput
 from tests.helpers import invoke
 from tests.tf_models import save_module
 
@@ -75,7 +75,7 @@ def grouped_layers(path) -> dict[str, int]:
 
 def test_keras_tflite_gpu_expands_keeps_and_fuses(models, tmp_path):
     out = tmp_path / "m.gpu.keras"
-    report = rewriter.fuse(models["keras"], output=out, target="tflite-gpu").report
+    report = gconv_rewrite.fuse(models["keras"], output=out, target="tflite-gpu").report
     assert report.verification.ran and report.verification.passed
     assert report.target["name"] == "tflite-gpu"
     judged = nodes(report)
@@ -95,14 +95,14 @@ def test_keras_tflite_gpu_expands_keeps_and_fuses(models, tmp_path):
     assert "conv_a" not in layers and [name for name in layers if name.startswith("part")] == fused
     assert sum(1 for g in layers.values() if g == 1) == 8  # conv_a's branches, one per group
 
-    again = rewriter.fuse(out, target="tflite-gpu").report  # its own output: nothing left to change
+    again = gconv_rewrite.fuse(out, target="tflite-gpu").report  # its own output: nothing left to change
     assert not again.rewrites
     assert {n["action"] for n in again.target["nodes"]} == {"keep"}
 
 
 def test_keras_edgetpu_expands_every_non_depthwise(models, tmp_path):
     out = tmp_path / "m.edgetpu.keras"
-    report = rewriter.fuse(models["keras"], output=out, target="edgetpu").report
+    report = gconv_rewrite.fuse(models["keras"], output=out, target="edgetpu").report
     assert report.verification.passed
     judged = nodes(report)
     assert judged["conv_a"] == ("expand", "split") and judged["conv_b"] == ("expand", "split")
@@ -113,7 +113,7 @@ def test_keras_edgetpu_expands_every_non_depthwise(models, tmp_path):
 
 
 def test_keras_onnxruntime_cpu_fuses_all(models, tmp_path):
-    report = rewriter.fuse(models["keras"], target="onnxruntime-cpu").report
+    report = gconv_rewrite.fuse(models["keras"], target="onnxruntime-cpu").report
     assert report.verification.passed
     judged = nodes(report)
     assert [a for a, _ in judged.values()].count("fuse") == 1
@@ -134,7 +134,7 @@ def test_keras_cli_default_output_and_json_report(models, tmp_path):
 
 
 def test_keras_to_tflite_grouped_only_where_multiples_of_4(models, tmp_path):
-    from passes.tflite import convert
+    from gconv_rewrite.passes.tflite import convert
 
     source = tmp_path / "m.keras"
     source.write_bytes(models["keras"].read_bytes())
@@ -157,10 +157,10 @@ def test_keras_to_tflite_grouped_only_where_multiples_of_4(models, tmp_path):
 
 
 def test_savedmodel_tflite_gpu_expands_keeps_and_fuses(models, tmp_path):
-    from passes.tf.savedmodel import graph_stats, load_signature
+    from gconv_rewrite.passes.tf.savedmodel import graph_stats, load_signature
 
     out = tmp_path / "sm.gpu"
-    report = rewriter.fuse(models["savedmodel"], output=out, target="tflite-gpu").report
+    report = gconv_rewrite.fuse(models["savedmodel"], output=out, target="tflite-gpu").report
     assert report.verification.ran and report.verification.passed
     actions = sorted((n["action"], n["form"]) for n in report.target["nodes"])
     assert actions == [("expand", "split"), ("fuse", "native"), ("keep", "native")]
@@ -173,12 +173,12 @@ def test_savedmodel_tflite_gpu_expands_keeps_and_fuses(models, tmp_path):
     assert counts["Conv2D"] == 8 + 1 + 1  # a's 8 branches, b kept, the fused group
     assert counts.get("Split", 0) == 1  # the expansion's; the hand-made split is gone
 
-    again = rewriter.fuse(out, target="tflite-gpu").report
+    again = gconv_rewrite.fuse(out, target="tflite-gpu").report
     assert not again.rewrites
 
 
 def test_savedmodel_edgetpu_keeps_hand_made_and_expands(models):
-    report = rewriter.fuse(models["savedmodel"], target="edgetpu").report
+    report = gconv_rewrite.fuse(models["savedmodel"], target="edgetpu").report
     assert report.verification.passed
     actions = sorted((n["action"], n["form"]) for n in report.target["nodes"])
     assert actions == [("expand", "split"), ("expand", "split"), ("keep", "split")]
@@ -187,7 +187,7 @@ def test_savedmodel_edgetpu_keeps_hand_made_and_expands(models):
 
 
 def test_savedmodel_onnxruntime_cpu_fuses(models):
-    report = rewriter.fuse(models["savedmodel"], target="onnxruntime-cpu").report
+    report = gconv_rewrite.fuse(models["savedmodel"], target="onnxruntime-cpu").report
     assert report.verification.passed
     assert [r.kind for r in report.rewrites] == ["fuse-split-conv"]
     assert sorted(n["action"] for n in report.target["nodes"]) == ["fuse", "keep", "keep"]
@@ -195,14 +195,14 @@ def test_savedmodel_onnxruntime_cpu_fuses(models):
 
 def test_target_with_to_onnx_is_refused_in_one_line(models):
     with pytest.raises(BadInput, match="--to onnx first"):
-        rewriter.fuse(models["keras"], target="tflite-gpu", to="onnx")
+        gconv_rewrite.fuse(models["keras"], target="tflite-gpu", to="onnx")
 
 
 def test_savedmodel_to_tflite_with_target(models, tmp_path):
-    from passes.tflite import convert
+    from gconv_rewrite.passes.tflite import convert
 
     out = tmp_path / "sm.tflite"
-    report = rewriter.fuse(models["savedmodel"], output=out, target="tflite-gpu", to="tflite").report
+    report = gconv_rewrite.fuse(models["savedmodel"], output=out, target="tflite-gpu", to="tflite").report
     assert report.verification.passed and any(o.name.startswith("tflite:") for o in report.verification.outputs)
     convs = convert.describe(out.read_bytes())[1]
     assert sorted(c.groups for c in convs if c.op == "CONV_2D") == [1] * 8 + [4, 4]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter
-from rewriter.errors import VerificationFailed
+import gconv_rewrite
+from gconv_rewrite.errors import VerificationFailed
 from tests.test_tf_tails import BranchTails
 from tests.tf_models import save_module
 
@@ -73,7 +73,7 @@ def _the_head_is_saturated(path) -> None:
 @pytest.fixture
 def slightly_wrong_fusion(monkeypatch):
     """The planner every TF chain goes through (plan_chain → plan_fusion) makes fused filters 0.1% off."""
-    import rewriter.plan as planner
+    import gconv_rewrite.plan as planner
 
     real = planner.plan_fusion
 
@@ -89,7 +89,7 @@ def test_a_wrong_fusion_behind_a_saturated_head_fails_at_its_boundary(models, tm
     _the_head_is_saturated(models["split"])
     out = tmp_path / "out"
     with pytest.raises(VerificationFailed, match="nothing was written") as failure:
-        rewriter.fuse(models["split"], output=out)
+        gconv_rewrite.fuse(models["split"], output=out)
     verification = failure.value.verification
     (probs,) = [o for o in verification.outputs if o.name == "probs"]
     assert probs.passed  # the model output alone would have said "verified"
@@ -105,7 +105,7 @@ def test_a_wrong_fusion_behind_a_saturated_head_fails_at_its_boundary(models, tm
 def test_a_wrong_fusion_fails_through_the_cli_naming_the_rewrite(models, tmp_path, slightly_wrong_fusion):
     from click.testing import CliRunner
 
-    from rewriter.cli import main
+    from gconv_rewrite.cli import main
 
     result = CliRunner().invoke(main, [str(models["split"]), "-o", str(tmp_path / "out"),
                                        "--report", str(tmp_path / "r.json")])
@@ -116,7 +116,7 @@ def test_a_wrong_fusion_fails_through_the_cli_naming_the_rewrite(models, tmp_pat
 
 
 def test_a_correct_fusion_passes_at_its_boundary_at_both_sizes(models, tmp_path):
-    report = rewriter.fuse(models["split"], output=tmp_path / "out").report
+    report = gconv_rewrite.fuse(models["split"], output=tmp_path / "out").report
     (rewrite,) = report.rewrites
     assert (rewrite.kind, rewrite.groups, rewrite.channels) == ("fuse-split-conv", 4, {"in": 16, "out": 24})
     assert report.after.op_counts["Conv2D"] == 1 and "Split" not in report.after.op_counts
@@ -136,7 +136,7 @@ def test_a_correct_fusion_passes_at_its_boundary_at_both_sizes(models, tmp_path)
 def test_the_json_report_carries_the_boundary(models, tmp_path):
     from click.testing import CliRunner
 
-    from rewriter.cli import main
+    from gconv_rewrite.cli import main
 
     result = CliRunner().invoke(main, [str(models["split"]), "-o", str(tmp_path / "out"),
                                        "--report", str(tmp_path / "r.json")])
@@ -149,7 +149,7 @@ def test_the_json_report_carries_the_boundary(models, tmp_path):
 
 
 def test_a_wrong_expansion_behind_a_saturated_head_fails_at_its_boundary(models, tmp_path, monkeypatch):
-    import passes.tf.expand_grouped_conv as expansion
+    import gconv_rewrite.passes.tf.expand_grouped_conv as expansion
 
     _the_head_is_saturated(models["grouped"])
     real = expansion.plan_expansion
@@ -161,7 +161,7 @@ def test_a_wrong_expansion_behind_a_saturated_head_fails_at_its_boundary(models,
 
     monkeypatch.setattr(expansion, "plan_expansion", slightly_wrong)
     with pytest.raises(VerificationFailed) as failure:
-        rewriter.expand(models["grouped"], output=tmp_path / "out")
+        gconv_rewrite.expand(models["grouped"], output=tmp_path / "out")
     verification = failure.value.verification
     assert all(o.passed for o in verification.outputs if o.name == "probs")
     assert any(o.name.startswith("boundary StatefulPartitionedCall/Conv2D:0") and not o.passed
@@ -171,7 +171,7 @@ def test_a_wrong_expansion_behind_a_saturated_head_fails_at_its_boundary(models,
 
 
 def test_a_correct_expansion_passes_at_its_boundary(models, tmp_path):
-    report = rewriter.expand(models["grouped"], output=tmp_path / "out").report
+    report = gconv_rewrite.expand(models["grouped"], output=tmp_path / "out").report
     (rewrite,) = report.rewrites
     assert (rewrite.kind, rewrite.groups) == ("expand-grouped-conv", 4)
     assert report.after.op_counts["Conv2D"] == 4 and report.after.op_counts["ConcatV2"] == 1
@@ -185,7 +185,7 @@ def test_a_fusion_that_stops_early_is_compared_at_the_concat_that_joins_the_spli
     """Branches that stop agreeing (two Relu, two Sigmoid) fuse up to there; the ConcatV2 stays and
     joins the split-back branches: its output is still what the rewrite must not change."""
     path = save_module(BranchTails("bn", activations=("relu", "relu", "sigmoid", "sigmoid")), tmp_path / "m")
-    report = rewriter.fuse(path, output=tmp_path / "out").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out").report
     (rewrite,) = report.rewrites
     assert report.after.op_counts["Conv2D"] == 1 and report.after.op_counts["SplitV"] == 1
     (entry,) = rewrite.boundary

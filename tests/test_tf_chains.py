@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter
-from passes.tf.fuse_split_conv import CONV3D_REFUSAL
+import gconv_rewrite
+from gconv_rewrite.passes.tf.fuse_split_conv import CONV3D_REFUSAL
 from tests.helpers import saved_model_ops, saved_model_output
 from tests.tf_models import save_module
 
@@ -145,8 +145,8 @@ def models(tmp_path_factory):
 
 def _grouped_filters(saved_model) -> list[tuple[str, int]]:
     """(op, groups) of each conv in the written signature: input channels / filter depth."""
-    from passes.tf import _graph as g
-    from passes.tf.savedmodel import load_signature
+    from gconv_rewrite.passes.tf import _graph as g
+    from gconv_rewrite.passes.tf.savedmodel import load_signature
 
     graph_def = load_signature(saved_model).graph_def
     index = g.GraphIndex(graph_def)
@@ -161,7 +161,7 @@ def _grouped_filters(saved_model) -> list[tuple[str, int]]:
 
 
 def _fuse_and_compare(model, tmp_path, x):
-    outcome = rewriter.fuse(model, output=tmp_path / "fused")
+    outcome = gconv_rewrite.fuse(model, output=tmp_path / "fused")
     report = outcome.report
     assert report.verification.passed, report.verification
     np.testing.assert_allclose(saved_model_output(tmp_path / "fused", x), saved_model_output(model, x), atol=1e-4, rtol=1e-4)
@@ -169,7 +169,7 @@ def _fuse_and_compare(model, tmp_path, x):
 
 
 def _fused_again_changes_nothing(tmp_path):
-    again = rewriter.check(tmp_path / "fused")
+    again = gconv_rewrite.check(tmp_path / "fused")
     assert again.rewrites == [] and again.skipped == []
 
 
@@ -184,7 +184,7 @@ def test_two_layer_sliced_chain_becomes_two_grouped_convs(models, tmp_path):
     assert report.skipped == []
     assert report.after.op_counts == {"Conv2D": 2, "BiasAdd": 1, "Relu": 1}
     assert _grouped_filters(tmp_path / "fused") == [("Conv2D", 4), ("Conv2D", 4)]
-    # Written: the first grouped conv's bias as an AddV2 (see passes.tf.savedmodel).
+    # Written: the first grouped conv's bias as an AddV2 (see gconv_rewrite.passes.tf.savedmodel).
     assert saved_model_ops(tmp_path / "fused") == {"AddV2": 1, "Conv2D": 2, "Relu": 1}
     _fused_again_changes_nothing(tmp_path)
 
@@ -219,7 +219,7 @@ def test_conv1d_chain(models, tmp_path):
 
 def test_resnext_chain_converts_to_onnx(models, tmp_path):
     out = tmp_path / "resnext.onnx"
-    report = rewriter.fuse(models["resnext"], output=out, to="onnx").report
+    report = gconv_rewrite.fuse(models["resnext"], output=out, to="onnx").report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     import onnx
 
@@ -230,7 +230,7 @@ def test_resnext_chain_converts_to_onnx(models, tmp_path):
 
 @pytest.mark.parametrize("target, fused", [("onnxruntime-cpu", True), ("edgetpu", False)])
 def test_target_judges_every_grouped_layer_of_a_chain(models, target, fused):
-    report = rewriter.fuse(models["resnext"], target=target).report
+    report = gconv_rewrite.fuse(models["resnext"], target=target).report
     nodes = report.target["nodes"]
     if fused:
         assert report.verification.passed
@@ -273,7 +273,7 @@ def test_first_layer_that_differs_refuses_the_candidate(tmp_path):
                   for i, (p, k, s) in enumerate(zip(parts, self.first, self.second))]
             return {"y": tf.concat(ys, axis=-1)}
 
-    report = rewriter.check(save_module(Differ(), tmp_path / "differ", shape=(None, 1, 8, 16)))
+    report = gconv_rewrite.check(save_module(Differ(), tmp_path / "differ", shape=(None, 1, 8, 16)))
     assert report.rewrites == []
     [skip] = report.skipped
     assert skip.reason == "different strides between branches: (1,1,1,1) vs (1,2,1,1)"
@@ -289,7 +289,7 @@ def test_shared_input_branch_value_used_outside(tmp_path):
                 ys.append(tf.nn.conv2d(middles[-1], self.spatial[i], 1, "SAME"))
             return {"y": tf.concat(ys, axis=-1), "middle": middles[0]}
 
-    report = rewriter.check(save_module(Leaky(), tmp_path / "leaky"))
+    report = gconv_rewrite.check(save_module(Leaky(), tmp_path / "leaky"))
     assert report.rewrites == []
     [skip] = report.skipped
     assert "is used outside the ConcatV2" in skip.reason
@@ -301,7 +301,7 @@ def test_branch_that_applies_an_op_before_its_conv_is_reported(tmp_path):
             parts = tf.split(x, 4, axis=-1)
             return {"y": tf.concat([tf.nn.conv2d(tf.nn.relu(p), k, 1, "SAME") for p, k in zip(parts, self.first)], -1)}
 
-    report = rewriter.check(save_module(Before(), tmp_path / "before"))
+    report = gconv_rewrite.check(save_module(Before(), tmp_path / "before"))
     assert report.rewrites == []
     assert [s.reason for s in report.skipped] == ["a branch applies Relu before its convolution"]
 
@@ -317,7 +317,7 @@ def test_tensorflow_runs_no_grouped_conv3d_on_cpu():
 
 
 def test_conv3d_branches_are_reported_not_fused(models, tmp_path):
-    report = rewriter.check(models["conv3d"])
+    report = gconv_rewrite.check(models["conv3d"])
     assert report.rewrites == []
     [skip] = report.skipped
     assert skip.reason == CONV3D_REFUSAL

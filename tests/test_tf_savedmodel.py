@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-import rewriter
-from rewriter.cli import main
-from rewriter.errors import BadInput, VerificationFailed
+import gconv_rewrite
+from gconv_rewrite.cli import main
+from gconv_rewrite.errors import BadInput, VerificationFailed
 from tests.helpers import folder_digest, saved_model_ops, saved_model_outputs
 from tests.tf_models import SplitConvConcat, save_keras_grouped, save_module
 
@@ -49,7 +49,7 @@ IMG = np.random.default_rng(8).standard_normal((3, 8, 8, 16)).astype(np.float32)
 def test_fuse_split_conv_bias_concat(models, tmp_path):
     before = folder_digest(models["split"])
     out = tmp_path / "fused"
-    result = rewriter.fuse(models["split"], output=out)
+    result = gconv_rewrite.fuse(models["split"], output=out)
     report = result.report
     assert [(r.kind, r.groups, r.channels) for r in report.rewrites] == [
         ("fuse-split-conv", 4, {"in": 16, "out": 24})]
@@ -70,7 +70,7 @@ def test_fuse_split_conv_bias_concat(models, tmp_path):
 
 def test_fuse_strided_slices_with_per_branch_tail(models, tmp_path):
     out = tmp_path / "fused"
-    report = rewriter.fuse(models["strided"], output=out).report
+    report = gconv_rewrite.fuse(models["strided"], output=out).report
     assert [r.groups for r in report.rewrites] == [4]
     assert report.after.op_counts == {"Conv2D": 1, "Relu": 1}  # four Relus became one after the fused conv
     assert report.verification.passed
@@ -83,15 +83,15 @@ def test_fuse_strided_slices_with_per_branch_tail(models, tmp_path):
 ], ids=["splitv-1x1-stride2", "slice-8groups-nobias", "split-5x5-dilated"])
 def test_fuse_variants(tmp_path, settings):
     module = SplitConvConcat(**settings)
-    report = rewriter.fuse(save_module(module, tmp_path / "m"), output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(save_module(module, tmp_path / "m"), output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [settings["groups"]] and report.skipped == []
     assert report.after.op_counts["Conv2D"] == 1 and report.verification.passed
     assert {"Split", "SplitV", "Slice", "StridedSlice", "ConcatV2"}.isdisjoint(report.after.op_counts)
 
 
 def test_fuse_is_idempotent(models, tmp_path):
-    rewriter.fuse(models["split"], output=tmp_path / "once")
-    again = rewriter.fuse(tmp_path / "once", output=tmp_path / "twice").report
+    gconv_rewrite.fuse(models["split"], output=tmp_path / "once")
+    again = gconv_rewrite.fuse(tmp_path / "once", output=tmp_path / "twice").report
     # Nothing to rewrite: written, and (as for ONNX) no rewritten model to prove.
     assert again.rewrites == [] and again.written and not again.verification.ran
     assert again.verification.note == "no rewrite: the model is unchanged"
@@ -103,7 +103,7 @@ def test_fuse_is_idempotent(models, tmp_path):
     ("used_elsewhere", "is used outside the ConcatV2"),
 ])
 def test_near_misses_are_left_alone_with_the_plan_reason(models, model, reason):
-    report = rewriter.check(models[model])
+    report = gconv_rewrite.check(models[model])
     assert report.rewrites == []
     assert len(report.skipped) == 1 and reason in report.skipped[0].reason
 
@@ -116,7 +116,7 @@ def test_concat_of_convs_on_one_whole_tensor_is_no_candidate(tmp_path):
         def serve(self, x):
             return {"y": tf.concat([tf.nn.conv2d(x, k, 1, "SAME") for k in self.kernels], axis=-1)}
 
-    report = rewriter.check(save_module(Inception(), tmp_path / "inception"))
+    report = gconv_rewrite.check(save_module(Inception(), tmp_path / "inception"))
     assert report.rewrites == [] and report.skipped == []
 
 
@@ -125,12 +125,12 @@ def test_fuse_conv1d_branches(tmp_path):
 
     path = save_module(SplitConv1DConcat(), tmp_path / "conv1d", shape=(2, 12, 16))
     assert saved_model_ops(path)["Conv2D"] == 4 and saved_model_ops(path)["ExpandDims"] == 4
-    report = rewriter.fuse(path, output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "fused").report
     assert [(r.groups, r.channels) for r in report.rewrites] == [(4, {"in": 16, "out": 20})]
     assert report.after.op_counts == {"BiasAdd": 1, "Conv2D": 1, "ExpandDims": 1, "Relu": 1, "Squeeze": 1}
     assert report.verification.passed
     out = tmp_path / "conv1d.onnx"
-    assert rewriter.fuse(path, output=out, to="onnx").report.verification.passed
+    assert gconv_rewrite.fuse(path, output=out, to="onnx").report.verification.passed
     assert _conv_groups(out) == [4]
 
 
@@ -146,7 +146,7 @@ def test_nchw_split_is_fused(tmp_path):
 
     # TF on CPU cannot run NCHW convolutions: check the structure with --check, and the numbers in ONNX.
     path = save_module(Nchw(), tmp_path / "nchw", shape=(1, 8, 5, 5))
-    report = rewriter.check(path)
+    report = gconv_rewrite.check(path)
     assert [(r.groups, r.channels) for r in report.rewrites] == [(4, {"in": 8, "out": 12})]
 
 
@@ -178,7 +178,7 @@ def test_cli_fuse_default_output_is_a_directory(models, tmp_path):
 
 def test_expand_keras_grouped_conv(models, tmp_path):
     out = tmp_path / "expanded"
-    report = rewriter.expand(models["keras"], output=out, shapes={"img": [3, 8, 8, 16]}).report
+    report = gconv_rewrite.expand(models["keras"], output=out, shapes={"img": [3, 8, 8, 16]}).report
     assert [(r.kind, r.groups) for r in report.rewrites] == [("expand-grouped-conv", 4)]
     assert report.before.op_counts["Conv2D"] == 2
     assert report.after.op_counts["Conv2D"] == 5 and report.after.op_counts["Split"] == 1
@@ -186,19 +186,19 @@ def test_expand_keras_grouped_conv(models, tmp_path):
     np.testing.assert_allclose(saved_model_outputs(out, {"img": IMG})["output_0"], saved_model_outputs(models["keras"], {"img": IMG})["output_0"],
                                atol=1e-4)
     # Fusing the expanded model gives the grouped convolution back.
-    fused = rewriter.fuse(out, output=tmp_path / "refused", shapes={"img": [1, 8, 8, 16]}).report
+    fused = gconv_rewrite.fuse(out, output=tmp_path / "refused", shapes={"img": [1, 8, 8, 16]}).report
     assert [r.groups for r in fused.rewrites] == [4]
 
 
 def test_expanded_model_runs_with_onednn_off(models, tmp_path):
     """The known failure: TF CPU without oneDNN cannot run a grouped Conv2D + BiasAdd + Relu;
     the frozen grouped graph (no XLA around it) fails there, the expanded one runs."""
-    from passes.tf.savedmodel import load_signature, write_savedmodel
+    from gconv_rewrite.passes.tf.savedmodel import load_signature, write_savedmodel
 
     grouped, expanded = tmp_path / "grouped", tmp_path / "expanded"
     frozen = load_signature(models["keras"])
     write_savedmodel(frozen, frozen.graph_def, grouped, keep_tf_runnable=False)
-    rewriter.expand(models["keras"], output=expanded, shapes={"img": [1, 8, 8, 16]})
+    gconv_rewrite.expand(models["keras"], output=expanded, shapes={"img": [1, 8, 8, 16]})
     script = ("import sys, numpy as np, tensorflow as tf\n"
               "fn = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
               "try:\n    fn(img=tf.constant(np.ones((1, 8, 8, 16), np.float32))); print('RAN')\n"
@@ -213,9 +213,9 @@ def test_expanded_model_runs_with_onednn_off(models, tmp_path):
 
 
 def test_expand_options_keep_depthwise_and_max_groups(models):
-    report = rewriter.check(models["keras"], mode="expand")
+    report = gconv_rewrite.check(models["keras"], mode="expand")
     assert [r.groups for r in report.rewrites] == [4]
-    report = rewriter.rewrite(models["keras"], mode="expand", apply=False, max_groups=2).report
+    report = gconv_rewrite.rewrite(models["keras"], mode="expand", apply=False, max_groups=2).report
     assert report.rewrites == [] and "group=4 is above --max-groups 2" in report.skipped[0].reason
 
 
@@ -235,7 +235,7 @@ def _conv_groups(path: Path) -> list[int]:
 
 def test_to_onnx_fuses_hand_made_groups(models, tmp_path):
     out = tmp_path / "split.onnx"
-    report = rewriter.fuse(models["split"], output=out, to="onnx").report
+    report = gconv_rewrite.fuse(models["split"], output=out, to="onnx").report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     onnx.checker.check_model(str(out), full_check=True)
     assert _conv_groups(out) == [4]
@@ -258,14 +258,14 @@ def test_to_onnx_keras_gelu_depthwise_layernorm(tmp_path):
     path = save_keras_grouped(tmp_path / "gelu", gelu=True)
     assert "Erfc" in saved_model_ops(path)
     out = tmp_path / "gelu.onnx"
-    report = rewriter.fuse(path, output=out, to="onnx", shapes={"img": [1, 8, 8, 16]}).report
+    report = gconv_rewrite.fuse(path, output=out, to="onnx", shapes={"img": [1, 8, 8, 16]}).report
     assert report.verification.passed and report.verification.outputs[0].max_abs_error < 1e-4
     assert sorted(_conv_groups(out)) == [1, 4, 24]
 
 
 def test_to_onnx_expand(models, tmp_path):
     out = tmp_path / "expanded.onnx"
-    report = rewriter.expand(models["keras"], output=out, to="onnx", shapes={"img": [1, 8, 8, 16]}).report
+    report = gconv_rewrite.expand(models["keras"], output=out, to="onnx", shapes={"img": [1, 8, 8, 16]}).report
     assert report.verification.passed and _conv_groups(out) == [1] * 5
 
 
@@ -280,7 +280,7 @@ def test_verification_failure_exits_1_and_writes_nothing(models, tmp_path):
     assert "verification: FAILED" in result.output and "nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(VerificationFailed):
-        rewriter.fuse(models["split"], output=tmp_path / "strict", to="onnx", atol=0, rtol=0)
+        gconv_rewrite.fuse(models["split"], output=tmp_path / "strict", to="onnx", atol=0, rtol=0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -297,7 +297,7 @@ def test_bad_input_is_one_line_exit_2(models, tmp_path, args, message):
 
 def test_dynamic_batch_is_set_to_1(models, tmp_path):
     # A None batch needs no --shape: verification runs at batch 1 and says so (tests/test_verify_inputs.py).
-    verification = rewriter.expand(models["keras"], output=tmp_path / "out").report.verification
+    verification = gconv_rewrite.expand(models["keras"], output=tmp_path / "out").report.verification
     assert verification.passed and verification.inputs == {"img": [1, 8, 8, 16]}
     assert verification.defaulted == {"img": [0]}
 
@@ -306,7 +306,7 @@ def test_not_a_savedmodel(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "saved_model.pb").write_bytes(b"not a protobuf")
     with pytest.raises(BadInput, match="not a loadable SavedModel"):
-        rewriter.fuse(tmp_path / "broken", output=tmp_path / "out")
+        gconv_rewrite.fuse(tmp_path / "broken", output=tmp_path / "out")
 
 
 def test_keras_hand_made_groups_with_batch_norm_tails(tmp_path):
@@ -315,7 +315,7 @@ def test_keras_hand_made_groups_with_batch_norm_tails(tmp_path):
     from tests.tf_models import save_keras_sliced
 
     path = save_keras_sliced(tmp_path / "bn", batch_norm=True)
-    report = rewriter.fuse(path, output=tmp_path / "fused", shapes={"img": [2, 8, 8, 16]}).report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "fused", shapes={"img": [2, 8, 8, 16]}).report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     assert report.after.op_counts == {"BiasAdd": 1, "Conv2D": 1, "Relu": 1}
 
@@ -325,17 +325,17 @@ def test_keras_hand_made_groups_fuse_and_convert(tmp_path):
 
     path = save_keras_sliced(tmp_path / "sliced")
     assert saved_model_ops(path)["StridedSlice"] == 4
-    report = rewriter.fuse(path, output=tmp_path / "fused", shapes={"img": [2, 8, 8, 16]}).report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "fused", shapes={"img": [2, 8, 8, 16]}).report
     assert [r.groups for r in report.rewrites] == [4] and report.verification.passed
     assert saved_model_ops(tmp_path / "fused")["Conv2D"] == 1
     out = tmp_path / "sliced.onnx"
-    report = rewriter.fuse(path, output=out, to="onnx", shapes={"img": [2, 8, 8, 16]}).report
+    report = gconv_rewrite.fuse(path, output=out, to="onnx", shapes={"img": [2, 8, 8, 16]}).report
     assert report.verification.passed and _conv_groups(out) == [4]
 
 
 def test_signatures_kept_or_reported(models, tmp_path):
     out = tmp_path / "fused"
-    rewriter.fuse(models["keras"], output=out, shapes={"img": [1, 8, 8, 16]})
+    gconv_rewrite.fuse(models["keras"], output=out, shapes={"img": [1, 8, 8, 16]})
     # keras.Model.export writes "serve" and "serving_default", one computation: both are kept.
     assert sorted(tf.saved_model.load(str(out)).signatures) == ["serve", "serving_default"]
 
@@ -354,8 +354,8 @@ def test_savedmodel_to_onnx_entry_point_is_deterministic(models, tmp_path):
     """SavedModel → ONNX through the driver's conversion hop (what a Keras export is handed to)."""
     outputs = []
     for name in ("a.onnx", "b.onnx"):
-        result = rewriter.fuse(models["keras"], output=tmp_path / name, to="onnx",
-                               options=rewriter.Options(shapes={"img": [1, 8, 8, 16]}))
+        result = gconv_rewrite.fuse(models["keras"], output=tmp_path / name, to="onnx",
+                               options=gconv_rewrite.Options(shapes={"img": [1, 8, 8, 16]}))
         report, model = result.report, result.model
         assert report.written and report.verification.passed and report.after.op_counts["Conv"] == 2
         assert [n.op_type for n in model.graph].count("Conv") == 2

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter
+import gconv_rewrite
 from tests.helpers import saved_model_ops, saved_model_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +88,8 @@ _ONEDNN_OFF_SCRIPT = r"""
 import json, sys
 import numpy as np, tensorflow as tf
 from click.testing import CliRunner
-from rewriter.cli import main
-from passes.tf.savedmodel import remapper_off
+from gconv_rewrite.cli import main
+from gconv_rewrite.passes.tf.savedmodel import remapper_off
 
 mixed, native_only, out = sys.argv[1:4]
 facts = {}
@@ -159,15 +159,15 @@ def test_onednn_off_nothing_to_fuse_needs_no_run(onednn_off):
 
 
 def test_nothing_to_fuse_through_the_api_is_not_verified(models):
-    report = rewriter.fuse(models["native_only"]).report
+    report = gconv_rewrite.fuse(models["native_only"]).report
     assert report.rewrites == [] and not report.written
     assert not report.verification.ran and report.verification.note == "no rewrite: the model is unchanged"
 
 
 def test_batch_norm_after_ungrouped_conv_is_left_alone():
     """Only a grouped conv's batch norm is rewritten; an ordinary conv's stays a FusedBatchNormV3."""
-    from passes.tf import _graph as g
-    from passes.tf.savedmodel import batch_norm_after_grouped_conv_as_mul_add
+    from gconv_rewrite.passes.tf import _graph as g
+    from gconv_rewrite.passes.tf.savedmodel import batch_norm_after_grouped_conv_as_mul_add
 
     graph = tf.Graph()
     with graph.as_default():
@@ -188,17 +188,17 @@ def test_batch_norm_after_ungrouped_conv_is_left_alone():
 
 
 def test_expand_then_fuse_round_trip_restores_every_grouped_conv(models, tmp_path):
-    from passes.tf.savedmodel import load_signature
+    from gconv_rewrite.passes.tf.savedmodel import load_signature
 
     original = _run(models["mixed"])
     expanded, restored = tmp_path / "expanded", tmp_path / "restored"
-    report = rewriter.expand(models["mixed"], output=expanded).report
+    report = gconv_rewrite.expand(models["mixed"], output=expanded).report
     assert sorted(r.groups for r in report.rewrites) == [4, 4] and report.verification.passed
     # Loading the tool's own SavedModel leaves no placeholder but the signature's input.
     frozen = load_signature(expanded)
     assert [n.name for n in frozen.graph_def.node if n.op == "Placeholder"] == ["x"]
 
-    report = rewriter.fuse(expanded, output=restored).report
+    report = gconv_rewrite.fuse(expanded, output=restored).report
     assert sorted(r.groups for r in report.rewrites) == [2, 4, 4]
     assert report.verification.ran and report.verification.passed and report.written
     ops = saved_model_ops(restored)
@@ -210,7 +210,7 @@ def test_expand_then_fuse_round_trip_restores_every_grouped_conv(models, tmp_pat
 def test_written_graph_with_control_inputs_on_the_signature_input_runs(models, tmp_path):
     """The writer maps ``^x`` with ``x``: a constant with a control input on the signature's input
     does not hold the imported graph's own, unfed placeholder."""
-    from passes.tf.savedmodel import load_signature, write_savedmodel
+    from gconv_rewrite.passes.tf.savedmodel import load_signature, write_savedmodel
 
     frozen = load_signature(models["native_only"])
     graph_def = type(frozen.graph_def).FromString(frozen.graph_def.SerializeToString())
@@ -224,14 +224,14 @@ def test_written_graph_with_control_inputs_on_the_signature_input_runs(models, t
         np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-5)
 
 
-# -- --to onnx: verification inputs go through rewriter.verify.run_session ----------------------
+# -- --to onnx: verification inputs go through gconv_rewrite.verify.run_session ----------------------
 
 
 def test_to_onnx_bfloat16_input_is_fed_as_ort_value(tmp_path):
     """A bfloat16 signature input reaches onnxruntime as an OrtValue (numpy's session.run cannot feed
     it: "Numpy_type 256 can't be converted"). tf2onnx 1.17 declares that input float16, which
     onnxruntime then refuses: a one-line VerificationImpossible, nothing written."""
-    from rewriter.errors import VerificationImpossible
+    from gconv_rewrite.errors import VerificationImpossible
 
     class Bfloat16Input(tf.Module):
         def __init__(self):
@@ -248,7 +248,7 @@ def test_to_onnx_bfloat16_input_is_fed_as_ort_value(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "bf16"), signatures={"serving_default": serve.get_concrete_function()})
     out = tmp_path / "bf16.onnx"
     try:
-        report = rewriter.fuse(tmp_path / "bf16", output=out, to="onnx").report
+        report = gconv_rewrite.fuse(tmp_path / "bf16", output=out, to="onnx").report
     except VerificationImpossible as error:
         assert "onnxruntime cannot run the converted model" in error.message and not out.exists()
     else:  # a tf2onnx that keeps bfloat16

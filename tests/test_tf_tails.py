@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rewriter
+import gconv_rewrite
 from tests.helpers import saved_model_ops, saved_model_output
 from tests.tf_models import save_module
 
@@ -92,7 +92,7 @@ def _run(saved_model, x=X) -> np.ndarray:
 
 
 def test_fused_batch_norm_tail_fuses(models, tmp_path):
-    report = rewriter.fuse(models["bn"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["bn"], output=tmp_path / "fused").report
     assert report.before.op_counts["FusedBatchNormV3"] == 4 and report.before.op_counts["Conv2D"] == 4
     assert [(r.groups, r.channels) for r in report.rewrites] == [(4, {"in": 16, "out": 24})]
     assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "Relu": 1}
@@ -104,7 +104,7 @@ def test_fused_batch_norm_tail_fuses(models, tmp_path):
 
 
 def test_bias_add_and_per_channel_constant_tails_fuse(models, tmp_path):
-    report = rewriter.fuse(models["bias"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["bias"], output=tmp_path / "fused").report
     before = report.before.op_counts
     assert before["Conv2D"] == 4 and before["BiasAdd"] == 8 and before["Mul"] == 4
     assert [r.groups for r in report.rewrites] == [4] and report.skipped == []
@@ -117,7 +117,7 @@ def test_bias_add_and_per_channel_constant_tails_fuse(models, tmp_path):
 
 
 def test_branches_that_differ_split_back(models, tmp_path):
-    report = rewriter.fuse(models["differ"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["differ"], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [4]
     assert report.after.op_counts == {"Conv2D": 1, "FusedBatchNormV3": 1, "SplitV": 1, "Relu": 2, "Sigmoid": 2,
                                       "ConcatV2": 1}
@@ -130,7 +130,7 @@ def test_branches_that_differ_split_back(models, tmp_path):
 
 
 def test_different_epsilons_stop_before_the_batch_norm(models, tmp_path):
-    report = rewriter.fuse(models["epsilon"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["epsilon"], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [4]
     [skip] = report.skipped
     assert "FusedBatchNormV3" in skip.reason and "epsilon 0.001 vs 0.01" in skip.reason
@@ -141,7 +141,7 @@ def test_different_epsilons_stop_before_the_batch_norm(models, tmp_path):
 
 
 def test_training_mode_batch_norm_is_reported_and_left_per_branch(models, tmp_path):
-    report = rewriter.fuse(models["training"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["training"], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [4]
     [skip] = report.skipped
     assert "FusedBatchNormV3 (FusedBatchNormV3 in training mode)" in skip.reason
@@ -150,7 +150,7 @@ def test_training_mode_batch_norm_is_reported_and_left_per_branch(models, tmp_pa
 
 
 def test_conv1d_branches_with_bias_and_scale_tails(models, tmp_path):
-    report = rewriter.fuse(models["conv1d"], output=tmp_path / "fused").report
+    report = gconv_rewrite.fuse(models["conv1d"], output=tmp_path / "fused").report
     assert [r.groups for r in report.rewrites] == [2] and report.skipped == []
     after = report.after.op_counts
     assert after["Conv2D"] == 1 and after["Mul"] == 1 and after["LeakyRelu"] == 1 and after["BiasAdd"] == 1
@@ -162,11 +162,11 @@ def test_conv1d_branches_with_bias_and_scale_tails(models, tmp_path):
 
 
 def test_split_back_converts_to_onnx_and_checks(models, tmp_path):
-    report = rewriter.check(models["differ"])
+    report = gconv_rewrite.check(models["differ"])
     assert [r.groups for r in report.rewrites] == [4]
     assert ["where the branches differ (Relu vs Sigmoid)" in s.reason for s in report.skipped] == [True]
     out = tmp_path / "differ.onnx"
-    report = rewriter.fuse(models["differ"], output=out, to="onnx").report
+    report = gconv_rewrite.fuse(models["differ"], output=out, to="onnx").report
     assert report.verification.passed
     import onnx
 
@@ -187,7 +187,7 @@ def test_bias_that_is_no_constant_is_reported(tmp_path):
                               for p, k in zip(parts, self.kernels)], -1)
 
     path = save_module(VariableBias(), tmp_path / "variable_bias", shape=(1, 8, 8, 8))
-    report = rewriter.check(path)
+    report = gconv_rewrite.check(path)
     assert report.rewrites == []
     [skip] = report.skipped
     assert skip.reason.startswith("bias of ") and skip.reason.endswith("/Conv2D is not a constant")

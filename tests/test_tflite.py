@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from passes.tf import _compat as tf_compat
-from passes.tflite import convert
-from rewriter.api import Options, expand, fuse
-from rewriter.errors import VerificationFailed
+from gconv_rewrite.api import Options, expand, fuse
+from gconv_rewrite.errors import VerificationFailed
+from gconv_rewrite.passes.tf import _compat as tf_compat
+from gconv_rewrite.passes.tflite import convert
 from samples import keras_models as km
 from tests import tf_models
 from tests.helpers import image, invoke
@@ -243,7 +243,7 @@ def test_interpreter_mismatch_fails_and_writes_nothing(tmp_path, monkeypatch):
         return {k: v + 1.0 for k, v in real_run(*args, **kwargs).items()}
 
     monkeypatch.setattr(convert, "run", off_by_one)
-    import passes.tflite.from_keras as from_keras
+    import gconv_rewrite.passes.tflite.from_keras as from_keras
 
     monkeypatch.setattr(from_keras, "run", off_by_one)
     out = tmp_path / "g.tflite"

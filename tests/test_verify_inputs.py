@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import rewriter
-from rewriter.errors import VerificationImpossible
-from rewriter.report import Rewrite, Verification, format_summary
-from rewriter.verify import InputSpec, make_inputs, verify_subgraphs
+import gconv_rewrite
+from gconv_rewrite.errors import VerificationImpossible
+from gconv_rewrite.report import Rewrite, Verification, format_summary
+from gconv_rewrite.verify import InputSpec, make_inputs, verify_subgraphs
 from samples.models import GraphBuilder, grouped_block
 from tests.helpers import invoke
 
@@ -116,7 +116,7 @@ def test_savedmodel_none_batch_needs_no_flag(tmp_path):
 def test_savedmodel_other_none_dims_need_shape(tmp_path):
     path = _savedmodel(tmp_path / "sm", (None, None, 8, 16))
     with pytest.raises(VerificationImpossible, match=r"input 'x' has dynamic dims \(dim 1\).*--shape x=1,N,8,16"):
-        rewriter.fuse(path, output=tmp_path / "out")
+        gconv_rewrite.fuse(path, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -143,7 +143,7 @@ def test_keras_none_batch_needs_no_flag(tmp_path):
 def test_keras_other_none_dims_need_shape(tmp_path):
     path = _keras_sliced(tmp_path / "m.keras", shape=(None, 8, 8))
     with pytest.raises(VerificationImpossible, match=r"input 'img' has dynamic dims \(dim 1\).*--shape img=1,N,8,8"):
-        rewriter.fuse(path, output=tmp_path / "out.keras")
+        gconv_rewrite.fuse(path, output=tmp_path / "out.keras")
 
 
 # -- B. memory limit -------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_savedmodel_huge_batch_is_refused(tmp_path):
     # 2·10^6 × 8×8×16 floats = 7.6 GiB (TensorFlow's own freezing crashes near 2^31 elements).
     path = _savedmodel(tmp_path / "sm", (2_000_000, 8, 8, 16))
     with pytest.raises(VerificationImpossible, match=r"input 'x'.*--shape x=N,8,8,16"):
-        rewriter.fuse(path, output=tmp_path / "out")
+        gconv_rewrite.fuse(path, output=tmp_path / "out")
 
 
 # -- C. every dtype, rank 0 ------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def _block_with_extra_input(type_name: str, shape) -> onnx.ModelProto:
 @pytest.mark.parametrize("type_name", GENERATED)
 def test_every_onnx_dtype_gets_valid_inputs(tmp_path, type_name, shape):
     path = _save(_block_with_extra_input(type_name, shape), tmp_path / "model.onnx")
-    report = rewriter.fuse(path, output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx").report
     assert report.verification.passed
     assert report.verification.inputs["extra"] == shape
     assert [o.name for o in report.verification.outputs] == ["y", "extra_out"]
@@ -302,7 +302,7 @@ def test_a_wrong_rewrite_in_the_branch_not_taken_fails_verification(tmp_path):
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) + 1, weight.name))
     rewritten = _save(broken, tmp_path / "b.onnx")
     inputs = {"x": np.ones((1, 8, 5, 5), np.float32), "cond": np.array(True)}
-    verification = rewriter.verify(original, rewritten, inputs=inputs)
+    verification = gconv_rewrite.verify(original, rewritten, inputs=inputs)
     assert verification.passed  # the plain run takes one branch only
     rewrites = [Rewrite("fuse-split-conv", n.name, 2, {"in": 8, "out": 8}, [], graph=g.name)
                 for g in branches.values() for n in g.node if n.op_type == "Conv"][::2]
@@ -314,7 +314,7 @@ def test_a_wrong_rewrite_in_the_branch_not_taken_fails_verification(tmp_path):
 
 def test_rewrites_verification_cannot_reach_are_reported(tmp_path):
     path = _save(_if_model(else_reads="x_any"), tmp_path / "if.onnx")
-    result = rewriter.fuse(path, output=tmp_path / "out.onnx")
+    result = gconv_rewrite.fuse(path, output=tmp_path / "out.onnx")
     by_graph = {r.graph: r for r in result.report.rewrites}
     assert by_graph["then"].exercised is True
     assert by_graph["else"].exercised is False
@@ -341,14 +341,14 @@ def test_rewrite_in_a_loop_body_is_verified(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    report = rewriter.fuse(_save(model, tmp_path / "loop.onnx"), output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(_save(model, tmp_path / "loop.onnx"), output=tmp_path / "out.onnx").report
     (rewrite,) = report.rewrites
     assert rewrite.exercised is True and rewrite.exercised_by == "loop.body run as its own model"
     assert "loop.body:acc_out" in [o.name for o in report.verification.outputs]
 
 
 def test_nothing_counts_as_exercised_without_a_run(tmp_path):
-    report = rewriter.check(_save(grouped_block("split", groups=2, channels=8, out_channels=8), tmp_path / "m.onnx"))
+    report = gconv_rewrite.check(_save(grouped_block("split", groups=2, channels=8, out_channels=8), tmp_path / "m.onnx"))
     assert [r.exercised for r in report.rewrites] == [None]  # nothing ran
     verification = Verification(ran=True, passed=True, atol=1e-4, rtol=1e-3)
     assert "exercised" not in "\n".join(format_summary(report).splitlines())
@@ -370,7 +370,7 @@ def test_nested_ifs_and_repeated_node_names_are_each_verified(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    report = rewriter.fuse(_save(model, tmp_path / "nested.onnx"), output=tmp_path / "out.onnx").report
+    report = gconv_rewrite.fuse(_save(model, tmp_path / "nested.onnx"), output=tmp_path / "out.onnx").report
     assert len(report.rewrites) == 3 and all(r.exercised for r in report.rewrites)
     assert {o.name for o in report.verification.outputs} == {
         "y", "outer_if.else_branch:oe", "outer_if.then_branch/inner_if.then_branch:t",
@@ -407,7 +407,7 @@ def _function_model(called_from_branch: bool) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("from_branch", [False, True], ids=["main-graph", "if-branch"])
 def test_rewrites_in_local_functions_count_where_they_are_called(tmp_path, from_branch):
-    report = rewriter.fuse(_save(_function_model(from_branch), tmp_path / "f.onnx"),
+    report = gconv_rewrite.fuse(_save(_function_model(from_branch), tmp_path / "f.onnx"),
                            output=tmp_path / "out.onnx").report
     (rewrite,) = report.rewrites
     assert rewrite.graph == "function gblock" and rewrite.exercised is True

@@ -27,8 +27,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from passes.keras import _compat, _lambdas
-from passes.keras._config import (
+from gconv_rewrite.candidate import resolve_sizes
+from gconv_rewrite.errors import BadInput, one_line
+from gconv_rewrite.memory import paused_gc
+from gconv_rewrite.passes.keras import _compat, _lambdas
+from gconv_rewrite.passes.keras._config import (
     Call,
     KerasGraph,
     LayerSpec,
@@ -40,10 +43,7 @@ from passes.keras._config import (
     legacy_kwargs,
     legacy_leaves,
 )
-from passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
-from rewriter.candidate import resolve_sizes
-from rewriter.errors import BadInput, one_line
-from rewriter.memory import paused_gc
+from gconv_rewrite.passes.keras._slices import GETITEM_FUNCTIONS, SPLIT_FUNCTIONS
 
 
 class Replacement(Protocol):
@@ -334,7 +334,7 @@ def _lambda_failure(name: str, function: Callable, arguments: dict, args: list) 
     """Why a Lambda cannot run: Keras hides the cause behind "could not infer the output shape"."""
     import tensorflow as tf
 
-    from passes.keras._lambdas import probe_shape
+    from gconv_rewrite.passes.keras._lambdas import probe_shape
 
     try:
         shape = probe_shape(list(args[0].shape))
@@ -417,7 +417,7 @@ def _slice_ops(name: str, source, axis: int, ranges: list[tuple[int, int]]) -> l
 
 def _tf_op(graph: KerasGraph, call: Call, tensors) -> list:
     """tf-keras TFOpLambda / SlicingOpLambda nodes, as the Keras 3 operations they are."""
-    from passes.keras import _tf_ops
+    from gconv_rewrite.passes.keras import _tf_ops
 
     layer = call.layer
     function = str(layer.config.get("function", ""))
@@ -496,7 +496,7 @@ def _assign_keras3(obj, tree: dict, name: str) -> None:
     """As Keras 3 loads them: own variables by index; a nested model's layers by saved key."""
     import keras
 
-    from passes.keras._config import saved_keys
+    from gconv_rewrite.passes.keras._config import saved_keys
 
     if isinstance(obj, keras.Model):
         sublayers = list(obj.layers)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.errors import BadInput, one_line
+from gconv_rewrite.errors import BadInput, one_line
 
 FUNCTIONAL = ("Functional", "Model")
 SEQUENTIAL = ("Sequential",)
@@ -183,7 +183,7 @@ class _Accepted:
     def __init__(self):
         import weakref
 
-        from rewriter import formats
+        from gconv_rewrite import formats
 
         # The run's kind of scratch folder ($TMPDIR/gconv-<pid>-<random>): removed with this
         # object, or swept by a later run if this one is killed.

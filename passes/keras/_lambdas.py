@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from passes.keras._config import LayerSpec
-from rewriter.errors import BadInput
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.passes.keras._config import LayerSpec
 
 TRUST_HINT = ("the file contains Lambda layers, whose Python code would run when the model is loaded "
               "or verified (running it means running the file's code); pass --trust-lambdas to opt in "
@@ -97,11 +97,11 @@ def lambda_globals() -> dict[str, Any]:
     """What Lambda code commonly refers to (Keras's own loaders offer their module's globals).
     ``K`` is the Keras 2 backend legacy code was written for (``K.reshape``, ``K.int_shape``...;
     Keras 3's ``keras.backend`` has none of them): tf-keras's where installed, else a mapping
-    onto ``keras.ops`` (``passes.keras._keras2_backend``)."""
+    onto ``keras.ops`` (``gconv_rewrite.passes.keras._keras2_backend``)."""
     import keras
     import tensorflow as tf
 
-    from passes.keras._keras2_backend import keras2_backend
+    from gconv_rewrite.passes.keras._keras2_backend import keras2_backend
 
     return {"__builtins__": builtins, "tf": tf, "keras": keras, "K": keras2_backend(), "ops": keras.ops,
             "np": np, "numpy": np}
@@ -158,7 +158,7 @@ def carry(_gconv_code, _gconv_defaults, _gconv_closure, _gconv_globals):
             from tf_keras import backend as K
         except ImportError:
             try:
-                from passes.keras._keras2_backend import Keras2Backend
+                from gconv_rewrite.passes.keras._keras2_backend import Keras2Backend
                 K = Keras2Backend()
             except ImportError:
                 K = keras.backend

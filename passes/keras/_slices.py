@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from passes.keras._config import Call, TensorRef, legacy_leaves
-from rewriter.candidate import resolve_sizes
+from gconv_rewrite.candidate import resolve_sizes
+from gconv_rewrite.passes.keras._config import Call, TensorRef, legacy_leaves
 
 SLICE_CLASSES = ("GetItem", "Split", "SlicingOpLambda", "TFOpLambda", "Lambda")
 GETITEM_FUNCTIONS = ("__operators__.getitem",)

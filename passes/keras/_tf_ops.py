@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from passes.keras import _compat
-from rewriter.errors import BadInput
+from gconv_rewrite.errors import BadInput
+from gconv_rewrite.passes.keras import _compat
 
 
 class NotRebuilt(BadInput):

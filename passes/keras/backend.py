@@ -1,4 +1,4 @@
-"""Keras as a backend of the driver (``rewriter.backend``): files read as data, models rebuilt.
+"""Keras as a backend of the driver (``gconv_rewrite.backend``): files read as data, models rebuilt.
 
     .keras | .h5 ─ config as data ─ (trust?) ─ rebuild + probe Lambdas ─ fuse | expand
         ─ rebuild with the replacements (emit) ─ .keras ─ Keras's load of the file vs the written one
@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from passes.keras import _build, _config, _slices
-from passes.keras import model as km
-from passes.keras.expand_grouped_conv import ExpandGroupedConv
-from passes.keras.fuse_grouped_conv import FuseGroupedConv
-from passes.keras.reference import ReferenceRunner
-from rewriter.backend import Unwritable
-from rewriter.errors import BadInput, OutputError, RewriteError, one_line
-from rewriter.proof import boundaries, prove, verification_sizes
-from rewriter.report import ModelStats, Report, Skip, Verification
-from rewriter.verify import InputSpec
+from gconv_rewrite.backend import Unwritable
+from gconv_rewrite.errors import BadInput, OutputError, RewriteError, one_line
+from gconv_rewrite.passes.keras import _build, _config, _slices
+from gconv_rewrite.passes.keras import model as km
+from gconv_rewrite.passes.keras.expand_grouped_conv import ExpandGroupedConv
+from gconv_rewrite.passes.keras.fuse_grouped_conv import FuseGroupedConv
+from gconv_rewrite.passes.keras.reference import ReferenceRunner
+from gconv_rewrite.proof import boundaries, prove, verification_sizes
+from gconv_rewrite.report import ModelStats, Report, Skip, Verification
+from gconv_rewrite.verify import InputSpec
 
 _FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "savedmodel": "SavedModel"}
 
@@ -46,7 +46,7 @@ class KerasSource:
     path: Path
     kfile: _config.KerasFile
     graph: _config.KerasGraph
-    analysis: Any  # passes.keras.model._Analysis: shapes, Lambdas, slices
+    analysis: Any  # gconv_rewrite.passes.keras.model._Analysis: shapes, Lambdas, slices
     has_lambdas: bool
     replacements: list = field(default_factory=list)
     names: set[str] = field(default_factory=set)
@@ -86,7 +86,7 @@ class KerasBackend:
     suffix = ".keras"
     verify_unchanged = True  # the rebuild itself is proven against Keras's own load of the file
     check = None  # no checker beyond Keras's own save
-    # A reference process (passes.keras.reference) the driver started for this run (rewriter.proof
+    # A reference process (gconv_rewrite.passes.keras.reference) the driver started for this run (gconv_rewrite.proof
     # .reference_ahead): it loads the original while this process reads and rewrites.
     reference_ahead = None
 
@@ -213,7 +213,7 @@ class KerasBackend:
             raise OutputError(f"{path}: cannot write the rewritten model ({one_line(exc)})") from exc
 
     def verify(self, original: Path, result: KerasResult, written: Path, options, report: Report) -> Verification:
-        """``rewriter.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)
+        """``gconv_rewrite.proof``: the reference (tf-keras's or Keras's load of the file, or the rebuild)
         against the written file loaded back, model outputs and each rewrite's boundary layer. The
         reference is run by the reference process where the driver started one
         (``reference_ahead``), else here."""
@@ -226,8 +226,8 @@ class KerasBackend:
 
 
 class _Runners:
-    """``rewriter.proof``'s ``runner(path, role, extra)`` for a Keras run: the original in the
-    reference process (``passes.keras.reference``) or here, the written file loaded back here."""
+    """``gconv_rewrite.proof``'s ``runner(path, role, extra)`` for a Keras run: the original in the
+    reference process (``gconv_rewrite.passes.keras.reference``) or here, the written file loaded back here."""
 
     def __init__(self, result: KerasResult, written: Path, process):
         self.result, self.written, self.process = result, written, process

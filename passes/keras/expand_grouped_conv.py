@@ -2,7 +2,7 @@
 
     x → ConvND(groups=N)  ⇒  x → x[..., slice_i] (GetItem) → ConvND_i → Concatenate
 
-For runtimes without grouped convolutions. ``rewriter.plan.plan_expansion`` owns the rules and
+For runtimes without grouped convolutions. ``gconv_rewrite.plan.plan_expansion`` owns the rules and
 the weight arithmetic (Keras kernels ``[k…, I/g, O]`` split on the last axis). The Concatenate
 takes the grouped conv's name, so its consumers and the model's output names stay as they were.
 """
@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from passes.keras import _compat
-from passes.keras._build import keras_name, layer_object
-from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
-from passes.keras.fuse_grouped_conv import CONV_CLASSES
-from rewriter.names import fresh_name
-from rewriter.plan import ExpansionPlan, Refusal, expansion_refusal, plan_expansion
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.names import fresh_name
+from gconv_rewrite.passes.keras import _compat
+from gconv_rewrite.passes.keras._build import keras_name, layer_object
+from gconv_rewrite.passes.keras._config import Call, KerasGraph, TensorRef, WeightStore
+from gconv_rewrite.passes.keras.fuse_grouped_conv import CONV_CLASSES
+from gconv_rewrite.plan import ExpansionPlan, Refusal, expansion_refusal, plan_expansion
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 KIND = "keras-expand-grouped-conv"
 # Keras's depthwise layers are no grouped Conv layer to expand: they hold the depthwise kernel

@@ -9,7 +9,7 @@ convolutions, each used only by the next, to where its branch starts: a channel 
 a/b) the same whole tensor for every branch. The branches are then planned layer by layer, in
 step: the first convolution becomes one grouped conv (sliced) or one wide conv of stacked kernels
 (shared input), every later one a grouped conv, every tail one layer with the branches' parameters
-concatenated. ``rewriter.plan`` owns the rules and the weight arithmetic (``plan_chain``, layer by
+concatenated. ``gconv_rewrite.plan`` owns the rules and the weight arithmetic (``plan_chain``, layer by
 layer; kernels ``[k…, I/g, O]`` stack on the last axis). Where the branches stop agreeing, the
 fused tensor is split back into the branches' channels and the rest stays per branch. Late-bound
 Lambda slices (one code, one closure value, several branches) are reported, and with repair
@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from passes.keras import _compat, _lambdas
-from passes.keras._build import keras_name, layer_object
-from passes.keras._config import Call, KerasGraph, TensorRef, WeightStore, first_arg_count, legacy_kwargs
-from passes.keras._slices import SliceCall
-from rewriter.candidate import NotACandidate, Refused
-from rewriter.names import fresh_name
-from rewriter.plan import (
+from gconv_rewrite.candidate import NotACandidate, Refused
+from gconv_rewrite.names import fresh_name
+from gconv_rewrite.passes.keras import _compat, _lambdas
+from gconv_rewrite.passes.keras._build import keras_name, layer_object
+from gconv_rewrite.passes.keras._config import Call, KerasGraph, TensorRef, WeightStore, first_arg_count, legacy_kwargs
+from gconv_rewrite.passes.keras._slices import SliceCall
+from gconv_rewrite.plan import (
     BROADCAST,
     CHANNEL,
     EQUAL,
@@ -47,14 +47,14 @@ from rewriter.plan import (
     check_channel_ranges,
     plan_chain,
 )
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 log = logging.getLogger(__name__)
 
 CONV_CLASSES = {"Conv1D": 1, "Conv2D": 2, "Conv3D": 3, "Convolution1D": 1, "Convolution2D": 2, "Convolution3D": 3}
 # Channel-wise layers a branch may hold after a convolution → the format-free tail kind of
-# rewriter.plan.TAIL_RULES (how its parameters concatenate). Dropout and noise layers are the
+# gconv_rewrite.plan.TAIL_RULES (how its parameters concatenate). Dropout and noise layers are the
 # identity at inference; an Activation's settings (which function) must agree like any other.
 KERAS_TAIL_KINDS = {
     "BatchNormalization": "BatchNorm", "Activation": "Activation", "ReLU": "Relu", "LeakyReLU": "LeakyRelu",
@@ -128,7 +128,7 @@ def _is_keras_layer(call: Call) -> bool:
 
 
 # Keras 3 operations (``y * keras.ops.sigmoid(y)`` on Keras tensors) → the TF function whose
-# rebuild (passes.keras._tf_ops) makes the same operation anew.
+# rebuild (gconv_rewrite.passes.keras._tf_ops) makes the same operation anew.
 KERAS3_GATE_OPS = {"Sigmoid": "math.sigmoid", "Tanh": "math.tanh", "Softplus": "math.softplus", "Erf": "math.erf",
                    "Exp": "math.exp", "Relu": "nn.relu", "Silu": "nn.silu", "Multiply": "math.multiply"}
 
@@ -177,7 +177,7 @@ def _apply_gate_node(call: Call, inputs: list, name: str, legacy: bool):
     """One node of a gate on the fused tensors, as a new layer (or Keras 3 operations) named ``name``."""
     function = _tf_function(call)
     if function is not None:
-        from passes.keras import _tf_ops
+        from gconv_rewrite.passes.keras import _tf_ops
 
         kwargs = {k: v for k, v in legacy_kwargs(call.data).items() if k != "name"} if _is_keras_layer(call) else {}
         if len(inputs) == 2:
@@ -265,7 +265,7 @@ class FusedGroup:
     split_names: list[str] = field(default_factory=list)
     repaired: bool = False
     removed: set[tuple[str, int]] = field(default_factory=set)
-    # The Concatenate's output, compared in both models (rewriter.proof); where the fusion is
+    # The Concatenate's output, compared in both models (gconv_rewrite.proof); where the fusion is
     # complete, the layer whose output takes its place is recorded as "written_tensor" on emit.
     boundary: dict = field(default_factory=dict)
 
@@ -657,7 +657,7 @@ class FuseGroupedConv:
 
     def _plan_chain(self, branches: list[BranchMatch], channels: int | None, channel_axis: int, rank: int,
                     shared: bool) -> ChainPlan:
-        """The branches planned layer by layer by ``rewriter.plan.plan_chain``, as far as they agree.
+        """The branches planned layer by layer by ``gconv_rewrite.plan.plan_chain``, as far as they agree.
         Raises Refused if not even the first convolution fuses."""
         plan = plan_chain([[_step_kind(c) for c in b.steps] for b in branches],
                           functools.partial(self._read_step, branches, channel_axis, rank), channels,
@@ -693,7 +693,7 @@ class FuseGroupedConv:
         return ConvLayer(parts)
 
     def _branch(self, call: Call, branch: BranchMatch | None) -> Branch:
-        """A conv as ``rewriter.plan`` reads it: the channels it reads are its branch's slice of the
+        """A conv as ``gconv_rewrite.plan`` reads it: the channels it reads are its branch's slice of the
         source (``branch``, first layer of a sliced candidate), else ``0:`` its input width."""
         layer = call.layer
         arrays = self.weights.get(layer.name)

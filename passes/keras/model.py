@@ -1,4 +1,4 @@
-"""The Keras backend's parts (``passes.keras.backend`` is the backend): reading the graph without
+"""The Keras backend's parts (``gconv_rewrite.passes.keras.backend`` is the backend): reading the graph without
 running it, the analysis that rebuilds it as it is (shapes, Lambdas probed, slices), the
 reference model to compare with, running and comparing, and the statistics.
 """
@@ -16,12 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from passes.keras import _build, _compat, _config, _lambdas, _slices
-from rewriter import formats
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible, one_line
-from rewriter.memory import paused_gc
-from rewriter.report import ModelStats, Report, Skip, Verification, count_ops
-from rewriter.verify import Feeds, InputSpec, load_inputs_file, make_inputs
+from gconv_rewrite import formats
+from gconv_rewrite.errors import BadInput, VerificationFailed, VerificationImpossible, one_line
+from gconv_rewrite.memory import paused_gc
+from gconv_rewrite.passes.keras import _build, _compat, _config, _lambdas, _slices
+from gconv_rewrite.report import ModelStats, Report, Skip, Verification, count_ops
+from gconv_rewrite.verify import Feeds, InputSpec, load_inputs_file, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def load_reference(path: Path, kfile: _config.KerasFile, *, has_lambdas: bool,
     """The original as Keras itself loads it (the model, a note, what it is): tf-keras's load of a
     file tf-keras (or Keras 2) wrote, where tf-keras is installed, else Keras 3's; or, where
     neither loads it, the note that says why (the caller then rebuilds it from the config). Also
-    run in the reference process (``passes.keras.reference``), which has only the file."""
+    run in the reference process (``gconv_rewrite.passes.keras.reference``), which has only the file."""
     loaded = _tf_keras_load(path, kfile, run_code=run_code)
     if not isinstance(loaded, str):
         return loaded
@@ -225,7 +225,7 @@ def load_reference(path: Path, kfile: _config.KerasFile, *, has_lambdas: bool,
     try:
         if kfile.kind == "keras":
             # Keras's loader extracts every member: it reads the archive as accepted within the
-            # limits (passes.keras._config), written anew, never the input file itself.
+            # limits (gconv_rewrite.passes.keras._config), written anew, never the input file itself.
             with formats.scratch_dir() as scratch:
                 accepted = Path(scratch) / "accepted.keras"
                 kfile.write_accepted(accepted)
@@ -374,7 +374,7 @@ def _input_specs(graph: _config.KerasGraph) -> list[tuple[str, list[int | None],
 
 
 def _make_inputs(graph, options) -> Feeds:
-    """The verification inputs, made as for ONNX and SavedModels (rewriter.verify.make_inputs):
+    """The verification inputs, made as for ONNX and SavedModels (gconv_rewrite.verify.make_inputs):
     a ``None`` batch is set to 1 and recorded; other ``None`` dims need ``--shape``."""
     given = options.inputs
     if given is not None and not isinstance(given, dict):
@@ -417,7 +417,7 @@ def with_extra_outputs(model, extra) -> tuple[Any, list[str]]:
 
 class KerasRunner:
     """A Keras (or tf-keras) model run on verification feeds, with the outputs of the layers named
-    in ``extra`` exposed beside its own (``rewriter.proof``'s runner; see ``with_extra_outputs``)."""
+    in ``extra`` exposed beside its own (``gconv_rewrite.proof``'s runner; see ``with_extra_outputs``)."""
 
     def __init__(self, model, graph: _config.KerasGraph, role: str, extra=()):
         self.role = role

@@ -20,7 +20,7 @@ files in a scratch folder of the main process, messages through a pipe:
 Where neither tf-keras nor Keras 3 can load the file ("unloaded"), the main process compares with
 its own rebuild of the config, as it always did. A reference process that dies (the OOM killer) is
 a one-line error, never a hang: the main process reads the end of the pipe. It is started as the
-``--jobs`` workers are (``rewriter.workers``: SIGINT left to the main process, dead with it) and
+``--jobs`` workers are (``gconv_rewrite.workers``: SIGINT left to the main process, dead with it) and
 killed when the run ends, however it ends; it writes nothing but its answers in the main process's
 scratch folder, so it needs no grace to clean up.
 """
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter import workers
-from rewriter.errors import VerificationImpossible, one_line
+from gconv_rewrite import workers
+from gconv_rewrite.errors import VerificationImpossible, one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def reference_ahead(source: Path, options, *, apply: bool) -> Iterator[Reference
     handed to the backend as ``reference_ahead``; None where the run proves nothing against
     Keras's load of the file (no verification, a ``--check``, a conversion, a late-binding repair:
     its reference is the tool's rebuild). Killed on the way out, however the run ends. The driver
-    finds it through the Keras row of the format table (``rewriter.formats.Format.reference_ahead``)."""
+    finds it through the Keras row of the format table (``gconv_rewrite.formats.Format.reference_ahead``)."""
     if not apply or not options.verify or options.to not in (None, "keras") or options.repair_late_binding:
         yield None
         return
@@ -66,7 +66,7 @@ def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceP
     a machine without an idle core (``core_to_spare``); inside a ``--jobs`` worker (the runs are parallel
     already: a process more each would add memory, not speed; a daemonic one may not start
     any), or where no process can be started (said at debug level)."""
-    from rewriter import formats
+    from gconv_rewrite import formats
 
     if multiprocessing.parent_process() is not None or not worth_a_process(path) or not core_to_spare():
         yield None
@@ -210,7 +210,7 @@ def _death(exitcode: int | None) -> str:
 
 
 class ReferenceRunner:
-    """``rewriter.proof``'s runner for the original, run by the reference process: ``start(sizes)``
+    """``gconv_rewrite.proof``'s runner for the original, run by the reference process: ``start(sizes)``
     asks for the run and returns the call that awaits it. ``fallback(note, extra)`` makes the
     in-process runner (the tool's rebuild) for a file the process could not load; ``name``,
     ``note`` and ``pid`` say what ran the original once it has."""
@@ -228,7 +228,7 @@ class ReferenceRunner:
         return lambda: self._values(sizes)
 
     def _values(self, sizes: list) -> tuple[list[dict], list[str]]:
-        from passes.keras.model import named_values
+        from gconv_rewrite.passes.keras.model import named_values
 
         waited = time.perf_counter()
         answer = self.process.receive()
@@ -269,11 +269,11 @@ def serve(connection, path: str, trust_lambdas: bool, parent_pid: int) -> None:
 
 def _load(connection, path: Path, trust_lambdas: bool):
     """The original as tf-keras or Keras 3 loads it, announced (None: announced why not)."""
-    from rewriter import quiet
+    from gconv_rewrite import quiet
 
     quiet.import_tensorflow()  # its native log kept off stderr, as in the main process
-    from passes.keras import _config
-    from passes.keras import model as km
+    from gconv_rewrite.passes.keras import _config
+    from gconv_rewrite.passes.keras import model as km
 
     try:
         kfile = _config.read_file(path)
@@ -294,7 +294,7 @@ def _load(connection, path: Path, trust_lambdas: bool):
 
 
 def _run(model, extra: list[str], files: list[str]) -> tuple:
-    from passes.keras import model as km
+    from gconv_rewrite.passes.keras import model as km
 
     try:
         runnable, present = km.with_extra_outputs(model, extra)

@@ -5,7 +5,7 @@ model in Keras, then hands it here with the original.
         ─ SavedModel, plain TF ops ─ its serving signature in TF vs the original, same inputs ─ write
 
 Keras's export wraps each grouped ``Conv2D`` in an XLA-compiled function on CPU (the trap of
-``passes.tf.savedmodel``); the export is therefore frozen and inlined as the SavedModel backend
+``gconv_rewrite.passes.tf.savedmodel``); the export is therefore frozen and inlined as the SavedModel backend
 reads any SavedModel, and written by that backend's writer: one plain grouped ``Conv2D`` per
 group, its bias an ``AddV2``, runnable in TensorFlow without XLA. The signature keeps Keras's
 names: ``serving_default`` (and its alias ``serve``), inputs named after the model's ``Input``
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
-from rewriter.report import Report, Verification
-from rewriter.verify import add_rows
+from gconv_rewrite.errors import BadInput, VerificationFailed, VerificationImpossible
+from gconv_rewrite.report import Report, Verification
+from gconv_rewrite.verify import add_rows
 
 SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 _FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".tflite", ".pb")
@@ -33,7 +33,7 @@ def check_output(output: Path | None) -> None:
 def export(model, folder: Path, what: str) -> None:
     """Keras 3's own SavedModel export (``--to savedmodel`` and the first step of ``--to onnx``);
     a model it cannot export is refused in one line."""
-    from passes.tf.savedmodel import one_line
+    from gconv_rewrite.passes.tf.savedmodel import one_line
 
     try:
         model.export(str(folder), format="tf_saved_model", verbose=False)
@@ -51,8 +51,8 @@ class KerasToSavedModel:
         check_output(output)
 
     def convert(self, result, written, folder: Path, options, report: Report):
-        from passes.tf import savedmodel as sm
-        from passes.tf.backend import SavedModelGraph
+        from gconv_rewrite.passes.tf import savedmodel as sm
+        from gconv_rewrite.passes.tf.backend import SavedModelGraph
 
         what = f"the {'fused' if report.mode == 'fuse' else 'expanded'} Keras model"
         exported = folder / "exported"
@@ -74,9 +74,9 @@ def _verify(model, graph, reference, folder: Path, frozen, options, report: Repo
     """The written signature, loaded back and run in TF, against the original model in Keras."""
     import tensorflow as tf
 
-    from passes.keras.model import _make_inputs, _run
-    from passes.tf import savedmodel as sm
-    from rewriter.verify import compare_outputs, output_order
+    from gconv_rewrite.passes.keras.model import _make_inputs, _run
+    from gconv_rewrite.passes.tf import savedmodel as sm
+    from gconv_rewrite.verify import compare_outputs, output_order
 
     feeds = _make_inputs(graph, options)
     expected = _run(reference, feeds)
@@ -104,7 +104,7 @@ def _verify(model, graph, reference, folder: Path, frozen, options, report: Repo
 
 
 def _grouped_note(graph_def) -> str:
-    from passes.tf import _graph as g
+    from gconv_rewrite.passes.tf import _graph as g
 
     index = g.GraphIndex(graph_def)
     convs = [n for n in graph_def.node if n.op == "Conv2D"]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
+from gconv_rewrite.passes.onnx import _graph as g
 
 # Ops that integer bound computations are made of; anything else is not folded.
 FOLDABLE_OPS = {"Shape", "Gather", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast",

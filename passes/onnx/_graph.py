@@ -9,9 +9,9 @@ from contextlib import contextmanager
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.candidate import ChannelRead
-from rewriter.names import fresh_name
-from rewriter.reasons import Refused
+from gconv_rewrite.candidate import ChannelRead
+from gconv_rewrite.names import fresh_name
+from gconv_rewrite.reasons import Refused
 
 # Slice ends at or beyond this mean "to the end" (exporters write INT32_MAX or INT64_MAX).
 OPEN_END = 2**31 - 1

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from rewriter.reasons import Refused
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.reasons import Refused
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A *tail* op acts on each channel on its own (BatchNormalization, activations, Add/Mul of a
 per-channel constant...), so N branch tails equal one tail on the concatenated channels, with
-the per-channel parameters concatenated (``rewriter.plan.plan_tail`` decides and does that).
+the per-channel parameters concatenated (``gconv_rewrite.plan.plan_tail`` decides and does that).
 ``Transpose`` is read too: it moves the channel axis (tf2onnx wraps NHWC convs in them).
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from rewriter.plan import BROADCAST, GRAPH_CONSTANT, GRAPH_INPUT, TAIL_RULES, describe_tail_graph, tail_concat_axis
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.plan import BROADCAST, GRAPH_CONSTANT, GRAPH_INPUT, TAIL_RULES, describe_tail_graph, tail_concat_axis
 
-# ONNX op → the format-free tail kind of rewriter.plan.TAIL_RULES (how its parameters concatenate).
+# ONNX op → the format-free tail kind of gconv_rewrite.plan.TAIL_RULES (how its parameters concatenate).
 ONNX_TAIL_KINDS = {
     **{op: op for op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Celu",
                          "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Abs", "Neg", "Erf",

@@ -1,4 +1,4 @@
-"""ONNX as a backend of the driver (``rewriter.backend``): onnx-ir models, onnxruntime runs.
+"""ONNX as a backend of the driver (``gconv_rewrite.backend``): onnx-ir models, onnxruntime runs.
 
     .onnx (+ external data, lazily) ─ onnx-ir ─ fuse | fold | expand (in place) ─ save ─ checker ─ onnxruntime
 """
@@ -10,15 +10,15 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
-from passes.onnx.fold_batchnorm import FoldBatchNormPass
-from passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
-from passes.onnx.fuse_split_conv import FuseSplitConvPass
-from rewriter import formats
-from rewriter.errors import VerificationFailed
-from rewriter.proof import prove
-from rewriter.report import ModelStats, Report, Verification, model_stats
-from rewriter.verify import OnnxRunner, verify_subgraphs
+from gconv_rewrite import formats
+from gconv_rewrite.errors import VerificationFailed
+from gconv_rewrite.passes.onnx.expand_grouped_conv import ExpandGroupedConvPass
+from gconv_rewrite.passes.onnx.fold_batchnorm import FoldBatchNormPass
+from gconv_rewrite.passes.onnx.fuse_qlinear_conv import FuseQLinearConvPass
+from gconv_rewrite.passes.onnx.fuse_split_conv import FuseSplitConvPass
+from gconv_rewrite.proof import prove
+from gconv_rewrite.report import ModelStats, Report, Verification, model_stats
+from gconv_rewrite.verify import OnnxRunner, verify_subgraphs
 
 # What ``--fuse`` runs, in order: float (and QDQ) branches, then QOperator (QLinearConv) branches.
 FUSE_PASSES = (FuseSplitConvPass, FuseQLinearConvPass)
@@ -88,7 +88,7 @@ class OnnxBackend:
                                      f"{str(exc).strip().splitlines()[0][:200]}") from exc
 
     def runner(self, path: Path, role: str, extra=()) -> OnnxRunner:
-        """The file run in onnxruntime with ``extra`` tensors exposed (``rewriter.proof``)."""
+        """The file run in onnxruntime with ``extra`` tensors exposed (``gconv_rewrite.proof``)."""
         return OnnxRunner(path, role, extra)
 
     def verify(self, original: Path, rewritten: ir.Model, written: Path, options, report: Report) -> Verification:

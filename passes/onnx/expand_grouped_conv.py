@@ -5,7 +5,7 @@
 The reverse of ``onnx.fuse-split-conv``, for runtimes and tools that lack grouped convolutions.
 Grouped ``ConvTranspose`` expands the same way. Matching is one node, so there is no matcher to
 speak of: the pass reads each grouped convolution's weight, hands it to
-``rewriter.plan.plan_expansion`` (which owns the weight arithmetic), and emits the branches.
+``gconv_rewrite.plan.plan_expansion`` (which owns the weight arithmetic), and emits the branches.
 
 Weight layouts (both split on axis 0):
 
@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from passes.onnx import _qdq
-from rewriter.plan import DEPTHWISE_KEPT, ExpansionPlan, Refusal, expansion_refusal, plan_expansion
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.passes.onnx import _qdq
+from gconv_rewrite.plan import DEPTHWISE_KEPT, ExpansionPlan, Refusal, expansion_refusal, plan_expansion
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 EXPANDABLE_OPS = ("Conv", "ConvTranspose")
 

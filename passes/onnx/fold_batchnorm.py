@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from rewriter.report import Rewrite, Skip
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.report import Rewrite, Skip
 
 FOLDABLE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 

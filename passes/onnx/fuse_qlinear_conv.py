@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from passes.onnx import _qdq
-from passes.onnx._fold import channels_of
-from rewriter.candidate import ChannelRead, NotACandidate, Refused
-from rewriter.plan import Branch, FusionPlan, Refusal, plan_fusion
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.candidate import ChannelRead, NotACandidate, Refused
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.passes.onnx import _qdq
+from gconv_rewrite.passes.onnx._fold import channels_of
+from gconv_rewrite.plan import Branch, FusionPlan, Refusal, plan_fusion
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 KIND = "fuse-qlinear-conv"
 READERS = ("Split", "Slice")

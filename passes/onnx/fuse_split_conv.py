@@ -18,7 +18,7 @@ The same pass fuses what real exporters write around that core:
 
 The matcher starts at each Concat (onnxscript's pattern rules cannot match a variable number of
 branches) and walks each input back to where the branch starts. The branches are then planned
-step by step by ``rewriter.plan.plan_chain``, the walk every format shares, which owns the rules,
+step by step by ``gconv_rewrite.plan.plan_chain``, the walk every format shares, which owns the rules,
 the words of every refusal and the weight arithmetic; this pass only reads each step of every
 branch for it (``_read_step``: a conv layer, a channel-wise tail, a tail graph) and builds what
 the plan says.
@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx import _graph as g
-from passes.onnx import _qdq
-from passes.onnx._fold import channels_of, fold_explained, fold_many
-from passes.onnx._tails import (
+from gconv_rewrite.candidate import ChannelRead, NotACandidate, Refused
+from gconv_rewrite.passes.onnx import _graph as g
+from gconv_rewrite.passes.onnx import _qdq
+from gconv_rewrite.passes.onnx._fold import channels_of, fold_explained, fold_many
+from gconv_rewrite.passes.onnx._tails import (
     BINARY_OPS,
     UNARY_OPS,
     TailGraph,
@@ -46,8 +47,7 @@ from passes.onnx._tails import (
     read_tail,
     read_tail_graph,
 )
-from rewriter.candidate import ChannelRead, NotACandidate, Refused
-from rewriter.plan import (
+from gconv_rewrite.plan import (
     Branch,
     ConvLayer,
     FusionPlan,
@@ -60,8 +60,8 @@ from rewriter.plan import (
     settings_refusal,
     tail_refusal,
 )
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 CONV_OPS = ("Conv", "ConvTranspose")
 CHAIN_OPS = set(CONV_OPS) | UNARY_OPS | BINARY_OPS | {"BatchNormalization", "Clip", "Transpose"}
@@ -92,7 +92,7 @@ class _Fused:
     length: int = 0  # how many ops of each chain are fused
     branch_channels: list[int] = field(default_factory=list)
     stopped_because: str | None = None  # where and why the branches stop agreeing
-    stopped_code: str = ""  # the code of why (rewriter.reasons)
+    stopped_code: str = ""  # the code of why (gconv_rewrite.reasons)
     complete: bool = False  # every op of every branch fused: the result replaces the Concat
     location: str = ""  # the fused node that stands for the pattern in reports
     location_is_grouped: bool = False
@@ -381,7 +381,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
             return None
         return [r.stop - r.start for r in reads]
 
-    # -- planning (rewriter.plan.plan_chain, with this format's readers) ----------------------
+    # -- planning (gconv_rewrite.plan.plan_chain, with this format's readers) ----------------------
 
     def _plan_and_build(self, model, graph, names: g.Names, concat: ir.Node, chains: list[_Chain]) -> _Fused:
         """Plan the chains step by step with ``plan_chain`` (this pass reads each step of every
@@ -542,7 +542,7 @@ class FuseSplitConvPass(ir.passes.InPlacePass):
 
     def _read_conv(self, convs: list[ir.Node], chains: list[_Chain], layer: int,
                    axis: int) -> tuple[dict, ConvLayer] | Refusal:
-        """The convs of one step as ``rewriter.plan`` reads them (a first layer reads its channel
+        """The convs of one step as ``gconv_rewrite.plan`` reads them (a first layer reads its channel
         range of the source, or all of it; a later one ``0:`` its input width, placed by
         ``plan_chain``), with their quantization; or why they cannot be read."""
         # Why a near miss is one: what the branches do differently comes before whether their

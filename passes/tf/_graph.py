@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
-from rewriter.names import fresh_name
+from gconv_rewrite.names import fresh_name
 
 
 def split_input(ref: str) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""SavedModels as a backend of the driver (``rewriter.backend``): one signature, frozen and inlined.
+"""SavedModels as a backend of the driver (``gconv_rewrite.backend``): one signature, frozen and inlined.
 
     SavedModel ─ signature ─ freeze + inline calls (GraphDef) ─ fuse | expand ─ write ─ run both in TF
 """
@@ -10,12 +10,12 @@ from pathlib import Path
 
 from tensorflow.core.framework import graph_pb2
 
-from passes.tf import savedmodel as sm
-from passes.tf.expand_grouped_conv import ExpandGroupedConvPass
-from passes.tf.fuse_split_conv import FuseSplitConvPass
-from rewriter.errors import VerificationFailed
-from rewriter.proof import prove
-from rewriter.report import ModelStats, Report, Skip, Verification
+from gconv_rewrite.errors import VerificationFailed
+from gconv_rewrite.passes.tf import savedmodel as sm
+from gconv_rewrite.passes.tf.expand_grouped_conv import ExpandGroupedConvPass
+from gconv_rewrite.passes.tf.fuse_split_conv import FuseSplitConvPass
+from gconv_rewrite.proof import prove
+from gconv_rewrite.report import ModelStats, Report, Skip, Verification
 
 
 @dataclass
@@ -84,13 +84,13 @@ class SavedModelBackend:
 
     def verify(self, original: Path, rewritten: SavedModelGraph, written: Path, options,
                report: Report) -> Verification:
-        """``rewriter.proof``: the model outputs of the original signature against the written
+        """``gconv_rewrite.proof``: the model outputs of the original signature against the written
         SavedModel's, at one size or two, and each rewrite's boundary tensor (see ``_Runners``)."""
         return prove(_Runners(rewritten), original, written, options, report.rewrites)
 
 
 class _Runners:
-    """The two runs ``rewriter.proof.prove`` compares, for one rewritten SavedModel.
+    """The two runs ``gconv_rewrite.proof.prove`` compares, for one rewritten SavedModel.
 
     original: the signature as loaded (its outputs), and the frozen graph the passes read (the
     boundary tensors). rewritten: the written SavedModel's signature (its outputs: what is proven

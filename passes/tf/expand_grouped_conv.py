@@ -5,9 +5,9 @@
 For runtimes without grouped convolutions: TF 2.21 on CPU with oneDNN off fails on a grouped
 ``Conv2D + BiasAdd + Relu`` ("Fused conv implementation does not support grouped convolutions
 for now"); the expanded graph runs there. What follows the convolution (BiasAdd, activation)
-stays as it is, after the ConcatV2. ``rewriter.plan.plan_expansion`` splits the weights.
+stays as it is, after the ConcatV2. ``gconv_rewrite.plan.plan_expansion`` splits the weights.
 Only Conv2D: TensorFlow has no grouped Conv3D kernel on CPU (a Conv3D filter shallower than its
-input fails, with oneDNN and without; ``passes.tf.fuse_split_conv.CONV3D_REFUSAL``), so there is no
+input fails, with oneDNN and without; ``gconv_rewrite.passes.tf.fuse_split_conv.CONV3D_REFUSAL``), so there is no
 grouped Conv3D to expand.
 """
 
@@ -19,10 +19,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from passes.tf import _graph as g
-from rewriter.plan import Refusal, expansion_refusal, plan_expansion
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.passes.tf import _graph as g
+from gconv_rewrite.plan import Refusal, expansion_refusal, plan_expansion
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 
 class ExpandGroupedConvPass:

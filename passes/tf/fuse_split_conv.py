@@ -6,13 +6,13 @@
 NHWC and NCHW (the Conv2D's ``data_format`` names the channel axis); Conv1D as TF writes it,
 ``ExpandDims → Conv2D → Squeeze``, too. The matcher starts at each ConcatV2 and walks every input
 back through the branch's ops (each used only by the next) to where the branch starts; the
-layers are then planned step by step across the branches by ``rewriter.plan.plan_chain``, which
+layers are then planned step by step across the branches by ``gconv_rewrite.plan.plan_chain``, which
 owns the fusability rules, the reasons and the weight arithmetic (TF filters stack on the last
 axis). So the same pass fuses:
 
 - tails, the channel-wise ops after each branch conv (activations, FusedBatchNorm in inference
   form, BiasAdd and Add/Sub/Mul/... of a per-channel constant): settings must agree, per-channel
-  parameters are concatenated (``rewriter.plan.TAIL_RULES``), applied once after the fused conv;
+  parameters are concatenated (``gconv_rewrite.plan.TAIL_RULES``), applied once after the fused conv;
   also tails of several ops, as TF writes SiLU (``Mul(Sigmoid(y), y)``), GELU (via Erf or Tanh)
   and Mish: any graph of elementwise ops that reads only its branch and constants;
 - chains of several convolutions per branch (ResNeXt, fig. 3): each layer becomes one grouped
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
 
-from passes.tf import _graph as g
-from rewriter.candidate import ChannelRead, NotACandidate, Refused, resolve_sizes
-from rewriter.plan import (
+from gconv_rewrite.candidate import ChannelRead, NotACandidate, Refused, resolve_sizes
+from gconv_rewrite.passes.tf import _graph as g
+from gconv_rewrite.plan import (
     GRAPH_CONSTANT,
     GRAPH_INPUT,
     TAIL_RULES,
@@ -54,13 +54,13 @@ from rewriter.plan import (
     tail_concat_axis,
     tail_refusal,
 )
-from rewriter.report import Rewrite, Skip
-from rewriter.targets import ConvProps, Decision
+from gconv_rewrite.report import Rewrite, Skip
+from gconv_rewrite.targets import ConvProps, Decision
 
 CONV_OPS = ("Conv2D", "Conv3D")
 CONV_KINDS = ("Conv1D", "Conv2D", "Conv3D")  # a layer's kind: Conv1D is ExpandDims → Conv2D → Squeeze
 READER_OPS = ("Split", "SplitV", "Slice", "StridedSlice")
-# TF op → the format-free tail kind of rewriter.plan.TAIL_RULES (how its parameters concatenate).
+# TF op → the format-free tail kind of gconv_rewrite.plan.TAIL_RULES (how its parameters concatenate).
 TF_TAIL_KINDS = {
     **{op: op for op in ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus", "Softsign",
                          "Erf", "Erfc", "Exp", "Neg", "Abs", "Sqrt", "Square", "Reciprocal")},
@@ -253,7 +253,7 @@ class FuseSplitConvPass:
             groups=plan.groups, channels={"in": plan.convs[0].in_channels, "out": plan.convs[-1].out_channels},
             nodes=[n.name for n in old],
             # The ConcatV2's output: the fused result takes its name, or, where the fusion stops
-            # early, the ConcatV2 stays and joins the split-back branches (rewriter.proof).
+            # early, the ConcatV2 stays and joins the split-back branches (gconv_rewrite.proof).
             boundary=[{"tensor": g.tensor_name(concat.name)}]))
         if plan.stopped is not None:
             self.skipped.append(Skip(concat.name, f"fused up to {plan.stopped}; the rest stays per branch", [],
@@ -537,7 +537,7 @@ def _read_ranges(index: g.GraphIndex, concat, chains: list[_Chain]) -> _Candidat
 
 def _read_conv_layer(index: g.GraphIndex, candidate: _Candidate, layers: list[_Layer],
                      branch_channels: list[int] | None) -> ConvLayer | Refusal:
-    """One conv of every branch as a ``rewriter.plan.Branch``: the first layer with the source
+    """One conv of every branch as a ``gconv_rewrite.plan.Branch``: the first layer with the source
     channels it reads, a later one with the channels of its own branch."""
     branches = []
     for i, layer in enumerate(layers):

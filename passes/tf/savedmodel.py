@@ -1,4 +1,4 @@
-"""The SavedModel backend's parts (``passes.tf.backend`` is the backend): load a signature as one
+"""The SavedModel backend's parts (``gconv_rewrite.passes.tf.backend`` is the backend): load a signature as one
 frozen, inlined GraphDef, write a GraphDef back as a SavedModel, and run both in TensorFlow.
 
     SavedModel ─ signature ─ freeze + inline calls ─ fuse | expand ─ write ─ verify in TF
@@ -24,11 +24,11 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 
-from passes.tf import _compat
-from passes.tf import _graph as g
-from rewriter.errors import BadInput, VerificationFailed, VerificationImpossible
-from rewriter.report import ModelStats, Verification, count_ops
-from rewriter.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
+from gconv_rewrite.errors import BadInput, VerificationFailed, VerificationImpossible
+from gconv_rewrite.passes.tf import _compat
+from gconv_rewrite.passes.tf import _graph as g
+from gconv_rewrite.report import ModelStats, Verification, count_ops
+from gconv_rewrite.verify import Feeds, InputSpec, compare, load_inputs_file, make_inputs
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 _NO_INLINE_MARKS = ("_noinline", "_XlaMustCompile", "_XlaCompile")
@@ -425,7 +425,7 @@ def verify_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray
 
 class SignatureRunner:
     """A signature run in TensorFlow, with ``extra`` tensors of its graph fetched as well
-    (``rewriter.proof``'s runner): ``runner(feeds) → {name: array}``, the signature's outputs by
+    (``gconv_rewrite.proof``'s runner): ``runner(feeds) → {name: array}``, the signature's outputs by
     key and each extra tensor by its name in the graph (``"node:0"``).
 
     ``function`` computes the outputs (the original signature, or the written SavedModel's);

@@ -20,12 +20,18 @@ import onnx_ir as ir
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from passes.tf import _compat
-from passes.tf import _graph as g
-from passes.tf.savedmodel import FrozenSignature, one_line, run_function, verification_inputs, verify_outputs
-from rewriter.errors import BadInput, VerificationFailed
-from rewriter.report import Report, model_stats
-from rewriter.verify import add_rows, compare
+from gconv_rewrite.errors import BadInput, VerificationFailed
+from gconv_rewrite.passes.tf import _compat
+from gconv_rewrite.passes.tf import _graph as g
+from gconv_rewrite.passes.tf.savedmodel import (
+    FrozenSignature,
+    one_line,
+    run_function,
+    verification_inputs,
+    verify_outputs,
+)
+from gconv_rewrite.report import Report, model_stats
+from gconv_rewrite.verify import add_rows, compare
 
 OPSET = 17
 
@@ -94,7 +100,7 @@ class SavedModelToOnnx:
         with report.timed("convert"):
             converted = ir.serde.deserialize_model(convert(model.frozen, model.graph_def))
         if report.mode == "fuse":
-            from passes.onnx import FuseSplitConvPass
+            from gconv_rewrite.passes.onnx import FuseSplitConvPass
 
             with report.timed("rewrite"):
                 onnx_pass = FuseSplitConvPass(rewrite=True)
@@ -122,7 +128,7 @@ def _run_against_tf(frozen: FrozenSignature, path: Path, options):
     graph, the same inputs: ``(feeds, expected, actual)``."""
     import onnxruntime as ort
 
-    from rewriter.verify import run_session
+    from gconv_rewrite.verify import run_session
 
     feeds = verification_inputs(frozen, options)
     expected = run_function(frozen.function, feeds, "original")

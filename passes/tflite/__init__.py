@@ -4,7 +4,7 @@
     SavedModel | Keras ─ fuse | expand (the format's own passes, verified in TF / Keras)
         ─ SavedModel ─ tf.lite.TFLiteConverter ─ .tflite ─ LiteRT interpreter vs the original
 
-- ``backend``: TFLite as the fourth backend of ``rewriter.backend`` (load, stats, save, run,
+- ``backend``: TFLite as the fourth backend of ``gconv_rewrite.backend`` (load, stats, save, run,
   input specs); the driver writes and runs ``.tflite`` files through it.
 - ``convert``: the converter, the interpreter (``ai-edge-litert``'s, else TensorFlow's), the
   flatbuffer's ops and the comparison rows.

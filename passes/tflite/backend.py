@@ -1,4 +1,4 @@
-"""TFLite as a backend of the driver (``rewriter.backend``): the fourth format, written by the
+"""TFLite as a backend of the driver (``gconv_rewrite.backend``): the fourth format, written by the
 ``--to tflite`` conversions (``from_savedmodel``, ``from_keras``) and run in the interpreter.
 
     .tflite flatbuffer ─ ops read back (describe) ─ LiteRT interpreter (XNNPACK, as deployed)
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from passes.tflite.convert import TFLiteModel, describe, interpreter
-from rewriter.report import ModelStats, Report
+from gconv_rewrite.passes.tflite.convert import TFLiteModel, describe, interpreter
+from gconv_rewrite.report import ModelStats, Report
 
 
 class TFLiteBackend:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.tf import _compat as tf_compat
-from rewriter import quiet
-from rewriter.errors import BadInput, VerificationImpossible
-from rewriter.report import ModelStats, Report, count_ops
-from rewriter.verify import InputSpec, output_order
+from gconv_rewrite import quiet
+from gconv_rewrite.errors import BadInput, VerificationImpossible
+from gconv_rewrite.passes.tf import _compat as tf_compat
+from gconv_rewrite.report import ModelStats, Report, count_ops
+from gconv_rewrite.verify import InputSpec, output_order
 
 SUFFIX = ".tflite"
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")

@@ -5,7 +5,7 @@ Keras, then hands it here with the original.
         ─ TFLite converter ─ .tflite ─ interpreter vs the original, same inputs ─ write
 
 The original is Keras's own load of the file, or the model rebuilt from its config and trusted
-Lambda code where Keras cannot load it (``passes.keras.model._reference``): the rows of the
+Lambda code where Keras cannot load it (``gconv_rewrite.passes.keras.model._reference``): the rows of the
 interpreter's run against it join the Keras check's table as ``tflite:OUTPUT``.
 """
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from passes.tflite.convert import (
+from gconv_rewrite.errors import BadInput, RewriteError
+from gconv_rewrite.passes.tflite.convert import (
     TFLiteModel,
     check_output,
     convert_savedmodel,
@@ -21,9 +22,8 @@ from passes.tflite.convert import (
     inspect,
     run,
 )
-from rewriter.errors import BadInput, RewriteError
-from rewriter.report import Report
-from rewriter.verify import add_rows, compare_outputs
+from gconv_rewrite.report import Report
+from gconv_rewrite.verify import add_rows, compare_outputs
 
 SIGNATURE = "serving_default"  # what keras.Model.export names its signature
 
@@ -73,7 +73,7 @@ class KerasToTFLite:
 
     def verify(self, previous, converted: TFLiteModel, path: Path, options, report: Report) -> None:
         """The interpreter against the original Keras model: rows ``tflite:OUTPUT``."""
-        from passes.keras.model import _make_inputs, _run
+        from gconv_rewrite.passes.keras.model import _make_inputs, _run
 
         graph = previous.graph
         feeds = _make_inputs(graph, options)

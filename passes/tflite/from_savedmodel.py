@@ -3,7 +3,7 @@
     SavedModel ─ signature frozen + inlined ─ fuse | expand ─ SavedModel (verified in TF)
         ─ TFLite converter ─ .tflite ─ interpreter vs the original signature, same inputs ─ write
 
-The TF side is ``passes.tf.savedmodel``'s own load, passes, writer and check; the rows of the
+The TF side is ``gconv_rewrite.passes.tf.savedmodel``'s own load, passes, writer and check; the rows of the
 interpreter's run against the original join the same table as ``tflite:KEY``.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from passes.tflite.convert import (
+from gconv_rewrite.errors import RewriteError, VerificationFailed
+from gconv_rewrite.passes.tflite.convert import (
     TFLiteModel,
     check_output,
     convert_savedmodel,
@@ -19,9 +20,8 @@ from passes.tflite.convert import (
     inspect,
     run,
 )
-from rewriter.errors import RewriteError, VerificationFailed
-from rewriter.report import Report
-from rewriter.verify import add_rows, compare_outputs
+from gconv_rewrite.report import Report
+from gconv_rewrite.verify import add_rows, compare_outputs
 
 
 class SavedModelToTFLite:
@@ -39,7 +39,7 @@ class SavedModelToTFLite:
             result = TFLiteModel(convert_savedmodel(written, frozen.name, what), frozen.name)
         inspect(result, report)
         if options.benchmark:  # --benchmark's "before": the original signature converted as it is
-            from passes.tf import savedmodel as sm
+            from gconv_rewrite.passes.tf import savedmodel as sm
 
             try:
                 with report.timed("convert"):
@@ -51,7 +51,7 @@ class SavedModelToTFLite:
 
     def verify(self, previous, result: TFLiteModel, path: Path, options, report: Report) -> None:
         """The interpreter against the original signature in TF: rows ``tflite:KEY``."""
-        from passes.tf import savedmodel as sm
+        from gconv_rewrite.passes.tf import savedmodel as sm
 
         frozen = previous.frozen
         feeds = sm.verification_inputs(frozen, options)
