@@ -195,7 +195,7 @@ def bench_onnx_inference(work: Path, quick: bool, real: dict[str, Path] | None =
 _BARE = "import sys, onnx_ir as ir; ir.save(ir.load(sys.argv[1]), sys.argv[2])"
 _BARE_EXTERNAL = ("import sys, os, onnx_ir as ir; "
                   "ir.save(ir.load(sys.argv[1]), sys.argv[2], external_data=os.path.basename(sys.argv[2]) + '.data')")
-_FUSE = ("import sys, rewriter; gconv_rewrite.fuse(sys.argv[1], output=sys.argv[2], force=True, verify=False)")
+_FUSE = ("import sys, gconv_rewrite; gconv_rewrite.fuse(sys.argv[1], output=sys.argv[2], force=True, verify=False)")
 _SLIM = "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])"
 _SIM = ("import sys, onnx, onnxsim; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); onnx.save(m, sys.argv[2])")
 
@@ -448,6 +448,11 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
+    # Timings are never asserted, but a tool that failed to run is a failed smoke run (CI sees it).
+    failed = [name for name, tool in results.get("rewrite_cost", {}).get("tools", {}).items()
+              if not tool["ok"] and name.startswith("gconv-rewrite")]
+    if failed:
+        sys.exit(f"benchmarks: {', '.join(failed)} failed: {results['rewrite_cost']['tools'][failed[0]].get('error', '')}")
 
 
 if __name__ == "__main__":

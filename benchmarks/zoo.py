@@ -1422,7 +1422,7 @@ def versions() -> dict:
     # The commit of the tool the CLI runs: the checkout this environment installed (``pip install -e``), which
     # need not be the one this script lies in.
     try:
-        where = subprocess.run([sys.executable, "-c", "import os, rewriter; print(os.path.dirname(gconv_rewrite.__file__))"],
+        where = subprocess.run([sys.executable, "-c", "import os, gconv_rewrite; print(os.path.dirname(gconv_rewrite.__file__))"],
                                capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.strip() or str(REPO)
         found["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                          cwd=where).stdout.strip()
