@@ -24,7 +24,7 @@ import click
 from gconv_rewrite import __version__, batch, config, envelope, formats, html, lint, quiet, targets, workers
 from gconv_rewrite import progress as progress_lines
 from gconv_rewrite.api import Options
-from gconv_rewrite.errors import EXIT_BAD_INPUT, BadInput, RewriteError
+from gconv_rewrite.errors import EXIT_BAD_INPUT, BadInput, OutputError, RewriteError
 from gconv_rewrite.verify import parse_shapes
 
 quiet.quiet_environment()  # TensorFlow, when a format needs it: set before any worker is spawned
@@ -288,9 +288,9 @@ def main(models, mode, output, force, check, dry_run, report_path, html_path, ou
     code = batch.worst([r.exit_code for r in results])
 
     if report_path is not None:
-        _write_report(report_path, report_protected, results, code, verbose=verbose)
+        _write_report(report_path, report_protected, results, code, verbose=verbose, as_json=as_json)
     if html_path is not None:
-        _write_html(html_path, html_pages, results, code, mode=mode, force=force, verbose=verbose)
+        _write_html(html_path, html_pages, results, code, mode=mode, force=force, verbose=verbose, as_json=as_json)
     fix = lint.fix_command(models, _fix_flags(mode=mode, target=target, auto=auto, trust_lambdas=trust_lambdas,
                                               repair_late_binding=repair_late_binding))
     _print_results(results, code, output_format=output_format, many=many, quiet=quiet, say=say, mode=mode,
@@ -493,7 +493,7 @@ def _run_jobs(job_list: list[batch.Job], *, processes: int, show_each: bool, **r
 
 
 def _write_report(report_path: Path, protected: list[Path], results: list[batch.JobResult], code: int, *,
-                  verbose: bool) -> None:
+                  verbose: bool, as_json: bool = False) -> None:
     """--report: the run's JSON document, written atomically and never over a file a model reads.
     It is written once the models are committed (it says what was written); if it fails then, the
     error says which models were written all the same."""
@@ -507,10 +507,10 @@ def _write_report(report_path: Path, protected: list[Path], results: list[batch.
     except RewriteError as error:
         written = [r.output for r in results if r.output is not None and (r.report or {}).get("written")]
         if written:
-            error = RewriteError(error.message.replace("; nothing was written", "; the report was not written") +
+            error = OutputError(error.message.replace("; nothing was written", "; the report was not written") +
                                  f", but the model output{'s' if len(written) > 1 else ''} "
                                  f"{', '.join(written)} {'were' if len(written) > 1 else 'was'} written")
-        _fail(error, verbose)
+        _fail(error, verbose, as_json=as_json, results=results)
 
 
 def _print_lines(findings: list[lint.Finding], *, quiet: bool, near_misses: bool = True) -> None:
@@ -643,7 +643,7 @@ def _page_report(result: batch.JobResult, mode: str) -> dict:
 
 
 def _write_html(html_path: Path, planned: dict, results: list[batch.JobResult], code: int, *, mode: str,
-                force: bool, verbose: bool) -> None:
+                force: bool, verbose: bool, as_json: bool = False) -> None:
     """--html: each model's review page, then (several models) the index linking them; each file
     written atomically once the models are committed, like --report."""
     pages, read = planned["pages"], planned["read"]
@@ -664,7 +664,7 @@ def _write_html(html_path: Path, planned: dict, results: list[batch.JobResult], 
             error = RewriteError(error.message + f"; the review page was not written, but the model output"
                                  f"{'s' if len(written) > 1 else ''} {', '.join(written)} "
                                  f"{'were' if len(written) > 1 else 'was'} written")
-        _fail(error, verbose)
+        _fail(error, verbose, as_json=as_json, results=results)
 
 
 def _printable(result: batch.JobResult) -> batch.JobResult:
@@ -680,12 +680,14 @@ def _printable(result: batch.JobResult) -> batch.JobResult:
                                error=None if result.error is None else formats.shown(result.error))
 
 
-def _fail(error: RewriteError, verbose: bool, *, as_json: bool = False):
+def _fail(error: RewriteError, verbose: bool, *, as_json: bool = False, results: list[batch.JobResult] = ()):
     """A failure of the whole run: one line on stderr (the traceback with -v) and, under
-    --format json, the envelope with the error on stdout."""
+    --format json, the envelope with the error on stdout (with the models' records where they ran:
+    a --report or --html that could not be written after the models were)."""
     code = error.exit_code if error.exit_code else EXIT_BAD_INPUT
     if as_json:
-        document = envelope.document([], code, error={"kind": envelope.error_kind(error), "message": error.message})
+        document = envelope.document(list(results), code,
+                                     error={"kind": envelope.error_kind(error), "message": error.message})
         click.echo(json.dumps(document, indent=2))
     if verbose:
         raise error

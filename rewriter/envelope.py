@@ -67,7 +67,8 @@ def _uses_tensorflow(results) -> bool:
 
 
 def document(results, exit_code: int, *, error: dict[str, str] | None = None) -> dict[str, Any]:
-    """The run's envelope; ``error``: ``{kind, message}`` of a failure before any model ran."""
+    """The run's envelope; ``error``: ``{kind, message}`` of a failure of the run itself (before any
+    model ran, or a --report/--html that could not be written after the models were)."""
     doc = {"schema_version": SCHEMA_VERSION, "tool": TOOL, "version": __version__,
            "environment": environment(_uses_tensorflow(results)), "exit_code": exit_code,
            "models": [model_record(r) for r in results]}
