@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -302,14 +301,8 @@ def _collect(receiver, process, job: Job, start: float) -> JobResult:
 
 
 def _death(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " (out of memory? the OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"the worker process running this model was killed by {name}{hint}; nothing was written"
-    return f"the worker process running this model exited with code {exitcode} without a result; nothing was written"
+    ended = workers.how_it_ended(exitcode).replace("without an answer", "without a result")
+    return f"the worker process running this model {ended}; nothing was written"
 
 
 def worst(codes: list[int]) -> int:

@@ -14,9 +14,9 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -613,8 +613,12 @@ def _check_report_folder(report_path: Path) -> None:
         raise BadInput(f"{formats.shown(report_path)}: --report names a folder; give a file name")
     if not folder.is_dir():
         raise BadInput(f"{formats.shown(report_path)}: --report's folder {formats.shown(folder)} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise BadInput(f"{formats.shown(report_path)}: --report's folder {formats.shown(folder)} is not writable")
+    try:  # a file made and removed there: os.access says yes to root where the write then fails (/sys, ro mounts)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BadInput(f"{formats.shown(report_path)}: --report's folder {formats.shown(folder)} is not writable "
+                       f"({error.strerror or error})") from None
 
 
 def _check_html_path(html_path: Path | None, jobs: list[batch.Job], inputs: Path | None, report_path: Path | None,

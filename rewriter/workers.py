@@ -126,6 +126,18 @@ def stop(children: list, grace: float = STOP_GRACE_SECONDS) -> None:
 # -- in a worker -------------------------------------------------------------------------------------
 
 
+def how_it_ended(exitcode: int | None) -> str:
+    """How a child process ended without an answer, for the one-line error: the signal that killed
+    it (SIGKILL with the OOM killer named), or its exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}" + (" (out of memory? the OOM killer sends SIGKILL)" if name == "SIGKILL" else "")
+    return f"exited with code {exitcode} without an answer"
+
+
 def start_worker(parent_pid: int) -> None:
     """First thing in every worker: leave SIGINT to the main process, make SIGTERM unwind, and die
     with the parent (``parent_pid``: the run's main process)."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 
+from samples.models import grouped_block
 from tests.harness import FileOutcome, Fusion, KerasFusion, Outcome, TFFusion
 from tests.helpers import (
     PATTERN_OPS,
@@ -73,4 +75,12 @@ def small_split(tmp_path: Path) -> Path:
 
     path = tmp_path / "small.onnx"
     onnx.save(grouped_block("split", groups=4, channels=16, out_channels=16), path)
+    return path
+
+
+@pytest.fixture
+def split_model(tmp_path) -> Path:
+    """A Split-form block of 4 hand-made groups, 16 -> 8 channels, saved as block.onnx."""
+    path = tmp_path / "block.onnx"
+    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=8), path)
     return path

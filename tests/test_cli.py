@@ -19,13 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def split_model(tmp_path) -> Path:
-    path = tmp_path / "block.onnx"
-    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=8), path)
-    return path
-
-
-@pytest.fixture
 def dynamic_model(tmp_path) -> Path:
     model = grouped_block("slice", groups=2, channels=8, out_channels=8)
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]

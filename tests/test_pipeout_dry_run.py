@@ -15,15 +15,8 @@ from onnx import helper
 
 import gconv_rewrite
 from gconv_rewrite.api import dry_run
-from samples.models import GraphBuilder, grouped_block
+from samples.models import GraphBuilder
 from tests.helpers import invoke
-
-
-@pytest.fixture
-def split_model(tmp_path) -> Path:
-    path = tmp_path / "block.onnx"
-    onnx.save(grouped_block("split", groups=4, channels=16, out_channels=8), path)
-    return path
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -198,15 +197,7 @@ def _same_feeds(these: list, those: list) -> bool:
 
 
 def _death(exitcode: int | None) -> str:
-    what = "the process running the original model for the comparison"
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " (out of memory? the OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"{what} was killed by {name}{hint}"
-    return f"{what} exited with code {exitcode} without an answer"
+    return f"the process running the original model for the comparison {workers.how_it_ended(exitcode)}"
 
 
 class ReferenceRunner:
