@@ -108,7 +108,7 @@ def time_keras(written: Path, scratch: Path) -> tuple[float, dict]:
 def time_cli(source: Path, output: Path, flags: list[str]) -> float:
     output.unlink(missing_ok=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from gconv_rewrite.cli import main; main()", str(source), "-o", str(output), "--force", "-q", *flags],
+    subprocess.run([sys.executable, "-m", "gconv_rewrite", str(source), "-o", str(output), "--force", "-q", *flags],
                    check=True, cwd=REPO)
     return time.perf_counter() - start
 
@@ -151,6 +151,9 @@ def run_case(name: str, folder: Path, scratch: Path, rounds: int, cli: bool) -> 
     if cli:  # processes, side by side: the CLI, then Keras's load + save of what it wrote
         runs = [(time_cli(source, output, flags), time_keras_process(output, scratch)) for _ in range(rounds)]
         result["cli_s"], result["keras_process_s"] = min(r[0] for r in runs), min(r[1] for r in runs)
+        result["cli_runs_s"], result["keras_process_runs_s"] = [r[0] for r in runs], [r[1] for r in runs]
+        # each round's own ratio (the CLI run and the Keras process just after it): their spread
+        result["process_round_ratios"] = [r[0] / r[1] for r in runs]
         result["process_ratio"] = result["cli_s"] / result["keras_process_s"]
         result["met"] = result["process_met"] = result["process_ratio"] <= goal
     return result

@@ -1,3 +1,3 @@
-from gconv_rewrite.cli import main
+from gconv_rewrite.cli import entry
 
-main()
+entry()

@@ -697,3 +697,35 @@ def _fail(error: RewriteError, verbose: bool, *, as_json: bool = False, results:
         raise error
     click.echo(f"gconv-rewrite: error: {formats.shown(error.message)}", err=True)
     sys.exit(code)
+
+
+def entry() -> None:
+    """The ``gconv-rewrite`` command (and ``python -m gconv_rewrite``): ``main``, then, once
+    TensorFlow has been imported, an exit that skips the interpreter's teardown. Everything the
+    run writes is written, renamed and closed before ``main`` returns; what an exit would still do
+    is run the ``atexit`` handlers (logging's flush, temporary folders, child processes) — run
+    here — and then destroy TensorFlow's and Keras's objects one by one, about a second for
+    nothing (1.1 s of a 12.7 s Keras fuse, measured). Tests call ``main`` and keep the usual exit."""
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code
+        if "tensorflow" not in sys.modules or not (code is None or isinstance(code, int)):
+            raise
+    else:
+        return
+    try:
+        sys.stdout.flush()  # a closed pipe: the usual exit says so as Python always does
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)

@@ -103,15 +103,18 @@ class KerasFile:
 
 # -- reading the file -------------------------------------------------------------------------
 
-def read_file(path: Path) -> KerasFile:
-    """Open ``path`` and read its config and weights index; a broken file is a one-line BadInput."""
+def read_file(path: Path, *, weights: bool = True) -> KerasFile:
+    """Open ``path`` and read its config and weights index; a broken file is a one-line BadInput.
+    ``weights=False``: the same checks, the weights left unread (an empty store) for a reader that
+    needs only the config (the reference process, whose Keras reads the weights itself: 0.3 s of a
+    100 MB ``.h5``)."""
     if not path.is_file():
         raise BadInput(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file")
     if zipfile.is_zipfile(path):
-        return _read_keras_zip(path)
-    return _read_h5(path)
+        return _read_keras_zip(path, weights=weights)
+    return _read_h5(path, weights=weights)
 
 
 # -- archive limits ----------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class _Accepted:
                     shutil.copyfileobj(src, dst, _CHUNK)
 
 
-def _read_keras_zip(path: Path) -> KerasFile:
+def _read_keras_zip(path: Path, *, weights: bool) -> KerasFile:
     file_size = path.stat().st_size
     limit = expansion_limit(file_size)
     try:
@@ -260,8 +263,8 @@ def _read_keras_zip(path: Path) -> KerasFile:
         raise BadInput(f"{path}: not a readable .keras file ({one_line(exc)})") from exc
     if not isinstance(config, dict) or not isinstance(metadata, dict):
         raise BadInput(f"{path}: not a readable .keras file (its config is not a JSON object)")
-    weights = WeightStore.from_keras3(accepted.path("model.weights.h5"), path)
-    kfile = KerasFile(path, "keras", config, str(metadata.get("keras_version", "")), weights,
+    store = WeightStore.from_keras3(accepted.path("model.weights.h5"), path) if weights else WeightStore({})
+    kfile = KerasFile(path, "keras", config, str(metadata.get("keras_version", "")), store,
                       compile_config=config.get("compile_config") or None)
     kfile.accepted = accepted
     return kfile
@@ -288,7 +291,7 @@ def check_h5_sizes(handle, path: Path, file_size: int, what: str = "its HDF5 dat
         raise _too_big(path, what + " over", total, file_size)
 
 
-def _read_h5(path: Path) -> KerasFile:
+def _read_h5(path: Path, *, weights: bool) -> KerasFile:
     import h5py
 
     try:
@@ -303,7 +306,7 @@ def _read_h5(path: Path) -> KerasFile:
         check_h5_sizes(handle, path, path.stat().st_size)
         version = handle.attrs.get("keras_version", b"")
         version = version.decode() if isinstance(version, bytes) else str(version)
-        weights = WeightStore.from_legacy(handle, path)
+        store = WeightStore.from_legacy(handle, path) if weights else WeightStore({})
         training = handle.attrs.get("training_config")
         training = json.loads(training.decode() if isinstance(training, bytes) else training) if training else None
     except BadInput:
@@ -313,7 +316,7 @@ def _read_h5(path: Path) -> KerasFile:
         handle.close()
         raise BadInput(f"{path}: not a readable Keras .h5 file ({one_line(exc)})") from exc
     handle.close()
-    return KerasFile(path, "h5", config, version, weights, compile_config=training)
+    return KerasFile(path, "h5", config, version, store, compile_config=training)
 
 
 class WeightStore:

@@ -1,0 +1,100 @@
+"""What the Keras fuse no longer spends time on, each with the proof that nothing else changed:
+the command's exit after TensorFlow skips the interpreter's teardown (everything written and
+flushed first, the atexit handlers run); the reference process reads no weights of its own and
+draws no random initial values that the file's arrays replace."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras
+
+from gconv_rewrite import cli
+from gconv_rewrite.passes.keras import _config
+from gconv_rewrite.passes.keras import model as km
+from samples.keras_models import legacy_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Exited(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def _entry(monkeypatch, argv: list[str]) -> int:
+    """``cli.entry`` with ``os._exit`` caught: the code it exits with."""
+    def quick_exit(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(os, "_exit", quick_exit)
+    monkeypatch.setattr(sys, "argv", ["gconv-rewrite", *argv])
+    with pytest.raises(_Exited) as exited:
+        cli.entry()
+    return exited.value.code
+
+
+def test_after_tensorflow_the_command_runs_the_exit_handlers_then_exits_at_once(tmp_path, monkeypatch, capsys):
+    path = legacy_model(tmp_path / "legacy.h5")
+    ran = []  # (this test process's own handlers are pytest's: recorded, not run)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append("handlers"))
+    code = _entry(monkeypatch, [str(path), "--check", "--trust-lambdas"])
+    assert code == 1  # a finding: --check's exit code, kept
+    assert ran == ["handlers"]  # what a normal exit runs, run before the quick one
+    assert "fusable" in capsys.readouterr().out
+
+
+def test_without_tensorflow_the_command_exits_as_python_does(monkeypatch, tmp_path):
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.setattr(sys, "argv", ["gconv-rewrite", str(tmp_path / "missing.onnx")])
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("quick exit without TensorFlow"))
+    with pytest.raises(SystemExit) as exited:
+        cli.entry()
+    assert exited.value.code == 2
+
+
+def test_the_command_s_output_is_whole_when_it_exits_quickly(tmp_path):
+    """The real process (``python -m gconv_rewrite``): the JSON document on stdout complete, the
+    model written and loadable, the exit code the run's."""
+    path = legacy_model(tmp_path / "legacy.h5")
+    output = tmp_path / "out.keras"
+    done = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(path), "-o", str(output), "--trust-lambdas",
+                           "--format", "json"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["exit_code"] == 0 and document["models"][0]["status"] == "rewritten"
+    assert document["models"][0]["report"]["verification"]["passed"] is True
+    import keras
+
+    assert len(keras.models.load_model(output, safe_mode=False).layers) > 0
+    assert done.stderr.strip() == ""  # nothing but what the run says (tf-keras's Lambda warning silenced)
+
+
+def test_the_reference_process_reads_the_config_without_the_weights(tmp_path):
+    path = legacy_model(tmp_path / "legacy.h5")
+    whole, config_only = _config.read_file(path), _config.read_file(path, weights=False)
+    assert config_only.config == whole.config and config_only.keras_version == whole.keras_version
+    assert whole.weights.total_parameters() > 0 and config_only.weights.total_parameters() == 0
+
+
+def test_tf_keras_loads_the_same_model_without_drawing_random_initial_values(tmp_path):
+    path = legacy_model(tmp_path / "legacy.h5", style="getitem")
+    inputs = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype("float32")
+    expected = tf_keras.models.load_model(path, compile=False)(inputs).numpy()
+    original = tf_keras.src.engine.base_layer_utils.make_variable
+    with km.unrandom_tf_keras_variables():
+        loaded = tf_keras.models.load_model(path, compile=False)
+        fresh = tf_keras.layers.Dense(3)
+        fresh.build((None, 4))  # a Glorot kernel, made inside: zeros, not drawn
+    assert np.array_equal(loaded(inputs).numpy(), expected)
+    assert not np.any(fresh.kernel.numpy())
+    assert tf_keras.src.engine.base_layer_utils.make_variable is original
