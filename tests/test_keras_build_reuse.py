@@ -1,6 +1,7 @@
-"""The Keras backend builds the original model once (issue 14, speed): the analysis's layers, given
-the file's weights, are the reference the output is proven against where Keras cannot load the
-file, and the emit calls them again wherever the rewritten model keeps them."""
+"""The Keras backend builds the original model once (issue 14, speed): the emit calls the
+analysis's layers again, given the file's weights, wherever the rewritten model keeps them; the
+calls a fusion removes are shape stand-ins in the analysis, and the reference rebuilt from the
+file (where Keras cannot load it) makes them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import keras
 import numpy as np
 
 from gconv_rewrite.api import Options
+from gconv_rewrite.passes.keras import model as km
 from gconv_rewrite.passes.keras.backend import KerasBackend
 from gconv_rewrite.report import Report
 
@@ -55,9 +57,14 @@ def test_the_emit_calls_the_analysis_layers_again_with_the_file_weights(tmp_path
             np.testing.assert_array_equal(mine, theirs)
     assert source.analysis.built.weights_loaded
 
-    # The model with the analysis's layers, and the rewritten one that calls them again, compute
-    # what the original computes.
+    # The analysis stood in for the calls the fusion removes (shapes only: those layers were never
+    # made); the model rebuilt from the file where Keras cannot load it, and the rewritten one that
+    # calls the analysis's layers again, compute what the original computes.
+    assert sorted(source.analysis.built.stand_ins) == sorted([f"slice{g}" for g in range(4)] +
+                                                             [f"conv{g}" for g in range(4)])
+    assert not {f"conv{g}" for g in range(4)} & set(analysis_layers)
     image = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
     expected = np.asarray(original(image))
-    np.testing.assert_allclose(np.asarray(source.analysis.built.model(image)), expected, atol=1e-5)
+    reference, _, _ = km.rebuilt_reference(source.graph, source.kfile, source.analysis, "")
+    np.testing.assert_allclose(np.asarray(reference(image)), expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(result.model(image)), expected, atol=1e-4)

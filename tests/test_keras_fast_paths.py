@@ -98,3 +98,31 @@ def test_tf_keras_loads_the_same_model_without_drawing_random_initial_values(tmp
     assert np.array_equal(loaded(inputs).numpy(), expected)
     assert not np.any(fresh.kernel.numpy())
     assert tf_keras.src.engine.base_layer_utils.make_variable is original
+
+
+def test_tf_keras_loads_the_same_model_learning_static_shapes_from_their_rule(tmp_path):
+    """Lambdas traced, convolutions, normalizations, merges and the head by their shape rule: the
+    same layers, output shapes, weights and outputs as tf-keras's own load."""
+    path = legacy_model(tmp_path / "legacy.h5")
+    names = {k: v for k, v in km._lambdas.lambda_globals().items() if k != "__builtins__"}
+    expected = tf_keras.models.load_model(path, compile=False, custom_objects=names)
+    layer_class = tf_keras.src.engine.base_layer.Layer
+    tracing, traced = layer_class._infer_output_signature, []
+
+    def recording(layer, *args):  # what the load still traces in a scratch graph
+        traced.append(type(layer).__name__)
+        return tracing(layer, *args)
+
+    layer_class._infer_output_signature = recording
+    try:
+        with km.static_output_shapes():
+            loaded = tf_keras.models.load_model(path, compile=False, custom_objects=names)
+        assert layer_class._infer_output_signature is recording  # put back on the way out
+    finally:
+        layer_class._infer_output_signature = tracing
+    assert set(traced) == {"Lambda"}
+    assert [(a.name, a.output.shape, a.output.dtype) for a in loaded.layers] == \
+        [(b.name, b.output.shape, b.output.dtype) for b in expected.layers]
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), expected.get_weights()))
+    inputs = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype("float32")
+    assert np.array_equal(loaded(inputs).numpy(), expected(inputs).numpy())

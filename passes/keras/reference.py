@@ -98,19 +98,18 @@ def core_to_spare() -> bool:
 
 
 def worth_a_process(path: Path) -> bool:
-    """Whether the reference is tf-keras's load of a file tf-keras (or Keras 2) wrote, read from
+    """Whether the file is a Keras file whose reference a process of its own can load, read from
     the file's version stamp alone (this runs before anything else of the run, before the file is
-    validated: any doubt is no). Only that reference is worth a process: tf-keras rebuilds the
-    model anew, in its own framework, while the tool rebuilds it in Keras 3. A Keras 3 file's
-    reference is Keras 3's own load, which in-process costs less than a second process's
-    TensorFlow import (measured, ResNeXt-50 ``.keras`` on 2 shared cores: 13.3 s in-process,
-    16.7 s with a process)."""
+    validated: any doubt is no): a file tf-keras (or Keras 2) wrote, where tf-keras is installed,
+    or a Keras 3 file (Keras's own load, or where Keras cannot load it the tool's rebuild from the
+    config, made in that process). Since the analysis stands in for the layers a fusion removes,
+    the reference's load and runs are the longer part of the run, and worth a second TensorFlow
+    import on an idle core (measured, ResNeXt-50 ``.keras`` whose reference is the rebuild, on 2
+    cores: 12.6–13.3 s in-process)."""
     import importlib.util
     import json
     import zipfile
 
-    if importlib.util.find_spec("tf_keras") is None:
-        return False
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -126,7 +125,9 @@ def worth_a_process(path: Path) -> bool:
         version = version.decode() if isinstance(version, bytes) else str(version)
     except Exception:  # not readable as either: the run says so itself
         return False
-    return version.startswith(("1.", "2."))
+    if version.startswith(("1.", "2.")):
+        return importlib.util.find_spec("tf_keras") is not None
+    return version.startswith("3.")
 
 
 class ReferenceProcess:
@@ -280,9 +281,12 @@ def _load(connection, path: Path, trust_lambdas: bool):
     except Exception as exc:
         connection.send(("error", f"the original model cannot be loaded for the comparison ({one_line(exc)})"))
         return None
-    if isinstance(loaded, str):
-        connection.send(("unloaded", loaded))
-        return None
+    if isinstance(loaded, str):  # neither Keras loads it: the tool's rebuild, made here as well
+        try:
+            loaded = km.rebuilt_from_file(path, _config.read_file(path), loaded, trusted=trust_lambdas)
+        except Exception:  # the main process rebuilds it itself, and says what fails
+            connection.send(("unloaded", loaded))
+            return None
     model, note, name = loaded
     connection.send(("loaded", {"name": name, "note": note, "pid": os.getpid()}))
     return model
