@@ -152,17 +152,13 @@ def _analyse(path: Path, graph: _config.KerasGraph, kfile: _config.KerasFile, op
                 analysis.functions[layer.name] = _lambdas.make_function(source)
 
     def on_lambda(call: _config.Call, input_tensor):
-        source = analysis.lambda_sources[call.layer.name]
         if input_tensor is None:
             analysis.lambda_results[call.key] = "the Lambda reads several tensors"
             return None
-        shape = list(input_tensor.shape)
-        probed = _lambdas.probe_slice(analysis.functions[call.layer.name], source.arguments, shape)
+        probed = _lambdas.probe_slice(analysis.functions[call.layer.name],
+                                      analysis.lambda_sources[call.layer.name].arguments, list(input_tensor.shape))
         analysis.lambda_results[call.key] = probed
-        if isinstance(probed, str):
-            return None
-        shapes = [tuple(shape[1:probed.axis] + [stop - start] + shape[probed.axis + 1:]) for start, stop in probed.ranges]
-        return shapes[0] if len(shapes) == 1 else None
+        return _slice_shape(probed, input_tensor)
 
     try:
         analysis.built = _build.build(graph, _build.BuildOptions(lambda_functions=analysis.functions,
@@ -264,14 +260,35 @@ def rebuilt_reference(graph, kfile: _config.KerasFile, analysis: _Analysis, note
     return built.model, note, "the tool's rebuild of the file's config"
 
 
+def _slice_shape(probed, input_tensor) -> tuple | None:
+    """The output shape (without the batch dim) of a Lambda the probe proved one channel slice."""
+    if isinstance(probed, str) or len(probed.ranges) != 1:
+        return None
+    shape = list(input_tensor.shape)
+    (start, stop), axis = probed.ranges[0], probed.axis
+    return tuple(shape[1:axis] + [stop - start] + shape[axis + 1:])
+
+
 def rebuilt_from_file(path: Path, kfile: _config.KerasFile, note: str, *, trusted: bool) -> tuple[Any, str, str]:
     """The reference ``rebuilt_reference`` gives, made from the file alone (the reference process
     has no analysis): the model rebuilt from the config with every layer made, Lambdas from their
-    trusted code, given the file's weights. ``kfile`` must hold them."""
+    trusted code (a slice's shape from the probe, as the analysis does, which spares Keras tracing
+    it), given the file's weights. ``kfile`` must hold them."""
     graph = _config.parse_graph(kfile.config, legacy=kfile.kind == "h5" or _is_legacy(kfile.config), path=path)
-    functions = {layer.name: _lambdas.make_function(_lambdas.lambda_source(layer))
-                 for layer in graph.layers.values() if _lambdas.is_lambda(layer)}
-    built = _build.build(graph, _build.BuildOptions(lambda_functions=functions, trusted=trusted))
+    sources = {layer.name: _lambdas.lambda_source(layer) for layer in graph.layers.values() if _lambdas.is_lambda(layer)}
+    functions = {name: _lambdas.make_function(source) for name, source in sources.items()}
+
+    def on_lambda(call: _config.Call, input_tensor):
+        if input_tensor is None:
+            return None
+        source = sources[call.layer.name]
+        return _slice_shape(_lambdas.probe_slice(functions[call.layer.name], source.arguments,
+                                                 list(input_tensor.shape)), input_tensor)
+
+    try:
+        built = _build.build(graph, _build.BuildOptions(lambda_functions=functions, trusted=trusted, on_lambda=on_lambda))
+    finally:
+        _lambdas.release_probes()
     kfile.weights.resolve(_layer_order(built, graph))
     _build.load_weights(built, graph, kfile.weights)
     return built.model, note, "the tool's rebuild of the file's config"
