@@ -16,12 +16,14 @@ tool's phases come from its report's ``timings``): no import on either side, so 
 the tool's own time goes; their ratio is reported, not judged (see docs/PERFORMANCE.md for why the
 fuse cannot reach 2× there while every output is proven).
 
-For a tf-keras file (``resnext-fuse``) the proof's reference, tf-keras's own load and run of the
-original, is a process of its own (``gconv_rewrite.passes.keras.reference``) where a core is idle when the run
-starts (1-minute load average below the core count): it imports TensorFlow and loads the original on the
-second core while the tool reads, rewrites and saves; in the warm columns it still pays
-TensorFlow's import (a fresh process). On a busy machine the reference runs in-process. Note the
-load average in ``--json`` output (``load_average``) when comparing runs.
+The proof's reference (Keras's own load and run of the original: tf-keras's for a tf-keras file,
+Keras 3's, or the tool's rebuild where Keras cannot load the file) is a process of its own
+(``gconv_rewrite.passes.keras.reference``) where a core is idle when the run starts (1-minute load
+average below the core count): it imports TensorFlow and loads the original on the second core
+while the tool reads, rewrites and saves; in the warm columns it still pays TensorFlow's import (a
+fresh process). On a busy machine the reference runs in-process. Note the load average in
+``--json`` output (``load_average``) when comparing runs; each round's own CLI/Keras ratio is kept
+(``process_round_ratios``).
 
     python benchmarks/keras_speed.py [--quick] [--rounds N] [--cli] [--case NAME] [--folder DIR] [--json FILE]
 """
