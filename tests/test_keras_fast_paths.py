@@ -126,3 +126,12 @@ def test_tf_keras_loads_the_same_model_learning_static_shapes_from_their_rule(tm
     assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), expected.get_weights()))
     inputs = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype("float32")
     assert np.array_equal(loaded(inputs).numpy(), expected(inputs).numpy())
+
+
+def test_a_layer_with_an_activation_of_the_file_s_own_is_traced():
+    """A built-in layer whose activation is a function of the file's keeps tf-keras's tracing: the
+    function could return any shape."""
+    assert km._built_in_activation(tf_keras.layers.Conv2D(2, 1, activation="relu"))
+    assert km._built_in_activation(tf_keras.layers.Add())  # no activation at all
+    assert not km._built_in_activation(tf_keras.layers.Activation(lambda x: x[..., :1]))
+    assert not km._built_in_activation(tf_keras.layers.Dense(2, activation=lambda x: x[:, :1]))

@@ -373,7 +373,8 @@ def static_output_shapes() -> Iterator[None]:
     calling the layer in a scratch graph of its own: the layer is built the same way (its
     weights made as ``_maybe_build`` makes them), only the scratch graph is not (1.0 s of a
     1,199-layer ResNeXt's 4.4 s load, measured). Anything else is traced as tf-keras does: a
-    Lambda, a layer of the file's or a subclass, a call with arguments (but ``training``, which
+    Lambda, a layer of the file's or a subclass, an activation function not tf-keras's or
+    TensorFlow's, a call with arguments (but ``training``, which
     tf-keras passes a normalization and which changes no shape) or masks, an activity
     regularizer, a dtype other than float32. The model is the same; only how its layers' output
     shapes were learned differs. (tf-keras 2.21)"""
@@ -385,7 +386,8 @@ def static_output_shapes() -> Iterator[None]:
 
     def infer(layer, inputs, args, kwargs, input_masks):
         flat = tf.nest.flatten(inputs)
-        if (type(layer) not in static or args or set(kwargs) - {"training"} or layer.activity_regularizer is not None
+        if (type(layer) not in static or not _built_in_activation(layer) or args or set(kwargs) - {"training"}
+                or layer.activity_regularizer is not None
                 or any(m is not None for m in tf.nest.flatten(input_masks)) or layer._compute_dtype != "float32"
                 or not all(isinstance(x, keras_tensor.KerasTensor) and x.dtype == tf.float32 for x in flat)):
             return original(layer, inputs, args, kwargs, input_masks)
@@ -399,6 +401,13 @@ def static_output_shapes() -> Iterator[None]:
         yield
     finally:
         base_layer.Layer._infer_output_signature = original
+
+
+def _built_in_activation(layer) -> bool:
+    """Whether the layer's activation (if any) is tf-keras's or TensorFlow's own, which keep the
+    shape their rule assumes (a function of the file's could return any shape)."""
+    activation = getattr(layer, "activation", None)
+    return activation is None or str(getattr(activation, "__module__", "")).startswith(("tf_keras.", "tensorflow."))
 
 
 def static_shape_layers() -> tuple[type, ...]:
