@@ -20,8 +20,8 @@ The proof's reference (Keras's own load and run of the original: tf-keras's for 
 Keras 3's, or the tool's rebuild where Keras cannot load the file) is a process of its own
 (``gconv_rewrite.passes.keras.reference``) where a core is idle when the run starts (1-minute load
 average below the core count): it imports TensorFlow and loads the original on the second core
-while the tool reads, rewrites and saves; in the warm columns it still pays TensorFlow's import (a
-fresh process). On a busy machine the reference runs in-process. Note the load average in
+while the tool reads, rewrites and saves. It is not started where the run's process has imported
+TensorFlow already (the warm columns: their reference runs in-process), nor on a busy machine. Note the load average in
 ``--json`` output (``load_average``) when comparing runs; each round's own CLI/Keras ratio is kept
 (``process_round_ratios``).
 

@@ -22,12 +22,25 @@ from gconv_rewrite.passes.keras import reference
 from gconv_rewrite.verify import Feeds
 from samples.keras_models import lambda_model_keras3, legacy_model
 
+_real_imports_beside_us = reference.imports_beside_us
+
 
 @pytest.fixture(autouse=True)
 def _an_idle_core(monkeypatch):
     """Whatever else runs on the machine: the reference process starts only where a core is idle
     (``reference.core_to_spare``), and these tests are about the process."""
     monkeypatch.setattr(reference, "core_to_spare", lambda: True)
+    monkeypatch.setattr(reference, "imports_beside_us", lambda: True)  # (this test process has imported TF)
+
+
+def test_a_process_that_imported_tensorflow_already_gets_no_reference_process(tmp_path, monkeypatch):
+    """A notebook's or a test suite's call of the API: the reference process's own import would be
+    all wait (the command line imports TensorFlow after starting it)."""
+    monkeypatch.setattr(reference, "imports_beside_us", _real_imports_beside_us)
+    assert not reference.imports_beside_us()  # pytest has imported TensorFlow
+    path = legacy_model(tmp_path / "legacy.h5")
+    verification = gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True).report.verification
+    assert verification.passed and verification.reference_pid is None
 
 
 def test_a_busy_machine_gets_no_reference_process(monkeypatch):

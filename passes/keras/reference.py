@@ -61,13 +61,15 @@ def reference_ahead(source: Path, options, *, apply: bool) -> Iterator[Reference
 @contextmanager
 def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceProcess | None]:
     """A reference process loading ``path``, killed on the way out; None where the run loads the
-    reference in its own process instead: a file not written by tf-keras (``worth_a_process``);
+    reference in its own process instead: a process that has imported TensorFlow already
+    (``imports_beside_us``); a file that is no Keras file it can load (``worth_a_process``);
     a machine without an idle core (``core_to_spare``); inside a ``--jobs`` worker (the runs are parallel
     already: a process more each would add memory, not speed; a daemonic one may not start
     any), or where no process can be started (said at debug level)."""
     from gconv_rewrite import formats
 
-    if multiprocessing.parent_process() is not None or not worth_a_process(path) or not core_to_spare():
+    if (multiprocessing.parent_process() is not None or not imports_beside_us() or not worth_a_process(path)
+            or not core_to_spare()):
         yield None
         return
     with formats.scratch_dir() as scratch:
@@ -81,6 +83,16 @@ def reference_process(path: Path, *, trust_lambdas: bool) -> Iterator[ReferenceP
             yield process
         finally:
             process.close()
+
+
+def imports_beside_us() -> bool:
+    """Whether this process has yet to import TensorFlow (the command line, a fresh script): the
+    reference process's own import then runs beside this one's. In a process that has imported it
+    already (a notebook, a test suite calling the API), the process's import would be all wait for
+    a small model (about 3 s before its first answer; the test suite ran 16 min instead of 12)."""
+    import sys
+
+    return "tensorflow" not in sys.modules
 
 
 def core_to_spare() -> bool:
