@@ -135,3 +135,17 @@ def test_a_layer_with_an_activation_of_the_file_s_own_is_traced():
     assert km._built_in_activation(tf_keras.layers.Add())  # no activation at all
     assert not km._built_in_activation(tf_keras.layers.Activation(lambda x: x[..., :1]))
     assert not km._built_in_activation(tf_keras.layers.Dense(2, activation=lambda x: x[:, :1]))
+
+
+@pytest.mark.parametrize("binding", ["closure", "default"])
+def test_check_still_finds_the_groups_the_analysis_stands_in_for(tmp_path, binding):
+    """The analysis's shape stand-ins replace the very calls a group is made of: --check still
+    names the group and exits 1 (Keras 3 Lambdas; ``default``: a file Keras cannot load)."""
+    from click.testing import CliRunner
+
+    from samples.keras_models import lambda_model_keras3
+
+    path = lambda_model_keras3(tmp_path / f"{binding}.keras", binding=binding)
+    result = CliRunner().invoke(cli.main, [str(path), "--check", "--trust-lambdas"])
+    assert result.exit_code == 1, result.output
+    assert "fusable-group" in result.output

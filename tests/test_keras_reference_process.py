@@ -125,7 +125,10 @@ def test_a_keras_file_is_worth_a_process(tmp_path, monkeypatch):
     assert reference.worth_a_process(keras3)
 
 
-def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["tf-keras", "keras3", "rebuild"])
+def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, monkeypatch, kind):
+    """Whichever reference the process holds: tf-keras's load, Keras 3's, or the tool's rebuild it
+    makes where Keras cannot load the file (their Lambdas: the analysis's shape stand-ins)."""
     import gconv_rewrite.plan as planner
 
     real = planner.plan_fusion
@@ -135,12 +138,16 @@ def test_a_wrong_rewrite_still_fails_against_the_reference_process(tmp_path, mon
         plan.weight = plan.weight * np.float32(1.01)
         return plan
 
-    path = legacy_model(tmp_path / "legacy.h5")
+    path = {"tf-keras": lambda: legacy_model(tmp_path / "legacy.h5"),
+            "keras3": lambda: lambda_model_keras3(tmp_path / "closure.keras", binding="closure"),
+            "rebuild": lambda: lambda_model_keras3(tmp_path / "defaults.keras", binding="default")}[kind]()
     monkeypatch.setattr(planner, "plan_fusion", slightly_wrong)
     with pytest.raises(gconv_rewrite.errors.VerificationFailed) as failure:
         gconv_rewrite.fuse(path, output=tmp_path / "out.keras", trust_lambdas=True)
     verification = failure.value.verification
     assert verification.reference_pid not in (None, os.getpid())
+    assert verification.reference.startswith({"tf-keras": "tf-keras", "keras3": "keras 3",
+                                              "rebuild": "the tool's rebuild"}[kind])
     assert "differ at their boundary" in verification.note
     assert not (tmp_path / "out.keras").exists()
 
