@@ -117,7 +117,7 @@ def worth_a_process(path: Path) -> bool:
     config, made in that process). Since the analysis stands in for the layers a fusion removes,
     the reference's load and runs are the longer part of the run, and worth a second TensorFlow
     import on an idle core (measured, ResNeXt-50 ``.keras`` whose reference is the rebuild, on 2
-    cores: 12.6–13.3 s in-process)."""
+    cores: 12.6–13.3 s in-process, 8.3–8.7 s with the process)."""
     import importlib.util
     import json
     import zipfile
@@ -262,7 +262,7 @@ def serve(connection, path: str, trust_lambdas: bool, parent_pid: int) -> None:
     workers.start_worker(parent_pid)
     # It was started for the one idle core: TensorFlow's threads kept to it, not competing with
     # the main process's (which keeps TensorFlow's default) on the other. A setting of the user's
-    # stays. Measured, ResNeXt-50 .h5 on 2 cores: 0.3-0.6 s less over the run.
+    # stays. (Measured alone, ResNeXt-50 .h5 on 2 cores: within the run-to-run noise, ±0.3 s.)
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     try:
         model = _load(connection, Path(path), trust_lambdas)
